@@ -1,0 +1,35 @@
+"""One door per DVC stage:
+
+    python -m pipeline prepare
+    python -m pipeline train --backbone resnet10t
+    python -m pipeline predict --backbone resnet10t
+    python -m pipeline ensemble
+
+Bad input ends with one line `error: ...` on stderr and exit status 1.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+STAGES = ("prepare", "train", "predict", "ensemble")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in STAGES:
+        print(f"usage: python -m pipeline {{{','.join(STAGES)}}} [options]", file=sys.stderr)
+        return 2
+    from pipeline.errors import PipelineError
+
+    stage = importlib.import_module(f"pipeline.cli.{argv[0]}")
+    try:
+        stage.main(argv[1:])
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

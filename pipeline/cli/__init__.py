@@ -1,0 +1,32 @@
+"""Thin stage entry points: parse arguments, load params, call one library function, write outputs."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipeline.config import Params, load_params
+
+
+def parse_args(argv, description: str, backbone: bool = False) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    if backbone:
+        parser.add_argument("--backbone", required=True, help="a key of train.backbones")
+    return parser.parse_args(argv)
+
+
+def experiment_name(params: Params) -> str:
+    """MLflow experiment: tracking.experiment, else the competition's name (its file or folder stem)."""
+    if params.tracking.experiment:
+        return params.tracking.experiment
+    name = Path(params.competition.source.rstrip("/")).name
+    return name[:-4] if name.endswith(".zip") else name
+
+
+def load_with_backbone(args) -> tuple[Params, str]:
+    from pipeline.errors import PipelineError
+
+    params = load_params(args.params)
+    if args.backbone not in params.train.backbones:
+        raise PipelineError(f"{args.params}: train.backbones has no key '{args.backbone}'")
+    return params, args.backbone

@@ -1,0 +1,201 @@
+"""Typed configuration: defaults live here, `params.yaml` overrides them.
+
+Every section of `params.yaml` maps to one frozen dataclass below. Unknown keys
+and values of the wrong type fail loudly with the dotted key's name, e.g.
+``params.yaml: unknown key 'train.lrr'``.
+
+    python -c "from pipeline.config import load_params; print(load_params('params.yaml'))"
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import PipelineError
+
+
+@dataclass(frozen=True)
+class CompetitionConfig:
+    """Where the competition's raw files are and how they are laid out (Kaggle conventions)."""
+
+    source: str = "sklearn-digits"  # a folder, a .zip of one, or "sklearn-digits"
+    train_csv: str = "train.csv"
+    id_column: str = "id"
+    label_column: str = "label"
+    group_column: str | None = None  # rows sharing a group stay in one fold
+    train_dir: str = "train"
+    test_dir: str = "test"
+    image_ext: str = ".jpg"  # appended to the id to find the image file
+    sample_submission: str = "sample_submission.csv"
+    answers: str | None = "solution.csv"  # test labels, if the competition ships them (local leaderboard)
+    max_train_rows: int | None = None  # stratified subsample for quick runs
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    image_size: int = 32  # every image is decoded once and resized to this square size in the cache
+    workers: int = 0  # decoding processes; 0 = one per CPU core
+
+
+@dataclass(frozen=True)
+class CVConfig:
+    n_folds: int = 5
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Per-backbone overrides of the shared `train` settings, keyed by a backbone name."""
+
+    model: str | None = None  # timm model name; defaults to the backbone's key
+    pretrained: str | None = None  # local weights file (timm checkpoint or .safetensors), never a download
+    image_size: int | None = None  # network input size; defaults to prepare.image_size
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    drop_rate: float | None = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    backbones: dict[str, BackboneConfig] = field(
+        default_factory=lambda: {"regnetx_002": BackboneConfig(lr=0.01), "resnet10t": BackboneConfig(image_size=16)}
+    )
+    epochs: int = 6
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    drop_rate: float = 0.0
+    hflip: bool = False  # horizontal-flip augmentation (off for digits, where a flipped 2 is not a 2)
+    translate: float = 0.1  # random shift augmentation, as a fraction of the image size
+    monitor: str = "accuracy"  # which validation metric picks the best epoch: accuracy or log_loss
+    num_workers: int = 0
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    hflip_tta: bool = True  # average with the horizontally flipped image
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    weights: dict[str, float] = field(default_factory=dict)  # backbone -> weight; missing backbones get 1
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    enabled: bool = True
+    experiment: str | None = None  # defaults to the competition's name
+
+
+@dataclass(frozen=True)
+class Params:
+    competition: CompetitionConfig = field(default_factory=CompetitionConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    cv: CVConfig = field(default_factory=CVConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+class ConfigError(PipelineError):
+    pass
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read `path` and return the resolved `Params`; raise ConfigError naming the bad key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
+    return parse_params(raw, source=str(path))
+
+
+def parse_params(raw: dict, source: str = "params") -> Params:
+    return _build(Params, raw, prefix="", source=source)
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain dict/list form of a config (for YAML, JSON and MLflow)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}"""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _build(cls, raw: Any, prefix: str, source: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}'")
+    kwargs = {key: _coerce(hints[key], value, f"{prefix}{key}", source) for key, value in raw.items()}
+    return cls(**kwargs)
+
+
+def _coerce(hint, value: Any, key: str, source: str):
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key, source)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, {} if value is None else value, key + ".", source)
+    if origin is dict:
+        kt, vt = args
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}")
+        return {str(k): _coerce(vt, v, f"{key}.{k}", source) for k, v in value.items()}
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a type added to the dataclasses without a rule here
+        raise TypeError(f"no coercion rule for {hint}")
+    raise ConfigError(f"{source}: '{key}' must be {hint.__name__}, got {value!r}")

@@ -1,0 +1,98 @@
+"""`predict` stage: class probabilities of every fold model, with optional flip TTA.
+
+    python -m pipeline predict --backbone resnet10t    # writes predictions/resnet10t/
+
+The same policy produces both files, so they are comparable for ensembling:
+  oof_probs.csv   each fold model on its own validation rows (id, then one column per class)
+  test_probs.csv  the mean over fold models on the test images
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from pipeline.data import PreparedData, to_input
+from pipeline.errors import PipelineError
+from pipeline.models import amp_dtype, create_model
+
+
+@torch.inference_mode()
+def predict_proba(model: torch.nn.Module, images: np.ndarray, mean, std, image_size: int, batch_size: int,
+                  device: torch.device, hflip: bool = False, desc: str | None = None) -> np.ndarray:
+    """Softmax probabilities (N, C) for uint8 images (N, H, W, 3); with `hflip`, the mean over the
+    image and its mirror."""
+    model.eval()
+    dtype = amp_dtype(device)
+    channels_last = device.type == "cuda"
+    out = []
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, desc=desc, disable=desc is None, leave=False, mininterval=1.0):
+        x = to_input(torch.from_numpy(np.asarray(images[start : start + batch_size])), mean, std,
+                     image_size, device, channels_last)
+        views = [x, torch.flip(x, dims=[3])] if hflip else [x]
+        probs = 0
+        for view in views:
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                logits = model(view)
+            probs = probs + torch.softmax(logits.float(), dim=1)
+        out.append((probs / len(views)).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def load_fold_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """Rebuild a fold model from its checkpoint; returns (model, checkpoint metadata)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: fold checkpoint not found (run the train stage first)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model = create_model(ckpt["model"], num_classes=ckpt["num_classes"])
+    model.load_state_dict(ckpt["state_dict"])
+    model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model, ckpt
+
+
+def predict_backbone(data: PreparedData, model_dir: str | Path, hflip: bool, batch_size: int,
+                     device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """(oof_probs, test_probs) of one backbone's fold models under one TTA policy."""
+    model_dir = Path(model_dir)
+    n_classes = len(data.classes)
+    oof = np.zeros((len(data.train), n_classes), dtype=np.float64)
+    test = np.zeros((len(data.test), n_classes), dtype=np.float64)
+    folds = data.train["fold"].to_numpy()
+    for k in range(data.n_folds):
+        model, ckpt = load_fold_model(model_dir / f"fold{k}" / "model.pt", device)
+        val_idx = np.flatnonzero(folds == k)
+        kwargs = dict(mean=ckpt["mean"], std=ckpt["std"], image_size=ckpt["image_size"],
+                      batch_size=batch_size, device=device, hflip=hflip)
+        oof[val_idx] = predict_proba(model, data.train_images[val_idx], desc=f"oof fold{k}", **kwargs)
+        test += predict_proba(model, data.test_images, desc=f"test fold{k}", **kwargs)
+    return oof, test / data.n_folds
+
+
+def probs_frame(ids, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    frame = pd.DataFrame(probs, columns=classes)
+    frame.insert(0, "id", list(ids))
+    return frame
+
+
+def read_probs(path: str | Path, ids, classes: list[str], backbone: str) -> np.ndarray:
+    """Probabilities from `path`, checked against the expected ids (same order) and classes."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{backbone}: {path} not found (run `dvc repro predict@{backbone}`)")
+    frame = pd.read_csv(path, dtype={"id": str})
+    if list(frame.columns[1:]) != [str(c) for c in classes]:
+        raise PipelineError(f"{backbone}: {path} columns do not match the classes in classes.json")
+    if frame["id"].tolist() != list(ids):
+        raise PipelineError(f"{backbone}: {path} ids do not match the prepared ids")
+    probs = frame.iloc[:, 1:].to_numpy(dtype=np.float64)
+    if not np.allclose(probs.sum(1), 1.0, atol=1e-4):
+        raise PipelineError(f"{backbone}: {path} has rows whose probabilities do not sum to 1")
+    return probs
+

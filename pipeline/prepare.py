@@ -1,0 +1,367 @@
+"""`prepare` stage: raw competition files -> validated tables, folds, an image cache and stats.
+
+    python -m pipeline prepare            # reads params.yaml, writes data/prepared/
+
+Outputs (data/prepared/):
+  train.csv          id, label (original value), target (class index), fold[, group]
+  test.csv           id, in the sample submission's order
+  classes.json       the original label values, in class-index order
+  train_images.npy   uint8 (N, S, S, 3), rows aligned with train.csv
+  test_images.npy    uint8 (M, S, S, 3), rows aligned with test.csv
+  stats.json         per-channel mean/std (0-1 scale) of all train images and of each fold's training part
+  sample_submission.csv, answers.csv (if the competition ships test labels)
+"""
+from __future__ import annotations
+
+import io
+import multiprocessing as mp
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
+from tqdm import tqdm
+
+from pipeline.config import CompetitionConfig
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_dir, write_json
+
+DIGITS = "sklearn-digits"
+
+
+# ---------------------------------------------------------------- raw files: a folder or a zip
+
+
+class CompetitionFiles:
+    """Read-only view of a Kaggle competition, unpacked in a folder or still inside its .zip."""
+
+    def __init__(self, source: str | Path):
+        self.source = Path(source)
+        self._zip = None
+        self._prefix = ""
+        if not self.source.exists():
+            raise PipelineError(f"competition.source: '{source}' does not exist")
+        if self.source.is_file():
+            if not zipfile.is_zipfile(self.source):
+                raise PipelineError(f"{self.source}: not a folder or a .zip file")
+            self._zip = zipfile.ZipFile(self.source)
+            self._names = set(self._zip.namelist())
+
+    def set_root(self, marker: str) -> None:
+        """Kaggle zips hold the files at the top or inside one folder: find the one holding `marker`."""
+        if self._zip is None:
+            return
+        if marker in self._names:
+            return
+        roots = sorted({n[: -len(marker)] for n in self._names if n.endswith("/" + marker)}, key=len)
+        if roots:
+            self._prefix = roots[0]
+
+    def where(self, rel: str) -> str:
+        return f"{self.source}/{self._prefix}{rel}" if self._zip else str(self.source / rel)
+
+    def exists(self, rel: str) -> bool:
+        if self._zip is not None:
+            return self._prefix + rel in self._names
+        return (self.source / rel).exists()
+
+    def read(self, rel: str) -> bytes:
+        try:
+            if self._zip is not None:
+                return self._zip.read(self._prefix + rel)
+            return (self.source / rel).read_bytes()
+        except (KeyError, FileNotFoundError):
+            raise PipelineError(f"{self.where(rel)}: file not found") from None
+        except OSError as exc:
+            raise PipelineError(f"{self.where(rel)}: cannot read ({exc.strerror or exc})") from None
+
+    def list_dir(self, rel: str) -> list[str]:
+        """File names directly inside folder `rel`."""
+        if self._zip is not None:
+            start = f"{self._prefix}{rel.rstrip('/')}/"
+            return [n[len(start):] for n in self._names if n.startswith(start) and "/" not in n[len(start):] and n != start]
+        folder = self.source / rel
+        if not folder.is_dir():
+            raise PipelineError(f"{folder}: image folder not found")
+        return os.listdir(folder)
+
+    def read_csv(self, rel: str) -> pd.DataFrame:
+        if not self.exists(rel):
+            raise PipelineError(f"{self.where(rel)}: file not found")
+        try:
+            return pd.read_csv(io.BytesIO(self.read(rel)), dtype=str, keep_default_na=False)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+            raise PipelineError(f"{self.where(rel)}: not a readable CSV ({exc})") from None
+
+
+# ---------------------------------------------------------------- the embedded default competition
+
+
+def render_digits(out_dir: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Path:
+    """Write scikit-learn's bundled digits as a Kaggle competition (PNG images) into `out_dir`.
+
+    80% train / 20% test, stratified; test labels go to `solution.csv`, as Kaggle keeps them.
+    """
+    from sklearn.datasets import load_digits
+
+    out_dir = Path(out_dir)
+    if (out_dir / "sample_submission.csv").exists():
+        return out_dir
+    digits = load_digits()
+    ids = np.arange(len(digits.target))
+    train_ids, test_ids = train_test_split(
+        ids, test_size=test_fraction, stratify=digits.target, random_state=seed
+    )
+    with atomic_dir(out_dir) as tmp:
+        for split, split_ids in (("train", train_ids), ("test", test_ids)):
+            (tmp / split).mkdir()
+            for i in split_ids:
+                pixels = (digits.images[i] * (255 / 16)).round().astype(np.uint8)
+                Image.fromarray(pixels, mode="L").save(tmp / split / f"{i}.png")
+        pd.DataFrame({"id": np.sort(train_ids), "label": digits.target[np.sort(train_ids)]}).to_csv(
+            tmp / "train.csv", index=False
+        )
+        test_sorted = np.sort(test_ids)
+        pd.DataFrame({"id": test_sorted, "label": 0}).to_csv(tmp / "sample_submission.csv", index=False)
+        pd.DataFrame({"id": test_sorted, "label": digits.target[test_sorted]}).to_csv(
+            tmp / "solution.csv", index=False
+        )
+    return out_dir
+
+
+# ---------------------------------------------------------------- validation helpers
+
+
+def sort_classes(labels) -> list[str]:
+    """Class order: numeric when every label is an integer ('2' < '10'), else lexicographic."""
+    unique = set(labels)
+    try:
+        return sorted(unique, key=lambda s: int(s))
+    except ValueError:
+        return sorted(unique)
+
+
+@dataclass(frozen=True)
+class SubmissionFormat:
+    """The sample submission's layout: one label column, or one probability column per class."""
+
+    id_column: str
+    columns: list[str]  # every column after the id, in order
+    kind: str  # "label" or "probabilities"
+
+
+def read_submission_format(sample: pd.DataFrame, classes: list[str], where: str) -> SubmissionFormat:
+    if sample.shape[1] < 2:
+        raise PipelineError(f"{where}: needs an id column and at least one prediction column")
+    id_col, *cols = list(sample.columns)
+    if len(cols) == 1:
+        return SubmissionFormat(id_col, cols, "label")
+    if set(cols) == set(classes):
+        return SubmissionFormat(id_col, cols, "probabilities")
+    unknown = sorted(set(cols) - set(classes))[:3]
+    raise PipelineError(
+        f"{where}: columns {unknown} are neither a single label column nor the class names of train.csv"
+    )
+
+
+def _require_columns(df: pd.DataFrame, columns: dict[str, str], where: str) -> None:
+    for key, column in columns.items():
+        if column not in df.columns:
+            raise PipelineError(
+                f"{where}: no column '{column}' (set competition.{key}); columns are {list(df.columns)}"
+            )
+
+
+def _check_unique(ids: pd.Series, where: str) -> None:
+    dup = ids[ids.duplicated()]
+    if len(dup):
+        row = int(dup.index[0]) + 2  # 1-based, after the header line
+        raise PipelineError(f"{where}: duplicate id '{dup.iloc[0]}' (row {row})")
+
+
+def _check_class_counts(labels: pd.Series, n_folds: int, where: str) -> None:
+    counts = labels.value_counts()
+    rare = counts[counts < n_folds]
+    if len(rare):
+        raise PipelineError(
+            f"{where}: class '{rare.index[0]}' has {int(rare.iloc[0])} examples, fewer than cv.n_folds={n_folds}"
+        )
+
+
+def assign_folds(labels: np.ndarray, n_folds: int, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
+    """Stratified fold index per row (StratifiedGroupKFold when groups are given)."""
+    fold = np.full(len(labels), -1, dtype=np.int64)
+    if groups is None:
+        splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        splits = splitter.split(np.zeros(len(labels)), labels)
+    else:
+        splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        splits = splitter.split(np.zeros(len(labels)), labels, groups)
+    for k, (_, val_idx) in enumerate(splits):
+        fold[val_idx] = k
+    return fold
+
+
+# ---------------------------------------------------------------- image cache
+
+
+def _decode(data: bytes, where: str, size: int) -> np.ndarray:
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        img = img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise PipelineError(f"{where}: cannot decode image ({exc.__class__.__name__}: {exc})") from None
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _decode_chunk(args) -> np.ndarray:
+    source, prefix, rels, size = args
+    files = CompetitionFiles(source)
+    files._prefix = prefix
+    out = np.empty((len(rels), size, size, 3), dtype=np.uint8)
+    for i, rel in enumerate(rels):
+        out[i] = _decode(files.read(rel), files.where(rel), size)
+    return out
+
+
+def decode_images(files: CompetitionFiles, rels: list[str], size: int, workers: int, desc: str) -> np.ndarray:
+    """Decode every image once into one uint8 array (N, size, size, 3), in `workers` processes."""
+    for rel in rels:
+        if not files.exists(rel):
+            raise PipelineError(f"{files.where(rel)}: image file not found")
+    chunk = 512
+    jobs = [(str(files.source), files._prefix, rels[i : i + chunk], size) for i in range(0, len(rels), chunk)]
+    out = np.empty((len(rels), size, size, 3), dtype=np.uint8)
+    bar = tqdm(total=len(rels), desc=desc, unit="img", mininterval=1.0)
+    if workers <= 1 or len(jobs) == 1:
+        results = map(_decode_chunk, jobs)
+    else:
+        pool = mp.get_context("spawn" if os.name == "nt" else "fork").Pool(workers)
+        results = pool.imap(_decode_chunk, jobs)
+    try:
+        for i, arr in enumerate(results):
+            out[i * chunk : i * chunk + len(arr)] = arr
+            bar.update(len(arr))
+    finally:
+        bar.close()
+        if workers > 1 and len(jobs) > 1:
+            pool.terminate()
+    return out
+
+
+def channel_stats(images: np.ndarray) -> dict[str, list[float]]:
+    """Per-channel mean and std on the 0-1 scale, accumulated in float64 so large caches stay exact."""
+    flat = images.reshape(-1, images.shape[-1])
+    n = flat.shape[0]
+    s = np.zeros(flat.shape[1])
+    ss = np.zeros(flat.shape[1])
+    for start in range(0, n, 1 << 22):
+        block = flat[start : start + (1 << 22)].astype(np.float64) / 255.0
+        s += block.sum(0)
+        ss += (block**2).sum(0)
+    mean = s / n
+    std = np.sqrt(np.maximum(ss / n - mean**2, 1e-12))
+    return {"mean": mean.tolist(), "std": std.tolist()}
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def prepare(comp: CompetitionConfig, image_size: int, n_folds: int, seed: int, out_dir: str | Path,
+            workers: int = 0, raw_dir: str | Path = "data/raw") -> dict:
+    """Validate the competition at `comp.source`, write `out_dir` atomically and return a summary."""
+    if comp.source == DIGITS:
+        source = render_digits(Path(raw_dir) / DIGITS)
+        comp_ext = ".png"
+    else:
+        source = Path(comp.source)
+        comp_ext = comp.image_ext
+    files = CompetitionFiles(source)
+    files.set_root(comp.train_csv)
+    workers = workers or os.cpu_count() or 1
+
+    train_where = files.where(comp.train_csv)
+    train = files.read_csv(comp.train_csv)
+    needed = {"id_column": comp.id_column, "label_column": comp.label_column}
+    if comp.group_column:
+        needed["group_column"] = comp.group_column
+    _require_columns(train, needed, train_where)
+    train = train.rename(columns={comp.id_column: "id", comp.label_column: "label"})
+    if comp.group_column:
+        train = train.rename(columns={comp.group_column: "group"})
+    empty = train.index[(train["id"] == "") | (train["label"] == "")]
+    if len(empty):
+        raise PipelineError(f"{train_where}: empty id or label in row {int(empty[0]) + 2}")
+    _check_unique(train["id"], train_where)
+    _check_class_counts(train["label"], n_folds, train_where)
+    classes = sort_classes(train["label"])
+
+    if comp.max_train_rows is not None and comp.max_train_rows < len(train):
+        train, _ = train_test_split(
+            train, train_size=comp.max_train_rows, stratify=train["label"], random_state=seed
+        )
+        train = train.sort_index()
+        _check_class_counts(train["label"], n_folds, f"{train_where} (after competition.max_train_rows={comp.max_train_rows})")
+        classes = sort_classes(train["label"])
+    train = train.reset_index(drop=True)
+    train["target"] = train["label"].map({c: i for i, c in enumerate(classes)}).astype(np.int64)
+    groups = train["group"].to_numpy() if comp.group_column else None
+    train["fold"] = assign_folds(train["target"].to_numpy(), n_folds, seed, groups)
+
+    sample_where = files.where(comp.sample_submission)
+    sample = files.read_csv(comp.sample_submission)
+    fmt = read_submission_format(sample, classes, sample_where)
+    _check_unique(sample[fmt.id_column], sample_where)
+    test_ids = sample[fmt.id_column].tolist()
+    on_disk = {n[: -len(comp_ext)] for n in files.list_dir(comp.test_dir) if n.endswith(comp_ext)}
+    missing_row = sorted(on_disk - set(test_ids))
+    if missing_row:
+        raise PipelineError(
+            f"{files.where(comp.test_dir + '/' + missing_row[0] + comp_ext)}: test image has no row in {sample_where}"
+            f" ({len(missing_row)} such images)"
+        )
+    missing_img = [i for i in test_ids if i not in on_disk]
+    if missing_img:
+        raise PipelineError(
+            f"{sample_where}: id '{missing_img[0]}' has no image {files.where(comp.test_dir + '/' + missing_img[0] + comp_ext)}"
+            f" ({len(missing_img)} such rows)"
+        )
+
+    answers = None
+    if comp.answers and files.exists(comp.answers):
+        answers = files.read_csv(comp.answers)
+        _require_columns(answers, {"id_column": fmt.id_column}, files.where(comp.answers))
+
+    train_images = decode_images(
+        files, [f"{comp.train_dir}/{i}{comp_ext}" for i in train["id"]], image_size, workers, "decode train"
+    )
+    test_images = decode_images(
+        files, [f"{comp.test_dir}/{i}{comp_ext}" for i in test_ids], image_size, workers, "decode test"
+    )
+    stats = channel_stats(train_images)
+    stats["folds"] = {
+        str(k): channel_stats(train_images[train["fold"].to_numpy() != k]) for k in range(n_folds)
+    }
+
+    with atomic_dir(out_dir) as tmp:
+        cols = ["id", "label", "target", "fold"] + (["group"] if comp.group_column else [])
+        train[cols].to_csv(tmp / "train.csv", index=False)
+        pd.DataFrame({"id": test_ids}).to_csv(tmp / "test.csv", index=False)
+        np.save(tmp / "train_images.npy", train_images)
+        np.save(tmp / "test_images.npy", test_images)
+        sample.to_csv(tmp / "sample_submission.csv", index=False)
+        if answers is not None:
+            answers.to_csv(tmp / "answers.csv", index=False)
+        write_json(tmp / "classes.json", {"classes": classes})
+        write_json(tmp / "stats.json", stats)
+    return {
+        "source": str(source), "n_train": len(train), "n_test": len(test_ids),
+        "n_classes": len(classes), "image_size": image_size, "submission_format": fmt.kind,
+    }
