@@ -83,7 +83,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class PredictConfig:
-    hflip_tta: bool = True  # average with the horizontally flipped image
+    hflip_tta: bool = False  # average with the horizontally flipped image (on for natural images)
     batch_size: int = 256
 
 

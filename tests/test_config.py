@@ -1,0 +1,70 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.__main__ import main as cli_main
+from pipeline.config import ConfigError, Params, TrainConfig, flatten, load_params, parse_params, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_params_load_and_override_defaults():
+    params = load_params(ROOT / "params.yaml")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    # every value written in params.yaml is the value the code sees
+    resolved = flatten(to_dict(params))
+    for key, value in flatten(raw).items():
+        assert resolved[key] == value, key
+
+
+def test_defaults_match_shipped_params():
+    """The typed defaults and params.yaml describe the same default run."""
+    assert to_dict(load_params(ROOT / "params.yaml")) == to_dict(Params())
+
+
+def test_unknown_key_is_named(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"params.yaml: unknown key 'train.lrr'"):
+        load_params(path)
+
+
+def test_unknown_backbone_override_key_is_named():
+    with pytest.raises(ConfigError, match=r"unknown key 'train.backbones.resnet18.learning_rate'"):
+        parse_params({"train": {"backbones": {"resnet18": {"learning_rate": 1}}}})
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigError, match=r"'train.epochs' must be int, got 'ten'"):
+        parse_params({"train": {"epochs": "ten"}})
+    with pytest.raises(ConfigError, match=r"'cv.n_folds' must be int, got True"):
+        parse_params({"cv": {"n_folds": True}})
+
+
+def test_yaml_exponent_strings_are_floats():
+    assert parse_params({"train": {"lr": "1e-3"}}).train.lr == pytest.approx(1e-3)
+
+
+def test_empty_backbone_entry_means_all_defaults():
+    params = parse_params({"train": {"backbones": {"resnet18": None}}})
+    assert list(params.train.backbones) == ["resnet18"]
+    assert params.train.backbones["resnet18"].lr is None
+
+
+def test_cli_reports_unknown_key_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("competition:\n  sorce: x\n")
+    assert cli_main(["prepare"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: params.yaml: unknown key 'competition.sorce'"]
+    assert not (tmp_path / "data").exists()
+
+
+def test_dvc_train_stage_declares_every_train_key_it_reads():
+    """DVC reruns train@<backbone> only for the params it declares: all of TrainConfig's must be there."""
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    declared = set(dvc["stages"]["train"]["do"]["params"])
+    for name in TrainConfig.__dataclass_fields__:
+        key = "train.backbones.${key}" if name == "backbones" else f"train.{name}"
+        assert key in declared, key
