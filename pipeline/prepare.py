@@ -212,6 +212,7 @@ def assign_folds(labels: np.ndarray, n_folds: int, seed: int, groups: np.ndarray
 def _decode(data: bytes, where: str, size: int) -> np.ndarray:
     try:
         img = Image.open(io.BytesIO(data))
+        img.draft("RGB", (size, size))  # JPEG: let the decoder downscale large photos (1/2, 1/4, 1/8)
         img.load()
         img = img.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
@@ -221,10 +222,18 @@ def _decode(data: bytes, where: str, size: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def _decode_chunk(args) -> np.ndarray:
-    source, prefix, rels, size = args
-    files = CompetitionFiles(source)
-    files._prefix = prefix
+_worker_files: CompetitionFiles | None = None  # one open view per decoding process (a zip's index is slow to read)
+
+
+def _init_worker(source: str, prefix: str) -> None:
+    global _worker_files
+    _worker_files = CompetitionFiles(source)
+    _worker_files._prefix = prefix
+
+
+def _decode_chunk(args, files: CompetitionFiles | None = None) -> np.ndarray:
+    rels, size = args
+    files = files or _worker_files
     out = np.empty((len(rels), size, size, 3), dtype=np.uint8)
     for i, rel in enumerate(rels):
         out[i] = _decode(files.read(rel), files.where(rel), size)
@@ -236,38 +245,47 @@ def decode_images(files: CompetitionFiles, rels: list[str], size: int, workers: 
     for rel in rels:
         if not files.exists(rel):
             raise PipelineError(f"{files.where(rel)}: image file not found")
-    chunk = 512
-    jobs = [(str(files.source), files._prefix, rels[i : i + chunk], size) for i in range(0, len(rels), chunk)]
+    chunk = 1024
+    jobs = [(rels[i : i + chunk], size) for i in range(0, len(rels), chunk)]
     out = np.empty((len(rels), size, size, 3), dtype=np.uint8)
-    bar = tqdm(total=len(rels), desc=desc, unit="img", mininterval=1.0)
-    if workers <= 1 or len(jobs) == 1:
-        results = map(_decode_chunk, jobs)
-    else:
-        pool = mp.get_context("spawn" if os.name == "nt" else "fork").Pool(workers)
+    parallel = workers > 1 and len(jobs) > 1
+    if parallel:  # each process opens the files itself: a forked zip handle would share its read offset
+        pool = mp.get_context("fork" if os.name == "posix" else "spawn").Pool(workers, _init_worker, (str(files.source), files._prefix))
         results = pool.imap(_decode_chunk, jobs)
+    else:
+        results = (_decode_chunk(job, files) for job in jobs)
+    bar = tqdm(total=len(rels), desc=desc, unit="img", mininterval=1.0)
     try:
         for i, arr in enumerate(results):
             out[i * chunk : i * chunk + len(arr)] = arr
             bar.update(len(arr))
     finally:
         bar.close()
-        if workers > 1 and len(jobs) > 1:
+        if parallel:
             pool.terminate()
     return out
 
 
-def channel_stats(images: np.ndarray) -> dict[str, list[float]]:
-    """Per-channel mean and std on the 0-1 scale, accumulated in float64 so large caches stay exact."""
-    flat = images.reshape(-1, images.shape[-1])
-    n = flat.shape[0]
-    s = np.zeros(flat.shape[1])
-    ss = np.zeros(flat.shape[1])
-    for start in range(0, n, 1 << 22):
-        block = flat[start : start + (1 << 22)].astype(np.float64) / 255.0
-        s += block.sum(0)
-        ss += (block**2).sum(0)
-    mean = s / n
-    std = np.sqrt(np.maximum(ss / n - mean**2, 1e-12))
+def channel_sums(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image, per-channel sums of pixel values and of their squares (0-1 scale), shape (N, C) each.
+
+    One pass over the cache; the statistics of any subset of images (each fold's training part)
+    then cost a sum over these rows instead of another pass.
+    """
+    n, c = len(images), images.shape[-1]
+    s, ss = np.empty((n, c)), np.empty((n, c))
+    for start in range(0, n, 4096):
+        block = images[start : start + 4096].reshape(-1, images.shape[1] * images.shape[2], c) / 255.0
+        s[start : start + len(block)] = block.sum(1)
+        ss[start : start + len(block)] = np.einsum("npc,npc->nc", block, block)
+    return s, ss
+
+
+def channel_stats(sums: np.ndarray, squares: np.ndarray, pixels_per_image: int) -> dict[str, list[float]]:
+    """Mean and std per channel of the images whose `channel_sums` rows are given."""
+    n = len(sums) * pixels_per_image
+    mean = sums.sum(0) / n
+    std = np.sqrt(np.maximum(squares.sum(0) / n - mean**2, 1e-12))
     return {"mean": mean.tolist(), "std": std.tolist()}
 
 
@@ -345,10 +363,11 @@ def prepare(comp: CompetitionConfig, image_size: int, n_folds: int, seed: int, o
     test_images = decode_images(
         files, [f"{comp.test_dir}/{i}{comp_ext}" for i in test_ids], image_size, workers, "decode test"
     )
-    stats = channel_stats(train_images)
-    stats["folds"] = {
-        str(k): channel_stats(train_images[train["fold"].to_numpy() != k]) for k in range(n_folds)
-    }
+    sums, squares = channel_sums(train_images)
+    pixels = image_size * image_size
+    stats = channel_stats(sums, squares, pixels)
+    in_training_part = {k: train["fold"].to_numpy() != k for k in range(n_folds)}
+    stats["folds"] = {str(k): channel_stats(sums[m], squares[m], pixels) for k, m in in_training_part.items()}
 
     with atomic_dir(out_dir) as tmp:
         cols = ["id", "label", "target", "fold"] + (["group"] if comp.group_column else [])

@@ -1,0 +1,137 @@
+"""The real DVC pipeline end to end, in a temporary git repo, on a tiny competition and tiny timm models."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import write_competition
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, cwd, env, check=True):
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def _set_params(repo, **sections):
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for section, values in sections.items():
+        params[section].update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _status(repo, env) -> dict:
+    return json.loads(_run(["dvc", "status", "--json"], repo, env).stdout or "{}")
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("repo")
+    shutil.copy(ROOT / "dvc.yaml", repo)
+    shutil.copy(ROOT / "params.yaml", repo)
+    shutil.copy(ROOT / ".gitignore", repo)
+    shutil.copytree(ROOT / "pipeline", repo / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    write_competition(repo / "data" / "raw" / "comp", n_per_class=8, n_test=6)
+    _set_params(
+        repo,
+        competition={"source": "data/raw/comp"},
+        prepare={"image_size": 12, "workers": 1},
+        cv={"n_folds": 2},
+        train={"backbones": {"test_resnet": {}, "test_efficientnet": {"lr": 0.01}}, "epochs": 2, "batch_size": 4},
+        predict={"hflip_tta": True},
+    )
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{repo}/mlflow.db", "DVC_NO_ANALYTICS": "1",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    _run(["git", "init", "-q"], repo, env)
+    _run(["dvc", "init", "-q"], repo, env)
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", "init"], repo, env)
+    first = _run(["dvc", "repro"], repo, env)
+    return repo, env, first
+
+
+def test_repro_writes_a_valid_submission_and_metrics(repo):
+    repo, env, _ = repo
+    sample = pd.read_csv(repo / "data/raw/comp/sample_submission.csv", dtype=str)
+    submission = pd.read_csv(repo / "submissions/submission.csv", dtype=str)
+    assert list(submission.columns) == list(sample.columns)
+    assert submission["id"].tolist() == sample["id"].tolist()
+    assert set(submission["label"]) <= {"cat", "dog", "frog"}
+
+    metrics = json.loads(_run(["dvc", "metrics", "show", "--json"], repo, env).stdout)
+    files = next(iter(metrics.values()))["data"]
+    for backbone in ("test_resnet", "test_efficientnet"):
+        train = files[f"reports/train/{backbone}.json"]["data"]
+        assert set(train["folds"]) == {"0", "1"} and 0 <= train["oof"]["accuracy"] <= 1
+    ensemble = files["reports/ensemble.json"]["data"]
+    assert set(ensemble) >= {"oof", "local_leaderboard", "weights"}
+    answers = pd.read_csv(repo / "data/raw/comp/solution.csv", dtype=str)
+    expected_lb = (submission["label"] == answers.set_index("id").loc[submission["id"], "label"].values).mean()
+    assert ensemble["local_leaderboard"]["accuracy"] == pytest.approx(expected_lb)
+
+
+def test_mlflow_has_one_run_per_backbone_with_fold_children(repo):
+    repo, _, _ = repo
+    client = MlflowClient(f"sqlite:///{repo}/mlflow.db")
+    exp = client.get_experiment_by_name("comp")  # named after the competition folder
+    runs = client.search_runs([exp.experiment_id])
+    by_name = {r.info.run_name: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
+    assert set(by_name) == {"test_resnet", "test_efficientnet", "ensemble"}
+    for backbone in ("test_resnet", "test_efficientnet"):
+        parent = by_name[backbone]
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert len(children) == 2
+        assert parent.data.params["epochs"] == "2" and "cv_accuracy" in parent.data.metrics
+
+
+def test_second_repro_has_nothing_to_do(repo):
+    repo, env, _ = repo
+    assert _status(repo, env) == {}
+    again = _run(["dvc", "repro"], repo, env)
+    assert "Running stage" not in again.stdout
+
+
+def test_changing_ensemble_weights_reruns_only_the_ensemble(repo):
+    repo, env, _ = repo
+    _set_params(repo, ensemble={"weights": {"test_resnet": 3}})
+    assert set(_status(repo, env)) == {"ensemble"}
+    out = _run(["dvc", "repro"], repo, env).stdout
+    assert "Running stage 'ensemble'" in out and out.count("Running stage") == 1
+    weights = json.loads((repo / "reports/ensemble.json").read_text())["weights"]
+    assert weights == {"test_resnet": 0.75, "test_efficientnet": 0.25}
+
+
+def test_changing_one_backbone_reruns_only_that_backbone(repo):
+    repo, env, _ = repo
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["backbones"]["test_efficientnet"]["lr"] = 0.02
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = set(_status(repo, env))
+    assert "train@test_efficientnet" in changed
+    assert not {"prepare", "train@test_resnet", "predict@test_resnet"} & changed
+
+
+def test_unknown_backbone_fails_with_a_one_line_error(repo):
+    repo, env, _ = repo
+    before = (repo / "submissions/submission.csv").read_bytes()
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["backbones"] = {"resnet_nope": {}}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = _run(["python", "-m", "pipeline", "train", "--backbone", "resnet_nope"], repo, env, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: params.yaml: train.backbones.resnet_nope: unknown timm model 'resnet_nope' (see timm.list_models())")
+    assert not (repo / "models" / "resnet_nope").exists() and not (repo / "models" / "resnet_nope.tmp").exists()
+    assert (repo / "submissions/submission.csv").read_bytes() == before
