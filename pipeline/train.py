@@ -65,7 +65,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, mean, std, imag
     dtype = amp_dtype(device)
     channels_last = device.type == "cuda"
     total, count = 0.0, 0
-    for images, targets in tqdm(loader, desc=desc, disable=desc is None, leave=False, mininterval=1.0):
+    for images, targets in tqdm(loader, desc=desc, disable=None if desc else True, leave=False, mininterval=1.0):
         x = to_input(images, mean, std, image_size, device, channels_last)
         y = targets.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -127,6 +127,8 @@ def train_fold(model: torch.nn.Module, train_images: np.ndarray, train_targets: 
         row = {"train_loss": train_loss, "val_accuracy": val["accuracy"], "val_log_loss": val["log_loss"],
                "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - start}
         history.append(row)
+        tqdm.write(f"{desc} epoch {epoch + 1}/{s.epochs}: train_loss {train_loss:.4f}  val_accuracy "
+                   f"{val['accuracy']:.4f}  val_log_loss {val['log_loss']:.4f}  ({row['epoch_seconds']:.1f} s)")
         if on_epoch is not None:
             on_epoch(epoch, row)
         if _is_better(s.monitor, val, best):
