@@ -32,7 +32,7 @@ def predict_proba(model: torch.nn.Module, images: np.ndarray, mean, std, image_s
     starts = range(0, len(images), batch_size)
     # bars only on a terminal (disable=None): logs under DVC or CI stay one line per step
     for start in tqdm(starts, desc=desc, disable=None if desc else True, leave=False, mininterval=1.0):
-        x = to_input(torch.from_numpy(np.asarray(images[start : start + batch_size])), mean, std,
+        x = to_input(torch.from_numpy(np.array(images[start : start + batch_size])), mean, std,
                      image_size, device, channels_last)
         views = [x, torch.flip(x, dims=[3])] if hflip else [x]
         probs = 0

@@ -39,10 +39,10 @@ DIGITS = "sklearn-digits"
 class CompetitionFiles:
     """Read-only view of a Kaggle competition, unpacked in a folder or still inside its .zip."""
 
-    def __init__(self, source: str | Path):
+    def __init__(self, source: str | Path, prefix: str = ""):
         self.source = Path(source)
         self._zip = None
-        self._prefix = ""
+        self.prefix = prefix  # folder inside a zip that holds the competition ("" = its top)
         if not self.source.exists():
             raise PipelineError(f"competition.source: '{source}' does not exist")
         if self.source.is_file():
@@ -59,20 +59,20 @@ class CompetitionFiles:
             return
         roots = sorted({n[: -len(marker)] for n in self._names if n.endswith("/" + marker)}, key=len)
         if roots:
-            self._prefix = roots[0]
+            self.prefix = roots[0]
 
     def where(self, rel: str) -> str:
-        return f"{self.source}/{self._prefix}{rel}" if self._zip else str(self.source / rel)
+        return f"{self.source}/{self.prefix}{rel}" if self._zip else str(self.source / rel)
 
     def exists(self, rel: str) -> bool:
         if self._zip is not None:
-            return self._prefix + rel in self._names
+            return self.prefix + rel in self._names
         return (self.source / rel).exists()
 
     def read(self, rel: str) -> bytes:
         try:
             if self._zip is not None:
-                return self._zip.read(self._prefix + rel)
+                return self._zip.read(self.prefix + rel)
             return (self.source / rel).read_bytes()
         except (KeyError, FileNotFoundError):
             raise PipelineError(f"{self.where(rel)}: file not found") from None
@@ -82,7 +82,7 @@ class CompetitionFiles:
     def list_dir(self, rel: str) -> list[str]:
         """File names directly inside folder `rel`."""
         if self._zip is not None:
-            start = f"{self._prefix}{rel.rstrip('/')}/"
+            start = f"{self.prefix}{rel.rstrip('/')}/"
             return [n[len(start):] for n in self._names if n.startswith(start) and "/" not in n[len(start):] and n != start]
         folder = self.source / rel
         if not folder.is_dir():
@@ -227,8 +227,7 @@ _worker_files: CompetitionFiles | None = None  # one open view per decoding proc
 
 def _init_worker(source: str, prefix: str) -> None:
     global _worker_files
-    _worker_files = CompetitionFiles(source)
-    _worker_files._prefix = prefix
+    _worker_files = CompetitionFiles(source, prefix)
 
 
 def _decode_chunk(args, files: CompetitionFiles | None = None) -> np.ndarray:
@@ -250,7 +249,7 @@ def decode_images(files: CompetitionFiles, rels: list[str], size: int, workers: 
     out = np.empty((len(rels), size, size, 3), dtype=np.uint8)
     parallel = workers > 1 and len(jobs) > 1
     if parallel:  # each process opens the files itself: a forked zip handle would share its read offset
-        pool = mp.get_context("fork" if os.name == "posix" else "spawn").Pool(workers, _init_worker, (str(files.source), files._prefix))
+        pool = mp.get_context("fork" if os.name == "posix" else "spawn").Pool(workers, _init_worker, (str(files.source), files.prefix))
         results = pool.imap(_decode_chunk, jobs)
     else:
         results = (_decode_chunk(job, files) for job in jobs)

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from pipeline.config import Params, load_params
+from pipeline.errors import PipelineError
 
 
 def parse_args(argv, description: str, backbone: bool = False) -> argparse.Namespace:
@@ -24,8 +25,6 @@ def experiment_name(params: Params) -> str:
 
 
 def load_with_backbone(args) -> tuple[Params, str]:
-    from pipeline.errors import PipelineError
-
     params = load_params(args.params)
     if args.backbone not in params.train.backbones:
         raise PipelineError(f"{args.params}: train.backbones has no key '{args.backbone}'")
