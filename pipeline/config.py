@@ -49,36 +49,82 @@ class CVConfig:
     seed: int = 42
 
 
-@dataclass(frozen=True)
-class BackboneConfig:
-    """Per-backbone overrides of the shared `train` settings, keyed by a backbone name."""
+# random shift by up to 3 px of the 32 px cache (pad + crop: ~30 us an image, where Affine takes ~170 us)
+DEFAULT_AUGMENT = ({"PadIfNeeded": {"min_height": 38, "min_width": 38, "border_mode": 0}},
+                   {"RandomCrop": {"height": 32, "width": 32}})
 
-    model: str | None = None  # timm model name; defaults to the backbone's key
-    pretrained: str | None = None  # local weights file (timm checkpoint or .safetensors), never a download
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Hyperparameters of one backbone's training; each can be overridden per backbone."""
+
+    epochs: int = 6
+    batch_size: int = 32
     image_size: int | None = None  # network input size; defaults to prepare.image_size
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    weight_decay: float | None = None
-    drop_rate: float | None = None
+    # transfer learning: full | freeze | linear_probe | features+sklearn
+    finetune: str = "full"
+    freeze_stages: int = -1  # freeze: stem + this many stages; -1 = everything but the head
+    unfreeze_epoch: int | None = None  # freeze: train everything from this epoch (0-based) on
+    sklearn_classifier: str = "logistic_regression"  # features+sklearn: logistic_regression | svm
+    layer_decay: float | None = None  # layer-wise lr decay: lr x decay^(depth from the head)
+    # optimisation
+    optimizer: str = "adamw"  # any timm optimizer name: adamw, sgd (Nesterov momentum), lamb, ...
+    lr: float = 3e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    scheduler: str = "cosine"  # cosine | onecycle | step | constant, all per step with linear warmup
+    warmup_epochs: float = 1.0
+    step_epochs: float = 2.0  # step: decay the lr by step_gamma every step_epochs
+    step_gamma: float = 0.1
+    grad_accum_steps: int = 1
+    clip_grad_norm: float | None = None
+    # regularisation
+    label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mixup_off_epoch: int | None = None  # mixup/cutmix switched off from this epoch (0-based) on
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    ema_decay: float | None = None  # EMA of weights; each epoch keeps whichever of EMA/live validates better
+    early_stopping_patience: int | None = None  # stop a fold after this many epochs without improvement
+    monitor: str = "accuracy"  # which validation metric picks the best epoch: accuracy or log_loss
+    # augmentation (train only): albumentations transforms in order, {ClassName: {kwargs}}
+    augment: list[dict[str, dict]] = field(default_factory=lambda: [dict(a) for a in DEFAULT_AUGMENT])
+    # speed
+    compile: bool = False  # torch.compile the model
+    num_workers: int | None = None  # DataLoader workers; null = 0 on CPU, min(8, cores) on GPU
+    seed: int = 42
+
+
+def _backbone_config():
+    """BackboneConfig: `model`, `pretrained`, and an optional override of every TrainSettings field."""
+    hints = typing.get_type_hints(TrainSettings)
+    overrides = [(f.name, hints[f.name] | None, None) for f in dataclasses.fields(TrainSettings)]
+    cls = dataclasses.make_dataclass(
+        "BackboneConfig", [("model", str | None, None), ("pretrained", str | None, None), *overrides], frozen=True
+    )
+    cls.__module__ = __name__
+    return cls
+
+
+BackboneConfig = _backbone_config()
+BackboneConfig.__doc__ = """One backbone: its timm `model` name (defaults to its key), a local `pretrained` weights file
+(timm checkpoint or .safetensors, never a download), and overrides of any `train.*` setting."""
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(TrainSettings):
     backbones: dict[str, BackboneConfig] = field(
         default_factory=lambda: {"regnetx_002": BackboneConfig(lr=0.01), "resnet10t": BackboneConfig(image_size=16)}
     )
-    epochs: int = 6
-    batch_size: int = 32
-    lr: float = 3e-3
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    drop_rate: float = 0.0
-    hflip: bool = False  # horizontal-flip augmentation (off for digits, where a flipped 2 is not a 2)
-    translate: float = 0.1  # random shift augmentation, as a fraction of the image size
-    monitor: str = "accuracy"  # which validation metric picks the best epoch: accuracy or log_loss
-    num_workers: int = 0
-    seed: int = 42
+
+
+def resolve_train_settings(train: TrainConfig, backbone: str) -> TrainSettings:
+    """Shared `train.*` settings with `train.backbones.<backbone>.*` overrides applied."""
+    shared = {f.name: getattr(train, f.name) for f in dataclasses.fields(TrainSettings)}
+    chosen = train.backbones[backbone]
+    overrides = {name: getattr(chosen, name) for name in shared if getattr(chosen, name) is not None}
+    return TrainSettings(**{**shared, **overrides})
 
 
 @dataclass(frozen=True)
@@ -172,6 +218,14 @@ def _coerce(hint, value: Any, key: str, source: str):
         return _coerce(inner, value, key, source)
     if dataclasses.is_dataclass(hint):
         return _build(hint, {} if value is None else value, key + ".", source)
+    if hint is dict:  # free-form keyword arguments, e.g. of an albumentations transform
+        if value is None or isinstance(value, dict):
+            return dict(value or {})
+        raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value)]
     if origin is dict:
         kt, vt = args
         if value is None:

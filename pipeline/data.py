@@ -5,11 +5,12 @@ Dataset, and normalisation/resizing run once per batch on the device (`to_input`
 """
 from __future__ import annotations
 
+import inspect
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import albumentations as A
-import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -53,17 +54,26 @@ def load_prepared(folder: str | Path = "data/prepared", images: bool = True) -> 
     )
 
 
-def build_train_transform(image_size: int, hflip: bool, translate: float, seed: int) -> A.Compose:
-    """Train-only augmentation on uint8 HWC images: random shift (pad + crop) and optional flip."""
-    pad = int(round(translate * image_size))
+def build_train_transform(augment: list[dict[str, dict]], seed: int, where: str = "train.augment") -> A.Compose:
+    """Albumentations pipeline from its YAML form: a list of {TransformName: {kwargs}}, applied in order.
+
+    Train only: validation and test images get no per-image transform (normalise/resize run per batch).
+    """
     ops = []
-    if pad > 0:
-        ops += [
-            A.PadIfNeeded(image_size + 2 * pad, image_size + 2 * pad, border_mode=cv2.BORDER_REFLECT_101),
-            A.RandomCrop(image_size, image_size),
-        ]
-    if hflip:
-        ops.append(A.HorizontalFlip(p=0.5))
+    for i, entry in enumerate(augment):
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise PipelineError(f"{where}[{i}]: expected {{TransformName: {{kwargs}}}}, got {entry!r}")
+        (name, kwargs), = entry.items()
+        cls = getattr(A, name, None)
+        if not (isinstance(cls, type) and issubclass(cls, A.BasicTransform)):
+            raise PipelineError(f"{where}[{i}]: '{name}' is not an albumentations transform")
+        unknown = sorted(set(kwargs or {}) - set(inspect.signature(cls.__init__).parameters))
+        if unknown:
+            raise PipelineError(f"{where}[{i}] {name}: unknown argument '{unknown[0]}'")
+        try:
+            ops.append(cls(**(kwargs or {})))
+        except (TypeError, ValueError) as exc:
+            raise PipelineError(f"{where}[{i}] {name}: {str(exc).splitlines()[0]}") from None
     return A.Compose(ops, seed=seed)
 
 
@@ -88,13 +98,28 @@ class ImageDataset(Dataset):
         return img, int(self.targets[i])
 
 
+def _seed_worker(worker_id: int) -> None:
+    # each worker's augmentation stream comes from the loader's seeded generator, distinct per worker
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None)
+    if transform is not None:
+        transform.set_random_seed(torch.initial_seed() % 2**32)
+
+
+def default_num_workers(device: torch.device) -> int:
+    """0 on a CPU (the cache is in memory and augmentation is light: workers would steal the cores that
+    compute), up to 8 on a GPU machine."""
+    return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
+
+
 def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int, seed: int,
-                 device: torch.device) -> DataLoader:
+                 device: torch.device, sampler=None) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=train, drop_last=train and len(dataset) > batch_size,
-        num_workers=num_workers, pin_memory=device.type == "cuda",
-        persistent_workers=num_workers > 0, generator=generator,
+        dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+        drop_last=train and len(dataset) > batch_size, num_workers=num_workers,
+        pin_memory=device.type == "cuda", generator=generator,
+        worker_init_fn=_seed_worker if num_workers > 0 else None,
     )
 
 

@@ -15,7 +15,7 @@ def check_backbone(name: str, key: str = "train.backbones") -> None:
 
 
 def create_model(name: str, num_classes: int, pretrained: str | Path | None = None,
-                 drop_rate: float = 0.0) -> torch.nn.Module:
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> torch.nn.Module:
     """A fresh timm model with a `num_classes` head.
 
     `pretrained` is a local weights file (timm checkpoint or .safetensors); timm loads it and
@@ -23,6 +23,8 @@ def create_model(name: str, num_classes: int, pretrained: str | Path | None = No
     """
     check_backbone(name)
     kwargs = dict(num_classes=num_classes, drop_rate=drop_rate)
+    if drop_path_rate:  # only architectures with stochastic depth accept it
+        kwargs["drop_path_rate"] = drop_path_rate
     if pretrained:
         path = Path(pretrained)
         if not path.is_file():

@@ -9,7 +9,9 @@ The same policy produces both files, so they are comparable for ensembling:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
+import joblib
 import numpy as np
 import pandas as pd
 import torch
@@ -21,27 +23,66 @@ from pipeline.models import amp_dtype, create_model
 
 
 @torch.inference_mode()
-def predict_proba(model: torch.nn.Module, images: np.ndarray, mean, std, image_size: int, batch_size: int,
-                  device: torch.device, hflip: bool = False, desc: str | None = None) -> np.ndarray:
-    """Softmax probabilities (N, C) for uint8 images (N, H, W, 3); with `hflip`, the mean over the
-    image and its mirror."""
+def _forward_batches(model: torch.nn.Module, images: np.ndarray, mean, std, image_size: int, batch_size: int,
+                     device: torch.device, hflip: bool, output: Callable[[torch.Tensor], torch.Tensor],
+                     desc: str | None) -> np.ndarray:
     model.eval()
     dtype = amp_dtype(device)
     channels_last = device.type == "cuda"
-    out = []
-    starts = range(0, len(images), batch_size)
-    # bars only on a terminal (disable=None): logs under DVC or CI stay one line per step
-    for start in tqdm(starts, desc=desc, disable=None if desc else True, leave=False, mininterval=1.0):
-        x = to_input(torch.from_numpy(np.array(images[start : start + batch_size])), mean, std,
-                     image_size, device, channels_last)
-        views = [x, torch.flip(x, dims=[3])] if hflip else [x]
-        probs = 0
-        for view in views:
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                logits = model(view)
-            probs = probs + torch.softmax(logits.float(), dim=1)
-        out.append((probs / len(views)).cpu().numpy())
+    out, start = [], 0
+    bar = tqdm(total=len(images), desc=desc, disable=None if desc else True, leave=False, mininterval=1.0)
+    while start < len(images):
+        try:
+            x = to_input(torch.from_numpy(np.array(images[start : start + batch_size])), mean, std,
+                         image_size, device, channels_last)
+            views = [x, torch.flip(x, dims=[3])] if hflip else [x]
+            total = 0
+            for view in views:
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    total = total + output(model(view).float())
+        except torch.cuda.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            batch_size //= 2  # the largest batch that fits: halve until it does
+            torch.cuda.empty_cache()
+            continue
+        out.append((total / len(views)).cpu().numpy())
+        bar.update(len(x))
+        start += len(x)
+    bar.close()
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def predict_proba(model: torch.nn.Module, images: np.ndarray, mean, std, image_size: int, batch_size: int,
+                  device: torch.device, hflip: bool = False, desc: str | None = None) -> np.ndarray:
+    """Softmax probabilities (N, C) for uint8 images (N, H, W, 3); with `hflip`, the mean over the
+    image and its mirror. On CUDA, in mixed precision, halving the batch on out-of-memory."""
+    return _forward_batches(model, images, mean, std, image_size, batch_size, device, hflip,
+                            lambda logits: torch.softmax(logits, dim=1), desc)
+
+
+def extract_features(model: torch.nn.Module, images: np.ndarray, mean, std, image_size: int, batch_size: int,
+                     device: torch.device) -> np.ndarray:
+    """Pooled backbone features (N, D) of a model created with num_classes=0."""
+    return _forward_batches(model, images, mean, std, image_size, batch_size, device, False, lambda f: f, None)
+
+
+class FeaturesClassifier(torch.nn.Module):
+    """features+sklearn at inference: frozen backbone features -> scikit-learn `predict_proba`.
+
+    Returns log-probabilities, so the softmax in `predict_proba` gives the classifier's probabilities
+    back and TTA averages them like any other model's.
+    """
+
+    def __init__(self, backbone: torch.nn.Module, classifier):
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.backbone(x).float().cpu().numpy()
+        probs = torch.from_numpy(self.classifier.predict_proba(features)).to(x.device)
+        return probs.clamp_min(1e-12).log()
 
 
 def load_fold_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
@@ -50,8 +91,11 @@ def load_fold_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Mo
     if not path.is_file():
         raise PipelineError(f"{path}: fold checkpoint not found (run the train stage first)")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model = create_model(ckpt["model"], num_classes=ckpt["num_classes"])
+    sklearn_head = path.with_name("classifier.joblib")
+    model = create_model(ckpt["model"], num_classes=0 if sklearn_head.exists() else ckpt["num_classes"])
     model.load_state_dict(ckpt["state_dict"])
+    if sklearn_head.exists():
+        model = FeaturesClassifier(model, joblib.load(sklearn_head))
     model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)

@@ -4,41 +4,40 @@
 
 The one training loop of the project: `train_one_epoch`, `evaluate` and `train_fold` take what
 they need as arguments and are reused by every caller (CV here, tuning and refits later).
+
+A fold's state is checkpointed after every epoch (atomically), so a killed run started again with
+the same command continues from the last completed epoch; every epoch reseeds its own random
+streams from (seed, epoch), so the resumed run ends with the same weights as an uninterrupted one.
 """
 from __future__ import annotations
 
 import math
+import os
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import joblib
 import numpy as np
+from timm.optim import create_optimizer_v2
 import torch
 import torch.nn.functional as F
+from timm.data import Mixup
+from timm.models import group_parameters
+from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from pipeline.data import ImageDataset, PreparedData, build_loader, build_train_transform, to_input
+from pipeline.config import ConfigError, TrainSettings
+from pipeline.data import ImageDataset, PreparedData, build_loader, build_train_transform, default_num_workers, to_input
+from pipeline.errors import PipelineError
 from pipeline.metrics import scores
 from pipeline.models import amp_dtype, create_model
 from pipeline.predict import predict_proba
 
-
-@dataclass(frozen=True)
-class FoldSettings:
-    """Everything `train_fold` needs besides the data and the model."""
-
-    epochs: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    warmup_epochs: float
-    image_size: int
-    hflip: bool
-    translate: float
-    monitor: str
-    num_workers: int
-    seed: int
+FINETUNE_MODES = ("full", "freeze", "linear_probe", "features+sklearn")
+SCHEDULERS = ("cosine", "onecycle", "step", "constant")
 
 
 @dataclass
@@ -47,40 +46,145 @@ class FoldResult:
     val_probs: np.ndarray
     best_epoch: int
     history: list[dict] = field(default_factory=list)
+    classifier: object | None = None  # features+sklearn: the fitted scikit-learn classifier
 
 
-def _cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+def check_settings(s: TrainSettings, where: str) -> None:
+    """Raise ConfigError naming the key for values the dataclass types cannot catch."""
+    choices = {"finetune": FINETUNE_MODES, "scheduler": SCHEDULERS, "monitor": ("accuracy", "log_loss"),
+               "sklearn_classifier": ("logistic_regression", "svm")}
+    for key, allowed in choices.items():
+        if getattr(s, key) not in allowed:
+            raise ConfigError(f"{where}.{key} must be one of {list(allowed)}, got '{getattr(s, key)}'")
+    if (s.mixup_alpha > 0 or s.cutmix_alpha > 0) and s.batch_size % 2:
+        raise ConfigError(f"{where}.batch_size must be even with mixup/cutmix, got {s.batch_size}")
+    if s.grad_accum_steps < 1:
+        raise ConfigError(f"{where}.grad_accum_steps must be >= 1, got {s.grad_accum_steps}")
+
+
+# ---------------------------------------------------------------- building blocks
+
+
+def lr_factor(kind: str, total_steps: int, warmup_steps: int, step_size: int = 1, gamma: float = 0.1
+              ) -> Callable[[int], float]:
+    """Multiplier of the base lr at optimizer step `step`: linear warmup, then the schedule."""
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if kind == "onecycle":  # linear anneal to zero after the warmup peak
+            return 1.0 - progress
+        if kind == "step":
+            return gamma ** ((step - warmup_steps) // max(1, step_size))
+        return 1.0
     return factor
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, device, mean, std, image_size: int,
-                    scaler: torch.amp.GradScaler | None = None, desc: str | None = None) -> float:
-    """One pass over `loader`; returns the mean training loss."""
+def build_optimizer(model: torch.nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
+    """timm's optimizer factory (no weight decay on biases/norms; layer-wise lr decay if set)."""
+    optimizer = create_optimizer_v2(
+        model, opt=s.optimizer, lr=s.lr, weight_decay=s.weight_decay, momentum=s.momentum,
+        layer_decay=s.layer_decay,
+    )
+    for group in optimizer.param_groups:  # timm's own schedulers apply lr_scale; ours uses the group lr
+        group["lr"] = s.lr * group.get("lr_scale", 1.0)
+    return optimizer
+
+
+def freeze(model: torch.nn.Module, stages: int) -> list[str]:
+    """Freeze the stem and the first `stages` stages (-1: everything but the head). Returns frozen names."""
+    groups = group_parameters(model, model.group_matcher(coarse=True))
+    head = max(groups)
+    frozen_groups = [g for g in sorted(groups) if g != head and (stages < 0 or g <= stages)]
+    names = [n for g in frozen_groups for n in groups[g]]
+    params = dict(model.named_parameters())
+    for name in names:
+        params[name].requires_grad_(False)
+    return names
+
+
+def unfreeze(model: torch.nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
+def _frozen_norms_to_eval(model: torch.nn.Module) -> None:
+    # a frozen stage keeps its batch-norm statistics too, or its outputs drift while its weights stand still
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            params = list(module.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
+
+
+def _reseed(seed: int, epoch: int) -> int:
+    epoch_seed = (seed * 1_000_003 + epoch) % 2**31
+    random.seed(epoch_seed)
+    np.random.seed(epoch_seed)
+    torch.manual_seed(epoch_seed)
+    return epoch_seed
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, device, mean, std, image_size: int, *,
+                    mixup: Mixup | None = None, label_smoothing: float = 0.0,
+                    scaler: torch.amp.GradScaler | None = None, accum_steps: int = 1,
+                    clip_grad_norm: float | None = None, ema: ModelEmaV3 | None = None,
+                    where: str = "", desc: str | None = None) -> float:
+    """One pass over `loader`; returns the mean training loss.
+
+    `where` names the run in errors (backbone, fold, epoch): a non-finite loss stops training with it.
+    """
     model.train()
+    _frozen_norms_to_eval(model)
     dtype = amp_dtype(device)
     channels_last = device.type == "cuda"
     total, count = 0.0, 0
-    for images, targets in tqdm(loader, desc=desc, disable=None if desc else True, leave=False, mininterval=1.0):
+    optimizer.zero_grad(set_to_none=True)
+    n_batches = len(loader)
+    for step, (images, targets) in enumerate(
+            tqdm(loader, desc=desc, disable=None if desc else True, leave=False, mininterval=1.0)):
         x = to_input(images, mean, std, image_size, device, channels_last)
         y = targets.to(device, non_blocking=True)
+        if mixup is not None:
+            x, y = mixup(x, y)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        scheduler.step()
-        total += loss.item() * len(y)
-        count += len(y)
+            logits = model(x)
+            if mixup is not None:
+                loss = torch.sum(-y * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+            else:
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+        if not torch.isfinite(loss):
+            raise PipelineError(
+                f"{where}, step {step + 1}: loss is {loss.item()} (lr {optimizer.param_groups[0]['lr']:.3g}); "
+                f"lower train.lr or set train.clip_grad_norm")
+        (scaler.scale(loss / accum_steps) if scaler is not None else loss / accum_steps).backward()
+        if (step + 1) % accum_steps == 0 or step + 1 == n_batches:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if clip_grad_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            if ema is not None:
+                ema.update(model)
+        total += loss.item() * len(images)
+        count += len(images)
     return total / max(1, count)
 
 
@@ -100,77 +204,185 @@ def _is_better(metric: str, new: dict, best: dict | None) -> bool:
 
 
 def train_fold(model: torch.nn.Module, train_images: np.ndarray, train_targets: np.ndarray,
-               val_images: np.ndarray, val_targets: np.ndarray, mean, std, settings: FoldSettings,
-               device: torch.device, on_epoch: Callable[[int, dict], None] | None = None,
-               desc: str = "") -> FoldResult:
-    """Train `model` on one fold's training part, validate every epoch, keep the best epoch's weights."""
-    s = settings
+               val_images: np.ndarray, val_targets: np.ndarray, mean, std, s: TrainSettings, image_size: int,
+               device: torch.device, num_classes: int, *, on_epoch: Callable[[int, dict], None] | None = None,
+               state_path: str | Path | None = None, where: str = "fold") -> FoldResult:
+    """Train `model` on one fold's training part, validate every epoch, keep the best epoch's weights.
+
+    With `state_path`, the fold's full state is saved there after every epoch and, if the file exists
+    when called, training continues from it.
+    """
     model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    transform = build_train_transform(train_images.shape[1], s.hflip, s.translate, s.seed)
-    loader = build_loader(ImageDataset(train_images, train_targets, transform), s.batch_size, True,
-                          s.num_workers, s.seed, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    steps = s.epochs * len(loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _cosine_with_warmup(steps, max(1, int(s.warmup_epochs * len(loader))))
-    )
+    optimizer = build_optimizer(model, s)  # before freezing: timm leaves frozen parameters out
+    if s.finetune in ("freeze", "linear_probe"):
+        freeze(model, -1 if s.finetune == "linear_probe" else s.freeze_stages)
+    transform = build_train_transform(s.augment, s.seed)
+    workers = default_num_workers(device) if s.num_workers is None else s.num_workers
+    loader = build_loader(ImageDataset(train_images, train_targets, transform), s.batch_size, True, workers,
+                          s.seed, device)
+    steps_per_epoch = math.ceil(len(loader) / s.grad_accum_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(
+        s.scheduler, s.epochs * steps_per_epoch, max(1, int(s.warmup_epochs * steps_per_epoch)),
+        int(s.step_epochs * steps_per_epoch), s.step_gamma))
     scaler = torch.amp.GradScaler("cuda") if amp_dtype(device) == torch.float16 else None
+    ema = ModelEmaV3(model, decay=s.ema_decay) if s.ema_decay else None
+    mixup = None
+    if s.mixup_alpha > 0 or s.cutmix_alpha > 0:
+        mixup = Mixup(mixup_alpha=s.mixup_alpha, cutmix_alpha=s.cutmix_alpha, label_smoothing=s.label_smoothing,
+                      num_classes=num_classes)
+    forward = torch.compile(model) if s.compile else model
 
-    best, result, history = None, None, []
-    for epoch in range(s.epochs):
-        start = time.perf_counter()
-        train_loss = train_one_epoch(model, loader, optimizer, scheduler, device, mean, std, s.image_size,
-                                     scaler, desc=f"{desc} epoch {epoch + 1}/{s.epochs}")
-        val, probs = evaluate(model, val_images, val_targets, mean, std, s.image_size, s.batch_size * 2, device)
+    start_epoch, best, best_result, history, stale = 0, None, None, [], 0
+    state_path = Path(state_path) if state_path else None
+    if state_path is not None and state_path.exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        start_epoch, best, history, stale = state["epoch"] + 1, state["best"], state["history"], state["stale"]
+        best_state = state["best_state"] or {k: v.clone() for k, v in state["model"].items()}
+        best_result = FoldResult(best_state, state["best_probs"], state["best_epoch"])
+        tqdm.write(f"{where}: resuming after epoch {start_epoch}/{s.epochs}")
+
+    for epoch in range(start_epoch, s.epochs):
+        if s.early_stopping_patience is not None and stale >= s.early_stopping_patience:
+            break
+        started = time.perf_counter()
+        epoch_seed = _reseed(s.seed, epoch)
+        loader.generator.manual_seed(epoch_seed)
+        transform.set_random_seed(epoch_seed)
+        if s.finetune == "freeze" and s.unfreeze_epoch is not None and epoch >= s.unfreeze_epoch:
+            unfreeze(model)
+        if mixup is not None:
+            mixup.mixup_enabled = s.mixup_off_epoch is None or epoch < s.mixup_off_epoch
+        try:
+            train_loss = train_one_epoch(
+                forward, loader, optimizer, scheduler, device, mean, std, image_size, mixup=mixup,
+                label_smoothing=s.label_smoothing, scaler=scaler, accum_steps=s.grad_accum_steps,
+                clip_grad_norm=s.clip_grad_norm, ema=ema, where=f"{where}, epoch {epoch + 1}",
+                desc=f"{where} epoch {epoch + 1}/{s.epochs}")
+        except torch.cuda.OutOfMemoryError:
+            raise PipelineError(
+                f"{where}: out of GPU memory at train.batch_size={s.batch_size}; lower it (e.g. to "
+                f"{max(1, s.batch_size // 2)}) and raise train.grad_accum_steps to keep the effective batch") from None
+        candidates = [("model", model)] + ([("ema", ema.module)] if ema is not None else [])
+        evaluated = [(name, *evaluate(m, val_images, val_targets, mean, std, image_size, s.batch_size * 2, device))
+                     for name, m in candidates]
+        source, val, probs = evaluated[0]
+        for entry in evaluated[1:]:
+            if _is_better(s.monitor, entry[1], val):
+                source, val, probs = entry
         row = {"train_loss": train_loss, "val_accuracy": val["accuracy"], "val_log_loss": val["log_loss"],
-               "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - start}
+               "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - started,
+               "ema_chosen": float(source == "ema")}
         history.append(row)
-        tqdm.write(f"{desc} epoch {epoch + 1}/{s.epochs}: train_loss {train_loss:.4f}  val_accuracy "
-                   f"{val['accuracy']:.4f}  val_log_loss {val['log_loss']:.4f}  ({row['epoch_seconds']:.1f} s)")
-        if on_epoch is not None:
-            on_epoch(epoch, row)
+        tqdm.write(f"{where} epoch {epoch + 1}/{s.epochs}: train_loss {train_loss:.4f}  val_accuracy "
+                   f"{val['accuracy']:.4f}  val_log_loss {val['log_loss']:.4f}{' (EMA)' if source == 'ema' else ''}"
+                   f"  ({row['epoch_seconds']:.1f} s)")
         if _is_better(s.monitor, val, best):
-            best = val
-            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            result = FoldResult(state, probs, epoch)
-    result.history = history
-    return result
+            best, stale = val, 0
+            chosen = ema.module if source == "ema" else model
+            best_result = FoldResult({k: v.detach().cpu().clone() for k, v in chosen.state_dict().items()},
+                                     probs, epoch)
+        else:
+            stale += 1
+        if state_path is not None:
+            _save_atomic({
+                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                "ema": ema.state_dict() if ema is not None else None, "best": best, "stale": stale,
+                "history": history, "best_probs": best_result.val_probs,
+                # the best weights are the live ones most epochs: store them only when they differ
+                "best_state": None if best_result.best_epoch == epoch and source == "model" else best_result.state_dict,
+                "best_epoch": best_result.best_epoch,
+            }, state_path)
+        if on_epoch is not None:  # after the checkpoint: a callback that raises leaves a resumable state
+            on_epoch(epoch, row)
+    best_result.history = history
+    return best_result
 
 
-def train_backbone(data: PreparedData, model_name: str, settings: FoldSettings, out_dir: str | Path,
-                   device: torch.device, tracker, pretrained: str | None = None,
-                   drop_rate: float = 0.0) -> tuple[np.ndarray, dict]:
+def fit_features_classifier(model: torch.nn.Module, train_images, train_targets, val_images, mean, std,
+                            image_size: int, batch_size: int, device: torch.device, classifier: str):
+    """features+sklearn: frozen backbone features -> a scikit-learn classifier. Returns (clf, val_probs)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+
+    from pipeline.predict import extract_features
+
+    train_x = extract_features(model, train_images, mean, std, image_size, batch_size, device)
+    val_x = extract_features(model, val_images, mean, std, image_size, batch_size, device)
+    head = LogisticRegression(max_iter=2000) if classifier == "logistic_regression" else SVC(probability=True)
+    clf = make_pipeline(StandardScaler(), head).fit(train_x, train_targets)
+    return clf, clf.predict_proba(val_x)
+
+
+def train_backbone(data: PreparedData, backbone: str, model_name: str, s: TrainSettings, image_size: int,
+                   out_dir: str | Path, device: torch.device, tracker, pretrained: str | None = None,
+                   resume_dir: str | Path | None = None) -> tuple[np.ndarray, dict]:
     """k-fold CV of one backbone. Writes `out_dir/fold<k>/model.pt`; returns (oof_probs, metrics).
 
     Each fold trains a fresh model on the other folds, normalised with its own training part's
-    statistics, and fills the OOF probabilities of its validation rows.
+    statistics, and fills the OOF probabilities of its validation rows. With `resume_dir`, finished
+    folds and the unfinished fold's last epoch are kept there and picked up by the next call.
     """
     out_dir = Path(out_dir)
+    resume_dir = Path(resume_dir) if resume_dir else None
+    if resume_dir is not None:
+        resume_dir.mkdir(parents=True, exist_ok=True)
     targets = data.train["target"].to_numpy()
     folds = data.train["fold"].to_numpy()
-    oof = np.zeros((len(targets), len(data.classes)), dtype=np.float64)
+    n_classes = len(data.classes)
+    oof = np.zeros((len(targets), n_classes), dtype=np.float64)
     fold_metrics = {}
+    sklearn_head = s.finetune == "features+sklearn"
     for k in range(data.n_folds):
         tr, va = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
         mean, std = data.fold_stats(k)
-        torch.manual_seed(settings.seed + k)
-        model = create_model(model_name, len(data.classes), pretrained=pretrained, drop_rate=drop_rate)
-        fold_settings = FoldSettings(**{**settings.__dict__, "seed": settings.seed + k})
-        with tracker.run(f"fold{k}", params={"fold": k, "n_train": len(tr), "n_val": len(va)}, nested=True):
-            result = train_fold(
-                model, np.asarray(data.train_images[tr]), targets[tr], np.asarray(data.train_images[va]),
-                targets[va], mean, std, fold_settings, device,
-                on_epoch=lambda epoch, row: tracker.log_metrics(row, step=epoch), desc=f"fold{k}",
-            )
-            oof[va] = result.val_probs
-            fold_metrics[str(k)] = {**scores(result.val_probs, targets[va]), "best_epoch": result.best_epoch + 1}
-            tracker.log_metrics({f"best_{m}": v for m, v in fold_metrics[str(k)].items()})
+        fold_seed = s.seed + k
+        done = resume_dir / f"fold{k}.done.pt" if resume_dir else None
+        if done is not None and done.exists():
+            finished = torch.load(done, map_location="cpu", weights_only=False)
+            result, ckpt = finished["result"], finished["checkpoint"]
+            tqdm.write(f"{backbone} fold{k}: finished in an earlier run, kept")
+        else:
+            torch.manual_seed(fold_seed)
+            model = create_model(model_name, 0 if sklearn_head else n_classes, pretrained=pretrained,
+                                 drop_rate=s.drop_rate, drop_path_rate=s.drop_path_rate)
+            with tracker.run(f"fold{k}", params={"fold": k, "n_train": len(tr), "n_val": len(va)}, nested=True):
+                if sklearn_head:
+                    clf, probs = fit_features_classifier(
+                        model, np.asarray(data.train_images[tr]), targets[tr], np.asarray(data.train_images[va]),
+                        mean, std, image_size, s.batch_size * 2, device, s.sklearn_classifier)
+                    result = FoldResult(model.state_dict(), probs, 0, classifier=clf)
+                else:
+                    result = train_fold(
+                        model, np.asarray(data.train_images[tr]), targets[tr], np.asarray(data.train_images[va]),
+                        targets[va], mean, std, TrainSettings(**{**s.__dict__, "seed": fold_seed}), image_size,
+                        device, n_classes, on_epoch=lambda epoch, row: tracker.log_metrics(row, step=epoch),
+                        state_path=resume_dir / f"fold{k}.state.pt" if resume_dir else None,
+                        where=f"{backbone} fold {k}")
+                fold_scores = {**scores(result.val_probs, targets[va]), "best_epoch": result.best_epoch + 1}
+                tracker.log_metrics({f"best_{m}": v for m, v in fold_scores.items()})
+            ckpt = {"model": model_name, "num_classes": n_classes, "state_dict": result.state_dict,
+                    "mean": mean, "std": std, "image_size": image_size, "fold": k}
+            if done is not None:
+                _save_atomic({"result": result, "checkpoint": ckpt}, done)
+                (resume_dir / f"fold{k}.state.pt").unlink(missing_ok=True)
+        oof[va] = result.val_probs
+        fold_metrics[str(k)] = {**scores(result.val_probs, targets[va]), "best_epoch": result.best_epoch + 1}
         (out_dir / f"fold{k}").mkdir(parents=True, exist_ok=True)
-        torch.save({"model": model_name, "num_classes": len(data.classes), "state_dict": result.state_dict,
-                    "mean": mean, "std": std, "image_size": settings.image_size, "fold": k},
-                   out_dir / f"fold{k}" / "model.pt")
+        torch.save(ckpt, out_dir / f"fold{k}" / "model.pt")
+        if result.classifier is not None:
+            joblib.dump(result.classifier, out_dir / f"fold{k}" / "classifier.joblib")
     per_fold = {m: [f[m] for f in fold_metrics.values()] for m in ("accuracy", "log_loss")}
     metrics = {
         "oof": scores(oof, targets),
@@ -179,17 +391,3 @@ def train_backbone(data: PreparedData, model_name: str, settings: FoldSettings, 
         "folds": fold_metrics,
     }
     return oof, metrics
-
-
-def resolve_settings(train, backbone, cache_image_size: int) -> FoldSettings:
-    """Shared `train.*` settings with one backbone's overrides (`train.backbones.<name>.*`) on top."""
-    def pick(name):
-        value = getattr(backbone, name, None)
-        return getattr(train, name) if value is None else value
-
-    return FoldSettings(
-        epochs=pick("epochs"), batch_size=pick("batch_size"), lr=pick("lr"), weight_decay=pick("weight_decay"),
-        warmup_epochs=train.warmup_epochs, image_size=backbone.image_size or cache_image_size,
-        hflip=train.hflip, translate=train.translate, monitor=train.monitor, num_workers=train.num_workers,
-        seed=train.seed,
-    )

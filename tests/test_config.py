@@ -65,6 +65,6 @@ def test_dvc_train_stage_declares_every_train_key_it_reads():
     """DVC reruns train@<backbone> only for the params it declares: all of TrainConfig's must be there."""
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     declared = set(dvc["stages"]["train"]["do"]["params"])
-    for name in TrainConfig.__dataclass_fields__:
+    for name in TrainConfig.__dataclass_fields__:  # TrainSettings fields + backbones
         key = "train.backbones.${key}" if name == "backbones" else f"train.{name}"
         assert key in declared, key

@@ -1,18 +1,26 @@
 """The training loop on real tiny timm models, with a real MLflow store in tmp_path."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from timm.data import Mixup
 
-from pipeline.data import load_prepared
+from pipeline.config import TrainSettings
+from pipeline.data import build_train_transform, load_prepared
 from pipeline.errors import PipelineError
 from pipeline.models import create_model
+from pipeline.predict import load_fold_model, predict_proba
 from pipeline.prepare import prepare
 from pipeline.tracking import Tracker
-from pipeline.train import FoldSettings, train_backbone
+from pipeline.train import (build_optimizer, freeze, lr_factor, train_backbone, train_fold,
+                            train_one_epoch)
 
-SETTINGS = FoldSettings(epochs=4, batch_size=4, lr=1e-2, weight_decay=0.0, warmup_epochs=0.5, image_size=16,
-                        hflip=True, translate=0.1, monitor="accuracy", num_workers=0, seed=0)
+CPU = torch.device("cpu")
+SETTINGS = TrainSettings(epochs=4, batch_size=4, lr=1e-2, weight_decay=0.0, warmup_epochs=0.5,
+                         augment=[{"HorizontalFlip": {"p": 0.5}}], seed=0)
+OFF = Tracker(False, "off")
 
 
 @pytest.fixture
@@ -22,12 +30,31 @@ def prepared(comp_config, tmp_path):
     return load_prepared(tmp_path / "prepared")
 
 
+def _fold0(data):
+    folds, y = data.train["fold"].to_numpy(), data.train["target"].to_numpy()
+    tr, va = folds != 0, folds == 0
+    mean, std = data.fold_stats(0)
+    return np.asarray(data.train_images[tr]), y[tr], np.asarray(data.train_images[va]), y[va], mean, std
+
+
+def _batches(data, size=4, n=3):
+    images = torch.from_numpy(np.asarray(data.train_images[: size * n]))
+    targets = torch.from_numpy(data.train["target"].to_numpy()[: size * n])
+    return [(images[i:i + size], targets[i:i + size]) for i in range(0, size * n, size)]
+
+
+def _one_epoch(model, batches, s: TrainSettings, mean=(0.5,) * 3, std=(0.25,) * 3, **kwargs):
+    optimizer = build_optimizer(model, s)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return train_one_epoch(model, batches, optimizer, scheduler, CPU, mean, std, 16, **kwargs), optimizer
+
+
 def test_cv_training_writes_oof_checkpoints_and_an_mlflow_tree(prepared, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tracker = Tracker(True, "unit", uri=uri)
     with tracker.run("test_resnet", params={"backbone": "test_resnet"}):
-        oof, metrics = train_backbone(prepared, "test_resnet", SETTINGS, tmp_path / "models", torch.device("cpu"),
-                                      tracker)
+        oof, metrics = train_backbone(prepared, "test_resnet", "test_resnet", SETTINGS, 16, tmp_path / "models",
+                                      CPU, tracker)
 
     targets = prepared.train["target"].to_numpy()
     assert oof.shape == (24, 3)
@@ -52,11 +79,202 @@ def test_cv_training_writes_oof_checkpoints_and_an_mlflow_tree(prepared, tmp_pat
     assert parent[0].data.tags.get("git_commit")
 
 
-def test_training_is_seeded(prepared, tmp_path):
-    off = Tracker(False, "x")
-    a, _ = train_backbone(prepared, "test_efficientnet", SETTINGS, tmp_path / "a", torch.device("cpu"), off)
-    b, _ = train_backbone(prepared, "test_efficientnet", SETTINGS, tmp_path / "b", torch.device("cpu"), off)
+def test_two_seeded_runs_give_identical_oof(prepared, tmp_path):
+    s = dataclasses.replace(SETTINGS, epochs=2, mixup_alpha=0.4, drop_rate=0.2)
+    a, _ = train_backbone(prepared, "b", "test_efficientnet", s, 16, tmp_path / "a", CPU, OFF)
+    b, _ = train_backbone(prepared, "b", "test_efficientnet", s, 16, tmp_path / "b", CPU, OFF)
     np.testing.assert_array_equal(a, b)
+    c, _ = train_backbone(prepared, "b", "test_efficientnet", dataclasses.replace(s, seed=1), 16, tmp_path / "c",
+                          CPU, OFF)
+    assert not np.array_equal(a, c)
+
+
+def test_a_resumed_fold_equals_an_uninterrupted_one(prepared, tmp_path):
+    data = _fold0(prepared)
+    s = dataclasses.replace(SETTINGS, epochs=3, ema_decay=0.9)
+
+    torch.manual_seed(0)
+    whole = train_fold(create_model("test_resnet", 3), *data, s, 16, CPU, 3)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_second_epoch(epoch, row):
+        if epoch == 1:
+            raise Killed
+
+    state = tmp_path / "fold0.state.pt"
+    torch.manual_seed(0)
+    with pytest.raises(Killed):
+        train_fold(create_model("test_resnet", 3), *data, s, 16, CPU, 3, on_epoch=kill_after_second_epoch,
+                   state_path=state)
+    assert torch.load(state, weights_only=False)["epoch"] == 1
+    torch.manual_seed(123)  # a new process: different initial weights, which the checkpoint replaces
+    resumed = train_fold(create_model("test_resnet", 3), *data, s, 16, CPU, 3, state_path=state)
+    assert len(resumed.history) == 3
+    np.testing.assert_array_equal(resumed.val_probs, whole.val_probs)
+    for key, value in whole.state_dict.items():
+        torch.testing.assert_close(resumed.state_dict[key], value, rtol=0, atol=0)
+
+
+def test_freeze_keeps_frozen_stages_fixed_until_unfreeze(prepared):
+    torch.manual_seed(0)
+    model = create_model("test_resnet", 3)
+    names = freeze(model, -1)
+    assert names and not any("fc." in n for n in names)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    bn_before = model.bn1.running_mean.clone() if hasattr(model, "bn1") else None
+    _one_epoch(model, _batches(prepared), SETTINGS)
+    after = dict(model.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in names)
+    assert not torch.equal(before["fc.weight"], after["fc.weight"])
+    if bn_before is not None:  # frozen batch-norm statistics stay put too
+        assert torch.equal(bn_before, model.bn1.running_mean)
+
+
+def test_freeze_first_stage_only(prepared):
+    model = create_model("test_resnet", 3)
+    names = freeze(model, 1)
+    assert any(n.startswith("layer1.") for n in names) and not any(n.startswith("layer2.") for n in names)
+
+
+def test_unfreeze_epoch_trains_the_backbone_again(prepared):
+    data = _fold0(prepared)
+    s = dataclasses.replace(SETTINGS, epochs=2, finetune="freeze", unfreeze_epoch=1)
+    torch.manual_seed(0)
+    model = create_model("test_resnet", 3)
+    stem = model.state_dict()["layer1.0.conv1.weight"].clone()
+    frozen_run = train_fold(create_model("test_resnet", 3), *data, dataclasses.replace(s, unfreeze_epoch=None),
+                            16, CPU, 3)
+    result = train_fold(model, *data, s, 16, CPU, 3)
+    assert not torch.equal(result.state_dict["layer1.0.conv1.weight"], stem)
+    assert len(frozen_run.history) == 2
+
+
+def test_linear_probe_trains_only_the_head(prepared):
+    data = _fold0(prepared)
+    torch.manual_seed(0)
+    model = create_model("test_resnet", 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train_fold(model, *data, dataclasses.replace(SETTINGS, epochs=1, finetune="linear_probe"), 16, CPU, 3)
+    changed = {k for k, v in result.state_dict.items() if v.dtype.is_floating_point and not torch.equal(v, before[k])}
+    assert changed == {"fc.weight", "fc.bias"}
+
+
+def test_features_sklearn_gives_oof_and_a_predictable_checkpoint(prepared, tmp_path):
+    s = dataclasses.replace(SETTINGS, finetune="features+sklearn")
+    oof, metrics = train_backbone(prepared, "b", "test_resnet", s, 16, tmp_path / "models", CPU, OFF)
+    np.testing.assert_allclose(oof.sum(1), 1.0, atol=1e-6)
+    assert metrics["oof"]["accuracy"] > 0.7  # logistic regression on colour features
+    model, ckpt = load_fold_model(tmp_path / "models" / "fold1" / "model.pt", CPU)
+    folds = prepared.train["fold"].to_numpy()
+    again = predict_proba(model, prepared.train_images[folds == 1], ckpt["mean"], ckpt["std"], 16, 8, CPU)
+    np.testing.assert_allclose(again, oof[folds == 1], atol=1e-6)
+
+
+def test_layer_decay_gives_deeper_layers_smaller_learning_rates():
+    model = create_model("test_resnet", 3)
+    s = dataclasses.replace(SETTINGS, layer_decay=0.5, lr=1.0)
+    optimizer = build_optimizer(model, s)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    assert lr_of[id(params["fc.weight"])] == pytest.approx(1.0)
+    assert lr_of[id(params["conv1.0.weight"])] < lr_of[id(params["layer2.0.conv1.weight"])] < 1.0
+
+
+def test_schedules():
+    cosine = lr_factor("cosine", total_steps=10, warmup_steps=2)
+    assert [cosine(0), cosine(1)] == [0.5, 1.0]  # linear warmup
+    assert cosine(2) == pytest.approx(1.0) and cosine(6) == pytest.approx(0.5) and cosine(10) == pytest.approx(0.0)
+    onecycle = lr_factor("onecycle", 10, 2)
+    assert onecycle(6) == pytest.approx(0.5)
+    step = lr_factor("step", 10, 0, step_size=3, gamma=0.1)
+    assert [step(2), step(3), step(6)] == [1.0, pytest.approx(0.1), pytest.approx(0.01)]
+
+
+def test_gradient_accumulation_matches_one_big_batch(prepared):
+    s = dataclasses.replace(SETTINGS, optimizer="momentum", lr=0.1, momentum=0.0)
+    batches = _batches(prepared, size=4, n=2)
+    big = [(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))]
+    torch.manual_seed(0)
+    a = create_model("test_vit", 3)  # layer norm only: micro-batches see the same normalisation
+    b = create_model("test_vit", 3)
+    b.load_state_dict(a.state_dict())
+    _one_epoch(a, big, s)
+    _one_epoch(b, batches, s, accum_steps=2)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_gradient_clipping_bounds_the_update(prepared):
+    s = dataclasses.replace(SETTINGS, optimizer="momentum", lr=1.0, momentum=0.0)
+    torch.manual_seed(0)
+    model = create_model("test_vit", 3)
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    _one_epoch(model, _batches(prepared, n=1), s, clip_grad_norm=1e-3)
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert 0 < (after - before).norm() <= 1e-3 * 1.0001
+
+
+def test_mixup_and_label_smoothing_change_the_loss(prepared):
+    batches = _batches(prepared, n=1)
+    s = dataclasses.replace(SETTINGS, lr=0.0)
+    losses = {}
+    for name, kwargs in {"plain": {}, "smooth": {"label_smoothing": 0.3},
+                         "mixup": {"mixup": Mixup(mixup_alpha=1.0, num_classes=3, label_smoothing=0.0)}}.items():
+        torch.manual_seed(0)
+        model = create_model("test_vit", 3)
+        losses[name], _ = _one_epoch(model, batches, s, **kwargs)
+    assert losses["smooth"] != pytest.approx(losses["plain"])
+    assert losses["mixup"] != pytest.approx(losses["plain"])
+
+
+def test_ema_weights_differ_from_live_weights_and_can_be_kept(prepared):
+    data = _fold0(prepared)
+    s = dataclasses.replace(SETTINGS, epochs=2, ema_decay=0.5)
+    from timm.utils import ModelEmaV3
+    torch.manual_seed(0)
+    model = create_model("test_resnet", 3)
+    ema = ModelEmaV3(model, decay=0.5)
+    _one_epoch(model, _batches(prepared), s, ema=ema)
+    assert not torch.equal(ema.module.state_dict()["fc.weight"], model.state_dict()["fc.weight"])
+    result = train_fold(create_model("test_resnet", 3), *data, s, 16, CPU, 3)
+    assert all("ema_chosen" in row for row in result.history)
+
+
+def test_early_stopping_ends_a_fold_without_improvement(prepared):
+    data = _fold0(prepared)
+    s = dataclasses.replace(SETTINGS, epochs=6, lr=0.0, early_stopping_patience=1, monitor="log_loss")
+    torch.manual_seed(0)
+    result = train_fold(create_model("test_vit", 3), *data, s, 16, CPU, 3)  # no batch-norm statistics to drift
+    assert len(result.history) == 2  # best at epoch 1, then one epoch without improvement
+
+
+def test_non_finite_loss_names_backbone_fold_epoch_step_and_lr(prepared):
+    data = _fold0(prepared)
+    model = create_model("test_resnet", 3)
+    with torch.no_grad():
+        model.fc.weight.fill_(float("nan"))
+    with pytest.raises(PipelineError, match=r"^resnet fold 0, epoch 1, step 1: loss is nan \(lr [0-9.e-]+\)"):
+        train_fold(model, *data, SETTINGS, 16, CPU, 3, where="resnet fold 0")
+
+
+def test_augmentation_comes_from_config():
+    t = build_train_transform([{"HorizontalFlip": {"p": 1.0}}], seed=0)
+    image = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    np.testing.assert_array_equal(t(image=image)["image"], image[:, ::-1])
+    with pytest.raises(PipelineError, match=r"train.augment\[0\]: 'Flipz' is not an albumentations transform"):
+        build_train_transform([{"Flipz": {}}], seed=0)
+    with pytest.raises(PipelineError, match=r"train.augment\[0\] HorizontalFlip: unknown argument 'q'"):
+        build_train_transform([{"HorizontalFlip": {"q": 1}}], seed=0)
+    with pytest.raises(PipelineError, match=r"train.augment\[1\] HorizontalFlip"):
+        build_train_transform([{"VerticalFlip": {}}, {"HorizontalFlip": {"p": 2}}], seed=0)
+
+
+def test_drop_path_rate_reaches_the_model():
+    model = create_model("test_efficientnet", 3, drop_path_rate=0.2)
+    rates = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
+    assert rates and max(rates) > 0
 
 
 def test_unknown_backbone_is_named():

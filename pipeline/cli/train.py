@@ -1,46 +1,60 @@
-"""python -m pipeline train --backbone NAME  ->  models/NAME/, reports/train/NAME.json"""
+"""python -m pipeline train --backbone NAME  ->  models/NAME/, reports/train/NAME.json
+
+A killed run started again with the same command resumes: finished folds and the last completed
+epoch of the unfinished fold wait in models/.resume/NAME-<hash of the resolved settings>/.
+"""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import shutil
 
 import yaml
 
 from pipeline.cli import experiment_name, load_with_backbone, parse_args
-from pipeline.config import ConfigError, flatten, to_dict
+from pipeline.config import flatten, resolve_train_settings, to_dict
 from pipeline.data import load_prepared
 from pipeline.io import atomic_dir, write_json
 from pipeline.models import check_backbone, pick_device
 from pipeline.predict import probs_frame
 from pipeline.tracking import Tracker
-from pipeline.train import resolve_settings, train_backbone
+from pipeline.train import check_settings, train_backbone
 
 
 def main(argv=None) -> None:
     args = parse_args(argv, __doc__, backbone=True)
     params, backbone = load_with_backbone(args)
-    overrides = params.train.backbones[backbone]
-    model_name = overrides.model or backbone
-    check_backbone(model_name, f"{args.params}: train.backbones.{backbone}")
-    if params.train.monitor not in ("accuracy", "log_loss"):
-        raise ConfigError(f"{args.params}: train.monitor must be 'accuracy' or 'log_loss', got '{params.train.monitor}'")
+    entry = params.train.backbones[backbone]
+    model_name = entry.model or backbone
+    where = f"{args.params}: train.backbones.{backbone}"
+    check_backbone(model_name, where)
+    settings = resolve_train_settings(params.train, backbone)
+    check_settings(settings, f"{args.params}: train")
 
     data = load_prepared()
-    settings = resolve_settings(params.train, overrides, data.train_images.shape[1])
-    drop_rate = params.train.drop_rate if overrides.drop_rate is None else overrides.drop_rate
+    image_size = settings.image_size or data.train_images.shape[1]
     device = pick_device()
-    resolved = {"backbone": backbone, "model": model_name, "pretrained": overrides.pretrained,
-                "drop_rate": drop_rate, "device": device.type, **dataclasses.asdict(settings),
+    resolved = {"backbone": backbone, "model": model_name, "pretrained": entry.pretrained, "device": device.type,
+                **dataclasses.asdict(settings), "image_size": image_size, "augment": json.dumps(settings.augment),
                 "n_folds": data.n_folds, "n_train": len(data.train), "n_classes": len(data.classes)}
-    print(f"train {backbone} ({model_name}) on {device.type}: {data.n_folds} folds x {settings.epochs} epochs")
+    fingerprint = json.dumps({**resolved, "device": None, "ids": hashlib.sha1(
+        "".join(data.train["id"] + data.train["fold"].astype(str)).encode()).hexdigest()}, sort_keys=True)
+    resume_dir = f"models/.resume/{backbone}-{hashlib.sha1(fingerprint.encode()).hexdigest()[:12]}"
+    print(f"train {backbone} ({model_name}, {settings.finetune}) on {device.type}: "
+          f"{data.n_folds} folds x {settings.epochs} epochs")
 
     tracker = Tracker(params.tracking.enabled, experiment_name(params))
     with tracker.run(backbone, params=flatten(resolved), tags={"stage": "train", "backbone": backbone}):
         with atomic_dir(f"models/{backbone}") as out:
-            oof, metrics = train_backbone(data, model_name, settings, out, device, tracker,
-                                          pretrained=overrides.pretrained, drop_rate=drop_rate)
+            oof, metrics = train_backbone(data, backbone, model_name, settings, image_size, out, device, tracker,
+                                          pretrained=entry.pretrained, resume_dir=resume_dir)
             probs_frame(data.train["id"], oof, data.classes).to_csv(out / "oof_probs.csv", index=False)
             (out / "params.yaml").write_text(yaml.safe_dump({"resolved": resolved, "params": to_dict(params)}))
+            (out / "augment.json").write_text(json.dumps(settings.augment, indent=2))
+        tracker.log_artifact(f"models/{backbone}/augment.json")
         tracker.log_metrics({f"cv_{m}": v for m, v in metrics["oof"].items()})
         tracker.log_metrics({f"cv_fold_mean_{m}": v for m, v in metrics["fold_mean"].items()})
     write_json(f"reports/train/{backbone}.json", metrics)
+    shutil.rmtree(resume_dir, ignore_errors=True)
     print(f"{backbone}: OOF accuracy {metrics['oof']['accuracy']:.4f}, log loss {metrics['oof']['log_loss']:.4f}")
