@@ -27,8 +27,11 @@ import torch.nn.functional as F
 from timm.data import Mixup
 from timm.models import group_parameters
 from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
+from pipeline import distributed
 from pipeline.config import ConfigError, TrainSettings
 from pipeline.data import ImageDataset, PreparedData, build_loader, build_train_transform, default_num_workers, to_input
 from pipeline.errors import PipelineError
@@ -182,16 +185,19 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, mean, std, imag
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             if ema is not None:
-                ema.update(model)
+                ema.update(getattr(model, "module", model))
         total += loss.item() * len(images)
         count += len(images)
+    total, count = distributed.sum_across_ranks(total, count)
     return total / max(1, count)
 
 
 def evaluate(model, images: np.ndarray, targets: np.ndarray, mean, std, image_size: int, batch_size: int,
              device: torch.device) -> tuple[dict[str, float], np.ndarray]:
-    """Validation scores and probabilities (no augmentation)."""
-    probs = predict_proba(model, images, mean, std, image_size, batch_size, device)
+    """Validation scores and probabilities (no augmentation); under DDP each rank predicts a share."""
+    shard = slice(distributed.rank(), None, distributed.world_size())
+    probs = distributed.gather_rows(predict_proba(model, images[shard], mean, std, image_size, batch_size, device),
+                                    len(images))
     return scores(probs, targets), probs
 
 
@@ -220,8 +226,11 @@ def train_fold(model: torch.nn.Module, train_images: np.ndarray, train_targets: 
         freeze(model, -1 if s.finetune == "linear_probe" else s.freeze_stages)
     transform = build_train_transform(s.augment, s.seed)
     workers = default_num_workers(device) if s.num_workers is None else s.num_workers
-    loader = build_loader(ImageDataset(train_images, train_targets, transform), s.batch_size, True, workers,
-                          s.seed, device)
+    dataset = ImageDataset(train_images, train_targets, transform)
+    sampler = None
+    if distributed.is_distributed():  # each rank trains on its own shard; s.batch_size is per rank
+        sampler = DistributedSampler(dataset, shuffle=True, seed=s.seed, drop_last=True)
+    loader = build_loader(dataset, s.batch_size, True, workers, s.seed, device, sampler=sampler)
     steps_per_epoch = math.ceil(len(loader) / s.grad_accum_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(
         s.scheduler, s.epochs * steps_per_epoch, max(1, int(s.warmup_epochs * steps_per_epoch)),
@@ -232,7 +241,8 @@ def train_fold(model: torch.nn.Module, train_images: np.ndarray, train_targets: 
     if s.mixup_alpha > 0 or s.cutmix_alpha > 0:
         mixup = Mixup(mixup_alpha=s.mixup_alpha, cutmix_alpha=s.cutmix_alpha, label_smoothing=s.label_smoothing,
                       num_classes=num_classes)
-    forward = torch.compile(model) if s.compile else model
+    forward = DistributedDataParallel(model) if distributed.is_distributed() else model
+    forward = torch.compile(forward) if s.compile else forward
 
     start_epoch, best, best_result, history, stale = 0, None, None, [], 0
     state_path = Path(state_path) if state_path else None
@@ -248,7 +258,8 @@ def train_fold(model: torch.nn.Module, train_images: np.ndarray, train_targets: 
         start_epoch, best, history, stale = state["epoch"] + 1, state["best"], state["history"], state["stale"]
         best_state = state["best_state"] or {k: v.clone() for k, v in state["model"].items()}
         best_result = FoldResult(best_state, state["best_probs"], state["best_epoch"])
-        tqdm.write(f"{where}: resuming after epoch {start_epoch}/{s.epochs}")
+        if distributed.is_main():
+            tqdm.write(f"{where}: resuming after epoch {start_epoch}/{s.epochs}")
 
     for epoch in range(start_epoch, s.epochs):
         if s.early_stopping_patience is not None and stale >= s.early_stopping_patience:
@@ -256,7 +267,9 @@ def train_fold(model: torch.nn.Module, train_images: np.ndarray, train_targets: 
         started = time.perf_counter()
         epoch_seed = _reseed(s.seed, epoch)
         loader.generator.manual_seed(epoch_seed)
-        transform.set_random_seed(epoch_seed)
+        transform.set_random_seed(epoch_seed + distributed.rank())
+        if sampler is not None:
+            sampler.set_epoch(epoch_seed)
         if s.finetune == "freeze" and s.unfreeze_epoch is not None and epoch >= s.unfreeze_epoch:
             unfreeze(model)
         if mixup is not None:
@@ -271,6 +284,7 @@ def train_fold(model: torch.nn.Module, train_images: np.ndarray, train_targets: 
             raise PipelineError(
                 f"{where}: out of GPU memory at train.batch_size={s.batch_size}; lower it (e.g. to "
                 f"{max(1, s.batch_size // 2)}) and raise train.grad_accum_steps to keep the effective batch") from None
+        distributed.sync_buffers(model)
         candidates = [("model", model)] + ([("ema", ema.module)] if ema is not None else [])
         evaluated = [(name, *evaluate(m, val_images, val_targets, mean, std, image_size, s.batch_size * 2, device))
                      for name, m in candidates]
@@ -282,9 +296,10 @@ def train_fold(model: torch.nn.Module, train_images: np.ndarray, train_targets: 
                "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - started,
                "ema_chosen": float(source == "ema")}
         history.append(row)
-        tqdm.write(f"{where} epoch {epoch + 1}/{s.epochs}: train_loss {train_loss:.4f}  val_accuracy "
+        if distributed.is_main():
+            tqdm.write(f"{where} epoch {epoch + 1}/{s.epochs}: train_loss {train_loss:.4f}  val_accuracy "
                    f"{val['accuracy']:.4f}  val_log_loss {val['log_loss']:.4f}{' (EMA)' if source == 'ema' else ''}"
-                   f"  ({row['epoch_seconds']:.1f} s)")
+                       f"  ({row['epoch_seconds']:.1f} s)")
         if _is_better(s.monitor, val, best):
             best, stale = val, 0
             chosen = ema.module if source == "ema" else model
@@ -292,7 +307,7 @@ def train_fold(model: torch.nn.Module, train_images: np.ndarray, train_targets: 
                                      probs, epoch)
         else:
             stale += 1
-        if state_path is not None:
+        if state_path is not None and distributed.is_main():
             _save_atomic({
                 "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
@@ -302,6 +317,7 @@ def train_fold(model: torch.nn.Module, train_images: np.ndarray, train_targets: 
                 "best_state": None if best_result.best_epoch == epoch and source == "model" else best_result.state_dict,
                 "best_epoch": best_result.best_epoch,
             }, state_path)
+        distributed.barrier()
         if on_epoch is not None:  # after the checkpoint: a callback that raises leaves a resumable state
             on_epoch(epoch, row)
     best_result.history = history
@@ -374,15 +390,17 @@ def train_backbone(data: PreparedData, backbone: str, model_name: str, s: TrainS
                 tracker.log_metrics({f"best_{m}": v for m, v in fold_scores.items()})
             ckpt = {"model": model_name, "num_classes": n_classes, "state_dict": result.state_dict,
                     "mean": mean, "std": std, "image_size": image_size, "fold": k}
-            if done is not None:
+            if done is not None and distributed.is_main():
                 _save_atomic({"result": result, "checkpoint": ckpt}, done)
                 (resume_dir / f"fold{k}.state.pt").unlink(missing_ok=True)
         oof[va] = result.val_probs
         fold_metrics[str(k)] = {**scores(result.val_probs, targets[va]), "best_epoch": result.best_epoch + 1}
-        (out_dir / f"fold{k}").mkdir(parents=True, exist_ok=True)
-        torch.save(ckpt, out_dir / f"fold{k}" / "model.pt")
-        if result.classifier is not None:
-            joblib.dump(result.classifier, out_dir / f"fold{k}" / "classifier.joblib")
+        if distributed.is_main():  # under torchrun only rank 0 writes
+            (out_dir / f"fold{k}").mkdir(parents=True, exist_ok=True)
+            torch.save(ckpt, out_dir / f"fold{k}" / "model.pt")
+            if result.classifier is not None:
+                joblib.dump(result.classifier, out_dir / f"fold{k}" / "classifier.joblib")
+        distributed.barrier()
     per_fold = {m: [f[m] for f in fold_metrics.values()] for m in ("accuracy", "log_loss")}
     metrics = {
         "oof": scores(oof, targets),

@@ -9,9 +9,11 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import tempfile
 
 import yaml
 
+from pipeline import distributed
 from pipeline.cli import experiment_name, load_with_backbone, parse_args
 from pipeline.config import flatten, resolve_train_settings, to_dict
 from pipeline.data import load_prepared
@@ -34,27 +36,34 @@ def main(argv=None) -> None:
 
     data = load_prepared()
     image_size = settings.image_size or data.train_images.shape[1]
-    device = pick_device()
+    device = distributed.init_from_env() or pick_device()
+    main = distributed.is_main()
     resolved = {"backbone": backbone, "model": model_name, "pretrained": entry.pretrained, "device": device.type,
                 **dataclasses.asdict(settings), "image_size": image_size, "augment": json.dumps(settings.augment),
                 "n_folds": data.n_folds, "n_train": len(data.train), "n_classes": len(data.classes)}
     fingerprint = json.dumps({**resolved, "device": None, "ids": hashlib.sha1(
         "".join(data.train["id"] + data.train["fold"].astype(str)).encode()).hexdigest()}, sort_keys=True)
     resume_dir = f"models/.resume/{backbone}-{hashlib.sha1(fingerprint.encode()).hexdigest()[:12]}"
-    print(f"train {backbone} ({model_name}, {settings.finetune}) on {device.type}: "
-          f"{data.n_folds} folds x {settings.epochs} epochs")
+    if main:
+        print(f"train {backbone} ({model_name}, {settings.finetune}) on {device.type}"
+              f"{f' x {distributed.world_size()} processes' if distributed.is_distributed() else ''}: "
+              f"{data.n_folds} folds x {settings.epochs} epochs")
 
-    tracker = Tracker(params.tracking.enabled, experiment_name(params))
+    tracker = Tracker(params.tracking.enabled and main, experiment_name(params))
     with tracker.run(backbone, params=flatten(resolved), tags={"stage": "train", "backbone": backbone}):
-        with atomic_dir(f"models/{backbone}") as out:
+        with atomic_dir(f"models/{backbone}") if main else tempfile.TemporaryDirectory() as out:
             oof, metrics = train_backbone(data, backbone, model_name, settings, image_size, out, device, tracker,
                                           pretrained=entry.pretrained, resume_dir=resume_dir)
-            probs_frame(data.train["id"], oof, data.classes).to_csv(out / "oof_probs.csv", index=False)
-            (out / "params.yaml").write_text(yaml.safe_dump({"resolved": resolved, "params": to_dict(params)}))
-            (out / "augment.json").write_text(json.dumps(settings.augment, indent=2))
+            if main:
+                probs_frame(data.train["id"], oof, data.classes).to_csv(out / "oof_probs.csv", index=False)
+                (out / "params.yaml").write_text(yaml.safe_dump({"resolved": resolved, "params": to_dict(params)}))
+                (out / "augment.json").write_text(json.dumps(settings.augment, indent=2))
         tracker.log_artifact(f"models/{backbone}/augment.json")
         tracker.log_metrics({f"cv_{m}": v for m, v in metrics["oof"].items()})
         tracker.log_metrics({f"cv_fold_mean_{m}": v for m, v in metrics["fold_mean"].items()})
+    distributed.shutdown()
+    if not main:
+        return
     write_json(f"reports/train/{backbone}.json", metrics)
     shutil.rmtree(resume_dir, ignore_errors=True)
     print(f"{backbone}: OOF accuracy {metrics['oof']['accuracy']:.4f}, log loss {metrics['oof']['log_loss']:.4f}")
