@@ -91,7 +91,7 @@ class TrainSettings:
     # augmentation (train only): albumentations transforms in order, {ClassName: {kwargs}}
     augment: list[dict[str, dict]] = field(default_factory=lambda: [dict(a) for a in DEFAULT_AUGMENT])
     # speed
-    compile: bool = False  # torch.compile the model
+    compile: str | None = None  # torch.compile backend: null = off, "inductor" = torch.compile's default
     num_workers: int | None = None  # DataLoader workers; null = 0 on CPU, min(8, cores) on GPU
     seed: int = 42
 

@@ -242,7 +242,7 @@ def train_fold(model: torch.nn.Module, train_images: np.ndarray, train_targets: 
         mixup = Mixup(mixup_alpha=s.mixup_alpha, cutmix_alpha=s.cutmix_alpha, label_smoothing=s.label_smoothing,
                       num_classes=num_classes)
     forward = DistributedDataParallel(model) if distributed.is_distributed() else model
-    forward = torch.compile(forward) if s.compile else forward
+    forward = torch.compile(forward, backend=s.compile) if s.compile else forward
 
     start_epoch, best, best_result, history, stale = 0, None, None, [], 0
     state_path = Path(state_path) if state_path else None

@@ -298,3 +298,49 @@ def test_local_pretrained_weights_are_loaded_with_a_new_head(tmp_path):
 def test_missing_pretrained_file_is_named(tmp_path):
     with pytest.raises(PipelineError, match="weights file '.*absent.pth' not found"):
         create_model("test_resnet", num_classes=3, pretrained=tmp_path / "absent.pth")
+
+
+class _OutOfMemoryAbove(torch.nn.Module):
+    """A real model that raises CUDA's out-of-memory error for batches above `limit`, as a GPU would."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+        self.net = create_model("test_vit", 3)
+
+    def forward(self, x):
+        if len(x) > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.net(x)
+
+
+def test_out_of_memory_in_training_suggests_a_smaller_batch(prepared):
+    data = _fold0(prepared)
+    model = _OutOfMemoryAbove(limit=2)
+    with pytest.raises(PipelineError, match=r"out of GPU memory at train.batch_size=4; lower it \(e.g. to 2\) "
+                                            r"and raise train.grad_accum_steps"):
+        train_fold(model, *data, SETTINGS, 16, CPU, 3)
+
+
+def test_inference_halves_the_batch_until_it_fits(prepared):
+    torch.manual_seed(0)
+    model = _OutOfMemoryAbove(limit=3)
+    images = np.asarray(prepared.train_images[:10])
+    got = predict_proba(model, images, (0.5,) * 3, (0.25,) * 3, 16, batch_size=16, device=CPU)
+    expected = predict_proba(model.net, images, (0.5,) * 3, (0.25,) * 3, 16, batch_size=1, device=CPU)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_compile_runs_the_loop_through_torch_compile(prepared):
+    import torch._dynamo
+
+    data = _fold0(prepared)
+    s = dataclasses.replace(SETTINGS, epochs=1, augment=[], compile="eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    compiled = train_fold(create_model("test_vit", 3), *data, s, 16, CPU, 3)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+    torch.manual_seed(0)
+    eager = train_fold(create_model("test_vit", 3), *data, dataclasses.replace(s, compile=None), 16, CPU, 3)
+    np.testing.assert_allclose(compiled.val_probs, eager.val_probs, atol=1e-5)
