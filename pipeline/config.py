@@ -58,7 +58,7 @@ DEFAULT_AUGMENT = ({"PadIfNeeded": {"min_height": 38, "min_width": 38, "border_m
 class TrainSettings:
     """Hyperparameters of one backbone's training; each can be overridden per backbone."""
 
-    epochs: int = 6
+    epochs: int = 5
     batch_size: int = 32
     image_size: int | None = None  # network input size; defaults to prepare.image_size
     # transfer learning: full | freeze | linear_probe | features+sklearn
