@@ -55,8 +55,8 @@ class Tracker:
             yield
 
     def log_params(self, params: dict[str, Any]) -> None:
-        if self.enabled:
-            self._mlflow.log_params({k: ("null" if v is None else v) for k, v in params.items()})
+        if self.enabled:  # MLflow caps a value at 6,000 characters; the full text goes in artefacts
+            self._mlflow.log_params({k: str("null" if v is None else v)[:6000] for k, v in params.items()})
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.enabled:

@@ -229,6 +229,20 @@ def test_mixup_and_label_smoothing_change_the_loss(prepared):
     assert losses["mixup"] != pytest.approx(losses["plain"])
 
 
+def test_mixup_switches_off_at_its_epoch(prepared):
+    images, targets, val_images, val_targets, mean, std = _fold0(prepared)  # 12 rows: 3 full batches of 4
+    s = dataclasses.replace(SETTINGS, epochs=2, lr=0.0, augment=[], mixup_alpha=1.0, mixup_off_epoch=1)
+    torch.manual_seed(0)
+    model = create_model("test_vit", 3)  # no dropout or batch norm: with lr 0 the function stays fixed
+    result = train_fold(model, images, targets, val_images, val_targets, mean, std, s, 16, CPU, 3)
+    with torch.no_grad():
+        x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) \
+            / torch.tensor(std).view(1, 3, 1, 1)
+        plain = torch.nn.functional.cross_entropy(model(x), torch.from_numpy(targets)).item()
+    assert result.history[1]["train_loss"] == pytest.approx(plain, rel=1e-4)  # epoch 2: no mixing
+    assert result.history[0]["train_loss"] != pytest.approx(plain, rel=1e-3)  # epoch 1: mixed
+
+
 def test_ema_weights_differ_from_live_weights_and_can_be_kept(prepared):
     data = _fold0(prepared)
     s = dataclasses.replace(SETTINGS, epochs=2, ema_decay=0.5)
