@@ -1,6 +1,7 @@
 """One door per DVC stage:
 
     python -m pipeline prepare
+    python -m pipeline tune --backbone resnet10t
     python -m pipeline train --backbone resnet10t
     python -m pipeline predict --backbone resnet10t
     python -m pipeline ensemble
@@ -12,7 +13,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-STAGES = ("prepare", "train", "predict", "ensemble")
+STAGES = ("prepare", "tune", "train", "predict", "ensemble")
 
 
 def main(argv: list[str] | None = None) -> int:

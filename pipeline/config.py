@@ -119,12 +119,51 @@ class TrainConfig(TrainSettings):
     )
 
 
-def resolve_train_settings(train: TrainConfig, backbone: str) -> TrainSettings:
-    """Shared `train.*` settings with `train.backbones.<backbone>.*` overrides applied."""
+def resolve_train_settings(train: TrainConfig, backbone: str, tuned: dict | None = None) -> TrainSettings:
+    """Settings of one backbone, each key from the first of: `train.backbones.<backbone>.<key>` in
+    params.yaml, the tuned value (`tuned`, from the tune stage), the shared `train.<key>`."""
     shared = {f.name: getattr(train, f.name) for f in dataclasses.fields(TrainSettings)}
     chosen = train.backbones[backbone]
-    overrides = {name: getattr(chosen, name) for name in shared if getattr(chosen, name) is not None}
-    return TrainSettings(**{**shared, **overrides})
+    explicit = {name: getattr(chosen, name) for name in shared if getattr(chosen, name) is not None}
+    return apply_overrides(TrainSettings(**shared), {**(tuned or {}), **explicit})
+
+
+def apply_overrides(settings: TrainSettings, values: dict) -> TrainSettings:
+    """`settings` with `values` applied; `augment_p` sets the probability of every augmentation."""
+    values = dict(values)
+    if "augment_p" in values:
+        p = values.pop("augment_p")
+        augment = [{name: {**(kwargs or {}), "p": p}} for entry in settings.augment for name, kwargs in entry.items()]
+        values.setdefault("augment", augment)
+    return dataclasses.replace(settings, **values)
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Optuna search per backbone; the best values feed that backbone's train stage."""
+
+    enabled: bool = False
+    n_trials: int = 8  # finished (complete or pruned) trials per study, across reruns and workers
+    folds: list[int] = field(default_factory=lambda: [0, 1])  # the folds a trial trains, in order
+    epochs: int | None = 2  # epochs per fold in a trial; null = train.epochs
+    metric: str = "accuracy"  # accuracy (maximised) or log_loss (minimised), mean over the folds
+    sampler: str = "tpe"  # tpe | random | qmc
+    pruner: str = "median"  # median | hyperband | none
+    startup_trials: int = 3  # trials before pruning starts
+    storage: str | None = None  # SQLAlchemy URL; null = $OPTUNA_STORAGE or sqlite:///optuna.db
+    heartbeat_seconds: int = 10  # a trial silent for 2x this is failed and retried with its parameters
+    max_retry: int = 2
+    seed: int = 42
+    # search space: {param: {type: float|int|categorical, low, high, log, step, choices, when: {param: value}}}
+    space: dict[str, dict] = field(default_factory=lambda: {
+        "lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True},
+        "weight_decay": {"type": "float", "low": 1e-4, "high": 0.1, "log": True},
+        "label_smoothing": {"type": "float", "low": 0.0, "high": 0.2},
+        "drop_path_rate": {"type": "float", "low": 0.0, "high": 0.2},
+        "mixup_alpha": {"type": "categorical", "choices": [0.0, 0.2, 0.4]},
+        "augment_p": {"type": "float", "low": 0.3, "high": 1.0},  # augmentation strength
+    })
+    backbones: dict[str, dict[str, dict]] = field(default_factory=dict)  # per-backbone additions/replacements
 
 
 @dataclass(frozen=True)
@@ -150,6 +189,7 @@ class Params:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     cv: CVConfig = field(default_factory=CVConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

@@ -13,10 +13,11 @@ from typing import Any, Iterator
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a scratch folder beside `path`; on success it replaces `path` in one rename.
 
-    On any exception the scratch folder is removed and `path` is left as it was.
+    On any exception the scratch folder is removed and `path` is left as it was. Scratch names
+    carry the process id, so processes writing the same folder (tune workers) do not collide.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -24,11 +25,15 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = path.with_name(path.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
+    old = path.with_name(f"{path.name}.old{os.getpid()}")
+    for _ in range(10):  # another process may swap its own version in between: last writer wins
+        try:
+            if path.exists():
+                path.rename(old)
+            tmp.rename(path)
+            break
+        except (FileNotFoundError, FileExistsError, OSError):
+            continue
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -64,7 +64,8 @@ def test_cli_reports_unknown_key_in_one_line(tmp_path, monkeypatch, capsys):
 def test_dvc_train_stage_declares_every_train_key_it_reads():
     """DVC reruns train@<backbone> only for the params it declares: all of TrainConfig's must be there."""
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    declared = set(dvc["stages"]["train"]["do"]["params"])
-    for name in TrainConfig.__dataclass_fields__:  # TrainSettings fields + backbones
-        key = "train.backbones.${key}" if name == "backbones" else f"train.{name}"
-        assert key in declared, key
+    for stage in ("tune", "train"):
+        declared = set(dvc["stages"][stage]["do"]["params"])
+        for name in TrainConfig.__dataclass_fields__:  # TrainSettings fields + backbones
+            key = "train.backbones.${key}" if name == "backbones" else f"train.{name}"
+            assert key in declared, (stage, key)

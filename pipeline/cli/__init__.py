@@ -8,12 +8,16 @@ from pipeline.config import Params, load_params
 from pipeline.errors import PipelineError
 
 
-def parse_args(argv, description: str, backbone: bool = False) -> argparse.Namespace:
+def build_parser(description: str, backbone: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     if backbone:
         parser.add_argument("--backbone", required=True, help="a key of train.backbones")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv, description: str, backbone: bool = False) -> argparse.Namespace:
+    return build_parser(description, backbone).parse_args(argv)
 
 
 def experiment_name(params: Params) -> str:

@@ -10,6 +10,7 @@ import hashlib
 import json
 import shutil
 import tempfile
+from pathlib import Path
 
 import yaml
 
@@ -24,6 +25,13 @@ from pipeline.tracking import Tracker
 from pipeline.train import check_settings, train_backbone
 
 
+def _tuned_params(path: str) -> dict:
+    """The tune stage's best values (empty when tuning is off or has not run)."""
+    if not Path(path).exists():
+        return {}
+    return (yaml.safe_load(Path(path).read_text()) or {}).get("params") or {}
+
+
 def main(argv=None) -> None:
     args = parse_args(argv, __doc__, backbone=True)
     params, backbone = load_with_backbone(args)
@@ -31,7 +39,8 @@ def main(argv=None) -> None:
     model_name = entry.model or backbone
     where = f"{args.params}: train.backbones.{backbone}"
     check_backbone(model_name, where)
-    settings = resolve_train_settings(params.train, backbone)
+    tuned = _tuned_params(f"tuning/{backbone}/best_params.yaml")
+    settings = resolve_train_settings(params.train, backbone, tuned)
     check_settings(settings, f"{args.params}: train")
 
     data = load_prepared()
@@ -40,7 +49,7 @@ def main(argv=None) -> None:
     main = distributed.is_main()
     resolved = {"backbone": backbone, "model": model_name, "pretrained": entry.pretrained, "device": device.type,
                 **dataclasses.asdict(settings), "image_size": image_size, "augment": json.dumps(settings.augment),
-                "n_folds": data.n_folds, "n_train": len(data.train), "n_classes": len(data.classes)}
+                **{f"tuned.{k}": v for k, v in tuned.items()}, "n_folds": data.n_folds, "n_train": len(data.train), "n_classes": len(data.classes)}
     fingerprint = json.dumps({**resolved, "device": None, "ids": hashlib.sha1(
         "".join(data.train["id"] + data.train["fold"].astype(str)).encode()).hexdigest()}, sort_keys=True)
     resume_dir = f"models/.resume/{backbone}-{hashlib.sha1(fingerprint.encode()).hexdigest()[:12]}"

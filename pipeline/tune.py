@@ -1,0 +1,258 @@
+"""`tune` stage: an Optuna study per backbone whose objective is the cross-validated score.
+
+    python -m pipeline tune --backbone resnet10t    # writes tuning/resnet10t/, reports/tune/resnet10t.json
+
+A trial trains `tune.folds` with the one `train_fold` loop for `tune.epochs` epochs and reports
+after every epoch at step `i * epochs + epoch` (i = position of the fold), so a pruner compares
+fold i at epoch e only with other trials' fold i at epoch e, never one fold with another.
+The study lives in an RDB storage: rerunning continues it up to `tune.n_trials` finished trials,
+several processes can share it, and a killed worker's trial is failed by the heartbeat and
+retried with the same parameters. More workers on one study, on one or several machines:
+
+    OPTUNA_STORAGE=postgresql://user:pass@host/db python -m pipeline tune --backbone resnet10t   # x N
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import optuna
+import torch
+
+from pipeline.config import ConfigError, TrainSettings, TuneConfig, apply_overrides
+from pipeline.data import PreparedData
+from pipeline.errors import PipelineError
+from pipeline.metrics import scores
+from pipeline.models import create_model
+from pipeline.train import check_settings, train_fold
+
+DEFAULT_STORAGE = "sqlite:///optuna.db"
+TUNABLE = {f.name for f in fields(TrainSettings)} - {"augment", "seed"} | {"augment_p"}
+DISTRIBUTIONS = ("float", "int", "categorical")
+
+
+# ---------------------------------------------------------------- search space
+
+
+def search_space(tune: TuneConfig, backbone: str) -> dict[str, dict]:
+    """`tune.space` with `tune.backbones.<backbone>` entries added or replacing, validated."""
+    space = {**tune.space, **tune.backbones.get(backbone, {})}
+    for name, spec in space.items():
+        where = f"tune.space.{name}"
+        if name not in TUNABLE:
+            raise ConfigError(f"{where}: unknown parameter (tunable: {', '.join(sorted(TUNABLE))})")
+        kind = spec.get("type")
+        if kind not in DISTRIBUTIONS:
+            raise ConfigError(f"{where}.type must be one of {list(DISTRIBUTIONS)}, got {kind!r}")
+        if kind == "categorical":
+            if not spec.get("choices"):
+                raise ConfigError(f"{where}.choices must be a non-empty list")
+        else:
+            if "low" not in spec or "high" not in spec:
+                raise ConfigError(f"{where}: needs low and high")
+            if float(spec["low"]) > float(spec["high"]):
+                raise ConfigError(f"{where}: low {spec['low']} > high {spec['high']}")
+            if spec.get("log") and float(spec["low"]) <= 0:
+                raise ConfigError(f"{where}: a log scale needs low > 0")
+        unknown = set(spec) - {"type", "low", "high", "log", "step", "choices", "when"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown field '{sorted(unknown)[0]}'")
+        for other in (spec.get("when") or {}):
+            if other not in space and other not in TUNABLE:
+                raise ConfigError(f"{where}.when: unknown parameter '{other}'")
+    return space
+
+
+def sample(trial: optuna.Trial, space: dict[str, dict], base: TrainSettings) -> dict:
+    """Draw one value per parameter; an entry with `when: {p: v}` is drawn only where p is v."""
+    values: dict = {}
+    for name, spec in space.items():
+        condition = spec.get("when") or {}
+        if any(values.get(p, getattr(base, p, None)) != v for p, v in condition.items()):
+            continue
+        kind = spec["type"]
+        if kind == "categorical":
+            values[name] = trial.suggest_categorical(name, spec["choices"])
+        elif kind == "int":
+            values[name] = trial.suggest_int(name, int(spec["low"]), int(spec["high"]), step=int(spec.get("step", 1)),
+                                             log=bool(spec.get("log", False)))
+        else:
+            values[name] = trial.suggest_float(name, float(spec["low"]), float(spec["high"]),
+                                               step=spec.get("step"), log=bool(spec.get("log", False)))
+    return values
+
+
+# ---------------------------------------------------------------- study
+
+
+def _retry_stale_trial(max_retry: int):
+    """Heartbeat callback: a trial whose worker died is failed, then queued again with its parameters."""
+    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        count = trial.user_attrs.get("retry_count", 0)
+        if count < max_retry:
+            study.enqueue_trial(trial.params, user_attrs={
+                "retry_of": trial.user_attrs.get("retry_of", trial.number), "retry_count": count + 1})
+    return callback
+
+
+def open_study(tune: TuneConfig, study_name: str, worker: int = 0) -> optuna.Study:
+    """Create or load the study. `worker` offsets the sampler seed, so that several workers started
+    together on one study do not draw the same parameters."""
+    url = tune.storage or os.environ.get("OPTUNA_STORAGE") or DEFAULT_STORAGE
+    try:
+        storage = optuna.storages.RDBStorage(
+            url, heartbeat_interval=tune.heartbeat_seconds, grace_period=2 * tune.heartbeat_seconds,
+            heartbeat_stale_trial_callback=_retry_stale_trial(tune.max_retry))
+    except Exception as exc:  # SQLAlchemy raises many kinds; all mean the same to the user
+        raise PipelineError(f"tune.storage: cannot open '{url}' ({exc.__class__.__name__}: "
+                            f"{str(exc).splitlines()[0][:200]})") from None
+    seed = tune.seed + 1000 * worker
+    samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+                "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+                "qmc": lambda: optuna.samplers.QMCSampler(seed=seed)}
+    pruners = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=tune.startup_trials),
+               "hyperband": lambda: optuna.pruners.HyperbandPruner(),
+               "none": lambda: optuna.pruners.NopPruner()}
+    if tune.sampler not in samplers:
+        raise ConfigError(f"tune.sampler must be one of {list(samplers)}, got '{tune.sampler}'")
+    if tune.pruner not in pruners:
+        raise ConfigError(f"tune.pruner must be one of {list(pruners)}, got '{tune.pruner}'")
+    direction = "minimize" if tune.metric == "log_loss" else "maximize"
+    try:
+        study = optuna.create_study(storage=storage, study_name=study_name, direction=direction,
+                                    sampler=samplers[tune.sampler](), pruner=pruners[tune.pruner](),
+                                    load_if_exists=True)
+    except ValueError as exc:
+        raise PipelineError(f"study '{study_name}' in {url}: {exc}") from None
+    if study.direction.name.lower() != direction:
+        raise PipelineError(f"study '{study_name}' in {url} was created to {study.direction.name.lower()}, "
+                            f"but tune.metric={tune.metric} needs {direction}: use another storage or study")
+    return study
+
+
+def finished(study: optuna.Study) -> int:
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def make_objective(data: PreparedData, model_name: str, base: TrainSettings, space: dict, tune: TuneConfig,
+                   image_size: int, device: torch.device, tracker, pretrained: str | None = None):
+    """The objective: mean validation score of the best epoch over `tune.folds`."""
+    targets = data.train["target"].to_numpy()
+    folds = data.train["fold"].to_numpy()
+    epochs = tune.epochs or base.epochs
+    for k in tune.folds:
+        if not 0 <= k < data.n_folds:
+            raise ConfigError(f"tune.folds: fold {k} does not exist (cv.n_folds={data.n_folds})")
+
+    def objective(trial: optuna.Trial) -> float:
+        values = sample(trial, space, base)
+        settings = apply_overrides(base, {**values, "epochs": epochs})
+        check_settings(settings, "tune")
+        fold_values = []
+        with tracker.run(f"trial {trial.number}", params=values, nested=True,
+                         tags={"optuna.trial": str(trial.number)}):
+            state = "COMPLETE"
+            try:
+                for i, k in enumerate(tune.folds):
+                    tr, va = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
+                    mean, std = data.fold_stats(k)
+                    torch.manual_seed(settings.seed + k)
+                    model = create_model(model_name, len(data.classes), pretrained=pretrained,
+                                         drop_rate=settings.drop_rate, drop_path_rate=settings.drop_path_rate)
+
+                    def report(epoch: int, row: dict, i=i) -> None:
+                        value = row[f"val_{tune.metric}"]
+                        tracker.log_metrics({f"val_{tune.metric}": value}, step=epoch)
+                        trial.report(value, step=i * epochs + epoch)
+                        if trial.should_prune():
+                            raise optuna.TrialPruned(f"fold {k}, epoch {epoch + 1}: {tune.metric} {value:.4f}")
+
+                    with tracker.run(f"fold{k}", params={"fold": k}, nested=True):
+                        result = train_fold(model, np.asarray(data.train_images[tr]), targets[tr],
+                                            np.asarray(data.train_images[va]), targets[va], mean, std,
+                                            apply_overrides(settings, {"seed": settings.seed + k}), image_size,
+                                            device, len(data.classes), on_epoch=report,
+                                            where=f"trial {trial.number} fold {k}")
+                    fold_values.append(scores(result.val_probs, targets[va])[tune.metric])
+            except optuna.TrialPruned:
+                state = "PRUNED"
+                raise
+            except PipelineError as exc:
+                state = "FAIL"
+                trial.set_user_attr("fail_reason", str(exc))
+                raise
+            finally:
+                tracker.log_params({"state": state})
+            value = float(np.mean(fold_values))
+            tracker.log_metrics({f"cv_{tune.metric}": value})
+            return value
+
+    return objective
+
+
+def run_study(study: optuna.Study, objective, n_trials: int) -> None:
+    """Run trials until the study holds `n_trials` finished ones (counting earlier runs and other workers)."""
+    remaining = n_trials - finished(study)
+    if remaining <= 0:
+        return
+    stop = optuna.study.MaxTrialsCallback(n_trials, states=(optuna.trial.TrialState.COMPLETE,
+                                                            optuna.trial.TrialState.PRUNED))
+    # a failed trial (e.g. a NaN loss) is recorded with its reason and the study goes on
+    study.optimize(objective, n_trials=remaining + n_trials, callbacks=[stop], catch=(PipelineError,),
+                   gc_after_trial=True)
+
+
+# ---------------------------------------------------------------- report
+
+
+def write_report(study: optuna.Study, out_dir: str | Path) -> dict:
+    """Best trial, history and importance plots (PNG) into `out_dir`; returns the summary for DVC metrics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    trials = study.get_trials(deepcopy=False)
+    count = {s.name.lower(): sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    summary = {"n_complete": count["complete"], "n_pruned": count["pruned"], "n_failed": count["fail"]}
+    if not done:
+        return summary
+    best = study.best_trial
+    summary.update({"best_value": best.value, "best_trial": best.number, "best_params": best.params})
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    xs = [t.number for t in done]
+    ys = [t.value for t in done]
+    better = np.minimum.accumulate if study.direction.name == "MINIMIZE" else np.maximum.accumulate
+    ax.plot(xs, ys, "o", label="complete trials")
+    ax.step(xs, better(np.array(ys)), where="post", label="best so far")
+    pruned = [t.number for t in trials if t.state == optuna.trial.TrialState.PRUNED]
+    ax.plot(pruned, [min(ys)] * len(pruned), "x", color="grey", label="pruned")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("CV score")
+    ax.set_title(f"{study.study_name}: optimisation history")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "history.png", dpi=100)
+    plt.close(fig)
+
+    if len(done) >= 2 and len({tuple(sorted(t.params.items())) for t in done}) >= 2:
+        try:
+            importances = optuna.importance.get_param_importances(study)
+        except (RuntimeError, ValueError):
+            importances = {}
+        if importances:
+            summary["importances"] = importances
+            fig, ax = plt.subplots(figsize=(6, 0.4 * len(importances) + 1.2))
+            ax.barh(list(importances)[::-1], list(importances.values())[::-1])
+            ax.set_xlabel("importance (fANOVA)")
+            ax.set_title(f"{study.study_name}: parameter importances")
+            fig.tight_layout()
+            fig.savefig(out_dir / "importances.png", dpi=100)
+            plt.close(fig)
+    return summary

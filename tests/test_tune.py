@@ -1,0 +1,212 @@
+"""The tune stage on a real Optuna RDB storage (SQLite), real tiny timm models and a real MLflow store."""
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import CompetitionConfig, Params, TrainSettings, TuneConfig, parse_params, resolve_train_settings
+from pipeline.data import load_prepared
+from pipeline.errors import PipelineError
+from pipeline.prepare import prepare
+from pipeline.tracking import Tracker
+from pipeline.tune import finished, make_objective, open_study, run_study, sample, search_space, write_report
+from tests.conftest import write_competition
+
+CPU = torch.device("cpu")
+BASE = TrainSettings(epochs=2, batch_size=4, lr=0.01, weight_decay=0.0, warmup_epochs=0.2, augment=[], seed=0)
+LR_ONLY = {"lr": {"type": "float", "low": 1e-8, "high": 1e30, "log": True}}
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    comp = write_competition(tmp_path / "comp", n_per_class=20)
+    prepare(CompetitionConfig(source=str(comp)), image_size=12, n_folds=2, seed=0, out_dir=tmp_path / "prepared",
+            workers=1, raw_dir=tmp_path / "raw")
+    return load_prepared(tmp_path / "prepared")
+
+
+def _tune(tmp_path, **kw) -> TuneConfig:
+    return dataclasses.replace(TuneConfig(enabled=True, storage=f"sqlite:///{tmp_path}/optuna.db", folds=[0, 1],
+                                          epochs=2, startup_trials=2, space=LR_ONLY), **kw)
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"lr": {"type": "float", "low": 0.1, "high": 0.01}}, r"tune.space.lr: low 0.1 > high 0.01"),
+    ({"lr": {"type": "gaussian", "low": 0.1, "high": 1}}, r"tune.space.lr.type must be one of .*got 'gaussian'"),
+    ({"learning_rate": {"type": "float", "low": 0.1, "high": 1}}, r"tune.space.learning_rate: unknown parameter"),
+    ({"lr": {"type": "float", "low": 0, "high": 1, "log": True}}, r"tune.space.lr: a log scale needs low > 0"),
+])
+def test_invalid_search_space_is_named(space, message):
+    with pytest.raises(PipelineError, match=message):
+        search_space(TuneConfig(space=space), "any")
+
+
+def test_shipped_space_is_valid_and_covers_the_usual_knobs():
+    space = search_space(Params().tune, "resnet10t")
+    assert {"lr", "weight_decay", "drop_path_rate", "mixup_alpha", "label_smoothing", "augment_p"} <= set(space)
+
+
+def test_conditional_entries_and_augmentation_strength():
+    space = {"mixup_alpha": {"type": "categorical", "choices": [0.0, 0.4]},
+             "mixup_off_epoch": {"type": "int", "low": 1, "high": 3, "when": {"mixup_alpha": 0.4}},
+             "augment_p": {"type": "float", "low": 0.2, "high": 0.2}}
+    study = optuna.create_study()
+    study.enqueue_trial({"mixup_alpha": 0.0})
+    study.enqueue_trial({"mixup_alpha": 0.4})
+    drawn = [sample(study.ask(), space, BASE) for _ in range(2)]
+    assert "mixup_off_epoch" not in drawn[0] and "mixup_off_epoch" in drawn[1]
+    settings = resolve_train_settings(
+        parse_params({"train": {"backbones": {"b": {}}, "augment": [{"HorizontalFlip": {"p": 0.5}}]}}).train, "b",
+        tuned={"augment_p": drawn[0]["augment_p"]})
+    assert settings.augment == [{"HorizontalFlip": {"p": 0.2}}]
+
+
+def test_explicit_backbone_keys_win_over_tuned_values():
+    train = parse_params({"train": {"lr": 0.1, "weight_decay": 0.3, "backbones": {"b": {"lr": 0.5}}}}).train
+    settings = resolve_train_settings(train, "b", tuned={"lr": 0.01, "weight_decay": 0.02})
+    assert settings.lr == 0.5 and settings.weight_decay == 0.02
+
+
+def test_a_bad_trial_is_pruned_in_its_first_fold_and_a_good_one_is_not(prepared, tmp_path):
+    tune = _tune(tmp_path)
+    study = open_study(tune, "prune")
+    for lr in (0.01, 0.02, 1e-8, 0.01):  # the last repeats the first: a good trial, seeded identically
+        study.enqueue_trial({"lr": lr})
+    objective = make_objective(prepared, "test_resnet", BASE, LR_ONLY, tune, 12, CPU, Tracker(False, "x"))
+    run_study(study, objective, n_trials=4)
+    bad, good = study.trials[2], study.trials[3]
+    assert bad.state == optuna.trial.TrialState.PRUNED
+    assert max(bad.intermediate_values) < tune.epochs  # pruned while still in its first fold
+    assert good.state == optuna.trial.TrialState.COMPLETE
+    assert sorted(good.intermediate_values) == [0, 1, 2, 3]  # fold 0 epochs 0-1, then fold 1 at steps 2-3
+
+
+def test_a_failing_trial_is_recorded_with_its_reason_and_the_study_goes_on(prepared, tmp_path):
+    tune = _tune(tmp_path, pruner="none")
+    study = open_study(tune, "fail")
+    study.enqueue_trial({"lr": 1e30})
+    study.enqueue_trial({"lr": 0.01})
+    objective = make_objective(prepared, "test_resnet", BASE, LR_ONLY, tune, 12, CPU, Tracker(False, "x"))
+    run_study(study, objective, n_trials=1)
+    failed, ok = study.trials[0], study.trials[1]
+    assert failed.state == optuna.trial.TrialState.FAIL
+    assert "loss is" in failed.user_attrs["fail_reason"] and "trial 0 fold 0" in failed.user_attrs["fail_reason"]
+    assert ok.state == optuna.trial.TrialState.COMPLETE
+
+
+def test_study_trial_fold_runs_nest_in_mlflow_and_the_report_is_written(prepared, tmp_path):
+    tune = _tune(tmp_path, folds=[0], epochs=1, pruner="none")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(True, "tune-tree", uri=uri)
+    study = open_study(tune, "tree")
+    for lr in (0.01, 0.003):
+        study.enqueue_trial({"lr": lr})
+    with tracker.run("tune test_resnet"):
+        run_study(study, make_objective(prepared, "test_resnet", BASE, LR_ONLY, tune, 12, CPU, tracker), 2)
+    summary = write_report(study, tmp_path)
+    assert summary["n_complete"] == 2 and summary["best_params"]["lr"] in (0.01, 0.003)
+    assert (tmp_path / "history.png").stat().st_size > 1000 and (tmp_path / "importances.png").exists()
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("tune-tree").experiment_id])
+    by_id = {r.info.run_id: r for r in runs}
+    parent_of = {r.info.run_name: by_id.get(r.data.tags.get("mlflow.parentRunId")) for r in runs}
+    assert parent_of["tune test_resnet"] is None
+    assert parent_of["trial 0"].info.run_name == "tune test_resnet"
+    folds = [r for r in runs if r.info.run_name == "fold0"]
+    assert sorted(parent_of_run.info.run_name for parent_of_run in
+                  (by_id[r.data.tags["mlflow.parentRunId"]] for r in folds)) == ["trial 0", "trial 1"]
+    trial0 = next(r for r in runs if r.info.run_name == "trial 0")
+    assert trial0.data.params["lr"] == "0.01" and trial0.data.params["state"] == "COMPLETE"
+    assert "cv_accuracy" in trial0.data.metrics
+
+
+def test_direction_mismatch_and_unreachable_storage_are_named(tmp_path):
+    open_study(_tune(tmp_path), "dir")  # maximise accuracy
+    with pytest.raises(PipelineError, match="was created to maximize, but tune.metric=log_loss needs minimize"):
+        open_study(_tune(tmp_path, metric="log_loss"), "dir")
+    with pytest.raises(PipelineError, match=r"^tune.storage: cannot open 'sqlite:////nonexistent/dir/x.db'"):
+        open_study(_tune(tmp_path, storage="sqlite:////nonexistent/dir/x.db"), "x")
+
+
+# ---------------------------------------------------------------- as processes
+
+
+def _project(root: Path, n_trials: int, epochs: int) -> Path:
+    root.mkdir(parents=True)
+    comp = write_competition(root / "comp", n_per_class=20)
+    prepare(CompetitionConfig(source=str(comp)), image_size=12, n_folds=2, seed=0, out_dir=root / "data/prepared",
+            workers=1, raw_dir=root / "raw")
+    (root / "params.yaml").write_text(yaml.safe_dump({
+        "competition": {"source": str(comp)},
+        "train": {"backbones": {"test_resnet": {}}, "batch_size": 4, "augment": []},
+        "tune": {"enabled": True, "n_trials": n_trials, "folds": [0, 1], "epochs": epochs, "pruner": "none",
+                 "heartbeat_seconds": 1, "space": {"lr": {"type": "float", "low": 0.001, "high": 0.03, "log": True}}},
+        "tracking": {"enabled": False},
+    }))
+    return root
+
+
+def _cmd(*extra):
+    return [sys.executable, "-m", "pipeline", "tune", "--backbone", "test_resnet", *extra]
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+
+
+def _study(root):
+    return optuna.load_study(study_name="comp-test_resnet", storage=f"sqlite:///{root}/optuna.db")
+
+
+def test_kill_9_mid_trial_then_rerun_retries_it_and_finishes(tmp_path):
+    root = _project(tmp_path / "kill", n_trials=3, epochs=6)
+    proc = subprocess.Popen(_cmd(), cwd=root, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            trials = _study(root).trials
+        except Exception:  # the study is not created yet
+            trials = []
+        running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING and t.intermediate_values]
+        if running and running[0].number == 1:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    assert proc.wait() == -signal.SIGKILL, "the study finished before it could be killed"
+    killed = next(t for t in _study(root).trials if t.state == optuna.trial.TrialState.RUNNING)
+    time.sleep(2.5)  # past the heartbeat's grace period (2 x 1 s)
+
+    rerun = subprocess.run(_cmd(), cwd=root, env=_env(), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    study = _study(root)
+    assert study.trials[killed.number].state == optuna.trial.TrialState.FAIL
+    retried = [t for t in study.trials if t.user_attrs.get("retry_of") == killed.number]
+    assert retried and retried[0].params == killed.params and retried[0].state == optuna.trial.TrialState.COMPLETE
+    assert finished(study) == 3
+    best = yaml.safe_load((root / "tuning/test_resnet/best_params.yaml").read_text())
+    assert best["params"]["lr"] == study.best_params["lr"]
+
+
+def test_two_workers_share_one_study(tmp_path):
+    root = _project(tmp_path / "two", n_trials=4, epochs=1)
+    # create the study first, as the first `dvc repro` would; then two workers join it
+    procs = [subprocess.Popen(_cmd("--worker", str(w)), cwd=root, env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for w in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    study = _study(root)
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == len(set(numbers))
+    assert 4 <= finished(study) <= 5  # each worker stops once 4 are finished; one may be in flight
+    params = [t.params["lr"] for t in study.trials]
+    assert len(params) == len(set(params))  # no trial drawn twice
