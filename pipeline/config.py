@@ -90,6 +90,7 @@ class TrainSettings:
     monitor: str = "accuracy"  # which validation metric picks the best epoch: accuracy or log_loss
     # augmentation (train only): albumentations transforms in order, {ClassName: {kwargs}}
     augment: list[dict[str, dict]] = field(default_factory=lambda: [dict(a) for a in DEFAULT_AUGMENT])
+    augment_p: float = 1.0  # augmentation strength: the share of training images the whole list is applied to
     # speed
     compile: str | None = None  # torch.compile backend: null = off, "inductor" = torch.compile's default
     num_workers: int | None = None  # DataLoader workers; null = 0 on CPU, min(8, cores) on GPU
@@ -125,17 +126,7 @@ def resolve_train_settings(train: TrainConfig, backbone: str, tuned: dict | None
     shared = {f.name: getattr(train, f.name) for f in dataclasses.fields(TrainSettings)}
     chosen = train.backbones[backbone]
     explicit = {name: getattr(chosen, name) for name in shared if getattr(chosen, name) is not None}
-    return apply_overrides(TrainSettings(**shared), {**(tuned or {}), **explicit})
-
-
-def apply_overrides(settings: TrainSettings, values: dict) -> TrainSettings:
-    """`settings` with `values` applied; `augment_p` sets the probability of every augmentation."""
-    values = dict(values)
-    if "augment_p" in values:
-        p = values.pop("augment_p")
-        augment = [{name: {**(kwargs or {}), "p": p}} for entry in settings.augment for name, kwargs in entry.items()]
-        values.setdefault("augment", augment)
-    return dataclasses.replace(settings, **values)
+    return dataclasses.replace(TrainSettings(**shared), **{**(tuned or {}), **explicit})
 
 
 @dataclass(frozen=True)

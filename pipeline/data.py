@@ -54,8 +54,10 @@ def load_prepared(folder: str | Path = "data/prepared", images: bool = True) -> 
     )
 
 
-def build_train_transform(augment: list[dict[str, dict]], seed: int, where: str = "train.augment") -> A.Compose:
-    """Albumentations pipeline from its YAML form: a list of {TransformName: {kwargs}}, applied in order.
+def build_train_transform(augment: list[dict[str, dict]], seed: int, where: str = "train.augment",
+                          p: float = 1.0) -> A.Compose:
+    """Albumentations pipeline from its YAML form: a list of {TransformName: {kwargs}}, applied in order
+    to a share `p` of the images (all of it or none, so size-changing pairs such as pad + crop stay paired).
 
     Train only: validation and test images get no per-image transform (normalise/resize run per batch).
     """
@@ -74,7 +76,7 @@ def build_train_transform(augment: list[dict[str, dict]], seed: int, where: str 
             ops.append(cls(**(kwargs or {})))
         except (TypeError, ValueError) as exc:
             raise PipelineError(f"{where}[{i}] {name}: {str(exc).splitlines()[0]}") from None
-    return A.Compose(ops, seed=seed)
+    return A.Compose(ops, p=p, seed=seed)
 
 
 class ImageDataset(Dataset):

@@ -224,7 +224,7 @@ def train_fold(model: torch.nn.Module, train_images: np.ndarray, train_targets: 
     optimizer = build_optimizer(model, s)  # before freezing: timm leaves frozen parameters out
     if s.finetune in ("freeze", "linear_probe"):
         freeze(model, -1 if s.finetune == "linear_probe" else s.freeze_stages)
-    transform = build_train_transform(s.augment, s.seed)
+    transform = build_train_transform(s.augment, s.seed, p=s.augment_p)
     workers = default_num_workers(device) if s.num_workers is None else s.num_workers
     dataset = ImageDataset(train_images, train_targets, transform)
     sampler = None

@@ -21,7 +21,9 @@ import numpy as np
 import optuna
 import torch
 
-from pipeline.config import ConfigError, TrainSettings, TuneConfig, apply_overrides
+from dataclasses import replace
+
+from pipeline.config import ConfigError, TrainSettings, TuneConfig
 from pipeline.data import PreparedData
 from pipeline.errors import PipelineError
 from pipeline.metrics import scores
@@ -29,8 +31,11 @@ from pipeline.models import create_model
 from pipeline.train import check_settings, train_fold
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
-TUNABLE = {f.name for f in fields(TrainSettings)} - {"augment", "seed"} | {"augment_p"}
+TUNABLE = {f.name for f in fields(TrainSettings)} - {"augment", "seed"}
 DISTRIBUTIONS = ("float", "int", "categorical")
+# what a trial's parameters can provoke (a NaN loss, a shape or value a transform rejects): the trial
+# fails with its reason and the study goes on
+FAILURES = (PipelineError, RuntimeError, ValueError)
 
 
 # ---------------------------------------------------------------- search space
@@ -149,7 +154,7 @@ def make_objective(data: PreparedData, model_name: str, base: TrainSettings, spa
 
     def objective(trial: optuna.Trial) -> float:
         values = sample(trial, space, base)
-        settings = apply_overrides(base, {**values, "epochs": epochs})
+        settings = replace(base, **values, epochs=epochs)
         check_settings(settings, "tune")
         fold_values = []
         with tracker.run(f"trial {trial.number}", params=values, nested=True,
@@ -173,14 +178,14 @@ def make_objective(data: PreparedData, model_name: str, base: TrainSettings, spa
                     with tracker.run(f"fold{k}", params={"fold": k}, nested=True):
                         result = train_fold(model, np.asarray(data.train_images[tr]), targets[tr],
                                             np.asarray(data.train_images[va]), targets[va], mean, std,
-                                            apply_overrides(settings, {"seed": settings.seed + k}), image_size,
+                                            replace(settings, seed=settings.seed + k), image_size,
                                             device, len(data.classes), on_epoch=report,
                                             where=f"trial {trial.number} fold {k}")
                     fold_values.append(scores(result.val_probs, targets[va])[tune.metric])
             except optuna.TrialPruned:
                 state = "PRUNED"
                 raise
-            except PipelineError as exc:
+            except FAILURES as exc:
                 state = "FAIL"
                 trial.set_user_attr("fail_reason", str(exc))
                 raise
@@ -201,7 +206,7 @@ def run_study(study: optuna.Study, objective, n_trials: int) -> None:
     stop = optuna.study.MaxTrialsCallback(n_trials, states=(optuna.trial.TrialState.COMPLETE,
                                                             optuna.trial.TrialState.PRUNED))
     # a failed trial (e.g. a NaN loss) is recorded with its reason and the study goes on
-    study.optimize(objective, n_trials=remaining + n_trials, callbacks=[stop], catch=(PipelineError,),
+    study.optimize(objective, n_trials=remaining + n_trials, callbacks=[stop], catch=FAILURES,
                    gc_after_trial=True)
 
 

@@ -277,6 +277,11 @@ def test_augmentation_comes_from_config():
     t = build_train_transform([{"HorizontalFlip": {"p": 1.0}}], seed=0)
     image = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
     np.testing.assert_array_equal(t(image=image)["image"], image[:, ::-1])
+    never = build_train_transform([{"HorizontalFlip": {"p": 1.0}}], seed=0, p=0.0)  # augment_p: strength
+    np.testing.assert_array_equal(never(image=image)["image"], image)
+    pad_crop = build_train_transform([{"PadIfNeeded": {"min_height": 6, "min_width": 6}},
+                                      {"RandomCrop": {"height": 2, "width": 3}}], seed=0, p=0.5)
+    assert {pad_crop(image=image)["image"].shape for _ in range(20)} == {(2, 3, 3)}  # applied together or not
     with pytest.raises(PipelineError, match=r"train.augment\[0\]: 'Flipz' is not an albumentations transform"):
         build_train_transform([{"Flipz": {}}], seed=0)
     with pytest.raises(PipelineError, match=r"train.augment\[0\] HorizontalFlip: unknown argument 'q'"):

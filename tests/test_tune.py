@@ -13,7 +13,8 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import CompetitionConfig, Params, TrainSettings, TuneConfig, parse_params, resolve_train_settings
+from pipeline.config import (CompetitionConfig, Params, TrainSettings, TuneConfig, parse_params,
+                             resolve_train_settings)
 from pipeline.data import load_prepared
 from pipeline.errors import PipelineError
 from pipeline.prepare import prepare
@@ -58,16 +59,15 @@ def test_shipped_space_is_valid_and_covers_the_usual_knobs():
 def test_conditional_entries_and_augmentation_strength():
     space = {"mixup_alpha": {"type": "categorical", "choices": [0.0, 0.4]},
              "mixup_off_epoch": {"type": "int", "low": 1, "high": 3, "when": {"mixup_alpha": 0.4}},
-             "augment_p": {"type": "float", "low": 0.2, "high": 0.2}}
+             "augment_p": {"type": "float", "low": 0.2, "high": 0.2}}  # augmentation strength
     study = optuna.create_study()
     study.enqueue_trial({"mixup_alpha": 0.0})
     study.enqueue_trial({"mixup_alpha": 0.4})
     drawn = [sample(study.ask(), space, BASE) for _ in range(2)]
     assert "mixup_off_epoch" not in drawn[0] and "mixup_off_epoch" in drawn[1]
-    settings = resolve_train_settings(
-        parse_params({"train": {"backbones": {"b": {}}, "augment": [{"HorizontalFlip": {"p": 0.5}}]}}).train, "b",
-        tuned={"augment_p": drawn[0]["augment_p"]})
-    assert settings.augment == [{"HorizontalFlip": {"p": 0.2}}]
+    settings = resolve_train_settings(parse_params({"train": {"backbones": {"b": {}}}}).train, "b",
+                                      tuned={"augment_p": drawn[0]["augment_p"]})
+    assert settings.augment_p == 0.2
 
 
 def test_explicit_backbone_keys_win_over_tuned_values():
