@@ -94,6 +94,8 @@ def test_mlflow_has_one_run_per_backbone_with_fold_children(repo):
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
         assert len(children) == 2
         assert parent.data.params["epochs"] == "2" and "cv_accuracy" in parent.data.metrics
+        params = yaml.safe_load((repo / "params.yaml").read_text())
+        assert json.loads(parent.data.params["augment"]) == params["train"]["augment"]  # reproducible exactly
 
 
 def test_second_repro_has_nothing_to_do(repo):

@@ -290,6 +290,10 @@ def test_augmentation_comes_from_config():
         build_train_transform([{"VerticalFlip": {}}, {"HorizontalFlip": {"p": 2}}], seed=0)
 
 
+def test_dropout_rate_reaches_the_model():
+    assert create_model("test_resnet", 3, drop_rate=0.3).drop_rate == 0.3
+
+
 def test_drop_path_rate_reaches_the_model():
     model = create_model("test_efficientnet", 3, drop_path_rate=0.2)
     rates = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
