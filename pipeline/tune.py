@@ -14,6 +14,8 @@ retried with the same parameters. More workers on one study, on one or several m
 from __future__ import annotations
 
 import os
+import random
+import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -106,13 +108,17 @@ def open_study(tune: TuneConfig, study_name: str, worker: int = 0) -> optuna.Stu
     """Create or load the study. `worker` offsets the sampler seed, so that several workers started
     together on one study do not draw the same parameters."""
     url = tune.storage or os.environ.get("OPTUNA_STORAGE") or DEFAULT_STORAGE
-    try:
-        storage = optuna.storages.RDBStorage(
-            url, heartbeat_interval=tune.heartbeat_seconds, grace_period=2 * tune.heartbeat_seconds,
-            heartbeat_stale_trial_callback=_retry_stale_trial(tune.max_retry))
-    except Exception as exc:  # SQLAlchemy raises many kinds; all mean the same to the user
-        raise PipelineError(f"tune.storage: cannot open '{url}' ({exc.__class__.__name__}: "
-                            f"{str(exc).splitlines()[0][:200]})") from None
+    for attempt in range(3):  # workers started together race to create the tables: a second try loads them
+        try:
+            storage = optuna.storages.RDBStorage(
+                url, heartbeat_interval=tune.heartbeat_seconds, grace_period=2 * tune.heartbeat_seconds,
+                heartbeat_stale_trial_callback=_retry_stale_trial(tune.max_retry))
+            break
+        except Exception as exc:  # SQLAlchemy raises many kinds; all mean the same to the user
+            if attempt == 2:
+                raise PipelineError(f"tune.storage: cannot open '{url}' ({exc.__class__.__name__}: "
+                                    f"{str(exc).splitlines()[0][:200]})") from None
+            time.sleep(0.5 + random.random())
     seed = tune.seed + 1000 * worker
     samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
                 "random": lambda: optuna.samplers.RandomSampler(seed=seed),
@@ -125,12 +131,18 @@ def open_study(tune: TuneConfig, study_name: str, worker: int = 0) -> optuna.Stu
     if tune.pruner not in pruners:
         raise ConfigError(f"tune.pruner must be one of {list(pruners)}, got '{tune.pruner}'")
     direction = "minimize" if tune.metric == "log_loss" else "maximize"
-    try:
-        study = optuna.create_study(storage=storage, study_name=study_name, direction=direction,
-                                    sampler=samplers[tune.sampler](), pruner=pruners[tune.pruner](),
-                                    load_if_exists=True)
-    except ValueError as exc:
-        raise PipelineError(f"study '{study_name}' in {url}: {exc}") from None
+    for attempt in range(3):
+        try:
+            study = optuna.create_study(storage=storage, study_name=study_name, direction=direction,
+                                        sampler=samplers[tune.sampler](), pruner=pruners[tune.pruner](),
+                                        load_if_exists=True)
+            break
+        except ValueError as exc:
+            raise PipelineError(f"study '{study_name}' in {url}: {exc}") from None
+        except Exception:  # two workers creating the same study at once: load it on the next try
+            if attempt == 2:
+                raise
+            time.sleep(0.5 + random.random())
     if study.direction.name.lower() != direction:
         raise PipelineError(f"study '{study_name}' in {url} was created to {study.direction.name.lower()}, "
                             f"but tune.metric={tune.metric} needs {direction}: use another storage or study")

@@ -203,7 +203,8 @@ def test_two_workers_share_one_study(tmp_path):
     procs = [subprocess.Popen(_cmd("--worker", str(w)), cwd=root, env=_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for w in (0, 1)]
     outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    errors = [o[1].strip().splitlines()[-1] for p, o in zip(procs, outs) if p.returncode != 0]
+    assert not errors, errors
     study = _study(root)
     numbers = [t.number for t in study.trials]
     assert len(numbers) == len(set(numbers))
