@@ -341,6 +341,10 @@ def fit_features_classifier(model: torch.nn.Module, train_images, train_targets,
     return clf, clf.predict_proba(val_x)
 
 
+def _fold_scores(result: FoldResult, targets: np.ndarray) -> dict:
+    return {**scores(result.val_probs, targets), "best_epoch": result.best_epoch + 1}
+
+
 def train_backbone(data: PreparedData, backbone: str, model_name: str, s: TrainSettings, image_size: int,
                    out_dir: str | Path, device: torch.device, tracker, pretrained: str | None = None,
                    resume_dir: str | Path | None = None) -> tuple[np.ndarray, dict]:
@@ -386,15 +390,14 @@ def train_backbone(data: PreparedData, backbone: str, model_name: str, s: TrainS
                         device, n_classes, on_epoch=lambda epoch, row: tracker.log_metrics(row, step=epoch),
                         state_path=resume_dir / f"fold{k}.state.pt" if resume_dir else None,
                         where=f"{backbone} fold {k}")
-                fold_scores = {**scores(result.val_probs, targets[va]), "best_epoch": result.best_epoch + 1}
-                tracker.log_metrics({f"best_{m}": v for m, v in fold_scores.items()})
+                tracker.log_metrics({f"best_{m}": v for m, v in _fold_scores(result, targets[va]).items()})
             ckpt = {"model": model_name, "num_classes": n_classes, "state_dict": result.state_dict,
                     "mean": mean, "std": std, "image_size": image_size, "fold": k}
             if done is not None and distributed.is_main():
                 _save_atomic({"result": result, "checkpoint": ckpt}, done)
                 (resume_dir / f"fold{k}.state.pt").unlink(missing_ok=True)
         oof[va] = result.val_probs
-        fold_metrics[str(k)] = {**scores(result.val_probs, targets[va]), "best_epoch": result.best_epoch + 1}
+        fold_metrics[str(k)] = _fold_scores(result, targets[va])
         if distributed.is_main():  # under torchrun only rank 0 writes
             (out_dir / f"fold{k}").mkdir(parents=True, exist_ok=True)
             torch.save(ckpt, out_dir / f"fold{k}" / "model.pt")
