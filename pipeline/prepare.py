@@ -3,8 +3,8 @@
     python -m pipeline prepare            # reads params.yaml, writes data/prepared/
 
 Outputs (data/prepared/):
-  train.csv          id, label (original value), target (class index), fold[, group]
-  test.csv           id, in the sample submission's order
+  train.csv          id, label (original value), target (class index), fold, width, height[, group]
+  test.csv           id, width, height, in the sample submission's order (width, height: the original size)
   classes.json       the original label values, in class-index order
   train_images.npy   uint8 (N, S, S, 3), rows aligned with train.csv
   test_images.npy    uint8 (M, S, S, 3), rows aligned with test.csv
@@ -209,9 +209,11 @@ def assign_folds(labels: np.ndarray, n_folds: int, seed: int, groups: np.ndarray
 # ---------------------------------------------------------------- image cache
 
 
-def _decode(data: bytes, where: str, size: int) -> np.ndarray:
+def _decode(data: bytes, where: str, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """(uint8 (size, size, 3) image, original (width, height))."""
     try:
         img = Image.open(io.BytesIO(data))
+        original = img.size
         img.draft("RGB", (size, size))  # JPEG: let the decoder downscale large photos (1/2, 1/4, 1/8)
         img.load()
         img = img.convert("RGB")
@@ -219,7 +221,7 @@ def _decode(data: bytes, where: str, size: int) -> np.ndarray:
         raise PipelineError(f"{where}: cannot decode image ({exc.__class__.__name__}: {exc})") from None
     if img.size != (size, size):
         img = img.resize((size, size), Image.BILINEAR)
-    return np.asarray(img, dtype=np.uint8)
+    return np.asarray(img, dtype=np.uint8), original
 
 
 _worker_files: CompetitionFiles | None = None  # one open view per decoding process (a zip's index is slow to read)
@@ -230,23 +232,27 @@ def _init_worker(source: str, prefix: str) -> None:
     _worker_files = CompetitionFiles(source, prefix)
 
 
-def _decode_chunk(args, files: CompetitionFiles | None = None) -> np.ndarray:
+def _decode_chunk(args, files: CompetitionFiles | None = None) -> tuple[np.ndarray, np.ndarray]:
     rels, size = args
     files = files or _worker_files
     out = np.empty((len(rels), size, size, 3), dtype=np.uint8)
+    sizes = np.empty((len(rels), 2), dtype=np.int64)
     for i, rel in enumerate(rels):
-        out[i] = _decode(files.read(rel), files.where(rel), size)
-    return out
+        out[i], sizes[i] = _decode(files.read(rel), files.where(rel), size)
+    return out, sizes
 
 
-def decode_images(files: CompetitionFiles, rels: list[str], size: int, workers: int, desc: str) -> np.ndarray:
-    """Decode every image once into one uint8 array (N, size, size, 3), in `workers` processes."""
+def decode_images(files: CompetitionFiles, rels: list[str], size: int, workers: int,
+                  desc: str) -> tuple[np.ndarray, np.ndarray]:
+    """Decode every image once, in `workers` processes: (uint8 (N, size, size, 3) cache,
+    int (N, 2) original width and height)."""
     for rel in rels:
         if not files.exists(rel):
             raise PipelineError(f"{files.where(rel)}: image file not found")
     chunk = 1024
     jobs = [(rels[i : i + chunk], size) for i in range(0, len(rels), chunk)]
     out = np.empty((len(rels), size, size, 3), dtype=np.uint8)
+    sizes = np.empty((len(rels), 2), dtype=np.int64)
     parallel = workers > 1 and len(jobs) > 1
     if parallel:  # each process opens the files itself: a forked zip handle would share its read offset
         pool = mp.get_context("fork" if os.name == "posix" else "spawn").Pool(workers, _init_worker, (str(files.source), files.prefix))
@@ -255,14 +261,15 @@ def decode_images(files: CompetitionFiles, rels: list[str], size: int, workers: 
         results = (_decode_chunk(job, files) for job in jobs)
     bar = tqdm(total=len(rels), desc=desc, unit="img", mininterval=1.0)
     try:
-        for i, arr in enumerate(results):
+        for i, (arr, wh) in enumerate(results):
             out[i * chunk : i * chunk + len(arr)] = arr
+            sizes[i * chunk : i * chunk + len(arr)] = wh
             bar.update(len(arr))
     finally:
         bar.close()
         if parallel:
             pool.terminate()
-    return out
+    return out, sizes
 
 
 def channel_sums(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -356,12 +363,13 @@ def prepare(comp: CompetitionConfig, image_size: int, n_folds: int, seed: int, o
         answers = files.read_csv(comp.answers)
         _require_columns(answers, {"id_column": fmt.id_column}, files.where(comp.answers))
 
-    train_images = decode_images(
+    train_images, train_sizes = decode_images(
         files, [f"{comp.train_dir}/{i}{comp_ext}" for i in train["id"]], image_size, workers, "decode train"
     )
-    test_images = decode_images(
+    test_images, test_sizes = decode_images(
         files, [f"{comp.test_dir}/{i}{comp_ext}" for i in test_ids], image_size, workers, "decode test"
     )
+    train["width"], train["height"] = train_sizes[:, 0], train_sizes[:, 1]  # for the analyze stage's slices
     sums, squares = channel_sums(train_images)
     pixels = image_size * image_size
     stats = channel_stats(sums, squares, pixels)
@@ -369,9 +377,10 @@ def prepare(comp: CompetitionConfig, image_size: int, n_folds: int, seed: int, o
     stats["folds"] = {str(k): channel_stats(sums[m], squares[m], pixels) for k, m in in_training_part.items()}
 
     with atomic_dir(out_dir) as tmp:
-        cols = ["id", "label", "target", "fold"] + (["group"] if comp.group_column else [])
+        cols = ["id", "label", "target", "fold", "width", "height"] + (["group"] if comp.group_column else [])
         train[cols].to_csv(tmp / "train.csv", index=False)
-        pd.DataFrame({"id": test_ids}).to_csv(tmp / "test.csv", index=False)
+        pd.DataFrame({"id": test_ids, "width": test_sizes[:, 0], "height": test_sizes[:, 1]}).to_csv(
+            tmp / "test.csv", index=False)
         np.save(tmp / "train_images.npy", train_images)
         np.save(tmp / "test_images.npy", test_images)
         sample.to_csv(tmp / "sample_submission.csv", index=False)

@@ -39,6 +39,19 @@ def test_folder_competition_is_prepared(comp_config, tmp_path):
     assert np.array_equal(data.train_images[0], np.asarray(expected))
 
 
+def test_original_image_sizes_are_recorded(tmp_path):
+    root = write_competition(tmp_path / "comp")
+    Image.new("RGB", (40, 10), (200, 0, 0)).save(root / "train" / "tr0000.jpg")  # a wide photo
+    Image.new("RGB", (7, 30), (200, 0, 0)).save(root / "test" / "te000.jpg")  # a tall one
+    out = tmp_path / "prepared"
+    run_prepare(CompetitionConfig(source=str(root)), out)
+    data = load_prepared(out)
+    sizes = data.train.set_index("id")[["width", "height"]]
+    assert sizes.loc["tr0000"].tolist() == [40, 10] and sizes.loc["tr0001"].tolist() == [12, 12]
+    assert data.test[["width", "height"]].iloc[0].tolist() == [7, 30]
+    assert data.train_images.shape[1:] == (8, 8, 3)  # the cache itself is square
+
+
 def test_normalisation_stats_come_from_training_folds_only(comp_config, tmp_path):
     out = tmp_path / "prepared"
     run_prepare(comp_config, out, n_folds=3)
