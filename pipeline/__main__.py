@@ -5,6 +5,7 @@
     python -m pipeline train --backbone resnet10t
     python -m pipeline predict --backbone resnet10t
     python -m pipeline ensemble
+    python -m pipeline analyze
 
 Bad input ends with one line `error: ...` on stderr and exit status 1.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-STAGES = ("prepare", "tune", "train", "predict", "ensemble")
+STAGES = ("prepare", "tune", "train", "predict", "ensemble", "analyze")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -169,6 +169,18 @@ class EnsembleConfig:
 
 
 @dataclass(frozen=True)
+class AnalyzeConfig:
+    """The OOF error-analysis report (reports/oof/index.html)."""
+
+    top_k: int = 16  # images in the worst-predictions and confident-and-wrong galleries
+    confused_pairs: int = 5  # most-confused (true, predicted) pairs shown, each with examples
+    examples_per_pair: int = 6
+    calibration_bins: int = 15  # equal-width confidence bins of the reliability diagram and ECE
+    slice_buckets: int = 5  # quantile buckets per image property
+    significance: float = 0.05  # a weak slice needs p < significance / (buckets tested), Fisher exact test
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     enabled: bool = True
     experiment: str | None = None  # defaults to the competition's name
@@ -183,6 +195,7 @@ class Params:
     tune: TuneConfig = field(default_factory=TuneConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 

@@ -130,14 +130,23 @@ def read_probs(path: str | Path, ids, classes: list[str], backbone: str) -> np.n
     """Probabilities from `path`, checked against the expected ids (same order) and classes."""
     path = Path(path)
     if not path.is_file():
-        raise PipelineError(f"{backbone}: {path} not found (run `dvc repro predict@{backbone}`)")
-    frame = pd.read_csv(path, dtype={"id": str})
+        raise PipelineError(f"{backbone}: {path} not found (run `dvc repro`)")
+    frame = pd.read_csv(path, dtype={"id": str}, keep_default_na=False)
     if list(frame.columns[1:]) != [str(c) for c in classes]:
         raise PipelineError(f"{backbone}: {path} columns do not match the classes in classes.json")
-    if frame["id"].tolist() != list(ids):
-        raise PipelineError(f"{backbone}: {path} ids do not match the prepared ids")
-    probs = frame.iloc[:, 1:].to_numpy(dtype=np.float64)
-    if not np.allclose(probs.sum(1), 1.0, atol=1e-4):
-        raise PipelineError(f"{backbone}: {path} has rows whose probabilities do not sum to 1")
+    got, expected = frame["id"].tolist(), [str(i) for i in ids]
+    if got != expected:
+        row = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
+        found = f"id '{got[row]}'" if row < len(got) else "no row"
+        want = f"'{expected[row]}'" if row < len(expected) else "no row"
+        raise PipelineError(f"{backbone}: {path} row {row + 2}: {found} where the prepared data has {want} "
+                            f"({len(got)} rows, {len(expected)} expected)")
+    try:
+        probs = frame.iloc[:, 1:].to_numpy(dtype=np.float64)
+    except ValueError:
+        raise PipelineError(f"{backbone}: {path} has a value that is not a number") from None
+    bad = np.flatnonzero(~np.isclose(probs.sum(1), 1.0, atol=1e-4) | (probs < 0).any(1))
+    if len(bad):
+        raise PipelineError(f"{backbone}: {path} row {bad[0] + 2}: probabilities sum to {probs[bad[0]].sum():.6g}, "
+                            f"not 1 ({len(bad)} such rows)")
     return probs
-

@@ -65,3 +65,7 @@ class Tracker:
     def log_artifact(self, path: str) -> None:
         if self.enabled:
             self._mlflow.log_artifact(path)
+
+    def log_artifacts(self, folder: str, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            self._mlflow.log_artifacts(folder, artifact_path)

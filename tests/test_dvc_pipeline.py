@@ -80,6 +80,12 @@ def test_repro_writes_a_valid_submission_and_metrics(repo):
     answers = pd.read_csv(repo / "data/raw/comp/solution.csv", dtype=str)
     expected_lb = (submission["label"] == answers.set_index("id").loc[submission["id"], "label"].values).mean()
     assert ensemble["local_leaderboard"]["accuracy"] == pytest.approx(expected_lb)
+    # the analyze stage read the ensemble's OOF file: its scores agree with the ensemble stage's
+    analysis = files["reports/oof/summary.json"]["data"]
+    assert analysis["ensemble"]["accuracy"] == pytest.approx(ensemble["oof"]["accuracy"])
+    assert analysis["test_resnet"]["log_loss"] == pytest.approx(ensemble["backbones"]["test_resnet"]["log_loss"])
+    page = (repo / "reports/oof/index.html").read_text()
+    assert all(f'id="{m}-slices"' in page for m in ("test_resnet", "test_efficientnet", "ensemble"))
 
 
 def test_mlflow_has_one_run_per_backbone_with_fold_children(repo):
@@ -88,7 +94,9 @@ def test_mlflow_has_one_run_per_backbone_with_fold_children(repo):
     exp = client.get_experiment_by_name("comp")  # named after the competition folder
     runs = client.search_runs([exp.experiment_id])
     by_name = {r.info.run_name: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
-    assert set(by_name) == {"test_resnet", "test_efficientnet", "ensemble"}
+    assert set(by_name) == {"test_resnet", "test_efficientnet", "ensemble", "analyze"}
+    report = {a.path for a in client.list_artifacts(by_name["analyze"].info.run_id, "oof")}
+    assert "oof/index.html" in report
     for backbone in ("test_resnet", "test_efficientnet"):
         parent = by_name[backbone]
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
@@ -105,12 +113,12 @@ def test_second_repro_has_nothing_to_do(repo):
     assert "Running stage" not in again.stdout
 
 
-def test_changing_ensemble_weights_reruns_only_the_ensemble(repo):
+def test_changing_ensemble_weights_reruns_only_the_ensemble_and_its_analysis(repo):
     repo, env, _ = repo
     _set_params(repo, ensemble={"weights": {"test_resnet": 3}})
     assert set(_status(repo, env)) == {"ensemble"}
     out = _run(["dvc", "repro"], repo, env).stdout
-    assert "Running stage 'ensemble'" in out and out.count("Running stage") == 1
+    assert "Running stage 'ensemble'" in out and "Running stage 'analyze'" in out and out.count("Running stage") == 2
     weights = json.loads((repo / "reports/ensemble.json").read_text())["weights"]
     assert weights == {"test_resnet": 0.75, "test_efficientnet": 0.25}
 

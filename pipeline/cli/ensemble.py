@@ -1,4 +1,8 @@
-"""python -m pipeline ensemble  ->  submissions/submission.csv, reports/ensemble.json"""
+"""python -m pipeline ensemble  ->  submissions/{submission,oof_probs,test_probs}.csv, reports/ensemble.json
+
+oof_probs.csv and test_probs.csv hold the ensemble's probabilities in the layout of
+predictions/<backbone>/: the analyze stage reads the first, blending with other work can use both.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,12 +15,14 @@ from pipeline.data import load_prepared
 from pipeline.ensemble import SoftVotingEnsemble, build_submission, local_leaderboard, validate_submission
 from pipeline.io import atomic_write_text, write_json
 from pipeline.metrics import scores
-from pipeline.predict import read_probs
+from pipeline.predict import probs_frame, read_probs
 from pipeline.prepare import read_submission_format
 from pipeline.tracking import Tracker
 
 PREPARED = Path("data/prepared")
 SUBMISSION = Path("submissions/submission.csv")
+OOF_PROBS = Path("submissions/oof_probs.csv")
+TEST_PROBS = Path("submissions/test_probs.csv")
 
 
 def main(argv=None) -> None:
@@ -44,9 +50,10 @@ def main(argv=None) -> None:
     submission = build_submission(test_ids, test_probs, data.classes, fmt)
     validate_submission(submission, sample, data.classes, fmt)
 
+    oof_probs = ensemble.predict_proba(oof)
     metrics = {
         "weights": dict(zip(backbones, ensemble.weights_.tolist())),
-        "oof": scores(ensemble.predict_proba(oof), y),
+        "oof": scores(oof_probs, y),
         "backbones": {b: scores(p, y) for b, p in zip(backbones, oof)},
     }
     answers = PREPARED / "answers.csv"
@@ -54,6 +61,8 @@ def main(argv=None) -> None:
         answers_df = pd.read_csv(answers, dtype=str, keep_default_na=False)
         metrics["local_leaderboard"] = {"accuracy": local_leaderboard(answers_df, test_ids, test_probs, data.classes)}
 
+    atomic_write_text(OOF_PROBS, probs_frame(data.train["id"], oof_probs, data.classes).to_csv(index=False))
+    atomic_write_text(TEST_PROBS, probs_frame(test_ids, test_probs, data.classes).to_csv(index=False))
     atomic_write_text(SUBMISSION, submission.to_csv(index=False))
     write_json("reports/ensemble.json", metrics)
     tracker = Tracker(params.tracking.enabled, experiment_name(params))

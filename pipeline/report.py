@@ -1,0 +1,347 @@
+"""The analyze stage's outputs: PNG figures, CSV tables, JSON and one self-contained HTML page.
+
+Layout of the folder `write_report` fills (reports/oof/ in the pipeline):
+  index.html                       every section, figures embedded as data: URIs (opens offline)
+  summary.json                     headline numbers (`dvc metrics show`)
+  analysis.json                    the page's content as data (per-class scores, pairs, worst ids, slices, advice)
+  figures/<model>/*.png            the page's figures; figures/models/*.png compare the models
+  tables/<model>_predictions.csv   id, fold, actual, predicted, confidence, loss (`dvc plots show`: confusion)
+  tables/<model>_reliability.csv   the reliability diagram's bins (`dvc plots show`)
+"""
+from __future__ import annotations
+
+import base64
+import html
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+
+from pipeline.analyze import PROPERTIES, ModelAnalysis, row_losses  # noqa: E402
+from pipeline.io import write_json  # noqa: E402
+
+MAX_MATRIX_CLASSES = 30  # larger confusion matrices show the classes with the most errors
+
+
+# ---------------------------------------------------------------- figures
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _shown_classes(cm: np.ndarray) -> np.ndarray:
+    if len(cm) <= MAX_MATRIX_CLASSES:
+        return np.arange(len(cm))
+    errors = cm.sum(1) - np.diag(cm) + cm.sum(0) - np.diag(cm)
+    return np.sort(np.argsort(-errors, kind="stable")[:MAX_MATRIX_CLASSES])
+
+
+def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> Path:
+    keep = _shown_classes(cm)
+    counts = cm[np.ix_(keep, keep)]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        normed = np.nan_to_num(cm / cm.sum(1, keepdims=True))[np.ix_(keep, keep)]
+    labels = [classes[i] for i in keep]
+    side = 3 + 0.35 * len(keep)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * side, side))
+    for ax, m, title, fmt in ((axes[0], counts, "counts", "d"), (axes[1], normed, "row-normalised (recall)", ".2f")):
+        ax.imshow(m, cmap="Blues")
+        ax.set_xticks(range(len(keep)), labels, rotation=90)
+        ax.set_yticks(range(len(keep)), labels)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(title)
+        if len(keep) <= 15:
+            for (i, j), v in np.ndenumerate(m):
+                ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=7,
+                        color="white" if v > m.max() / 2 else "black")
+    return _save(fig, path)
+
+
+def plot_gallery(images: np.ndarray, rows: np.ndarray, captions: list[str], path: Path, ncols: int = 8,
+                 tile: int = 96) -> Path:
+    """A grid of images, each captioned below (drawn with PIL: dozens per report, matplotlib is slow at it)."""
+    font = ImageFont.load_default(size=11)
+    lines = max((c.count("\n") + 1 for c in captions), default=1)
+    cell_w, cell_h = tile + 8, tile + 8 + 13 * lines
+    n = max(len(rows), 1)
+    ncols = min(ncols, n)
+    sheet = Image.new("RGB", (ncols * cell_w, math.ceil(n / ncols) * cell_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (r, caption) in enumerate(zip(rows, captions)):
+        x, y = (i % ncols) * cell_w + 4, (i // ncols) * cell_h + 4
+        img = Image.fromarray(np.asarray(images[r]))
+        resample = Image.NEAREST if img.width <= tile else Image.BILINEAR  # small images: show the pixels
+        sheet.paste(img.resize((tile, tile), resample), (x, y))
+        for j, line in enumerate(caption.split("\n")):
+            while len(line) > 3 and draw.textlength(line, font=font) > tile:
+                line = line[:-2] + "~"
+            draw.text((x, y + tile + 2 + 13 * j), line, fill="black", font=font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
+
+
+def plot_reliability(table: pd.DataFrame, ece: float, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    used = table[table["rows"] > 0]
+    width = float(table["hi"].iloc[0] - table["lo"].iloc[0])
+    ax.bar(used["lo"], used["accuracy"], width=width, align="edge", edgecolor="black", label="accuracy")
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    ax.set_xlabel("confidence (max probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"reliability diagram, ECE = {ece:.4f}")
+    ax.legend(loc="upper left")
+    return _save(fig, path)
+
+
+def plot_confidence(probs: np.ndarray, y: np.ndarray, path: Path) -> Path:
+    confidence, correct = probs.max(1), probs.argmax(1) == y
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    bins = np.linspace(0, 1, 21)
+    ax.hist(confidence[correct], bins=bins, alpha=0.6, label=f"correct ({correct.sum()})")
+    ax.hist(confidence[~correct], bins=bins, alpha=0.6, label=f"wrong ({(~correct).sum()})")
+    ax.set_yscale("log")
+    ax.set_xlabel("confidence (max probability)")
+    ax.set_ylabel("images")
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_slices(slices: pd.DataFrame, overall: float, path: Path) -> Path:
+    names = list(dict.fromkeys(slices["property"]))
+    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(3.2 * max(len(names), 1), 3), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        part = slices[slices["property"] == name]
+        colours = ["tab:red" if w else "tab:blue" for w in part["weak"]]
+        ax.bar([f"{lo:.3g}-{hi:.3g}" for lo, hi in zip(part["lo"], part["hi"])], part["error_rate"], color=colours)
+        ax.axhline(overall, color="black", linestyle="--", linewidth=1)
+        ax.set_title(name)
+        ax.tick_params(axis="x", labelrotation=60, labelsize=7)
+    axes[0][0].set_ylabel("error rate (dashed: overall; red: weak)")
+    return _save(fig, path)
+
+
+def plot_matrix(matrix: pd.DataFrame, title: str, path: Path, fmt: str = ".3f") -> Path:
+    fig, ax = plt.subplots(figsize=(2 + 0.5 * matrix.shape[1], 1.5 + 0.3 * matrix.shape[0]))
+    ax.imshow(matrix.to_numpy(dtype=float), cmap="viridis", aspect="auto")
+    ax.set_xticks(range(matrix.shape[1]), matrix.columns, rotation=45, ha="right")
+    ax.set_yticks(range(matrix.shape[0]), matrix.index)
+    if matrix.size <= 400:
+        for (i, j), v in np.ndenumerate(matrix.to_numpy(dtype=float)):
+            ax.text(j, i, "" if np.isnan(v) else format(v, fmt), ha="center", va="center", fontsize=7, color="white")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------- HTML pieces
+
+CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1300px;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1em}td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px;text-align:right}
+th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}img{max-width:100%}
+.advice li{margin:.4em 0}.weak{background:#fde0dc}code{background:#f4f4f4;padding:1px 4px}nav a{margin-right:1em}"""
+
+
+def _esc(value) -> str:
+    if value is pd.NA:
+        return ""
+    if isinstance(value, (float, np.floating)):
+        return "" if np.isnan(value) else f"{value:.4f}"
+    return html.escape(str(value))
+
+
+def html_table(frame: pd.DataFrame, table_id: str | None = None, index: bool = False,
+               row_class: list[str] | None = None) -> str:
+    frame = frame.reset_index() if index else frame
+    head = "".join(f"<th>{_esc(c)}</th>" for c in frame.columns)
+    body = []
+    for i, row in enumerate(frame.itertuples(index=False)):
+        cls = f' class="{row_class[i]}"' if row_class and row_class[i] else ""
+        body.append(f"<tr{cls}>" + "".join(f"<td>{_esc(v)}</td>" for v in row) + "</tr>")
+    ident = f' id="{table_id}"' if table_id else ""
+    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def html_image(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+
+
+def _section(ident: str, title: str, *parts: str) -> str:
+    return f'<section id="{ident}"><h3>{html.escape(title)}</h3>{"".join(parts)}</section>'
+
+
+# ---------------------------------------------------------------- one model
+
+
+def _rows_table(a: ModelAnalysis, rows: np.ndarray, ids: np.ndarray, y: np.ndarray, folds: np.ndarray,
+                classes: list[str]) -> pd.DataFrame:
+    pred = a.probs.argmax(1)
+    return pd.DataFrame({"id": ids[rows], "fold": folds[rows], "true": [classes[i] for i in y[rows]],
+                         "predicted": [classes[i] for i in pred[rows]], "confidence": a.probs[rows].max(1),
+                         "p(true)": a.probs[rows, y[rows]], "loss": row_losses(a.probs[rows], y[rows])})
+
+
+def _captions(a: ModelAnalysis, rows: np.ndarray, ids: np.ndarray, y: np.ndarray, classes: list[str]) -> list[str]:
+    pred = a.probs.argmax(1)
+    return [f"{ids[r]}\n{classes[y[r]]} -> {classes[pred[r]]} {a.probs[r].max():.2f}" for r in rows]
+
+
+def model_section(a: ModelAnalysis, ids: np.ndarray, y: np.ndarray, folds: np.ndarray, classes: list[str],
+                  images: np.ndarray, fig_dir: Path, examples_per_pair: int) -> tuple[str, dict]:
+    """The HTML section of one model and its content as data."""
+    m = a.name
+    pred = a.probs.argmax(1)
+    # scores
+    overall = pd.DataFrame([{"rows": len(y), **a.scores, "ece": a.ece}])
+    fold_rows = a.folds.copy()
+    fold_rows.index.name = "fold"
+    scores = _section(f"{m}-scores", "Scores",
+                      "<p>Out-of-fold: each row predicted by the fold model that did not train on it.</p>",
+                      html_table(overall, f"{m}-overall"),
+                      "<p>Per fold, then the mean and the spread (std) across folds:</p>",
+                      html_table(fold_rows, f"{m}-folds", index=True),
+                      "<p>Per class:</p>", html_table(a.per_class, f"{m}-per-class"))
+    # confusion and confused pairs
+    cm_fig = plot_confusion(a.confusion, classes, fig_dir / "confusion.png")
+    cm_table = ""
+    if len(classes) <= MAX_MATRIX_CLASSES:
+        cm_frame = pd.DataFrame(a.confusion, index=pd.Index(classes, name="true \\ predicted"), columns=classes)
+        cm_table = html_table(cm_frame, f"{m}-confusion-table", index=True)
+    pair_rows, pair_parts = [], []
+    for t, p, n in a.pairs:
+        examples = np.flatnonzero((y == t) & (pred == p))
+        examples = examples[np.argsort(-a.probs[examples, p], kind="stable")][:examples_per_pair]
+        pair_rows.append({"true": classes[t], "predicted": classes[p], "count": n,
+                          "share of true class": n / max(int((y == t).sum()), 1),
+                          "example ids": " ".join(map(str, ids[examples]))})
+        fig = plot_gallery(images, examples, _captions(a, examples, ids, y, classes),
+                           fig_dir / f"pair_{t}_{p}.png", ncols=examples_per_pair)
+        pair_parts.append(f"<h4>{_esc(classes[t])} predicted as {_esc(classes[p])}: {n}</h4>"
+                          + html_image(fig, f"{classes[t]} as {classes[p]}"))
+    confusion = _section(f"{m}-confusion", "Confusion matrix and most-confused pairs",
+                         html_image(cm_fig, "confusion matrix"), cm_table,
+                         html_table(pd.DataFrame(pair_rows), f"{m}-pairs") if pair_rows else "<p>No errors.</p>",
+                         *pair_parts)
+    # galleries
+    galleries = {}
+    for key, title, rows in (("worst", "Worst predictions (highest loss)", a.worst),
+                             ("confident-wrong", "Confident and wrong (possible label noise)", a.confident_wrong)):
+        table = _rows_table(a, rows, ids, y, folds, classes)
+        galleries[key] = table
+        fig = plot_gallery(images, rows, _captions(a, rows, ids, y, classes), fig_dir / f"{key}.png")
+        galleries[key + "_html"] = _section(
+            f"{m}-{key}", title, html_image(fig, title) if len(rows) else "<p>No such rows.</p>",
+            "<p>Ids are the competition's train ids: look the files up to check their labels.</p>",
+            html_table(table, f"{m}-{key}-table"))
+    # calibration
+    rel_fig = plot_reliability(a.reliability, a.ece, fig_dir / "reliability.png")
+    conf_fig = plot_confidence(a.probs, y, fig_dir / "confidence.png")
+    calibration = _section(f"{m}-calibration", "Calibration",
+                           f'<p>Expected calibration error: <b class="ece">{a.ece:.4f}</b> '
+                           f"({len(a.reliability)} equal-width confidence bins).</p>",
+                           html_image(rel_fig, "reliability diagram"), html_image(conf_fig, "confidence histogram"),
+                           html_table(a.reliability, f"{m}-reliability-table"))
+    # slices and advice
+    error_rate = float((pred != y).mean())
+    if len(a.slices):
+        slice_fig = html_image(plot_slices(a.slices, error_rate, fig_dir / "slices.png"), "error rate by slice")
+        slice_table = html_table(a.slices, f"{m}-slices-table", row_class=["weak" if w else "" for w in a.slices["weak"]])
+    else:
+        slice_fig, slice_table = "<p>Every image property is constant: no slices.</p>", ""
+    advice = ("".join(f"<li>{html.escape(x['text'])}</li>" for x in a.advice)
+              or "<li>No weak slice: no property bucket has a significantly higher error rate.</li>")
+    described = "".join(f"<li><b>{k}</b>: {v}</li>" for k, v in PROPERTIES.items() if k in set(a.slices["property"]))
+    slices = _section(f"{m}-slices", "Slices and augmentation advice",
+                      f"<p>Overall error rate {error_rate:.4f}. Properties, computed from the pixels:</p><ul>{described}</ul>",
+                      f'<ul class="advice" id="{m}-advice">{advice}</ul>', slice_fig, slice_table)
+    body = (f'<section id="{m}"><h2>{html.escape(m)}</h2>{scores}{confusion}{galleries["worst_html"]}'
+            f'{galleries["confident-wrong_html"]}{calibration}{slices}</section>')
+    data = {"scores": a.scores, "ece": a.ece, "folds": a.folds.reset_index(names="fold").to_dict("records"),
+            "per_class": a.per_class.to_dict("records"), "confusion": a.confusion.tolist(),
+            "confused_pairs": pair_rows, "worst": galleries["worst"].to_dict("records"),
+            "confident_wrong": galleries["confident-wrong"].to_dict("records"),
+            "reliability": a.reliability.to_dict("records"), "slices": a.slices.to_dict("records"),
+            "advice": a.advice}
+    return body, data
+
+
+# ---------------------------------------------------------------- the page
+
+
+def models_section(analyses: list[ModelAnalysis], div: pd.DataFrame, per_class: pd.DataFrame,
+                   fig_dir: Path) -> str:
+    table = pd.DataFrame([{"model": a.name, **a.scores, "ece": a.ece,
+                           "fold accuracy std": a.folds.loc["std", "accuracy"],
+                           "weak slices": int(a.slices["weak"].sum())} for a in analyses])
+    parts = [html_table(table, "models-scores")]
+    if len(div):
+        names = list(dict.fromkeys([*div["a"], *div["b"]]))
+        for key, title in (("disagreement", "disagreement (share of rows predicted differently)"),
+                           ("error_correlation", "error correlation (lower = more diverse)")):
+            matrix = pd.DataFrame(np.nan, index=names, columns=names)
+            for row in div.itertuples():
+                matrix.loc[row.a, row.b] = matrix.loc[row.b, row.a] = getattr(row, key)
+            parts.append(html_image(plot_matrix(matrix, title, fig_dir / f"{key}.png"), title))
+        parts += ["<p>Pairs: an ensemble gains most from accurate models whose errors are uncorrelated; "
+                  "the oracle accuracy is the share of rows at least one of the two gets right.</p>",
+                  html_table(div, "models-diversity")]
+    parts += ["<p>Per-class accuracy (recall) per model:</p>",
+              html_image(plot_matrix(per_class, "per-class accuracy", fig_dir / "per_class.png"), "per-class accuracy"),
+              html_table(per_class, "models-per-class", index=True)]
+    return f'<section id="models"><h2>Models side by side</h2>{"".join(parts)}</section>'
+
+
+def _clean(obj):
+    """JSON-safe: numpy scalars to Python, NaN and NA to null."""
+    if obj is pd.NA:
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return None if np.isnan(obj) else float(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
+
+
+def write_report(out: Path, analyses: list[ModelAnalysis], div: pd.DataFrame, per_class: pd.DataFrame,
+                 summary: dict, ids: np.ndarray, y: np.ndarray, folds: np.ndarray, classes: list[str],
+                 images: np.ndarray, examples_per_pair: int, title: str) -> None:
+    """Fill the folder `out` (see the module docstring)."""
+    sections, data = [], {}
+    for a in analyses:
+        body, data[a.name] = model_section(a, ids, y, folds, classes, images, out / "figures" / a.name,
+                                           examples_per_pair)
+        sections.append(body)
+        pred = a.probs.argmax(1)
+        (out / "tables").mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"id": ids, "fold": folds, "actual": [classes[i] for i in y],
+                      "predicted": [classes[i] for i in pred], "confidence": a.probs.max(1),
+                      "loss": row_losses(a.probs, y)}).to_csv(out / "tables" / f"{a.name}_predictions.csv", index=False)
+        a.reliability.to_csv(out / "tables" / f"{a.name}_reliability.csv", index_label="bin")
+    side_by_side = models_section(analyses, div, per_class, out / "figures" / "models")
+    data["models"] = {"diversity": div.to_dict("records"), "per_class_accuracy": per_class.reset_index(names="class").to_dict("records")}
+    nav = "".join(f'<a href="#{x}">{html.escape(x)}</a>' for x in ["models"] + [a.name for a in analyses])
+    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+            f"<p>{len(y)} training images, {len(classes)} classes, {int(folds.max()) + 1} folds. "
+            f"Every figure comes from out-of-fold predictions; the test set is never looked at.</p>"
+            f"<nav>{nav}</nav>{side_by_side}{''.join(sections)}</body></html>\n")
+    (out / "index.html").write_text(page, encoding="utf-8")
+    write_json(out / "analysis.json", _clean(data))
+    write_json(out / "summary.json", _clean(summary))
