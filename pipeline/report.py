@@ -194,7 +194,7 @@ def _rows_table(a: ModelAnalysis, rows: np.ndarray, ids: np.ndarray, y: np.ndarr
 
 def _captions(a: ModelAnalysis, rows: np.ndarray, ids: np.ndarray, y: np.ndarray, classes: list[str]) -> list[str]:
     pred = a.probs.argmax(1)
-    return [f"{ids[r]}\n{classes[y[r]]} -> {classes[pred[r]]} {a.probs[r].max():.2f}" for r in rows]
+    return [f"{ids[r]}\n{classes[y[r]]} -> {classes[pred[r]]} ({a.probs[r].max():.2f})" for r in rows]
 
 
 def model_section(a: ModelAnalysis, ids: np.ndarray, y: np.ndarray, folds: np.ndarray, classes: list[str],
@@ -259,7 +259,9 @@ def model_section(a: ModelAnalysis, ids: np.ndarray, y: np.ndarray, folds: np.nd
         slice_table = html_table(a.slices, f"{m}-slices-table", row_class=["weak" if w else "" for w in a.slices["weak"]])
     else:
         slice_fig, slice_table = "<p>Every image property is constant: no slices.</p>", ""
-    advice = ("".join(f"<li>{html.escape(x['text'])}</li>" for x in a.advice)
+    advice = ("".join("<li>" + html.escape(x["text"]).replace(html.escape(x["params"] or "\0"),
+                                                              f"<code>{html.escape(x['params'] or '')}</code>") + "</li>"
+                      for x in a.advice)
               or "<li>No weak slice: no property bucket has a significantly higher error rate.</li>")
     described = "".join(f"<li><b>{k}</b>: {v}</li>" for k, v in PROPERTIES.items() if k in set(a.slices["property"]))
     slices = _section(f"{m}-slices", "Slices and augmentation advice",
