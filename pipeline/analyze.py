@@ -16,19 +16,13 @@ import pandas as pd
 from scipy.stats import fisher_exact
 from sklearn.metrics import precision_recall_fscore_support
 
-from pipeline.metrics import accuracy, log_loss
+from pipeline.metrics import accuracy, log_loss, macro_f1
 
 # ---------------------------------------------------------------- scores
 
 
-def macro_f1(probs: np.ndarray, y: np.ndarray, n_classes: int) -> float:
-    _, _, f1, _ = precision_recall_fscore_support(y, probs.argmax(1), labels=np.arange(n_classes),
-                                                  zero_division=0)
-    return float(f1.mean())
-
-
 def headline_scores(probs: np.ndarray, y: np.ndarray, n_classes: int) -> dict[str, float]:
-    return {"accuracy": accuracy(probs, y), "log_loss": log_loss(probs, y), "macro_f1": macro_f1(probs, y, n_classes)}
+    return {"accuracy": accuracy(probs, y), "log_loss": log_loss(probs, y), "macro_f1": macro_f1(probs, y)}
 
 
 def per_class_scores(probs: np.ndarray, y: np.ndarray, classes: list[str]) -> pd.DataFrame:

@@ -2,7 +2,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.ensemble import SoftVotingEnsemble, build_submission, local_leaderboard, validate_submission
+from pipeline.ensemble import (ENSEMBLES, HardVotingEnsemble, RankAveragingEnsemble, SoftVotingEnsemble,
+                               build_submission, create_ensemble, cross_fit, local_leaderboard, validate_submission)
+from pipeline.metrics import log_loss
 from pipeline.errors import PipelineError
 from pipeline.prepare import read_submission_format
 
@@ -84,3 +86,102 @@ def test_local_leaderboard_accuracy():
     probs = np.array([[0.9, 0.1, 0.0], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]])  # cat, dog, frog
     assert local_leaderboard(answers, ["x2", "x1", "x3"], probs, CLASSES) == pytest.approx(1.0)
     assert local_leaderboard(answers, ["x1", "x2", "x3"], probs, CLASSES) == pytest.approx(1 / 3)
+
+
+# ---------------------------------------------------------------- ensembles fitted on OOF
+
+
+def _informative_and_noisy(n=600, c=4, seed=0):
+    """y, one informative, calibrated member (says 0.8 for its class and is right 80% of the time)
+    and three pure-noise members."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, c, n)
+    right = rng.random(n) < 0.8
+    good = np.full((n, c), 0.2 / (c - 1))
+    good[np.arange(n), np.where(right, y, (y + 1 + rng.integers(0, c - 1, n)) % c)] = 0.8
+    noisy = [rng.dirichlet(np.ones(c), n) for _ in range(3)]
+    return y, good, noisy
+
+
+@pytest.mark.parametrize("method", ["caruana", "optimized"])
+def test_fitted_weights_go_to_the_informative_member(method):
+    y, good, noisy = _informative_and_noisy()
+    ens = create_ensemble(method, metric="log_loss").fit([noisy[0], good, noisy[1], noisy[2]], y)
+    assert ens.weights_[1] > 0.9 and ens.weights_.sum() == pytest.approx(1)
+    assert (ens.weights_ >= 0).all()
+    assert log_loss(ens.predict_proba([noisy[0], good, noisy[1], noisy[2]]), y) <= log_loss(good, y) + 1e-9
+
+
+@pytest.mark.parametrize("method", ["caruana", "optimized"])
+def test_a_copy_of_a_member_adds_nothing(method):
+    y, good, noisy = _informative_and_noisy(seed=1)
+    other = 0.5 * good + 0.5 * noisy[0]  # a weaker, correlated member
+    without = create_ensemble(method, "log_loss").fit([good, other], y)
+    with_copy = create_ensemble(method, "log_loss").fit([good, other, good.copy()], y)
+    assert log_loss(with_copy.predict_proba([good, other, good.copy()]), y) == pytest.approx(
+        log_loss(without.predict_proba([good, other]), y), abs=1e-6)
+    # the copy's weight is taken from its original, not added on top
+    assert with_copy.weights_[0] + with_copy.weights_[2] == pytest.approx(without.weights_[0], abs=0.02)
+
+
+@pytest.mark.parametrize("method", ["caruana", "optimized", "stacking"])
+def test_cross_fitted_score_is_not_better_than_in_sample(method):
+    rng = np.random.default_rng(2)
+    n, c = 400, 3
+    y = rng.integers(0, c, n)  # labels the members know nothing about: any fit is overfitting
+    members = [rng.dirichlet(np.ones(c), n) for _ in range(6)]
+    folds = np.arange(n) % 5
+    in_sample = create_ensemble(method, "log_loss").fit(members, y)
+    honest = cross_fit(lambda: create_ensemble(method, "log_loss"), members, y, folds)
+    assert log_loss(honest, y) >= log_loss(in_sample.predict_proba(members), y)
+    if method == "stacking":  # 18 free features on noise: the in-sample fit is clearly optimistic
+        assert log_loss(honest, y) > log_loss(in_sample.predict_proba(members), y) + 0.01
+
+
+def test_cross_fit_never_scores_a_row_with_a_model_fitted_on_it():
+    y, good, noisy = _informative_and_noisy(n=100)
+    folds = np.arange(100) % 4
+    seen = []
+
+    class Recorder(SoftVotingEnsemble):
+        def _fit(self, probs, y_fit):
+            seen.append(len(y_fit))
+            super()._fit(probs, y_fit)
+
+    out = cross_fit(lambda: Recorder(), [good, noisy[0]], y, folds)
+    assert seen == [75] * 4 and out.shape == good.shape
+    np.testing.assert_allclose(out, (good + noisy[0]) / 2)  # fixed weights: cross-fitting changes nothing
+
+
+def test_hard_voting_majority_and_tie_break():
+    a = np.array([[0.6, 0.4, 0.0], [0.5, 0.0, 0.5]])
+    b = np.array([[0.7, 0.3, 0.0], [0.0, 0.9, 0.1]])
+    c = np.array([[0.1, 0.9, 0.0], [0.2, 0.1, 0.7]])
+    ens = HardVotingEnsemble().fit([a, b, c], np.array([0, 1]))
+    # row 0: votes 0, 0, 1 -> 0 although the mean probability of class 1 (0.53) beats class 0 (0.47)
+    # row 1: votes 0, 1, 2 -> a tie; the mean probabilities 0.23, 0.33, 0.43 break it for class 2
+    assert ens.predict([a, b, c]).tolist() == [0, 2]
+    np.testing.assert_allclose(ens.predict_proba([a, b, c]).sum(1), 1)
+
+
+def test_rank_averaging_by_hand():
+    a = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]])
+    b = np.array([[0.5, 0.5], [0.45, 0.55], [0.4, 0.6]])  # badly calibrated, same order
+    ens = RankAveragingEnsemble().fit([a, b], np.array([0, 0, 1]))
+    # ranks over rows / 3: class 0 -> 1, 2/3, 1/3 in both; class 1 -> 1/3, 2/3, 1
+    np.testing.assert_allclose(ens.predict_proba([a, b]), [[0.75, 0.25], [0.5, 0.5], [0.25, 0.75]])
+
+
+@pytest.mark.parametrize("method", sorted(ENSEMBLES))
+def test_every_method_keeps_the_estimator_contract(method):
+    y, good, noisy = _informative_and_noisy(n=60)
+    ens = create_ensemble(method, "accuracy")
+    assert not [k for k in vars(ens) if k.endswith("_")]  # __init__ learns nothing
+    with pytest.raises(RuntimeError, match="not fitted"):
+        ens.predict_proba([good, noisy[0]])
+    assert ens.fit([good, noisy[0]], y) is ens
+    probs = ens.predict_proba([good, noisy[0]])
+    np.testing.assert_allclose(probs.sum(1), 1)
+    assert ens.predict([good, noisy[0]]).tolist() == probs.argmax(1).tolist()
+    with pytest.raises(ValueError, match="members"):
+        ens.predict_proba([good])
