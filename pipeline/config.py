@@ -95,6 +95,9 @@ class TrainSettings:
     compile: str | None = None  # torch.compile backend: null = off, "inductor" = torch.compile's default
     num_workers: int | None = None  # DataLoader workers; null = 0 on CPU, min(8, cores) on GPU
     seed: int = 42
+    # bagging: every fold is trained once per seed; its OOF is the mean over seeds, test the mean over all
+    seeds: list[int] | None = None  # null = [seed]
+    bootstrap: bool = False  # each seed trains on a bootstrap resample (with replacement) of the fold's training rows
 
 
 def _backbone_config():
@@ -159,13 +162,41 @@ class TuneConfig:
 
 @dataclass(frozen=True)
 class PredictConfig:
-    hflip_tta: bool = False  # average with the horizontally flipped image (on for natural images)
     batch_size: int = 256
+
+
+DEFAULT_TTA_POLICIES = {
+    "none": ["identity"],
+    "hflip": ["identity", "hflip"],
+    "flips": ["identity", "hflip", "vflip"],
+    "rot90": ["identity", "rot90", "rot180", "rot270"],
+    "five_crop": ["identity", "crop_tl", "crop_tr", "crop_bl", "crop_br", "crop_center"],
+    "brightness": ["identity", "brighter", "darker"],
+}
+
+
+@dataclass(frozen=True)
+class TTAConfig:
+    """Test-time augmentation, chosen per backbone on OOF predictions (read by the predict stage)."""
+
+    select: str = "auto"  # a policy name, or auto: the candidate with the best OOF `metric`, per backbone
+    # the policies auto compares (each view costs a forward pass); null = all. The demo's: no flips, for digits
+    candidates: list[str] | None = field(default_factory=lambda: ["none", "five_crop", "brightness"])
+    merge: str = "mean"  # mean of probabilities | geometric (renormalised) | logits (softmax of the mean logits)
+    metric: str = "log_loss"  # log_loss | accuracy | macro_f1
+    policies: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_TTA_POLICIES.items()})
+    backbones: dict[str, str] = field(default_factory=dict)  # per-backbone `select`, e.g. {resnet10t: hflip}
 
 
 @dataclass(frozen=True)
 class EnsembleConfig:
-    weights: dict[str, float] = field(default_factory=dict)  # backbone -> weight; missing backbones get 1
+    """Ensembles fitted on OOF, scored by cross-fitting over the folds; one submission per method."""
+
+    method: str = "auto"  # the method behind submission.csv; auto = the best honest OOF `metric`
+    methods: list[str] = field(default_factory=lambda: ["soft_voting", "hard_voting", "caruana", "optimized",
+                                                        "rank_average", "stacking"])
+    metric: str = "log_loss"  # fits caruana's weights and picks `auto`: log_loss | accuracy | macro_f1
+    weights: dict[str, float] = field(default_factory=dict)  # soft_voting: backbone -> weight; missing ones get 1
 
 
 @dataclass(frozen=True)
@@ -194,6 +225,7 @@ class Params:
     train: TrainConfig = field(default_factory=TrainConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    tta: TTAConfig = field(default_factory=TTAConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

@@ -1,13 +1,17 @@
-"""`predict` stage: class probabilities of every fold model, with optional flip TTA.
+"""`predict` stage: class probabilities of every fold model under test-time augmentation (TTA).
 
     python -m pipeline predict --backbone resnet10t    # writes predictions/resnet10t/
 
-The same policy produces both files, so they are comparable for ensembling:
-  oof_probs.csv   each fold model on its own validation rows (id, then one column per class)
-  test_probs.csv  the mean over fold models on the test images
+A TTA policy is a list of views (`tta.policies` in params.yaml) merged per model. Each view is
+computed once per model and shared by every candidate policy; the same policy produces both files,
+so they are comparable for ensembling:
+  oof_probs.csv   each fold model on its own validation rows (mean over seeds when bagged)
+  test_probs.csv  the mean over all fold x seed models on the test images
+  tta.json        every candidate policy's OOF score, the chosen one, and the honest (cross-fitted) score of choosing
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -15,56 +19,142 @@ import joblib
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.data import PreparedData, to_input
 from pipeline.errors import PipelineError
+from pipeline.metrics import METRICS, is_better
 from pipeline.models import amp_dtype, create_model
+
+# ---------------------------------------------------------------- TTA views and merges
+
+TTA_VIEWS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+CROP = 0.875  # multi-crop views keep this share of each side, resized back to the input size
+
+
+def register_view(name: str):
+    """Decorator: a TTA view maps a normalised batch (B, C, H, W) to a batch of the same shape.
+    It also gets the normalisation mean/std (1, C, 1, 1), for views defined on raw pixels."""
+    def wrap(fn):
+        TTA_VIEWS[name] = fn
+        return fn
+    return wrap
+
+
+register_view("identity")(lambda x, mean, std: x)
+register_view("hflip")(lambda x, mean, std: torch.flip(x, dims=[3]))
+register_view("vflip")(lambda x, mean, std: torch.flip(x, dims=[2]))
+register_view("rot90")(lambda x, mean, std: torch.rot90(x, 1, dims=(2, 3)))
+register_view("rot180")(lambda x, mean, std: torch.rot90(x, 2, dims=(2, 3)))
+register_view("rot270")(lambda x, mean, std: torch.rot90(x, 3, dims=(2, 3)))
+
+
+def _crop(where: str):
+    def view(x, mean, std):
+        h, w = x.shape[-2:]
+        ch, cw = max(1, round(h * CROP)), max(1, round(w * CROP))
+        top = {"t": 0, "b": h - ch, "c": (h - ch) // 2}[where[0]]
+        left = {"l": 0, "r": w - cw, "c": (w - cw) // 2}[where[1]]
+        return F.interpolate(x[..., top : top + ch, left : left + cw], size=(h, w), mode="bilinear",
+                             align_corners=False)
+    return view
+
+
+for _name, _where in (("crop_tl", "tl"), ("crop_tr", "tr"), ("crop_bl", "bl"), ("crop_br", "br"),
+                      ("crop_center", "cc")):
+    register_view(_name)(_crop(_where))
+
+
+def _brightness(factor: float):
+    def view(x, mean, std):  # scale raw pixel values, clipped to [0, 1], then normalise again
+        return ((x * std + mean) * factor).clamp_(0, 1).sub_(mean).div_(std)
+    return view
+
+
+register_view("brighter")(_brightness(1.1))
+register_view("darker")(_brightness(0.9))
+
+
+def merge_views(log_probs: np.ndarray, how: str) -> np.ndarray:
+    """Merge (V, N, C) per-view log-probabilities into (N, C) probabilities.
+
+    mean: arithmetic mean of the probabilities. geometric: their geometric mean, renormalised.
+    logits: softmax of the mean logits. The last two are the same thing (a view's log-probabilities
+    are its logits minus a per-row constant, which the softmax removes); both names are accepted.
+    """
+    if how == "mean":
+        return np.exp(log_probs).mean(0)
+    if how in ("geometric", "logits"):
+        z = log_probs.mean(0)
+        z = np.exp(z - z.max(1, keepdims=True))
+        return z / z.sum(1, keepdims=True)
+    raise ValueError(f"unknown TTA merge '{how}' (mean, geometric or logits)")
+
+
+# ---------------------------------------------------------------- batched inference
 
 
 @torch.inference_mode()
 def _forward_batches(model: torch.nn.Module, images: np.ndarray, mean, std, image_size: int, batch_size: int,
-                     device: torch.device, hflip: bool, output: Callable[[torch.Tensor], torch.Tensor],
+                     device: torch.device, views: list[str], output: Callable[[torch.Tensor], torch.Tensor],
                      desc: str | None) -> np.ndarray:
+    """`output(model(view(x)))` for every view and image: an array (V, N, ...), batched, on `device`,
+    in mixed precision on CUDA (channels_last), halving the batch on CUDA out-of-memory."""
     model.eval()
     dtype = amp_dtype(device)
     channels_last = device.type == "cuda"
+    mean_t = torch.as_tensor(mean, device=device, dtype=torch.float32).view(1, -1, 1, 1)
+    std_t = torch.as_tensor(std, device=device, dtype=torch.float32).view(1, -1, 1, 1)
     out, start = [], 0
     bar = tqdm(total=len(images), desc=desc, disable=None if desc else True, leave=False, mininterval=1.0)
     while start < len(images):
         try:
             x = to_input(torch.from_numpy(np.array(images[start : start + batch_size])), mean, std,
                          image_size, device, channels_last)
-            views = [x, torch.flip(x, dims=[3])] if hflip else [x]
-            total = 0
-            for view in views:
+            batch = []
+            for name in views:
+                view = TTA_VIEWS[name](x, mean_t, std_t)
+                if channels_last:
+                    view = view.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    total = total + output(model(view).float())
+                    batch.append(output(model(view).float()).cpu().numpy())
         except torch.cuda.OutOfMemoryError:
             if batch_size == 1:
                 raise
             batch_size //= 2  # the largest batch that fits: halve until it does
             torch.cuda.empty_cache()
             continue
-        out.append((total / len(views)).cpu().numpy())
+        out.append(np.stack(batch))
         bar.update(len(x))
         start += len(x)
     bar.close()
-    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+    return np.concatenate(out, axis=1) if out else np.zeros((len(views), 0, 0), dtype=np.float32)
+
+
+def predict_views(model: torch.nn.Module, images: np.ndarray, mean, std, image_size: int, batch_size: int,
+                  device: torch.device, views: list[str], desc: str | None = None) -> np.ndarray:
+    """Log-probabilities (V, N, C) of uint8 images (N, H, W, 3) under each of `views`."""
+    unknown = [v for v in views if v not in TTA_VIEWS]
+    if unknown:
+        raise PipelineError(f"unknown TTA view '{unknown[0]}' (known: {', '.join(TTA_VIEWS)})")
+    return _forward_batches(model, images, mean, std, image_size, batch_size, device, views,
+                            lambda logits: torch.log_softmax(logits, dim=1), desc)
 
 
 def predict_proba(model: torch.nn.Module, images: np.ndarray, mean, std, image_size: int, batch_size: int,
-                  device: torch.device, hflip: bool = False, desc: str | None = None) -> np.ndarray:
-    """Softmax probabilities (N, C) for uint8 images (N, H, W, 3); with `hflip`, the mean over the
-    image and its mirror. On CUDA, in mixed precision, halving the batch on out-of-memory."""
-    return _forward_batches(model, images, mean, std, image_size, batch_size, device, hflip,
-                            lambda logits: torch.softmax(logits, dim=1), desc)
+                  device: torch.device, views: tuple[str, ...] = ("identity",), merge: str = "mean",
+                  desc: str | None = None) -> np.ndarray:
+    """Softmax probabilities (N, C) of uint8 images (N, H, W, 3), merged over the TTA `views`."""
+    return merge_views(predict_views(model, images, mean, std, image_size, batch_size, device, list(views), desc),
+                       merge)
 
 
 def extract_features(model: torch.nn.Module, images: np.ndarray, mean, std, image_size: int, batch_size: int,
                      device: torch.device) -> np.ndarray:
     """Pooled backbone features (N, D) of a model created with num_classes=0."""
-    return _forward_batches(model, images, mean, std, image_size, batch_size, device, False, lambda f: f, None)
+    return _forward_batches(model, images, mean, std, image_size, batch_size, device, ["identity"],
+                            lambda f: f, None)[0]
 
 
 class FeaturesClassifier(torch.nn.Module):
@@ -102,22 +192,73 @@ def load_fold_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Mo
     return model, ckpt
 
 
-def predict_backbone(data: PreparedData, model_dir: str | Path, hflip: bool, batch_size: int,
-                     device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """(oof_probs, test_probs) of one backbone's fold models under one TTA policy."""
+def list_models(model_dir: str | Path, n_folds: int) -> dict[int, list[Path]]:
+    """fold -> its checkpoints, one per bagging seed: `model_dir/seed<s>/fold<k>/model.pt`."""
     model_dir = Path(model_dir)
-    n_classes = len(data.classes)
-    oof = np.zeros((len(data.train), n_classes), dtype=np.float64)
-    test = np.zeros((len(data.test), n_classes), dtype=np.float64)
+    seeds = sorted(model_dir.glob("seed*"), key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else -1)
+    if not seeds:
+        raise PipelineError(f"{model_dir}: no seed<s>/ folders of fold models (run the train stage first)")
+    return {k: [d / f"fold{k}" / "model.pt" for d in seeds] for k in range(n_folds)}
+
+
+@dataclass
+class PolicyPredictions:
+    oof: np.ndarray  # (N, C): each row by its own fold's models, mean over seeds
+    oof_per_seed: np.ndarray  # (S, N, C)
+    test: np.ndarray  # (M, C): mean over all fold x seed models
+    seeds: list[str]  # the bagging seeds, in the order of oof_per_seed
+
+
+def predict_backbone(data: PreparedData, model_dir: str | Path, policies: dict[str, list[str]], merge: str,
+                     batch_size: int, device: torch.device) -> dict[str, PolicyPredictions]:
+    """OOF and test probabilities of one backbone's fold (x seed) models under each TTA policy.
+
+    Every view any policy uses is computed once per model; each policy merges its own views per
+    model, and models are then averaged (seeds per OOF row, folds x seeds for test).
+    """
+    models = list_models(model_dir, data.n_folds)
+    n_seeds = len(models[0])
+    views = list(dict.fromkeys(v for vs in policies.values() for v in vs))
+    index = {v: i for i, v in enumerate(views)}
+    n, c = len(data.train), len(data.classes)
+    oof = {p: np.zeros((n_seeds, n, c)) for p in policies}
+    test = {p: np.zeros((len(data.test), c)) for p in policies}
     folds = data.train["fold"].to_numpy()
-    for k in range(data.n_folds):
-        model, ckpt = load_fold_model(model_dir / f"fold{k}" / "model.pt", device)
+    for k, paths in models.items():
         val_idx = np.flatnonzero(folds == k)
-        kwargs = dict(mean=ckpt["mean"], std=ckpt["std"], image_size=ckpt["image_size"],
-                      batch_size=batch_size, device=device, hflip=hflip)
-        oof[val_idx] = predict_proba(model, data.train_images[val_idx], desc=f"oof fold{k}", **kwargs)
-        test += predict_proba(model, data.test_images, desc=f"test fold{k}", **kwargs)
-    return oof, test / data.n_folds
+        for s, path in enumerate(paths):
+            model, ckpt = load_fold_model(path, device)
+            kwargs = dict(mean=ckpt["mean"], std=ckpt["std"], image_size=ckpt["image_size"],
+                          batch_size=batch_size, device=device, views=views)
+            val = predict_views(model, data.train_images[val_idx], desc=f"oof fold{k} {path.parent.parent.name}", **kwargs)
+            tst = predict_views(model, data.test_images, desc=f"test fold{k} {path.parent.parent.name}", **kwargs)
+            for p, vs in policies.items():
+                sel = [index[v] for v in vs]
+                oof[p][s, val_idx] = merge_views(val[sel], merge)
+                test[p] += merge_views(tst[sel], merge)
+    seeds = [path.parent.parent.name[4:] for path in models[0]]
+    return {p: PolicyPredictions(oof[p].mean(0), oof[p], test[p] / (data.n_folds * n_seeds), seeds) for p in policies}
+
+
+def select_policy(oof: dict[str, np.ndarray], y: np.ndarray, folds: np.ndarray, metric: str
+                  ) -> tuple[str, np.ndarray]:
+    """The policy with the best OOF `metric`, and the honest OOF of choosing that way: each fold's
+    rows take the policy that scores best on the other folds' rows (cross-fitted selection)."""
+    score = METRICS[metric][0]
+
+    def best(rows) -> str:
+        chosen = None
+        for p, probs in oof.items():
+            s = score(probs[rows], y[rows])
+            if chosen is None or is_better(metric, s, chosen[1]):
+                chosen = (p, s)
+        return chosen[0]
+
+    honest = np.zeros_like(next(iter(oof.values())))
+    for k in np.unique(folds):
+        held = folds == k
+        honest[held] = oof[best(~held)][held]
+    return best(np.ones(len(y), dtype=bool)), honest
 
 
 def probs_frame(ids, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:

@@ -11,6 +11,7 @@ streams from (seed, epoch), so the resumed run ends with the same weights as an 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -345,14 +346,54 @@ def _fold_scores(result: FoldResult, targets: np.ndarray) -> dict:
     return {**scores(result.val_probs, targets), "best_epoch": result.best_epoch + 1}
 
 
+def bootstrap_rows(rows: np.ndarray, seed: int, fold: int) -> np.ndarray:
+    """A bootstrap resample (same size, with replacement) of a fold's training rows, fixed by (seed, fold)."""
+    rng = np.random.default_rng([seed, fold])
+    return np.sort(rng.choice(rows, size=len(rows), replace=True))
+
+
 def train_backbone(data: PreparedData, backbone: str, model_name: str, s: TrainSettings, image_size: int,
                    out_dir: str | Path, device: torch.device, tracker, pretrained: str | None = None,
                    resume_dir: str | Path | None = None) -> tuple[np.ndarray, dict]:
-    """k-fold CV of one backbone. Writes `out_dir/fold<k>/model.pt`; returns (oof_probs, metrics).
+    """k-fold CV of one backbone, once per seed of `s.seeds` (bagging). Writes
+    `out_dir/seed<s>/fold<k>/model.pt`; returns (oof_probs, metrics), the OOF being the mean over seeds.
 
-    Each fold trains a fresh model on the other folds, normalised with its own training part's
-    statistics, and fills the OOF probabilities of its validation rows. With `resume_dir`, finished
-    folds and the unfinished fold's last epoch are kept there and picked up by the next call.
+    `metrics` holds the bag's scores (`oof`, per fold, their mean and std) and each seed's own under
+    `seeds`, so one seed can be compared with the bag.
+    """
+    targets = data.train["target"].to_numpy()
+    folds = data.train["fold"].to_numpy()
+    seeds = s.seeds or [s.seed]
+    oofs, per_seed = [], {}
+    for seed in seeds:
+        oof, metrics = train_cv(data, backbone, model_name, dataclasses.replace(s, seed=seed), image_size,
+                                Path(out_dir) / f"seed{seed}", device, tracker, pretrained,
+                                Path(resume_dir) / f"seed{seed}" if resume_dir else None,
+                                run_prefix=f"seed{seed}-" if len(seeds) > 1 else "")
+        oofs.append(oof)
+        per_seed[str(seed)] = metrics
+    bag = np.mean(oofs, axis=0)
+    per_fold = {str(k): scores(bag[folds == k], targets[folds == k]) for k in range(data.n_folds)}
+    metrics = {
+        "oof": scores(bag, targets),
+        "fold_mean": {m: float(np.mean([f[m] for f in per_fold.values()])) for m in ("accuracy", "log_loss")},
+        "fold_std": {m: float(np.std([f[m] for f in per_fold.values()])) for m in ("accuracy", "log_loss")},
+        "folds": per_fold if len(seeds) > 1 else per_seed[str(seeds[0])]["folds"],
+        "seeds": {seed: m["oof"] for seed, m in per_seed.items()},
+        "bootstrap": s.bootstrap,
+    }
+    return bag, metrics
+
+
+def train_cv(data: PreparedData, backbone: str, model_name: str, s: TrainSettings, image_size: int,
+             out_dir: str | Path, device: torch.device, tracker, pretrained: str | None = None,
+             resume_dir: str | Path | None = None, run_prefix: str = "") -> tuple[np.ndarray, dict]:
+    """k-fold CV of one backbone with one seed. Writes `out_dir/fold<k>/model.pt`; returns (oof_probs, metrics).
+
+    Each fold trains a fresh model on the other folds (a bootstrap resample of them if `s.bootstrap`),
+    normalised with its own training part's statistics, and fills the OOF probabilities of its
+    validation rows. With `resume_dir`, finished folds and the unfinished fold's last epoch are kept
+    there and picked up by the next call.
     """
     out_dir = Path(out_dir)
     resume_dir = Path(resume_dir) if resume_dir else None
@@ -366,6 +407,8 @@ def train_backbone(data: PreparedData, backbone: str, model_name: str, s: TrainS
     sklearn_head = s.finetune == "features+sklearn"
     for k in range(data.n_folds):
         tr, va = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
+        if s.bootstrap:
+            tr = bootstrap_rows(tr, s.seed, k)
         mean, std = data.fold_stats(k)
         fold_seed = s.seed + k
         done = resume_dir / f"fold{k}.done.pt" if resume_dir else None
@@ -377,7 +420,8 @@ def train_backbone(data: PreparedData, backbone: str, model_name: str, s: TrainS
             torch.manual_seed(fold_seed)
             model = create_model(model_name, 0 if sklearn_head else n_classes, pretrained=pretrained,
                                  drop_rate=s.drop_rate, drop_path_rate=s.drop_path_rate)
-            with tracker.run(f"fold{k}", params={"fold": k, "n_train": len(tr), "n_val": len(va)}, nested=True):
+            with tracker.run(f"{run_prefix}fold{k}", params={"fold": k, "seed": s.seed, "n_train": len(tr),
+                                                              "n_val": len(va)}, nested=True):
                 if sklearn_head:
                     clf, probs = fit_features_classifier(
                         model, np.asarray(data.train_images[tr]), targets[tr], np.asarray(data.train_images[va]),
@@ -392,7 +436,7 @@ def train_backbone(data: PreparedData, backbone: str, model_name: str, s: TrainS
                         where=f"{backbone} fold {k}")
                 tracker.log_metrics({f"best_{m}": v for m, v in _fold_scores(result, targets[va]).items()})
             ckpt = {"model": model_name, "num_classes": n_classes, "state_dict": result.state_dict,
-                    "mean": mean, "std": std, "image_size": image_size, "fold": k}
+                    "mean": mean, "std": std, "image_size": image_size, "fold": k, "seed": s.seed}
             if done is not None and distributed.is_main():
                 _save_atomic({"result": result, "checkpoint": ckpt}, done)
                 (resume_dir / f"fold{k}.state.pt").unlink(missing_ok=True)

@@ -49,7 +49,8 @@ def repo(tmp_path_factory):
         prepare={"image_size": 12, "workers": 1},
         cv={"n_folds": 2},
         train={"backbones": {"test_resnet": {}, "test_efficientnet": {"lr": 0.01}}, "epochs": 2, "batch_size": 4},
-        predict={"hflip_tta": True},
+        tta={"select": "auto", "candidates": ["none", "hflip"]},
+        ensemble={"methods": ["soft_voting", "caruana", "optimized"]},
     )
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "MLFLOW_TRACKING_URI": f"sqlite:///{repo}/mlflow.db", "DVC_NO_ANALYTICS": "1",
@@ -76,14 +77,21 @@ def test_repro_writes_a_valid_submission_and_metrics(repo):
         train = files[f"reports/train/{backbone}.json"]["data"]
         assert set(train["folds"]) == {"0", "1"} and 0 <= train["oof"]["accuracy"] <= 1
     ensemble = files["reports/ensemble.json"]["data"]
-    assert set(ensemble) >= {"oof", "local_leaderboard", "weights"}
+    assert set(ensemble) >= {"oof", "local_leaderboard", "methods", "best_single", "gain_over_best_single"}
+    for name in ("soft_voting", "caruana", "optimized"):  # one honest score and one submission per method
+        method = ensemble["methods"][name]
+        assert 0 <= method["oof"]["accuracy"] <= 1 and (repo / method["submission"]).is_file()
+    assert ensemble["oof"] == ensemble["methods"][ensemble["method"]]["oof"]
+    for backbone in ("test_resnet", "test_efficientnet"):  # each backbone with and without TTA
+        single = ensemble["backbones"][backbone]
+        assert single["tta"] in ("none", "hflip") and set(single["oof_no_tta"]) >= {"accuracy", "log_loss"}
     answers = pd.read_csv(repo / "data/raw/comp/solution.csv", dtype=str)
     expected_lb = (submission["label"] == answers.set_index("id").loc[submission["id"], "label"].values).mean()
     assert ensemble["local_leaderboard"]["accuracy"] == pytest.approx(expected_lb)
     # the analyze stage read the ensemble's OOF file: its scores agree with the ensemble stage's
     analysis = files["reports/oof/summary.json"]["data"]
     assert analysis["ensemble"]["accuracy"] == pytest.approx(ensemble["oof"]["accuracy"])
-    assert analysis["test_resnet"]["log_loss"] == pytest.approx(ensemble["backbones"]["test_resnet"]["log_loss"])
+    assert analysis["test_resnet"]["log_loss"] == pytest.approx(ensemble["backbones"]["test_resnet"]["oof"]["log_loss"])
     page = (repo / "reports/oof/index.html").read_text()
     assert all(f'id="{m}-slices"' in page for m in ("test_resnet", "test_efficientnet", "ensemble"))
 
@@ -119,7 +127,7 @@ def test_changing_ensemble_weights_reruns_only_the_ensemble_and_its_analysis(rep
     assert set(_status(repo, env)) == {"ensemble"}
     out = _run(["dvc", "repro"], repo, env).stdout
     assert "Running stage 'ensemble'" in out and "Running stage 'analyze'" in out and out.count("Running stage") == 2
-    weights = json.loads((repo / "reports/ensemble.json").read_text())["weights"]
+    weights = json.loads((repo / "reports/ensemble.json").read_text())["methods"]["soft_voting"]["weights"]
     assert weights == {"test_resnet": 0.75, "test_efficientnet": 0.25}
 
 

@@ -1,11 +1,13 @@
 import numpy as np
+import pytest
 import torch
 
-from pipeline.data import to_input
+from pipeline.data import load_prepared, to_input
+from pipeline.metrics import log_loss
 from pipeline.models import create_model
-from pipeline.predict import predict_backbone, predict_proba
+from pipeline.predict import (TTA_VIEWS, merge_views, predict_backbone, predict_proba, predict_views,
+                              select_policy)
 from pipeline.prepare import prepare
-from pipeline.data import load_prepared
 
 CPU = torch.device("cpu")
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
@@ -15,19 +17,62 @@ def _images(n, size=12, seed=0):
     return np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
 
 
-def test_hflip_tta_is_the_mean_over_the_image_and_its_mirror():
+def _normalised(images):
+    return (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) \
+        / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def model():
     torch.manual_seed(0)
-    model = create_model("test_resnet", num_classes=4).eval()
+    return create_model("test_resnet", num_classes=4).eval()
+
+
+def test_hflip_tta_is_the_mean_over_the_image_and_its_mirror(model):
     images = _images(5)
     with torch.no_grad():
-        x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) \
-            / torch.tensor(STD).view(1, 3, 1, 1)
+        x = _normalised(images)
         plain = torch.softmax(model(x), 1).numpy()
         mirrored = torch.softmax(model(x.flip(3)), 1).numpy()
-    got = predict_proba(model, images, MEAN, STD, 12, batch_size=2, device=CPU, hflip=True)
+    got = predict_proba(model, images, MEAN, STD, 12, batch_size=2, device=CPU, views=("identity", "hflip"))
     np.testing.assert_allclose(got, (plain + mirrored) / 2, atol=1e-5)
     np.testing.assert_allclose(predict_proba(model, images, MEAN, STD, 12, 2, CPU), plain, atol=1e-5)
     assert not np.allclose(plain, mirrored)
+
+
+def test_views_transform_the_pixels_as_named():
+    images = _images(2, size=16)
+    x = _normalised(images)
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    raw = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    view = {name: fn(x.clone(), mean, std) for name, fn in TTA_VIEWS.items()}
+    torch.testing.assert_close(view["vflip"], x.flip(2))
+    torch.testing.assert_close(view["rot90"][0, 0], torch.rot90(x[0, 0], 1))
+    torch.testing.assert_close(view["rot180"], x.flip(2).flip(3))
+    torch.testing.assert_close(view["rot270"], torch.rot90(view["rot90"], 2, dims=(2, 3)))
+    torch.testing.assert_close(view["brighter"], ((raw * 1.1).clamp(0, 1) - mean) / std, atol=1e-5, rtol=0)
+    # crops keep 14 of 16 pixels per side, at the named corner (or the centre), resized back to 16x16
+    resize = lambda t: torch.nn.functional.interpolate(t, size=(16, 16), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(view["crop_bl"], resize(x[..., 2:, :14]))
+    torch.testing.assert_close(view["crop_center"], resize(x[..., 1:15, 1:15]))
+    assert {v.shape for v in view.values()} == {x.shape}
+    names = list(view)
+    assert not [(a, b) for i, a in enumerate(names) for b in names[i + 1:] if torch.allclose(view[a], view[b])]
+
+
+def test_every_view_is_computed_once_and_merged_as_configured(model):
+    images = _images(6)
+    logp = predict_views(model, images, MEAN, STD, 12, 4, CPU, ["identity", "vflip", "crop_center"])
+    assert logp.shape == (3, 6, 4)
+    p = np.exp(logp)
+    np.testing.assert_allclose(merge_views(logp, "mean"), p.mean(0), atol=1e-6)
+    geo = np.prod(p, axis=0) ** (1 / 3)
+    np.testing.assert_allclose(merge_views(logp, "geometric"), geo / geo.sum(1, keepdims=True), atol=1e-6)
+    with torch.no_grad():  # mean of logits: the raw model outputs, averaged, then softmax
+        x = _normalised(images)
+        logits = [model(v) for v in (x, x.flip(2), TTA_VIEWS["crop_center"](x, None, None))]
+        expected = torch.softmax(torch.stack(logits).mean(0), 1).numpy()
+    np.testing.assert_allclose(merge_views(logp, "logits"), expected, atol=1e-5)
 
 
 def test_to_input_resizes_to_the_backbone_size():
@@ -35,24 +80,57 @@ def test_to_input_resizes_to_the_backbone_size():
     assert x.shape == (2, 3, 20, 20)
 
 
-def test_oof_rows_come_from_their_own_fold_model_and_test_is_the_fold_mean(comp_config, tmp_path):
+def test_policy_selection_is_cross_fitted():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 90)
+    folds = np.arange(90) % 3
+    good = np.full((90, 3), 0.1)
+    good[np.arange(90), y] = 0.8
+    flat = np.full((90, 3), 1 / 3)
+    # "lucky" is perfect on fold 0 only and flat elsewhere: best overall on fold 0's strength
+    lucky = flat.copy()
+    lucky[folds == 0] = np.eye(3)[y[folds == 0]] * 0.98 + 0.02 / 3
+    chosen, honest = select_policy({"flat": flat, "good": good}, y, folds, "log_loss")
+    assert chosen == "good" and np.array_equal(honest, good)
+    chosen, honest = select_policy({"flat": flat, "lucky": lucky}, y, folds, "log_loss")
+    assert chosen == "lucky"  # in-sample, fold 0's luck decides...
+    # ...but fold 0's honest rows come from the policy best on folds 1-2 (a tie, so the first: flat)
+    assert np.array_equal(honest[folds == 0], flat[folds == 0])
+    assert log_loss(honest, y) > log_loss(lucky, y)
+
+
+def _fold_models(data, root, seeds=(0,)):
+    models = {}
+    for s in seeds:
+        for k in range(data.n_folds):
+            torch.manual_seed(100 * s + k)
+            model = create_model("test_efficientnet", num_classes=3)
+            mean, std = data.fold_stats(k)
+            (root / f"seed{s}" / f"fold{k}").mkdir(parents=True)
+            torch.save({"model": "test_efficientnet", "num_classes": 3, "state_dict": model.state_dict(),
+                        "mean": mean, "std": std, "image_size": 12, "fold": k},
+                       root / f"seed{s}" / f"fold{k}" / "model.pt")
+            models[s, k] = (model.eval(), mean, std)
+    return models
+
+
+def test_oof_rows_come_from_their_own_fold_models_and_test_is_the_mean_of_all(comp_config, tmp_path):
     prepare(comp_config, image_size=12, n_folds=2, seed=0, out_dir=tmp_path / "prepared", workers=1,
             raw_dir=tmp_path / "raw")
     data = load_prepared(tmp_path / "prepared")
-    models = []
-    for k in range(2):
-        torch.manual_seed(k)
-        model = create_model("test_efficientnet", num_classes=3)
-        mean, std = data.fold_stats(k)
-        (tmp_path / "models" / f"fold{k}").mkdir(parents=True)
-        torch.save({"model": "test_efficientnet", "num_classes": 3, "state_dict": model.state_dict(),
-                    "mean": mean, "std": std, "image_size": 12, "fold": k},
-                   tmp_path / "models" / f"fold{k}" / "model.pt")
-        models.append((model.eval(), mean, std))
-    oof, test = predict_backbone(data, tmp_path / "models", hflip=False, batch_size=4, device=CPU)
+    models = _fold_models(data, tmp_path / "models", seeds=(3, 7))
+    policies = {"none": ["identity"], "flip": ["identity", "hflip"]}
+    preds = predict_backbone(data, tmp_path / "models", policies, "mean", batch_size=4, device=CPU)
     folds = data.train["fold"].to_numpy()
-    for k, (model, mean, std) in enumerate(models):
-        expected = predict_proba(model, data.train_images[folds == k], mean, std, 12, 4, CPU)
-        np.testing.assert_allclose(oof[folds == k], expected, atol=1e-6)
-    expected_test = np.mean([predict_proba(m, data.test_images, mu, sd, 12, 4, CPU) for m, mu, sd in models], 0)
-    np.testing.assert_allclose(test, expected_test, atol=1e-6)
+    for name, views in policies.items():
+        got = preds[name]
+        assert got.seeds == ["3", "7"] and got.oof_per_seed.shape == (2, len(folds), 3)
+        for k in range(2):
+            per_seed = [predict_proba(m, data.train_images[folds == k], mu, sd, 12, 4, CPU, views=tuple(views))
+                        for (s, kk), (m, mu, sd) in models.items() if kk == k]
+            np.testing.assert_allclose(got.oof_per_seed[:, folds == k], per_seed, atol=1e-6)
+            np.testing.assert_allclose(got.oof[folds == k], np.mean(per_seed, 0), atol=1e-6)  # the seed bag
+        expected_test = np.mean([predict_proba(m, data.test_images, mu, sd, 12, 4, CPU, views=tuple(views))
+                                 for m, mu, sd in models.values()], 0)
+        np.testing.assert_allclose(got.test, expected_test, atol=1e-6)
+    assert not np.allclose(preds["none"].oof, preds["flip"].oof)

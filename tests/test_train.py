@@ -14,7 +14,8 @@ from pipeline.models import create_model
 from pipeline.predict import load_fold_model, predict_proba
 from pipeline.prepare import prepare
 from pipeline.tracking import Tracker
-from pipeline.train import (build_optimizer, freeze, lr_factor, train_backbone, train_fold,
+from pipeline.metrics import log_loss
+from pipeline.train import (bootstrap_rows, build_optimizer, freeze, lr_factor, train_backbone, train_fold,
                             train_one_epoch)
 
 CPU = torch.device("cpu")
@@ -62,7 +63,7 @@ def test_cv_training_writes_oof_checkpoints_and_an_mlflow_tree(prepared, tmp_pat
     assert metrics["oof"]["accuracy"] == pytest.approx(float((oof.argmax(1) == targets).mean()))
     assert metrics["oof"]["accuracy"] > 0.7  # colour-coded classes: learnt, not chance (1/3)
     for k in range(2):
-        ckpt = torch.load(tmp_path / "models" / f"fold{k}" / "model.pt", weights_only=True)
+        ckpt = torch.load(tmp_path / "models" / "seed0" / f"fold{k}" / "model.pt", weights_only=True)
         assert ckpt["model"] == "test_resnet" and ckpt["num_classes"] == 3
         assert ckpt["mean"] == prepared.fold_stats(k)[0]  # normalised with its own training part
 
@@ -167,7 +168,7 @@ def test_features_sklearn_gives_oof_and_a_predictable_checkpoint(prepared, tmp_p
     oof, metrics = train_backbone(prepared, "b", "test_resnet", s, 16, tmp_path / "models", CPU, OFF)
     np.testing.assert_allclose(oof.sum(1), 1.0, atol=1e-6)
     assert metrics["oof"]["accuracy"] > 0.7  # logistic regression on colour features
-    model, ckpt = load_fold_model(tmp_path / "models" / "fold1" / "model.pt", CPU)
+    model, ckpt = load_fold_model(tmp_path / "models" / "seed0" / "fold1" / "model.pt", CPU)
     folds = prepared.train["fold"].to_numpy()
     again = predict_proba(model, prepared.train_images[folds == 1], ckpt["mean"], ckpt["std"], 16, 8, CPU)
     np.testing.assert_allclose(again, oof[folds == 1], atol=1e-6)
@@ -368,3 +369,36 @@ def test_compile_runs_the_loop_through_torch_compile(prepared):
     torch.manual_seed(0)
     eager = train_fold(create_model("test_vit", 3), *data, dataclasses.replace(s, compile=None), 16, CPU, 3)
     np.testing.assert_allclose(compiled.val_probs, eager.val_probs, atol=1e-5)
+
+
+def test_bootstrap_rows_resample_with_replacement_reproducibly():
+    rows = np.arange(100, 200)
+    a = bootstrap_rows(rows, seed=1, fold=0)
+    assert len(a) == 100 and set(a) <= set(rows)
+    assert len(set(a)) < 80  # with replacement: about 63% distinct
+    assert np.array_equal(a, bootstrap_rows(rows, 1, 0))
+    assert not np.array_equal(a, bootstrap_rows(rows, 2, 0)) and not np.array_equal(a, bootstrap_rows(rows, 1, 1))
+
+
+def test_seed_bag_trains_every_fold_per_seed_and_averages_the_oof(prepared, tmp_path):
+    s = dataclasses.replace(SETTINGS, epochs=1, seeds=[3, 4])
+    bag, metrics = train_backbone(prepared, "b", "test_resnet", s, 16, tmp_path / "models", CPU, OFF)
+    per_seed = []
+    folds = prepared.train["fold"].to_numpy()
+    for seed in (3, 4):
+        oof = np.zeros_like(bag)
+        for k in range(2):
+            model, ckpt = load_fold_model(tmp_path / "models" / f"seed{seed}" / f"fold{k}" / "model.pt", CPU)
+            assert ckpt["seed"] == seed
+            oof[folds == k] = predict_proba(model, prepared.train_images[folds == k], ckpt["mean"], ckpt["std"],
+                                            16, 8, CPU)
+        per_seed.append(oof)
+    np.testing.assert_allclose(bag, np.mean(per_seed, 0), atol=1e-5)
+    assert not np.allclose(per_seed[0], per_seed[1])  # different seeds, different models
+    targets = prepared.train["target"].to_numpy()
+    assert set(metrics["seeds"]) == {"3", "4"}
+    assert metrics["seeds"]["3"]["log_loss"] == pytest.approx(log_loss(per_seed[0], targets), abs=1e-5)
+    assert metrics["oof"]["log_loss"] == pytest.approx(log_loss(bag, targets), abs=1e-5)
+    boot, _ = train_backbone(prepared, "b", "test_resnet", dataclasses.replace(s, seeds=[3], bootstrap=True),
+                             16, tmp_path / "boot", CPU, OFF)
+    assert not np.allclose(boot, per_seed[0], atol=1e-4)  # same seed, resampled rows: another model

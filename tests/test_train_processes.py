@@ -44,7 +44,7 @@ def _train(root: Path, launcher=()):
 
 
 def _weights(root: Path) -> dict:
-    return {k: torch.load(root / f"models/{BACKBONE}/fold{k}/model.pt", weights_only=True)["state_dict"]
+    return {k: torch.load(root / f"models/{BACKBONE}/seed42/fold{k}/model.pt", weights_only=True)["state_dict"]
             for k in range(2)}
 
 
@@ -59,13 +59,13 @@ def test_kill_9_mid_fold_then_rerun_equals_an_uninterrupted_run(tmp_path):
     resume = killed / "models/.resume"
     while time.time() < deadline and proc.poll() is None:
         # fold 0 finished and fold 1 past its first epoch: kill in the middle of the run
-        if list(resume.glob("*/fold0.done.pt")) and list(resume.glob("*/fold1.state.pt")):
+        if list(resume.rglob("fold0.done.pt")) and list(resume.rglob("fold1.state.pt")):
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.005)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (killed / f"models/{BACKBONE}").exists()  # nothing half-written in the output folder
-    state = torch.load(next(resume.glob("*/fold1.state.pt")), weights_only=False)
+    state = torch.load(next(resume.rglob("fold1.state.pt")), weights_only=False)
     assert state["epoch"] < 7
 
     rerun = _train(killed)

@@ -1,77 +1,146 @@
-"""python -m pipeline ensemble  ->  submissions/{submission,oof_probs,test_probs}.csv, reports/ensemble.json
+"""python -m pipeline ensemble  ->  submissions/, reports/ensemble.json
 
-oof_probs.csv and test_probs.csv hold the ensemble's probabilities in the layout of
-predictions/<backbone>/: the analyze stage reads the first, blending with other work can use both.
+Fits every method of `ensemble.methods` on the backbones' OOF probabilities and scores it honestly
+by cross-fitting over the CV folds (fit on k-1 folds' OOF rows, score the held-out fold). Writes
+  submissions/submission.csv               the chosen method (`ensemble.method`; auto = best honest score)
+  submissions/<method>-oof-<metric>-<score>.csv   one submission per method
+  submissions/oof_probs.csv, test_probs.csv       the chosen method's honest OOF and test probabilities
+Test predictions and the answer file are never used to fit anything.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from pipeline.cli import experiment_name, parse_args
 from pipeline.config import ConfigError, load_params
 from pipeline.data import load_prepared
-from pipeline.ensemble import SoftVotingEnsemble, build_submission, local_leaderboard, validate_submission
-from pipeline.io import atomic_write_text, write_json
-from pipeline.metrics import scores
+from pipeline.ensemble import (ENSEMBLES, build_submission, create_ensemble, cross_fit, local_leaderboard,
+                               validate_submission)
+from pipeline.io import atomic_dir, read_json, write_json
+from pipeline.metrics import METRICS, is_better, macro_f1, scores
 from pipeline.predict import probs_frame, read_probs
 from pipeline.prepare import read_submission_format
 from pipeline.tracking import Tracker
 
 PREPARED = Path("data/prepared")
-SUBMISSION = Path("submissions/submission.csv")
-OOF_PROBS = Path("submissions/oof_probs.csv")
-TEST_PROBS = Path("submissions/test_probs.csv")
+SUBMISSIONS = Path("submissions")
+
+
+def _scores(probs: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    return {**scores(probs, y), "macro_f1": macro_f1(probs, y)}
+
+
+def _check(params, where: str) -> list[str]:
+    backbones = list(params.train.backbones)
+    cfg = params.ensemble
+    unknown = sorted(set(cfg.weights) - set(backbones))
+    if unknown:
+        raise ConfigError(f"{where}: ensemble.weights.{unknown[0]} is not a key of train.backbones")
+    bad = [m for m in cfg.methods if m not in ENSEMBLES]
+    if bad or not cfg.methods:
+        raise ConfigError(f"{where}: ensemble.methods: " + (f"unknown method '{bad[0]}' (known: {', '.join(ENSEMBLES)})"
+                                                              if bad else "empty"))
+    if cfg.method != "auto" and cfg.method not in cfg.methods:
+        raise ConfigError(f"{where}: ensemble.method: '{cfg.method}' is not auto or one of ensemble.methods")
+    if cfg.metric not in METRICS:
+        raise ConfigError(f"{where}: ensemble.metric: '{cfg.metric}' is not one of {', '.join(METRICS)}")
+    return backbones
 
 
 def main(argv=None) -> None:
     args = parse_args(argv, __doc__)
     params = load_params(args.params)
-    backbones = list(params.train.backbones)
-    unknown = sorted(set(params.ensemble.weights) - set(backbones))
-    if unknown:
-        raise ConfigError(f"{args.params}: ensemble.weights.{unknown[0]} is not a key of train.backbones")
-    weights = [params.ensemble.weights.get(b, 1.0) for b in backbones]
+    cfg = params.ensemble
+    backbones = _check(params, args.params)
+    weights = [cfg.weights.get(b, 1.0) for b in backbones]
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"{args.params}: ensemble.weights must be non-negative with a positive sum")
 
     data = load_prepared(PREPARED, images=False)
-    y = data.train["target"].to_numpy()
+    y, folds = data.train["target"].to_numpy(), data.train["fold"].to_numpy()
     test_ids = data.test["id"].tolist()
     oof = [read_probs(f"predictions/{b}/oof_probs.csv", data.train["id"], data.classes, b) for b in backbones]
     test = [read_probs(f"predictions/{b}/test_probs.csv", test_ids, data.classes, b) for b in backbones]
-    try:
-        ensemble = SoftVotingEnsemble(weights).fit(oof, y)
-    except ValueError as exc:
-        raise ConfigError(f"{args.params}: ensemble.weights: {exc}") from None
+
+    methods, fitted = {}, {}
+    for name in cfg.methods:
+        def make(name=name):
+            return create_ensemble(name, cfg.metric, weights)
+        try:
+            model = make().fit(oof, y)
+            honest = cross_fit(make, oof, y, folds)
+        except ValueError as exc:  # e.g. stacking on a fold that lacks a class
+            print(f"ensemble method {name} skipped: {exc}")
+            methods[name] = {"error": str(exc)}
+            continue
+        fitted[name] = (model, honest, model.predict_proba(test))
+        methods[name] = {"oof": _scores(honest, y), "oof_in_sample": _scores(model.predict_proba(oof), y)}
+        if hasattr(model, "weights_"):
+            methods[name]["weights"] = dict(zip(backbones, np.round(model.weights_, 6).tolist()))
+    if not fitted:
+        raise ConfigError(f"{args.params}: ensemble.methods: no method could be fitted")
+    if cfg.method == "auto":
+        chosen = None
+        for name in fitted:
+            if chosen is None or is_better(cfg.metric, methods[name]["oof"][cfg.metric], methods[chosen]["oof"][cfg.metric]):
+                chosen = name
+    elif cfg.method in fitted:
+        chosen = cfg.method
+    else:
+        raise ConfigError(f"{args.params}: ensemble.method: {cfg.method} could not be fitted ({methods[cfg.method]['error']})")
 
     sample = pd.read_csv(PREPARED / "sample_submission.csv", dtype=str, keep_default_na=False)
     fmt = read_submission_format(sample, data.classes, str(PREPARED / "sample_submission.csv"))
-    test_probs = ensemble.predict_proba(test)
-    submission = build_submission(test_ids, test_probs, data.classes, fmt)
-    validate_submission(submission, sample, data.classes, fmt)
-
-    oof_probs = ensemble.predict_proba(oof)
+    singles = {}
+    for b, probs in zip(backbones, oof):
+        tta_report = Path(f"predictions/{b}/tta.json")
+        tta = read_json(tta_report) if tta_report.exists() else {}
+        singles[b] = {"oof": _scores(probs, y), "tta": tta.get("policy"),
+                      "oof_no_tta": tta.get("policies", {}).get("none"),
+                      "oof_tta_selection_crossfit": tta.get("oof_selection_crossfit"), "seeds": tta.get("seeds")}
+    best_single = max(backbones, key=lambda b: singles[b]["oof"]["accuracy"])
+    final = methods[chosen]["oof"]
     metrics = {
-        "weights": dict(zip(backbones, ensemble.weights_.tolist())),
-        "oof": scores(oof_probs, y),
-        "backbones": {b: scores(p, y) for b, p in zip(backbones, oof)},
+        "method": chosen, "metric": cfg.metric, "oof": final,
+        "best_single": {"backbone": best_single, **singles[best_single]["oof"]},
+        "gain_over_best_single": {m: final[m] - singles[best_single]["oof"][m] for m in final},
+        "methods": methods, "backbones": singles,
     }
     answers = PREPARED / "answers.csv"
-    if answers.exists():
-        answers_df = pd.read_csv(answers, dtype=str, keep_default_na=False)
-        metrics["local_leaderboard"] = {"accuracy": local_leaderboard(answers_df, test_ids, test_probs, data.classes)}
-
-    atomic_write_text(OOF_PROBS, probs_frame(data.train["id"], oof_probs, data.classes).to_csv(index=False))
-    atomic_write_text(TEST_PROBS, probs_frame(test_ids, test_probs, data.classes).to_csv(index=False))
-    atomic_write_text(SUBMISSION, submission.to_csv(index=False))
+    with atomic_dir(SUBMISSIONS) as out:
+        for name, (_, _, test_probs) in fitted.items():
+            submission = build_submission(test_ids, test_probs, data.classes, fmt)
+            validate_submission(submission, sample, data.classes, fmt)
+            file = f"{name}-oof-{cfg.metric}-{methods[name]['oof'][cfg.metric]:.4f}.csv"
+            submission.to_csv(out / file, index=False)
+            methods[name]["submission"] = f"{SUBMISSIONS}/{file}"
+            if answers.exists():  # reported only, never used to choose
+                methods[name]["local_leaderboard"] = local_leaderboard(
+                    pd.read_csv(answers, dtype=str, keep_default_na=False), test_ids, test_probs, data.classes)
+        _, honest, test_probs = fitted[chosen]
+        build_submission(test_ids, test_probs, data.classes, fmt).to_csv(out / "submission.csv", index=False)
+        probs_frame(data.train["id"], honest, data.classes).to_csv(out / "oof_probs.csv", index=False)
+        probs_frame(test_ids, test_probs, data.classes).to_csv(out / "test_probs.csv", index=False)
+    if "local_leaderboard" in methods[chosen]:
+        metrics["local_leaderboard"] = {"accuracy": methods[chosen]["local_leaderboard"]}
     write_json("reports/ensemble.json", metrics)
+
     tracker = Tracker(params.tracking.enabled, experiment_name(params))
-    with tracker.run("ensemble", params={f"weight_{b}": w for b, w in metrics["weights"].items()},
+    with tracker.run("ensemble", params={"method": chosen, "metric": cfg.metric, "methods": ",".join(cfg.methods),
+                                         **{f"weight_{b}": w for b, w in methods[chosen].get("weights", {}).items()}},
                      tags={"stage": "ensemble"}):
-        tracker.log_metrics({f"oof_{m}": v for m, v in metrics["oof"].items()})
+        tracker.log_metrics({f"oof_{m}": v for m, v in final.items()})
+        tracker.log_metrics({f"{n}_oof_{m}": v for n in fitted for m, v in methods[n]["oof"].items()})
+        tracker.log_metrics({f"gain_{m}": v for m, v in metrics["gain_over_best_single"].items()})
         if "local_leaderboard" in metrics:
             tracker.log_metrics({"local_leaderboard_accuracy": metrics["local_leaderboard"]["accuracy"]})
-        tracker.log_artifact(str(SUBMISSION))
-    lb = metrics.get("local_leaderboard", {}).get("accuracy")
-    print(f"ensemble OOF accuracy {metrics['oof']['accuracy']:.4f}"
-          + (f", local leaderboard {lb:.4f}" if lb is not None else "") + f" -> {SUBMISSION}")
+        tracker.log_artifact(str(SUBMISSIONS / "submission.csv"))
+        tracker.log_artifact("reports/ensemble.json")
+    for name in fitted:
+        print(f"{name:>13}: honest OOF accuracy {methods[name]['oof']['accuracy']:.4f}, "
+              f"log loss {methods[name]['oof']['log_loss']:.4f}" + (" <- submission.csv" if name == chosen else ""))
+    print(f"best single backbone {best_single}: OOF accuracy {singles[best_single]['oof']['accuracy']:.4f}; "
+          f"gain of the ensemble {metrics['gain_over_best_single']['accuracy']:+.4f}")

@@ -1,23 +1,64 @@
-"""python -m pipeline predict --backbone NAME  ->  predictions/NAME/{oof,test}_probs.csv, reports/predict/NAME.json"""
+"""python -m pipeline predict --backbone NAME  ->  predictions/NAME/{oof,test}_probs.csv + tta.json, reports/predict/NAME.json
+
+TTA: `tta.select` (or `tta.backbones.NAME`) names a policy of `tta.policies`, or `auto`: every
+candidate policy is computed (each view once per model) and the one with the best OOF `tta.metric`
+is kept. Its honest score, from choosing on the other folds only, is reported beside it.
+"""
 from __future__ import annotations
 
 from pipeline.cli import load_with_backbone, parse_args
+from pipeline.config import ConfigError
 from pipeline.data import load_prepared
 from pipeline.io import atomic_dir, write_json
-from pipeline.metrics import scores
+from pipeline.metrics import METRICS, scores
 from pipeline.models import pick_device
-from pipeline.predict import predict_backbone, probs_frame
+from pipeline.predict import TTA_VIEWS, predict_backbone, probs_frame, select_policy
 
 
 def main(argv=None) -> None:
     args = parse_args(argv, __doc__, backbone=True)
     params, backbone = load_with_backbone(args)
+    tta = params.tta
+    select = tta.backbones.get(backbone, tta.select)
+    where = f"{args.params}: tta"
+    for name, views in tta.policies.items():
+        bad = [v for v in views if v not in TTA_VIEWS]
+        if bad or not views:
+            raise ConfigError(f"{where}.policies.{name}: unknown view '{bad[0]}' (known: {', '.join(TTA_VIEWS)})"
+                              if bad else f"{where}.policies.{name}: empty list of views")
+    unknown = sorted(set(tta.backbones) - set(params.train.backbones))
+    if unknown:
+        raise ConfigError(f"{where}.backbones.{unknown[0]} is not a key of train.backbones")
+    if tta.merge not in ("mean", "geometric", "logits"):
+        raise ConfigError(f"{where}.merge: '{tta.merge}' is not mean, geometric or logits")
+    if tta.metric not in METRICS:
+        raise ConfigError(f"{where}.metric: '{tta.metric}' is not one of {', '.join(METRICS)}")
+    pool = (tta.candidates or list(tta.policies)) if select == "auto" else [select]
+    missing = [c for c in pool if c not in tta.policies]
+    if missing:
+        key = "candidates" if select == "auto" else ("backbones." + backbone if backbone in tta.backbones else "select")
+        raise ConfigError(f"{where}.{key}: '{missing[0]}' is not a policy of tta.policies")
+    # "none" is always computed, so the no-TTA score is reported beside the chosen policy's
+    computed = list(dict.fromkeys((["none"] if "none" in tta.policies else []) + pool))
+
     data = load_prepared()
-    oof, test = predict_backbone(data, f"models/{backbone}", params.predict.hflip_tta, params.predict.batch_size,
-                                 pick_device())
+    y, folds = data.train["target"].to_numpy(), data.train["fold"].to_numpy()
+    preds = predict_backbone(data, f"models/{backbone}", {c: tta.policies[c] for c in computed}, tta.merge,
+                             params.predict.batch_size, pick_device())
+    chosen, honest = select_policy({c: preds[c].oof for c in pool}, y, folds, tta.metric)
+    best = preds[chosen]
+    report = {
+        "policy": chosen, "select": select, "merge": tta.merge, "views": tta.policies[chosen],
+        "oof": scores(best.oof, y),
+        "oof_selection_crossfit": scores(honest, y),  # the honest score of choosing the policy on OOF
+        "policies": {c: scores(p.oof, y) for c, p in preds.items()},
+        "seeds": {seed: scores(o, y) for seed, o in zip(best.seeds, best.oof_per_seed)},
+    }
     with atomic_dir(f"predictions/{backbone}") as out:
-        probs_frame(data.train["id"], oof, data.classes).to_csv(out / "oof_probs.csv", index=False)
-        probs_frame(data.test["id"], test, data.classes).to_csv(out / "test_probs.csv", index=False)
-    metrics = {"hflip_tta": params.predict.hflip_tta, "oof": scores(oof, data.train["target"].to_numpy())}
-    write_json(f"reports/predict/{backbone}.json", metrics)
-    print(f"{backbone}: OOF accuracy with this TTA policy {metrics['oof']['accuracy']:.4f}")
+        probs_frame(data.train["id"], best.oof, data.classes).to_csv(out / "oof_probs.csv", index=False)
+        probs_frame(data.test["id"], best.test, data.classes).to_csv(out / "test_probs.csv", index=False)
+        write_json(out / "tta.json", report)
+    write_json(f"reports/predict/{backbone}.json", report)
+    line = ", ".join(f"{c} {s['accuracy']:.4f}" for c, s in report["policies"].items())
+    print(f"{backbone}: OOF accuracy by TTA policy: {line}; chosen: {chosen} "
+          f"(honest {report['oof_selection_crossfit']['accuracy']:.4f})")
