@@ -3,7 +3,7 @@
 Fits every method of `ensemble.methods` on the backbones' OOF probabilities and scores it honestly
 by cross-fitting over the CV folds (fit on k-1 folds' OOF rows, score the held-out fold). Writes
   submissions/submission.csv               the chosen method (`ensemble.method`; auto = best honest score)
-  submissions/<method>-oof-<metric>-<score>.csv   one submission per method
+  submissions/methods/<method>-oof-<metric>-<score>.csv   one submission per method
   submissions/oof_probs.csv, test_probs.csv       the chosen method's honest OOF and test probabilities
 Test predictions and the answer file are never used to fit anything.
 """
@@ -19,7 +19,7 @@ from pipeline.config import ConfigError, load_params
 from pipeline.data import load_prepared
 from pipeline.ensemble import (ENSEMBLES, build_submission, create_ensemble, cross_fit, local_leaderboard,
                                validate_submission)
-from pipeline.io import atomic_dir, read_json, write_json
+from pipeline.io import atomic_dir, atomic_write_text, read_json, write_json
 from pipeline.metrics import METRICS, is_better, macro_f1, scores
 from pipeline.predict import probs_frame, read_probs
 from pipeline.prepare import read_submission_format
@@ -110,20 +110,21 @@ def main(argv=None) -> None:
         "methods": methods, "backbones": singles,
     }
     answers = PREPARED / "answers.csv"
-    with atomic_dir(SUBMISSIONS) as out:
+    with atomic_dir(SUBMISSIONS / "methods") as out:
         for name, (_, _, test_probs) in fitted.items():
             submission = build_submission(test_ids, test_probs, data.classes, fmt)
             validate_submission(submission, sample, data.classes, fmt)
             file = f"{name}-oof-{cfg.metric}-{methods[name]['oof'][cfg.metric]:.4f}.csv"
             submission.to_csv(out / file, index=False)
-            methods[name]["submission"] = f"{SUBMISSIONS}/{file}"
+            methods[name]["submission"] = f"{SUBMISSIONS}/methods/{file}"
             if answers.exists():  # reported only, never used to choose
                 methods[name]["local_leaderboard"] = local_leaderboard(
                     pd.read_csv(answers, dtype=str, keep_default_na=False), test_ids, test_probs, data.classes)
-        _, honest, test_probs = fitted[chosen]
-        build_submission(test_ids, test_probs, data.classes, fmt).to_csv(out / "submission.csv", index=False)
-        probs_frame(data.train["id"], honest, data.classes).to_csv(out / "oof_probs.csv", index=False)
-        probs_frame(test_ids, test_probs, data.classes).to_csv(out / "test_probs.csv", index=False)
+    _, honest, test_probs = fitted[chosen]
+    atomic_write_text(SUBMISSIONS / "oof_probs.csv", probs_frame(data.train["id"], honest, data.classes).to_csv(index=False))
+    atomic_write_text(SUBMISSIONS / "test_probs.csv", probs_frame(test_ids, test_probs, data.classes).to_csv(index=False))
+    atomic_write_text(SUBMISSIONS / "submission.csv",
+                      build_submission(test_ids, test_probs, data.classes, fmt).to_csv(index=False))
     if "local_leaderboard" in methods[chosen]:
         metrics["local_leaderboard"] = {"accuracy": methods[chosen]["local_leaderboard"]}
     write_json("reports/ensemble.json", metrics)
