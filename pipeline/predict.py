@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from pipeline.config import ConfigError
 from pipeline.data import PreparedData, to_input
 from pipeline.errors import PipelineError
 from pipeline.metrics import METRICS, is_better
@@ -238,6 +239,30 @@ def predict_backbone(data: PreparedData, model_dir: str | Path, policies: dict[s
                 test[p] += merge_views(tst[sel], merge)
     seeds = [path.parent.parent.name[4:] for path in models[0]]
     return {p: PolicyPredictions(oof[p].mean(0), oof[p], test[p] / (data.n_folds * n_seeds), seeds) for p in policies}
+
+
+def resolve_tta(tta, backbone: str, backbones: list[str], where: str) -> tuple[list[str], list[str]]:
+    """Check the `tta` params for one backbone; return (the policies to choose from, the policies to
+    compute: those plus `none`, so the no-TTA score is always reported)."""
+    for name, views in tta.policies.items():
+        bad = [v for v in views if v not in TTA_VIEWS]
+        if bad or not views:
+            raise ConfigError(f"{where}.policies.{name}: unknown view '{bad[0]}' (known: {', '.join(TTA_VIEWS)})"
+                              if bad else f"{where}.policies.{name}: empty list of views")
+    unknown = sorted(set(tta.backbones) - set(backbones))
+    if unknown:
+        raise ConfigError(f"{where}.backbones.{unknown[0]} is not a key of train.backbones")
+    if tta.merge not in ("mean", "geometric", "logits"):
+        raise ConfigError(f"{where}.merge: '{tta.merge}' is not mean, geometric or logits")
+    if tta.metric not in METRICS:
+        raise ConfigError(f"{where}.metric: '{tta.metric}' is not one of {', '.join(METRICS)}")
+    select = tta.backbones.get(backbone, tta.select)
+    pool = (tta.candidates or list(tta.policies)) if select == "auto" else [select]
+    missing = [c for c in pool if c not in tta.policies]
+    if missing:
+        key = "candidates" if select == "auto" else ("backbones." + backbone if backbone in tta.backbones else "select")
+        raise ConfigError(f"{where}.{key}: '{missing[0]}' is not a policy of tta.policies")
+    return pool, list(dict.fromkeys((["none"] if "none" in tta.policies else []) + pool))
 
 
 def select_policy(oof: dict[str, np.ndarray], y: np.ndarray, folds: np.ndarray, metric: str

@@ -60,7 +60,7 @@ def test_ece_and_reliability_match_hand_computation():
 
 
 def test_fold_scores_and_spread():
-    table = fold_scores(PROBS, Y, FOLDS, 3)
+    table = fold_scores(PROBS, Y, FOLDS)
     acc0, acc1 = 2 / 3, 2 / 3
     assert table.loc["0", "accuracy"] == pytest.approx(acc0) and table.loc["1", "rows"] == 3
     log_loss1 = -np.mean(np.log([0.25, 0.85, 0.34]))

@@ -1,6 +1,14 @@
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
+
+from pipeline import __main__ as cli
+from pipeline.config import CompetitionConfig
+from pipeline.predict import probs_frame
+from pipeline.prepare import prepare
+from tests.conftest import write_competition
 
 from pipeline.ensemble import (ENSEMBLES, HardVotingEnsemble, RankAveragingEnsemble, SoftVotingEnsemble,
                                build_submission, create_ensemble, cross_fit, local_leaderboard, validate_submission)
@@ -185,3 +193,66 @@ def test_every_method_keeps_the_estimator_contract(method):
     assert ens.predict([good, noisy[0]]).tolist() == probs.argmax(1).tolist()
     with pytest.raises(ValueError, match="members"):
         ens.predict_proba([good])
+
+
+# ---------------------------------------------------------------- the stage through its CLI
+
+
+@pytest.fixture
+def oof_run(tmp_path, monkeypatch):
+    """Prepared data plus OOF and test probabilities of a good and a noisy backbone."""
+    comp = write_competition(tmp_path / "raw" / "comp", n_per_class=10, n_test=6)
+    prepare(CompetitionConfig(source=str(comp)), image_size=8, n_folds=3, seed=0, out_dir=tmp_path / "data/prepared",
+            workers=1)
+    train = pd.read_csv(tmp_path / "data/prepared/train.csv", dtype={"id": str, "label": str})
+    test = pd.read_csv(tmp_path / "data/prepared/test.csv", dtype={"id": str})
+    rng = np.random.default_rng(0)
+    y = train["target"].to_numpy()
+    good = np.full((len(y), 3), 0.15)
+    good[np.arange(len(y)), y] = 0.7
+    for name, oof in (("good", good), ("noisy", rng.dirichlet(np.ones(3), len(y)))):
+        (tmp_path / "predictions" / name).mkdir(parents=True)
+        probs_frame(train["id"], oof, CLASSES).to_csv(tmp_path / f"predictions/{name}/oof_probs.csv", index=False)
+        probs_frame(test["id"], rng.dirichlet(np.ones(3), len(test)), CLASSES).to_csv(
+            tmp_path / f"predictions/{name}/test_probs.csv", index=False)
+    (tmp_path / "params.yaml").write_text("train:\n  backbones: {good: {}, noisy: {}}\ntracking: {enabled: false}\n")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_stage_scores_every_method_honestly_and_submits_the_best(oof_run):
+    assert cli.main(["ensemble"]) == 0
+    report = json.loads((oof_run / "reports/ensemble.json").read_text())
+    methods = report["methods"]
+    assert set(methods) == set(ENSEMBLES)
+    best = min(methods, key=lambda m: methods[m]["oof"]["log_loss"])
+    assert report["method"] == best and report["oof"] == methods[best]["oof"]
+    for name, m in methods.items():
+        sub = pd.read_csv(oof_run / m["submission"], dtype=str)
+        assert m["submission"] == f"submissions/methods/{name}-oof-log_loss-{m['oof']['log_loss']:.4f}.csv"
+        assert len(sub) == 6 and set(sub["label"]) <= set(CLASSES)
+    assert methods["caruana"]["weights"]["good"] > 0.9
+    assert report["best_single"]["backbone"] == "good"
+    gain = report["gain_over_best_single"]["log_loss"]
+    assert gain == pytest.approx(report["oof"]["log_loss"] - report["best_single"]["log_loss"])
+    # the ensemble's OOF file is the honest (cross-fitted) one, the submission its test probabilities
+    train = pd.read_csv(oof_run / "data/prepared/train.csv", dtype={"id": str})
+    honest = pd.read_csv(oof_run / "submissions/oof_probs.csv").iloc[:, 1:].to_numpy()
+    assert log_loss(honest, train["target"].to_numpy()) == pytest.approx(report["oof"]["log_loss"])
+    chosen = pd.read_csv(oof_run / methods[best]["submission"], dtype=str)
+    assert pd.read_csv(oof_run / "submissions/submission.csv", dtype=str).equals(chosen)
+
+
+@pytest.mark.parametrize("line, message", [
+    ("ensemble: {methods: [soft_voting, blend9]}", "ensemble.methods: unknown method 'blend9'"),
+    ("ensemble: {method: caruana, methods: [soft_voting]}", "ensemble.method: 'caruana' is not auto or one of"),
+    ("ensemble: {metric: auc}", "ensemble.metric: 'auc' is not one of"),
+    ("ensemble: {weights: {nope: 1}}", "ensemble.weights.nope is not a key of train.backbones"),
+])
+def test_bad_ensemble_params_fail_with_one_line(oof_run, capsys, line, message):
+    with open(oof_run / "params.yaml", "a") as f:
+        f.write(line + "\n")
+    assert cli.main(["ensemble"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (oof_run / "submissions").exists()

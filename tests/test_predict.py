@@ -1,12 +1,16 @@
+import re
+
 import numpy as np
 import pytest
 import torch
+
+from pipeline.config import ConfigError, parse_params
 
 from pipeline.data import load_prepared, to_input
 from pipeline.metrics import log_loss
 from pipeline.models import create_model
 from pipeline.predict import (TTA_VIEWS, merge_views, predict_backbone, predict_proba, predict_views,
-                              select_policy)
+                              resolve_tta, select_policy)
 from pipeline.prepare import prepare
 
 CPU = torch.device("cpu")
@@ -134,3 +138,24 @@ def test_oof_rows_come_from_their_own_fold_models_and_test_is_the_mean_of_all(co
                                  for m, mu, sd in models.values()], 0)
         np.testing.assert_allclose(got.test, expected_test, atol=1e-6)
     assert not np.allclose(preds["none"].oof, preds["flip"].oof)
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"policies": {"odd": ["identity", "twirl"]}}, "tta.policies.odd: unknown view 'twirl'"),
+    ({"candidates": ["none", "sharpen"]}, "tta.candidates: 'sharpen' is not a policy of tta.policies"),
+    ({"select": "hflip2"}, "tta.select: 'hflip2' is not a policy"),
+    ({"backbones": {"net": "nope"}}, "tta.backbones.net: 'nope' is not a policy"),
+    ({"backbones": {"other": "hflip"}}, "tta.backbones.other is not a key of train.backbones"),
+    ({"merge": "median"}, "tta.merge: 'median' is not mean, geometric or logits"),
+])
+def test_bad_tta_params_name_the_key(raw, message):
+    tta = parse_params({"tta": raw}).tta
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resolve_tta(tta, "net", ["net"], "params.yaml: tta")
+
+
+def test_tta_pool_and_computed_policies():
+    tta = parse_params({"tta": {"select": "auto", "candidates": ["hflip", "five_crop"]}}).tta
+    assert resolve_tta(tta, "net", ["net"], "t") == (["hflip", "five_crop"], ["none", "hflip", "five_crop"])
+    fixed = parse_params({"tta": {"backbones": {"net": "rot90"}}}).tta
+    assert resolve_tta(fixed, "net", ["net"], "t") == (["rot90"], ["none", "rot90"])

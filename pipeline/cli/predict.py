@@ -7,39 +7,18 @@ is kept. Its honest score, from choosing on the other folds only, is reported be
 from __future__ import annotations
 
 from pipeline.cli import load_with_backbone, parse_args
-from pipeline.config import ConfigError
 from pipeline.data import load_prepared
 from pipeline.io import atomic_dir, write_json
-from pipeline.metrics import METRICS, scores
+from pipeline.metrics import scores
 from pipeline.models import pick_device
-from pipeline.predict import TTA_VIEWS, predict_backbone, probs_frame, select_policy
+from pipeline.predict import predict_backbone, probs_frame, resolve_tta, select_policy
 
 
 def main(argv=None) -> None:
     args = parse_args(argv, __doc__, backbone=True)
     params, backbone = load_with_backbone(args)
     tta = params.tta
-    select = tta.backbones.get(backbone, tta.select)
-    where = f"{args.params}: tta"
-    for name, views in tta.policies.items():
-        bad = [v for v in views if v not in TTA_VIEWS]
-        if bad or not views:
-            raise ConfigError(f"{where}.policies.{name}: unknown view '{bad[0]}' (known: {', '.join(TTA_VIEWS)})"
-                              if bad else f"{where}.policies.{name}: empty list of views")
-    unknown = sorted(set(tta.backbones) - set(params.train.backbones))
-    if unknown:
-        raise ConfigError(f"{where}.backbones.{unknown[0]} is not a key of train.backbones")
-    if tta.merge not in ("mean", "geometric", "logits"):
-        raise ConfigError(f"{where}.merge: '{tta.merge}' is not mean, geometric or logits")
-    if tta.metric not in METRICS:
-        raise ConfigError(f"{where}.metric: '{tta.metric}' is not one of {', '.join(METRICS)}")
-    pool = (tta.candidates or list(tta.policies)) if select == "auto" else [select]
-    missing = [c for c in pool if c not in tta.policies]
-    if missing:
-        key = "candidates" if select == "auto" else ("backbones." + backbone if backbone in tta.backbones else "select")
-        raise ConfigError(f"{where}.{key}: '{missing[0]}' is not a policy of tta.policies")
-    # "none" is always computed, so the no-TTA score is reported beside the chosen policy's
-    computed = list(dict.fromkeys((["none"] if "none" in tta.policies else []) + pool))
+    pool, computed = resolve_tta(tta, backbone, list(params.train.backbones), f"{args.params}: tta")
 
     data = load_prepared()
     y, folds = data.train["target"].to_numpy(), data.train["fold"].to_numpy()
@@ -48,7 +27,7 @@ def main(argv=None) -> None:
     chosen, honest = select_policy({c: preds[c].oof for c in pool}, y, folds, tta.metric)
     best = preds[chosen]
     report = {
-        "policy": chosen, "select": select, "merge": tta.merge, "views": tta.policies[chosen],
+        "policy": chosen, "select": tta.backbones.get(backbone, tta.select), "merge": tta.merge, "views": tta.policies[chosen],
         "oof": scores(best.oof, y),
         "oof_selection_crossfit": scores(honest, y),  # the honest score of choosing the policy on OOF
         "policies": {c: scores(p.oof, y) for c, p in preds.items()},
