@@ -1,4 +1,5 @@
 # make run   set up .venv, then `dvc repro` on params.yaml (default: the embedded sklearn-digits competition)
+# make run PRESET=cpu-fast   merge configs/presets/cpu-fast.yaml into params.yaml first
 # make test  set up .venv, then the test suite
 VENV   ?= .venv
 PYTHON ?= python3
@@ -17,11 +18,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
 
+PRESET ?=
+
 run: setup
+ifneq ($(PRESET),)
+	python -m pipeline preset $(PRESET)
+endif
 	dvc repro
 
 test: setup
 	python -m pytest
 
 clean:
-	rm -rf data/prepared models/*/ predictions reports submissions/*.csv mlflow.db mlruns mlartifacts
+	rm -rf data/prepared models/*/ predictions reports submissions/*.csv submissions/methods mlflow.db mlruns mlartifacts

@@ -7,6 +7,7 @@
     python -m pipeline ensemble
     python -m pipeline analyze
 
+and, not a stage, `python -m pipeline preset <name>` (merge configs/presets/<name>.yaml into params.yaml).
 Bad input ends with one line `error: ...` on stderr and exit status 1.
 """
 from __future__ import annotations
@@ -15,16 +16,17 @@ import importlib
 import sys
 
 STAGES = ("prepare", "tune", "train", "predict", "ensemble", "analyze")
+MODULES = {**{s: f"pipeline.cli.{s}" for s in STAGES}, "preset": "pipeline.presets"}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in STAGES:
-        print(f"usage: python -m pipeline {{{','.join(STAGES)}}} [options]", file=sys.stderr)
+    if not argv or argv[0] not in MODULES:
+        print(f"usage: python -m pipeline {{{','.join(MODULES)}}} [options]", file=sys.stderr)
         return 2
     from pipeline.errors import PipelineError
 
-    stage = importlib.import_module(f"pipeline.cli.{argv[0]}")
+    stage = importlib.import_module(MODULES[argv[0]])
     try:
         stage.main(argv[1:])
     except PipelineError as exc:

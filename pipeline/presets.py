@@ -1,0 +1,80 @@
+"""Presets: small named overrides of params.yaml in configs/presets/<name>.yaml.
+
+    python -m pipeline preset cifar10-cpu     # merge configs/presets/cifar10-cpu.yaml into params.yaml
+    make run PRESET=cifar10-cpu               # the same, then `dvc repro`
+
+A preset file holds only the keys it changes, nested as in params.yaml. Mappings merge key by key;
+lists and values replace; `train.backbones` is replaced whole, because a preset that names
+backbones means exactly those. params.yaml keeps its comments; `git checkout params.yaml` undoes it.
+"""
+from __future__ import annotations
+
+import copy
+import io
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import ConfigError, Params, parse_params
+from pipeline.io import atomic_write_text
+
+PRESETS = Path("configs/presets")
+REPLACED_WHOLE = {("train", "backbones")}
+
+
+def list_presets(folder: str | Path = PRESETS) -> list[str]:
+    return sorted(p.stem for p in Path(folder).glob("*.yaml"))
+
+
+def load_preset(name: str, folder: str | Path = PRESETS) -> dict:
+    """The preset's overrides, checked against the params schema (unknown keys name the file)."""
+    path = Path(folder) / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such preset (presets: {', '.join(list_presets(folder)) or 'none'})")
+    try:
+        delta = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
+    parse_params(delta, source=str(path))  # every key exists and has the right type
+    return delta
+
+
+def merge(base, delta, path: tuple = ()):
+    """`delta` applied over `base` in place (see the module docstring); returns `base`."""
+    for key, value in delta.items():
+        here = (*path, key)
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and here not in REPLACED_WHOLE:
+            merge(base[key], value, here)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
+def apply_preset(name: str, params_path: str | Path = "params.yaml", folder: str | Path = PRESETS) -> Params:
+    """Merge preset `name` into `params_path`, keeping its comments; validate before writing."""
+    from ruamel.yaml import YAML
+
+    delta = load_preset(name, folder)
+    rt = YAML()
+    rt.preserve_quotes = True
+    rt.width = 4096
+    params_path = Path(params_path)
+    doc = rt.load(params_path.read_text()) or {}
+    merge(doc, delta)
+    out = io.StringIO()
+    rt.dump(doc, out)
+    resolved = parse_params(yaml.safe_load(out.getvalue()) or {}, source=f"{params_path} with preset {name}")
+    atomic_write_text(params_path, out.getvalue())
+    return resolved
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", help="a file name (without .yaml) in configs/presets/")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    params = apply_preset(args.name, args.params)
+    print(f"preset {args.name} applied to {args.params}: backbones {', '.join(params.train.backbones)}, "
+          f"{params.cv.n_folds} folds, competition {params.competition.source}")

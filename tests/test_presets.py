@@ -1,0 +1,69 @@
+"""Presets: every shipped one is a valid override of the params schema, and applying one keeps
+params.yaml's comments and changes exactly what the preset names."""
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import __main__ as cli
+from pipeline.config import ConfigError, Params, load_params, parse_params, to_dict
+from pipeline.presets import apply_preset, list_presets, load_preset, merge
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = ROOT / "configs" / "presets"
+
+
+def test_the_presets_the_readme_names_are_shipped():
+    assert {"demo", "cpu-fast"} <= set(list_presets(PRESETS))
+
+
+@pytest.mark.parametrize("name", list_presets(PRESETS))
+def test_every_preset_key_exists_in_the_params_schema(name):
+    delta = load_preset(name, PRESETS)  # raises on an unknown key or a wrong type
+    resolved = parse_params(merge(to_dict(Params()), delta))
+    flat_delta = _leaves(delta)
+    flat_resolved = _leaves(to_dict(resolved))
+    for key, value in flat_delta.items():  # the preset's values reach the resolved params
+        assert any(k == key or k.startswith(key + ".") for k in flat_resolved), key
+
+
+def _leaves(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_leaves(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_a_preset_with_an_unknown_key_is_refused_naming_the_file(tmp_path):
+    (tmp_path / "typo.yaml").write_text("train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml: unknown key 'train.epoch'"):
+        load_preset("typo", tmp_path)
+    with pytest.raises(ConfigError, match="no such preset"):
+        load_preset("missing", tmp_path)
+
+
+def test_merge_replaces_backbones_whole_and_merges_other_mappings():
+    base = {"train": {"backbones": {"a": {}, "b": {"lr": 1}}, "epochs": 5, "augment": [1, 2]}, "cv": {"n_folds": 5}}
+    merge(base, {"train": {"backbones": {"c": {}}, "augment": [3]}, "cv": {"seed": 1}})
+    assert base == {"train": {"backbones": {"c": {}}, "epochs": 5, "augment": [3]}, "cv": {"n_folds": 5, "seed": 1}}
+
+
+def test_applying_cpu_fast_changes_only_its_keys_and_keeps_comments(tmp_path, monkeypatch):
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(PRESETS, tmp_path / "configs" / "presets")
+    monkeypatch.chdir(tmp_path)
+    before = load_params("params.yaml")
+    assert cli.main(["preset", "cpu-fast"]) == 0
+    after = load_params("params.yaml")
+    assert after.cv.n_folds == 3 and after.competition.max_train_rows == 10000
+    assert after.tta.candidates == ["none", "hflip", "five_crop"]
+    assert after.train == before.train and after.prepare == before.prepare  # untouched
+    text = (tmp_path / "params.yaml").read_text()
+    assert "# Every key is optional" in text and "# one train@<name> and predict@<name>" in text
+    assert cli.main(["preset", "cpu-fast"]) == 0  # idempotent
+    assert (tmp_path / "params.yaml").read_text() == text
+    assert cli.main(["preset", "nope"]) == 1
