@@ -5,8 +5,79 @@ from pathlib import Path
 
 import timm
 import torch
+import torch.nn as nn
+from timm.models import register_model
 
 from pipeline.errors import PipelineError
+
+
+# ---------------------------------------------------------------- small nets for 32 px inputs
+
+
+class _ConvGroup(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding="same", bias=False)
+        self.pool = nn.MaxPool2d(2)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding="same", bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        x = self.act(self.bn1(self.pool(self.conv1(x))))
+        return self.act(self.bn2(self.conv2(x)))
+
+
+class CifarNet(nn.Module):
+    """A 3-group conv net for 32 px images in the style of airbench (Keller Jordan's CIFAR-10 speed
+    runs): a 2x2 stem, three (conv, max-pool, conv) groups, global max pooling, a scaled linear head.
+    timm's ImageNet backbones spend most of their compute shrinking 224 px inputs; at 32 px this
+    trains faster per image and learns more per epoch on 2 CPU cores (measured in the README)."""
+
+    def __init__(self, widths=(32, 64, 128), num_classes: int = 1000, drop_rate: float = 0.0, **_):
+        super().__init__()
+        self.num_classes = num_classes
+        self.num_features = widths[-1]
+        self.stem = nn.Sequential(nn.Conv2d(3, 24, 2, bias=True), nn.GELU())
+        self.layers = nn.Sequential(_ConvGroup(24, widths[0]), _ConvGroup(widths[0], widths[1]),
+                                    _ConvGroup(widths[1], widths[2]))
+        self.drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes, bias=False) if num_classes else nn.Identity()
+
+    def group_matcher(self, coarse: bool = False) -> dict:  # timm's API: what `finetune: freeze` freezes
+        return {"stem": r"^stem", "blocks": r"^layers\.(\d+)"}
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool=None) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes, bias=False) if num_classes else nn.Identity()
+
+    def forward(self, x):
+        x = torch.amax(self.layers(self.stem(x)), dim=(2, 3))
+        return self.head(self.drop(x)) / 9 if self.num_classes else x  # /9: airbench's output scale
+
+
+@register_model
+def cifar_net_s(pretrained=False, **kwargs) -> CifarNet:
+    """Widths 32/64/128: about 960 training images/s at 32 px on 2 CPU cores."""
+    return CifarNet((32, 64, 128), **kwargs)
+
+
+@register_model
+def cifar_net_m(pretrained=False, **kwargs) -> CifarNet:
+    return CifarNet((48, 128, 192), **kwargs)
+
+
+@register_model
+def cifar_net_l(pretrained=False, **kwargs) -> CifarNet:
+    """airbench94's widths, 64/256/256."""
+    return CifarNet((64, 256, 256), **kwargs)
+
+
+# ---------------------------------------------------------------- any timm model by name
 
 
 def check_backbone(name: str, key: str = "train.backbones") -> None:

@@ -402,3 +402,19 @@ def test_seed_bag_trains_every_fold_per_seed_and_averages_the_oof(prepared, tmp_
     boot, _ = train_backbone(prepared, "b", "test_resnet", dataclasses.replace(s, seeds=[3], bootstrap=True),
                              16, tmp_path / "boot", CPU, OFF)
     assert not np.allclose(boot, per_seed[0], atol=1e-4)  # same seed, resampled rows: another model
+
+
+def test_registered_cifar_net_is_a_timm_model_that_trains_and_freezes(prepared):
+    import timm
+
+    assert timm.is_model("cifar_net_s")
+    model = create_model("cifar_net_s", num_classes=3, drop_rate=0.1)
+    assert model(torch.zeros(2, 3, 16, 16)).shape == (2, 3)
+    assert create_model("cifar_net_s", num_classes=0)(torch.zeros(2, 3, 16, 16)).shape == (2, 128)
+    frozen = freeze(model, 0)  # the stem only
+    assert frozen and all(n.startswith("stem") for n in frozen)
+    torch.manual_seed(0)
+    result = train_fold(create_model("cifar_net_s", 3), *_fold0(prepared), dataclasses.replace(SETTINGS, epochs=3),
+                        16, CPU, 3)
+    y_val = prepared.train["target"].to_numpy()[prepared.train["fold"].to_numpy() == 0]
+    assert (result.val_probs.argmax(1) == y_val).mean() > 0.7  # colour-coded classes: learnt
