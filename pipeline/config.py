@@ -88,6 +88,7 @@ class TrainSettings:
     ema_decay: float | None = None  # EMA of weights; each epoch keeps whichever of EMA/live validates better
     early_stopping_patience: int | None = None  # stop a fold after this many epochs without improvement
     monitor: str = "accuracy"  # which validation metric picks the best epoch: accuracy or log_loss
+    val_every: int = 1  # validate every N epochs and after the last; = epochs: the last epoch's weights, no choice
     # augmentation (train only): albumentations transforms in order, {ClassName: {kwargs}}
     augment: list[dict[str, dict]] = field(default_factory=lambda: [dict(a) for a in DEFAULT_AUGMENT])
     augment_p: float = 1.0  # augmentation strength: the share of training images the whole list is applied to
@@ -172,6 +173,8 @@ DEFAULT_TTA_POLICIES = {
     "rot90": ["identity", "rot90", "rot180", "rot270"],
     "five_crop": ["identity", "crop_tl", "crop_tr", "crop_bl", "crop_br", "crop_center"],
     "brightness": ["identity", "brighter", "darker"],
+    # airbench's CIFAR-10 TTA: both mirrors, each also translated by one pixel both ways
+    "hflip_shift": ["identity", "hflip", "shift_ul", "shift_dr", "hflip_shift_ul", "hflip_shift_dr"],
 }
 
 

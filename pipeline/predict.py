@@ -26,7 +26,7 @@ from pipeline.config import ConfigError
 from pipeline.data import PreparedData, to_input
 from pipeline.errors import PipelineError
 from pipeline.metrics import METRICS, is_better
-from pipeline.models import amp_dtype, create_model
+from pipeline.models import amp_dtype, create_model, use_channels_last
 
 # ---------------------------------------------------------------- TTA views and merges
 
@@ -67,6 +67,21 @@ for _name, _where in (("crop_tl", "tl"), ("crop_tr", "tr"), ("crop_bl", "bl"), (
     register_view(_name)(_crop(_where))
 
 
+def _shift(dy: int, dx: int, flip: bool = False):
+    def view(x, mean, std):  # translate by (dy, dx) px, edges reflected: the training pad-and-crop's test twin
+        h, w = x.shape[-2:]
+        x = torch.flip(x, dims=[3]) if flip else x
+        p = max(abs(dy), abs(dx))
+        padded = F.pad(x, (p, p, p, p), mode="reflect")
+        return padded[..., p - dy : p - dy + h, p - dx : p - dx + w]
+    return view
+
+
+for _name, _args in (("shift_ul", (-1, -1)), ("shift_dr", (1, 1)), ("hflip_shift_ul", (-1, -1, True)),
+                     ("hflip_shift_dr", (1, 1, True))):
+    register_view(_name)(_shift(*_args))
+
+
 def _brightness(factor: float):
     def view(x, mean, std):  # scale raw pixel values, clipped to [0, 1], then normalise again
         return ((x * std + mean) * factor).clamp_(0, 1).sub_(mean).div_(std)
@@ -101,10 +116,10 @@ def _forward_batches(model: torch.nn.Module, images: np.ndarray, mean, std, imag
                      device: torch.device, views: list[str], output: Callable[[torch.Tensor], torch.Tensor],
                      desc: str | None) -> np.ndarray:
     """`output(model(view(x)))` for every view and image: an array (V, N, ...), batched, on `device`,
-    in mixed precision on CUDA (channels_last), halving the batch on CUDA out-of-memory."""
+    in mixed precision on CUDA, channels_last on CUDA and CPU, halving the batch on CUDA out-of-memory."""
     model.eval()
     dtype = amp_dtype(device)
-    channels_last = device.type == "cuda"
+    channels_last = use_channels_last(device)
     mean_t = torch.as_tensor(mean, device=device, dtype=torch.float32).view(1, -1, 1, 1)
     std_t = torch.as_tensor(std, device=device, dtype=torch.float32).view(1, -1, 1, 1)
     out, start = [], 0
@@ -188,7 +203,7 @@ def load_fold_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Mo
     if sklearn_head.exists():
         model = FeaturesClassifier(model, joblib.load(sklearn_head))
     model.to(device)
-    if device.type == "cuda":
+    if use_channels_last(device):
         model = model.to(memory_format=torch.channels_last)
     return model, ckpt
 

@@ -37,7 +37,7 @@ from pipeline.config import ConfigError, TrainSettings
 from pipeline.data import ImageDataset, PreparedData, build_loader, build_train_transform, default_num_workers, to_input
 from pipeline.errors import PipelineError
 from pipeline.metrics import scores
-from pipeline.models import amp_dtype, create_model
+from pipeline.models import amp_dtype, create_model, use_channels_last
 from pipeline.predict import predict_proba
 
 FINETUNE_MODES = ("full", "freeze", "linear_probe", "features+sklearn")
@@ -62,6 +62,8 @@ def check_settings(s: TrainSettings, where: str) -> None:
             raise ConfigError(f"{where}.{key} must be one of {list(allowed)}, got '{getattr(s, key)}'")
     if (s.mixup_alpha > 0 or s.cutmix_alpha > 0) and s.batch_size % 2:
         raise ConfigError(f"{where}.batch_size must be even with mixup/cutmix, got {s.batch_size}")
+    if s.val_every < 1:
+        raise ConfigError(f"{where}.val_every must be >= 1, got {s.val_every}")
     if s.grad_accum_steps < 1:
         raise ConfigError(f"{where}.grad_accum_steps must be >= 1, got {s.grad_accum_steps}")
 
@@ -152,7 +154,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, mean, std, imag
     model.train()
     _frozen_norms_to_eval(model)
     dtype = amp_dtype(device)
-    channels_last = device.type == "cuda"
+    channels_last = use_channels_last(device)
     total, count = 0.0, 0
     optimizer.zero_grad(set_to_none=True)
     n_batches = len(loader)
@@ -220,7 +222,7 @@ def train_fold(model: torch.nn.Module, train_images: np.ndarray, train_targets: 
     when called, training continues from it.
     """
     model.to(device)
-    if device.type == "cuda":
+    if use_channels_last(device):
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, s)  # before freezing: timm leaves frozen parameters out
     if s.finetune in ("freeze", "linear_probe"):
@@ -257,8 +259,9 @@ def train_fold(model: torch.nn.Module, train_images: np.ndarray, train_targets: 
         if ema is not None:
             ema.load_state_dict(state["ema"])
         start_epoch, best, history, stale = state["epoch"] + 1, state["best"], state["history"], state["stale"]
-        best_state = state["best_state"] or {k: v.clone() for k, v in state["model"].items()}
-        best_result = FoldResult(best_state, state["best_probs"], state["best_epoch"])
+        if best is not None:
+            best_state = state["best_state"] or {k: v.clone() for k, v in state["model"].items()}
+            best_result = FoldResult(best_state, state["best_probs"], state["best_epoch"])
         if distributed.is_main():
             tqdm.write(f"{where}: resuming after epoch {start_epoch}/{s.epochs}")
 
@@ -286,6 +289,18 @@ def train_fold(model: torch.nn.Module, train_images: np.ndarray, train_targets: 
                 f"{where}: out of GPU memory at train.batch_size={s.batch_size}; lower it (e.g. to "
                 f"{max(1, s.batch_size // 2)}) and raise train.grad_accum_steps to keep the effective batch") from None
         distributed.sync_buffers(model)
+        row = {"train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"]}
+        if (epoch + 1) % s.val_every and epoch + 1 < s.epochs:  # no validation this epoch
+            row["epoch_seconds"] = time.perf_counter() - started
+            history.append(row)
+            if distributed.is_main():
+                tqdm.write(f"{where} epoch {epoch + 1}/{s.epochs}: train_loss {train_loss:.4f}  "
+                           f"({row['epoch_seconds']:.1f} s)")
+            _checkpoint(state_path, epoch, model, optimizer, scheduler, scaler, ema, best, stale, history,
+                        best_result, "model")
+            if on_epoch is not None:
+                on_epoch(epoch, row)
+            continue
         candidates = [("model", model)] + ([("ema", ema.module)] if ema is not None else [])
         evaluated = [(name, *evaluate(m, val_images, val_targets, mean, std, image_size, s.batch_size * 2, device))
                      for name, m in candidates]
@@ -293,9 +308,8 @@ def train_fold(model: torch.nn.Module, train_images: np.ndarray, train_targets: 
         for entry in evaluated[1:]:
             if _is_better(s.monitor, entry[1], val):
                 source, val, probs = entry
-        row = {"train_loss": train_loss, "val_accuracy": val["accuracy"], "val_log_loss": val["log_loss"],
-               "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - started,
-               "ema_chosen": float(source == "ema")}
+        row.update({"val_accuracy": val["accuracy"], "val_log_loss": val["log_loss"],
+                    "epoch_seconds": time.perf_counter() - started, "ema_chosen": float(source == "ema")})
         history.append(row)
         if distributed.is_main():
             tqdm.write(f"{where} epoch {epoch + 1}/{s.epochs}: train_loss {train_loss:.4f}  val_accuracy "
@@ -308,21 +322,29 @@ def train_fold(model: torch.nn.Module, train_images: np.ndarray, train_targets: 
                                      probs, epoch)
         else:
             stale += 1
-        if state_path is not None and distributed.is_main():
-            _save_atomic({
-                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                "ema": ema.state_dict() if ema is not None else None, "best": best, "stale": stale,
-                "history": history, "best_probs": best_result.val_probs,
-                # the best weights are the live ones most epochs: store them only when they differ
-                "best_state": None if best_result.best_epoch == epoch and source == "model" else best_result.state_dict,
-                "best_epoch": best_result.best_epoch,
-            }, state_path)
-        distributed.barrier()
+        _checkpoint(state_path, epoch, model, optimizer, scheduler, scaler, ema, best, stale, history,
+                    best_result, source)
         if on_epoch is not None:  # after the checkpoint: a callback that raises leaves a resumable state
             on_epoch(epoch, row)
     best_result.history = history
     return best_result
+
+
+def _checkpoint(state_path, epoch, model, optimizer, scheduler, scaler, ema, best, stale, history,
+                best_result: FoldResult | None, source: str) -> None:
+    """A fold's full state after `epoch`, written atomically by rank 0 (nothing without `state_path`)."""
+    if state_path is not None and distributed.is_main():
+        _save_atomic({
+            "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+            "ema": ema.state_dict() if ema is not None else None, "best": best, "stale": stale,
+            "history": history, "best_probs": best_result.val_probs if best_result else None,
+            # the best weights are the live ones most epochs: store them only when they differ
+            "best_state": None if best_result is None or (best_result.best_epoch == epoch and source == "model")
+            else best_result.state_dict,
+            "best_epoch": best_result.best_epoch if best_result else None,
+        }, state_path)
+    distributed.barrier()
 
 
 def fit_features_classifier(model: torch.nn.Module, train_images, train_targets, val_images, mean, std,

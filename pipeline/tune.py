@@ -181,6 +181,8 @@ def make_objective(data: PreparedData, model_name: str, base: TrainSettings, spa
                                          drop_rate=settings.drop_rate, drop_path_rate=settings.drop_path_rate)
 
                     def report(epoch: int, row: dict, i=i) -> None:
+                        if f"val_{tune.metric}" not in row:  # an epoch without validation (train.val_every)
+                            return
                         value = row[f"val_{tune.metric}"]
                         tracker.log_metrics({f"val_{tune.metric}": value}, step=epoch)
                         trial.report(value, step=i * epochs + epoch)

@@ -59,6 +59,11 @@ def test_views_transform_the_pixels_as_named():
     resize = lambda t: torch.nn.functional.interpolate(t, size=(16, 16), mode="bilinear", align_corners=False)
     torch.testing.assert_close(view["crop_bl"], resize(x[..., 2:, :14]))
     torch.testing.assert_close(view["crop_center"], resize(x[..., 1:15, 1:15]))
+    # 1 px translations: content moves up-left / down-right, the uncovered edge reflected
+    torch.testing.assert_close(view["shift_ul"][..., :15, :15], x[..., 1:, 1:])
+    torch.testing.assert_close(view["shift_dr"][..., 1:, 1:], x[..., :15, :15])
+    torch.testing.assert_close(view["shift_dr"][..., 0, 1:], x[..., 1, :15])
+    torch.testing.assert_close(view["hflip_shift_ul"][..., :15, :15], x.flip(3)[..., 1:, 1:])
     assert {v.shape for v in view.values()} == {x.shape}
     names = list(view)
     assert not [(a, b) for i, a in enumerate(names) for b in names[i + 1:] if torch.allclose(view[a], view[b])]

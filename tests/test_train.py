@@ -418,3 +418,32 @@ def test_registered_cifar_net_is_a_timm_model_that_trains_and_freezes(prepared):
                         16, CPU, 3)
     y_val = prepared.train["target"].to_numpy()[prepared.train["fold"].to_numpy() == 0]
     assert (result.val_probs.argmax(1) == y_val).mean() > 0.7  # colour-coded classes: learnt
+
+
+def test_val_every_skips_validation_and_keeps_the_last_epoch_when_it_equals_epochs(prepared, tmp_path):
+    data = _fold0(prepared)
+    s = dataclasses.replace(SETTINGS, epochs=3, val_every=3)
+    torch.manual_seed(0)
+    result = train_fold(create_model("test_resnet", 3), *data, s, 16, CPU, 3)
+    assert ["val_accuracy" in row for row in result.history] == [False, False, True]
+    assert result.best_epoch == 2
+    model = create_model("test_resnet", 3)
+    model.load_state_dict(result.state_dict)
+    np.testing.assert_allclose(predict_proba(model, data[2], data[4], data[5], 16, 8, CPU), result.val_probs, atol=1e-6)
+
+    # killed after an unvalidated epoch, it resumes to the same weights
+    class Killed(Exception):
+        pass
+
+    def kill(epoch, row):
+        if epoch == 0:
+            raise Killed
+    torch.manual_seed(0)
+    with pytest.raises(Killed):
+        train_fold(create_model("test_resnet", 3), *data, s, 16, CPU, 3, on_epoch=kill,
+                   state_path=tmp_path / "state.pt")
+    resumed = train_fold(create_model("test_resnet", 3), *data, s, 16, CPU, 3, state_path=tmp_path / "state.pt")
+    np.testing.assert_array_equal(resumed.val_probs, result.val_probs)
+    with pytest.raises(PipelineError, match="train.val_every"):
+        from pipeline.train import check_settings
+        check_settings(dataclasses.replace(s, val_every=0), "train")
