@@ -45,6 +45,22 @@ class CifarNet(nn.Module):
         self.drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes, bias=False) if num_classes else nn.Identity()
 
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor, eps: float = 5e-4) -> None:
+        """Data-dependent init (airbench's patch whitening): the 2x2 stem becomes the whitening
+        transform of the training images' 2x2 patches, each eigen-direction with both signs, and its
+        weights stay fixed. `x`: a normalised batch of training images (N, 3, H, W)."""
+        conv = self.stem[0]
+        c, kh, kw = conv.in_channels, *conv.kernel_size
+        patches = x.float().unfold(2, kh, 1).unfold(3, kw, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, c * kh * kw)
+        patches = patches - patches.mean(0)
+        eigval, eigvec = torch.linalg.eigh(patches.T @ patches / len(patches))
+        filters = (eigvec.T / torch.sqrt(eigval.clamp_min(0) + eps)[:, None]).flip(0)  # largest first
+        filters = torch.cat([filters, -filters])[: conv.out_channels]
+        conv.weight.copy_(filters.reshape(-1, c, kh, kw).to(conv.weight))
+        conv.bias.zero_()
+        conv.weight.requires_grad_(False)
+
     def group_matcher(self, coarse: bool = False) -> dict:  # timm's API: what `finetune: freeze` freezes
         return {"stem": r"^stem", "blocks": r"^layers\.(\d+)"}
 

@@ -222,6 +222,9 @@ def train_fold(model: torch.nn.Module, train_images: np.ndarray, train_targets: 
     when called, training continues from it.
     """
     model.to(device)
+    if hasattr(model, "init_from_data"):  # data-dependent init (cifar_net_*: patch whitening), training rows only
+        sample = np.asarray(train_images[np.random.default_rng(s.seed).permutation(len(train_images))[:5000]])
+        model.init_from_data(to_input(torch.from_numpy(sample), mean, std, image_size, device))
     if use_channels_last(device):
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, s)  # before freezing: timm leaves frozen parameters out

@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 from timm.data import Mixup
 
 from pipeline.config import TrainSettings
-from pipeline.data import build_train_transform, load_prepared
+from pipeline.data import build_train_transform, load_prepared, to_input
 from pipeline.errors import PipelineError
 from pipeline.models import create_model
 from pipeline.predict import load_fold_model, predict_proba
@@ -414,10 +414,31 @@ def test_registered_cifar_net_is_a_timm_model_that_trains_and_freezes(prepared):
     frozen = freeze(model, 0)  # the stem only
     assert frozen and all(n.startswith("stem") for n in frozen)
     torch.manual_seed(0)
-    result = train_fold(create_model("cifar_net_s", 3), *_fold0(prepared), dataclasses.replace(SETTINGS, epochs=3),
-                        16, CPU, 3)
+    net = create_model("cifar_net_s", 3)
+    stems = []
+    result = train_fold(net, *_fold0(prepared), dataclasses.replace(SETTINGS, epochs=3), 16, CPU, 3,
+                        on_epoch=lambda epoch, row: stems.append(net.stem[0].weight.detach().clone()))
     y_val = prepared.train["target"].to_numpy()[prepared.train["fold"].to_numpy() == 0]
     assert (result.val_probs.argmax(1) == y_val).mean() > 0.7  # colour-coded classes: learnt
+    # the stem was initialised as the whitening transform of the fold's training patches, then kept fixed
+    tr_images, _, _, _, mean, std = _fold0(prepared)
+    model = create_model("cifar_net_s", 3)
+    fresh_stem = model.stem[0].weight.clone()
+    model.load_state_dict(result.state_dict)
+    stem = model.stem[0]
+    assert not torch.allclose(stem.weight, fresh_stem)
+    x = to_input(torch.from_numpy(tr_images), mean, std, 16, CPU)
+    patches = x.unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12)
+    out = (patches - patches.mean(0)) @ stem.weight.reshape(24, 12).T
+    cov = torch.cov(out[:, :12].T)
+    eigval = torch.linalg.eigvalsh(torch.cov(patches.T)).flip(0)
+    # each eigen-direction comes out with variance eigval / (eigval + eps): ~1 unless nearly constant...
+    torch.testing.assert_close(torch.diagonal(cov), eigval / (eigval + 5e-4), atol=0.02, rtol=0)
+    assert (torch.diagonal(cov) > 0.9).sum() >= 6
+    assert (cov - torch.diag(torch.diagonal(cov))).abs().max() < 0.02  # ...and uncorrelated with the others
+    torch.testing.assert_close(stem.weight[12:], -stem.weight[:12])
+    assert len(stems) == 3 and all(torch.equal(w, stems[0]) for w in stems)  # not trained
+    torch.testing.assert_close(stems[0], stem.weight.contiguous())
 
 
 def test_val_every_skips_validation_and_keeps_the_last_epoch_when_it_equals_epochs(prepared, tmp_path):
