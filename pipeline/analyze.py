@@ -16,13 +16,9 @@ import pandas as pd
 from scipy.stats import fisher_exact
 from sklearn.metrics import precision_recall_fscore_support
 
-from pipeline.metrics import accuracy, log_loss, macro_f1
+from pipeline.metrics import METRICS, scores
 
 # ---------------------------------------------------------------- scores
-
-
-def headline_scores(probs: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    return {"accuracy": accuracy(probs, y), "log_loss": log_loss(probs, y), "macro_f1": macro_f1(probs, y)}
 
 
 def per_class_scores(probs: np.ndarray, y: np.ndarray, classes: list[str]) -> pd.DataFrame:
@@ -34,7 +30,7 @@ def per_class_scores(probs: np.ndarray, y: np.ndarray, classes: list[str]) -> pd
 
 def fold_scores(probs: np.ndarray, y: np.ndarray, folds: np.ndarray) -> pd.DataFrame:
     """Scores of each fold's validation rows (rows: fold 0..k-1), then `mean` and `std` across folds."""
-    rows = {str(k): {"rows": int((folds == k).sum()), **headline_scores(probs[folds == k], y[folds == k])}
+    rows = {str(k): {"rows": int((folds == k).sum()), **scores(probs[folds == k], y[folds == k], METRICS)}
             for k in np.unique(folds)}
     table = pd.DataFrame.from_dict(rows, orient="index")
     spread = table.drop(columns="rows").agg(["mean", "std"])  # std over folds (ddof=1), as CV reports it
@@ -299,7 +295,7 @@ def analyze_model(name: str, probs: np.ndarray, y: np.ndarray, folds: np.ndarray
     cm = confusion_counts(y, pred, len(classes))
     slices = slice_errors(pred != y, properties, slice_buckets, alpha)
     return ModelAnalysis(
-        name=name, probs=probs, scores=headline_scores(probs, y),
+        name=name, probs=probs, scores=scores(probs, y, METRICS),
         folds=fold_scores(probs, y, folds), per_class=per_class_scores(probs, y, classes),
         confusion=cm, pairs=most_confused_pairs(cm, pairs), worst=worst_rows(probs, y, top_k),
         confident_wrong=confident_wrong_rows(probs, y, top_k), reliability=reliability,

@@ -34,5 +34,6 @@ def is_better(metric: str, new: float, old: float) -> bool:
     return new > old if METRICS[metric][1] else new < old
 
 
-def scores(probs: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    return {"accuracy": accuracy(probs, y), "log_loss": log_loss(probs, y)}
+def scores(probs: np.ndarray, y: np.ndarray, names=("accuracy", "log_loss")) -> dict[str, float]:
+    """{name: score} for each metric in `names` (all of METRICS: pass METRICS)."""
+    return {name: METRICS[name][0](probs, y) for name in names}

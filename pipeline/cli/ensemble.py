@@ -20,17 +20,13 @@ from pipeline.data import load_prepared
 from pipeline.ensemble import (ENSEMBLES, build_submission, create_ensemble, cross_fit, local_leaderboard,
                                validate_submission)
 from pipeline.io import atomic_dir, atomic_write_text, read_json, write_json
-from pipeline.metrics import METRICS, is_better, macro_f1, scores
+from pipeline.metrics import METRICS, is_better, scores
 from pipeline.predict import probs_frame, read_probs
 from pipeline.prepare import read_submission_format
 from pipeline.tracking import Tracker
 
 PREPARED = Path("data/prepared")
 SUBMISSIONS = Path("submissions")
-
-
-def _scores(probs: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    return {**scores(probs, y), "macro_f1": macro_f1(probs, y)}
 
 
 def _check(params, where: str) -> list[str]:
@@ -77,7 +73,8 @@ def main(argv=None) -> None:
             methods[name] = {"error": str(exc)}
             continue
         fitted[name] = (model, honest, model.predict_proba(test))
-        methods[name] = {"oof": _scores(honest, y), "oof_in_sample": _scores(model.predict_proba(oof), y)}
+        methods[name] = {"oof": scores(honest, y, METRICS),
+                         "oof_in_sample": scores(model.predict_proba(oof), y, METRICS)}
         if hasattr(model, "weights_"):
             methods[name]["weights"] = dict(zip(backbones, np.round(model.weights_, 6).tolist()))
     if not fitted:
@@ -98,7 +95,7 @@ def main(argv=None) -> None:
     for b, probs in zip(backbones, oof):
         tta_report = Path(f"predictions/{b}/tta.json")
         tta = read_json(tta_report) if tta_report.exists() else {}
-        singles[b] = {"oof": _scores(probs, y), "tta": tta.get("policy"),
+        singles[b] = {"oof": scores(probs, y, METRICS), "tta": tta.get("policy"),
                       "oof_no_tta": tta.get("policies", {}).get("none"),
                       "oof_tta_selection_crossfit": tta.get("oof_selection_crossfit"), "seeds": tta.get("seeds")}
     best_single = max(backbones, key=lambda b: singles[b]["oof"]["accuracy"])
