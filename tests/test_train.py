@@ -18,6 +18,8 @@ from pipeline.metrics import log_loss
 from pipeline.train import (bootstrap_rows, build_optimizer, freeze, lr_factor, train_backbone, train_fold,
                             train_one_epoch)
 
+pytestmark = pytest.mark.training  # trains or tunes: CI runs these again on another instruction set
+
 CPU = torch.device("cpu")
 SETTINGS = TrainSettings(epochs=4, batch_size=4, lr=1e-2, weight_decay=0.0, warmup_epochs=0.5,
                          augment=[{"HorizontalFlip": {"p": 0.5}}], seed=0)

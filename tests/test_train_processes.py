@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
@@ -15,6 +16,8 @@ from mlflow.tracking import MlflowClient
 from pipeline.config import CompetitionConfig
 from pipeline.prepare import prepare
 from tests.conftest import write_competition
+
+pytestmark = pytest.mark.training  # trains or tunes: CI runs these again on another instruction set
 
 BACKBONE = "test_resnet"
 
