@@ -40,7 +40,8 @@ from train_overhead import bare_loop  # noqa: E402
 from pipeline.config import load_params, resolve_train_settings  # noqa: E402
 from pipeline.data import ImageDataset, build_loader, build_train_transform, load_prepared, to_input  # noqa: E402
 from pipeline.models import create_model, pick_device, use_channels_last  # noqa: E402
-from pipeline.predict import predict_proba  # noqa: E402
+from pipeline.inference import predict_proba  # noqa: E402
+from pipeline.predict import predict_tta  # noqa: E402
 from pipeline.prepare import _decode  # noqa: E402
 from pipeline.train import build_optimizer, lr_factor, train_one_epoch  # noqa: E402
 
@@ -124,8 +125,8 @@ def profile_backbone(name, model_name, s, image_size, images, targets, mean, std
     model = fresh()
     evals = [len(imgs) / _timed(lambda: predict_proba(model, imgs, mean, std, image_size, 2 * s.batch_size, device))
              for _ in range(repeats)]
-    preds = [len(imgs) / _timed(lambda: predict_proba(model, imgs, mean, std, image_size, 2 * s.batch_size, device,
-                                                       views=tuple(views)))
+    preds = [len(imgs) / _timed(lambda: predict_tta(model, imgs, mean, std, image_size, 2 * s.batch_size, device,
+                                                     views=tuple(views)))
              for _ in range(repeats)]
     per_image["eval"] = 1 / statistics.median(evals)
     per_image["predict"] = 1 / statistics.median(preds)

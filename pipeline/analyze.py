@@ -16,7 +16,7 @@ import pandas as pd
 from scipy.stats import fisher_exact
 from sklearn.metrics import precision_recall_fscore_support
 
-from pipeline.metrics import METRICS, scores
+from pipeline.metrics import METRICS, fold_spread, scores
 
 # ---------------------------------------------------------------- scores
 
@@ -33,7 +33,7 @@ def fold_scores(probs: np.ndarray, y: np.ndarray, folds: np.ndarray) -> pd.DataF
     rows = {str(k): {"rows": int((folds == k).sum()), **scores(probs[folds == k], y[folds == k], METRICS)}
             for k in np.unique(folds)}
     table = pd.DataFrame.from_dict(rows, orient="index")
-    spread = table.drop(columns="rows").agg(["mean", "std"])  # std over folds (ddof=1), as CV reports it
+    spread = pd.DataFrame({m: fold_spread(table[m]) for m in table.columns if m != "rows"}, index=["mean", "std"])
     table = pd.concat([table, spread])
     table["rows"] = table["rows"].astype("Int64")  # empty for mean and std
     return table

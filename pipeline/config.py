@@ -13,11 +13,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from pipeline.errors import PipelineError
+
+
+Metric = Literal["accuracy", "log_loss", "macro_f1"]  # the scores of pipeline/metrics.py
 
 
 @dataclass(frozen=True)
@@ -62,17 +65,17 @@ class TrainSettings:
     batch_size: int = 32
     image_size: int | None = None  # network input size; defaults to prepare.image_size
     # transfer learning: full | freeze | linear_probe | features+sklearn
-    finetune: str = "full"
+    finetune: Literal["full", "freeze", "linear_probe", "features+sklearn"] = "full"
     freeze_stages: int = -1  # freeze: stem + this many stages; -1 = everything but the head
     unfreeze_epoch: int | None = None  # freeze: train everything from this epoch (0-based) on
-    sklearn_classifier: str = "logistic_regression"  # features+sklearn: logistic_regression | svm
+    sklearn_classifier: Literal["logistic_regression", "svm"] = "logistic_regression"  # features+sklearn
     layer_decay: float | None = None  # layer-wise lr decay: lr x decay^(depth from the head)
     # optimisation
     optimizer: str = "adamw"  # any timm optimizer name: adamw, sgd (Nesterov momentum), lamb, ...
     lr: float = 3e-3
     weight_decay: float = 0.05
     momentum: float = 0.9
-    scheduler: str = "cosine"  # cosine | onecycle | step | constant, all per step with linear warmup
+    scheduler: Literal["cosine", "onecycle", "step", "constant"] = "cosine"  # per step, after a linear warmup
     warmup_epochs: float = 1.0
     step_epochs: float = 2.0  # step: decay the lr by step_gamma every step_epochs
     step_gamma: float = 0.1
@@ -87,7 +90,7 @@ class TrainSettings:
     drop_path_rate: float = 0.0
     ema_decay: float | None = None  # EMA of weights; each epoch keeps whichever of EMA/live validates better
     early_stopping_patience: int | None = None  # stop a fold after this many epochs without improvement
-    monitor: str = "accuracy"  # which validation metric picks the best epoch: accuracy or log_loss
+    monitor: Literal["accuracy", "log_loss"] = "accuracy"  # which validation metric picks the best epoch
     val_every: int = 1  # validate every N epochs and after the last; = epochs: the last epoch's weights, no choice
     # augmentation (train only): albumentations transforms in order, {ClassName: {kwargs}}
     augment: list[dict[str, dict]] = field(default_factory=lambda: [dict(a) for a in DEFAULT_AUGMENT])
@@ -133,6 +136,22 @@ def resolve_train_settings(train: TrainConfig, backbone: str, tuned: dict | None
     return dataclasses.replace(TrainSettings(**shared), **{**(tuned or {}), **explicit})
 
 
+def check_train_settings(s: TrainSettings, where: str) -> None:
+    """Raise ConfigError naming the key for what a field's type cannot say: the choices of a Literal
+    field (for values that come from tuning rather than params.yaml) and the cross-field rules."""
+    hints = typing.get_type_hints(TrainSettings)
+    for f in dataclasses.fields(TrainSettings):
+        if typing.get_origin(hints[f.name]) is Literal and getattr(s, f.name) not in typing.get_args(hints[f.name]):
+            raise ConfigError(f"{where}.{f.name} must be one of {list(typing.get_args(hints[f.name]))}, "
+                              f"got {getattr(s, f.name)!r}")
+    if (s.mixup_alpha > 0 or s.cutmix_alpha > 0) and s.batch_size % 2:
+        raise ConfigError(f"{where}.batch_size must be even with mixup/cutmix, got {s.batch_size}")
+    if s.val_every < 1:
+        raise ConfigError(f"{where}.val_every must be >= 1, got {s.val_every}")
+    if s.grad_accum_steps < 1:
+        raise ConfigError(f"{where}.grad_accum_steps must be >= 1, got {s.grad_accum_steps}")
+
+
 @dataclass(frozen=True)
 class TuneConfig:
     """Optuna search per backbone; the best values feed that backbone's train stage."""
@@ -141,9 +160,9 @@ class TuneConfig:
     n_trials: int = 8  # finished (complete or pruned) trials per study, across reruns and workers
     folds: list[int] = field(default_factory=lambda: [0, 1])  # the folds a trial trains, in order
     epochs: int | None = 2  # epochs per fold in a trial; null = train.epochs
-    metric: str = "accuracy"  # accuracy (maximised) or log_loss (minimised), mean over the folds
-    sampler: str = "tpe"  # tpe | random | qmc
-    pruner: str = "median"  # median | hyperband | none
+    metric: Metric = "accuracy"  # the mean over the folds; log_loss minimised, the others maximised
+    sampler: Literal["tpe", "random", "qmc"] = "tpe"
+    pruner: Literal["median", "hyperband", "none"] = "median"
     startup_trials: int = 3  # trials before pruning starts
     storage: str | None = None  # SQLAlchemy URL; null = $OPTUNA_STORAGE or sqlite:///optuna.db
     heartbeat_seconds: int = 10  # a trial silent for 2x this is failed and retried with its parameters
@@ -185,8 +204,9 @@ class TTAConfig:
     select: str = "auto"  # a policy name, or auto: the candidate with the best OOF `metric`, per backbone
     # the policies auto compares (each view costs a forward pass); null = all. The demo's: no flips, for digits
     candidates: list[str] | None = field(default_factory=lambda: ["none", "five_crop", "brightness"])
-    merge: str = "mean"  # mean of probabilities | geometric (renormalised) | logits (softmax of the mean logits)
-    metric: str = "log_loss"  # log_loss | accuracy | macro_f1
+    # mean of probabilities | geometric (renormalised) | logits (softmax of the mean logits)
+    merge: Literal["mean", "geometric", "logits"] = "mean"
+    metric: Metric = "log_loss"
     policies: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_TTA_POLICIES.items()})
     backbones: dict[str, str] = field(default_factory=dict)  # per-backbone `select`, e.g. {resnet10t: hflip}
 
@@ -198,7 +218,7 @@ class EnsembleConfig:
     method: str = "auto"  # the method behind submission.csv; auto = the best honest OOF `metric`
     methods: list[str] = field(default_factory=lambda: ["soft_voting", "hard_voting", "caruana", "optimized",
                                                         "rank_average", "stacking"])
-    metric: str = "log_loss"  # fits caruana's weights and picks `auto`: log_loss | accuracy | macro_f1
+    metric: Metric = "log_loss"  # fits caruana's weights and picks `auto`
     weights: dict[str, float] = field(default_factory=dict)  # soft_voting: backbone -> weight; missing ones get 1
 
 
@@ -297,6 +317,10 @@ def _coerce(hint, value: Any, key: str, source: str):
         return _coerce(inner, value, key, source)
     if dataclasses.is_dataclass(hint):
         return _build(hint, {} if value is None else value, key + ".", source)
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{source}: '{key}' must be one of {list(args)}, got {value!r}")
     if hint is dict:  # free-form keyword arguments, e.g. of an albumentations transform
         if value is None or isinstance(value, dict):
             return dict(value or {})

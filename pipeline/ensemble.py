@@ -7,14 +7,12 @@ by cross-fitting over the CV folds, so the score that picks the final method is 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-import pandas as pd
 
-from pipeline.errors import PipelineError
-from pipeline.metrics import METRICS
-from pipeline.prepare import SubmissionFormat
+from pipeline.metrics import METRICS, argbest, is_better, scores
 
 
 ENSEMBLES: dict[str, type] = {}
@@ -36,6 +34,11 @@ class _Ensemble:
     (N, C) array per member) and returns self; learned state ends in `_`; `predict_proba(probs_list)`
     combines new probabilities of the same members; `predict` is its argmax.
     """
+
+    @classmethod
+    def from_config(cls, metric: str, weights=None) -> "_Ensemble":
+        """An unfitted instance from `ensemble.*` params; a method that takes neither ignores them."""
+        return cls()
 
     def fit(self, probs_list: list[np.ndarray], y: np.ndarray):
         probs = _stack(probs_list)
@@ -82,6 +85,10 @@ class SoftVotingEnsemble(_Ensemble):
     def __init__(self, weights=None):
         self.weights = weights
 
+    @classmethod
+    def from_config(cls, metric: str, weights=None) -> "SoftVotingEnsemble":
+        return cls(weights)
+
     def _fit(self, probs, y):
         weights = np.ones(len(probs)) if self.weights is None else np.asarray(self.weights, dtype=float)
         if weights.shape != (len(probs),) or (weights < 0).any() or weights.sum() <= 0:
@@ -124,6 +131,10 @@ class CaruanaEnsemble(_Ensemble):
         self.metric = metric
         self.n_iter = n_iter
 
+    @classmethod
+    def from_config(cls, metric: str, weights=None) -> "CaruanaEnsemble":
+        return cls(metric=metric)
+
     def _fit(self, probs, y):
         score, _ = _metric(self.metric)
         counts = np.zeros(len(probs))
@@ -131,7 +142,7 @@ class CaruanaEnsemble(_Ensemble):
         self.scores_ = []
         for it in range(self.n_iter):
             trial = [score((total + p) / (it + 1), y) for p in probs]
-            best = int(_argbest(self.metric, trial))
+            best = argbest(self.metric, trial)
             counts[best] += 1
             total += probs[best]
             self.scores_.append(trial[best])
@@ -221,21 +232,11 @@ def _metric(name: str):
     return METRICS[name]
 
 
-def _argbest(metric: str, values) -> int:
-    values = np.asarray(values)
-    return int(values.argmax() if METRICS[metric][1] else values.argmin())
-
-
 def create_ensemble(name: str, metric: str, weights=None) -> _Ensemble:
     """An unfitted ensembler by registry name."""
     if name not in ENSEMBLES:
         raise ValueError(f"unknown ensemble method '{name}' (choose from {sorted(ENSEMBLES)})")
-    cls = ENSEMBLES[name]
-    if name == "soft_voting":
-        return cls(weights)
-    if name == "caruana":
-        return cls(metric=metric)
-    return cls()
+    return ENSEMBLES[name].from_config(metric, weights)
 
 
 def cross_fit(make: Callable[[], _Ensemble], probs_list: list[np.ndarray], y: np.ndarray,
@@ -252,46 +253,48 @@ def cross_fit(make: Callable[[], _Ensemble], probs_list: list[np.ndarray], y: np
     return out
 
 
-def build_submission(test_ids: list[str], probs: np.ndarray, classes: list[str], fmt: SubmissionFormat) -> pd.DataFrame:
-    """The sample submission's layout filled with predictions mapped back to the original labels."""
-    if fmt.kind == "label":
-        values = {fmt.columns[0]: np.asarray(classes, dtype=object)[probs.argmax(1)]}
-    else:
-        index = {c: i for i, c in enumerate(classes)}
-        values = {c: probs[:, index[c]] for c in fmt.columns}
-    frame = pd.DataFrame(values)
-    frame.insert(0, fmt.id_column, test_ids)
-    return frame
+@dataclass
+class MethodFit:
+    """One method of the ensemble stage: fitted on all OOF rows (for test), and cross-fitted (its
+    honest OOF, which scores it and picks the submission)."""
+
+    model: _Ensemble
+    honest_oof: np.ndarray
+    test: np.ndarray
+    report: dict = field(default_factory=dict)  # oof (honest), oof_in_sample, weights per backbone
 
 
-def validate_submission(sub: pd.DataFrame, sample: pd.DataFrame, classes: list[str], fmt: SubmissionFormat) -> None:
-    """Raise PipelineError unless `sub` has the sample's columns, ids and order, and valid values."""
-    if list(sub.columns) != list(sample.columns):
-        raise PipelineError(f"submission columns {list(sub.columns)} differ from the sample's {list(sample.columns)}")
-    ids, expected = sub[fmt.id_column].astype(str).tolist(), sample[fmt.id_column].astype(str).tolist()
-    if ids != expected:
-        row = next((i for i, (a, b) in enumerate(zip(ids, expected)) if a != b), min(len(ids), len(expected)))
-        raise PipelineError(f"submission row {row + 2}: ids differ from sample_submission.csv "
-                            f"({len(ids)} vs {len(expected)} rows)")
-    values = sub[fmt.columns]
-    if values.isna().any().any():
-        raise PipelineError("submission has empty predictions")
-    if fmt.kind == "label":
-        bad = ~values.iloc[:, 0].astype(str).isin(set(classes))
-        if bad.any():
-            raise PipelineError(f"submission row {int(np.flatnonzero(bad)[0]) + 2}: label is not a class of train.csv")
-    else:
-        p = values.to_numpy(dtype=float)
-        if (p < 0).any() or (p > 1).any() or not np.allclose(p.sum(1), 1.0, atol=1e-4):
-            raise PipelineError("submission probabilities must lie in [0, 1] and sum to 1 per row")
+def fit_methods(names: list[str], metric: str, weights: list[float], backbones: list[str],
+                oof: list[np.ndarray], test: list[np.ndarray], y: np.ndarray, folds: np.ndarray
+                ) -> tuple[dict[str, MethodFit], dict[str, str]]:
+    """Fit and cross-fit each method of `names` on the backbones' OOF probabilities. Returns the
+    fitted methods and, for those that could not be fitted (e.g. stacking on a fold lacking a class),
+    their reason."""
+    fits, errors = {}, {}
+    for name in names:
+        def make(name=name):
+            return create_ensemble(name, metric, weights)
+        try:
+            model = make().fit(oof, y)
+            honest = cross_fit(make, oof, y, folds)
+        except ValueError as exc:
+            errors[name] = str(exc)
+            continue
+        report = {"oof": scores(honest, y, METRICS), "oof_in_sample": scores(model.predict_proba(oof), y, METRICS)}
+        if hasattr(model, "weights_"):
+            report["weights"] = dict(zip(backbones, np.round(model.weights_, 6).tolist()))
+        fits[name] = MethodFit(model, honest, model.predict_proba(test), report)
+    return fits, errors
 
 
-def local_leaderboard(answers: pd.DataFrame, test_ids: list[str], probs: np.ndarray, classes: list[str]) -> float:
-    """Accuracy against the competition's answer file (id, label). Only reported, never fitted on."""
-    id_col, label_col = answers.columns[:2]
-    truth = dict(zip(answers[id_col].astype(str), answers[label_col].astype(str)))
-    missing = [i for i in test_ids if i not in truth]
-    if missing:
-        raise PipelineError(f"answers.csv: no row for test id '{missing[0]}' ({len(missing)} missing)")
-    predicted = np.asarray(classes, dtype=object)[probs.argmax(1)]
-    return float(np.mean([p == truth[i] for i, p in zip(test_ids, predicted)]))
+def choose_method(fits: dict[str, MethodFit], method: str, metric: str) -> str:
+    """`method` itself, or for "auto" the fitted method with the best honest OOF `metric` (the first of
+    equals, in `ensemble.methods` order)."""
+    if method != "auto":
+        return method
+    chosen = None
+    for name, fit in fits.items():
+        if chosen is None or is_better(metric, fit.report["oof"][metric], fits[chosen].report["oof"][metric]):
+            chosen = name
+    return chosen
+

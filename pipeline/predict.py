@@ -13,24 +13,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-import joblib
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from pipeline.config import ConfigError
-from pipeline.data import PreparedData, to_input
+from pipeline.data import PreparedData
 from pipeline.errors import PipelineError
+from pipeline.inference import View, identity, load_fold_model, predict_log_probs
 from pipeline.metrics import METRICS, is_better
-from pipeline.models import amp_dtype, create_model, use_channels_last
 
 # ---------------------------------------------------------------- TTA views and merges
 
-TTA_VIEWS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+TTA_VIEWS: dict[str, View] = {}
 CROP = 0.875  # multi-crop views keep this share of each side, resized back to the input size
 
 
@@ -43,7 +39,7 @@ def register_view(name: str):
     return wrap
 
 
-register_view("identity")(lambda x, mean, std: x)
+register_view("identity")(identity)
 register_view("hflip")(lambda x, mean, std: torch.flip(x, dims=[3]))
 register_view("vflip")(lambda x, mean, std: torch.flip(x, dims=[2]))
 register_view("rot90")(lambda x, mean, std: torch.rot90(x, 1, dims=(2, 3)))
@@ -108,104 +104,23 @@ def merge_views(log_probs: np.ndarray, how: str) -> np.ndarray:
     raise ValueError(f"unknown TTA merge '{how}' (mean, geometric or logits)")
 
 
-# ---------------------------------------------------------------- batched inference
-
-
-@torch.inference_mode()
-def _forward_batches(model: torch.nn.Module, images: np.ndarray, mean, std, image_size: int, batch_size: int,
-                     device: torch.device, views: list[str], output: Callable[[torch.Tensor], torch.Tensor],
-                     desc: str | None) -> np.ndarray:
-    """`output(model(view(x)))` for every view and image: an array (V, N, ...), batched, on `device`,
-    in mixed precision on CUDA, channels_last on CUDA and CPU, halving the batch on CUDA out-of-memory."""
-    model.eval()
-    dtype = amp_dtype(device)
-    channels_last = use_channels_last(device)
-    mean_t = torch.as_tensor(mean, device=device, dtype=torch.float32).view(1, -1, 1, 1)
-    std_t = torch.as_tensor(std, device=device, dtype=torch.float32).view(1, -1, 1, 1)
-    out, start = [], 0
-    bar = tqdm(total=len(images), desc=desc, disable=None if desc else True, leave=False, mininterval=1.0)
-    while start < len(images):
-        try:
-            x = to_input(torch.from_numpy(np.array(images[start : start + batch_size])), mean, std,
-                         image_size, device, channels_last)
-            batch = []
-            for name in views:
-                view = TTA_VIEWS[name](x, mean_t, std_t)
-                if channels_last:
-                    view = view.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    batch.append(output(model(view).float()).cpu().numpy())
-        except torch.cuda.OutOfMemoryError:
-            if batch_size == 1:
-                raise
-            batch_size //= 2  # the largest batch that fits: halve until it does
-            torch.cuda.empty_cache()
-            continue
-        out.append(np.stack(batch))
-        bar.update(len(x))
-        start += len(x)
-    bar.close()
-    return np.concatenate(out, axis=1) if out else np.zeros((len(views), 0, 0), dtype=np.float32)
+# ---------------------------------------------------------------- views by name
 
 
 def predict_views(model: torch.nn.Module, images: np.ndarray, mean, std, image_size: int, batch_size: int,
                   device: torch.device, views: list[str], desc: str | None = None) -> np.ndarray:
-    """Log-probabilities (V, N, C) of uint8 images (N, H, W, 3) under each of `views`."""
+    """Log-probabilities (V, N, C) of uint8 images (N, H, W, 3) under each of the named `views`."""
     unknown = [v for v in views if v not in TTA_VIEWS]
     if unknown:
         raise PipelineError(f"unknown TTA view '{unknown[0]}' (known: {', '.join(TTA_VIEWS)})")
-    return _forward_batches(model, images, mean, std, image_size, batch_size, device, views,
-                            lambda logits: torch.log_softmax(logits, dim=1), desc)
+    return predict_log_probs(model, images, mean, std, image_size, batch_size, device,
+                             [TTA_VIEWS[v] for v in views], desc)
 
 
-def predict_proba(model: torch.nn.Module, images: np.ndarray, mean, std, image_size: int, batch_size: int,
-                  device: torch.device, views: tuple[str, ...] = ("identity",), merge: str = "mean",
-                  desc: str | None = None) -> np.ndarray:
-    """Softmax probabilities (N, C) of uint8 images (N, H, W, 3), merged over the TTA `views`."""
-    return merge_views(predict_views(model, images, mean, std, image_size, batch_size, device, list(views), desc),
-                       merge)
-
-
-def extract_features(model: torch.nn.Module, images: np.ndarray, mean, std, image_size: int, batch_size: int,
-                     device: torch.device) -> np.ndarray:
-    """Pooled backbone features (N, D) of a model created with num_classes=0."""
-    return _forward_batches(model, images, mean, std, image_size, batch_size, device, ["identity"],
-                            lambda f: f, None)[0]
-
-
-class FeaturesClassifier(torch.nn.Module):
-    """features+sklearn at inference: frozen backbone features -> scikit-learn `predict_proba`.
-
-    Returns log-probabilities, so the softmax in `predict_proba` gives the classifier's probabilities
-    back and TTA averages them like any other model's.
-    """
-
-    def __init__(self, backbone: torch.nn.Module, classifier):
-        super().__init__()
-        self.backbone = backbone
-        self.classifier = classifier
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.backbone(x).float().cpu().numpy()
-        probs = torch.from_numpy(self.classifier.predict_proba(features)).to(x.device)
-        return probs.clamp_min(1e-12).log()
-
-
-def load_fold_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """Rebuild a fold model from its checkpoint; returns (model, checkpoint metadata)."""
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{path}: fold checkpoint not found (run the train stage first)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    sklearn_head = path.with_name("classifier.joblib")
-    model = create_model(ckpt["model"], num_classes=0 if sklearn_head.exists() else ckpt["num_classes"])
-    model.load_state_dict(ckpt["state_dict"])
-    if sklearn_head.exists():
-        model = FeaturesClassifier(model, joblib.load(sklearn_head))
-    model.to(device)
-    if use_channels_last(device):
-        model = model.to(memory_format=torch.channels_last)
-    return model, ckpt
+def predict_tta(model: torch.nn.Module, images: np.ndarray, mean, std, image_size: int, batch_size: int,
+                device: torch.device, views: tuple[str, ...], merge: str = "mean") -> np.ndarray:
+    """Probabilities (N, C) of uint8 images merged over the named TTA `views`."""
+    return merge_views(predict_views(model, images, mean, std, image_size, batch_size, device, list(views)), merge)
 
 
 def list_models(model_dir: str | Path, n_folds: int) -> dict[int, list[Path]]:
@@ -267,10 +182,6 @@ def resolve_tta(tta, backbone: str, backbones: list[str], where: str) -> tuple[l
     unknown = sorted(set(tta.backbones) - set(backbones))
     if unknown:
         raise ConfigError(f"{where}.backbones.{unknown[0]} is not a key of train.backbones")
-    if tta.merge not in ("mean", "geometric", "logits"):
-        raise ConfigError(f"{where}.merge: '{tta.merge}' is not mean, geometric or logits")
-    if tta.metric not in METRICS:
-        raise ConfigError(f"{where}.metric: '{tta.metric}' is not one of {', '.join(METRICS)}")
     select = tta.backbones.get(backbone, tta.select)
     pool = (tta.candidates or list(tta.policies)) if select == "auto" else [select]
     missing = [c for c in pool if c not in tta.policies]
@@ -299,35 +210,3 @@ def select_policy(oof: dict[str, np.ndarray], y: np.ndarray, folds: np.ndarray, 
         held = folds == k
         honest[held] = oof[best(~held)][held]
     return best(np.ones(len(y), dtype=bool)), honest
-
-
-def probs_frame(ids, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
-    frame = pd.DataFrame(probs, columns=classes)
-    frame.insert(0, "id", list(ids))
-    return frame
-
-
-def read_probs(path: str | Path, ids, classes: list[str], backbone: str) -> np.ndarray:
-    """Probabilities from `path`, checked against the expected ids (same order) and classes."""
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{backbone}: {path} not found (run `dvc repro`)")
-    frame = pd.read_csv(path, dtype={"id": str}, keep_default_na=False)
-    if list(frame.columns[1:]) != [str(c) for c in classes]:
-        raise PipelineError(f"{backbone}: {path} columns do not match the classes in classes.json")
-    got, expected = frame["id"].tolist(), [str(i) for i in ids]
-    if got != expected:
-        row = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
-        found = f"id '{got[row]}'" if row < len(got) else "no row"
-        want = f"'{expected[row]}'" if row < len(expected) else "no row"
-        raise PipelineError(f"{backbone}: {path} row {row + 2}: {found} where the prepared data has {want} "
-                            f"({len(got)} rows, {len(expected)} expected)")
-    try:
-        probs = frame.iloc[:, 1:].to_numpy(dtype=np.float64)
-    except ValueError:
-        raise PipelineError(f"{backbone}: {path} has a value that is not a number") from None
-    bad = np.flatnonzero(~np.isclose(probs.sum(1), 1.0, atol=1e-4) | (probs < 0).any(1))
-    if len(bad):
-        raise PipelineError(f"{backbone}: {path} row {bad[0] + 2}: probabilities sum to {probs[bad[0]].sum():.6g}, "
-                            f"not 1 ({len(bad)} such rows)")
-    return probs

@@ -17,7 +17,6 @@ import io
 import multiprocessing as mp
 import os
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,7 @@ from tqdm import tqdm
 from pipeline.config import CompetitionConfig
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, write_json
+from pipeline.submission import read_submission_format
 
 DIGITS = "sklearn-digits"
 
@@ -143,29 +143,6 @@ def sort_classes(labels) -> list[str]:
         return sorted(unique, key=lambda s: int(s))
     except ValueError:
         return sorted(unique)
-
-
-@dataclass(frozen=True)
-class SubmissionFormat:
-    """The sample submission's layout: one label column, or one probability column per class."""
-
-    id_column: str
-    columns: list[str]  # every column after the id, in order
-    kind: str  # "label" or "probabilities"
-
-
-def read_submission_format(sample: pd.DataFrame, classes: list[str], where: str) -> SubmissionFormat:
-    if sample.shape[1] < 2:
-        raise PipelineError(f"{where}: needs an id column and at least one prediction column")
-    id_col, *cols = list(sample.columns)
-    if len(cols) == 1:
-        return SubmissionFormat(id_col, cols, "label")
-    if set(cols) == set(classes):
-        return SubmissionFormat(id_col, cols, "probabilities")
-    unknown = sorted(set(cols) - set(classes))[:3]
-    raise PipelineError(
-        f"{where}: columns {unknown} are neither a single label column nor the class names of train.csv"
-    )
 
 
 def _require_columns(df: pd.DataFrame, columns: dict[str, str], where: str) -> None:
@@ -298,19 +275,9 @@ def channel_stats(sums: np.ndarray, squares: np.ndarray, pixels_per_image: int) 
 # ---------------------------------------------------------------- the stage
 
 
-def prepare(comp: CompetitionConfig, image_size: int, n_folds: int, seed: int, out_dir: str | Path,
-            workers: int = 0, raw_dir: str | Path = "data/raw") -> dict:
-    """Validate the competition at `comp.source`, write `out_dir` atomically and return a summary."""
-    if comp.source == DIGITS:
-        source = render_digits(Path(raw_dir) / DIGITS)
-        comp_ext = ".png"
-    else:
-        source = Path(comp.source)
-        comp_ext = comp.image_ext
-    files = CompetitionFiles(source)
-    files.set_root(comp.train_csv)
-    workers = workers or os.cpu_count() or 1
-
+def _read_train(files: CompetitionFiles, comp: CompetitionConfig, n_folds: int, seed: int
+                ) -> tuple[pd.DataFrame, list[str]]:
+    """train.csv checked, renamed to id/label[/group], subsampled if asked, with target and fold columns."""
     train_where = files.where(comp.train_csv)
     train = files.read_csv(comp.train_csv)
     needed = {"id_column": comp.id_column, "label_column": comp.label_column}
@@ -338,7 +305,11 @@ def prepare(comp: CompetitionConfig, image_size: int, n_folds: int, seed: int, o
     train["target"] = train["label"].map({c: i for i, c in enumerate(classes)}).astype(np.int64)
     groups = train["group"].to_numpy() if comp.group_column else None
     train["fold"] = assign_folds(train["target"].to_numpy(), n_folds, seed, groups)
+    return train, classes
 
+
+def _read_sample(files: CompetitionFiles, comp: CompetitionConfig, comp_ext: str, classes: list[str]):
+    """The sample submission, its format and test ids, each id matched by exactly one test image."""
     sample_where = files.where(comp.sample_submission)
     sample = files.read_csv(comp.sample_submission)
     fmt = read_submission_format(sample, classes, sample_where)
@@ -357,6 +328,24 @@ def prepare(comp: CompetitionConfig, image_size: int, n_folds: int, seed: int, o
             f"{sample_where}: id '{missing_img[0]}' has no image {files.where(comp.test_dir + '/' + missing_img[0] + comp_ext)}"
             f" ({len(missing_img)} such rows)"
         )
+    return sample, fmt, test_ids
+
+
+def prepare(comp: CompetitionConfig, image_size: int, n_folds: int, seed: int, out_dir: str | Path,
+            workers: int = 0, raw_dir: str | Path = "data/raw") -> dict:
+    """Validate the competition at `comp.source`, write `out_dir` atomically and return a summary."""
+    if comp.source == DIGITS:
+        source = render_digits(Path(raw_dir) / DIGITS)
+        comp_ext = ".png"
+    else:
+        source = Path(comp.source)
+        comp_ext = comp.image_ext
+    files = CompetitionFiles(source)
+    files.set_root(comp.train_csv)
+    workers = workers or os.cpu_count() or 1
+
+    train, classes = _read_train(files, comp, n_folds, seed)
+    sample, fmt, test_ids = _read_sample(files, comp, comp_ext, classes)
 
     answers = None
     if comp.answers and files.exists(comp.answers):

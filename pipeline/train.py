@@ -33,16 +33,12 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from pipeline import distributed
-from pipeline.config import ConfigError, TrainSettings
+from pipeline.config import TrainSettings
 from pipeline.data import ImageDataset, PreparedData, build_loader, build_train_transform, default_num_workers, to_input
 from pipeline.errors import PipelineError
-from pipeline.metrics import scores
+from pipeline.metrics import METRICS, fold_summary, is_better, scores
 from pipeline.models import amp_dtype, create_model, use_channels_last
-from pipeline.predict import predict_proba
-
-FINETUNE_MODES = ("full", "freeze", "linear_probe", "features+sklearn")
-SCHEDULERS = ("cosine", "onecycle", "step", "constant")
-
+from pipeline.inference import extract_features, predict_proba
 
 @dataclass
 class FoldResult:
@@ -51,21 +47,6 @@ class FoldResult:
     best_epoch: int
     history: list[dict] = field(default_factory=list)
     classifier: object | None = None  # features+sklearn: the fitted scikit-learn classifier
-
-
-def check_settings(s: TrainSettings, where: str) -> None:
-    """Raise ConfigError naming the key for values the dataclass types cannot catch."""
-    choices = {"finetune": FINETUNE_MODES, "scheduler": SCHEDULERS, "monitor": ("accuracy", "log_loss"),
-               "sklearn_classifier": ("logistic_regression", "svm")}
-    for key, allowed in choices.items():
-        if getattr(s, key) not in allowed:
-            raise ConfigError(f"{where}.{key} must be one of {list(allowed)}, got '{getattr(s, key)}'")
-    if (s.mixup_alpha > 0 or s.cutmix_alpha > 0) and s.batch_size % 2:
-        raise ConfigError(f"{where}.batch_size must be even with mixup/cutmix, got {s.batch_size}")
-    if s.val_every < 1:
-        raise ConfigError(f"{where}.val_every must be >= 1, got {s.val_every}")
-    if s.grad_accum_steps < 1:
-        raise ConfigError(f"{where}.grad_accum_steps must be >= 1, got {s.grad_accum_steps}")
 
 
 # ---------------------------------------------------------------- building blocks
@@ -201,15 +182,16 @@ def evaluate(model, images: np.ndarray, targets: np.ndarray, mean, std, image_si
     shard = slice(distributed.rank(), None, distributed.world_size())
     probs = distributed.gather_rows(predict_proba(model, images[shard], mean, std, image_size, batch_size, device),
                                     len(images))
-    return scores(probs, targets), probs
+    return scores(probs, targets, METRICS), probs
 
 
 def _is_better(metric: str, new: dict, best: dict | None) -> bool:
+    """Validation scores `new` better than `best` under `metric`, a tie broken by log loss."""
     if best is None:
         return True
-    if metric == "log_loss":
-        return new["log_loss"] < best["log_loss"]
-    return (new[metric], -new["log_loss"]) > (best[metric], -best["log_loss"])
+    if new[metric] != best[metric]:
+        return is_better(metric, new[metric], best[metric])
+    return is_better("log_loss", new["log_loss"], best["log_loss"])
 
 
 def train_fold(model: torch.nn.Module, train_images: np.ndarray, train_targets: np.ndarray,
@@ -237,39 +219,19 @@ def train_fold(model: torch.nn.Module, train_images: np.ndarray, train_targets: 
     if distributed.is_distributed():  # each rank trains on its own shard; s.batch_size is per rank
         sampler = DistributedSampler(dataset, shuffle=True, seed=s.seed, drop_last=True)
     loader = build_loader(dataset, s.batch_size, True, workers, s.seed, device, sampler=sampler)
-    steps_per_epoch = math.ceil(len(loader) / s.grad_accum_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(
-        s.scheduler, s.epochs * steps_per_epoch, max(1, int(s.warmup_epochs * steps_per_epoch)),
-        int(s.step_epochs * steps_per_epoch), s.step_gamma))
+    scheduler = _build_scheduler(optimizer, s, math.ceil(len(loader) / s.grad_accum_steps))
     scaler = torch.amp.GradScaler("cuda") if amp_dtype(device) == torch.float16 else None
     ema = ModelEmaV3(model, decay=s.ema_decay) if s.ema_decay else None
-    mixup = None
-    if s.mixup_alpha > 0 or s.cutmix_alpha > 0:
-        mixup = Mixup(mixup_alpha=s.mixup_alpha, cutmix_alpha=s.cutmix_alpha, label_smoothing=s.label_smoothing,
-                      num_classes=num_classes)
+    mixup = Mixup(mixup_alpha=s.mixup_alpha, cutmix_alpha=s.cutmix_alpha, label_smoothing=s.label_smoothing,
+                  num_classes=num_classes) if s.mixup_alpha > 0 or s.cutmix_alpha > 0 else None
     forward = DistributedDataParallel(model) if distributed.is_distributed() else model
     forward = torch.compile(forward, backend=s.compile) if s.compile else forward
 
-    start_epoch, best, best_result, history, stale = 0, None, None, [], 0
-    state_path = Path(state_path) if state_path else None
-    if state_path is not None and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state["scaler"] is not None:
-            scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        start_epoch, best, history, stale = state["epoch"] + 1, state["best"], state["history"], state["stale"]
-        if best is not None:
-            best_state = state["best_state"] or {k: v.clone() for k, v in state["model"].items()}
-            best_result = FoldResult(best_state, state["best_probs"], state["best_epoch"])
-        if distributed.is_main():
-            tqdm.write(f"{where}: resuming after epoch {start_epoch}/{s.epochs}")
-
-    for epoch in range(start_epoch, s.epochs):
-        if s.early_stopping_patience is not None and stale >= s.early_stopping_patience:
+    state = _FoldState(state_path, model, optimizer, scheduler, scaler, ema, s.monitor)
+    if state.resume() and distributed.is_main():
+        tqdm.write(f"{where}: resuming after epoch {state.start_epoch}/{s.epochs}")
+    for epoch in range(state.start_epoch, s.epochs):
+        if s.early_stopping_patience is not None and state.stale >= s.early_stopping_patience:
             break
         started = time.perf_counter()
         epoch_seed = _reseed(s.seed, epoch)
@@ -293,61 +255,109 @@ def train_fold(model: torch.nn.Module, train_images: np.ndarray, train_targets: 
                 f"{max(1, s.batch_size // 2)}) and raise train.grad_accum_steps to keep the effective batch") from None
         distributed.sync_buffers(model)
         row = {"train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"]}
-        if (epoch + 1) % s.val_every and epoch + 1 < s.epochs:  # no validation this epoch
-            row["epoch_seconds"] = time.perf_counter() - started
-            history.append(row)
-            if distributed.is_main():
-                tqdm.write(f"{where} epoch {epoch + 1}/{s.epochs}: train_loss {train_loss:.4f}  "
-                           f"({row['epoch_seconds']:.1f} s)")
-            _checkpoint(state_path, epoch, model, optimizer, scheduler, scaler, ema, best, stale, history,
-                        best_result, "model")
-            if on_epoch is not None:
-                on_epoch(epoch, row)
-            continue
-        candidates = [("model", model)] + ([("ema", ema.module)] if ema is not None else [])
-        evaluated = [(name, *evaluate(m, val_images, val_targets, mean, std, image_size, s.batch_size * 2, device))
-                     for name, m in candidates]
-        source, val, probs = evaluated[0]
-        for entry in evaluated[1:]:
-            if _is_better(s.monitor, entry[1], val):
-                source, val, probs = entry
-        row.update({"val_accuracy": val["accuracy"], "val_log_loss": val["log_loss"],
-                    "epoch_seconds": time.perf_counter() - started, "ema_chosen": float(source == "ema")})
-        history.append(row)
+        validation = None
+        if (epoch + 1) % s.val_every == 0 or epoch + 1 == s.epochs:  # else: no validation this epoch
+            candidates = [("model", model)] + ([("ema", ema.module)] if ema is not None else [])
+            validation = _best_candidate(s.monitor, [
+                (m, *evaluate(m, val_images, val_targets, mean, std, image_size, s.batch_size * 2, device))
+                for _, m in candidates])
+            row.update({f"val_{m}": v for m, v in validation[1].items()})
+        row["epoch_seconds"] = time.perf_counter() - started
+        if validation is not None:
+            row["ema_chosen"] = float(ema is not None and validation[0] is ema.module)
         if distributed.is_main():
-            tqdm.write(f"{where} epoch {epoch + 1}/{s.epochs}: train_loss {train_loss:.4f}  val_accuracy "
-                   f"{val['accuracy']:.4f}  val_log_loss {val['log_loss']:.4f}{' (EMA)' if source == 'ema' else ''}"
-                       f"  ({row['epoch_seconds']:.1f} s)")
-        if _is_better(s.monitor, val, best):
-            best, stale = val, 0
-            chosen = ema.module if source == "ema" else model
-            best_result = FoldResult({k: v.detach().cpu().clone() for k, v in chosen.state_dict().items()},
-                                     probs, epoch)
-        else:
-            stale += 1
-        _checkpoint(state_path, epoch, model, optimizer, scheduler, scaler, ema, best, stale, history,
-                    best_result, source)
+            tqdm.write(_epoch_line(where, epoch, s.epochs, row))
+        state.end_epoch(epoch, row, validation)
         if on_epoch is not None:  # after the checkpoint: a callback that raises leaves a resumable state
             on_epoch(epoch, row)
-    best_result.history = history
-    return best_result
+    state.result.history = state.history
+    return state.result
 
 
-def _checkpoint(state_path, epoch, model, optimizer, scheduler, scaler, ema, best, stale, history,
-                best_result: FoldResult | None, source: str) -> None:
-    """A fold's full state after `epoch`, written atomically by rank 0 (nothing without `state_path`)."""
-    if state_path is not None and distributed.is_main():
+def _build_scheduler(optimizer, s: TrainSettings, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The per-step schedule of `s.scheduler` after `s.warmup_epochs` of linear warmup."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(
+        s.scheduler, s.epochs * steps_per_epoch, max(1, int(s.warmup_epochs * steps_per_epoch)),
+        int(s.step_epochs * steps_per_epoch), s.step_gamma))
+
+
+def _best_candidate(monitor: str, evaluated: list[tuple]) -> tuple:
+    """(module, scores, probs) of the better of the live and the EMA weights (the live ones on a tie)."""
+    best = evaluated[0]
+    for entry in evaluated[1:]:
+        if _is_better(monitor, entry[1], best[1]):
+            best = entry
+    return best
+
+
+def _epoch_line(where: str, epoch: int, epochs: int, row: dict) -> str:
+    line = f"{where} epoch {epoch + 1}/{epochs}: train_loss {row['train_loss']:.4f}  "
+    if "val_accuracy" in row:
+        line += (f"val_accuracy {row['val_accuracy']:.4f}  val_log_loss {row['val_log_loss']:.4f}"
+                 f"{' (EMA)' if row['ema_chosen'] else ''}  ")
+    return line + f"({row['epoch_seconds']:.1f} s)"
+
+
+class _FoldState:
+    """What a fold carries from one epoch to the next: the best validation so far (its scores,
+    weights, probabilities and epoch), the validations since it improved, the history. Saved
+    atomically after every epoch with the live training state (rank 0 only), loaded to resume."""
+
+    def __init__(self, path, model, optimizer, scheduler, scaler, ema, monitor: str):
+        self.path = Path(path) if path else None
+        self.model, self.optimizer, self.scheduler, self.scaler, self.ema = model, optimizer, scheduler, scaler, ema
+        self.monitor = monitor
+        self.start_epoch, self.best, self.result, self.history, self.stale = 0, None, None, [], 0
+
+    def resume(self) -> bool:
+        """Load the saved state if there is one; True if training continues from it."""
+        if self.path is None or not self.path.exists():
+            return False
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.start_epoch, self.best, self.history, self.stale = (state["epoch"] + 1, state["best"], state["history"],
+                                                                 state["stale"])
+        if self.best is not None:
+            best_state = state["best_state"] or {k: v.clone() for k, v in state["model"].items()}
+            self.result = FoldResult(best_state, state["best_probs"], state["best_epoch"])
+        return True
+
+    def end_epoch(self, epoch: int, row: dict, validation: tuple | None) -> None:
+        """Record `row`; with `validation` (module, scores, probs), keep its weights if they beat the
+        best so far, else count a validation without improvement; then save the state."""
+        self.history.append(row)
+        chosen = None
+        if validation is not None:
+            chosen, val, probs = validation
+            if _is_better(self.monitor, val, self.best):
+                self.best, self.stale = val, 0
+                self.result = FoldResult({k: v.detach().cpu().clone() for k, v in chosen.state_dict().items()},
+                                         probs, epoch)
+            else:
+                self.stale += 1
+        self._save(epoch, live_is_best=self.result is not None and self.result.best_epoch == epoch
+                   and chosen is self.model)
+        distributed.barrier()
+
+    def _save(self, epoch: int, live_is_best: bool) -> None:
+        if self.path is None or not distributed.is_main():
+            return
+        r = self.result
         _save_atomic({
-            "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-            "ema": ema.state_dict() if ema is not None else None, "best": best, "stale": stale,
-            "history": history, "best_probs": best_result.val_probs if best_result else None,
+            "epoch": epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None, "best": self.best, "stale": self.stale,
+            "history": self.history, "best_probs": r.val_probs if r else None,
             # the best weights are the live ones most epochs: store them only when they differ
-            "best_state": None if best_result is None or (best_result.best_epoch == epoch and source == "model")
-            else best_result.state_dict,
-            "best_epoch": best_result.best_epoch if best_result else None,
-        }, state_path)
-    distributed.barrier()
+            "best_state": None if r is None or live_is_best else r.state_dict,
+            "best_epoch": r.best_epoch if r else None,
+        }, self.path)
 
 
 def fit_features_classifier(model: torch.nn.Module, train_images, train_targets, val_images, mean, std,
@@ -358,7 +368,6 @@ def fit_features_classifier(model: torch.nn.Module, train_images, train_targets,
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import SVC
 
-    from pipeline.predict import extract_features
 
     train_x = extract_features(model, train_images, mean, std, image_size, batch_size, device)
     val_x = extract_features(model, val_images, mean, std, image_size, batch_size, device)
@@ -375,6 +384,41 @@ def bootstrap_rows(rows: np.ndarray, seed: int, fold: int) -> np.ndarray:
     """A bootstrap resample (same size, with replacement) of a fold's training rows, fixed by (seed, fold)."""
     rng = np.random.default_rng([seed, fold])
     return np.sort(rng.choice(rows, size=len(rows), replace=True))
+
+
+def fit_fold(data: PreparedData, k: int, model_name: str, s: TrainSettings, image_size: int,
+             device: torch.device, *, pretrained: str | None = None,
+             on_epoch: Callable[[int, dict], None] | None = None, state_path: str | Path | None = None,
+             where: str = "fold") -> tuple[FoldResult, dict]:
+    """The one fold setup, shared by CV training and tuning: a fresh model (seeded from `s.seed` and k)
+    trained on the other folds' rows (a bootstrap resample of them if `s.bootstrap`), normalised with
+    their statistics, validated on fold k, in the `s.finetune` mode. Returns (result, checkpoint)."""
+    targets = data.train["target"].to_numpy()
+    folds = data.train["fold"].to_numpy()
+    n_classes = len(data.classes)
+    tr, va = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
+    if s.bootstrap:
+        tr = bootstrap_rows(tr, s.seed, k)
+    mean, std = data.fold_stats(k)
+    fold_seed = s.seed + k
+    torch.manual_seed(fold_seed)
+    sklearn_head = s.finetune == "features+sklearn"
+    model = create_model(model_name, 0 if sklearn_head else n_classes, pretrained=pretrained,
+                         drop_rate=s.drop_rate, drop_path_rate=s.drop_path_rate)
+    train_images, val_images = np.asarray(data.train_images[tr]), np.asarray(data.train_images[va])
+    if sklearn_head:
+        clf, probs = fit_features_classifier(model, train_images, targets[tr], val_images, mean, std, image_size,
+                                             s.batch_size * 2, device, s.sklearn_classifier)
+        result = FoldResult(model.state_dict(), probs, 0, classifier=clf)
+        if on_epoch is not None:  # one "epoch": the classifier's fit
+            on_epoch(0, {f"val_{m}": v for m, v in scores(probs, targets[va], METRICS).items()})
+    else:
+        result = train_fold(model, train_images, targets[tr], val_images, targets[va], mean, std,
+                            dataclasses.replace(s, seed=fold_seed), image_size, device, n_classes,
+                            on_epoch=on_epoch, state_path=state_path, where=where)
+    checkpoint = {"model": model_name, "num_classes": n_classes, "state_dict": result.state_dict,
+                  "mean": mean, "std": std, "image_size": image_size, "fold": k, "seed": s.seed}
+    return result, checkpoint
 
 
 def train_backbone(data: PreparedData, backbone: str, model_name: str, s: TrainSettings, image_size: int,
@@ -401,8 +445,7 @@ def train_backbone(data: PreparedData, backbone: str, model_name: str, s: TrainS
     per_fold = {str(k): scores(bag[folds == k], targets[folds == k]) for k in range(data.n_folds)}
     metrics = {
         "oof": scores(bag, targets),
-        "fold_mean": {m: float(np.mean([f[m] for f in per_fold.values()])) for m in ("accuracy", "log_loss")},
-        "fold_std": {m: float(np.std([f[m] for f in per_fold.values()])) for m in ("accuracy", "log_loss")},
+        **fold_summary(per_fold),
         "folds": per_fold if len(seeds) > 1 else per_seed[str(seeds[0])]["folds"],
         "seeds": {seed: m["oof"] for seed, m in per_seed.items()},
         "bootstrap": s.bootstrap,
@@ -426,42 +469,25 @@ def train_cv(data: PreparedData, backbone: str, model_name: str, s: TrainSetting
         resume_dir.mkdir(parents=True, exist_ok=True)
     targets = data.train["target"].to_numpy()
     folds = data.train["fold"].to_numpy()
-    n_classes = len(data.classes)
-    oof = np.zeros((len(targets), n_classes), dtype=np.float64)
+    oof = np.zeros((len(targets), len(data.classes)), dtype=np.float64)
     fold_metrics = {}
-    sklearn_head = s.finetune == "features+sklearn"
     for k in range(data.n_folds):
-        tr, va = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
-        if s.bootstrap:
-            tr = bootstrap_rows(tr, s.seed, k)
-        mean, std = data.fold_stats(k)
-        fold_seed = s.seed + k
+        va = np.flatnonzero(folds == k)
         done = resume_dir / f"fold{k}.done.pt" if resume_dir else None
         if done is not None and done.exists():
             finished = torch.load(done, map_location="cpu", weights_only=False)
             result, ckpt = finished["result"], finished["checkpoint"]
             tqdm.write(f"{backbone} fold{k}: finished in an earlier run, kept")
         else:
-            torch.manual_seed(fold_seed)
-            model = create_model(model_name, 0 if sklearn_head else n_classes, pretrained=pretrained,
-                                 drop_rate=s.drop_rate, drop_path_rate=s.drop_path_rate)
-            with tracker.run(f"{run_prefix}fold{k}", params={"fold": k, "seed": s.seed, "n_train": len(tr),
+            n_train = int((folds != k).sum())
+            with tracker.run(f"{run_prefix}fold{k}", params={"fold": k, "seed": s.seed, "n_train": n_train,
                                                               "n_val": len(va)}, nested=True):
-                if sklearn_head:
-                    clf, probs = fit_features_classifier(
-                        model, np.asarray(data.train_images[tr]), targets[tr], np.asarray(data.train_images[va]),
-                        mean, std, image_size, s.batch_size * 2, device, s.sklearn_classifier)
-                    result = FoldResult(model.state_dict(), probs, 0, classifier=clf)
-                else:
-                    result = train_fold(
-                        model, np.asarray(data.train_images[tr]), targets[tr], np.asarray(data.train_images[va]),
-                        targets[va], mean, std, TrainSettings(**{**s.__dict__, "seed": fold_seed}), image_size,
-                        device, n_classes, on_epoch=lambda epoch, row: tracker.log_metrics(row, step=epoch),
-                        state_path=resume_dir / f"fold{k}.state.pt" if resume_dir else None,
-                        where=f"{backbone} fold {k}")
+                result, ckpt = fit_fold(
+                    data, k, model_name, s, image_size, device, pretrained=pretrained,
+                    on_epoch=lambda epoch, row: tracker.log_metrics(row, step=epoch),
+                    state_path=resume_dir / f"fold{k}.state.pt" if resume_dir else None,
+                    where=f"{backbone} fold {k}")
                 tracker.log_metrics({f"best_{m}": v for m, v in _fold_scores(result, targets[va]).items()})
-            ckpt = {"model": model_name, "num_classes": n_classes, "state_dict": result.state_dict,
-                    "mean": mean, "std": std, "image_size": image_size, "fold": k, "seed": s.seed}
             if done is not None and distributed.is_main():
                 _save_atomic({"result": result, "checkpoint": ckpt}, done)
                 (resume_dir / f"fold{k}.state.pt").unlink(missing_ok=True)
@@ -473,11 +499,5 @@ def train_cv(data: PreparedData, backbone: str, model_name: str, s: TrainSetting
             if result.classifier is not None:
                 joblib.dump(result.classifier, out_dir / f"fold{k}" / "classifier.joblib")
         distributed.barrier()
-    per_fold = {m: [f[m] for f in fold_metrics.values()] for m in ("accuracy", "log_loss")}
-    metrics = {
-        "oof": scores(oof, targets),
-        "fold_mean": {m: float(np.mean(v)) for m, v in per_fold.items()},
-        "fold_std": {m: float(np.std(v)) for m, v in per_fold.items()},
-        "folds": fold_metrics,
-    }
+    metrics = {"oof": scores(oof, targets), **fold_summary(fold_metrics), "folds": fold_metrics}
     return oof, metrics

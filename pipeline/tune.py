@@ -25,15 +25,16 @@ import torch
 
 from dataclasses import replace
 
-from pipeline.config import ConfigError, TrainSettings, TuneConfig
+from pipeline.config import ConfigError, TrainSettings, TuneConfig, check_train_settings
 from pipeline.data import PreparedData
 from pipeline.errors import PipelineError
-from pipeline.metrics import scores
-from pipeline.models import create_model
-from pipeline.train import check_settings, train_fold
+from pipeline.metrics import direction as metric_direction, scores
+from pipeline.train import fit_fold
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
-TUNABLE = {f.name for f in fields(TrainSettings)} - {"augment", "seed"}
+# a trial sets these itself: its epochs (tune.epochs), and one model per fold (the base seed, no bag)
+SET_BY_TUNING = {"epochs", "seed", "seeds"}
+TUNABLE = {f.name for f in fields(TrainSettings)} - {"augment"} - SET_BY_TUNING
 DISTRIBUTIONS = ("float", "int", "categorical")
 # what a trial's parameters can provoke (a NaN loss, a shape or value a transform rejects): the trial
 # fails with its reason and the study goes on
@@ -48,6 +49,8 @@ def search_space(tune: TuneConfig, backbone: str) -> dict[str, dict]:
     space = {**tune.space, **tune.backbones.get(backbone, {})}
     for name, spec in space.items():
         where = f"tune.space.{name}"
+        if name in SET_BY_TUNING:
+            raise ConfigError(f"{where}: set by the tune stage itself (tune.epochs; one seed per fold), not tunable")
         if name not in TUNABLE:
             raise ConfigError(f"{where}: unknown parameter (tunable: {', '.join(sorted(TUNABLE))})")
         kind = spec.get("type")
@@ -126,11 +129,7 @@ def open_study(tune: TuneConfig, study_name: str, worker: int = 0) -> optuna.Stu
     pruners = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=tune.startup_trials),
                "hyperband": lambda: optuna.pruners.HyperbandPruner(),
                "none": lambda: optuna.pruners.NopPruner()}
-    if tune.sampler not in samplers:
-        raise ConfigError(f"tune.sampler must be one of {list(samplers)}, got '{tune.sampler}'")
-    if tune.pruner not in pruners:
-        raise ConfigError(f"tune.pruner must be one of {list(pruners)}, got '{tune.pruner}'")
-    direction = "minimize" if tune.metric == "log_loss" else "maximize"
+    direction = metric_direction(tune.metric)
     for attempt in range(3):
         try:
             study = optuna.create_study(storage=storage, study_name=study_name, direction=direction,
@@ -156,7 +155,8 @@ def finished(study: optuna.Study) -> int:
 
 def make_objective(data: PreparedData, model_name: str, base: TrainSettings, space: dict, tune: TuneConfig,
                    image_size: int, device: torch.device, tracker, pretrained: str | None = None):
-    """The objective: mean validation score of the best epoch over `tune.folds`."""
+    """The objective: mean validation score over `tune.folds`, each fold set up by `fit_fold` exactly as
+    the train stage sets it up (finetune mode, bootstrap, seeds), for `tune.epochs` epochs."""
     targets = data.train["target"].to_numpy()
     folds = data.train["fold"].to_numpy()
     epochs = tune.epochs or base.epochs
@@ -167,20 +167,14 @@ def make_objective(data: PreparedData, model_name: str, base: TrainSettings, spa
     def objective(trial: optuna.Trial) -> float:
         values = sample(trial, space, base)
         settings = replace(base, **values, epochs=epochs)
-        check_settings(settings, "tune")
+        check_train_settings(settings, "tune")
         fold_values = []
         with tracker.run(f"trial {trial.number}", params=values, nested=True,
                          tags={"optuna.trial": str(trial.number)}):
             state = "COMPLETE"
             try:
                 for i, k in enumerate(tune.folds):
-                    tr, va = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
-                    mean, std = data.fold_stats(k)
-                    torch.manual_seed(settings.seed + k)
-                    model = create_model(model_name, len(data.classes), pretrained=pretrained,
-                                         drop_rate=settings.drop_rate, drop_path_rate=settings.drop_path_rate)
-
-                    def report(epoch: int, row: dict, i=i) -> None:
+                    def report(epoch: int, row: dict, i=i, k=k) -> None:
                         if f"val_{tune.metric}" not in row:  # an epoch without validation (train.val_every)
                             return
                         value = row[f"val_{tune.metric}"]
@@ -190,12 +184,10 @@ def make_objective(data: PreparedData, model_name: str, base: TrainSettings, spa
                             raise optuna.TrialPruned(f"fold {k}, epoch {epoch + 1}: {tune.metric} {value:.4f}")
 
                     with tracker.run(f"fold{k}", params={"fold": k}, nested=True):
-                        result = train_fold(model, np.asarray(data.train_images[tr]), targets[tr],
-                                            np.asarray(data.train_images[va]), targets[va], mean, std,
-                                            replace(settings, seed=settings.seed + k), image_size,
-                                            device, len(data.classes), on_epoch=report,
-                                            where=f"trial {trial.number} fold {k}")
-                    fold_values.append(scores(result.val_probs, targets[va])[tune.metric])
+                        result, _ = fit_fold(data, k, model_name, settings, settings.image_size or image_size,
+                                             device, pretrained=pretrained, on_epoch=report,
+                                             where=f"trial {trial.number} fold {k}")
+                    fold_values.append(scores(result.val_probs, targets[folds == k], (tune.metric,))[tune.metric])
             except optuna.TrialPruned:
                 state = "PRUNED"
                 raise

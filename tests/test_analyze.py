@@ -20,7 +20,7 @@ from pipeline.analyze import (ADVICE, advise, analyze_model, augment_yaml, confi
                               worst_rows)
 from pipeline.config import CompetitionConfig
 from pipeline.data import build_train_transform
-from pipeline.predict import probs_frame
+from pipeline.probs import probs_frame
 from pipeline.prepare import prepare
 from pipeline.report import write_report
 from tests.conftest import write_competition

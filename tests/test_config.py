@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,16 @@ def test_wrong_type_is_named():
         parse_params({"train": {"epochs": "ten"}})
     with pytest.raises(ConfigError, match=r"'cv.n_folds' must be int, got True"):
         parse_params({"cv": {"n_folds": True}})
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"tta": {"merge": "median"}}, "'tta.merge' must be one of ['mean', 'geometric', 'logits'], got 'median'"),
+    ({"tune": {"metric": "auc"}}, "'tune.metric' must be one of ['accuracy', 'log_loss', 'macro_f1'], got 'auc'"),
+    ({"train": {"backbones": {"b": {"finetune": "lora"}}}}, "'train.backbones.b.finetune' must be one of"),
+])
+def test_a_value_outside_its_choices_is_named_when_params_are_read(raw, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_params(raw)
 
 
 def test_yaml_exponent_strings_are_floats():

@@ -1,6 +1,7 @@
 """The real DVC pipeline end to end, in a temporary git repo, on a tiny competition and tiny timm models."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -135,6 +136,21 @@ def test_changing_ensemble_weights_reruns_only_the_ensemble_and_its_analysis(rep
     report = json.loads((repo / "reports/ensemble.json").read_text())
     assert report["method"] == "soft_voting"
     assert report["methods"]["soft_voting"]["weights"] == {"test_resnet": 0.75, "test_efficientnet": 0.25}
+
+
+def test_editing_a_tta_view_reruns_predict_and_what_reads_it_never_training(repo):
+    repo, env, _ = repo
+    views = repo / "pipeline" / "predict.py"
+    source = views.read_text()
+    assert 'register_view("brighter")(_brightness(1.1))' in source
+    views.write_text(source.replace('register_view("brighter")(_brightness(1.1))',
+                                    'register_view("brighter")(_brightness(1.15))'))
+    assert set(_status(repo, env)) == {"predict@test_resnet", "predict@test_efficientnet"}
+    out = _run(["dvc", "repro"], repo, env).stdout
+    ran = set(re.findall(r"Running stage '([^']+)'", out))
+    assert {"predict@test_resnet", "predict@test_efficientnet"} <= ran <= {
+        "predict@test_resnet", "predict@test_efficientnet", "ensemble", "analyze"}
+    assert _status(repo, env) == {}
 
 
 def test_changing_one_backbone_reruns_only_that_backbone(repo):

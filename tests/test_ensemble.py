@@ -6,15 +6,15 @@ import pytest
 
 from pipeline import __main__ as cli
 from pipeline.config import CompetitionConfig
-from pipeline.predict import probs_frame
+from pipeline.probs import probs_frame
 from pipeline.prepare import prepare
 from tests.conftest import write_competition
 
 from pipeline.ensemble import (ENSEMBLES, HardVotingEnsemble, RankAveragingEnsemble, SoftVotingEnsemble,
-                               build_submission, create_ensemble, cross_fit, local_leaderboard, validate_submission)
+                               create_ensemble, cross_fit)
 from pipeline.metrics import log_loss
 from pipeline.errors import PipelineError
-from pipeline.prepare import read_submission_format
+from pipeline.submission import build_submission, local_leaderboard, read_submission_format, validate_submission
 
 A = np.array([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3]])
 B = np.array([[0.1, 0.2, 0.7], [0.3, 0.3, 0.4]])
@@ -247,7 +247,7 @@ def test_stage_scores_every_method_honestly_and_submits_the_best(oof_run):
 @pytest.mark.parametrize("line, message", [
     ("ensemble: {methods: [soft_voting, blend9]}", "ensemble.methods: unknown method 'blend9'"),
     ("ensemble: {method: caruana, methods: [soft_voting]}", "ensemble.method: 'caruana' is not auto or one of"),
-    ("ensemble: {metric: auc}", "ensemble.metric: 'auc' is not one of"),
+    ("ensemble: {metric: auc}", "'ensemble.metric' must be one of ['accuracy', 'log_loss', 'macro_f1'], got 'auc'"),
     ("ensemble: {weights: {nope: 1}}", "ensemble.weights.nope is not a key of train.backbones"),
 ])
 def test_bad_ensemble_params_fail_with_one_line(oof_run, capsys, line, message):

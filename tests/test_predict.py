@@ -9,7 +9,8 @@ from pipeline.config import ConfigError, parse_params
 from pipeline.data import load_prepared, to_input
 from pipeline.metrics import log_loss
 from pipeline.models import create_model
-from pipeline.predict import (TTA_VIEWS, merge_views, predict_backbone, predict_proba, predict_views,
+from pipeline.inference import predict_proba
+from pipeline.predict import (TTA_VIEWS, merge_views, predict_backbone, predict_tta, predict_views,
                               resolve_tta, select_policy)
 from pipeline.prepare import prepare
 
@@ -38,7 +39,7 @@ def test_hflip_tta_is_the_mean_over_the_image_and_its_mirror(model):
         x = _normalised(images)
         plain = torch.softmax(model(x), 1).numpy()
         mirrored = torch.softmax(model(x.flip(3)), 1).numpy()
-    got = predict_proba(model, images, MEAN, STD, 12, batch_size=2, device=CPU, views=("identity", "hflip"))
+    got = predict_tta(model, images, MEAN, STD, 12, batch_size=2, device=CPU, views=("identity", "hflip"))
     np.testing.assert_allclose(got, (plain + mirrored) / 2, atol=1e-5)
     np.testing.assert_allclose(predict_proba(model, images, MEAN, STD, 12, 2, CPU), plain, atol=1e-5)
     assert not np.allclose(plain, mirrored)
@@ -135,11 +136,11 @@ def test_oof_rows_come_from_their_own_fold_models_and_test_is_the_mean_of_all(co
         got = preds[name]
         assert got.seeds == ["3", "7"] and got.oof_per_seed.shape == (2, len(folds), 3)
         for k in range(2):
-            per_seed = [predict_proba(m, data.train_images[folds == k], mu, sd, 12, 4, CPU, views=tuple(views))
+            per_seed = [predict_tta(m, data.train_images[folds == k], mu, sd, 12, 4, CPU, views=tuple(views))
                         for (s, kk), (m, mu, sd) in models.items() if kk == k]
             np.testing.assert_allclose(got.oof_per_seed[:, folds == k], per_seed, atol=1e-6)
             np.testing.assert_allclose(got.oof[folds == k], np.mean(per_seed, 0), atol=1e-6)  # the seed bag
-        expected_test = np.mean([predict_proba(m, data.test_images, mu, sd, 12, 4, CPU, views=tuple(views))
+        expected_test = np.mean([predict_tta(m, data.test_images, mu, sd, 12, 4, CPU, views=tuple(views))
                                  for m, mu, sd in models.values()], 0)
         np.testing.assert_allclose(got.test, expected_test, atol=1e-6)
     assert not np.allclose(preds["none"].oof, preds["flip"].oof)
@@ -151,7 +152,6 @@ def test_oof_rows_come_from_their_own_fold_models_and_test_is_the_mean_of_all(co
     ({"select": "hflip2"}, "tta.select: 'hflip2' is not a policy"),
     ({"backbones": {"net": "nope"}}, "tta.backbones.net: 'nope' is not a policy"),
     ({"backbones": {"other": "hflip"}}, "tta.backbones.other is not a key of train.backbones"),
-    ({"merge": "median"}, "tta.merge: 'median' is not mean, geometric or logits"),
 ])
 def test_bad_tta_params_name_the_key(raw, message):
     tta = parse_params({"tta": raw}).tta

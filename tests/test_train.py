@@ -7,11 +7,12 @@ import torch
 from mlflow.tracking import MlflowClient
 from timm.data import Mixup
 
+from pipeline.analyze import fold_scores
 from pipeline.config import TrainSettings
 from pipeline.data import build_train_transform, load_prepared, to_input
 from pipeline.errors import PipelineError
 from pipeline.models import create_model
-from pipeline.predict import load_fold_model, predict_proba
+from pipeline.inference import load_fold_model, predict_proba
 from pipeline.prepare import prepare
 from pipeline.tracking import Tracker
 from pipeline.metrics import log_loss
@@ -64,6 +65,9 @@ def test_cv_training_writes_oof_checkpoints_and_an_mlflow_tree(prepared, tmp_pat
     np.testing.assert_allclose(oof.sum(1), 1.0, atol=1e-5)  # every row filled by its fold's model
     assert metrics["oof"]["accuracy"] == pytest.approx(float((oof.argmax(1) == targets).mean()))
     assert metrics["oof"]["accuracy"] > 0.7  # colour-coded classes: learnt, not chance (1/3)
+    table = fold_scores(oof, targets, prepared.train["fold"].to_numpy())
+    assert metrics["fold_std"]["log_loss"] > 0  # one spread for both reports: the sample std (ddof=1)
+    assert metrics["fold_std"]["log_loss"] == pytest.approx(table.loc["std", "log_loss"], rel=1e-9)
     for k in range(2):
         ckpt = torch.load(tmp_path / "models" / "seed0" / f"fold{k}" / "model.pt", weights_only=True)
         assert ckpt["model"] == "test_resnet" and ckpt["num_classes"] == 3
@@ -468,5 +472,5 @@ def test_val_every_skips_validation_and_keeps_the_last_epoch_when_it_equals_epoc
     resumed = train_fold(create_model("test_resnet", 3), *data, s, 16, CPU, 3, state_path=tmp_path / "state.pt")
     np.testing.assert_array_equal(resumed.val_probs, result.val_probs)
     with pytest.raises(PipelineError, match="train.val_every"):
-        from pipeline.train import check_settings
-        check_settings(dataclasses.replace(s, val_every=0), "train")
+        from pipeline.config import check_train_settings
+        check_train_settings(dataclasses.replace(s, val_every=0), "train")

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 import torch
@@ -19,6 +20,7 @@ from pipeline.data import load_prepared
 from pipeline.errors import PipelineError
 from pipeline.prepare import prepare
 from pipeline.tracking import Tracker
+from pipeline.train import train_cv
 from pipeline.tune import finished, make_objective, open_study, run_study, sample, search_space, write_report
 from tests.conftest import write_competition
 
@@ -47,6 +49,7 @@ def _tune(tmp_path, **kw) -> TuneConfig:
     ({"lr": {"type": "gaussian", "low": 0.1, "high": 1}}, r"tune.space.lr.type must be one of .*got 'gaussian'"),
     ({"learning_rate": {"type": "float", "low": 0.1, "high": 1}}, r"tune.space.learning_rate: unknown parameter"),
     ({"lr": {"type": "float", "low": 0, "high": 1, "log": True}}, r"tune.space.lr: a log scale needs low > 0"),
+    ({"epochs": {"type": "int", "low": 1, "high": 3}}, r"tune.space.epochs: set by the tune stage itself"),
 ])
 def test_invalid_search_space_is_named(space, message):
     with pytest.raises(PipelineError, match=message):
@@ -114,6 +117,32 @@ def test_a_failing_trial_is_recorded_with_its_reason_and_the_study_goes_on(prepa
     assert failed.state == optuna.trial.TrialState.FAIL
     assert "loss is" in failed.user_attrs["fail_reason"] and "trial 0 fold 0" in failed.user_attrs["fail_reason"]
     assert ok.state == optuna.trial.TrialState.COMPLETE
+
+
+def test_macro_f1_is_reported_every_epoch_and_is_the_objective(prepared, tmp_path):
+    tune = _tune(tmp_path, metric="macro_f1", folds=[0], epochs=2, pruner="none")
+    study = open_study(tune, "f1")
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+    study.enqueue_trial({"lr": 0.01})
+    run_study(study, make_objective(prepared, "test_resnet", BASE, LR_ONLY, tune, 12, CPU, Tracker(False, "x")), 1)
+    trial = study.trials[0]
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    assert sorted(trial.intermediate_values) == [0, 1]  # the pruner sees macro F1 after every epoch
+    assert 0 <= trial.value <= 1
+
+
+def test_tuning_a_features_sklearn_backbone_runs_what_training_runs(prepared, tmp_path):
+    base = dataclasses.replace(BASE, finetune="features+sklearn")
+    tune = _tune(tmp_path, pruner="none")
+    study = open_study(tune, "sk")
+    study.enqueue_trial({"lr": 0.01})
+    run_study(study, make_objective(prepared, "test_resnet", base, LR_ONLY, tune, 12, CPU, Tracker(False, "x")), 1)
+    trial = study.trials[0]
+    # one report per fold (the classifier's fit), not one per epoch of fine-tuning
+    assert sorted(trial.intermediate_values) == [0, tune.epochs]
+    _, metrics = train_cv(prepared, "b", "test_resnet", dataclasses.replace(base, lr=0.01), 12, tmp_path / "m", CPU,
+                          Tracker(False, "x"))
+    assert trial.value == pytest.approx(np.mean([metrics["folds"][str(k)]["accuracy"] for k in (0, 1)]), abs=1e-12)
 
 
 def test_study_trial_fold_runs_nest_in_mlflow_and_the_report_is_written(prepared, tmp_path):

@@ -12,7 +12,7 @@ from pipeline.cli import experiment_name, parse_args
 from pipeline.config import ConfigError, flatten, load_params, resolve_train_settings, to_dict
 from pipeline.data import load_prepared
 from pipeline.io import atomic_dir
-from pipeline.predict import read_probs
+from pipeline.probs import read_probs
 from pipeline.report import write_report
 from pipeline.tracking import Tracker
 

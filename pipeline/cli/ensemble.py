@@ -11,18 +11,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from pipeline.cli import experiment_name, parse_args
 from pipeline.config import ConfigError, load_params
 from pipeline.data import load_prepared
-from pipeline.ensemble import (ENSEMBLES, build_submission, create_ensemble, cross_fit, local_leaderboard,
-                               validate_submission)
+from pipeline.ensemble import ENSEMBLES, choose_method, fit_methods
 from pipeline.io import atomic_dir, atomic_write_text, read_json, write_json
-from pipeline.metrics import METRICS, is_better, scores
-from pipeline.predict import probs_frame, read_probs
-from pipeline.prepare import read_submission_format
+from pipeline.metrics import METRICS, scores
+from pipeline.probs import probs_frame, read_probs
+from pipeline.submission import build_submission, local_leaderboard, read_submission_format, validate_submission
 from pipeline.tracking import Tracker
 
 PREPARED = Path("data/prepared")
@@ -41,8 +39,6 @@ def _check(params, where: str) -> list[str]:
                                                               if bad else "empty"))
     if cfg.method != "auto" and cfg.method not in cfg.methods:
         raise ConfigError(f"{where}: ensemble.method: '{cfg.method}' is not auto or one of ensemble.methods")
-    if cfg.metric not in METRICS:
-        raise ConfigError(f"{where}: ensemble.metric: '{cfg.metric}' is not one of {', '.join(METRICS)}")
     return backbones
 
 
@@ -61,33 +57,15 @@ def main(argv=None) -> None:
     oof = [read_probs(f"predictions/{b}/oof_probs.csv", data.train["id"], data.classes, b) for b in backbones]
     test = [read_probs(f"predictions/{b}/test_probs.csv", test_ids, data.classes, b) for b in backbones]
 
-    methods, fitted = {}, {}
-    for name in cfg.methods:
-        def make(name=name):
-            return create_ensemble(name, cfg.metric, weights)
-        try:
-            model = make().fit(oof, y)
-            honest = cross_fit(make, oof, y, folds)
-        except ValueError as exc:  # e.g. stacking on a fold that lacks a class
-            print(f"ensemble method {name} skipped: {exc}")
-            methods[name] = {"error": str(exc)}
-            continue
-        fitted[name] = (model, honest, model.predict_proba(test))
-        methods[name] = {"oof": scores(honest, y, METRICS),
-                         "oof_in_sample": scores(model.predict_proba(oof), y, METRICS)}
-        if hasattr(model, "weights_"):
-            methods[name]["weights"] = dict(zip(backbones, np.round(model.weights_, 6).tolist()))
+    fitted, errors = fit_methods(cfg.methods, cfg.metric, weights, backbones, oof, test, y, folds)
+    for name, reason in errors.items():
+        print(f"ensemble method {name} skipped: {reason}")
     if not fitted:
         raise ConfigError(f"{args.params}: ensemble.methods: no method could be fitted")
-    if cfg.method == "auto":
-        chosen = None
-        for name in fitted:
-            if chosen is None or is_better(cfg.metric, methods[name]["oof"][cfg.metric], methods[chosen]["oof"][cfg.metric]):
-                chosen = name
-    elif cfg.method in fitted:
-        chosen = cfg.method
-    else:
-        raise ConfigError(f"{args.params}: ensemble.method: {cfg.method} could not be fitted ({methods[cfg.method]['error']})")
+    if cfg.method in errors:
+        raise ConfigError(f"{args.params}: ensemble.method: {cfg.method} could not be fitted ({errors[cfg.method]})")
+    chosen = choose_method(fitted, cfg.method, cfg.metric)
+    methods = {name: fitted[name].report if name in fitted else {"error": errors[name]} for name in cfg.methods}
 
     sample = pd.read_csv(PREPARED / "sample_submission.csv", dtype=str, keep_default_na=False)
     fmt = read_submission_format(sample, data.classes, str(PREPARED / "sample_submission.csv"))
@@ -108,7 +86,8 @@ def main(argv=None) -> None:
     }
     answers = PREPARED / "answers.csv"
     with atomic_dir(SUBMISSIONS / "methods") as out:
-        for name, (_, _, test_probs) in fitted.items():
+        for name, fit in fitted.items():
+            test_probs = fit.test
             submission = build_submission(test_ids, test_probs, data.classes, fmt)
             validate_submission(submission, sample, data.classes, fmt)
             file = f"{name}-oof-{cfg.metric}-{methods[name]['oof'][cfg.metric]:.4f}.csv"
@@ -117,7 +96,7 @@ def main(argv=None) -> None:
             if answers.exists():  # reported only, never used to choose
                 methods[name]["local_leaderboard"] = local_leaderboard(
                     pd.read_csv(answers, dtype=str, keep_default_na=False), test_ids, test_probs, data.classes)
-    _, honest, test_probs = fitted[chosen]
+    honest, test_probs = fitted[chosen].honest_oof, fitted[chosen].test
     atomic_write_text(SUBMISSIONS / "oof_probs.csv", probs_frame(data.train["id"], honest, data.classes).to_csv(index=False))
     atomic_write_text(SUBMISSIONS / "test_probs.csv", probs_frame(test_ids, test_probs, data.classes).to_csv(index=False))
     atomic_write_text(SUBMISSIONS / "submission.csv",

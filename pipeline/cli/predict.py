@@ -11,7 +11,8 @@ from pipeline.data import load_prepared
 from pipeline.io import atomic_dir, write_json
 from pipeline.metrics import scores
 from pipeline.models import pick_device
-from pipeline.predict import predict_backbone, probs_frame, resolve_tta, select_policy
+from pipeline.predict import predict_backbone, resolve_tta, select_policy
+from pipeline.probs import probs_frame
 
 
 def main(argv=None) -> None:

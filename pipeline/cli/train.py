@@ -16,13 +16,13 @@ import yaml
 
 from pipeline import distributed
 from pipeline.cli import experiment_name, load_with_backbone, parse_args
-from pipeline.config import flatten, resolve_train_settings, to_dict
+from pipeline.config import check_train_settings, flatten, resolve_train_settings, to_dict
 from pipeline.data import load_prepared
 from pipeline.io import atomic_dir, write_json
 from pipeline.models import check_backbone, pick_device
-from pipeline.predict import probs_frame
+from pipeline.probs import probs_frame
 from pipeline.tracking import Tracker
-from pipeline.train import check_settings, train_backbone
+from pipeline.train import train_backbone
 
 
 def _tuned_params(path: str) -> dict:
@@ -41,7 +41,7 @@ def main(argv=None) -> None:
     check_backbone(model_name, where)
     tuned = _tuned_params(f"tuning/{backbone}/best_params.yaml")
     settings = resolve_train_settings(params.train, backbone, tuned)
-    check_settings(settings, f"{args.params}: train")
+    check_train_settings(settings, f"{args.params}: train")
 
     data = load_prepared()
     image_size = settings.image_size or data.train_images.shape[1]
