@@ -152,6 +152,41 @@ def check_train_settings(s: TrainSettings, where: str) -> None:
         raise ConfigError(f"{where}.grad_accum_steps must be >= 1, got {s.grad_accum_steps}")
 
 
+# the tune stage sets these itself: a trial's epochs (tune.epochs), and one model per fold (no bag)
+SET_BY_TUNING = {"epochs", "seed", "seeds"}
+TUNABLE = {f.name for f in dataclasses.fields(TrainSettings)} - {"augment"} - SET_BY_TUNING
+DISTRIBUTIONS = ("float", "int", "categorical")
+
+
+def check_tune_space(space: dict[str, dict], where: str) -> None:
+    """Raise ConfigError naming the entry of a search space that Optuna could not draw from."""
+    for name, spec in space.items():
+        key = f"{where}.{name}"
+        if name in SET_BY_TUNING:
+            raise ConfigError(f"{key}: set by the tune stage itself (tune.epochs; one seed per fold), not tunable")
+        if name not in TUNABLE:
+            raise ConfigError(f"{key}: unknown parameter (tunable: {', '.join(sorted(TUNABLE))})")
+        kind = spec.get("type")
+        if kind not in DISTRIBUTIONS:
+            raise ConfigError(f"{key}.type must be one of {list(DISTRIBUTIONS)}, got {kind!r}")
+        if kind == "categorical":
+            if not spec.get("choices"):
+                raise ConfigError(f"{key}.choices must be a non-empty list")
+        else:
+            if "low" not in spec or "high" not in spec:
+                raise ConfigError(f"{key}: needs low and high")
+            if float(spec["low"]) > float(spec["high"]):
+                raise ConfigError(f"{key}: low {spec['low']} > high {spec['high']}")
+            if spec.get("log") and float(spec["low"]) <= 0:
+                raise ConfigError(f"{key}: a log scale needs low > 0")
+        unknown = set(spec) - {"type", "low", "high", "log", "step", "choices", "when"}
+        if unknown:
+            raise ConfigError(f"{key}: unknown field '{sorted(unknown)[0]}'")
+        for other in (spec.get("when") or {}):
+            if other not in space and other not in TUNABLE:
+                raise ConfigError(f"{key}.when: unknown parameter '{other}'")
+
+
 @dataclass(frozen=True)
 class TuneConfig:
     """Optuna search per backbone; the best values feed that backbone's train stage."""
@@ -271,7 +306,50 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 
 def parse_params(raw: dict, source: str = "params") -> Params:
-    return _build(Params, raw, prefix="", source=source)
+    """Build `Params` from a params.yaml mapping and check every section's cross-field rules once,
+    so that downstream code can trust it. (Names that live in a registry, TTA views, ensemble
+    methods and timm models, are checked by the stage that owns the registry, before any work.)"""
+    params = _build(Params, raw, prefix="", source=source)
+    _check_sections(params, source)
+    return params
+
+
+def _check_sections(p: Params, source: str) -> None:
+    backbones = list(p.train.backbones)
+    for name in backbones:
+        check_train_settings(resolve_train_settings(p.train, name), f"{source}: train.backbones.{name}")
+    for k in p.tune.folds:
+        if not 0 <= k < p.cv.n_folds:
+            raise ConfigError(f"{source}: tune.folds: fold {k} does not exist (cv.n_folds={p.cv.n_folds})")
+    _check_keys(p.tune.backbones, backbones, f"{source}: tune.backbones")
+    for name in backbones:
+        check_tune_space({**p.tune.space, **p.tune.backbones.get(name, {})}, f"{source}: tune.space")
+    tta = p.tta
+    for name, views in tta.policies.items():
+        if not views:
+            raise ConfigError(f"{source}: tta.policies.{name}: empty list of views")
+    _check_keys(tta.backbones, backbones, f"{source}: tta.backbones")
+    choices = {"candidates": tta.candidates or [], "select": [tta.select],
+               **{f"backbones.{b}": [v] for b, v in tta.backbones.items()}}
+    for key, names in choices.items():
+        missing = [n for n in names if n not in tta.policies and not (key != "candidates" and n == "auto")]
+        if missing:
+            raise ConfigError(f"{source}: tta.{key}: '{missing[0]}' is not a policy of tta.policies")
+    ens = p.ensemble
+    _check_keys(ens.weights, backbones, f"{source}: ensemble.weights")
+    weights = [ens.weights.get(b, 1.0) for b in backbones]
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"{source}: ensemble.weights must be non-negative with a positive sum")
+    if not ens.methods:
+        raise ConfigError(f"{source}: ensemble.methods: empty")
+    if ens.method != "auto" and ens.method not in ens.methods:
+        raise ConfigError(f"{source}: ensemble.method: '{ens.method}' is not auto or one of ensemble.methods")
+
+
+def _check_keys(mapping: dict, backbones: list[str], where: str) -> None:
+    unknown = sorted(set(mapping) - set(backbones))
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]} is not a key of train.backbones")
 
 
 def to_dict(obj: Any) -> Any:

@@ -16,26 +16,20 @@ from __future__ import annotations
 import os
 import random
 import time
-from dataclasses import fields
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import optuna
 import torch
 
-from dataclasses import replace
-
-from pipeline.config import ConfigError, TrainSettings, TuneConfig, check_train_settings
+from pipeline.config import TrainSettings, TuneConfig, check_train_settings
 from pipeline.data import PreparedData
 from pipeline.errors import PipelineError
 from pipeline.metrics import direction as metric_direction, scores
 from pipeline.train import fit_fold
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
-# a trial sets these itself: its epochs (tune.epochs), and one model per fold (the base seed, no bag)
-SET_BY_TUNING = {"epochs", "seed", "seeds"}
-TUNABLE = {f.name for f in fields(TrainSettings)} - {"augment"} - SET_BY_TUNING
-DISTRIBUTIONS = ("float", "int", "categorical")
 # what a trial's parameters can provoke (a NaN loss, a shape or value a transform rejects): the trial
 # fails with its reason and the study goes on
 FAILURES = (PipelineError, RuntimeError, ValueError)
@@ -45,34 +39,8 @@ FAILURES = (PipelineError, RuntimeError, ValueError)
 
 
 def search_space(tune: TuneConfig, backbone: str) -> dict[str, dict]:
-    """`tune.space` with `tune.backbones.<backbone>` entries added or replacing, validated."""
-    space = {**tune.space, **tune.backbones.get(backbone, {})}
-    for name, spec in space.items():
-        where = f"tune.space.{name}"
-        if name in SET_BY_TUNING:
-            raise ConfigError(f"{where}: set by the tune stage itself (tune.epochs; one seed per fold), not tunable")
-        if name not in TUNABLE:
-            raise ConfigError(f"{where}: unknown parameter (tunable: {', '.join(sorted(TUNABLE))})")
-        kind = spec.get("type")
-        if kind not in DISTRIBUTIONS:
-            raise ConfigError(f"{where}.type must be one of {list(DISTRIBUTIONS)}, got {kind!r}")
-        if kind == "categorical":
-            if not spec.get("choices"):
-                raise ConfigError(f"{where}.choices must be a non-empty list")
-        else:
-            if "low" not in spec or "high" not in spec:
-                raise ConfigError(f"{where}: needs low and high")
-            if float(spec["low"]) > float(spec["high"]):
-                raise ConfigError(f"{where}: low {spec['low']} > high {spec['high']}")
-            if spec.get("log") and float(spec["low"]) <= 0:
-                raise ConfigError(f"{where}: a log scale needs low > 0")
-        unknown = set(spec) - {"type", "low", "high", "log", "step", "choices", "when"}
-        if unknown:
-            raise ConfigError(f"{where}: unknown field '{sorted(unknown)[0]}'")
-        for other in (spec.get("when") or {}):
-            if other not in space and other not in TUNABLE:
-                raise ConfigError(f"{where}.when: unknown parameter '{other}'")
-    return space
+    """`tune.space` with `tune.backbones.<backbone>` entries added or replacing (checked when params are read)."""
+    return {**tune.space, **tune.backbones.get(backbone, {})}
 
 
 def sample(trial: optuna.Trial, space: dict[str, dict], base: TrainSettings) -> dict:
@@ -160,9 +128,6 @@ def make_objective(data: PreparedData, model_name: str, base: TrainSettings, spa
     targets = data.train["target"].to_numpy()
     folds = data.train["fold"].to_numpy()
     epochs = tune.epochs or base.epochs
-    for k in tune.folds:
-        if not 0 <= k < data.n_folds:
-            raise ConfigError(f"tune.folds: fold {k} does not exist (cv.n_folds={data.n_folds})")
 
     def objective(trial: optuna.Trial) -> float:
         values = sample(trial, space, base)

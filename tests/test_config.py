@@ -47,6 +47,13 @@ def test_wrong_type_is_named():
     ({"tta": {"merge": "median"}}, "'tta.merge' must be one of ['mean', 'geometric', 'logits'], got 'median'"),
     ({"tune": {"metric": "auc"}}, "'tune.metric' must be one of ['accuracy', 'log_loss', 'macro_f1'], got 'auc'"),
     ({"train": {"backbones": {"b": {"finetune": "lora"}}}}, "'train.backbones.b.finetune' must be one of"),
+    # cross-field rules, each checked once here so that no stage checks them again
+    ({"train": {"mixup_alpha": 0.4, "batch_size": 3, "backbones": {"b": {}}}},
+     "train.backbones.b.batch_size must be even with mixup/cutmix, got 3"),
+    ({"tune": {"folds": [0, 7]}}, "tune.folds: fold 7 does not exist (cv.n_folds=5)"),
+    ({"tune": {"space": {"epochs": {"type": "int", "low": 1, "high": 3}}}}, "tune.space.epochs: set by the tune stage"),
+    ({"tune": {"backbones": {"nope": {}}}}, "tune.backbones.nope is not a key of train.backbones"),
+    ({"ensemble": {"weights": {"resnet10t": -1}}}, "ensemble.weights must be non-negative with a positive sum"),
 ])
 def test_a_value_outside_its_choices_is_named_when_params_are_read(raw, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -147,20 +147,26 @@ def test_oof_rows_come_from_their_own_fold_models_and_test_is_the_mean_of_all(co
 
 
 @pytest.mark.parametrize("raw, message", [
-    ({"policies": {"odd": ["identity", "twirl"]}}, "tta.policies.odd: unknown view 'twirl'"),
     ({"candidates": ["none", "sharpen"]}, "tta.candidates: 'sharpen' is not a policy of tta.policies"),
     ({"select": "hflip2"}, "tta.select: 'hflip2' is not a policy"),
     ({"backbones": {"net": "nope"}}, "tta.backbones.net: 'nope' is not a policy"),
     ({"backbones": {"other": "hflip"}}, "tta.backbones.other is not a key of train.backbones"),
+    ({"policies": {"odd": []}}, "tta.policies.odd: empty list of views"),
 ])
-def test_bad_tta_params_name_the_key(raw, message):
-    tta = parse_params({"tta": raw}).tta
+def test_bad_tta_params_name_the_key_when_params_are_read(raw, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        resolve_tta(tta, "net", ["net"], "params.yaml: tta")
+        parse_params({"train": {"backbones": {"net": {}}}, "tta": raw}, "params.yaml")
+
+
+def test_an_unregistered_view_is_named_by_the_predict_stage():
+    tta = parse_params({"train": {"backbones": {"net": {}}},
+                        "tta": {"policies": {"odd": ["identity", "twirl"]}, "candidates": ["odd"]}}).tta
+    with pytest.raises(ConfigError, match=re.escape("params.yaml: tta.policies.odd: unknown view 'twirl'")):
+        resolve_tta(tta, "net", "params.yaml: tta")
 
 
 def test_tta_pool_and_computed_policies():
     tta = parse_params({"tta": {"select": "auto", "candidates": ["hflip", "five_crop"]}}).tta
-    assert resolve_tta(tta, "net", ["net"], "t") == (["hflip", "five_crop"], ["none", "hflip", "five_crop"])
-    fixed = parse_params({"tta": {"backbones": {"net": "rot90"}}}).tta
-    assert resolve_tta(fixed, "net", ["net"], "t") == (["rot90"], ["none", "rot90"])
+    assert resolve_tta(tta, "net", "t") == (["hflip", "five_crop"], ["none", "hflip", "five_crop"])
+    fixed = parse_params({"train": {"backbones": {"net": {}}}, "tta": {"backbones": {"net": "rot90"}}}).tta
+    assert resolve_tta(fixed, "net", "t") == (["rot90"], ["none", "rot90"])

@@ -14,7 +14,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import (CompetitionConfig, Params, TrainSettings, TuneConfig, parse_params,
+from pipeline.config import (CompetitionConfig, Params, TrainSettings, TuneConfig, check_tune_space, parse_params,
                              resolve_train_settings)
 from pipeline.data import load_prepared
 from pipeline.errors import PipelineError
@@ -53,7 +53,7 @@ def _tune(tmp_path, **kw) -> TuneConfig:
 ])
 def test_invalid_search_space_is_named(space, message):
     with pytest.raises(PipelineError, match=message):
-        search_space(TuneConfig(space=space), "any")
+        check_tune_space(space, "tune.space")
 
 
 def test_shipped_space_is_valid_and_covers_the_usual_knobs():

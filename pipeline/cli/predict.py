@@ -19,7 +19,7 @@ def main(argv=None) -> None:
     args = parse_args(argv, __doc__, backbone=True)
     params, backbone = load_with_backbone(args)
     tta = params.tta
-    pool, computed = resolve_tta(tta, backbone, list(params.train.backbones), f"{args.params}: tta")
+    pool, computed = resolve_tta(tta, backbone, f"{args.params}: tta")
 
     data = load_prepared()
     y, folds = data.train["target"].to_numpy(), data.train["fold"].to_numpy()
