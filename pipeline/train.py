@@ -106,8 +106,15 @@ def _frozen_norms_to_eval(model: torch.nn.Module) -> None:
                 module.eval()
 
 
+def derive_seed(*keys: int) -> int:
+    """The one way a seed is derived from others, e.g. a fold's from (seed, fold) and an epoch's from
+    (fold seed, epoch): numpy's SeedSequence, so distinct keys give unrelated streams and no two
+    (seed, fold) pairs of a bag share an initialisation (as `seed + fold` did: 42 + 1 = 43 + 0)."""
+    return int(np.random.SeedSequence([k % 2**32 for k in keys]).generate_state(1)[0] >> 1)
+
+
 def _reseed(seed: int, epoch: int) -> int:
-    epoch_seed = (seed * 1_000_003 + epoch) % 2**31
+    epoch_seed = derive_seed(seed, epoch)
     random.seed(epoch_seed)
     np.random.seed(epoch_seed)
     torch.manual_seed(epoch_seed)
@@ -386,6 +393,14 @@ def bootstrap_rows(rows: np.ndarray, seed: int, fold: int) -> np.ndarray:
     return np.sort(rng.choice(rows, size=len(rows), replace=True))
 
 
+def initial_model(model_name: str, num_classes: int, s: TrainSettings, fold_seed: int,
+                  pretrained: str | None = None) -> torch.nn.Module:
+    """A fold's model before training, its random initialisation drawn from `fold_seed`."""
+    torch.manual_seed(fold_seed)
+    return create_model(model_name, num_classes, pretrained=pretrained, drop_rate=s.drop_rate,
+                        drop_path_rate=s.drop_path_rate)
+
+
 def fit_fold(data: PreparedData, k: int, model_name: str, s: TrainSettings, image_size: int,
              device: torch.device, *, pretrained: str | None = None,
              on_epoch: Callable[[int, dict], None] | None = None, state_path: str | Path | None = None,
@@ -400,11 +415,9 @@ def fit_fold(data: PreparedData, k: int, model_name: str, s: TrainSettings, imag
     if s.bootstrap:
         tr = bootstrap_rows(tr, s.seed, k)
     mean, std = data.fold_stats(k)
-    fold_seed = s.seed + k
-    torch.manual_seed(fold_seed)
+    fold_seed = derive_seed(s.seed, k)
     sklearn_head = s.finetune == "features+sklearn"
-    model = create_model(model_name, 0 if sklearn_head else n_classes, pretrained=pretrained,
-                         drop_rate=s.drop_rate, drop_path_rate=s.drop_path_rate)
+    model = initial_model(model_name, 0 if sklearn_head else n_classes, s, fold_seed, pretrained)
     train_images, val_images = np.asarray(data.train_images[tr]), np.asarray(data.train_images[va])
     if sklearn_head:
         clf, probs = fit_features_classifier(model, train_images, targets[tr], val_images, mean, std, image_size,

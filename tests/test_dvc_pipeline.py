@@ -168,6 +168,7 @@ def test_unknown_backbone_fails_with_a_one_line_error(repo):
     before = (repo / "submissions/submission.csv").read_bytes()
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"]["backbones"] = {"resnet_nope": {}}
+    params["ensemble"]["weights"] = {}  # an earlier test weighted test_resnet, no longer a backbone here
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     proc = _run(["python", "-m", "pipeline", "train", "--backbone", "resnet_nope"], repo, env, check=False)
     assert proc.returncode == 1
