@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from pipeline.cli import experiment_name, parse_args
@@ -27,6 +28,14 @@ PREPARED = Path("data/prepared")
 SUBMISSIONS = Path("submissions")
 
 
+
+
+def _single_report(backbone: str, oof: np.ndarray, y: np.ndarray) -> dict:
+    """One backbone's OOF scores beside its predict stage's TTA choice, for the report."""
+    path = Path(f"predictions/{backbone}/tta.json")
+    tta = read_json(path) if path.exists() else {}
+    return {"oof": scores(oof, y, METRICS), "tta": tta.get("policy"), "oof_no_tta": tta.get("policies", {}).get("none"),
+            "oof_tta_selection_crossfit": tta.get("oof_selection_crossfit"), "seeds": tta.get("seeds")}
 
 
 def main(argv=None) -> None:
@@ -57,13 +66,7 @@ def main(argv=None) -> None:
 
     sample = pd.read_csv(PREPARED / "sample_submission.csv", dtype=str, keep_default_na=False)
     fmt = read_submission_format(sample, data.classes, str(PREPARED / "sample_submission.csv"))
-    singles = {}
-    for b, probs in zip(backbones, oof):
-        tta_report = Path(f"predictions/{b}/tta.json")
-        tta = read_json(tta_report) if tta_report.exists() else {}
-        singles[b] = {"oof": scores(probs, y, METRICS), "tta": tta.get("policy"),
-                      "oof_no_tta": tta.get("policies", {}).get("none"),
-                      "oof_tta_selection_crossfit": tta.get("oof_selection_crossfit"), "seeds": tta.get("seeds")}
+    singles = {b: _single_report(b, probs, y) for b, probs in zip(backbones, oof)}
     best_single = max(backbones, key=lambda b: singles[b]["oof"]["accuracy"])
     final = methods[chosen]["oof"]
     metrics = {
