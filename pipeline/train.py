@@ -264,10 +264,10 @@ def train_fold(model: torch.nn.Module, train_images: np.ndarray, train_targets: 
         row = {"train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"]}
         validation = None
         if (epoch + 1) % s.val_every == 0 or epoch + 1 == s.epochs:  # else: no validation this epoch
-            candidates = [("model", model)] + ([("ema", ema.module)] if ema is not None else [])
+            candidates = [model] + ([ema.module] if ema is not None else [])
             validation = _best_candidate(s.monitor, [
                 (m, *evaluate(m, val_images, val_targets, mean, std, image_size, s.batch_size * 2, device))
-                for _, m in candidates])
+                for m in candidates])
             row.update({f"val_{m}": v for m, v in validation[1].items()})
         row["epoch_seconds"] = time.perf_counter() - started
         if validation is not None:
