@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
-from sklearn.metrics import f1_score
+from sklearn.metrics import cohen_kappa_score, f1_score, roc_auc_score
 
 
 def accuracy(probs: np.ndarray, y: np.ndarray) -> float:
@@ -22,11 +22,32 @@ def macro_f1(probs: np.ndarray, y: np.ndarray) -> float:
     return float(f1_score(y, probs.argmax(1), labels=np.arange(probs.shape[1]), average="macro", zero_division=0))
 
 
+def roc_auc(probs: np.ndarray, y: np.ndarray) -> float:
+    """Binary: the AUC of the second class's probability. Multiclass: the unweighted mean of each
+    class's one-vs-rest AUC, over the classes present with both positives and negatives (as sklearn's
+    `multi_class="ovr", average="macro"`, which refuses data missing a class); nan if there is none."""
+    if probs.shape[1] == 2:
+        return float(roc_auc_score(y, probs[:, 1])) if len(np.unique(y)) == 2 else float("nan")
+    aucs = [roc_auc_score(y == c, probs[:, c]) for c in range(probs.shape[1]) if 0 < (y == c).sum() < len(y)]
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def quadratic_weighted_kappa(probs: np.ndarray, y: np.ndarray) -> float:
+    """Cohen's kappa of the argmax with quadratic weights: class indices are the ordinal grades
+    (prepare orders integer labels numerically). 1 = perfect, 0 = chance."""
+    predicted = probs.argmax(1)
+    if (predicted == y).all():
+        return 1.0  # sklearn gives nan when a single grade is both predicted and true
+    return float(cohen_kappa_score(y, predicted, weights="quadratic", labels=np.arange(probs.shape[1])))
+
+
 # name -> (function, greater is better)
 METRICS: dict[str, tuple[Callable[[np.ndarray, np.ndarray], float], bool]] = {
     "accuracy": (accuracy, True),
     "log_loss": (log_loss, False),
     "macro_f1": (macro_f1, True),
+    "roc_auc": (roc_auc, True),
+    "quadratic_weighted_kappa": (quadratic_weighted_kappa, True),
 }
 
 
@@ -53,12 +74,12 @@ def fold_spread(values) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
-def fold_summary(per_fold: dict[str, dict[str, float]], names=("accuracy", "log_loss")) -> dict[str, dict]:
+def fold_summary(per_fold: dict[str, dict[str, float]], names=tuple(METRICS)) -> dict[str, dict]:
     """{"fold_mean": {name: ...}, "fold_std": {name: ...}} over per-fold score dicts, by `fold_spread`."""
     spread = {m: fold_spread([f[m] for f in per_fold.values()]) for m in names}
     return {"fold_mean": {m: v[0] for m, v in spread.items()}, "fold_std": {m: v[1] for m, v in spread.items()}}
 
 
-def scores(probs: np.ndarray, y: np.ndarray, names=("accuracy", "log_loss")) -> dict[str, float]:
-    """{name: score} for each metric in `names` (all of METRICS: pass METRICS)."""
+def scores(probs: np.ndarray, y: np.ndarray, names=tuple(METRICS)) -> dict[str, float]:
+    """{name: score} for each metric in `names` (all of METRICS by default)."""
     return {name: METRICS[name][0](probs, y) for name in names}
