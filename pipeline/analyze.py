@@ -22,10 +22,18 @@ from pipeline.metrics import METRICS, fold_spread, scores
 
 
 def per_class_scores(probs: np.ndarray, y: np.ndarray, classes: list[str]) -> pd.DataFrame:
-    """One row per class: precision, recall, f1, support."""
-    p, r, f1, support = precision_recall_fscore_support(y, probs.argmax(1), labels=np.arange(len(classes)),
-                                                        zero_division=0)
-    return pd.DataFrame({"class": classes, "precision": p, "recall": r, "f1": f1, "support": support})
+    """One row per class: precision, recall, f1, support, how often it is predicted (an imbalanced
+    competition's rare class may never be: see `never_predicted`)."""
+    pred = probs.argmax(1)
+    p, r, f1, support = precision_recall_fscore_support(y, pred, labels=np.arange(len(classes)), zero_division=0)
+    return pd.DataFrame({"class": classes, "precision": p, "recall": r, "f1": f1, "support": support,
+                         "predicted": np.bincount(pred, minlength=len(classes))})
+
+
+def never_predicted(per_class: pd.DataFrame) -> list[str]:
+    """Classes with rows that the model never predicts: the sign that it learned the class prior
+    instead (try train.class_weight or train.sampler: balanced)."""
+    return per_class.loc[(per_class["predicted"] == 0) & (per_class["support"] > 0), "class"].astype(str).tolist()
 
 
 def fold_scores(probs: np.ndarray, y: np.ndarray, folds: np.ndarray) -> pd.DataFrame:
@@ -310,7 +318,8 @@ def summary(analyses: list[ModelAnalysis], div: pd.DataFrame) -> dict:
         out[a.name] = {**a.scores, "ece": a.ece,
                        "fold_accuracy_mean": float(a.folds.loc["mean", "accuracy"]),
                        "fold_accuracy_std": float(a.folds.loc["std", "accuracy"]),
-                       "weak_slices": int(a.slices["weak"].sum())}
+                       "weak_slices": int(a.slices["weak"].sum()),
+                       "never_predicted_classes": len(never_predicted(a.per_class))}
     for row in div.itertuples():
         out[f"{row.a}~{row.b}"] = {"disagreement": row.disagreement, "error_correlation": row.error_correlation,
                                    "oracle_accuracy": row.oracle_accuracy}

@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
-from pipeline.analyze import PROPERTIES, ModelAnalysis, row_losses  # noqa: E402
+from pipeline.analyze import PROPERTIES, ModelAnalysis, never_predicted, row_losses  # noqa: E402
 from pipeline.io import write_json  # noqa: E402
 
 MAX_MATRIX_CLASSES = 30  # larger confusion matrices show the classes with the most errors
@@ -211,7 +211,7 @@ def model_section(a: ModelAnalysis, ids: np.ndarray, y: np.ndarray, folds: np.nd
                       html_table(overall, f"{m}-overall"),
                       "<p>Per fold, then the mean and the spread (std) across folds:</p>",
                       html_table(fold_rows, f"{m}-folds", index=True),
-                      "<p>Per class:</p>", html_table(a.per_class, f"{m}-per-class"))
+                      "<p>Per class:</p>", html_table(a.per_class, f"{m}-per-class"), _never_predicted_note(a))
     # confusion and confused pairs
     cm_fig = plot_confusion(a.confusion, classes, fig_dir / "confusion.png")
     cm_table = ""
@@ -279,6 +279,16 @@ def model_section(a: ModelAnalysis, ids: np.ndarray, y: np.ndarray, folds: np.nd
 
 
 # ---------------------------------------------------------------- the page
+
+
+def _never_predicted_note(a: ModelAnalysis) -> str:
+    missing = never_predicted(a.per_class)
+    if not missing:
+        return ""
+    return (f"<p><b>Never predicted:</b> {html.escape(', '.join(missing[:20]))}"
+            f"{f' and {len(missing) - 20} more' if len(missing) > 20 else ''}. The model learned the class prior "
+            "for these; try <code>train.class_weight: balanced</code> or <code>train.sampler: balanced</code> "
+            "(compare by OOF, or let tune.space choose).</p>")
 
 
 def models_section(analyses: list[ModelAnalysis], div: pd.DataFrame, per_class: pd.DataFrame,

@@ -16,7 +16,8 @@ from PIL import Image
 from pipeline import __main__ as cli
 from pipeline.analyze import (ADVICE, advise, analyze_model, augment_yaml, confident_wrong_rows, confusion_counts,
                               diversity, expected_calibration_error, fold_scores, image_properties,
-                              most_confused_pairs, per_class_accuracy, reliability_table, slice_errors, summary,
+                              most_confused_pairs, never_predicted, per_class_accuracy, per_class_scores,
+                              reliability_table, slice_errors, summary,
                               worst_rows)
 from pipeline.config import CompetitionConfig
 from pipeline.data import build_train_transform
@@ -325,3 +326,12 @@ def test_report_opens_in_headless_chromium(rendered, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     for section in ("models", "ensemble-calibration", "net_a-slices"):
         assert f'id="{section}"' in proc.stdout
+
+
+def test_a_class_never_predicted_is_flagged():
+    y = np.array([0, 0, 0, 1, 1, 2])
+    probs = np.eye(3)[[0, 0, 1, 1, 1, 0]]  # class 2 has a row but is never the argmax
+    table = per_class_scores(probs, y, ["a", "b", "c"])
+    assert table["predicted"].tolist() == [3, 3, 0]
+    assert never_predicted(table) == ["c"]
+    assert never_predicted(per_class_scores(np.eye(3)[y], y, ["a", "b", "c"])) == []

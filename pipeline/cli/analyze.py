@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.analyze import analyze_model, diversity, image_properties, per_class_accuracy, summary
+from pipeline.analyze import analyze_model, diversity, image_properties, never_predicted, per_class_accuracy, summary
 from pipeline.cli import experiment_name, parse_args
 from pipeline.config import ConfigError, flatten, load_params, resolve_train_settings, to_dict
-from pipeline.data import load_prepared
+from pipeline.data import default_augment, load_prepared
 from pipeline.io import atomic_dir
 from pipeline.probs import read_probs
 from pipeline.report import write_report
@@ -39,7 +39,7 @@ def main(argv=None) -> None:
     analyses = []
     for name, probs in oof.items():
         if name in backbones:
-            augment = resolve_train_settings(params.train, name).augment
+            augment = resolve_train_settings(params.train, name).augment or default_augment(data.train_images.shape[1])
             where = f"train.backbones.{name}.augment" if params.train.backbones[name].augment else "train.augment"
         else:  # the ensemble: its members may differ, so no "already on" check
             augment, where = None, "train.augment"
@@ -62,6 +62,8 @@ def main(argv=None) -> None:
                              if isinstance(v, (int, float)) and v == v})
         tracker.log_artifacts(str(OUT), "oof")
     for a in analyses:
+        missing = never_predicted(a.per_class)
         print(f"{a.name}: OOF accuracy {a.scores['accuracy']:.4f}, ECE {a.ece:.4f}, "
-              f"{len(a.advice)} weak slice(s)" + (f"; {a.advice[0]['augmentation']}" if a.advice else ""))
+              f"{len(a.advice)} weak slice(s)" + (f"; {a.advice[0]['augmentation']}" if a.advice else "")
+              + (f"; never predicts class {', '.join(missing[:5])} (try train.class_weight: balanced)" if missing else ""))
     print(f"report -> {OUT / 'index.html'}")
