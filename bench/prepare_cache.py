@@ -34,16 +34,16 @@ def main() -> None:
             times = []
             for _ in range(args.repeats):
                 start = time.perf_counter()
-                summary = prepare(comp, args.image_size, 5, 42, out, workers=workers, raw_dir=Path(tmp) / "raw")
+                summary = prepare(comp, args.image_size, 5, 42, out, workers=workers)
                 times.append(time.perf_counter() - start)
             n = summary["n_train"] + summary["n_test"]
             med = statistics.median(times)
             print(f"prepare, {workers} worker(s): median {med:.1f} s over {args.repeats} runs "
                   f"({n / med:.0f} images/s, {n} images)")
         data = load_prepared(out)
-        images = np.asarray(data.train_images)
+        images = data.train_images  # the memory map, as training reads it
         dataset = ImageDataset(images, data.train["target"].to_numpy(),
-                               build_train_transform(images.shape[1], True, 0.125, 0))
+                               build_train_transform(None, 0, cache_size=images.shape[1]))
         start = time.perf_counter()
         for i in range(len(dataset)):
             dataset[i]

@@ -20,29 +20,36 @@ import yaml
 from pipeline.errors import PipelineError
 
 
-Metric = Literal["accuracy", "log_loss", "macro_f1"]  # the scores of pipeline/metrics.py
+# the scores of pipeline/metrics.py; log_loss is minimised, the others maximised
+Metric = Literal["accuracy", "log_loss", "macro_f1", "roc_auc", "quadratic_weighted_kappa"]
 
 
 @dataclass(frozen=True)
 class CompetitionConfig:
     """Where the competition's raw files are and how they are laid out (Kaggle conventions)."""
 
-    source: str = "sklearn-digits"  # a folder, a .zip of one, or "sklearn-digits"
-    train_csv: str = "train.csv"
+    # a folder or a .zip of one; a folder holding the file SKLEARN_DIGITS gets scikit-learn's digits rendered into it
+    source: str = "data/raw/sklearn-digits"
+    train_csv: str | None = "train.csv"  # null: ImageFolder layout, train_dir/<class>/<file>
     id_column: str = "id"
     label_column: str = "label"
+    path_column: str | None = None  # train.csv column with each image's path inside train_dir (else the id)
     group_column: str | None = None  # rows sharing a group stay in one fold
     train_dir: str = "train"
     test_dir: str = "test"
-    image_ext: str = ".jpg"  # appended to the id to find the image file
-    sample_submission: str = "sample_submission.csv"
+    image_ext: str = ".jpg"  # tried after the id (or path); a file whose name is the id with another extension also matches
+    sample_submission: str | None = "sample_submission.csv"  # null: every image under test_dir, `id,label` out
     answers: str | None = "solution.csv"  # test labels, if the competition ships them (local leaderboard)
     max_train_rows: int | None = None  # stratified subsample for quick runs
+    metric: Metric = "accuracy"  # the competition's metric: the default of train.monitor, tune/tta/ensemble.metric
+    positive_class: str | None = None  # binary, one probability column: the class it is the probability of
 
 
 @dataclass(frozen=True)
 class PrepareConfig:
     image_size: int = 32  # every image is decoded once and resized to this square size in the cache
+    resize: Literal["squash", "pad", "center_crop"] = "squash"  # how a non-square image becomes square
+    skip_bad_images: bool = False  # drop undecodable or missing training images (listed); a bad test image is an error
     workers: int = 0  # decoding processes; 0 = one per CPU core
 
 
@@ -50,11 +57,6 @@ class PrepareConfig:
 class CVConfig:
     n_folds: int = 5
     seed: int = 42
-
-
-# random shift by up to 3 px of the 32 px cache (pad + crop: ~30 us an image, where Affine takes ~170 us)
-DEFAULT_AUGMENT = ({"PadIfNeeded": {"min_height": 38, "min_width": 38, "border_mode": 0}},
-                   {"RandomCrop": {"height": 32, "width": 32}})
 
 
 @dataclass(frozen=True)
@@ -90,10 +92,15 @@ class TrainSettings:
     drop_path_rate: float = 0.0
     ema_decay: float | None = None  # EMA of weights; each epoch keeps whichever of EMA/live validates better
     early_stopping_patience: int | None = None  # stop a fold after this many epochs without improvement
-    monitor: Literal["accuracy", "log_loss"] = "accuracy"  # which validation metric picks the best epoch
+    monitor: Metric = "accuracy"  # the validation metric that picks the best epoch (params.yaml: competition.metric)
     val_every: int = 1  # validate every N epochs and after the last; = epochs: the last epoch's weights, no choice
-    # augmentation (train only): albumentations transforms in order, {ClassName: {kwargs}}
-    augment: list[dict[str, dict]] = field(default_factory=lambda: [dict(a) for a in DEFAULT_AUGMENT])
+    # class imbalance: loss weights inversely proportional to the training part's class counts, and/or
+    # batches drawn with replacement so that every class is equally likely
+    class_weight: Literal["none", "balanced"] = "none"
+    sampler: Literal["uniform", "balanced"] = "uniform"
+    # augmentation (train only): albumentations transforms in order, {ClassName: {kwargs}}, applied to the
+    # cache's images; null = a random shift by up to 3/32 of the side (pad + crop at the cache size)
+    augment: list[dict[str, dict]] | None = None
     augment_p: float = 1.0  # augmentation strength: the share of training images the whole list is applied to
     # speed
     compile: str | None = None  # torch.compile backend: null = off, "inductor" = torch.compile's default
@@ -122,6 +129,7 @@ BackboneConfig.__doc__ = """One backbone: its timm `model` name (defaults to its
 
 @dataclass(frozen=True)
 class TrainConfig(TrainSettings):
+    monitor: Metric | None = None  # null = competition.metric
     backbones: dict[str, BackboneConfig] = field(
         default_factory=lambda: {"regnetx_002": BackboneConfig(lr=0.01), "resnet10t": BackboneConfig(image_size=16)}
     )
@@ -130,9 +138,11 @@ class TrainConfig(TrainSettings):
 def resolve_train_settings(train: TrainConfig, backbone: str, tuned: dict | None = None) -> TrainSettings:
     """Settings of one backbone, each key from the first of: `train.backbones.<backbone>.<key>` in
     params.yaml, the tuned value (`tuned`, from the tune stage), the shared `train.<key>`."""
-    shared = {f.name: getattr(train, f.name) for f in dataclasses.fields(TrainSettings)}
+    shared = {f.name: getattr(train, f.name) for f in dataclasses.fields(TrainSettings)
+              if getattr(train, f.name) is not None}  # None: TrainSettings' default
     chosen = train.backbones[backbone]
-    explicit = {name: getattr(chosen, name) for name in shared if getattr(chosen, name) is not None}
+    explicit = {f.name: getattr(chosen, f.name) for f in dataclasses.fields(TrainSettings)
+                if getattr(chosen, f.name) is not None}
     return dataclasses.replace(TrainSettings(**shared), **{**(tuned or {}), **explicit})
 
 
@@ -146,6 +156,8 @@ def check_train_settings(s: TrainSettings, where: str) -> None:
                               f"got {getattr(s, f.name)!r}")
     if (s.mixup_alpha > 0 or s.cutmix_alpha > 0) and s.batch_size % 2:
         raise ConfigError(f"{where}.batch_size must be even with mixup/cutmix, got {s.batch_size}")
+    if s.image_size is not None and s.image_size < 1:
+        raise ConfigError(f"{where}.image_size must be >= 1 (or null: the cache's size), got {s.image_size}")
     if s.val_every < 1:
         raise ConfigError(f"{where}.val_every must be >= 1, got {s.val_every}")
     if s.grad_accum_steps < 1:
@@ -195,7 +207,7 @@ class TuneConfig:
     n_trials: int = 8  # finished (complete or pruned) trials per study, across reruns and workers
     folds: list[int] = field(default_factory=lambda: [0, 1])  # the folds a trial trains, in order
     epochs: int | None = 2  # epochs per fold in a trial; null = train.epochs
-    metric: Metric = "accuracy"  # the mean over the folds; log_loss minimised, the others maximised
+    metric: Metric | None = None  # the mean over the folds; null = competition.metric
     sampler: Literal["tpe", "random", "qmc"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = "median"
     startup_trials: int = 3  # trials before pruning starts
@@ -241,7 +253,7 @@ class TTAConfig:
     candidates: list[str] | None = field(default_factory=lambda: ["none", "five_crop", "brightness"])
     # mean of probabilities | geometric (renormalised) | logits (softmax of the mean logits)
     merge: Literal["mean", "geometric", "logits"] = "mean"
-    metric: Metric = "log_loss"
+    metric: Metric | None = None  # null = competition.metric
     policies: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_TTA_POLICIES.items()})
     backbones: dict[str, str] = field(default_factory=dict)  # per-backbone `select`, e.g. {resnet10t: hflip}
 
@@ -253,7 +265,7 @@ class EnsembleConfig:
     method: str = "auto"  # the method behind submission.csv; auto = the best honest OOF `metric`
     methods: list[str] = field(default_factory=lambda: ["soft_voting", "hard_voting", "caruana", "optimized",
                                                         "rank_average", "stacking"])
-    metric: Metric = "log_loss"  # fits caruana's weights and picks `auto`
+    metric: Metric | None = None  # fits caruana's weights and picks `auto`; null = competition.metric
     weights: dict[str, float] = field(default_factory=dict)  # soft_voting: backbone -> weight; missing ones get 1
 
 
@@ -309,12 +321,23 @@ def parse_params(raw: dict, source: str = "params") -> Params:
     """Build `Params` from a params.yaml mapping and check every section's cross-field rules once,
     so that downstream code can trust it. (Names that live in a registry, TTA views, ensemble
     methods and timm models, are checked by the stage that owns the registry, before any work.)"""
-    params = _build(Params, raw, prefix="", source=source)
+    params = _resolve_metrics(_build(Params, raw, prefix="", source=source))
     _check_sections(params, source)
     return params
 
 
+def _resolve_metrics(p: Params) -> Params:
+    """Every metric setting left null takes the competition's metric: one setting drives best-epoch
+    choice, early stopping, tuning, TTA choice and the ensemble, each still overridable."""
+    metric = p.competition.metric
+    fill = lambda section: dataclasses.replace(section, metric=section.metric or metric)  # noqa: E731
+    return dataclasses.replace(p, train=dataclasses.replace(p.train, monitor=p.train.monitor or metric),
+                               tune=fill(p.tune), tta=fill(p.tta), ensemble=fill(p.ensemble))
+
+
 def _check_sections(p: Params, source: str) -> None:
+    if p.prepare.image_size < 1:
+        raise ConfigError(f"{source}: prepare.image_size must be >= 1, got {p.prepare.image_size}")
     backbones = list(p.train.backbones)
     for name in backbones:
         check_train_settings(resolve_train_settings(p.train, name), f"{source}: train.backbones.{name}")

@@ -1,7 +1,9 @@
 """Reading the prepared competition and feeding it to a network.
 
-Images stay uint8 (N, S, S, 3) in memory; per-image augmentation (train only) runs in the
-Dataset, and normalisation/resizing run once per batch on the device (`to_input`).
+Images stay uint8 (N, S, S, 3) in the memory-mapped cache and are read a batch at a time (`Rows`
+gives a fold's rows without copying them); per-image augmentation (train only) runs in the
+Dataset on the cache's resolution, and normalisation/resizing to the network's input size run
+once per batch on the device (`to_input`).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from pipeline.errors import PipelineError
 from pipeline.io import read_json
@@ -54,13 +56,51 @@ def load_prepared(folder: str | Path = "data/prepared", images: bool = True) -> 
     )
 
 
-def build_train_transform(augment: list[dict[str, dict]], seed: int, where: str = "train.augment",
-                          p: float = 1.0) -> A.Compose:
+class Rows:
+    """Rows `index` of an image array (the memory-mapped cache), read only when indexed: a fold's
+    images without a copy of the fold. An int or an index array reads those rows; a slice gives
+    another `Rows`; `np.asarray` reads them all."""
+
+    def __init__(self, images: np.ndarray, index):
+        self.images, self.index = images, np.asarray(index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self.index), *self.images.shape[1:])
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return Rows(self.images, self.index[i])
+        return self.images[self.index[i]]
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self.images[self.index], dtype=dtype)
+
+
+def default_augment(cache_size: int) -> list[dict[str, dict]]:
+    """`train.augment: null`: a random shift by up to 3/32 of the side, black-padded, at the cache's
+    resolution (3 px at 32 px; pad + crop costs ~30 us an image where Affine takes ~170 us)."""
+    pad = max(1, round(cache_size * 3 / 32))
+    return [{"PadIfNeeded": {"min_height": cache_size + 2 * pad, "min_width": cache_size + 2 * pad, "border_mode": 0}},
+            {"RandomCrop": {"height": cache_size, "width": cache_size}}]
+
+
+def build_train_transform(augment: list[dict[str, dict]] | None, seed: int, where: str = "train.augment",
+                          p: float = 1.0, cache_size: int | None = None, image_size: int | None = None
+                          ) -> A.Compose:
     """Albumentations pipeline from its YAML form: a list of {TransformName: {kwargs}}, applied in order
-    to a share `p` of the images (all of it or none, so size-changing pairs such as pad + crop stay paired).
+    to a share `p` of the images (all of it or none, so size-changing pairs such as pad + crop stay paired);
+    None: `default_augment(cache_size)`.
 
     Train only: validation and test images get no per-image transform (normalise/resize run per batch).
+    Given the sizes, the list must turn a cache image into one of the cache's size or of the network's
+    `image_size` (e.g. RandomResizedCrop to it): anything else would train on other crops than validation sees.
     """
+    if augment is None:
+        augment = default_augment(cache_size or 32)
     ops = []
     for i, entry in enumerate(augment):
         if not isinstance(entry, dict) or len(entry) != 1:
@@ -76,6 +116,14 @@ def build_train_transform(augment: list[dict[str, dict]], seed: int, where: str 
             ops.append(cls(**(kwargs or {})))
         except (TypeError, ValueError) as exc:
             raise PipelineError(f"{where}[{i}] {name}: {str(exc).splitlines()[0]}") from None
+    if cache_size is not None:
+        out = A.Compose(ops, p=1.0)(image=np.zeros((cache_size, cache_size, 3), np.uint8))["image"].shape[:2]
+        allowed = {(cache_size, cache_size), (image_size or cache_size, image_size or cache_size)}
+        if out not in allowed:
+            raise PipelineError(
+                f"{where}: turns the {cache_size} px cache images into {out[1]}x{out[0]}; validation sees whole "
+                f"images, so crop to {' or '.join(sorted({str(a[0]) for a in allowed}))} px "
+                f"(the cache's size or train.image_size)")
     return A.Compose(ops, p=p, seed=seed)
 
 
@@ -114,6 +162,14 @@ def default_num_workers(device: torch.device) -> int:
     return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
 
 
+def balanced_sampler(targets: np.ndarray, seed: int) -> WeightedRandomSampler:
+    """Draws len(targets) rows per epoch with replacement, every class equally likely (`train.sampler: balanced`)."""
+    counts = np.bincount(targets)
+    weights = 1.0 / counts[targets]
+    return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(targets), replacement=True,
+                                 generator=torch.Generator().manual_seed(seed))
+
+
 def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int, seed: int,
                  device: torch.device, sampler=None) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
@@ -125,15 +181,21 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: in
     )
 
 
-def to_input(batch: torch.Tensor, mean, std, image_size: int, device: torch.device,
+def resize_batch(x: torch.Tensor, image_size: int | None) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, image_size, image_size), bilinear, antialiased when it shrinks; None: as it is."""
+    if image_size is None or x.shape[-2:] == (image_size, image_size):
+        return x
+    return F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False,
+                         antialias=x.shape[-1] > image_size)
+
+
+def to_input(batch: torch.Tensor, mean, std, image_size: int | None, device: torch.device,
              channels_last: bool = False) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> normalised float (B, 3, image_size, image_size) on `device`."""
+    """uint8 (B, H, W, 3) -> normalised float (B, 3, image_size, image_size) on `device` (None: H x W)."""
     x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
     mean_t = torch.as_tensor(mean, device=device, dtype=x.dtype).view(1, -1, 1, 1)
     std_t = torch.as_tensor(std, device=device, dtype=x.dtype).view(1, -1, 1, 1)
-    x = (x - mean_t) / std_t
-    if x.shape[-1] != image_size or x.shape[-2] != image_size:
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    x = resize_batch((x - mean_t) / std_t, image_size)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x

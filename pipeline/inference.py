@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.data import to_input
+from pipeline.data import resize_batch, to_input
 from pipeline.errors import PipelineError
 from pipeline.models import amp_dtype, create_model, use_channels_last
 
@@ -32,6 +32,7 @@ def _forward_batches(model: torch.nn.Module, images: np.ndarray, mean, std, imag
                      device: torch.device, views: Sequence[View], output: Callable[[torch.Tensor], torch.Tensor],
                      desc: str | None) -> np.ndarray:
     """`output(model(view(x)))` for every view and image: an array (V, N, ...), batched, on `device`,
+    each view taken from the cached image before it is resized to `image_size`,
     in mixed precision on CUDA, channels_last on CUDA and CPU, halving the batch on CUDA out-of-memory."""
     model.eval()
     dtype = amp_dtype(device)
@@ -43,10 +44,10 @@ def _forward_batches(model: torch.nn.Module, images: np.ndarray, mean, std, imag
     while start < len(images):
         try:
             x = to_input(torch.from_numpy(np.array(images[start : start + batch_size])), mean, std,
-                         image_size, device, channels_last)
+                         None, device)
             batch = []
-            for view in views:
-                v = view(x, mean_t, std_t)
+            for view in views:  # at the cache's resolution (a crop keeps its detail), then to the input size
+                v = resize_batch(view(x, mean_t, std_t), image_size)
                 if channels_last:
                     v = v.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ConfigError
-from pipeline.data import PreparedData
+from pipeline.data import PreparedData, Rows
 from pipeline.errors import PipelineError
 from pipeline.inference import View, identity, load_fold_model, predict_log_probs
 from pipeline.metrics import METRICS, is_better
@@ -158,7 +158,7 @@ def predict_backbone(data: PreparedData, model_dir: str | Path, policies: dict[s
             model, ckpt = load_fold_model(path, device)
             kwargs = dict(mean=ckpt["mean"], std=ckpt["std"], image_size=ckpt["image_size"],
                           batch_size=batch_size, device=device, views=views)
-            val = predict_views(model, data.train_images[val_idx], desc=f"oof fold{k} {path.parent.parent.name}", **kwargs)
+            val = predict_views(model, Rows(data.train_images, val_idx), desc=f"oof fold{k} {path.parent.parent.name}", **kwargs)
             tst = predict_views(model, data.test_images, desc=f"test fold{k} {path.parent.parent.name}", **kwargs)
             for p, vs in policies.items():
                 sel = [index[v] for v in vs]

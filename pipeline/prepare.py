@@ -3,19 +3,26 @@
     python -m pipeline prepare            # reads params.yaml, writes data/prepared/
 
 Outputs (data/prepared/):
-  train.csv          id, label (original value), target (class index), fold, width, height[, group]
-  test.csv           id, width, height, in the sample submission's order (width, height: the original size)
+  train.csv          id, label (original value), target (class index), fold, width, height, path[, group]
+  test.csv           id, width, height, path, in the sample submission's order (width, height: the original
+                     size; path: the image inside the competition)
   classes.json       the original label values, in class-index order
-  train_images.npy   uint8 (N, S, S, 3), rows aligned with train.csv
+  submission_format.json  the sample submission's layout (label, probabilities, or one binary probability)
+  train_images.npy   uint8 (N, S, S, 3), rows aligned with train.csv (S = prepare.image_size; written as
+                     decoded, so memory holds a chunk, not the cache)
   test_images.npy    uint8 (M, S, S, 3), rows aligned with test.csv
   stats.json         per-channel mean/std (0-1 scale) of all train images and of each fold's training part
   sample_submission.csv, answers.csv (if the competition ships test labels)
 """
 from __future__ import annotations
 
+import dataclasses
 import io
+import math
 import multiprocessing as mp
 import os
+import posixpath
+import sys
 import zipfile
 from pathlib import Path
 
@@ -30,10 +37,22 @@ from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, write_json
 from pipeline.submission import read_submission_format
 
-DIGITS = "sklearn-digits"
+DIGITS_MARKER = "SKLEARN_DIGITS"  # in a source folder: render scikit-learn's digits there
 
 
 # ---------------------------------------------------------------- raw files: a folder or a zip
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+
+
+def inside(value: str, where: str) -> str:
+    """`value` (an id or a path from a CSV) as a normalised path relative to the competition, or a
+    PipelineError if it would leave the competition's folder (`../`, an absolute path, a drive)."""
+    path = value.replace("\\", "/")
+    norm = posixpath.normpath(path)
+    if path.startswith("/") or norm == ".." or norm.startswith("../") or (len(path) > 1 and path[1] == ":"):
+        raise PipelineError(f"{where}: '{value}' leaves the competition folder")
+    return "" if norm == "." else norm
 
 
 class CompetitionFiles:
@@ -79,15 +98,19 @@ class CompetitionFiles:
         except OSError as exc:
             raise PipelineError(f"{self.where(rel)}: cannot read ({exc.strerror or exc})") from None
 
-    def list_dir(self, rel: str) -> list[str]:
-        """File names directly inside folder `rel`."""
+    def images_under(self, rel: str) -> list[str]:
+        """Paths, relative to folder `rel`, of every image file under it, nested folders included."""
+        rel = rel.strip("/")
         if self._zip is not None:
-            start = f"{self.prefix}{rel.rstrip('/')}/"
-            return [n[len(start):] for n in self._names if n.startswith(start) and "/" not in n[len(start):] and n != start]
-        folder = self.source / rel
-        if not folder.is_dir():
-            raise PipelineError(f"{folder}: image folder not found")
-        return os.listdir(folder)
+            start = f"{self.prefix}{rel}/" if rel else self.prefix
+            names = [n[len(start):] for n in self._names if n.startswith(start) and not n.endswith("/")]
+        else:
+            folder = self.source / rel
+            if not folder.is_dir():
+                raise PipelineError(f"{folder}: image folder not found")
+            names = [os.path.relpath(os.path.join(d, f), folder).replace(os.sep, "/")
+                     for d, _, fs in os.walk(folder) for f in fs]
+        return sorted(n for n in names if posixpath.splitext(n)[1].lower() in IMAGE_EXTS)
 
     def read_csv(self, rel: str) -> pd.DataFrame:
         if not self.exists(rel):
@@ -98,11 +121,45 @@ class CompetitionFiles:
             raise PipelineError(f"{self.where(rel)}: not a readable CSV ({exc})") from None
 
 
+class ImageFolder:
+    """The images under one folder of the competition, found from an id or a relative path: the
+    value as it is (an id that carries its extension, a path into nested folders), then with
+    `ext` appended, then the one file whose path without its extension is the value (mixed
+    extensions), then the one file in any subfolder whose name without its extension is the value."""
+
+    def __init__(self, files: CompetitionFiles, folder: str, ext: str):
+        self.files, self.folder, self.ext = files, folder.strip("/"), ext
+        self.paths = set(files.images_under(self.folder))
+        self.by_stem: dict[str, list[str]] = {}
+        self.by_name: dict[str, list[str]] = {}
+        for path in sorted(self.paths):
+            stem = posixpath.splitext(path)[0]
+            self.by_stem.setdefault(stem, []).append(path)
+            self.by_name.setdefault(posixpath.basename(stem), []).append(path)
+
+    def rel(self, path: str) -> str:
+        """`path` (relative to this folder) relative to the competition."""
+        return posixpath.join(self.folder, path) if self.folder else path
+
+    def find(self, value: str, where: str) -> str | None:
+        """The image's path relative to this folder, or None if there is none."""
+        path = inside(value, where)
+        for candidate in (path, path + self.ext if self.ext else None):
+            if candidate in self.paths:
+                return candidate
+        matches = self.by_stem.get(path) or ([] if "/" in path else self.by_name.get(path, []))
+        if len(matches) > 1:
+            raise PipelineError(f"{where}: '{value}' matches {len(matches)} files in {self.files.where(self.folder)} "
+                                f"({', '.join(matches[:3])}): name the file with its extension")
+        return matches[0] if matches else None
+
+
 # ---------------------------------------------------------------- the embedded default competition
 
 
 def render_digits(out_dir: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Path:
-    """Write scikit-learn's bundled digits as a Kaggle competition (PNG images) into `out_dir`.
+    """Write scikit-learn's bundled digits as a Kaggle competition (PNG images) into `out_dir`,
+    keeping its DIGITS_MARKER file (the folder is the prepare stage's tracked source).
 
     80% train / 20% test, stratified; test labels go to `solution.csv`, as Kaggle keeps them.
     """
@@ -116,7 +173,9 @@ def render_digits(out_dir: str | Path, test_fraction: float = 0.2, seed: int = 0
     train_ids, test_ids = train_test_split(
         ids, test_size=test_fraction, stratify=digits.target, random_state=seed
     )
+    marker = (out_dir / DIGITS_MARKER).read_text() if (out_dir / DIGITS_MARKER).exists() else ""
     with atomic_dir(out_dir) as tmp:
+        (tmp / DIGITS_MARKER).write_text(marker)
         for split, split_ids in (("train", train_ids), ("test", test_ids)):
             (tmp / split).mkdir()
             for i in split_ids:
@@ -186,19 +245,45 @@ def assign_folds(labels: np.ndarray, n_folds: int, seed: int, groups: np.ndarray
 # ---------------------------------------------------------------- image cache
 
 
-def _decode(data: bytes, where: str, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """(uint8 (size, size, 3) image, original (width, height))."""
+def _square(img: Image.Image, size: int, resize: str) -> Image.Image:
+    """`img` as a (size, size) RGB image: `squash` ignores the aspect ratio, `pad` fits the longer side
+    and pads the shorter one with black, `center_crop` fits the shorter side and crops the longer one.
+    JPEGs are first downscaled in the DCT domain (PIL's draft mode) to no less than what is needed."""
+    w, h = img.size
+    if resize == "pad":
+        scale = size / max(w, h)
+        img.draft("RGB", (max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale))))
+    else:
+        img.draft("RGB", (size, size))  # both sides stay >= size
+    img.load()
+    img = img.convert("RGB")
+    w, h = img.size
+    if resize == "squash":
+        return img if (w, h) == (size, size) else img.resize((size, size), Image.BILINEAR)
+    if resize == "center_crop":
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        img = img.resize((nw, nh), Image.BILINEAR) if (nw, nh) != (w, h) else img
+        left, top = (nw - size) // 2, (nh - size) // 2
+        return img.crop((left, top, left + size, top + size))
+    scale = size / max(w, h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    canvas = Image.new("RGB", (size, size))
+    canvas.paste(img.resize((nw, nh), Image.BILINEAR) if (nw, nh) != (w, h) else img,
+                 ((size - nw) // 2, (size - nh) // 2))
+    return canvas
+
+
+def _decode(data: bytes, size: int, resize: str) -> tuple[np.ndarray, tuple[int, int]]:
+    """(uint8 (size, size, 3) image, original (width, height)); ValueError saying why it cannot be."""
+    if not data:
+        raise ValueError("empty file")
     try:
         img = Image.open(io.BytesIO(data))
         original = img.size
-        img.draft("RGB", (size, size))  # JPEG: let the decoder downscale large photos (1/2, 1/4, 1/8)
-        img.load()
-        img = img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise PipelineError(f"{where}: cannot decode image ({exc.__class__.__name__}: {exc})") from None
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.BILINEAR)
-    return np.asarray(img, dtype=np.uint8), original
+        return np.asarray(_square(img, size, resize), dtype=np.uint8), original
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"cannot decode: {exc.__class__.__name__}: {exc}") from None
 
 
 _worker_files: CompetitionFiles | None = None  # one open view per decoding process (a zip's index is slow to read)
@@ -209,58 +294,95 @@ def _init_worker(source: str, prefix: str) -> None:
     _worker_files = CompetitionFiles(source, prefix)
 
 
-def _decode_chunk(args, files: CompetitionFiles | None = None) -> tuple[np.ndarray, np.ndarray]:
-    rels, size = args
+def _decode_chunk(args, files: CompetitionFiles | None = None):
+    """Decode a chunk: (uint8 images, original sizes, per-image channel sums and sums of squares,
+    {index in the chunk: why it failed}); a failed image is left black and reported, not raised."""
+    rels, size, resize = args
     files = files or _worker_files
-    out = np.empty((len(rels), size, size, 3), dtype=np.uint8)
-    sizes = np.empty((len(rels), 2), dtype=np.int64)
+    out = np.zeros((len(rels), size, size, 3), dtype=np.uint8)
+    sizes = np.zeros((len(rels), 2), dtype=np.int64)
+    bad = {}
     for i, rel in enumerate(rels):
-        out[i], sizes[i] = _decode(files.read(rel), files.where(rel), size)
-    return out, sizes
+        if rel is None:
+            bad[i] = "no such image file"
+            continue
+        try:
+            out[i], sizes[i] = _decode(files.read(rel), size, resize)
+        except (ValueError, PipelineError) as exc:
+            bad[i] = str(exc)
+    return out, sizes, *channel_sums(out), bad
 
 
-def decode_images(files: CompetitionFiles, rels: list[str], size: int, workers: int,
-                  desc: str) -> tuple[np.ndarray, np.ndarray]:
-    """Decode every image once, in `workers` processes: (uint8 (N, size, size, 3) cache,
-    int (N, 2) original width and height)."""
-    for rel in rels:
-        if not files.exists(rel):
-            raise PipelineError(f"{files.where(rel)}: image file not found")
-    chunk = 1024
-    jobs = [(rels[i : i + chunk], size) for i in range(0, len(rels), chunk)]
-    out = np.empty((len(rels), size, size, 3), dtype=np.uint8)
-    sizes = np.empty((len(rels), 2), dtype=np.int64)
+def chunk_rows(size: int) -> int:
+    """Images per decoding chunk: about 32 MB of cache, so memory stays bounded at any image size."""
+    return int(np.clip(2**25 // (size * size * 3), 1, 1024))
+
+
+def decode_images(files: CompetitionFiles, rels: list[str | None], size: int, resize: str, workers: int,
+                  out_path: Path, desc: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, str]]:
+    """Decode every image once, in `workers` processes, straight into the .npy file `out_path`
+    (uint8 (N, size, size, 3)): memory holds a few chunks, never the cache. `None` in `rels` is a
+    missing file. Returns (original width and height (N, 2), channel sums and sums of squares (N, 3)
+    each, {row: why the image is bad}) with every bad image reported, none raised."""
+    step = chunk_rows(size)
+    jobs = [(rels[i : i + step], size, resize) for i in range(0, len(rels), step)]
+    sizes = np.zeros((len(rels), 2), dtype=np.int64)
+    sums, squares = np.zeros((len(rels), 3)), np.zeros((len(rels), 3))
+    bad: dict[int, str] = {}
     parallel = workers > 1 and len(jobs) > 1
     if parallel:  # each process opens the files itself: a forked zip handle would share its read offset
-        pool = mp.get_context("fork" if os.name == "posix" else "spawn").Pool(workers, _init_worker, (str(files.source), files.prefix))
+        pool = mp.get_context("fork" if os.name == "posix" else "spawn").Pool(
+            workers, _init_worker, (str(files.source), files.prefix))
         results = pool.imap(_decode_chunk, jobs)
     else:
         results = (_decode_chunk(job, files) for job in jobs)
     bar = tqdm(total=len(rels), desc=desc, unit="img", mininterval=1.0)
     try:
-        for i, (arr, wh) in enumerate(results):
-            out[i * chunk : i * chunk + len(arr)] = arr
-            sizes[i * chunk : i * chunk + len(arr)] = wh
-            bar.update(len(arr))
+        with open(out_path, "wb") as f:  # chunks arrive in order: the file is written front to back
+            np.lib.format.write_array_header_2_0(f, {"descr": "|u1", "fortran_order": False,
+                                                     "shape": (len(rels), size, size, 3)})
+            for i, (arr, wh, s, ss, failed) in enumerate(results):
+                rows = slice(i * step, i * step + len(arr))
+                f.write(arr.tobytes())
+                sizes[rows], sums[rows], squares[rows] = wh, s, ss
+                bad.update({i * step + j: why for j, why in failed.items()})
+                bar.update(len(arr))
     finally:
         bar.close()
         if parallel:
             pool.terminate()
-    return out, sizes
+    return sizes, sums, squares, bad
+
+
+def keep_rows(path: Path, keep: np.ndarray) -> None:
+    """Rewrite the .npy image cache at `path` with only the rows `keep`, a chunk at a time."""
+    cache = np.load(path, mmap_mode="r")
+    tmp = path.with_name(path.name + ".part")
+    step = chunk_rows(cache.shape[1])
+    with open(tmp, "wb") as f:
+        np.lib.format.write_array_header_2_0(f, {"descr": "|u1", "fortran_order": False,
+                                                 "shape": (len(keep), *cache.shape[1:])})
+        for start in range(0, len(keep), step):
+            f.write(np.ascontiguousarray(cache[keep[start : start + step]]).tobytes())
+    del cache
+    os.replace(tmp, path)
 
 
 def channel_sums(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-image, per-channel sums of pixel values and of their squares (0-1 scale), shape (N, C) each.
+    """Per-image, per-channel sums of pixel values and of their squares (0-1 scale), shape (N, C) each,
+    computed in float32 a few images at a time (float64 only for the sums themselves).
 
-    One pass over the cache; the statistics of any subset of images (each fold's training part)
-    then cost a sum over these rows instead of another pass.
+    The statistics of any subset of images (each fold's training part) then cost a sum over these
+    rows instead of another pass over the cache.
     """
     n, c = len(images), images.shape[-1]
     s, ss = np.empty((n, c)), np.empty((n, c))
-    for start in range(0, n, 4096):
-        block = images[start : start + 4096].reshape(-1, images.shape[1] * images.shape[2], c) / 255.0
-        s[start : start + len(block)] = block.sum(1)
-        ss[start : start + len(block)] = np.einsum("npc,npc->nc", block, block)
+    step = max(1, 2**22 // max(1, images[0].size if n else 1))  # ~16 MB of float32 at a time
+    for start in range(0, n, step):
+        block = images[start : start + step].reshape(-1, images.shape[1] * images.shape[2], c).astype(np.float32)
+        block /= 255.0
+        s[start : start + len(block)] = block.sum(1, dtype=np.float64)
+        ss[start : start + len(block)] = np.einsum("npc,npc->nc", block, block, dtype=np.float64)
     return s, ss
 
 
@@ -272,112 +394,177 @@ def channel_stats(sums: np.ndarray, squares: np.ndarray, pixels_per_image: int) 
     return {"mean": mean.tolist(), "std": std.tolist()}
 
 
+def _bad_list(files: CompetitionFiles, rels: list[str], bad: dict[int, str], limit: int = 10) -> str:
+    shown = [f"{files.where(rels[i]) if rels[i] else i} ({why})" for i, why in sorted(bad.items())[:limit]]
+    return "; ".join(shown) + (f"; and {len(bad) - limit} more" if len(bad) > limit else "")
+
+
 # ---------------------------------------------------------------- the stage
 
 
-def _read_train(files: CompetitionFiles, comp: CompetitionConfig, n_folds: int, seed: int
-                ) -> tuple[pd.DataFrame, list[str]]:
-    """train.csv checked, renamed to id/label[/group], subsampled if asked, with target and fold columns."""
+def _read_train(files: CompetitionFiles, comp: CompetitionConfig) -> pd.DataFrame:
+    """The training rows: id, label, path (the image's path inside the competition, None if no image
+    matches)[, group], from train.csv or, with `train_csv: null`, from train_dir/<class>/<file>."""
+    if comp.train_csv is None:
+        folder = ImageFolder(files, comp.train_dir, comp.image_ext)
+        loose = [p for p in folder.paths if "/" not in p]
+        if loose:
+            raise PipelineError(f"{files.where(folder.rel(loose[0]))}: not inside a class folder "
+                                f"(competition.train_csv: null reads {comp.train_dir}/<class>/<file>)")
+        paths = sorted(folder.paths)
+        if not paths:
+            raise PipelineError(f"{files.where(comp.train_dir)}: no images in class folders")
+        rels = [folder.rel(p) for p in paths]
+        return pd.DataFrame({"id": paths, "label": [p.split("/", 1)[0] for p in paths], "path": rels,
+                             "expected": rels})
     train_where = files.where(comp.train_csv)
     train = files.read_csv(comp.train_csv)
     needed = {"id_column": comp.id_column, "label_column": comp.label_column}
-    if comp.group_column:
-        needed["group_column"] = comp.group_column
+    for key in ("group_column", "path_column"):
+        if getattr(comp, key):
+            needed[key] = getattr(comp, key)
     _require_columns(train, needed, train_where)
-    train = train.rename(columns={comp.id_column: "id", comp.label_column: "label"})
-    if comp.group_column:
-        train = train.rename(columns={comp.group_column: "group"})
+    train = train.rename(columns={comp.id_column: "id", comp.label_column: "label", **(
+        {comp.group_column: "group"} if comp.group_column else {})})
+    if len(train) == 0:
+        raise PipelineError(f"{train_where}: no rows")
     empty = train.index[(train["id"] == "") | (train["label"] == "")]
     if len(empty):
         raise PipelineError(f"{train_where}: empty id or label in row {int(empty[0]) + 2}")
     _check_unique(train["id"], train_where)
-    _check_class_counts(train["label"], n_folds, train_where)
-    classes = sort_classes(train["label"])
+    folder = ImageFolder(files, comp.train_dir, comp.image_ext)
+    names = train[comp.path_column] if comp.path_column else train["id"]
+    found = [folder.find(v, f"{train_where} row {i + 2}") for i, v in enumerate(names)]
+    train["path"] = [folder.rel(p) if p else None for p in found]
+    train["expected"] = [folder.rel(inside(v, "") + comp.image_ext) for v in names]  # named if missing
+    return train
 
-    if comp.max_train_rows is not None and comp.max_train_rows < len(train):
-        train, _ = train_test_split(
-            train, train_size=comp.max_train_rows, stratify=train["label"], random_state=seed
-        )
-        train = train.sort_index()
-        _check_class_counts(train["label"], n_folds, f"{train_where} (after competition.max_train_rows={comp.max_train_rows})")
-        classes = sort_classes(train["label"])
+
+def _add_targets_and_folds(train: pd.DataFrame, classes: list[str], comp: CompetitionConfig, n_folds: int,
+                           seed: int, where: str) -> pd.DataFrame:
+    _check_class_counts(train["label"], n_folds, where)
     train = train.reset_index(drop=True)
     train["target"] = train["label"].map({c: i for i, c in enumerate(classes)}).astype(np.int64)
     groups = train["group"].to_numpy() if comp.group_column else None
     train["fold"] = assign_folds(train["target"].to_numpy(), n_folds, seed, groups)
-    return train, classes
+    return train
 
 
-def _read_sample(files: CompetitionFiles, comp: CompetitionConfig, comp_ext: str, classes: list[str]):
-    """The sample submission, its format and test ids, each id matched by exactly one test image."""
+def _read_test(files: CompetitionFiles, comp: CompetitionConfig, classes: list[str]):
+    """(sample submission, its format, test ids, each id's image path inside the competition): the
+    sample lists the test images; with `sample_submission: null`, every image under test_dir."""
+    folder = ImageFolder(files, comp.test_dir, comp.image_ext)
+    if comp.sample_submission is None:
+        ids = sorted(folder.paths)
+        sample = pd.DataFrame({"id": ids, "label": classes[0]})
+        fmt = read_submission_format(sample, classes, "competition.sample_submission: null")
+        return sample, fmt, ids, [folder.rel(p) for p in ids]
     sample_where = files.where(comp.sample_submission)
     sample = files.read_csv(comp.sample_submission)
-    fmt = read_submission_format(sample, classes, sample_where)
+    fmt = read_submission_format(sample, classes, sample_where, comp.positive_class, comp.metric)
     _check_unique(sample[fmt.id_column], sample_where)
     test_ids = sample[fmt.id_column].tolist()
-    on_disk = {n[: -len(comp_ext)] for n in files.list_dir(comp.test_dir) if n.endswith(comp_ext)}
-    missing_row = sorted(on_disk - set(test_ids))
-    if missing_row:
+    found = [folder.find(v, f"{sample_where} row {i + 2}") for i, v in enumerate(test_ids)]
+    missing = [i for i, p in enumerate(found) if p is None]
+    if missing:
+        first = test_ids[missing[0]]
         raise PipelineError(
-            f"{files.where(comp.test_dir + '/' + missing_row[0] + comp_ext)}: test image has no row in {sample_where}"
-            f" ({len(missing_row)} such images)"
-        )
-    missing_img = [i for i in test_ids if i not in on_disk]
-    if missing_img:
+            f"{sample_where}: id '{first}' has no image in {files.where(comp.test_dir)} "
+            f"(looked for {first}, {first}{comp.image_ext} and {first}.*; {len(missing)} such rows)")
+    unlisted = sorted(folder.paths - set(found))
+    if unlisted:
         raise PipelineError(
-            f"{sample_where}: id '{missing_img[0]}' has no image {files.where(comp.test_dir + '/' + missing_img[0] + comp_ext)}"
-            f" ({len(missing_img)} such rows)"
-        )
-    return sample, fmt, test_ids
+            f"{files.where(folder.rel(unlisted[0]))}: test image has no row in {sample_where}"
+            f" ({len(unlisted)} such images; check competition.image_ext and test_dir)")
+    return sample, fmt, test_ids, [folder.rel(p) for p in found]
+
+
+def _digits_source(source: Path) -> bool:
+    """A folder holding the DIGITS_MARKER file is where the embedded digits competition is rendered."""
+    return source.is_dir() and (source / DIGITS_MARKER).exists()
 
 
 def prepare(comp: CompetitionConfig, image_size: int, n_folds: int, seed: int, out_dir: str | Path,
-            workers: int = 0, raw_dir: str | Path = "data/raw") -> dict:
-    """Validate the competition at `comp.source`, write `out_dir` atomically and return a summary."""
-    if comp.source == DIGITS:
-        source = render_digits(Path(raw_dir) / DIGITS)
-        comp_ext = ".png"
-    else:
-        source = Path(comp.source)
-        comp_ext = comp.image_ext
-    files = CompetitionFiles(source)
-    files.set_root(comp.train_csv)
-    workers = workers or os.cpu_count() or 1
+            workers: int = 0, resize: str = "squash", skip_bad_images: bool = False) -> dict:
+    """Validate the competition at `comp.source`, write `out_dir` atomically and return a summary.
 
-    train, classes = _read_train(files, comp, n_folds, seed)
-    sample, fmt, test_ids = _read_sample(files, comp, comp_ext, classes)
+    Every image it will use is decoded before anything is written; the undecodable and the missing
+    are reported together (or, for training images with `skip_bad_images`, dropped and listed)."""
+    source = Path(comp.source)
+    if _digits_source(source):
+        render_digits(source)
+    files = CompetitionFiles(source)
+    files.set_root(comp.train_csv or comp.sample_submission or comp.train_dir + "/")
+    workers = workers or os.cpu_count() or 1
+    train_where = files.where(comp.train_csv or comp.train_dir)
+
+    train = _read_train(files, comp)
+    _check_class_counts(train["label"], n_folds, train_where)
+    if comp.max_train_rows is not None and comp.max_train_rows < len(train):
+        train, _ = train_test_split(train, train_size=comp.max_train_rows, stratify=train["label"], random_state=seed)
+        train = train.sort_index()
+        train_where = f"{train_where} (after competition.max_train_rows={comp.max_train_rows})"
+    if comp.metric == "quadratic_weighted_kappa":
+        _require_integer_labels(train["label"], train_where)
+    classes = sort_classes(train["label"])
+    sample, fmt, test_ids, test_paths = _read_test(files, comp, classes)
 
     answers = None
     if comp.answers and files.exists(comp.answers):
         answers = files.read_csv(comp.answers)
         _require_columns(answers, {"id_column": fmt.id_column}, files.where(comp.answers))
 
-    train_images, train_sizes = decode_images(
-        files, [f"{comp.train_dir}/{i}{comp_ext}" for i in train["id"]], image_size, workers, "decode train"
-    )
-    test_images, test_sizes = decode_images(
-        files, [f"{comp.test_dir}/{i}{comp_ext}" for i in test_ids], image_size, workers, "decode test"
-    )
-    train["width"], train["height"] = train_sizes[:, 0], train_sizes[:, 1]  # for the analyze stage's slices
-    sums, squares = channel_sums(train_images)
-    pixels = image_size * image_size
-    stats = channel_stats(sums, squares, pixels)
-    in_training_part = {k: train["fold"].to_numpy() != k for k in range(n_folds)}
-    stats["folds"] = {str(k): channel_stats(sums[m], squares[m], pixels) for k, m in in_training_part.items()}
-
     with atomic_dir(out_dir) as tmp:
-        cols = ["id", "label", "target", "fold", "width", "height"] + (["group"] if comp.group_column else [])
+        train_rels = [p if isinstance(p, str) else None for p in train["path"]]  # pandas may hold None as nan
+        train_sizes, sums, squares, bad_train = decode_images(
+            files, train_rels, image_size, resize, workers, tmp / "train_images.npy", "decode train")
+        test_sizes, _, _, bad_test = decode_images(
+            files, test_paths, image_size, resize, workers, tmp / "test_images.npy", "decode test")
+        for i in bad_train:  # a missing file is named by where it was looked for
+            train_rels[i] = train_rels[i] or f"{train['expected'].iloc[i]} or {train['expected'].iloc[i].rsplit('.', 1)[0]}.*"
+        if bad_test or (bad_train and not skip_bad_images):
+            parts = [f"{len(bad_train)} bad training images: {_bad_list(files, train_rels, bad_train)}"] if bad_train else []
+            parts += [f"{len(bad_test)} bad test images: {_bad_list(files, test_paths, bad_test)}"] if bad_test else []
+            hint = " (prepare.skip_bad_images: true drops bad training images)" if bad_train and not bad_test else ""
+            raise PipelineError("; ".join(parts) + hint)
+        if bad_train:
+            print(f"warning: skipped {len(bad_train)} bad training images (prepare.skip_bad_images): "
+                  f"{_bad_list(files, train_rels, bad_train, limit=len(bad_train))}", file=sys.stderr)
+            keep = np.setdiff1d(np.arange(len(train)), list(bad_train))
+            if not len(keep):
+                raise PipelineError(f"{train_where}: no training image could be read")
+            keep_rows(tmp / "train_images.npy", keep)
+            train, train_sizes, sums, squares = train.iloc[keep], train_sizes[keep], sums[keep], squares[keep]
+            lost = sorted(set(classes) - set(train["label"]))
+            if lost:
+                raise PipelineError(f"{train_where}: class '{lost[0]}' has no readable training image left")
+        train = _add_targets_and_folds(train, classes, comp, n_folds, seed, train_where)
+        train["width"], train["height"] = train_sizes[:, 0], train_sizes[:, 1]  # for the analyze stage's slices
+        pixels = image_size * image_size
+        stats = channel_stats(sums, squares, pixels)
+        in_training_part = {k: train["fold"].to_numpy() != k for k in range(n_folds)}
+        stats["folds"] = {str(k): channel_stats(sums[m], squares[m], pixels) for k, m in in_training_part.items()}
+
+        cols = ["id", "label", "target", "fold", "width", "height", "path"] + (["group"] if comp.group_column else [])
         train[cols].to_csv(tmp / "train.csv", index=False)
-        pd.DataFrame({"id": test_ids, "width": test_sizes[:, 0], "height": test_sizes[:, 1]}).to_csv(
-            tmp / "test.csv", index=False)
-        np.save(tmp / "train_images.npy", train_images)
-        np.save(tmp / "test_images.npy", test_images)
+        pd.DataFrame({"id": test_ids, "width": test_sizes[:, 0], "height": test_sizes[:, 1],
+                      "path": test_paths}).to_csv(tmp / "test.csv", index=False)
         sample.to_csv(tmp / "sample_submission.csv", index=False)
         if answers is not None:
             answers.to_csv(tmp / "answers.csv", index=False)
         write_json(tmp / "classes.json", {"classes": classes})
+        write_json(tmp / "submission_format.json", dataclasses.asdict(fmt))
         write_json(tmp / "stats.json", stats)
     return {
-        "source": str(source), "n_train": len(train), "n_test": len(test_ids),
-        "n_classes": len(classes), "image_size": image_size, "submission_format": fmt.kind,
+        "source": str(source), "n_train": len(train), "n_test": len(test_ids), "n_classes": len(classes),
+        "image_size": image_size, "submission_format": fmt.kind, "skipped": len(bad_train),
     }
+
+
+def _require_integer_labels(labels: pd.Series, where: str) -> None:
+    try:
+        labels.astype(int)
+    except ValueError:
+        bad = next(v for v in labels if not v.lstrip("-").isdigit())
+        raise PipelineError(f"{where}: label '{bad}' is not an integer grade "
+                            f"(competition.metric: quadratic_weighted_kappa needs ordinal integer labels)") from None

@@ -34,7 +34,8 @@ from tqdm import tqdm
 
 from pipeline import distributed
 from pipeline.config import TrainSettings
-from pipeline.data import ImageDataset, PreparedData, build_loader, build_train_transform, default_num_workers, to_input
+from pipeline.data import (ImageDataset, PreparedData, Rows, balanced_sampler, build_loader, build_train_transform,
+                           default_num_workers, to_input)
 from pipeline.errors import PipelineError
 from pipeline.metrics import METRICS, fold_summary, is_better, scores
 from pipeline.models import amp_dtype, create_model, use_channels_last
@@ -134,9 +135,10 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, mean, std, imag
                     mixup: Mixup | None = None, label_smoothing: float = 0.0,
                     scaler: torch.amp.GradScaler | None = None, accum_steps: int = 1,
                     clip_grad_norm: float | None = None, ema: ModelEmaV3 | None = None,
-                    where: str = "", desc: str | None = None) -> float:
+                    class_weight: torch.Tensor | None = None, where: str = "", desc: str | None = None) -> float:
     """One pass over `loader`; returns the mean training loss.
 
+    `class_weight` (C,) weighs each example's loss by its class (by its soft target under mixup).
     `where` names the run in errors (backbone, fold, epoch): a non-finite loss stops training with it.
     """
     model.train()
@@ -154,10 +156,14 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, mean, std, imag
             x, y = mixup(x, y)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(x)
+            # class weights scale each example's loss, averaged over the batch (not over the weights, as
+            # cross_entropy's `weight` does: that renormalises per batch and undoes most of the weighting)
             if mixup is not None:
-                loss = torch.sum(-y * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+                terms = -y * F.log_softmax(logits.float(), dim=-1)
+                loss = (terms if class_weight is None else terms * class_weight).sum(-1).mean()
             else:
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing, reduction="none")
+                loss = (loss if class_weight is None else loss * class_weight[y]).mean()
         if not torch.isfinite(loss):
             raise PipelineError(
                 f"{where}, step {step + 1}: loss is {loss.item()} (lr {optimizer.param_groups[0]['lr']:.3g}); "
@@ -219,12 +225,23 @@ def train_fold(model: torch.nn.Module, train_images: np.ndarray, train_targets: 
     optimizer = build_optimizer(model, s)  # before freezing: timm leaves frozen parameters out
     if s.finetune in ("freeze", "linear_probe"):
         freeze(model, -1 if s.finetune == "linear_probe" else s.freeze_stages)
-    transform = build_train_transform(s.augment, s.seed, p=s.augment_p)
+    transform = build_train_transform(s.augment, s.seed, p=s.augment_p, cache_size=train_images.shape[1],
+                                      image_size=image_size)
     workers = default_num_workers(device) if s.num_workers is None else s.num_workers
     dataset = ImageDataset(train_images, train_targets, transform)
     sampler = None
     if distributed.is_distributed():  # each rank trains on its own shard; s.batch_size is per rank
+        if s.sampler == "balanced":
+            raise PipelineError(f"{where}: train.sampler: balanced does not run under torchrun; use "
+                                f"train.class_weight: balanced")
         sampler = DistributedSampler(dataset, shuffle=True, seed=s.seed, drop_last=True)
+    elif s.sampler == "balanced":
+        sampler = balanced_sampler(train_targets, s.seed)
+    class_weight = None
+    if s.class_weight == "balanced":  # n / (C x count): every class carries the same total weight
+        counts = np.maximum(np.bincount(train_targets, minlength=num_classes), 1)
+        class_weight = torch.as_tensor(len(train_targets) / (num_classes * counts), dtype=torch.float32,
+                                       device=device)
     loader = build_loader(dataset, s.batch_size, True, workers, s.seed, device, sampler=sampler)
     scheduler = _build_scheduler(optimizer, s, math.ceil(len(loader) / s.grad_accum_steps))
     scaler = torch.amp.GradScaler("cuda") if amp_dtype(device) == torch.float16 else None
@@ -244,8 +261,10 @@ def train_fold(model: torch.nn.Module, train_images: np.ndarray, train_targets: 
         epoch_seed = _reseed(s.seed, epoch)
         loader.generator.manual_seed(epoch_seed)
         transform.set_random_seed(epoch_seed + distributed.rank())
-        if sampler is not None:
+        if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(epoch_seed)
+        elif sampler is not None:
+            sampler.generator.manual_seed(epoch_seed)
         if s.finetune == "freeze" and s.unfreeze_epoch is not None and epoch >= s.unfreeze_epoch:
             unfreeze(model)
         if mixup is not None:
@@ -254,7 +273,7 @@ def train_fold(model: torch.nn.Module, train_images: np.ndarray, train_targets: 
             train_loss = train_one_epoch(
                 forward, loader, optimizer, scheduler, device, mean, std, image_size, mixup=mixup,
                 label_smoothing=s.label_smoothing, scaler=scaler, accum_steps=s.grad_accum_steps,
-                clip_grad_norm=s.clip_grad_norm, ema=ema, where=f"{where}, epoch {epoch + 1}",
+                clip_grad_norm=s.clip_grad_norm, ema=ema, class_weight=class_weight, where=f"{where}, epoch {epoch + 1}",
                 desc=f"{where} epoch {epoch + 1}/{s.epochs}")
         except torch.cuda.OutOfMemoryError:
             raise PipelineError(
@@ -273,7 +292,7 @@ def train_fold(model: torch.nn.Module, train_images: np.ndarray, train_targets: 
         if validation is not None:
             row["ema_chosen"] = float(ema is not None and validation[0] is ema.module)
         if distributed.is_main():
-            tqdm.write(_epoch_line(where, epoch, s.epochs, row))
+            tqdm.write(_epoch_line(where, epoch, s.epochs, row, s.monitor))
         state.end_epoch(epoch, row, validation)
         if on_epoch is not None:  # after the checkpoint: a callback that raises leaves a resumable state
             on_epoch(epoch, row)
@@ -297,11 +316,12 @@ def _best_candidate(monitor: str, evaluated: list[tuple]) -> tuple:
     return best
 
 
-def _epoch_line(where: str, epoch: int, epochs: int, row: dict) -> str:
+def _epoch_line(where: str, epoch: int, epochs: int, row: dict, monitor: str = "accuracy") -> str:
     line = f"{where} epoch {epoch + 1}/{epochs}: train_loss {row['train_loss']:.4f}  "
     if "val_accuracy" in row:
-        line += (f"val_accuracy {row['val_accuracy']:.4f}  val_log_loss {row['val_log_loss']:.4f}"
-                 f"{' (EMA)' if row['ema_chosen'] else ''}  ")
+        shown = dict.fromkeys([monitor, "accuracy", "log_loss"])
+        line += "  ".join(f"val_{m} {row[f'val_{m}']:.4f}" for m in shown)
+        line += f"{' (EMA)' if row['ema_chosen'] else ''}  "
     return line + f"({row['epoch_seconds']:.1f} s)"
 
 
@@ -418,7 +438,7 @@ def fit_fold(data: PreparedData, k: int, model_name: str, s: TrainSettings, imag
     fold_seed = derive_seed(s.seed, k)
     sklearn_head = s.finetune == "features+sklearn"
     model = initial_model(model_name, 0 if sklearn_head else n_classes, s, fold_seed, pretrained)
-    train_images, val_images = np.asarray(data.train_images[tr]), np.asarray(data.train_images[va])
+    train_images, val_images = Rows(data.train_images, tr), Rows(data.train_images, va)  # read per batch
     if sklearn_head:
         clf, probs = fit_features_classifier(model, train_images, targets[tr], val_images, mean, std, image_size,
                                              s.batch_size * 2, device, s.sklearn_classifier)

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from pipeline.__main__ import main as cli_main
-from pipeline.config import ConfigError, Params, TrainConfig, flatten, load_params, parse_params, to_dict
+from pipeline.config import ConfigError, Params, TrainConfig, flatten, load_params, parse_params, resolve_train_settings, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,13 +15,25 @@ def test_shipped_params_load_and_override_defaults():
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     # every value written in params.yaml is the value the code sees
     resolved = flatten(to_dict(params))
-    for key, value in flatten(raw).items():
-        assert resolved[key] == value, key
+    for key, value in flatten(raw).items():  # a metric left null is the competition's
+        expected = params.competition.metric if value is None and key.endswith(("monitor", "metric")) else value
+        assert resolved[key] == expected, key
 
 
 def test_defaults_match_shipped_params():
-    """The typed defaults and params.yaml describe the same default run."""
-    assert to_dict(load_params(ROOT / "params.yaml")) == to_dict(Params())
+    """The typed defaults and params.yaml describe the same default run, but for the two choices the
+    demo makes on log loss rather than on its competition's metric (accuracy)."""
+    shipped = to_dict(load_params(ROOT / "params.yaml"))
+    assert shipped["tta"]["metric"] == shipped["ensemble"]["metric"] == "log_loss"
+    assert shipped == to_dict(parse_params({"tta": {"metric": "log_loss"}, "ensemble": {"metric": "log_loss"}}))
+
+
+def test_null_metrics_follow_the_competition_metric_and_explicit_ones_win():
+    p = parse_params({"competition": {"metric": "roc_auc"}, "tta": {"metric": "log_loss"},
+                      "train": {"backbones": {"a": {}, "b": {"monitor": "accuracy"}}}})
+    assert (p.train.monitor, p.tune.metric, p.tta.metric, p.ensemble.metric) == ("roc_auc", "roc_auc", "log_loss", "roc_auc")
+    assert resolve_train_settings(p.train, "a").monitor == "roc_auc"
+    assert resolve_train_settings(p.train, "b").monitor == "accuracy"
 
 
 def test_unknown_key_is_named(tmp_path):
@@ -45,7 +57,11 @@ def test_wrong_type_is_named():
 
 @pytest.mark.parametrize("raw, message", [
     ({"tta": {"merge": "median"}}, "'tta.merge' must be one of ['mean', 'geometric', 'logits'], got 'median'"),
-    ({"tune": {"metric": "auc"}}, "'tune.metric' must be one of ['accuracy', 'log_loss', 'macro_f1'], got 'auc'"),
+    ({"tune": {"metric": "auc"}}, "'tune.metric' must be one of ['accuracy', 'log_loss', 'macro_f1', 'roc_auc', "
+                                  "'quadratic_weighted_kappa'], got 'auc'"),
+    ({"prepare": {"image_size": 0}}, "prepare.image_size must be >= 1, got 0"),
+    ({"train": {"image_size": 0, "backbones": {"b": {}}}}, "train.backbones.b.image_size must be >= 1"),
+    ({"prepare": {"resize": "stretch"}}, "'prepare.resize' must be one of ['squash', 'pad', 'center_crop']"),
     ({"train": {"backbones": {"b": {"finetune": "lora"}}}}, "'train.backbones.b.finetune' must be one of"),
     # cross-field rules, each checked once here so that no stage checks them again
     ({"train": {"mixup_alpha": 0.4, "batch_size": 3, "backbones": {"b": {}}}},

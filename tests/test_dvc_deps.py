@@ -1,12 +1,18 @@
 """dvc.yaml's code deps are exactly the project modules each stage runs, so that editing a module
 reruns the stages that import it and no other (a TTA view reruns predict, never train)."""
 import ast
+import os
 import re
+import shutil
+import sys
 from pathlib import Path
 
+import pandas as pd
 import yaml
 
 from pipeline.__main__ import MODULES
+from tests.conftest import write_competition
+from tests.test_dvc_pipeline import _run, _set_params, _status
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,3 +73,26 @@ def test_the_import_walk_follows_lazy_and_package_imports():
     assert {"pipeline/__init__.py", "pipeline/cli/__init__.py", "pipeline/__main__.py"} <= train
     assert "pipeline/distributed.py" in train  # `from pipeline import distributed`
     assert "pipeline/inference.py" in train and "pipeline/predict.py" not in train
+
+
+def test_a_competition_outside_data_raw_is_a_tracked_dependency_of_prepare(tmp_path):
+    """competition.source is prepare's dependency wherever it lies: editing it reruns prepare."""
+    elsewhere = write_competition(tmp_path / "elsewhere" / "comp", n_per_class=4, n_test=3)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
+        shutil.copy(ROOT / name, repo)
+    shutil.copytree(ROOT / "pipeline", repo / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    _set_params(repo, competition={"source": str(elsewhere)}, prepare={"image_size": 8, "workers": 1},
+                cv={"n_folds": 2}, tracking={"enabled": False})
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1"}
+    _run(["git", "init", "-q"], repo, env)
+    _run(["dvc", "init", "-q"], repo, env)
+    _run(["dvc", "repro", "prepare"], repo, env)
+    assert "prepare" not in _status(repo, env)
+    train = pd.read_csv(elsewhere / "train.csv", dtype=str)
+    train.loc[0, "label"] = train.loc[len(train) - 1, "label"]  # a relabelled row, outside the repository
+    train.to_csv(elsewhere / "train.csv", index=False)
+    changed = _status(repo, env)["prepare"]
+    assert {"changed deps": {str(elsewhere): "modified"}} in changed

@@ -70,6 +70,62 @@ def test_probability_submission_follows_the_sample_columns():
     validate_submission(sub, sample, CLASSES, fmt)
 
 
+BINARY = np.array([[0.8, 0.2], [0.3, 0.7]])
+
+
+@pytest.mark.parametrize("classes, sample, kwargs, positive", [
+    (["0", "1"], {"id": ["a", "b"], "is_dog": ["0.5", "0.5"]}, {}, "1"),  # fractions: a probability of 1
+    (["False", "True"], {"id": ["a", "b"], "target": ["0.5", "0.5"]}, {}, "True"),
+    (["cat", "dog"], {"id": ["a", "b"], "dog": ["0", "0"]}, {}, "dog"),  # named after a class
+    (["cat", "dog"], {"id": ["a", "b"], "target": ["0", "0"]}, {"positive_class": "cat"}, "cat"),
+    (["0", "1"], {"id": ["a", "b"], "target": ["0", "0"]}, {"metric": "roc_auc"}, "1"),  # AUC scores probabilities
+])
+def test_binary_single_column_gets_the_positive_class_probability(classes, sample, kwargs, positive):
+    sample = pd.DataFrame(sample)
+    fmt = read_submission_format(sample, classes, "sample_submission.csv", **kwargs)
+    assert (fmt.kind, fmt.positive) == ("probability", positive)
+    sub = build_submission(["a", "b"], BINARY, classes, fmt)
+    assert sub.iloc[:, 1].tolist() == BINARY[:, classes.index(positive)].tolist()
+    validate_submission(sub, sample, classes, fmt)
+
+
+def test_binary_label_column_stays_a_label_and_an_unclear_positive_is_asked_for():
+    sample = pd.DataFrame({"id": ["a", "b"], "target": ["cat", "cat"]})
+    fmt = read_submission_format(sample, ["cat", "dog"], "sample_submission.csv", metric="accuracy")
+    assert fmt.kind == "label"
+    assert build_submission(["a", "b"], BINARY, ["cat", "dog"], fmt)["target"].tolist() == ["cat", "dog"]
+    with pytest.raises(PipelineError, match="column 'target' holds one class's probability: set "
+                                            r"competition.positive_class to one of \['cat', 'dog'\]"):
+        read_submission_format(sample, ["cat", "dog"], "sample_submission.csv", metric="roc_auc")
+    with pytest.raises(PipelineError, match="positive_class 'wolf' is not a class"):
+        read_submission_format(sample, ["cat", "dog"], "sample_submission.csv", positive_class="wolf")
+
+
+def test_binary_competition_submits_probabilities_through_the_stages(tmp_path, monkeypatch):
+    comp = write_competition(tmp_path / "raw" / "comp", n_per_class=6, n_test=4, labels=("0", "1"))
+    sample = pd.read_csv(comp / "sample_submission.csv", dtype=str)
+    sample.rename(columns={"label": "is_dog"}).assign(is_dog="0.5").to_csv(comp / "sample_submission.csv", index=False)
+    prepare(CompetitionConfig(source=str(comp), metric="roc_auc", answers=None), image_size=8, n_folds=2, seed=0,
+            out_dir=tmp_path / "data/prepared", workers=1)
+    train = pd.read_csv(tmp_path / "data/prepared/train.csv", dtype={"id": str, "label": str})
+    test = pd.read_csv(tmp_path / "data/prepared/test.csv", dtype={"id": str})
+    rng = np.random.default_rng(0)
+    test_probs = rng.dirichlet(np.ones(2), len(test))
+    (tmp_path / "predictions/b").mkdir(parents=True)
+    probs_frame(train["id"], rng.dirichlet(np.ones(2), len(train)), ["0", "1"]).to_csv(
+        tmp_path / "predictions/b/oof_probs.csv", index=False)
+    probs_frame(test["id"], test_probs, ["0", "1"]).to_csv(tmp_path / "predictions/b/test_probs.csv", index=False)
+    (tmp_path / "params.yaml").write_text("competition: {metric: roc_auc}\ntrain:\n  backbones: {b: {}}\n"
+                                          "ensemble: {methods: [soft_voting]}\ntracking: {enabled: false}\n")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["ensemble"]) == 0
+    submission = pd.read_csv(tmp_path / "submissions/submission.csv")
+    assert list(submission.columns) == ["id", "is_dog"]
+    assert submission["is_dog"].to_numpy() == pytest.approx(test_probs[:, 1])  # not hard 0/1 labels
+    report = json.loads((tmp_path / "reports/ensemble.json").read_text())
+    assert report["metric"] == "roc_auc" and 0 <= report["oof"]["roc_auc"] <= 1
+
+
 def test_validation_rejects_wrong_order_missing_rows_and_unknown_labels():
     sample = _sample("label")
     fmt = read_submission_format(sample, CLASSES, "sample_submission.csv")
@@ -92,8 +148,8 @@ def test_sample_with_unknown_columns_is_rejected():
 def test_local_leaderboard_accuracy():
     answers = pd.DataFrame({"id": ["x1", "x2", "x3"], "label": ["dog", "cat", "frog"]})
     probs = np.array([[0.9, 0.1, 0.0], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]])  # cat, dog, frog
-    assert local_leaderboard(answers, ["x2", "x1", "x3"], probs, CLASSES) == pytest.approx(1.0)
-    assert local_leaderboard(answers, ["x1", "x2", "x3"], probs, CLASSES) == pytest.approx(1 / 3)
+    assert local_leaderboard(answers, ["x2", "x1", "x3"], probs, CLASSES)["accuracy"] == pytest.approx(1.0)
+    assert local_leaderboard(answers, ["x1", "x2", "x3"], probs, CLASSES)["accuracy"] == pytest.approx(1 / 3)
 
 
 # ---------------------------------------------------------------- ensembles fitted on OOF
@@ -215,7 +271,8 @@ def oof_run(tmp_path, monkeypatch):
         probs_frame(train["id"], oof, CLASSES).to_csv(tmp_path / f"predictions/{name}/oof_probs.csv", index=False)
         probs_frame(test["id"], rng.dirichlet(np.ones(3), len(test)), CLASSES).to_csv(
             tmp_path / f"predictions/{name}/test_probs.csv", index=False)
-    (tmp_path / "params.yaml").write_text("train:\n  backbones: {good: {}, noisy: {}}\ntracking: {enabled: false}\n")
+    (tmp_path / "params.yaml").write_text("train:\n  backbones: {good: {}, noisy: {}}\ntracking: {enabled: false}\n"
+                                          "ensemble: {metric: log_loss}\n")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -247,7 +304,7 @@ def test_stage_scores_every_method_honestly_and_submits_the_best(oof_run):
 @pytest.mark.parametrize("line, message", [
     ("ensemble: {methods: [soft_voting, blend9]}", "ensemble.methods: unknown method 'blend9'"),
     ("ensemble: {method: caruana, methods: [soft_voting]}", "ensemble.method: 'caruana' is not auto or one of"),
-    ("ensemble: {metric: auc}", "'ensemble.metric' must be one of ['accuracy', 'log_loss', 'macro_f1'], got 'auc'"),
+    ("ensemble: {metric: auc}", "'ensemble.metric' must be one of ['accuracy', 'log_loss', 'macro_f1', 'roc_auc', "),
     ("ensemble: {weights: {nope: 1}}", "ensemble.weights.nope is not a key of train.backbones"),
 ])
 def test_bad_ensemble_params_fail_with_one_line(oof_run, capsys, line, message):

@@ -125,8 +125,7 @@ def _fold_models(data, root, seeds=(0,)):
 
 
 def test_oof_rows_come_from_their_own_fold_models_and_test_is_the_mean_of_all(comp_config, tmp_path):
-    prepare(comp_config, image_size=12, n_folds=2, seed=0, out_dir=tmp_path / "prepared", workers=1,
-            raw_dir=tmp_path / "raw")
+    prepare(comp_config, image_size=12, n_folds=2, seed=0, out_dir=tmp_path / "prepared", workers=1)
     data = load_prepared(tmp_path / "prepared")
     models = _fold_models(data, tmp_path / "models", seeds=(3, 7))
     policies = {"none": ["identity"], "flip": ["identity", "hflip"]}

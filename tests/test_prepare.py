@@ -1,5 +1,7 @@
+import re
 import shutil
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -9,13 +11,12 @@ from PIL import Image
 from pipeline.config import CompetitionConfig
 from pipeline.data import load_prepared
 from pipeline.errors import PipelineError
-from pipeline.prepare import prepare, sort_classes
-from tests.conftest import write_competition
+from pipeline.prepare import DIGITS_MARKER, prepare, sort_classes
+from tests.conftest import make_image, write_competition
 
 
-def run_prepare(comp: CompetitionConfig, out, n_folds=2, size=8, raw_dir=None):
-    return prepare(comp, image_size=size, n_folds=n_folds, seed=0, out_dir=out, workers=1,
-                   raw_dir=raw_dir or out.parent / "raw")
+def run_prepare(comp: CompetitionConfig, out, n_folds=2, size=8):
+    return prepare(comp, image_size=size, n_folds=n_folds, seed=0, out_dir=out, workers=1)
 
 
 def test_folder_competition_is_prepared(comp_config, tmp_path):
@@ -108,10 +109,12 @@ def test_group_column_keeps_groups_in_one_fold(tmp_path):
 
 def test_sklearn_digits_is_rendered_as_a_kaggle_competition(tmp_path):
     out = tmp_path / "prepared"
-    summary = prepare(CompetitionConfig(), image_size=16, n_folds=5, seed=0, out_dir=out, workers=2,
-                      raw_dir=tmp_path / "raw")
     raw = tmp_path / "raw" / "sklearn-digits"
+    raw.mkdir(parents=True)
+    (raw / DIGITS_MARKER).write_text("render here")
+    summary = prepare(CompetitionConfig(source=str(raw)), image_size=16, n_folds=5, seed=0, out_dir=out, workers=2)
     assert {p.name for p in raw.iterdir()} >= {"train", "test", "train.csv", "sample_submission.csv", "solution.csv"}
+    assert (raw / DIGITS_MARKER).read_text() == "render here"  # the tracked source keeps its marker
     assert summary["n_train"] == 1437 and summary["n_test"] == 360  # 80 / 20
     data = load_prepared(out)
     answers = pd.read_csv(out / "answers.csv", dtype=str)
@@ -187,3 +190,170 @@ def test_bad_input_is_named_and_leaves_previous_outputs(comp_config, tmp_path, m
 def test_missing_source_is_named(tmp_path):
     with pytest.raises(PipelineError, match="competition.source: '.*nowhere' does not exist"):
         run_prepare(CompetitionConfig(source=str(tmp_path / "nowhere")), tmp_path / "prepared")
+
+
+# ---------------------------------------------------------------- layouts
+
+
+def test_ids_that_carry_their_extension_are_found_with_or_without_image_ext(tmp_path):
+    root = write_competition(tmp_path / "comp")  # Cassava: image_id = 1000015157.jpg
+    for name in ("train.csv", "sample_submission.csv", "solution.csv"):
+        frame = pd.read_csv(root / name, dtype=str)
+        frame["id"] = frame["id"] + ".jpg"
+        frame.to_csv(root / name, index=False)
+    for ext in ("", ".jpg"):
+        out = tmp_path / f"prepared{ext}"
+        summary = run_prepare(CompetitionConfig(source=str(root), image_ext=ext), out)
+        assert (summary["n_train"], summary["n_test"]) == (24, 6)
+        assert load_prepared(out).test["id"].tolist()[0] == "te000.jpg"
+
+
+def test_path_column_reads_nested_folders_with_mixed_extensions(tmp_path):
+    root = write_competition(tmp_path / "comp")
+    train = pd.read_csv(root / "train.csv", dtype=str)
+    paths = []
+    for i, image_id in enumerate(train["id"]):  # train/<i % 3>/<id>.png or .jpg
+        ext = ".png" if i % 2 else ".jpg"
+        (root / "train" / str(i % 3)).mkdir(exist_ok=True)
+        Image.open(root / "train" / f"{image_id}.jpg").save(root / "train" / str(i % 3) / f"{image_id}{ext}")
+        (root / "train" / f"{image_id}.jpg").unlink()
+        paths.append(f"{i % 3}/{image_id}{ext}")
+    train.assign(file=paths).to_csv(root / "train.csv", index=False)
+    (root / "test" / "a").mkdir()  # the sample's plain ids name files in a subfolder, some of them .png
+    for i, test in enumerate(sorted((root / "test").glob("*.jpg"))):
+        Image.open(test).save(root / "test" / "a" / (test.stem + (".png" if i % 2 else ".jpg")))
+        test.unlink()
+    out = tmp_path / "prepared"
+    run_prepare(CompetitionConfig(source=str(root), path_column="file"), out)
+    data = load_prepared(out)
+    assert data.train["path"].tolist() == [f"train/{p}" for p in paths]
+    assert data.test["path"].str.startswith("test/a/te").all() and data.test["path"].str.endswith(".png").sum() == 3
+    # the images are the files named, not black placeholders
+    assert (np.asarray(data.train_images).reshape(len(data.train), -1).max(1) > 0).all()
+
+
+def test_image_folder_layout_without_csvs(tmp_path):
+    root = tmp_path / "comp"
+    rng = np.random.default_rng(0)
+    for c, label in enumerate(("cat", "dog", "frog")):
+        (root / "train" / label / "batch1").mkdir(parents=True)
+        for i in range(6):  # one class folder nests its files a level deeper
+            folder = root / "train" / label / ("batch1" if i % 2 else "")
+            make_image(c, rng).save(folder / f"{label}{i}.{'png' if i % 3 else 'jpg'}")
+    (root / "test").mkdir()
+    for i in range(4):
+        make_image(i % 3, rng).save(root / "test" / f"t{i}.jpg")
+    out = tmp_path / "prepared"
+    summary = run_prepare(CompetitionConfig(source=str(root), train_csv=None, sample_submission=None, answers=None), out)
+    data = load_prepared(out)
+    assert data.classes == ["cat", "dog", "frog"] and summary["n_train"] == 18
+    assert (data.train.groupby("label").size() == 6).all()
+    assert "dog/batch1/dog1.png" in set(data.train["id"])
+    assert data.test["id"].tolist() == ["t0.jpg", "t1.jpg", "t2.jpg", "t3.jpg"]
+    sample = pd.read_csv(out / "sample_submission.csv")
+    assert list(sample.columns) == ["id", "label"] and len(sample) == 4
+
+
+@pytest.mark.parametrize("column, value", [("id", "../../../etc/passwd"), ("id", "/etc/passwd"),
+                                           ("file", "../comp2/x.jpg")])
+def test_an_id_or_path_leaving_the_competition_is_refused(tmp_path, column, value):
+    root = write_competition(tmp_path / "comp")
+    train = pd.read_csv(root / "train.csv", dtype=str)
+    train["file"] = train["id"] + ".jpg"
+    train.loc[3, column] = value
+    train.to_csv(root / "train.csv", index=False)
+    comp = CompetitionConfig(source=str(root), path_column="file" if column == "file" else None)
+    with pytest.raises(PipelineError) as info:
+        run_prepare(comp, tmp_path / "prepared")
+    assert f"row 5: '{value}' leaves the competition folder" in str(info.value)
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_a_zip_member_path_leaving_the_folder_is_refused(tmp_path):
+    root = write_competition(tmp_path / "comp")
+    sample = pd.read_csv(root / "sample_submission.csv", dtype=str)
+    sample.loc[0, "id"] = "../train/tr0000"
+    sample.to_csv(root / "sample_submission.csv", index=False)
+    archive = tmp_path / "comp.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in root.rglob("*"):
+            z.write(path, path.relative_to(root))
+    with pytest.raises(PipelineError, match=r"row 2: '\.\./train/tr0000' leaves the competition folder"):
+        run_prepare(CompetitionConfig(source=str(archive)), tmp_path / "prepared")
+
+
+# ---------------------------------------------------------------- bad files, all at once
+
+
+def _break_three(root):
+    (root / "train" / "tr0001.jpg").write_bytes(b"")  # empty
+    data = (root / "train" / "tr1001.jpg").read_bytes()
+    (root / "train" / "tr1001.jpg").write_bytes(data[: len(data) // 2])  # truncated
+    (root / "train" / "tr2002.jpg").unlink()  # missing
+
+
+def test_every_bad_training_image_is_reported_in_one_error(comp_config, tmp_path):
+    _break_three(tmp_path / "comp")
+    with pytest.raises(PipelineError) as info:
+        run_prepare(comp_config, tmp_path / "prepared")
+    message = str(info.value)
+    assert message.startswith("3 bad training images") and "\n" not in message
+    assert "tr0001.jpg (empty file)" in message
+    assert re.search(r"tr1001\.jpg \(cannot decode: OSError: [^)]*[Tt]runcated", message)
+    assert "tr2002.jpg or" in message and "(no such image file)" in message
+    assert "prepare.skip_bad_images: true" in message
+
+
+def test_skip_bad_images_drops_and_lists_them(comp_config, tmp_path, capsys):
+    _break_three(tmp_path / "comp")
+    out = tmp_path / "prepared"
+    summary = prepare(comp_config, image_size=8, n_folds=2, seed=0, out_dir=out, workers=1, skip_bad_images=True)
+    data = load_prepared(out)
+    assert summary["skipped"] == 3 and len(data.train) == 21 == len(data.train_images)
+    assert {"tr0001", "tr1001", "tr2002"}.isdisjoint(data.train["id"])
+    # the cache rows stayed aligned with train.csv: every kept image is its class's colour
+    means = np.asarray(data.train_images).reshape(len(data.train), -1, 3).mean(1)
+    assert (means.argmax(1) == np.array([0, 1, 2])[data.train["target"]]).all()
+    err = capsys.readouterr().err
+    assert "skipped 3 bad training images" in err and "tr0001.jpg (empty file)" in err
+
+
+def test_a_bad_test_image_is_an_error_even_when_skipping(comp_config, tmp_path):
+    (tmp_path / "comp" / "test" / "te001.jpg").write_bytes(b"")
+    with pytest.raises(PipelineError, match=r"1 bad test images: .*te001\.jpg \(empty file\)"):
+        prepare(comp_config, image_size=8, n_folds=2, seed=0, out_dir=tmp_path / "prepared", workers=1,
+                skip_bad_images=True)
+
+
+# ---------------------------------------------------------------- image geometry
+
+
+def _bands(root: Path) -> None:
+    """A 40 x 20 image: green 10 px | red 20 px | blue 10 px, as every training image."""
+    img = np.zeros((20, 40, 3), np.uint8)
+    img[:, :10] = (0, 255, 0)
+    img[:, 10:30] = (255, 0, 0)
+    img[:, 30:] = (0, 0, 255)
+    for path in (root / "train").glob("*.jpg"):
+        Image.fromarray(img).save(path.with_suffix(".png"))
+        path.unlink()
+
+
+@pytest.mark.parametrize("resize", ["squash", "pad", "center_crop"])
+def test_resize_modes(tmp_path, resize):
+    root = write_competition(tmp_path / "comp")
+    _bands(root)
+    out = tmp_path / "prepared"
+    prepare(CompetitionConfig(source=str(root)), image_size=16, n_folds=2, seed=0, out_dir=out, workers=1,
+            resize=resize)
+    data = load_prepared(out)
+    img = np.asarray(data.train_images[0]).astype(int)
+    assert data.train[["width", "height"]].iloc[0].tolist() == [40, 20]  # the original size is kept
+    middle, top = img[8], img[:, 8]
+    if resize == "squash":  # all three bands, nothing black
+        assert middle[0, 1] > 200 and middle[8, 0] > 200 and middle[15, 2] > 200 and img.max(2).min() > 100
+    elif resize == "pad":  # the whole width, black bars above and below (40x20 -> 16x8, 4 px each side)
+        assert middle[0, 1] > 200 and middle[15, 2] > 200
+        assert top[:3].max() < 30 and top[-3:].max() < 30 and top[5:11, 0].min() > 200
+    else:  # the middle 20 x 20: only red
+        assert img[..., 0].min() > 200 and img[..., 1:].max() < 60

@@ -9,7 +9,7 @@ from timm.data import Mixup
 
 from pipeline.analyze import fold_scores
 from pipeline.config import TrainSettings
-from pipeline.data import build_train_transform, load_prepared, to_input
+from pipeline.data import Rows, build_train_transform, load_prepared, to_input
 from pipeline.errors import PipelineError
 from pipeline.models import create_model
 from pipeline.inference import load_fold_model, predict_proba
@@ -29,8 +29,7 @@ OFF = Tracker(False, "off")
 
 @pytest.fixture
 def prepared(comp_config, tmp_path):
-    prepare(comp_config, image_size=16, n_folds=2, seed=0, out_dir=tmp_path / "prepared", workers=1,
-            raw_dir=tmp_path / "raw")
+    prepare(comp_config, image_size=16, n_folds=2, seed=0, out_dir=tmp_path / "prepared", workers=1)
     return load_prepared(tmp_path / "prepared")
 
 
@@ -300,6 +299,31 @@ def test_augmentation_comes_from_config():
         build_train_transform([{"VerticalFlip": {}}, {"HorizontalFlip": {"p": 2}}], seed=0)
 
 
+def test_default_augmentation_follows_the_cache_size_and_a_shrinking_one_is_refused():
+    rng = np.random.default_rng(0)
+    image = rng.integers(1, 256, (64, 64, 3), dtype=np.uint8)
+    shift = build_train_transform(None, seed=0, cache_size=64, image_size=48)  # train.augment: null
+    outs = [shift(image=image)["image"] for _ in range(20)]
+    assert {o.shape for o in outs} == {(64, 64, 3)}  # the whole image, shifted: no 32 px crop of a 64 px one
+    assert max(int((o == 0).all(2).any(1).sum()) for o in outs) > 2  # shifted in by up to 6 px of black
+    resized = build_train_transform([{"RandomResizedCrop": {"size": [48, 48], "scale": [0.5, 1.0]}}], seed=0,
+                                    cache_size=64, image_size=48)  # from the cache to the network's size
+    assert resized(image=image)["image"].shape == (48, 48, 3)
+    with pytest.raises(PipelineError, match=r"train.augment: turns the 64 px cache images into 32x32; .* crop to "
+                                            r"48 or 64 px"):
+        build_train_transform([{"PadIfNeeded": {"min_height": 38, "min_width": 38}},
+                               {"RandomCrop": {"height": 32, "width": 32}}], seed=0, cache_size=64, image_size=48)
+
+
+def test_a_fold_reads_the_memory_mapped_cache_without_copying_it(prepared):
+    rows = np.flatnonzero(prepared.train["fold"].to_numpy() == 1)
+    fold = Rows(prepared.train_images, rows)
+    assert isinstance(prepared.train_images, np.memmap) and len(fold) == len(rows)
+    assert isinstance(fold[1:3], Rows)  # slicing stays lazy; reading a batch reads those rows
+    np.testing.assert_array_equal(np.asarray(fold[1:3]), prepared.train_images[rows[1:3]])
+    np.testing.assert_array_equal(fold[4], prepared.train_images[rows[4]])
+
+
 def test_dropout_rate_reaches_the_model():
     assert create_model("test_resnet", 3, drop_rate=0.3).drop_rate == 0.3
 
@@ -489,3 +513,30 @@ def test_val_every_skips_validation_and_keeps_the_last_epoch_when_it_equals_epoc
     with pytest.raises(PipelineError, match="train.val_every"):
         from pipeline.config import check_train_settings
         check_train_settings(dataclasses.replace(s, val_every=0), "train")
+
+
+class _PriorOnly(torch.nn.Module):
+    """A model that can learn nothing but the class prior: its logits are one learnable bias."""
+
+    def __init__(self, n_classes: int):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(n_classes))
+
+    def forward(self, x):
+        return self.bias.expand(len(x), -1) + 0 * x.mean()
+
+
+@pytest.mark.parametrize("settings, rare_low, rare_high", [
+    ({}, 0.0, 0.15),  # the prior: 10 of 110 rows, 0.09
+    ({"class_weight": "balanced"}, 0.4, 0.6),  # both classes weigh the same: 0.5
+    ({"class_weight": "balanced", "mixup_alpha": 0.2}, 0.4, 0.6),
+    ({"sampler": "balanced"}, 0.4, 0.6),  # both classes drawn as often: 0.5
+])
+def test_class_weight_and_balanced_sampler_undo_a_10_to_1_imbalance(settings, rare_low, rare_high):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (150, 8, 8, 3), dtype=np.uint8)
+    y_train, y_val = np.array([0] * 100 + [1] * 10), np.array([0] * 30 + [1] * 10)
+    s = TrainSettings(epochs=10, batch_size=10, lr=0.05, weight_decay=0.0, warmup_epochs=0.5, scheduler="constant",
+                      augment=[], seed=0, val_every=10, **settings)
+    result = train_fold(_PriorOnly(2), images[:110], y_train, images[110:], y_val, [0.5] * 3, [0.25] * 3, s, 8, CPU, 2)
+    assert rare_low < result.val_probs[:, 1].mean() < rare_high

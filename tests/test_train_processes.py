@@ -26,7 +26,7 @@ def _project(root: Path, n_per_class: int, epochs: int, batch_size: int = 4, tra
     root.mkdir(parents=True)
     comp = write_competition(root / "comp", n_per_class=n_per_class)
     prepare(CompetitionConfig(source=str(comp)), image_size=12, n_folds=2, seed=0, out_dir=root / "data/prepared",
-            workers=1, raw_dir=root / "raw")
+            workers=1)
     (root / "params.yaml").write_text(yaml.safe_dump({
         "competition": {"source": str(comp)},
         "train": {"backbones": {BACKBONE: {}}, "epochs": epochs, "batch_size": batch_size, "lr": 0.01,

@@ -35,13 +35,13 @@ LR_ONLY = {"lr": {"type": "float", "low": 1e-8, "high": 1e30, "log": True}}
 def prepared(tmp_path):
     comp = write_competition(tmp_path / "comp", n_per_class=20)
     prepare(CompetitionConfig(source=str(comp)), image_size=12, n_folds=2, seed=0, out_dir=tmp_path / "prepared",
-            workers=1, raw_dir=tmp_path / "raw")
+            workers=1)
     return load_prepared(tmp_path / "prepared")
 
 
 def _tune(tmp_path, **kw) -> TuneConfig:
     return dataclasses.replace(TuneConfig(enabled=True, storage=f"sqlite:///{tmp_path}/optuna.db", folds=[0, 1],
-                                          epochs=2, startup_trials=2, space=LR_ONLY), **kw)
+                                          epochs=2, startup_trials=2, space=LR_ONLY, metric="accuracy"), **kw)
 
 
 @pytest.mark.parametrize("space, message", [
@@ -187,7 +187,7 @@ def _project(root: Path, n_trials: int, epochs: int) -> Path:
     root.mkdir(parents=True)
     comp = write_competition(root / "comp", n_per_class=20)
     prepare(CompetitionConfig(source=str(comp)), image_size=12, n_folds=2, seed=0, out_dir=root / "data/prepared",
-            workers=1, raw_dir=root / "raw")
+            workers=1)
     (root / "params.yaml").write_text(yaml.safe_dump({
         "competition": {"source": str(comp)},
         "train": {"backbones": {"test_resnet": {}}, "batch_size": 4, "augment": []},

@@ -19,9 +19,9 @@ from pipeline.config import ConfigError, load_params
 from pipeline.data import load_prepared
 from pipeline.ensemble import ENSEMBLES, choose_method, fit_methods
 from pipeline.io import atomic_dir, atomic_write_text, read_json, write_json
-from pipeline.metrics import METRICS, scores
+from pipeline.metrics import METRICS, argbest, scores
 from pipeline.probs import probs_frame, read_probs
-from pipeline.submission import build_submission, local_leaderboard, read_submission_format, validate_submission
+from pipeline.submission import SubmissionFormat, build_submission, local_leaderboard, validate_submission
 from pipeline.tracking import Tracker
 
 PREPARED = Path("data/prepared")
@@ -65,9 +65,9 @@ def main(argv=None) -> None:
     methods = {name: fitted[name].report if name in fitted else {"error": errors[name]} for name in cfg.methods}
 
     sample = pd.read_csv(PREPARED / "sample_submission.csv", dtype=str, keep_default_na=False)
-    fmt = read_submission_format(sample, data.classes, str(PREPARED / "sample_submission.csv"))
+    fmt = SubmissionFormat(**read_json(PREPARED / "submission_format.json"))
     singles = {b: _single_report(b, probs, y) for b, probs in zip(backbones, oof)}
-    best_single = max(backbones, key=lambda b: singles[b]["oof"]["accuracy"])
+    best_single = backbones[argbest(cfg.metric, [singles[b]["oof"][cfg.metric] for b in backbones])]
     final = methods[chosen]["oof"]
     metrics = {
         "method": chosen, "metric": cfg.metric, "oof": final,
@@ -93,7 +93,7 @@ def main(argv=None) -> None:
     atomic_write_text(SUBMISSIONS / "submission.csv",
                       build_submission(test_ids, test_probs, data.classes, fmt).to_csv(index=False))
     if "local_leaderboard" in methods[chosen]:
-        metrics["local_leaderboard"] = {"accuracy": methods[chosen]["local_leaderboard"]}
+        metrics["local_leaderboard"] = methods[chosen]["local_leaderboard"]
     write_json("reports/ensemble.json", metrics)
 
     tracker = Tracker(params.tracking.enabled, experiment_name(params))
@@ -104,11 +104,12 @@ def main(argv=None) -> None:
         tracker.log_metrics({f"{n}_oof_{m}": v for n in fitted for m, v in methods[n]["oof"].items()})
         tracker.log_metrics({f"gain_{m}": v for m, v in metrics["gain_over_best_single"].items()})
         if "local_leaderboard" in metrics:
-            tracker.log_metrics({"local_leaderboard_accuracy": metrics["local_leaderboard"]["accuracy"]})
+            tracker.log_metrics({f"local_leaderboard_{m}": v for m, v in metrics["local_leaderboard"].items()})
         tracker.log_artifact(str(SUBMISSIONS / "submission.csv"))
         tracker.log_artifact("reports/ensemble.json")
+    m, other = cfg.metric, "log_loss" if cfg.metric == "accuracy" else "accuracy"
     for name in fitted:
-        print(f"{name:>13}: honest OOF accuracy {methods[name]['oof']['accuracy']:.4f}, "
-              f"log loss {methods[name]['oof']['log_loss']:.4f}" + (" <- submission.csv" if name == chosen else ""))
-    print(f"best single backbone {best_single}: OOF accuracy {singles[best_single]['oof']['accuracy']:.4f}; "
-          f"gain of the ensemble {metrics['gain_over_best_single']['accuracy']:+.4f}")
+        print(f"{name:>13}: honest OOF {m} {methods[name]['oof'][m]:.4f}, {other} {methods[name]['oof'][other]:.4f}"
+              + (" <- submission.csv" if name == chosen else ""))
+    print(f"best single backbone {best_single}: OOF {m} {singles[best_single]['oof'][m]:.4f}; "
+          f"gain of the ensemble {metrics['gain_over_best_single'][m]:+.4f}")

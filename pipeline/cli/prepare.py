@@ -11,7 +11,8 @@ OUT = "data/prepared"
 def main(argv=None) -> None:
     args = parse_args(argv, __doc__)
     params = load_params(args.params)
-    summary = prepare(params.competition, params.prepare.image_size, params.cv.n_folds, params.cv.seed, OUT,
-                      workers=params.prepare.workers)
+    prep = params.prepare
+    summary = prepare(params.competition, prep.image_size, params.cv.n_folds, params.cv.seed, OUT,
+                      workers=prep.workers, resize=prep.resize, skip_bad_images=prep.skip_bad_images)
     print(f"prepared {summary['n_train']} train / {summary['n_test']} test images, "
           f"{summary['n_classes']} classes, from {summary['source']} -> {OUT}")

@@ -17,7 +17,7 @@ import yaml
 from pipeline import distributed
 from pipeline.cli import experiment_name, load_with_backbone, parse_args
 from pipeline.config import check_train_settings, flatten, resolve_train_settings, to_dict
-from pipeline.data import load_prepared
+from pipeline.data import default_augment, load_prepared
 from pipeline.io import atomic_dir, write_json
 from pipeline.models import check_backbone, pick_device
 from pipeline.probs import probs_frame
@@ -45,6 +45,8 @@ def main(argv=None) -> None:
 
     data = load_prepared()
     image_size = settings.image_size or data.train_images.shape[1]
+    if settings.augment is None:  # recorded as it runs
+        settings = dataclasses.replace(settings, augment=default_augment(data.train_images.shape[1]))
     device = distributed.init_from_env() or pick_device()
     main = distributed.is_main()
     resolved = {"backbone": backbone, "model": model_name, "pretrained": entry.pretrained, "device": device.type,
