@@ -127,9 +127,11 @@ class ImageFolder:
     `ext` appended, then the one file whose path without its extension is the value (mixed
     extensions), then the one file in any subfolder whose name without its extension is the value."""
 
-    def __init__(self, files: CompetitionFiles, folder: str, ext: str):
+    def __init__(self, files: CompetitionFiles, folder: str, ext: str, exclude: set[str] = frozenset()):
+        """`exclude`: paths inside the competition that are not this folder's (training images that
+        share the test folder)."""
         self.files, self.folder, self.ext = files, folder.strip("/"), ext
-        self.paths = set(files.images_under(self.folder))
+        self.paths = {p for p in files.images_under(self.folder) if self.rel(p) not in exclude}
         self.by_stem: dict[str, list[str]] = {}
         self.by_name: dict[str, list[str]] = {}
         for path in sorted(self.paths):
@@ -450,10 +452,11 @@ def _add_targets_and_folds(train: pd.DataFrame, classes: list[str], comp: Compet
     return train
 
 
-def _read_test(files: CompetitionFiles, comp: CompetitionConfig, classes: list[str]):
+def _read_test(files: CompetitionFiles, comp: CompetitionConfig, classes: list[str], train_paths: set[str]):
     """(sample submission, its format, test ids, each id's image path inside the competition): the
-    sample lists the test images; with `sample_submission: null`, every image under test_dir."""
-    folder = ImageFolder(files, comp.test_dir, comp.image_ext)
+    sample lists the test images; with `sample_submission: null`, every image under test_dir.
+    Training images (`train_paths`) in the same folder are not test images."""
+    folder = ImageFolder(files, comp.test_dir, comp.image_ext, exclude=train_paths)
     if comp.sample_submission is None:
         ids = sorted(folder.paths)
         sample = pd.DataFrame({"id": ids, "label": classes[0]})
@@ -499,6 +502,7 @@ def prepare(comp: CompetitionConfig, image_size: int, n_folds: int, seed: int, o
     train_where = files.where(comp.train_csv or comp.train_dir)
 
     train = _read_train(files, comp)
+    train_paths = {p for p in train["path"] if isinstance(p, str)}  # all of them, before any subsample
     _check_class_counts(train["label"], n_folds, train_where)
     if comp.max_train_rows is not None and comp.max_train_rows < len(train):
         train, _ = train_test_split(train, train_size=comp.max_train_rows, stratify=train["label"], random_state=seed)
@@ -507,7 +511,7 @@ def prepare(comp: CompetitionConfig, image_size: int, n_folds: int, seed: int, o
     if comp.metric == "quadratic_weighted_kappa":
         _require_integer_labels(train["label"], train_where)
     classes = sort_classes(train["label"])
-    sample, fmt, test_ids, test_paths = _read_test(files, comp, classes)
+    sample, fmt, test_ids, test_paths = _read_test(files, comp, classes, train_paths)
 
     answers = None
     if comp.answers and files.exists(comp.answers):

@@ -103,3 +103,12 @@ def test_dvc_train_stage_declares_every_train_key_it_reads():
         for name in TrainConfig.__dataclass_fields__:  # TrainSettings fields + backbones
             key = "train.backbones.${key}" if name == "backbones" else f"train.{name}"
             assert key in declared, (stage, key)
+
+
+def test_class_imbalance_remedies_are_tunable_choices():
+    p = parse_params({"train": {"backbones": {"b": {}}}, "tune": {"space": {
+        "class_weight": {"type": "categorical", "choices": ["none", "balanced"]},
+        "sampler": {"type": "categorical", "choices": ["uniform", "balanced"]}}}})
+    assert set(p.tune.space) == {"class_weight", "sampler"}
+    with pytest.raises(ConfigError, match=r"train.backbones.b.class_weight' must be one of \['none', 'balanced'\]"):
+        parse_params({"train": {"backbones": {"b": {"class_weight": "auto"}}}})

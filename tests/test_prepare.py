@@ -1,3 +1,4 @@
+import dataclasses
 import re
 import shutil
 import zipfile
@@ -357,3 +358,19 @@ def test_resize_modes(tmp_path, resize):
         assert top[:3].max() < 30 and top[-3:].max() < 30 and top[5:11, 0].min() > 200
     else:  # the middle 20 x 20: only red
         assert img[..., 0].min() > 200 and img[..., 1:].max() < 60
+
+
+def test_kappa_needs_integer_grades(comp_config, tmp_path):
+    comp = dataclasses.replace(comp_config, metric="quadratic_weighted_kappa")
+    with pytest.raises(PipelineError, match=r"train.csv: label 'cat' is not an integer grade \(competition.metric: "
+                                            r"quadratic_weighted_kappa needs ordinal integer labels\)"):
+        run_prepare(comp, tmp_path / "prepared")
+
+
+def test_train_and_test_images_may_share_one_folder(tmp_path):
+    root = write_competition(tmp_path / "comp")
+    for path in (root / "test").iterdir():
+        path.rename(root / "train" / path.name)
+    out = tmp_path / "prepared"
+    summary = run_prepare(CompetitionConfig(source=str(root), test_dir="train", max_train_rows=12), out)
+    assert (summary["n_train"], summary["n_test"]) == (12, 6)  # the 12 rows left out are not test images

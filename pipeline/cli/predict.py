@@ -39,6 +39,7 @@ def main(argv=None) -> None:
         probs_frame(data.test["id"], best.test, data.classes).to_csv(out / "test_probs.csv", index=False)
         write_json(out / "tta.json", report)
     write_json(f"reports/predict/{backbone}.json", report)
-    line = ", ".join(f"{c} {s['accuracy']:.4f}" for c, s in report["policies"].items())
-    print(f"{backbone}: OOF accuracy by TTA policy: {line}; chosen: {chosen} "
-          f"(honest {report['oof_selection_crossfit']['accuracy']:.4f})")
+    m = tta.metric
+    line = ", ".join(f"{c} {s[m]:.4f}" for c, s in report["policies"].items())
+    print(f"{backbone}: OOF {m} by TTA policy: {line}; chosen: {chosen} "
+          f"(honest {report['oof_selection_crossfit'][m]:.4f})")

@@ -77,4 +77,5 @@ def main(argv=None) -> None:
         return
     write_json(f"reports/train/{backbone}.json", metrics)
     shutil.rmtree(resume_dir, ignore_errors=True)
-    print(f"{backbone}: OOF accuracy {metrics['oof']['accuracy']:.4f}, log loss {metrics['oof']['log_loss']:.4f}")
+    shown = dict.fromkeys([settings.monitor, "accuracy", "log_loss"])
+    print(f"{backbone}: OOF " + ", ".join(f"{m} {metrics['oof'][m]:.4f}" for m in shown))
