@@ -102,7 +102,7 @@ def profile_backbone(name, model_name, s, image_size, images, targets, mean, std
         return model.to(memory_format=torch.channels_last) if use_channels_last(device) else model
 
     def loader():
-        transform = build_train_transform(s.augment, 0, p=s.augment_p)
+        transform = build_train_transform(s.augment, 0, p=s.augment_p, cache_size=imgs.shape[1])
         return build_loader(ImageDataset(imgs, ys, transform), s.batch_size, True, 0, 0, device)
 
     def opt_sched(model):

@@ -48,7 +48,8 @@ def pipeline_loop(model, images, targets, settings, image_size, device, mean, st
 
 
 def loading_throughput(images, augment, batch_size, device) -> float:
-    dataset = ImageDataset(images, np.zeros(len(images), dtype=np.int64), build_train_transform(augment, 0))
+    dataset = ImageDataset(images, np.zeros(len(images), dtype=np.int64),
+                           build_train_transform(augment, 0, cache_size=images.shape[1]))
     loader = build_loader(dataset, batch_size, True, 0, 0, device)
     start = time.perf_counter()
     n = sum(len(x) for x, _ in loader)
