@@ -63,8 +63,8 @@ def main(argv=None) -> None:
         tracker.log_artifacts(str(OUT), "oof")
     for a in analyses:
         missing = never_predicted(a.per_class)
-        metric = params.competition.metric
-        print(f"{a.name}: OOF {metric} {a.scores[metric]:.4f}, accuracy {a.scores['accuracy']:.4f}, ECE {a.ece:.4f}, "
+        shown = dict.fromkeys([params.competition.metric, "accuracy"])
+        print(f"{a.name}: OOF " + ", ".join(f"{m} {a.scores[m]:.4f}" for m in shown) + f", ECE {a.ece:.4f}, "
               f"{len(a.advice)} weak slice(s)" + (f"; {a.advice[0]['augmentation']}" if a.advice else "")
               + (f"; never predicts class {', '.join(missing[:5])} (try train.class_weight: balanced)" if missing else ""))
     print(f"report -> {OUT / 'index.html'}")

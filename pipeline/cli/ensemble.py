@@ -112,4 +112,4 @@ def main(argv=None) -> None:
         print(f"{name:>13}: honest OOF {m} {methods[name]['oof'][m]:.4f}, {other} {methods[name]['oof'][other]:.4f}"
               + (" <- submission.csv" if name == chosen else ""))
     print(f"best single backbone {best_single}: OOF {m} {singles[best_single]['oof'][m]:.4f}; "
-          f"gain of the ensemble {metrics['gain_over_best_single'][m]:+.4f}")
+          f"gain of the ensemble ({chosen}) {metrics['gain_over_best_single'][m]:+.4f}")
