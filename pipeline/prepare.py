@@ -74,9 +74,12 @@ class CompetitionFiles:
         """Kaggle zips hold the files at the top or inside one folder: find the one holding `marker`."""
         if self._zip is None:
             return
-        if marker in self._names:
+        if marker in self._names or (marker.endswith("/") and any(n.startswith(marker) for n in self._names)):
             return
-        roots = sorted({n[: -len(marker)] for n in self._names if n.endswith("/" + marker)}, key=len)
+        if marker.endswith("/"):  # a folder: zips need not list folders themselves, only their files
+            roots = sorted({n[: n.index("/" + marker) + 1] for n in self._names if "/" + marker in n}, key=len)
+        else:
+            roots = sorted({n[: -len(marker)] for n in self._names if n.endswith("/" + marker)}, key=len)
         if roots:
             self.prefix = roots[0]
 

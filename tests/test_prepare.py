@@ -244,15 +244,21 @@ def test_image_folder_layout_without_csvs(tmp_path):
     (root / "test").mkdir()
     for i in range(4):
         make_image(i % 3, rng).save(root / "test" / f"t{i}.jpg")
-    out = tmp_path / "prepared"
-    summary = run_prepare(CompetitionConfig(source=str(root), train_csv=None, sample_submission=None, answers=None), out)
-    data = load_prepared(out)
-    assert data.classes == ["cat", "dog", "frog"] and summary["n_train"] == 18
-    assert (data.train.groupby("label").size() == 6).all()
-    assert "dog/batch1/dog1.png" in set(data.train["id"])
-    assert data.test["id"].tolist() == ["t0.jpg", "t1.jpg", "t2.jpg", "t3.jpg"]
-    sample = pd.read_csv(out / "sample_submission.csv")
-    assert list(sample.columns) == ["id", "label"] and len(sample) == 4
+    archive = tmp_path / "folders.zip"  # the same inside a zip's top folder, with no folder entries
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in root.rglob("*.*"):
+            z.write(path, f"data/{path.relative_to(root)}")
+    for source in (root, archive):
+        out = tmp_path / f"prepared-{source.name}"
+        summary = run_prepare(CompetitionConfig(source=str(source), train_csv=None, sample_submission=None,
+                                                answers=None), out)
+        data = load_prepared(out)
+        assert data.classes == ["cat", "dog", "frog"] and summary["n_train"] == 18
+        assert (data.train.groupby("label").size() == 6).all()
+        assert "dog/batch1/dog1.png" in set(data.train["id"])
+        assert data.test["id"].tolist() == ["t0.jpg", "t1.jpg", "t2.jpg", "t3.jpg"]
+        sample = pd.read_csv(out / "sample_submission.csv")
+        assert list(sample.columns) == ["id", "label"] and len(sample) == 4
 
 
 @pytest.mark.parametrize("column, value", [("id", "../../../etc/passwd"), ("id", "/etc/passwd"),
