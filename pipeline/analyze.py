@@ -297,13 +297,16 @@ class ModelAnalysis:
 
 def analyze_model(name: str, probs: np.ndarray, y: np.ndarray, folds: np.ndarray, classes: list[str],
                   properties: pd.DataFrame, augment: list[dict] | None, top_k: int, pairs: int,
-                  calibration_bins: int, slice_buckets: int, alpha: float, where: str) -> ModelAnalysis:
+                  calibration_bins: int, slice_buckets: int, alpha: float, where: str,
+                  metric: str = "accuracy") -> ModelAnalysis:
+    """Everything the report shows for one model's OOF probabilities; its scores lead with `metric`
+    (the competition's), in the report's tables and in `dvc metrics show`."""
     pred = probs.argmax(1)
     reliability = reliability_table(probs, y, calibration_bins)
     cm = confusion_counts(y, pred, len(classes))
     slices = slice_errors(pred != y, properties, slice_buckets, alpha)
     return ModelAnalysis(
-        name=name, probs=probs, scores=scores(probs, y, METRICS),
+        name=name, probs=probs, scores=scores(probs, y, dict.fromkeys([metric, *METRICS])),
         folds=fold_scores(probs, y, folds), per_class=per_class_scores(probs, y, classes),
         confusion=cm, pairs=most_confused_pairs(cm, pairs), worst=worst_rows(probs, y, top_k),
         confident_wrong=confident_wrong_rows(probs, y, top_k), reliability=reliability,

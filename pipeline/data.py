@@ -139,7 +139,7 @@ class ImageDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        img = np.asarray(self.images[i])
+        img = np.array(self.images[i])  # a copy: a row of the memory-mapped cache is read-only
         if self.transform is not None:
             img = self.transform(image=img)["image"]
         img = torch.from_numpy(np.ascontiguousarray(img))

@@ -21,6 +21,7 @@ from pipeline.analyze import (ADVICE, advise, analyze_model, augment_yaml, confi
                               worst_rows)
 from pipeline.config import CompetitionConfig
 from pipeline.data import build_train_transform
+from pipeline.metrics import METRICS
 from pipeline.probs import probs_frame
 from pipeline.prepare import prepare
 from pipeline.report import write_report
@@ -335,3 +336,12 @@ def test_a_class_never_predicted_is_flagged():
     assert table["predicted"].tolist() == [3, 3, 0]
     assert never_predicted(table) == ["c"]
     assert never_predicted(per_class_scores(np.eye(3)[y], y, ["a", "b", "c"])) == []
+
+
+def test_the_competition_metric_heads_a_models_scores():
+    props = image_properties(np.random.default_rng(0).integers(0, 256, size=(6, 8, 8, 3), dtype=np.uint8))
+    kwargs = dict(top_k=4, pairs=3, calibration_bins=5, slice_buckets=2, alpha=0.05, where="train.augment")
+    for metric in ("roc_auc", "quadratic_weighted_kappa"):
+        a = analyze_model("m", PROBS, Y, FOLDS, CLASSES, props, None, metric=metric, **kwargs)
+        assert list(a.scores)[0] == metric and set(a.scores) == set(METRICS)
+        assert list(summary([a], diversity({"m": PROBS}, Y))["m"])[0] == metric

@@ -46,7 +46,7 @@ def main(argv=None) -> None:
         analyses.append(analyze_model(
             name, probs, y, folds, data.classes, properties, augment, top_k=cfg.top_k, pairs=cfg.confused_pairs,
             calibration_bins=cfg.calibration_bins, slice_buckets=cfg.slice_buckets, alpha=cfg.significance,
-            where=where))
+            where=where, metric=params.competition.metric))
     div = diversity({b: oof[b] for b in backbones}, y)
     per_class = per_class_accuracy(oof, y, data.classes)
     headline = summary(analyses, div)
