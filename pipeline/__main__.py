@@ -7,7 +7,8 @@
     python -m pipeline ensemble
     python -m pipeline analyze
 
-and, not a stage, `python -m pipeline preset <name>` (merge configs/presets/<name>.yaml into params.yaml).
+and, not stages, `python -m pipeline preset <name>` (merge configs/presets/<name>.yaml into params.yaml)
+and `python -m pipeline export --backbone <name>` (a trained fold model to use as `pretrained` elsewhere).
 Bad input ends with one line `error: ...` on stderr and exit status 1.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import importlib
 import sys
 
 STAGES = ("prepare", "tune", "train", "predict", "ensemble", "analyze")
-MODULES = {**{s: f"pipeline.cli.{s}" for s in STAGES}, "preset": "pipeline.presets"}
+MODULES = {**{s: f"pipeline.cli.{s}" for s in STAGES}, "preset": "pipeline.presets", "export": "pipeline.cli.export"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,6 +98,10 @@ class TrainSettings:
     # batches drawn with replacement so that every class is equally likely
     class_weight: Literal["none", "balanced"] = "none"
     sampler: Literal["uniform", "balanced"] = "uniform"
+    # input normalisation: null = the pretrained weights' own (timm's data config, or the source run's), else
+    # each fold's training statistics
+    mean: list[float] | None = None
+    std: list[float] | None = None
     # augmentation (train only): albumentations transforms in order, {ClassName: {kwargs}}, applied to the
     # cache's images; null = a random shift by up to 3/32 of the side (pad + crop at the cache size)
     augment: list[dict[str, dict]] | None = None
@@ -116,15 +120,17 @@ def _backbone_config():
     hints = typing.get_type_hints(TrainSettings)
     overrides = [(f.name, hints[f.name] | None, None) for f in dataclasses.fields(TrainSettings)]
     cls = dataclasses.make_dataclass(
-        "BackboneConfig", [("model", str | None, None), ("pretrained", str | None, None), *overrides], frozen=True
+        "BackboneConfig", [("model", str | None, None), ("pretrained", bool | str | None, None), *overrides],
+        frozen=True
     )
     cls.__module__ = __name__
     return cls
 
 
 BackboneConfig = _backbone_config()
-BackboneConfig.__doc__ = """One backbone: its timm `model` name (defaults to its key), a local `pretrained` weights file
-(timm checkpoint or .safetensors, never a download), and overrides of any `train.*` setting."""
+BackboneConfig.__doc__ = """One backbone: its timm `model` name (defaults to its key; a tag picks pretrained weights,
+e.g. convnext_tiny.fb_in22k), `pretrained` (true: timm's weights from the Hugging Face hub or its cache; a local
+timm/.safetensors file; a finished run's model.pt or its export), and overrides of any `train.*` setting."""
 
 
 @dataclass(frozen=True)
@@ -156,6 +162,13 @@ def check_train_settings(s: TrainSettings, where: str) -> None:
                               f"got {getattr(s, f.name)!r}")
     if (s.mixup_alpha > 0 or s.cutmix_alpha > 0) and s.batch_size % 2:
         raise ConfigError(f"{where}.batch_size must be even with mixup/cutmix, got {s.batch_size}")
+    for name in ("mean", "std"):
+        values = getattr(s, name)
+        if values is not None and (len(values) != 3 or (name == "std" and min(values) <= 0)):
+            raise ConfigError(f"{where}.{name} must be 3 numbers (one per RGB channel{', each > 0' if name == 'std' else ''}), "
+                              f"got {values}")
+    if (s.mean is None) != (s.std is None):
+        raise ConfigError(f"{where}: set mean and std together, or neither")
     if s.image_size is not None and s.image_size < 1:
         raise ConfigError(f"{where}.image_size must be >= 1 (or null: the cache's size), got {s.image_size}")
     if s.val_every < 1:
@@ -166,7 +179,7 @@ def check_train_settings(s: TrainSettings, where: str) -> None:
 
 # the tune stage sets these itself: a trial's epochs (tune.epochs), and one model per fold (no bag)
 SET_BY_TUNING = {"epochs", "seed", "seeds"}
-TUNABLE = {f.name for f in dataclasses.fields(TrainSettings)} - {"augment"} - SET_BY_TUNING
+TUNABLE = {f.name for f in dataclasses.fields(TrainSettings)} - {"augment", "mean", "std"} - SET_BY_TUNING
 DISTRIBUTIONS = ("float", "int", "categorical")
 
 
@@ -414,7 +427,10 @@ def _coerce(hint, value: Any, key: str, source: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
+        inner = [a for a in args if a is not type(None)]
+        if bool in inner and len(inner) > 1:  # bool | str: a YAML true/false, else the other type
+            return value if isinstance(value, bool) else _coerce(inner[-1], value, key, source)
+        (inner,) = inner
         return _coerce(inner, value, key, source)
     if dataclasses.is_dataclass(hint):
         return _build(hint, {} if value is None else value, key + ".", source)

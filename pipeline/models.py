@@ -1,4 +1,5 @@
-"""Backbones by name: a thin wrapper over `timm.create_model` that never downloads weights."""
+"""Backbones by name: a thin wrapper over `timm.create_model`, with pretrained weights from the
+Hugging Face hub, a local file, or a finished run of this pipeline."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -101,22 +102,84 @@ def check_backbone(name: str, key: str = "train.backbones") -> None:
         raise PipelineError(f"{key}: unknown timm model '{name}' (see timm.list_models())")
 
 
-def create_model(name: str, num_classes: int, pretrained: str | Path | None = None,
+Pretrained = bool | str | Path | None
+
+
+def _pipeline_checkpoint(path: Path) -> dict | None:
+    """A fold's model.pt of a finished run (or an export of one): the dict with the backbone's name,
+    weights and normalisation; None for any other file. Loaded with weights_only=True."""
+    if path.suffix not in (".pt", ".pth"):
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - not one of ours (a timm .pth with other contents): timm reads it
+        return None
+    return ckpt if isinstance(ckpt, dict) and {"model", "state_dict", "mean", "std"} <= set(ckpt) else None
+
+
+def pretrained_config(name: str, pretrained: Pretrained) -> dict | None:
+    """The normalisation and input size the pretrained weights were trained with: `mean`, `std`,
+    `image_size`, `interpolation`. timm's data config of the model (its tag, or its default one) for
+    hub weights and for a local timm file; the run's own for a model.pt of this pipeline; None when
+    the weights are random (or timm knows no config for them)."""
+    if not pretrained:
+        return None
+    if not isinstance(pretrained, bool):
+        ckpt = _pipeline_checkpoint(Path(pretrained))
+        if ckpt is not None:
+            return {"mean": list(ckpt["mean"]), "std": list(ckpt["std"]), "image_size": ckpt.get("image_size"),
+                    "interpolation": "bilinear"}
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or cfg.mean is None:
+        return None
+    return {"mean": list(cfg.mean), "std": list(cfg.std), "image_size": cfg.input_size[-1],
+            "interpolation": cfg.interpolation}
+
+
+def create_model(name: str, num_classes: int, pretrained: Pretrained = None,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> torch.nn.Module:
     """A fresh timm model with a `num_classes` head.
 
-    `pretrained` is a local weights file (timm checkpoint or .safetensors); timm loads it and
-    replaces the classifier when the class count differs. Without it the weights are random.
+    `pretrained`: None or False, random weights. True: timm's pretrained weights of `name` (its
+    default tag, or the one in the name, e.g. convnext_tiny.fb_in22k) from the Hugging Face hub cache,
+    downloaded when missing (HF_HOME and HF_HUB_OFFLINE are honoured). A path: a local timm checkpoint
+    or .safetensors, or a fold's model.pt of a finished run of this pipeline (or its export), whose
+    backbone then transfers to this competition. The classifier is replaced in every case.
     """
     check_backbone(name)
     kwargs = dict(num_classes=num_classes, drop_rate=drop_rate)
     if drop_path_rate:  # only architectures with stochastic depth accept it
         kwargs["drop_path_rate"] = drop_path_rate
+    if pretrained is True:
+        try:
+            return timm.create_model(name, pretrained=True, **kwargs)
+        except (OSError, RuntimeError) as exc:  # the hub's errors (offline, no cache, no network) are OSErrors
+            raise PipelineError(
+                f"{name}: pretrained weights are neither in the Hugging Face cache nor downloadable "
+                f"({exc.__class__.__name__}); run once with internet, or set pretrained to a local timm/.safetensors "
+                f"file or to a finished run's models/<backbone>/seed<s>/fold<k>/model.pt (or its export)") from None
     if pretrained:
         path = Path(pretrained)
         if not path.is_file():
             raise PipelineError(f"{name}: pretrained weights file '{path}' not found")
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+        ckpt = _pipeline_checkpoint(path)
+        if ckpt is None:
+            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+        if ckpt["model"] != name:
+            raise PipelineError(f"{name}: pretrained '{path}' holds a {ckpt['model']}, not a {name}")
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        head_ids = {id(p) for p in model.get_classifier().parameters()}
+        head = {n for n, p in model.named_parameters() if id(p) in head_ids}  # replaced: a new competition's
+        try:
+            missing = model.load_state_dict({k: v for k, v in ckpt["state_dict"].items() if k not in head},
+                                            strict=False).missing_keys
+        except RuntimeError as exc:  # a tensor of another shape: another architecture or width
+            raise PipelineError(f"{name}: pretrained '{path}' does not fit the model "
+                                f"({str(exc).splitlines()[-1].strip()})") from None
+        if set(missing) - head:
+            raise PipelineError(f"{name}: pretrained '{path}' does not fit the model ('{sorted(set(missing) - head)[0]}' "
+                                f"missing)")
+        return model
     return timm.create_model(name, pretrained=False, **kwargs)
 
 

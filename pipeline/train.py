@@ -38,7 +38,7 @@ from pipeline.data import (ImageDataset, PreparedData, Rows, balanced_sampler, b
                            default_num_workers, to_input)
 from pipeline.errors import PipelineError
 from pipeline.metrics import METRICS, fold_summary, is_better, scores
-from pipeline.models import amp_dtype, create_model, use_channels_last
+from pipeline.models import Pretrained, amp_dtype, create_model, pretrained_config, use_channels_last
 from pipeline.inference import extract_features, predict_proba
 
 @dataclass
@@ -414,27 +414,44 @@ def bootstrap_rows(rows: np.ndarray, seed: int, fold: int) -> np.ndarray:
 
 
 def initial_model(model_name: str, num_classes: int, s: TrainSettings, fold_seed: int,
-                  pretrained: str | None = None) -> torch.nn.Module:
+                  pretrained: Pretrained = None) -> torch.nn.Module:
     """A fold's model before training, its random initialisation drawn from `fold_seed`."""
     torch.manual_seed(fold_seed)
     return create_model(model_name, num_classes, pretrained=pretrained, drop_rate=s.drop_rate,
                         drop_path_rate=s.drop_path_rate)
 
 
+def input_size(s: TrainSettings, model_name: str, pretrained: Pretrained, cache_size: int) -> int:
+    """The network's input side: `s.image_size` if set, else the pretrained weights' own, else the cache's."""
+    cfg = pretrained_config(model_name, pretrained)
+    return s.image_size or (cfg or {}).get("image_size") or cache_size
+
+
+def input_normalization(data: PreparedData, k: int, s: TrainSettings, model_name: str,
+                        pretrained: Pretrained = None) -> tuple[list[float], list[float]]:
+    """Mean and std fold k's model sees its inputs normalised with: `s.mean`/`s.std` if set, else the
+    pretrained weights' own (what they learnt their features on), else the statistics of fold k's
+    training part (never its validation rows)."""
+    if s.mean is not None:
+        return list(s.mean), list(s.std)
+    cfg = pretrained_config(model_name, pretrained)
+    return (cfg["mean"], cfg["std"]) if cfg else data.fold_stats(k)
+
+
 def fit_fold(data: PreparedData, k: int, model_name: str, s: TrainSettings, image_size: int,
-             device: torch.device, *, pretrained: str | None = None,
+             device: torch.device, *, pretrained: Pretrained = None,
              on_epoch: Callable[[int, dict], None] | None = None, state_path: str | Path | None = None,
              where: str = "fold") -> tuple[FoldResult, dict]:
     """The one fold setup, shared by CV training and tuning: a fresh model (seeded from `s.seed` and k)
-    trained on the other folds' rows (a bootstrap resample of them if `s.bootstrap`), normalised with
-    their statistics, validated on fold k, in the `s.finetune` mode. Returns (result, checkpoint)."""
+    trained on the other folds' rows (a bootstrap resample of them if `s.bootstrap`), normalised as
+    `input_normalization` says, validated on fold k, in the `s.finetune` mode. Returns (result, checkpoint)."""
     targets = data.train["target"].to_numpy()
     folds = data.train["fold"].to_numpy()
     n_classes = len(data.classes)
     tr, va = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
     if s.bootstrap:
         tr = bootstrap_rows(tr, s.seed, k)
-    mean, std = data.fold_stats(k)
+    mean, std = input_normalization(data, k, s, model_name, pretrained)
     fold_seed = derive_seed(s.seed, k)
     sklearn_head = s.finetune == "features+sklearn"
     model = initial_model(model_name, 0 if sklearn_head else n_classes, s, fold_seed, pretrained)
@@ -455,7 +472,7 @@ def fit_fold(data: PreparedData, k: int, model_name: str, s: TrainSettings, imag
 
 
 def train_backbone(data: PreparedData, backbone: str, model_name: str, s: TrainSettings, image_size: int,
-                   out_dir: str | Path, device: torch.device, tracker, pretrained: str | None = None,
+                   out_dir: str | Path, device: torch.device, tracker, pretrained: Pretrained = None,
                    resume_dir: str | Path | None = None) -> tuple[np.ndarray, dict]:
     """k-fold CV of one backbone, once per seed of `s.seeds` (bagging). Writes
     `out_dir/seed<s>/fold<k>/model.pt`; returns (oof_probs, metrics), the OOF being the mean over seeds.
@@ -487,7 +504,7 @@ def train_backbone(data: PreparedData, backbone: str, model_name: str, s: TrainS
 
 
 def train_cv(data: PreparedData, backbone: str, model_name: str, s: TrainSettings, image_size: int,
-             out_dir: str | Path, device: torch.device, tracker, pretrained: str | None = None,
+             out_dir: str | Path, device: torch.device, tracker, pretrained: Pretrained = None,
              resume_dir: str | Path | None = None, run_prefix: str = "") -> tuple[np.ndarray, dict]:
     """k-fold CV of one backbone with one seed. Writes `out_dir/fold<k>/model.pt`; returns (oof_probs, metrics).
 

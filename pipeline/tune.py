@@ -122,7 +122,7 @@ def finished(study: optuna.Study) -> int:
 
 
 def make_objective(data: PreparedData, model_name: str, base: TrainSettings, space: dict, tune: TuneConfig,
-                   image_size: int, device: torch.device, tracker, pretrained: str | None = None):
+                   image_size: int, device: torch.device, tracker, pretrained=None):
     """The objective: mean validation score over `tune.folds`, each fold set up by `fit_fold` exactly as
     the train stage sets it up (finetune mode, bootstrap, seeds), for `tune.epochs` epochs."""
     targets = data.train["target"].to_numpy()

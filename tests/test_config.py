@@ -112,3 +112,13 @@ def test_class_imbalance_remedies_are_tunable_choices():
     assert set(p.tune.space) == {"class_weight", "sampler"}
     with pytest.raises(ConfigError, match=r"train.backbones.b.class_weight' must be one of \['none', 'balanced'\]"):
         parse_params({"train": {"backbones": {"b": {"class_weight": "auto"}}}})
+
+
+def test_pretrained_is_true_or_a_path_and_mean_goes_with_std():
+    p = parse_params({"train": {"backbones": {"hub": {"pretrained": True, "model": "convnext_tiny.fb_in22k"},
+                                              "file": {"pretrained": "exports/b/model.pt"}, "scratch": {}}}})
+    assert [p.train.backbones[b].pretrained for b in ("hub", "file", "scratch")] == [True, "exports/b/model.pt", None]
+    with pytest.raises(ConfigError, match=r"train.backbones.b: set mean and std together, or neither"):
+        parse_params({"train": {"mean": [0.5, 0.5, 0.5], "backbones": {"b": {}}}})
+    with pytest.raises(ConfigError, match=r"train.backbones.b.std must be 3 numbers \(one per RGB channel, each > 0\)"):
+        parse_params({"train": {"mean": [0.5] * 3, "std": [0.2, 0.0, 0.2], "backbones": {"b": {}}}})

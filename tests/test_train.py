@@ -1,12 +1,19 @@
 """The training loop on real tiny timm models, with a real MLflow store in tmp_path."""
 import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 from mlflow.tracking import MlflowClient
 from timm.data import Mixup
 
+from pipeline import __main__ as cli
 from pipeline.analyze import fold_scores
 from pipeline.config import TrainSettings
 from pipeline.data import Rows, build_train_transform, load_prepared, to_input
@@ -16,11 +23,12 @@ from pipeline.inference import load_fold_model, predict_proba
 from pipeline.prepare import prepare
 from pipeline.tracking import Tracker
 from pipeline.metrics import log_loss
-from pipeline.train import (bootstrap_rows, build_optimizer, derive_seed, freeze, initial_model, lr_factor,
+from pipeline.train import (bootstrap_rows, build_optimizer, derive_seed, fit_fold, freeze, initial_model, lr_factor,
                             train_backbone, train_fold, train_one_epoch)
 
 pytestmark = pytest.mark.training  # trains or tunes: CI runs these again on another instruction set
 
+ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 SETTINGS = TrainSettings(epochs=4, batch_size=4, lr=1e-2, weight_decay=0.0, warmup_epochs=0.5,
                          augment=[{"HorizontalFlip": {"p": 0.5}}], seed=0)
@@ -540,3 +548,68 @@ def test_class_weight_and_balanced_sampler_undo_a_10_to_1_imbalance(settings, ra
                       augment=[], seed=0, val_every=10, **settings)
     result = train_fold(_PriorOnly(2), images[:110], y_train, images[110:], y_val, [0.5] * 3, [0.25] * 3, s, 8, CPU, 2)
     assert rare_low < result.val_probs[:, 1].mean() < rare_high
+
+
+# ---------------------------------------------------------------- pretrained weights and their normalisation
+
+
+def test_pretrained_true_offline_without_a_cache_is_one_line_naming_the_alternatives(tmp_path):
+    code = ("from pipeline.models import create_model\n"
+            "from pipeline.errors import PipelineError\n"
+            "try:\n    create_model('resnet10t', 3, pretrained=True)\n"
+            "except PipelineError as e:\n    print('ERROR', e)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf-cache")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    line = out.stdout.strip()
+    assert line.startswith("ERROR resnet10t: pretrained weights are neither in the Hugging Face cache nor downloadable")
+    assert "local timm/.safetensors file" in line and "model.pt" in line and "\n" not in line
+
+
+def _finished_run(prepared, tmp_path) -> Path:
+    """A finished train stage's outputs for backbone `b` (test_resnet, 2 folds x 1 epoch) in tmp_path."""
+    _, metrics = train_backbone(prepared, "b", "test_resnet", dataclasses.replace(SETTINGS, epochs=1), 16,
+                                tmp_path / "models/b", CPU, OFF)
+    (tmp_path / "reports/train").mkdir(parents=True)
+    (tmp_path / "reports/train/b.json").write_text(json.dumps(metrics))
+    (tmp_path / "params.yaml").write_text("train:\n  seed: 0\n  backbones: {b: {model: test_resnet}}\n")
+    return tmp_path
+
+
+def test_a_finished_runs_model_and_its_export_transfer_with_a_new_head(prepared, tmp_path, monkeypatch):
+    run = _finished_run(prepared, tmp_path)
+    monkeypatch.chdir(run)
+    assert cli.main(["export", "--backbone", "b"]) == 0
+    info = json.loads((run / "exports/b/export.json").read_text())
+    folds = json.loads((run / "reports/train/b.json").read_text())["folds"]
+    best = max(folds, key=lambda k: folds[k]["accuracy"])
+    assert info["from"] == f"models/b/seed0/fold{best}/model.pt"
+    source = torch.load(run / info["from"], weights_only=True)["state_dict"]
+    for path in (run / "models/b/seed0/fold0/model.pt", run / "exports/b/model.pt"):
+        model = create_model("test_resnet", 5, pretrained=path)
+        assert model.fc.out_features == 5  # a new competition's head
+    torch.testing.assert_close(model.state_dict()["layer1.0.conv1.weight"], source["layer1.0.conv1.weight"])
+    # the export is what timm itself loads as pretrained weights (its classifier dropped for 5 classes)
+    direct = timm.create_model("test_resnet", pretrained=True, num_classes=5,
+                               pretrained_cfg_overlay=dict(file=str(run / "exports/b/model.pt")))
+    torch.testing.assert_close(direct.state_dict()["layer1.0.conv1.weight"], source["layer1.0.conv1.weight"])
+    with pytest.raises(PipelineError, match="holds a test_resnet, not a test_efficientnet"):
+        create_model("test_efficientnet", 5, pretrained=run / "exports/b/model.pt")
+
+
+def test_a_pretrained_model_is_fed_its_weights_own_normalisation(prepared, tmp_path):
+    torch.manual_seed(0)
+    weights = tmp_path / "model.pt"  # a source run whose inputs were normalised with these statistics
+    torch.save({"model": "test_resnet", "num_classes": 7, "state_dict": create_model("test_resnet", 7).state_dict(),
+                "mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6], "image_size": 16}, weights)
+    timm_file = tmp_path / "timm.pth"  # a plain timm checkpoint: timm's data config of the architecture
+    torch.save(create_model("test_resnet", 7).state_dict(), timm_file)
+    s = dataclasses.replace(SETTINGS, epochs=1)
+    fold_mean, fold_std = prepared.fold_stats(0)
+    timm_cfg = timm.models.get_pretrained_cfg("test_resnet")  # what timm says the architecture's weights expect
+    cases = [(None, s, fold_mean, fold_std), (weights, s, [0.1, 0.2, 0.3], [0.4, 0.5, 0.6]),
+             (timm_file, s, list(timm_cfg.mean), list(timm_cfg.std)),
+             (weights, dataclasses.replace(s, mean=[0.5] * 3, std=[0.2] * 3), [0.5] * 3, [0.2] * 3)]  # params win
+    for pretrained, settings, mean, std in cases:
+        _, ckpt = fit_fold(prepared, 0, "test_resnet", settings, 16, CPU, pretrained=pretrained)
+        assert ckpt["mean"] == pytest.approx(mean) and ckpt["std"] == pytest.approx(std), pretrained
+    assert fold_mean != pytest.approx(list(timm_cfg.mean))  # the cases differ

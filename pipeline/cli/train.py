@@ -19,10 +19,10 @@ from pipeline.cli import experiment_name, load_with_backbone, parse_args
 from pipeline.config import check_train_settings, flatten, resolve_train_settings, to_dict
 from pipeline.data import default_augment, load_prepared
 from pipeline.io import atomic_dir, write_json
-from pipeline.models import check_backbone, pick_device
+from pipeline.models import check_backbone, pick_device, pretrained_config
 from pipeline.probs import probs_frame
 from pipeline.tracking import Tracker
-from pipeline.train import train_backbone
+from pipeline.train import input_size, train_backbone
 
 
 def _tuned_params(path: str) -> dict:
@@ -44,12 +44,16 @@ def main(argv=None) -> None:
     check_train_settings(settings, f"{args.params}: train")
 
     data = load_prepared()
-    image_size = settings.image_size or data.train_images.shape[1]
+    image_size = input_size(settings, model_name, entry.pretrained, data.train_images.shape[1])
     if settings.augment is None:  # recorded as it runs
         settings = dataclasses.replace(settings, augment=default_augment(data.train_images.shape[1]))
     device = distributed.init_from_env() or pick_device()
     main = distributed.is_main()
+    weights = pretrained_config(model_name, entry.pretrained)
+    normalization = "params" if settings.mean else "pretrained weights" if weights else "fold statistics"
     resolved = {"backbone": backbone, "model": model_name, "pretrained": entry.pretrained, "device": device.type,
+                "normalization": normalization, **({"weights_mean": weights["mean"], "weights_std": weights["std"],
+                                                   "weights_interpolation": weights["interpolation"]} if weights else {}),
                 **dataclasses.asdict(settings), "image_size": image_size, "augment": json.dumps(settings.augment),
                 **{f"tuned.{k}": v for k, v in tuned.items()}, "n_folds": data.n_folds, "n_train": len(data.train), "n_classes": len(data.classes)}
     fingerprint = json.dumps({**resolved, "device": None, "ids": hashlib.sha1(

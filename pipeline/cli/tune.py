@@ -13,6 +13,7 @@ from pipeline.data import load_prepared
 from pipeline.io import atomic_dir, write_json
 from pipeline.models import check_backbone, pick_device
 from pipeline.tracking import Tracker
+from pipeline.train import input_size
 from pipeline.tune import finished, make_objective, open_study, run_study, search_space, write_report
 
 
@@ -36,7 +37,7 @@ def main(argv=None) -> None:
     space = search_space(tune, backbone)
     base = resolve_train_settings(params.train, backbone)
     data = load_prepared()
-    image_size = base.image_size or data.train_images.shape[1]
+    image_size = input_size(base, model_name, entry.pretrained, data.train_images.shape[1])
     study_name = f"{experiment_name(params)}-{backbone}"
     study = open_study(tune, study_name, worker=args.worker)
     print(f"tune {backbone}: study '{study_name}', {finished(study)}/{tune.n_trials} trials finished so far")
