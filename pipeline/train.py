@@ -210,14 +210,17 @@ def _is_better(metric: str, new: dict, best: dict | None) -> bool:
 def train_fold(model: torch.nn.Module, train_images: np.ndarray, train_targets: np.ndarray,
                val_images: np.ndarray, val_targets: np.ndarray, mean, std, s: TrainSettings, image_size: int,
                device: torch.device, num_classes: int, *, on_epoch: Callable[[int, dict], None] | None = None,
-               state_path: str | Path | None = None, where: str = "fold") -> FoldResult:
+               state_path: str | Path | None = None, where: str = "fold", data_init: bool = True) -> FoldResult:
     """Train `model` on one fold's training part, validate every epoch, keep the best epoch's weights.
+
+    `data_init`: give a model with an `init_from_data` method its data-dependent initialisation first
+    (not for pretrained weights, whose stem keeps what it learnt).
 
     With `state_path`, the fold's full state is saved there after every epoch and, if the file exists
     when called, training continues from it.
     """
     model.to(device)
-    if hasattr(model, "init_from_data"):  # data-dependent init (cifar_net_*: patch whitening), training rows only
+    if data_init and hasattr(model, "init_from_data"):  # data-dependent init (cifar_net_*: patch whitening), training rows only
         sample = np.asarray(train_images[np.random.default_rng(s.seed).permutation(len(train_images))[:5000]])
         model.init_from_data(to_input(torch.from_numpy(sample), mean, std, image_size, device))
     if use_channels_last(device):
@@ -465,7 +468,7 @@ def fit_fold(data: PreparedData, k: int, model_name: str, s: TrainSettings, imag
     else:
         result = train_fold(model, train_images, targets[tr], val_images, targets[va], mean, std,
                             dataclasses.replace(s, seed=fold_seed), image_size, device, n_classes,
-                            on_epoch=on_epoch, state_path=state_path, where=where)
+                            on_epoch=on_epoch, state_path=state_path, where=where, data_init=not pretrained)
     checkpoint = {"model": model_name, "num_classes": n_classes, "state_dict": result.state_dict,
                   "mean": mean, "std": std, "image_size": image_size, "fold": k, "seed": s.seed}
     return result, checkpoint
