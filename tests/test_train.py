@@ -18,13 +18,13 @@ from pipeline.analyze import fold_scores
 from pipeline.config import TrainSettings
 from pipeline.data import Rows, build_train_transform, load_prepared, to_input
 from pipeline.errors import PipelineError
-from pipeline.models import create_model
+from pipeline.models import create_model, pretrained_config
 from pipeline.inference import load_fold_model, predict_proba
 from pipeline.prepare import prepare
 from pipeline.tracking import Tracker
 from pipeline.metrics import log_loss
-from pipeline.train import (bootstrap_rows, build_optimizer, derive_seed, fit_fold, freeze, initial_model, lr_factor,
-                            train_backbone, train_fold, train_one_epoch)
+from pipeline.train import (bootstrap_rows, build_optimizer, derive_seed, fit_fold, freeze, initial_model, input_size,
+                            lr_factor, train_backbone, train_fold, train_one_epoch)
 
 pytestmark = pytest.mark.training  # trains or tunes: CI runs these again on another instruction set
 
@@ -613,3 +613,13 @@ def test_a_pretrained_model_is_fed_its_weights_own_normalisation(prepared, tmp_p
         _, ckpt = fit_fold(prepared, 0, "test_resnet", settings, 16, CPU, pretrained=pretrained)
         assert ckpt["mean"] == pytest.approx(mean) and ckpt["std"] == pytest.approx(std), pretrained
     assert fold_mean != pytest.approx(list(timm_cfg.mean))  # the cases differ
+
+
+def test_a_tag_picks_its_weights_data_config_without_downloading():
+    assert pretrained_config("convnext_tiny.fb_in22k_ft_in1k_384", True)["image_size"] == 384
+    assert pretrained_config("convnext_tiny.fb_in22k", True)["image_size"] == 224
+    assert pretrained_config("resnet10t", None) is None and pretrained_config("cifar_net_s", True) is None
+    s = dataclasses.replace(SETTINGS, image_size=None)
+    assert input_size(s, "convnext_tiny.fb_in22k_ft_in1k_384", True, 32) == 384  # the weights' input size
+    assert input_size(s, "convnext_tiny.fb_in22k_ft_in1k_384", None, 32) == 32  # random weights: the cache's
+    assert input_size(dataclasses.replace(s, image_size=64), "convnext_tiny.fb_in22k", True, 32) == 64  # params win
