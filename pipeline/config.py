@@ -107,6 +107,9 @@ class TrainSettings:
     augment: list[dict[str, dict]] | None = None
     augment_p: float = 1.0  # augmentation strength: the share of training images the whole list is applied to
     # speed
+    # autocast: null = mixed precision on CUDA (bf16, else fp16), fp32 on the CPU; auto = on the CPU, bf16 if a
+    # short probe of this model and batch measures it faster on this machine, else fp32; or fp32 | bf16 | fp16
+    precision: Literal["auto", "fp32", "bf16", "fp16"] | None = None
     compile: str | None = None  # torch.compile backend: null = off, "inductor" = torch.compile's default
     num_workers: int | None = None  # DataLoader workers; null = 0 on CPU, min(8, cores) on GPU
     seed: int = 42

@@ -30,12 +30,12 @@ def identity(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Te
 @torch.inference_mode()
 def _forward_batches(model: torch.nn.Module, images: np.ndarray, mean, std, image_size: int, batch_size: int,
                      device: torch.device, views: Sequence[View], output: Callable[[torch.Tensor], torch.Tensor],
-                     desc: str | None) -> np.ndarray:
+                     desc: str | None, precision: str | None = None) -> np.ndarray:
     """`output(model(view(x)))` for every view and image: an array (V, N, ...), batched, on `device`,
     each view taken from the cached image before it is resized to `image_size`,
     in mixed precision on CUDA, channels_last on CUDA and CPU, halving the batch on CUDA out-of-memory."""
     model.eval()
-    dtype = amp_dtype(device)
+    dtype = amp_dtype(device, precision)
     channels_last = use_channels_last(device)
     mean_t = torch.as_tensor(mean, device=device, dtype=torch.float32).view(1, -1, 1, 1)
     std_t = torch.as_tensor(std, device=device, dtype=torch.float32).view(1, -1, 1, 1)
@@ -66,17 +66,19 @@ def _forward_batches(model: torch.nn.Module, images: np.ndarray, mean, std, imag
 
 
 def predict_log_probs(model: torch.nn.Module, images: np.ndarray, mean, std, image_size: int, batch_size: int,
-                      device: torch.device, views: Sequence[View] = (identity,), desc: str | None = None
-                      ) -> np.ndarray:
-    """Log-probabilities (V, N, C) of uint8 images (N, H, W, 3) under each of `views`."""
+                      device: torch.device, views: Sequence[View] = (identity,), desc: str | None = None,
+                      precision: str | None = None) -> np.ndarray:
+    """Log-probabilities (V, N, C) of uint8 images (N, H, W, 3) under each of `views`, in `precision`
+    (the one the model trained in; None: `amp_dtype`'s default)."""
     return _forward_batches(model, images, mean, std, image_size, batch_size, device, views,
-                            lambda logits: torch.log_softmax(logits, dim=1), desc)
+                            lambda logits: torch.log_softmax(logits, dim=1), desc, precision)
 
 
 def predict_proba(model: torch.nn.Module, images: np.ndarray, mean, std, image_size: int, batch_size: int,
-                  device: torch.device, desc: str | None = None) -> np.ndarray:
+                  device: torch.device, desc: str | None = None, precision: str | None = None) -> np.ndarray:
     """Softmax probabilities (N, C) of uint8 images (N, H, W, 3), no test-time augmentation."""
-    return np.exp(predict_log_probs(model, images, mean, std, image_size, batch_size, device, desc=desc)[0])
+    return np.exp(predict_log_probs(model, images, mean, std, image_size, batch_size, device, desc=desc,
+                                    precision=precision)[0])
 
 
 def extract_features(model: torch.nn.Module, images: np.ndarray, mean, std, image_size: int, batch_size: int,

@@ -108,10 +108,11 @@ def merge_views(log_probs: np.ndarray, how: str) -> np.ndarray:
 
 
 def predict_views(model: torch.nn.Module, images: np.ndarray, mean, std, image_size: int, batch_size: int,
-                  device: torch.device, views: list[str], desc: str | None = None) -> np.ndarray:
+                  device: torch.device, views: list[str], desc: str | None = None, precision: str | None = None
+                  ) -> np.ndarray:
     """Log-probabilities (V, N, C) of uint8 images (N, H, W, 3) under each of the named `views`."""
     return predict_log_probs(model, images, mean, std, image_size, batch_size, device,
-                             [TTA_VIEWS[v] for v in views], desc)
+                             [TTA_VIEWS[v] for v in views], desc, precision)
 
 
 def predict_tta(model: torch.nn.Module, images: np.ndarray, mean, std, image_size: int, batch_size: int,
@@ -156,8 +157,10 @@ def predict_backbone(data: PreparedData, model_dir: str | Path, policies: dict[s
         val_idx = np.flatnonzero(folds == k)
         for s, path in enumerate(paths):
             model, ckpt = load_fold_model(path, device)
-            kwargs = dict(mean=ckpt["mean"], std=ckpt["std"], image_size=ckpt["image_size"],
-                          batch_size=batch_size, device=device, views=views)
+            precision = ckpt.get("precision")  # the fold's own; fp16 only where it trained, on CUDA
+            kwargs = dict(mean=ckpt["mean"], std=ckpt["std"], image_size=ckpt["image_size"], batch_size=batch_size,
+                          device=device, views=views,
+                          precision=None if precision == "fp16" and device.type != "cuda" else precision)
             val = predict_views(model, Rows(data.train_images, val_idx), desc=f"oof fold{k} {path.parent.parent.name}", **kwargs)
             tst = predict_views(model, data.test_images, desc=f"test fold{k} {path.parent.parent.name}", **kwargs)
             for p, vs in policies.items():

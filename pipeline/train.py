@@ -12,6 +12,7 @@ streams from (seed, epoch), so the resumed run ends with the same weights as an 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import random
@@ -38,7 +39,8 @@ from pipeline.data import (ImageDataset, PreparedData, Rows, balanced_sampler, b
                            default_num_workers, to_input)
 from pipeline.errors import PipelineError
 from pipeline.metrics import METRICS, fold_summary, is_better, scores
-from pipeline.models import Pretrained, amp_dtype, create_model, pretrained_config, use_channels_last
+from pipeline.models import (Pretrained, amp_dtype, create_model, pretrained_config, probe_precision, resolve_precision,
+                             use_channels_last)
 from pipeline.inference import extract_features, predict_proba
 
 @dataclass
@@ -135,15 +137,17 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, mean, std, imag
                     mixup: Mixup | None = None, label_smoothing: float = 0.0,
                     scaler: torch.amp.GradScaler | None = None, accum_steps: int = 1,
                     clip_grad_norm: float | None = None, ema: ModelEmaV3 | None = None,
-                    class_weight: torch.Tensor | None = None, where: str = "", desc: str | None = None) -> float:
+                    class_weight: torch.Tensor | None = None, precision: str | None = None, where: str = "",
+                    desc: str | None = None) -> float:
     """One pass over `loader`; returns the mean training loss.
 
     `class_weight` (C,) weighs each example's loss by its class (by its soft target under mixup).
+    `precision`: "fp32", "bf16" or "fp16" autocast around forward and loss (None: `amp_dtype`'s default).
     `where` names the run in errors (backbone, fold, epoch): a non-finite loss stops training with it.
     """
     model.train()
     _frozen_norms_to_eval(model)
-    dtype = amp_dtype(device)
+    dtype = amp_dtype(device, precision)
     channels_last = use_channels_last(device)
     total, count = 0.0, 0
     optimizer.zero_grad(set_to_none=True)
@@ -167,7 +171,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, mean, std, imag
         if not torch.isfinite(loss):
             raise PipelineError(
                 f"{where}, step {step + 1}: loss is {loss.item()} (lr {optimizer.param_groups[0]['lr']:.3g}); "
-                f"lower train.lr or set train.clip_grad_norm")
+                f"lower train.lr or set train.clip_grad_norm"
+                + (f" (or train.precision: fp32: this ran under {str(dtype)[6:]} autocast)" if dtype is not None else ""))
         (scaler.scale(loss / accum_steps) if scaler is not None else loss / accum_steps).backward()
         if (step + 1) % accum_steps == 0 or step + 1 == n_batches:
             if scaler is not None:
@@ -190,11 +195,11 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, mean, std, imag
 
 
 def evaluate(model, images: np.ndarray, targets: np.ndarray, mean, std, image_size: int, batch_size: int,
-             device: torch.device) -> tuple[dict[str, float], np.ndarray]:
+             device: torch.device, precision: str | None = None) -> tuple[dict[str, float], np.ndarray]:
     """Validation scores and probabilities (no augmentation); under DDP each rank predicts a share."""
     shard = slice(distributed.rank(), None, distributed.world_size())
-    probs = distributed.gather_rows(predict_proba(model, images[shard], mean, std, image_size, batch_size, device),
-                                    len(images))
+    probs = distributed.gather_rows(predict_proba(model, images[shard], mean, std, image_size, batch_size, device,
+                                                  precision=precision), len(images))
     return scores(probs, targets, METRICS), probs
 
 
@@ -247,7 +252,7 @@ def train_fold(model: torch.nn.Module, train_images: np.ndarray, train_targets: 
                                        device=device)
     loader = build_loader(dataset, s.batch_size, True, workers, s.seed, device, sampler=sampler)
     scheduler = _build_scheduler(optimizer, s, math.ceil(len(loader) / s.grad_accum_steps))
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype(device) == torch.float16 else None
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype(device, s.precision) == torch.float16 else None
     ema = ModelEmaV3(model, decay=s.ema_decay) if s.ema_decay else None
     mixup = Mixup(mixup_alpha=s.mixup_alpha, cutmix_alpha=s.cutmix_alpha, label_smoothing=s.label_smoothing,
                   num_classes=num_classes) if s.mixup_alpha > 0 or s.cutmix_alpha > 0 else None
@@ -276,7 +281,8 @@ def train_fold(model: torch.nn.Module, train_images: np.ndarray, train_targets: 
             train_loss = train_one_epoch(
                 forward, loader, optimizer, scheduler, device, mean, std, image_size, mixup=mixup,
                 label_smoothing=s.label_smoothing, scaler=scaler, accum_steps=s.grad_accum_steps,
-                clip_grad_norm=s.clip_grad_norm, ema=ema, class_weight=class_weight, where=f"{where}, epoch {epoch + 1}",
+                clip_grad_norm=s.clip_grad_norm, ema=ema, class_weight=class_weight, precision=s.precision,
+                where=f"{where}, epoch {epoch + 1}",
                 desc=f"{where} epoch {epoch + 1}/{s.epochs}")
         except torch.cuda.OutOfMemoryError:
             raise PipelineError(
@@ -288,7 +294,7 @@ def train_fold(model: torch.nn.Module, train_images: np.ndarray, train_targets: 
         if (epoch + 1) % s.val_every == 0 or epoch + 1 == s.epochs:  # else: no validation this epoch
             candidates = [model] + ([ema.module] if ema is not None else [])
             validation = _best_candidate(s.monitor, [
-                (m, *evaluate(m, val_images, val_targets, mean, std, image_size, s.batch_size * 2, device))
+                (m, *evaluate(m, val_images, val_targets, mean, std, image_size, s.batch_size * 2, device, s.precision))
                 for m in candidates])
             row.update({f"val_{m}": v for m, v in validation[1].items()})
         row["epoch_seconds"] = time.perf_counter() - started
@@ -424,6 +430,33 @@ def initial_model(model_name: str, num_classes: int, s: TrainSettings, fold_seed
                         drop_path_rate=s.drop_path_rate)
 
 
+_PROBES: dict[str, dict] = {}
+
+
+def cached_probe(model: torch.nn.Module, model_name: str, s: TrainSettings, image_size: int,
+                 device: torch.device) -> dict:
+    """`probe_precision` of this model, input size and batch, once per machine: remembered in the
+    process and in ~/.cache/kaggle-image-pipeline/precision.json (keyed by the CPU, its kernel
+    limits and the torch version), so folds, stages and reruns reuse it."""
+    import platform
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    key = "|".join(map(str, (cpu, torch.backends.cpu.get_cpu_capability(), os.environ.get("ONEDNN_MAX_CPU_ISA"),
+                             torch.__version__, device.type, model_name, s.finetune, image_size, s.batch_size)))
+    path = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kaggle-image-pipeline" / "precision.json"
+    if key not in _PROBES:
+        stored = json.loads(path.read_text()) if path.exists() else {}
+        if key not in stored:
+            stored[key] = probe_precision(model, s.batch_size, image_size, device)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps(stored, indent=1))
+            os.replace(tmp, path)
+        _PROBES[key] = stored[key]
+    return _PROBES[key]
+
+
 def input_size(s: TrainSettings, model_name: str, pretrained: Pretrained, cache_size: int) -> int:
     """The network's input side: `s.image_size` if set, else the pretrained weights' own, else the cache's."""
     cfg = pretrained_config(model_name, pretrained)
@@ -458,6 +491,9 @@ def fit_fold(data: PreparedData, k: int, model_name: str, s: TrainSettings, imag
     fold_seed = derive_seed(s.seed, k)
     sklearn_head = s.finetune == "features+sklearn"
     model = initial_model(model_name, 0 if sklearn_head else n_classes, s, fold_seed, pretrained)
+    precision, probe = resolve_precision(s.precision, device, lambda: cached_probe(model, model_name, s, image_size,
+                                                                                    device))
+    s = dataclasses.replace(s, precision=precision)
     train_images, val_images = Rows(data.train_images, tr), Rows(data.train_images, va)  # read per batch
     if sklearn_head:
         clf, probs = fit_features_classifier(model, train_images, targets[tr], val_images, mean, std, image_size,
@@ -470,7 +506,8 @@ def fit_fold(data: PreparedData, k: int, model_name: str, s: TrainSettings, imag
                             dataclasses.replace(s, seed=fold_seed), image_size, device, n_classes,
                             on_epoch=on_epoch, state_path=state_path, where=where, data_init=not pretrained)
     checkpoint = {"model": model_name, "num_classes": n_classes, "state_dict": result.state_dict,
-                  "mean": mean, "std": std, "image_size": image_size, "fold": k, "seed": s.seed}
+                  "mean": mean, "std": std, "image_size": image_size, "fold": k, "seed": s.seed,
+                  "precision": precision, "precision_probe": probe}
     return result, checkpoint
 
 
@@ -502,6 +539,7 @@ def train_backbone(data: PreparedData, backbone: str, model_name: str, s: TrainS
         "folds": per_fold if len(seeds) > 1 else per_seed[str(seeds[0])]["folds"],
         "seeds": {seed: m["oof"] for seed, m in per_seed.items()},
         "bootstrap": s.bootstrap,
+        "precision": per_seed[str(seeds[0])]["precision"], "precision_probe": per_seed[str(seeds[0])]["precision_probe"],
     }
     return bag, metrics
 
@@ -552,5 +590,6 @@ def train_cv(data: PreparedData, backbone: str, model_name: str, s: TrainSetting
             if result.classifier is not None:
                 joblib.dump(result.classifier, out_dir / f"fold{k}" / "classifier.joblib")
         distributed.barrier()
-    metrics = {"oof": scores(oof, targets), **fold_summary(fold_metrics), "folds": fold_metrics}
+    metrics = {"oof": scores(oof, targets), **fold_summary(fold_metrics), "folds": fold_metrics,
+               "precision": ckpt.get("precision"), "precision_probe": ckpt.get("precision_probe")}
     return oof, metrics

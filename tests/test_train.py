@@ -18,7 +18,8 @@ from pipeline.analyze import fold_scores
 from pipeline.config import TrainSettings
 from pipeline.data import Rows, build_train_transform, load_prepared, to_input
 from pipeline.errors import PipelineError
-from pipeline.models import create_model, pretrained_config
+from pipeline.models import create_model, pretrained_config, resolve_precision
+from pipeline.predict import predict_backbone
 from pipeline.inference import load_fold_model, predict_proba
 from pipeline.prepare import prepare
 from pipeline.tracking import Tracker
@@ -623,3 +624,32 @@ def test_a_tag_picks_its_weights_data_config_without_downloading():
     assert input_size(s, "convnext_tiny.fb_in22k_ft_in1k_384", True, 32) == 384  # the weights' input size
     assert input_size(s, "convnext_tiny.fb_in22k_ft_in1k_384", None, 32) == 32  # random weights: the cache's
     assert input_size(dataclasses.replace(s, image_size=64), "convnext_tiny.fb_in22k", True, 32) == 64  # params win
+
+
+# ---------------------------------------------------------------- precision
+
+
+def test_auto_precision_follows_the_probe_and_fp16_needs_cuda():
+    fast_bf16 = lambda: {"fp32_images_per_s": 100.0, "bf16_images_per_s": 180.0}  # noqa: E731
+    slow_bf16 = lambda: {"fp32_images_per_s": 100.0, "bf16_images_per_s": 103.0}  # noqa: E731 - within noise
+    assert resolve_precision("auto", CPU, fast_bf16) == ("bf16", fast_bf16())
+    assert resolve_precision("auto", CPU, slow_bf16) == ("fp32", slow_bf16())
+    assert resolve_precision(None, CPU, fast_bf16) == ("fp32", None)  # null: today's behaviour, no probe
+    assert resolve_precision("bf16", CPU, fast_bf16) == ("bf16", None)
+    with pytest.raises(PipelineError, match="fp16 needs a CUDA GPU"):
+        resolve_precision("fp16", CPU, fast_bf16)
+
+
+def test_bf16_training_runs_end_to_end_on_the_cpu_and_keeps_fp32_weights(prepared, tmp_path):
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        s = dataclasses.replace(SETTINGS, epochs=2, precision=precision)
+        oof, metrics = train_backbone(prepared, "b", "test_efficientnet", s, 16, tmp_path / precision, CPU, OFF)
+        ckpt = torch.load(tmp_path / precision / "seed0/fold0/model.pt", weights_only=True)
+        assert ckpt["precision"] == metrics["precision"] == precision
+        assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values() if v.is_floating_point())
+        np.testing.assert_allclose(oof.sum(1), 1.0, atol=1e-5)
+        test = predict_backbone(prepared, tmp_path / precision, {"none": ["identity"]}, "mean", 8, CPU)["none"].test
+        assert test.shape == (len(prepared.test), 3)
+        runs[precision] = oof
+    assert np.abs(runs["bf16"] - runs["fp32"]).max() > 1e-4  # autocast was on: bf16 rounding moved the outputs

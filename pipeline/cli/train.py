@@ -74,6 +74,8 @@ def main(argv=None) -> None:
                 (out / "params.yaml").write_text(yaml.safe_dump({"resolved": resolved, "params": to_dict(params)}))
                 (out / "augment.json").write_text(json.dumps(settings.augment, indent=2))
         tracker.log_artifact(f"models/{backbone}/augment.json")
+        tracker.log_params({"precision_chosen": metrics["precision"],
+                            **{f"probe_{k}": round(v, 1) for k, v in (metrics["precision_probe"] or {}).items()}})
         tracker.log_metrics({f"cv_{m}": v for m, v in metrics["oof"].items()})
         tracker.log_metrics({f"cv_fold_mean_{m}": v for m, v in metrics["fold_mean"].items()})
     distributed.shutdown()
