@@ -6,6 +6,8 @@
     python -m pipeline predict --backbone resnet10t
     python -m pipeline ensemble
     python -m pipeline analyze
+    python -m pipeline plan
+    python -m pipeline timing
 
 and, not stages, `python -m pipeline preset <name>` (merge configs/presets/<name>.yaml into params.yaml)
 and `python -m pipeline export --backbone <name>` (a trained fold model to use as `pretrained` elsewhere).
@@ -13,14 +15,18 @@ Bad input ends with one line `error: ...` on stderr and exit status 1.
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
-STAGES = ("prepare", "tune", "train", "predict", "ensemble", "analyze")
+from pipeline.io import record_stage, start_stage_clock
+
+STAGES = ("prepare", "tune", "plan", "train", "predict", "ensemble", "analyze", "timing")
 MODULES = {**{s: f"pipeline.cli.{s}" for s in STAGES}, "preset": "pipeline.presets", "export": "pipeline.cli.export"}
 
 
 def main(argv: list[str] | None = None) -> int:
+    start_stage_clock()  # before the stage's module and its imports (torch, timm) load
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in MODULES:
         print(f"usage: python -m pipeline {{{','.join(MODULES)}}} [options]", file=sys.stderr)
@@ -33,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if argv[0] in STAGES:  # under the DVC stage's name: train@<backbone> for `train --backbone <backbone>`
+        parser = argparse.ArgumentParser(add_help=False)
+        parser.add_argument("--backbone")
+        backbone = parser.parse_known_args(argv[1:])[0].backbone
+        record_stage(argv[0] + (f"@{backbone}" if backbone else ""))
     return 0
 
 

@@ -298,6 +298,14 @@ class AnalyzeConfig:
 
 
 @dataclass(frozen=True)
+class BudgetConfig:
+    """A time budget for the whole `dvc repro`, met by planning every backbone's epochs (the plan stage)."""
+
+    minutes: float | None = None  # null: the epochs of params.yaml, nothing measured
+    probe_batches: int = 10  # training batches per speed probe (x 3 epochs, the first to warm up)
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     enabled: bool = True
     experiment: str | None = None  # defaults to the competition's name
@@ -314,6 +322,7 @@ class Params:
     tta: TTAConfig = field(default_factory=TTAConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -352,9 +361,15 @@ def _resolve_metrics(p: Params) -> Params:
 
 
 def _check_sections(p: Params, source: str) -> None:
+    if p.budget.minutes is not None and p.budget.minutes <= 0:
+        raise ConfigError(f"{source}: budget.minutes must be > 0 (or null: no budget), got {p.budget.minutes}")
+    if p.budget.probe_batches < 1:
+        raise ConfigError(f"{source}: budget.probe_batches must be >= 1, got {p.budget.probe_batches}")
     if p.prepare.image_size < 1:
         raise ConfigError(f"{source}: prepare.image_size must be >= 1, got {p.prepare.image_size}")
     backbones = list(p.train.backbones)
+    if "plan" in backbones:
+        raise ConfigError(f"{source}: train.backbones.plan: 'plan' is taken (models/plan/ holds the plan); rename it")
     for name in backbones:
         check_train_settings(resolve_train_settings(p.train, name), f"{source}: train.backbones.{name}")
     for k in p.tune.folds:

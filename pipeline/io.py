@@ -1,10 +1,12 @@
-"""Atomic writes: a stage either leaves its complete outputs or the previous ones, never half of them."""
+"""Atomic writes: a stage either leaves its complete outputs or the previous ones, never half of them.
+And each stage's clock: `record_stage` (reports/timing/, read by the timing stage)."""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -51,3 +53,24 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+TIMING_DIR = Path("reports/timing")
+_clock = {"started": time.time()}  # restarted by `python -m pipeline` before it imports the stage
+
+
+def start_stage_clock() -> None:
+    _clock["started"] = time.time()
+
+
+def stage_started() -> float:
+    """When this stage started (unix time): its imports and work count, Python's own start does not."""
+    return _clock["started"]
+
+
+def record_stage(name: str) -> None:
+    """reports/timing/<name>.json: when the stage started and ended, and its seconds: the actual
+    side of the plan (`python -m pipeline timing`)."""
+    now = time.time()
+    write_json(TIMING_DIR / f"{name}.json", {"stage": name, "started": stage_started(), "finished": now,
+                                            "seconds": round(now - stage_started(), 2)})

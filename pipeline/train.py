@@ -235,8 +235,8 @@ def train_fold(model: torch.nn.Module, train_images: np.ndarray, train_targets: 
         freeze(model, -1 if s.finetune == "linear_probe" else s.freeze_stages)
     transform = build_train_transform(s.augment, s.seed, p=s.augment_p, cache_size=train_images.shape[1],
                                       image_size=image_size)
-    workers = default_num_workers(device) if s.num_workers is None else s.num_workers
     dataset = ImageDataset(train_images, train_targets, transform)
+    workers = default_num_workers(device, dataset, s.batch_size) if s.num_workers is None else s.num_workers
     sampler = None
     if distributed.is_distributed():  # each rank trains on its own shard; s.batch_size is per rank
         if s.sampler == "balanced":

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ from timm.data import Mixup
 from pipeline import __main__ as cli
 from pipeline.analyze import fold_scores
 from pipeline.config import TrainSettings
-from pipeline.data import Rows, build_train_transform, load_prepared, to_input
+from pipeline.data import (GPU_IMAGES_PER_S, Rows, build_train_transform, default_num_workers, load_prepared,
+                           to_input)
 from pipeline.errors import PipelineError
 from pipeline.models import create_model, pretrained_config, resolve_precision
 from pipeline.predict import predict_backbone
@@ -653,3 +655,23 @@ def test_bf16_training_runs_end_to_end_on_the_cpu_and_keeps_fp32_weights(prepare
         assert test.shape == (len(prepared.test), 3)
         runs[precision] = oof
     assert np.abs(runs["bf16"] - runs["fp32"]).max() > 1e-4  # autocast was on: bf16 rounding moved the outputs
+
+
+class _SlowDataset(torch.utils.data.Dataset):
+    """4 ms per image: at most 250 images/s in one worker."""
+
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        time.sleep(0.004)
+        return torch.zeros(3), 0
+
+
+def test_num_workers_null_feeds_a_gpu_from_the_measured_data_path(monkeypatch):
+    assert default_num_workers(torch.device("cpu"), _SlowDataset(), 8) == 0  # the CPU computes on every core
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    workers = default_num_workers(torch.device("cuda"), _SlowDataset(), 8)
+    assert GPU_IMAGES_PER_S / 250 <= workers <= 63  # 3,000 images/s need 12+ workers at <= 250 each
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert default_num_workers(torch.device("cuda"), _SlowDataset(), 8) == 3  # a core stays for the main process

@@ -16,10 +16,12 @@ import yaml
 
 from pipeline import distributed
 from pipeline.cli import experiment_name, load_with_backbone, parse_args
-from pipeline.config import check_train_settings, flatten, resolve_train_settings, to_dict
+from pipeline.config import Params, TrainSettings, check_train_settings, flatten, resolve_train_settings, to_dict
 from pipeline.data import default_augment, load_prepared
-from pipeline.io import atomic_dir, write_json
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_dir, read_json, write_json
 from pipeline.models import check_backbone, pick_device, pretrained_config
+from pipeline.plan import PLAN, apply_plan
 from pipeline.probs import probs_frame
 from pipeline.tracking import Tracker
 from pipeline.train import input_size, train_backbone
@@ -32,21 +34,34 @@ def _tuned_params(path: str) -> dict:
     return (yaml.safe_load(Path(path).read_text()) or {}).get("params") or {}
 
 
+def backbone_settings(params: Params, backbone: str, cache_size: int, params_path: str
+                      ) -> tuple[str, TrainSettings, int, dict]:
+    """(timm model name, settings, input size, tuned values) of one backbone, as its train stage runs it:
+    params.yaml's keys over the tune stage's best values over the shared settings, checked, the default
+    augmentation resolved for the cache's size (before the plan's epochs: `apply_plan`)."""
+    entry = params.train.backbones[backbone]
+    model_name = entry.model or backbone
+    check_backbone(model_name, f"{params_path}: train.backbones.{backbone}")
+    tuned = _tuned_params(f"tuning/{backbone}/best_params.yaml")
+    settings = resolve_train_settings(params.train, backbone, tuned)
+    check_train_settings(settings, f"{params_path}: train")
+    image_size = input_size(settings, model_name, entry.pretrained, cache_size)
+    if settings.augment is None:  # recorded as it runs
+        settings = dataclasses.replace(settings, augment=default_augment(cache_size))
+    return model_name, settings, image_size, tuned
+
+
 def main(argv=None) -> None:
     args = parse_args(argv, __doc__, backbone=True)
     params, backbone = load_with_backbone(args)
     entry = params.train.backbones[backbone]
-    model_name = entry.model or backbone
-    where = f"{args.params}: train.backbones.{backbone}"
-    check_backbone(model_name, where)
-    tuned = _tuned_params(f"tuning/{backbone}/best_params.yaml")
-    settings = resolve_train_settings(params.train, backbone, tuned)
-    check_train_settings(settings, f"{args.params}: train")
-
     data = load_prepared()
-    image_size = input_size(settings, model_name, entry.pretrained, data.train_images.shape[1])
-    if settings.augment is None:  # recorded as it runs
-        settings = dataclasses.replace(settings, augment=default_augment(data.train_images.shape[1]))
+    model_name, settings, image_size, tuned = backbone_settings(params, backbone, data.train_images.shape[1], args.params)
+    if params.budget.minutes is not None:
+        plan = Path(PLAN) / f"{backbone}.json"
+        if not plan.exists():
+            raise PipelineError(f"{plan}: not found; budget.minutes needs the plan stage first (python -m pipeline plan)")
+        settings = apply_plan(settings, read_json(plan))
     device = distributed.init_from_env() or pick_device()
     main = distributed.is_main()
     weights = pretrained_config(model_name, entry.pretrained)

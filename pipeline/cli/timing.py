@@ -1,0 +1,32 @@
+"""python -m pipeline timing  ->  reports/plan.json: planned against actual seconds per stage"""
+from __future__ import annotations
+
+from pipeline.cli import experiment_name, parse_args
+from pipeline.config import load_params
+from pipeline.io import read_json, write_json
+from pipeline.timing import PLANNED, plan_vs_actual
+from pipeline.tracking import Tracker
+
+OUT = "reports/plan.json"
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv, __doc__)
+    params = load_params(args.params)
+    backbones = list(params.train.backbones)
+    stages = (["prepare"] + ([f"tune@{b}" for b in backbones] if params.tune.enabled else []) + ["plan"]
+              + [f"{s}@{b}" for b in backbones for s in ("train", "predict")] + ["ensemble", "analyze"])
+    report = plan_vs_actual(read_json(PLANNED), stages)
+    write_json(OUT, report)
+    tracker = Tracker(params.tracking.enabled, experiment_name(params))
+    with tracker.run("timing", params={"budget_minutes": report["budget_minutes"]}, tags={"stage": "timing"}):
+        tracker.log_metrics({f"{kind}_s.{stage}": row[f"{kind}_s"] for stage, row in report["stages"].items()
+                             for kind in ("planned", "actual") if row[f"{kind}_s"] is not None})
+        tracker.log_artifact(OUT)
+    width = max(map(len, report["stages"]))
+    fmt = lambda v: "" if v is None else f"{v / 60:6.1f} min"  # noqa: E731
+    for stage, row in report["stages"].items():
+        print(f"{stage:<{width}}  planned {fmt(row['planned_s']):>10}  actual {fmt(row['actual_s']):>10}")
+    ratio = report["actual_over_planned"]
+    print(f"{'all':<{width}}  planned {fmt(report['planned_total_seconds']):>10}  actual "
+          f"{fmt(report['actual_total_seconds']):>10}" + (f"  (actual/planned {ratio:.3f})" if ratio else ""))

@@ -1,0 +1,194 @@
+"""The `plan` stage: fit a whole `dvc repro` into `budget.minutes`.
+
+Before any training, each backbone's training and prediction speed is measured on this machine
+with its own settings (precision, batch, augmentation, input size): a few batches of fold 0's
+training rows through the real training loop (`train_fold`), and inference batches as the predict
+stage runs them. From those speeds and the competition's size, `plan_epochs` chooses the epochs of
+every backbone so that the stages still to come (train, predict with every TTA view, ensemble,
+analyze), added to the seconds prepare (and tune) took, end inside the budget; the LR schedule
+follows the planned epochs because training reads them. With `budget.minutes: null` the plan is
+the epochs of params.yaml and nothing is measured.
+
+Writes models/plan/<backbone>.json (read by its train stage). The `timing` stage later sets the actual
+seconds beside the planned ones in reports/plan.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import numpy as np
+import torch
+
+from pipeline.config import TrainSettings
+from pipeline.data import PreparedData, Rows
+from pipeline.errors import PipelineError
+from pipeline.inference import predict_log_probs
+from pipeline.models import create_model, use_channels_last
+from pipeline.train import fit_fold
+
+PLAN = "models/plan"  # <backbone>.json: the epochs and val_every its train stage runs
+
+# Seconds the planner cannot measure before they happen, from runs on 2 CPU cores (README, "Time budget"):
+STAGE_OVERHEAD_S = 6.0  # a stage process's start: imports of torch, timm, pandas; reading params and the cache
+DVC_GAP_S = 2.0  # DVC between two stages: hashing the outputs, writing dvc.lock
+FOLD_SETUP_S = 1.0  # per fold: a fresh model, its data-dependent init, saving its checkpoint
+ENSEMBLE_S_PER_ROW = 1e-4  # per OOF row and backbone (cross-fitted methods over the folds)
+ANALYZE_S_PER_ROW = 3e-4  # per OOF row (image properties, galleries, figures)
+MARGIN = 0.05  # the plan fills 95% of the budget: speeds measured in seconds vary by a few % over an hour
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneWork:
+    """What one backbone's train and predict stages do, in images: the planner's input besides speed."""
+
+    epochs: int  # params.yaml's (tuned) epochs: the planner keeps the backbones' ratios
+    val_every: int
+    fits: int  # models trained: folds x seeds
+    train_rows: float  # per model and epoch (a fold's training part, averaged over folds)
+    val_rows: float  # per model and validation (a fold's validation part)
+    val_models: int  # weights validated each time (2 with an EMA)
+    predict_images: float  # predict stage: (OOF rows + folds x test rows) x seeds x TTA views
+    trains: bool = True  # False for features+sklearn: one fit, no epochs to plan
+
+
+@dataclasses.dataclass(frozen=True)
+class Speed:
+    train: float  # training images/s (augmentation, forward, backward, step)
+    infer: float  # inference images/s per view
+
+
+def planned_val_every(work: BackboneWork, epochs: int) -> int:
+    """val_every >= params' epochs means "keep the last epoch" and keeps meaning it at any planned epochs."""
+    return epochs if work.val_every >= work.epochs else work.val_every
+
+
+def train_seconds(work: BackboneWork, speed: Speed, epochs: int) -> float:
+    """A train stage's seconds for `epochs`: every fold model's epochs, its validations, its setup."""
+    if not work.trains:
+        return STAGE_OVERHEAD_S + work.fits * (FOLD_SETUP_S + (work.train_rows + work.val_rows) / speed.infer)
+    validations = math.ceil(epochs / planned_val_every(work, epochs))  # every val_every-th epoch and the last
+    per_model = (epochs * work.train_rows / speed.train
+                 + validations * work.val_models * work.val_rows / speed.infer)
+    return STAGE_OVERHEAD_S + work.fits * (FOLD_SETUP_S + per_model)
+
+
+def predict_seconds(work: BackboneWork, speed: Speed) -> float:
+    return STAGE_OVERHEAD_S + work.predict_images / speed.infer
+
+
+def plan_epochs(budget_s: float, fixed_s: dict[str, float], work: dict[str, BackboneWork],
+                speeds: dict[str, Speed]) -> dict[str, int]:
+    """Epochs per backbone: the most that fit (1 - MARGIN) of `budget_s` after the `fixed_s` stages
+    (prepare, tune, predict, ensemble, analyze, DVC's gaps), every backbone's params epochs scaled by
+    one factor (rounded down, at least 1) so that their ratios stay. Raises PipelineError naming the
+    smallest budget when one epoch per fold model does not fit."""
+    fixed = sum(fixed_s.values())
+    available = budget_s * (1 - MARGIN) - fixed
+
+    def at(factor: float) -> dict[str, int]:
+        return {b: max(1, math.floor(factor * w.epochs + 1e-9)) if w.trains else w.epochs for b, w in work.items()}
+
+    def cost(epochs: dict[str, int]) -> float:
+        return sum(train_seconds(w, speeds[b], epochs[b]) for b, w in work.items())
+
+    minimum = cost(at(0.0))
+    if minimum > available:
+        raise PipelineError(
+            f"budget.minutes: {budget_s / 60:g} is too small for one epoch per fold model; this run needs at "
+            f"least {math.ceil((fixed + minimum) / (1 - MARGIN) / 6) / 10:g} minutes (training {minimum / 60:.1f}, the other "
+            f"stages {fixed / 60:.1f})")
+    lo, hi = 0.0, 1.0
+    while cost(at(hi)) <= available and hi < 1e6:  # cost only grows with the factor
+        lo, hi = hi, hi * 2
+    for _ in range(60):  # bisect to the largest factor that fits
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cost(at(mid)) <= available else (lo, mid)
+    return at(lo)
+
+
+# ---------------------------------------------------------------- measuring this machine
+
+
+def measure_speed(data: PreparedData, model_name: str, s: TrainSettings, image_size: int, device: torch.device,
+                  pretrained, predict_batch: int, batches: int, where: str) -> tuple[Speed, str]:
+    """(images/s training and predicting, the precision chosen) of one backbone as its stages will run:
+    `batches` batches of fold 0's training rows through `fit_fold` for 3 epochs (the first warms up;
+    the mean of the other two counts), then `predict_log_probs` on 4 predict batches after one."""
+    folds = data.train["fold"].to_numpy()
+    tr, va = np.flatnonzero(folds != 0), np.flatnonzero(folds == 0)
+    n = min(len(tr), s.batch_size * batches)
+    rows = np.concatenate([tr[:n], va[: min(len(va), s.batch_size)]])
+    sub = dataclasses.replace(data, train=data.train.iloc[rows].assign(fold=[1] * n + [0] * (len(rows) - n))
+                              .reset_index(drop=True), train_images=Rows(data.train_images, rows))
+    probe = dataclasses.replace(s, epochs=3, val_every=3, seeds=None, bootstrap=False, early_stopping_patience=None,
+                                mixup_off_epoch=None, unfreeze_epoch=None)
+    result, ckpt = fit_fold(sub, 0, model_name, probe, image_size, device, pretrained=pretrained,
+                            where=f"{where} speed probe")
+    precision = ckpt["precision"]
+    seconds = [row["epoch_seconds"] for row in result.history[1:]]
+    train_speed = n / float(np.mean(seconds)) if seconds else float("inf")  # features+sklearn: no epochs
+    model = ckpt_model(ckpt, device)
+    images = Rows(data.train_images, np.arange(min(len(data.train), 5 * predict_batch)))
+    warm, timed = images[:predict_batch], images[predict_batch:]
+    predict_log_probs(model, warm, ckpt["mean"], ckpt["std"], image_size, predict_batch, device, precision=precision)
+    start = time.perf_counter()
+    predict_log_probs(model, timed, ckpt["mean"], ckpt["std"], image_size, predict_batch, device, precision=precision)
+    infer_speed = len(timed) / (time.perf_counter() - start) if len(timed) else float("inf")
+    return Speed(train=train_speed, infer=infer_speed), precision
+
+
+def ckpt_model(ckpt: dict, device: torch.device) -> torch.nn.Module:
+    """The probe's trained model, laid out as the predict stage lays it out (features+sklearn: its backbone)."""
+    model = create_model(ckpt["model"], ckpt["num_classes"])
+    model.load_state_dict(ckpt["state_dict"], strict=False)
+    model.to(device)
+    return model.to(memory_format=torch.channels_last) if use_channels_last(device) else model
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def backbone_work(data: PreparedData, s: TrainSettings, tta_views: int) -> BackboneWork:
+    """What a backbone's train and predict stages will do with these settings on this competition."""
+    n, k = len(data.train), data.n_folds
+    fits = k * len(s.seeds or [s.seed])
+    return BackboneWork(epochs=s.epochs, val_every=s.val_every, fits=fits, train_rows=n * (k - 1) / k, val_rows=n / k,
+                        val_models=2 if s.ema_decay else 1,
+                        predict_images=len(s.seeds or [s.seed]) * (n + k * len(data.test)) * tta_views,
+                        trains=s.finetune != "features+sklearn")
+
+
+def make_plan(budget_minutes: float, n_train: int, work: dict[str, BackboneWork], speeds: dict[str, Speed],
+              done_s: dict[str, float]) -> dict:
+    """The plan of a run on `n_train` training rows: epochs per backbone and planned seconds per stage.
+    `done_s`: the seconds of the stages already run (prepare, tune@..., this plan stage so far)."""
+    n, backbones = n_train, list(work)
+    later = {**{f"predict@{b}": predict_seconds(w, speeds[b]) for b, w in work.items()},
+             "ensemble": STAGE_OVERHEAD_S + ENSEMBLE_S_PER_ROW * n * len(backbones),
+             "analyze": STAGE_OVERHEAD_S + ANALYZE_S_PER_ROW * n,
+             "timing": STAGE_OVERHEAD_S}
+    stages = len(done_s) + 2 * len(backbones) + 3
+    fixed = {**done_s, **later, "dvc": DVC_GAP_S * stages}
+    epochs = plan_epochs(budget_minutes * 60, fixed, work, speeds)
+    planned = {**done_s, **{f"train@{b}": train_seconds(work[b], speeds[b], epochs[b]) for b in backbones},
+               **later, "dvc": fixed["dvc"]}
+    return {"budget_minutes": budget_minutes,
+            "backbones": {b: {"epochs": epochs[b], "params_epochs": work[b].epochs,
+                              "val_every": planned_val_every(work[b], epochs[b]),
+                              "train_images_per_s": round(speeds[b].train, 1),
+                              "infer_images_per_s": round(speeds[b].infer, 1)} for b in backbones},
+            "planned_seconds": {stage: round(s, 1) for stage, s in planned.items()},
+            "planned_total_seconds": round(sum(planned.values()), 1)}
+
+
+def apply_plan(s: TrainSettings, entry: dict | None) -> TrainSettings:
+    """A backbone's settings with the plan's epochs: val_every as planned, and the epochs that name a
+    point in the schedule (mixup_off_epoch, unfreeze_epoch) moved with it."""
+    if not entry or entry["epochs"] == s.epochs:
+        return s
+    scale = entry["epochs"] / s.epochs
+    moved = {key: round(getattr(s, key) * scale) for key in ("mixup_off_epoch", "unfreeze_epoch")
+             if getattr(s, key) is not None}
+    return dataclasses.replace(s, epochs=entry["epochs"], val_every=entry["val_every"], **moved)

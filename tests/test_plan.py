@@ -1,0 +1,101 @@
+"""The time-budget planner: its arithmetic on a fake speed table, and its plan followed by training."""
+import dataclasses
+import json
+import math
+import re
+
+import pytest
+import yaml
+
+from pipeline import __main__ as cli
+
+from pipeline.config import TrainSettings
+from pipeline.errors import PipelineError
+from pipeline.plan import (MARGIN, STAGE_OVERHEAD_S, BackboneWork, Speed, apply_plan, make_plan, plan_epochs,
+                           train_seconds)
+from tests.conftest import write_competition
+
+# a fake machine: 100 training and 1,000 inference images/s; 3 folds of 1,000 training / 500 validation rows
+WORK = BackboneWork(epochs=10, val_every=10, fits=3, train_rows=1000, val_rows=500, val_models=1,
+                    predict_images=3000)
+SPEED = Speed(train=100.0, infer=1000.0)
+
+
+def test_the_plan_takes_the_most_epochs_that_fit_the_budget():
+    fixed = {"prepare": 60.0, "predict": 40.0}
+    epochs = plan_epochs(600, fixed, {"net": WORK}, {"net": SPEED})["net"]
+    available = 600 * (1 - MARGIN) - 100  # the plan keeps a margin for speeds that vary over a run
+    # each epoch is 3 folds x 1,000 rows / 100 per s = 30 s: 15 epochs in the 470 s left, not params' 10
+    assert train_seconds(WORK, SPEED, epochs) <= available < train_seconds(WORK, SPEED, epochs + 1)
+    assert epochs == 15
+    assert plan_epochs(1200, fixed, {"net": WORK}, {"net": SPEED})["net"] == 34  # twice the budget, 2x+ epochs
+
+
+def test_the_plan_keeps_the_ratio_of_the_backbones_epochs():
+    slow = dataclasses.replace(WORK, epochs=5)  # params: half the epochs of `fast`
+    speeds = {"fast": SPEED, "slow": Speed(train=50.0, infer=500.0)}
+    epochs = plan_epochs(3600, {}, {"fast": WORK, "slow": slow}, speeds)
+    assert epochs["fast"] > 10 and epochs["slow"] in (epochs["fast"] // 2, epochs["fast"] // 2 + 1)
+    total = train_seconds(WORK, speeds["fast"], epochs["fast"]) + train_seconds(slow, speeds["slow"], epochs["slow"])
+    assert total <= 3600
+
+
+def test_a_budget_too_small_for_one_epoch_names_the_minimum():
+    fixed = {"prepare": 120.0}
+    one_epoch = train_seconds(WORK, SPEED, 1)
+    minimum = math.ceil((120 + one_epoch) / (1 - MARGIN) / 6) / 10  # in minutes, rounded up to a tenth
+    with pytest.raises(PipelineError, match=rf"budget.minutes: 2 is too small .* at least {minimum:g} minutes"):
+        plan_epochs(120, fixed, {"net": WORK}, {"net": SPEED})
+    assert plan_epochs(minimum * 60, fixed, {"net": WORK}, {"net": SPEED})["net"] >= 1
+    with pytest.raises(PipelineError):
+        plan_epochs(minimum * 60 - 7, fixed, {"net": WORK}, {"net": SPEED})
+
+
+def test_the_plan_adds_up_its_stages():
+    plan = make_plan(30, 1500, {"net": WORK}, {"net": SPEED}, {"prepare": 20.0, "plan": 15.0})
+    stages = plan["planned_seconds"]
+    assert set(stages) >= {"prepare", "plan", "train@net", "predict@net", "ensemble", "analyze", "timing", "dvc"}
+    assert stages["predict@net"] == pytest.approx(STAGE_OVERHEAD_S + 3000 / 1000, abs=0.1)
+    assert sum(stages.values()) == pytest.approx(plan["planned_total_seconds"], abs=1) and plan["planned_total_seconds"] <= 1800
+    assert plan["backbones"]["net"]["epochs"] > 10 and plan["backbones"]["net"]["val_every"] == plan["backbones"]["net"]["epochs"]
+
+
+def test_the_planned_epochs_move_the_schedule_with_them():
+    s = TrainSettings(epochs=10, val_every=10, mixup_off_epoch=8, warmup_epochs=1.0)
+    planned = apply_plan(s, {"epochs": 20, "val_every": 20})
+    assert (planned.epochs, planned.val_every, planned.mixup_off_epoch, planned.warmup_epochs) == (20, 20, 16, 1.0)
+    assert apply_plan(s, {"epochs": 10, "val_every": 10}) == s
+    # validating every 2nd of 10 epochs stays every 2nd: only "the last epoch only" follows the epochs
+    plan = make_plan(30, 1500, {"n": dataclasses.replace(WORK, val_every=2)}, {"n": SPEED}, {})
+    assert plan["backbones"]["n"]["epochs"] > 10 and plan["backbones"]["n"]["val_every"] == 2
+
+
+@pytest.mark.training
+def test_a_budget_plans_the_epochs_training_runs_and_timing_sets_actual_beside_planned(tmp_path, monkeypatch, capsys):
+    """Through the stages' own commands: plan measures this machine, train runs the planned epochs
+    (not params'), and the timing stage reports planned and actual seconds per stage."""
+    write_competition(tmp_path / "comp", n_per_class=8, n_test=6)
+    params = {"competition": {"source": "comp"}, "prepare": {"image_size": 12, "workers": 1}, "cv": {"n_folds": 2},
+              "train": {"backbones": {"b": {"model": "test_resnet"}}, "epochs": 1000, "batch_size": 4},
+              "budget": {"minutes": 0.05, "probe_batches": 2}, "tracking": {"enabled": False}}
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert cli.main(["prepare"]) == 0
+    capsys.readouterr()
+    assert cli.main(["plan"]) == 1  # 3 seconds: too small, and the one-line error names the minimum
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    minimum = float(re.search(r"^error: budget.minutes: 0.05 is too small .* at least ([\d.]+) minutes", error).group(1))
+    params["budget"]["minutes"] = minimum + 0.2  # 12 s more than one epoch per fold needs: a few epochs
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert cli.main(["plan"]) == 0
+    planned = json.loads((tmp_path / "models/plan/b.json").read_text())
+    assert 1 <= planned["epochs"] < 1000 and planned["val_every"] == 1
+    assert cli.main(["train", "--backbone", "b"]) == 0
+    resolved = yaml.safe_load((tmp_path / "models/b/params.yaml").read_text())["resolved"]
+    assert resolved["epochs"] == planned["epochs"]
+    assert cli.main(["timing"]) == 0
+    report = json.loads((tmp_path / "reports/plan.json").read_text())
+    for stage in ("prepare", "plan", "train@b"):
+        assert report["stages"][stage]["planned_s"] is not None and report["stages"][stage]["actual_s"] is not None
+    assert report["stages"]["predict@b"]["actual_s"] is None  # not run here
+    assert report["planned_total_seconds"] <= (minimum + 0.2) * 60
