@@ -98,6 +98,12 @@ def test_repro_writes_a_valid_submission_and_metrics(repo):
     assert analysis["test_resnet"]["log_loss"] == pytest.approx(ensemble["backbones"]["test_resnet"]["oof"]["log_loss"])
     page = (repo / "reports/oof/index.html").read_text()
     assert all(f'id="{m}-slices"' in page for m in ("test_resnet", "test_efficientnet", "ensemble"))
+    # no budget: the params' epochs, and every stage's own seconds in reports/plan.json, from one run
+    timing = json.loads((repo / "reports/plan.json").read_text())
+    assert timing["budget_minutes"] is None and timing["one_run"]
+    stages = ["prepare", "plan", *(f"{s}@{b}" for s in ("train", "predict") for b in ("test_resnet", "test_efficientnet")),
+              "ensemble", "analyze"]
+    assert all(timing["stages"][s]["actual_s"] > 0 for s in stages) and timing["stages"]["dvc"]["actual_s"] > 0
 
 
 def test_mlflow_has_one_run_per_backbone_with_fold_children(repo):
@@ -146,11 +152,12 @@ def test_editing_a_tta_view_reruns_predict_and_what_reads_it_never_training(repo
     assert 'register_view("brighter")(_brightness(1.1))' in source
     views.write_text(source.replace('register_view("brighter")(_brightness(1.1))',
                                     'register_view("brighter")(_brightness(1.15))'))
-    assert set(_status(repo, env)) == {"predict@test_resnet", "predict@test_efficientnet"}
+    # the plan stage reads the TTA policies (their views cost time) and reruns, planning the same epochs
+    assert set(_status(repo, env)) == {"predict@test_resnet", "predict@test_efficientnet", "plan"}
     out = _run(["dvc", "repro"], repo, env).stdout
     ran = set(re.findall(r"Running stage '([^']+)'", out))
     assert {"predict@test_resnet", "predict@test_efficientnet"} <= ran <= {
-        "predict@test_resnet", "predict@test_efficientnet", "ensemble", "analyze", "timing"}
+        "plan", "predict@test_resnet", "predict@test_efficientnet", "ensemble", "analyze", "timing"}
     assert _status(repo, env) == {}
 
 

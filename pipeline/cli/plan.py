@@ -58,7 +58,7 @@ def main(argv=None) -> None:
     tracker = Tracker(params.tracking.enabled, experiment_name(params))
     with tracker.run("plan", params={"budget_minutes": budget, **{f"{b}.{k}": v for b, e in plan["backbones"].items()
                                                                   for k, v in e.items()}}, tags={"stage": "plan"}):
-        tracker.log_metrics({f"planned_s.{stage}": s for stage, s in plan["planned_seconds"].items()})
+        tracker.log_metrics({f"planned_s.{stage.replace('@', '/')}": s for stage, s in plan["planned_seconds"].items()})
         tracker.log_artifact(PLANNED)
     for b, e in plan["backbones"].items():
         print(f"plan {b}: {e['epochs']} epochs (params: {e['params_epochs']}), {e['precision']}, "

@@ -20,7 +20,8 @@ def main(argv=None) -> None:
     write_json(OUT, report)
     tracker = Tracker(params.tracking.enabled, experiment_name(params))
     with tracker.run("timing", params={"budget_minutes": report["budget_minutes"]}, tags={"stage": "timing"}):
-        tracker.log_metrics({f"{kind}_s.{stage}": row[f"{kind}_s"] for stage, row in report["stages"].items()
+        # MLflow's names take no @: train@b is logged as train/b
+        tracker.log_metrics({f"{kind}_s.{stage.replace('@', '/')}": row[f"{kind}_s"] for stage, row in report["stages"].items()
                              for kind in ("planned", "actual") if row[f"{kind}_s"] is not None})
         tracker.log_artifact(OUT)
     width = max(map(len, report["stages"]))
