@@ -302,7 +302,7 @@ class BudgetConfig:
     """A time budget for the whole `dvc repro`, met by planning every backbone's epochs (the plan stage)."""
 
     minutes: float | None = None  # null: the epochs of params.yaml, nothing measured
-    probe_batches: int = 10  # training batches per speed probe (x 3 epochs, the first to warm up)
+    probe_batches: int = 150  # training batches per speed probe pass (2 passes, the first to warm up)
 
 
 @dataclass(frozen=True)

@@ -138,12 +138,13 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, mean, std, imag
                     scaler: torch.amp.GradScaler | None = None, accum_steps: int = 1,
                     clip_grad_norm: float | None = None, ema: ModelEmaV3 | None = None,
                     class_weight: torch.Tensor | None = None, precision: str | None = None, where: str = "",
-                    desc: str | None = None) -> float:
+                    desc: str | None = None, max_batches: int | None = None) -> float:
     """One pass over `loader`; returns the mean training loss.
 
     `class_weight` (C,) weighs each example's loss by its class (by its soft target under mixup).
     `precision`: "fp32", "bf16" or "fp16" autocast around forward and loss (None: `amp_dtype`'s default).
     `where` names the run in errors (backbone, fold, epoch): a non-finite loss stops training with it.
+    `max_batches`: stop after that many batches (the plan stage's speed probe).
     """
     model.train()
     _frozen_norms_to_eval(model)
@@ -151,7 +152,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, mean, std, imag
     channels_last = use_channels_last(device)
     total, count = 0.0, 0
     optimizer.zero_grad(set_to_none=True)
-    n_batches = len(loader)
+    n_batches = len(loader) if max_batches is None else min(len(loader), max_batches)
     for step, (images, targets) in enumerate(
             tqdm(loader, desc=desc, disable=None if desc else True, leave=False, mininterval=1.0)):
         x = to_input(images, mean, std, image_size, device, channels_last)
@@ -190,6 +191,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, mean, std, imag
                 ema.update(getattr(model, "module", model))
         total += loss.item() * len(images)
         count += len(images)
+        if step + 1 == n_batches:
+            break
     total, count = distributed.sum_across_ranks(total, count)
     return total / max(1, count)
 
@@ -215,14 +218,16 @@ def _is_better(metric: str, new: dict, best: dict | None) -> bool:
 def train_fold(model: torch.nn.Module, train_images: np.ndarray, train_targets: np.ndarray,
                val_images: np.ndarray, val_targets: np.ndarray, mean, std, s: TrainSettings, image_size: int,
                device: torch.device, num_classes: int, *, on_epoch: Callable[[int, dict], None] | None = None,
-               state_path: str | Path | None = None, where: str = "fold", data_init: bool = True) -> FoldResult:
+               state_path: str | Path | None = None, where: str = "fold", data_init: bool = True,
+               max_batches: int | None = None) -> FoldResult:
     """Train `model` on one fold's training part, validate every epoch, keep the best epoch's weights.
 
     `data_init`: give a model with an `init_from_data` method its data-dependent initialisation first
     (not for pretrained weights, whose stem keeps what it learnt).
 
     With `state_path`, the fold's full state is saved there after every epoch and, if the file exists
-    when called, training continues from it.
+    when called, training continues from it. `max_batches`: each epoch stops after that many batches
+    (a speed probe on the fold's real rows).
     """
     model.to(device)
     if data_init and hasattr(model, "init_from_data"):  # data-dependent init (cifar_net_*: patch whitening), training rows only
@@ -283,7 +288,7 @@ def train_fold(model: torch.nn.Module, train_images: np.ndarray, train_targets: 
                 label_smoothing=s.label_smoothing, scaler=scaler, accum_steps=s.grad_accum_steps,
                 clip_grad_norm=s.clip_grad_norm, ema=ema, class_weight=class_weight, precision=s.precision,
                 where=f"{where}, epoch {epoch + 1}",
-                desc=f"{where} epoch {epoch + 1}/{s.epochs}")
+                desc=f"{where} epoch {epoch + 1}/{s.epochs}", max_batches=max_batches)
         except torch.cuda.OutOfMemoryError:
             raise PipelineError(
                 f"{where}: out of GPU memory at train.batch_size={s.batch_size}; lower it (e.g. to "
@@ -477,7 +482,7 @@ def input_normalization(data: PreparedData, k: int, s: TrainSettings, model_name
 def fit_fold(data: PreparedData, k: int, model_name: str, s: TrainSettings, image_size: int,
              device: torch.device, *, pretrained: Pretrained = None,
              on_epoch: Callable[[int, dict], None] | None = None, state_path: str | Path | None = None,
-             where: str = "fold") -> tuple[FoldResult, dict]:
+             where: str = "fold", max_batches: int | None = None) -> tuple[FoldResult, dict]:
     """The one fold setup, shared by CV training and tuning: a fresh model (seeded from `s.seed` and k)
     trained on the other folds' rows (a bootstrap resample of them if `s.bootstrap`), normalised as
     `input_normalization` says, validated on fold k, in the `s.finetune` mode. Returns (result, checkpoint)."""
@@ -504,7 +509,8 @@ def fit_fold(data: PreparedData, k: int, model_name: str, s: TrainSettings, imag
     else:
         result = train_fold(model, train_images, targets[tr], val_images, targets[va], mean, std,
                             dataclasses.replace(s, seed=fold_seed), image_size, device, n_classes,
-                            on_epoch=on_epoch, state_path=state_path, where=where, data_init=not pretrained)
+                            on_epoch=on_epoch, state_path=state_path, where=where, data_init=not pretrained,
+                            max_batches=max_batches)
     checkpoint = {"model": model_name, "num_classes": n_classes, "state_dict": result.state_dict,
                   "mean": mean, "std": std, "image_size": image_size, "fold": k, "seed": s.seed,
                   "precision": precision, "precision_probe": probe}
