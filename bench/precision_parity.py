@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import CompetitionConfig, TrainSettings
-from pipeline.data import load_prepared
+from pipeline.data import PreparedData, load_prepared
 from pipeline.metrics import scores
 from pipeline.prepare import prepare
 from pipeline.train import fit_fold
@@ -27,25 +27,35 @@ SETTINGS = TrainSettings(batch_size=128, lr=0.004, label_smoothing=0.1, warmup_e
                                   {"RandomCrop": {"height": 32, "width": 32}}, {"HorizontalFlip": {"p": 0.5}}])
 
 
+def cifar_split(source: str, work: str) -> PreparedData:
+    """The zip prepared at 32 px with 3 folds (the cifar10-cpu preset's split), once per `work` folder."""
+    out = Path(work) / "prepared"
+    if not (out / "classes.json").exists():
+        prepare(CompetitionConfig(source=source, answers=None), 32, 3, 42, out, workers=0)
+    return load_prepared(out)
+
+
+def fold0(data: PreparedData, model: str, s: TrainSettings, label: str) -> str:
+    """Train fold 0 with `s` through `fit_fold`; its validation accuracy, log loss and wall time."""
+    y = data.train["target"].to_numpy()[data.train["fold"].to_numpy() == 0]
+    start = time.perf_counter()
+    result, _ = fit_fold(data, 0, model, s, 32, torch.device("cpu"), where=label)
+    seconds = time.perf_counter() - start
+    r = scores(result.val_probs, y, ("accuracy", "log_loss"))
+    return f"accuracy {r['accuracy']:.4f} log_loss {r['log_loss']:.4f} seconds {seconds:.0f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("source")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--work", default="/tmp/parity")
     args = parser.parse_args()
-    out = Path(args.work) / "prepared"
-    if not (out / "classes.json").exists():
-        prepare(CompetitionConfig(source=args.source, answers=None), 32, 3, 42, out, workers=0)
-    data = load_prepared(out)
-    y = data.train["target"].to_numpy()[data.train["fold"].to_numpy() == 0]
+    data = cifar_split(args.source, args.work)
     for precision, seed in (("fp32", 0), ("bf16", 0), ("fp32", 1)):
         s = dataclasses.replace(SETTINGS, epochs=args.epochs, val_every=args.epochs, precision=precision, seed=seed)
-        start = time.perf_counter()
-        result, _ = fit_fold(data, 0, "cifar_net_s", s, 32, torch.device("cpu"), where=f"{precision} seed {seed}")
-        seconds = time.perf_counter() - start
-        r = scores(result.val_probs, y, ("accuracy", "log_loss"))
-        print(f"RESULT fold0 {precision} seed{seed} accuracy {r['accuracy']:.4f} log_loss {r['log_loss']:.4f} "
-              f"seconds {seconds:.0f}", flush=True)
+        print(f"RESULT fold0 {precision} seed{seed} {fold0(data, 'cifar_net_s', s, f'{precision} seed {seed}')}",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -13,21 +13,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
-from pathlib import Path
 
-import torch
+from precision_parity import SETTINGS, cifar_split, fold0  # bench/, beside this script
 
-from pipeline.config import CompetitionConfig, TrainSettings
-from pipeline.data import load_prepared
-from pipeline.metrics import scores
-from pipeline.prepare import prepare
-from pipeline.train import fit_fold
-
-SHIFT_FLIP = [{"PadIfNeeded": {"min_height": 36, "min_width": 36, "border_mode": 0}},
-              {"RandomCrop": {"height": 32, "width": 32}}, {"HorizontalFlip": {"p": 0.5}}]
-BASE = TrainSettings(batch_size=256, lr=0.004, label_smoothing=0.1, warmup_epochs=0.5, seed=0, precision="bf16",
-                     augment=SHIFT_FLIP)
+BASE = dataclasses.replace(SETTINGS, batch_size=256, precision="bf16")  # the old preset's AdamW recipe, wider batch
 # airbench94's Nesterov SGD (lr 11.5, momentum 0.85, wd 0.0153 per 1,024 summed losses), rescaled to this
 # loop's mean loss at batch 256: lr 11.5 / (1024 (1 + 1 / 0.15)) x 256 = 0.375, decay per step unchanged
 AIRBENCH_SGD = dict(optimizer="sgd", lr=0.375, momentum=0.85, weight_decay=0.00133, label_smoothing=0.2)
@@ -48,19 +37,10 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--work", default="/tmp/parity")
     args = parser.parse_args()
-    out = Path(args.work) / "prepared"
-    if not (out / "classes.json").exists():
-        prepare(CompetitionConfig(source=args.source, answers=None), 32, 3, 42, out, workers=0)
-    data = load_prepared(out)
-    y = data.train["target"].to_numpy()[data.train["fold"].to_numpy() == 0]
+    data = cifar_split(args.source, args.work)
     for name in args.variants.split(","):
         s = dataclasses.replace(BASE, epochs=args.epochs, val_every=args.epochs, **VARIANTS[name])
-        start = time.perf_counter()
-        result, _ = fit_fold(data, 0, args.model, s, 32, torch.device("cpu"), where=name)
-        seconds = time.perf_counter() - start
-        r = scores(result.val_probs, y, ("accuracy", "log_loss"))
-        print(f"RESULT {args.model} {name} epochs {args.epochs} accuracy {r['accuracy']:.4f} "
-              f"log_loss {r['log_loss']:.4f} seconds {seconds:.0f}", flush=True)
+        print(f"RESULT {args.model} {name} epochs {args.epochs} {fold0(data, args.model, s, name)}", flush=True)
 
 
 if __name__ == "__main__":

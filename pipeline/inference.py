@@ -106,6 +106,17 @@ class FeaturesClassifier(torch.nn.Module):
         return probs.clamp_min(1e-12).log()
 
 
+def fold_model(ckpt: dict, device: torch.device, classifier=None) -> torch.nn.Module:
+    """A fold's model from its checkpoint dict (with the features+sklearn `classifier` on top, if any),
+    on `device`, laid out as inference runs it."""
+    model = create_model(ckpt["model"], num_classes=0 if classifier is not None else ckpt["num_classes"])
+    model.load_state_dict(ckpt["state_dict"])
+    if classifier is not None:
+        model = FeaturesClassifier(model, classifier)
+    model.to(device)
+    return model.to(memory_format=torch.channels_last) if use_channels_last(device) else model
+
+
 def load_fold_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
     """Rebuild a fold model from its checkpoint; returns (model, checkpoint metadata)."""
     path = Path(path)
@@ -113,11 +124,4 @@ def load_fold_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Mo
         raise PipelineError(f"{path}: fold checkpoint not found (run the train stage first)")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     sklearn_head = path.with_name("classifier.joblib")
-    model = create_model(ckpt["model"], num_classes=0 if sklearn_head.exists() else ckpt["num_classes"])
-    model.load_state_dict(ckpt["state_dict"])
-    if sklearn_head.exists():
-        model = FeaturesClassifier(model, joblib.load(sklearn_head))
-    model.to(device)
-    if use_channels_last(device):
-        model = model.to(memory_format=torch.channels_last)
-    return model, ckpt
+    return fold_model(ckpt, device, joblib.load(sklearn_head) if sklearn_head.exists() else None), ckpt

@@ -24,8 +24,7 @@ import torch
 from pipeline.config import TrainSettings
 from pipeline.data import PreparedData, Rows
 from pipeline.errors import PipelineError
-from pipeline.inference import predict_log_probs
-from pipeline.models import create_model, use_channels_last
+from pipeline.inference import fold_model, predict_log_probs
 from pipeline.train import fit_fold
 
 PLAN = "models/plan"  # <backbone>.json: the epochs and val_every its train stage runs
@@ -134,7 +133,7 @@ def measure_speed(data: PreparedData, model_name: str, s: TrainSettings, image_s
     precision = ckpt["precision"]
     seconds = [row["epoch_seconds"] for row in result.history[1:]]
     train_speed = n / seconds[0] if seconds else float("inf")  # features+sklearn: no epochs
-    model = ckpt_model(ckpt, device)
+    model = fold_model(ckpt, device, result.classifier)
     images = Rows(data.train_images, np.arange(min(len(data.train), 5 * predict_batch)))
     warm, timed = images[:predict_batch], images[predict_batch:]
     predict_log_probs(model, warm, ckpt["mean"], ckpt["std"], image_size, predict_batch, device, precision=precision)
@@ -142,14 +141,6 @@ def measure_speed(data: PreparedData, model_name: str, s: TrainSettings, image_s
     predict_log_probs(model, timed, ckpt["mean"], ckpt["std"], image_size, predict_batch, device, precision=precision)
     infer_speed = len(timed) / (time.perf_counter() - start) if len(timed) else float("inf")
     return Speed(train=train_speed, infer=infer_speed), precision
-
-
-def ckpt_model(ckpt: dict, device: torch.device) -> torch.nn.Module:
-    """The probe's trained model, laid out as the predict stage lays it out (features+sklearn: its backbone)."""
-    model = create_model(ckpt["model"], ckpt["num_classes"])
-    model.load_state_dict(ckpt["state_dict"], strict=False)
-    model.to(device)
-    return model.to(memory_format=torch.channels_last) if use_channels_last(device) else model
 
 
 # ---------------------------------------------------------------- the plan
