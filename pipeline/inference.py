@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
-import joblib
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -117,11 +116,36 @@ def fold_model(ckpt: dict, device: torch.device, classifier=None) -> torch.nn.Mo
     return model.to(memory_format=torch.channels_last) if use_channels_last(device) else model
 
 
+CLASSIFIER_FILE = "classifier.skops"  # features+sklearn: the fitted head, beside the fold's model.pt
+
+
+def save_classifier(classifier, path: str | Path) -> None:
+    """The features+sklearn head in skops' format: no pickle, so loading it runs no code."""
+    import skops.io
+
+    skops.io.dump(classifier, path)
+
+
+def load_classifier(path: str | Path):
+    """A features+sklearn head saved by `save_classifier`. Only skops' trusted types (scikit-learn's
+    estimators, numpy arrays) are built: a file naming any other type is refused, never run."""
+    import skops.io
+
+    untrusted = skops.io.get_untrusted_types(file=path)
+    if untrusted:
+        raise PipelineError(f"{path}: refusing to load a classifier holding untrusted types {untrusted}")
+    return skops.io.load(path)
+
+
 def load_fold_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """Rebuild a fold model from its checkpoint; returns (model, checkpoint metadata)."""
+    """Rebuild a fold model from its checkpoint; returns (model, checkpoint metadata). Nothing in the
+    fold's folder is unpickled: the weights load with weights_only=True, a features+sklearn head
+    through `load_classifier`."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: fold checkpoint not found (run the train stage first)")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    sklearn_head = path.with_name("classifier.joblib")
-    return fold_model(ckpt, device, joblib.load(sklearn_head) if sklearn_head.exists() else None), ckpt
+    head = path.with_name(CLASSIFIER_FILE)
+    if ckpt.get("sklearn_head") and not head.is_file():
+        raise PipelineError(f"{head}: the features+sklearn head of {path} is missing (run the train stage again)")
+    return fold_model(ckpt, device, load_classifier(head) if ckpt.get("sklearn_head") else None), ckpt

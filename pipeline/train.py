@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import joblib
 import numpy as np
 from timm.optim import create_optimizer_v2
 import torch
@@ -41,7 +40,7 @@ from pipeline.errors import PipelineError
 from pipeline.metrics import METRICS, fold_summary, is_better, scores
 from pipeline.models import (Pretrained, amp_dtype, create_model, pretrained_config, probe_precision, resolve_precision,
                              use_channels_last)
-from pipeline.inference import extract_features, predict_proba
+from pipeline.inference import CLASSIFIER_FILE, extract_features, load_classifier, predict_proba, save_classifier
 
 @dataclass
 class FoldResult:
@@ -128,6 +127,23 @@ def _save_atomic(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def _save_done(result: "FoldResult", ckpt: dict, path: Path) -> None:
+    """A finished fold, kept for a resumed run: tensors and plain values only, so it loads with
+    weights_only=True; a features+sklearn head goes beside it in skops' format."""
+    if result.classifier is not None:
+        save_classifier(result.classifier, path.with_name(f"{path.name}.{CLASSIFIER_FILE}"))
+    _save_atomic({"state_dict": result.state_dict, "val_probs": torch.from_numpy(result.val_probs),
+                  "best_epoch": result.best_epoch, "history": result.history, "checkpoint": ckpt}, path)
+
+
+def _load_done(path: Path) -> tuple["FoldResult", dict]:
+    done = torch.load(path, map_location="cpu", weights_only=True)
+    head = path.with_name(f"{path.name}.{CLASSIFIER_FILE}")
+    classifier = load_classifier(head) if done["checkpoint"].get("sklearn_head") else None
+    return FoldResult(done["state_dict"], done["val_probs"].numpy(), done["best_epoch"], done["history"],
+                      classifier), done["checkpoint"]
 
 
 # ---------------------------------------------------------------- the loop
@@ -354,7 +370,7 @@ class _FoldState:
         """Load the saved state if there is one; True if training continues from it."""
         if self.path is None or not self.path.exists():
             return False
-        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -366,7 +382,7 @@ class _FoldState:
                                                                  state["stale"])
         if self.best is not None:
             best_state = state["best_state"] or {k: v.clone() for k, v in state["model"].items()}
-            self.result = FoldResult(best_state, state["best_probs"], state["best_epoch"])
+            self.result = FoldResult(best_state, state["best_probs"].numpy(), state["best_epoch"])
         return True
 
     def end_epoch(self, epoch: int, row: dict, validation: tuple | None) -> None:
@@ -394,7 +410,7 @@ class _FoldState:
             "epoch": epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
             "ema": self.ema.state_dict() if self.ema is not None else None, "best": self.best, "stale": self.stale,
-            "history": self.history, "best_probs": r.val_probs if r else None,
+            "history": self.history, "best_probs": torch.from_numpy(r.val_probs) if r else None,
             # the best weights are the live ones most epochs: store them only when they differ
             "best_state": None if r is None or live_is_best else r.state_dict,
             "best_epoch": r.best_epoch if r else None,
@@ -513,7 +529,7 @@ def fit_fold(data: PreparedData, k: int, model_name: str, s: TrainSettings, imag
                             max_batches=max_batches)
     checkpoint = {"model": model_name, "num_classes": n_classes, "state_dict": result.state_dict,
                   "mean": mean, "std": std, "image_size": image_size, "fold": k, "seed": s.seed,
-                  "precision": precision, "precision_probe": probe}
+                  "precision": precision, "precision_probe": probe, "sklearn_head": sklearn_head}
     return result, checkpoint
 
 
@@ -572,8 +588,7 @@ def train_cv(data: PreparedData, backbone: str, model_name: str, s: TrainSetting
         va = np.flatnonzero(folds == k)
         done = resume_dir / f"fold{k}.done.pt" if resume_dir else None
         if done is not None and done.exists():
-            finished = torch.load(done, map_location="cpu", weights_only=False)
-            result, ckpt = finished["result"], finished["checkpoint"]
+            result, ckpt = _load_done(done)
             tqdm.write(f"{backbone} fold{k}: finished in an earlier run, kept")
         else:
             n_train = int((folds != k).sum())
@@ -586,7 +601,7 @@ def train_cv(data: PreparedData, backbone: str, model_name: str, s: TrainSetting
                     where=f"{backbone} fold {k}")
                 tracker.log_metrics({f"best_{m}": v for m, v in _fold_scores(result, targets[va]).items()})
             if done is not None and distributed.is_main():
-                _save_atomic({"result": result, "checkpoint": ckpt}, done)
+                _save_done(result, ckpt, done)
                 (resume_dir / f"fold{k}.state.pt").unlink(missing_ok=True)
         oof[va] = result.val_probs
         fold_metrics[str(k)] = _fold_scores(result, targets[va])
@@ -594,7 +609,7 @@ def train_cv(data: PreparedData, backbone: str, model_name: str, s: TrainSetting
             (out_dir / f"fold{k}").mkdir(parents=True, exist_ok=True)
             torch.save(ckpt, out_dir / f"fold{k}" / "model.pt")
             if result.classifier is not None:
-                joblib.dump(result.classifier, out_dir / f"fold{k}" / "classifier.joblib")
+                save_classifier(result.classifier, out_dir / f"fold{k}" / CLASSIFIER_FILE)
         distributed.barrier()
     metrics = {"oof": scores(oof, targets), **fold_summary(fold_metrics), "folds": fold_metrics,
                "precision": ckpt.get("precision"), "precision_probe": ckpt.get("precision_probe")}

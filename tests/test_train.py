@@ -126,7 +126,7 @@ def test_a_resumed_fold_equals_an_uninterrupted_one(prepared, tmp_path):
     with pytest.raises(Killed):
         train_fold(create_model("test_resnet", 3), *data, s, 16, CPU, 3, on_epoch=kill_after_second_epoch,
                    state_path=state)
-    assert torch.load(state, weights_only=False)["epoch"] == 1
+    assert torch.load(state, weights_only=True)["epoch"] == 1  # tensors and plain values: nothing unpickled
     torch.manual_seed(123)  # a new process: different initial weights, which the checkpoint replaces
     resumed = train_fold(create_model("test_resnet", 3), *data, s, 16, CPU, 3, state_path=state)
     assert len(resumed.history) == 3
@@ -190,6 +190,44 @@ def test_features_sklearn_gives_oof_and_a_predictable_checkpoint(prepared, tmp_p
     folds = prepared.train["fold"].to_numpy()
     again = predict_proba(model, prepared.train_images[folds == 1], ckpt["mean"], ckpt["std"], 16, 8, CPU)
     np.testing.assert_allclose(again, oof[folds == 1], atol=1e-6)
+
+
+class _Planted:  # a pickle that runs code when loaded, as one dropped into a shared models folder would
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_nothing_in_a_fold_folder_is_unpickled_and_resume_states_load_weights_only(prepared, tmp_path):
+    import pickle
+
+    import skops.io
+
+    s = dataclasses.replace(SETTINGS, finetune="features+sklearn")
+    oof, _ = train_backbone(prepared, "b", "test_resnet", s, 16, tmp_path / "models", CPU, OFF,
+                            resume_dir=tmp_path / "resume")
+    for done in sorted((tmp_path / "resume" / "seed0").glob("fold*.done.pt")):  # a finished fold, kept
+        assert torch.load(done, weights_only=True)["checkpoint"]["sklearn_head"]
+    fold = tmp_path / "models" / "seed0" / "fold1"
+    marker = tmp_path / "code-ran"
+    for name in ("classifier.joblib", "classifier.pkl"):
+        (fold / name).write_bytes(pickle.dumps(_Planted(marker)))
+    model, ckpt = load_fold_model(fold / "model.pt", CPU)
+    assert not marker.exists()
+    folds = prepared.train["fold"].to_numpy()
+    again = predict_proba(model, prepared.train_images[folds == 1], ckpt["mean"], ckpt["std"], 16, 8, CPU)
+    np.testing.assert_allclose(again, oof[folds == 1], atol=1e-6)
+    # a resumed run takes its finished folds from the resume folder, through the same safe loaders
+    again_oof, _ = train_backbone(prepared, "b", "test_resnet", s, 16, tmp_path / "models2", CPU, OFF,
+                                  resume_dir=tmp_path / "resume")
+    np.testing.assert_array_equal(again_oof, oof)
+
+    skops.io.dump({"head": _Planted(marker)}, fold / "classifier.skops")  # a head naming a foreign type
+    with pytest.raises(PipelineError, match=r"classifier\.skops: refusing to load .*_Planted"):
+        load_fold_model(fold / "model.pt", CPU)
+    assert not marker.exists()
 
 
 def test_layer_decay_gives_deeper_layers_smaller_learning_rates():
