@@ -174,10 +174,29 @@ def check_train_settings(s: TrainSettings, where: str) -> None:
         raise ConfigError(f"{where}: set mean and std together, or neither")
     if s.image_size is not None and s.image_size < 1:
         raise ConfigError(f"{where}.image_size must be >= 1 (or null: the cache's size), got {s.image_size}")
-    if s.val_every < 1:
-        raise ConfigError(f"{where}.val_every must be >= 1, got {s.val_every}")
-    if s.grad_accum_steps < 1:
-        raise ConfigError(f"{where}.grad_accum_steps must be >= 1, got {s.grad_accum_steps}")
+    for name, (low, high, closed_low, closed_high) in RANGES.items():
+        value = getattr(s, name)
+        if value is None:
+            continue
+        if (value < low if closed_low else value <= low) or (value > high if closed_high else value >= high):
+            span = (f"{'>=' if closed_low else '>'} {low}" if high == INF else
+                    f"in {'[' if closed_low else '('}{low}, {high}{']' if closed_high else ')'}")
+            raise ConfigError(f"{where}.{name} must be {span}, got {value!r}")
+
+
+# the numeric training settings' valid ranges: (low, high, low allowed, high allowed); None values are skipped
+INF = float("inf")
+RANGES = {
+    "epochs": (1, INF, True, False), "batch_size": (1, INF, True, False), "grad_accum_steps": (1, INF, True, False),
+    "val_every": (1, INF, True, False), "early_stopping_patience": (1, INF, True, False),
+    "lr": (0, INF, True, False), "weight_decay": (0, INF, True, False), "momentum": (0, 1, True, False),
+    "warmup_epochs": (0, INF, True, False), "step_epochs": (0, INF, False, False), "step_gamma": (0, 1, False, True),
+    "clip_grad_norm": (0, INF, False, False), "label_smoothing": (0, 1, True, False),
+    "mixup_alpha": (0, INF, True, False), "cutmix_alpha": (0, INF, True, False), "drop_rate": (0, 1, True, False),
+    "drop_path_rate": (0, 1, True, False), "ema_decay": (0, 1, False, False), "layer_decay": (0, 1, False, True),
+    "augment_p": (0, 1, True, True), "freeze_stages": (-1, INF, True, False), "unfreeze_epoch": (0, INF, True, False),
+    "mixup_off_epoch": (0, INF, True, False),
+}
 
 
 # the tune stage sets these itself: a trial's epochs (tune.epochs), and one model per fold (no bag)

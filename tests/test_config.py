@@ -61,6 +61,10 @@ def test_wrong_type_is_named():
                                   "'quadratic_weighted_kappa'], got 'auc'"),
     ({"prepare": {"image_size": 0}}, "prepare.image_size must be >= 1, got 0"),
     ({"train": {"image_size": 0, "backbones": {"b": {}}}}, "train.backbones.b.image_size must be >= 1"),
+    ({"train": {"backbones": {"b": {"lr": -0.01}}}}, "train.backbones.b.lr must be >= 0, got -0.01"),
+    ({"train": {"epochs": 0, "backbones": {"b": {}}}}, "train.backbones.b.epochs must be >= 1, got 0"),
+    ({"train": {"label_smoothing": 1.0, "backbones": {"b": {}}}}, "train.backbones.b.label_smoothing must be in [0, 1)"),
+    ({"train": {"ema_decay": 1.5, "backbones": {"b": {}}}}, "train.backbones.b.ema_decay must be in (0, 1), got 1.5"),
     ({"prepare": {"resize": "stretch"}}, "'prepare.resize' must be one of ['squash', 'pad', 'center_crop']"),
     ({"train": {"backbones": {"b": {"finetune": "lora"}}}}, "'train.backbones.b.finetune' must be one of"),
     # cross-field rules, each checked once here so that no stage checks them again

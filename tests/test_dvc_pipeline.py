@@ -171,6 +171,29 @@ def test_changing_one_backbone_reruns_only_that_backbone(repo):
     assert not {"prepare", "train@test_resnet", "predict@test_resnet"} & changed
 
 
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_stage_failing_under_dvc_repro_keeps_its_previous_outputs(repo):
+    repo, env, _ = repo
+    before = {"models": _tree(repo / "models/test_resnet"),
+              "report": (repo / "reports/train/test_resnet.json").read_bytes(), "status": _status(repo, env)}
+    params = (repo / "params.yaml").read_text()
+    backbones = yaml.safe_load(params)["train"]["backbones"]
+    _set_params(repo, train={"backbones": {**backbones, "test_resnet": {"lr": -0.01}}})
+    try:
+        proc = _run(["dvc", "repro", "--single-item", "--force", "train@test_resnet"], repo, env, check=False)
+    finally:
+        (repo / "params.yaml").write_text(params)
+    assert proc.returncode != 0
+    assert "error: params.yaml: train.backbones.test_resnet.lr must be >= 0, got -0.01" in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert _tree(repo / "models/test_resnet") == before["models"]  # DVC removed neither (persist: true)
+    assert (repo / "reports/train/test_resnet.json").read_bytes() == before["report"]
+    assert _status(repo, env) == before["status"]
+
+
 def test_unknown_backbone_fails_with_a_one_line_error(repo):
     repo, env, _ = repo
     before = (repo / "submissions/submission.csv").read_bytes()
