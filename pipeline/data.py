@@ -90,6 +90,33 @@ def default_augment(cache_size: int) -> list[dict[str, dict]]:
             {"RandomCrop": {"height": cache_size, "width": cache_size}}]
 
 
+def _serialised(entry, where: str) -> dict:
+    """One entry of `train.augment` ({TransformName: {kwargs}}; a OneOf/SomeOf/Sequential takes
+    `transforms:`, a list of entries) as albumentations' own serialised form, for `A.from_dict`.
+    Names and arguments are checked here, so an error names the entry; `p` defaults to the class's own
+    (from_dict would take 0.5)."""
+    if not isinstance(entry, dict) or len(entry) != 1:
+        raise PipelineError(f"{where}: expected {{TransformName: {{kwargs}}}}, got {entry!r}")
+    (name, kwargs), = entry.items()
+    kwargs = dict(kwargs or {})
+    cls = getattr(A, name, None)
+    compose = isinstance(cls, type) and issubclass(cls, A.BaseCompose) and cls is not A.Compose
+    if not (compose or isinstance(cls, type) and issubclass(cls, A.BasicTransform)):
+        raise PipelineError(f"{where}: '{name}' is not an albumentations transform")
+    parameters = inspect.signature(cls.__init__).parameters
+    unknown = sorted(set(kwargs) - set(parameters))
+    if unknown:
+        raise PipelineError(f"{where} {name}: unknown argument '{unknown[0]}'")
+    if compose:
+        inner = kwargs.get("transforms")
+        if not isinstance(inner, list) or not inner:
+            raise PipelineError(f"{where} {name}: needs transforms: a list of {{TransformName: {{kwargs}}}}")
+        kwargs["transforms"] = [_serialised(e, f"{where}.transforms[{j}]") for j, e in enumerate(inner)]
+    if "p" in parameters:
+        kwargs.setdefault("p", parameters["p"].default)
+    return {"__class_fullname__": name, **kwargs}
+
+
 def build_train_transform(augment: list[dict[str, dict]] | None, seed: int, where: str = "train.augment",
                           p: float = 1.0, cache_size: int | None = None, image_size: int | None = None
                           ) -> A.Compose:
@@ -105,19 +132,11 @@ def build_train_transform(augment: list[dict[str, dict]] | None, seed: int, wher
         augment = default_augment(cache_size or 32)
     ops = []
     for i, entry in enumerate(augment):
-        if not isinstance(entry, dict) or len(entry) != 1:
-            raise PipelineError(f"{where}[{i}]: expected {{TransformName: {{kwargs}}}}, got {entry!r}")
-        (name, kwargs), = entry.items()
-        cls = getattr(A, name, None)
-        if not (isinstance(cls, type) and issubclass(cls, A.BasicTransform)):
-            raise PipelineError(f"{where}[{i}]: '{name}' is not an albumentations transform")
-        unknown = sorted(set(kwargs or {}) - set(inspect.signature(cls.__init__).parameters))
-        if unknown:
-            raise PipelineError(f"{where}[{i}] {name}: unknown argument '{unknown[0]}'")
+        spec = _serialised(entry, f"{where}[{i}]")
         try:
-            ops.append(cls(**(kwargs or {})))
-        except (TypeError, ValueError) as exc:
-            raise PipelineError(f"{where}[{i}] {name}: {str(exc).splitlines()[0]}") from None
+            ops.append(A.from_dict({"transform": spec}))
+        except (TypeError, ValueError, KeyError) as exc:
+            raise PipelineError(f"{where}[{i}] {spec['__class_fullname__']}: {str(exc).splitlines()[0]}") from None
     if cache_size is not None:
         out = A.Compose(ops, p=1.0)(image=np.zeros((cache_size, cache_size, 3), np.uint8))["image"].shape[:2]
         allowed = {(cache_size, cache_size), (image_size or cache_size, image_size or cache_size)}

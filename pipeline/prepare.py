@@ -407,6 +407,11 @@ def _bad_list(files: CompetitionFiles, rels: list[str], bad: dict[int, str], lim
 # ---------------------------------------------------------------- the stage
 
 
+# what pandas and spreadsheets write for a missing value: a label like these is an unlabelled row, not a class
+MISSING_LABELS = frozenset({"#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+                            "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
+
+
 def _read_train(files: CompetitionFiles, comp: CompetitionConfig) -> pd.DataFrame:
     """The training rows: id, label, path (the image's path inside the competition, None if no image
     matches)[, group], from train.csv or, with `train_csv: null`, from train_dir/<class>/<file>."""
@@ -436,6 +441,11 @@ def _read_train(files: CompetitionFiles, comp: CompetitionConfig) -> pd.DataFram
     empty = train.index[(train["id"] == "") | (train["label"] == "")]
     if len(empty):
         raise PipelineError(f"{train_where}: empty id or label in row {int(empty[0]) + 2}")
+    missing = train.index[train["label"].isin(MISSING_LABELS)]
+    if len(missing):
+        row = int(missing[0])
+        raise PipelineError(f"{train_where}: row {row + 2}: label '{train['label'][row]}' marks a missing value, "
+                            f"not a class ({len(missing)} such rows)")
     _check_unique(train["id"], train_where)
     folder = ImageFolder(files, comp.train_dir, comp.image_ext)
     names = train[comp.path_column] if comp.path_column else train["id"]

@@ -170,11 +170,23 @@ def _rare_class(root):
     return "class 'newt' has 1 examples, fewer than cv.n_folds=2"
 
 
+def _nan_label(root):
+    train = pd.read_csv(root / "train.csv", dtype=str)
+    train.loc[[3, 7], "label"] = "NaN"  # as pandas writes a missing value: not an extra class
+    train.to_csv(root / "train.csv", index=False)
+    return "train.csv: row 5: label 'NaN' marks a missing value, not a class (2 such rows)"
+
+
+def _header_only(root):
+    (root / "train.csv").write_text("id,label\n")
+    return "train.csv: no rows"
+
+
 @pytest.mark.parametrize("mutate", [
     _corrupt, _missing_image, _drop_column("id"), _drop_column("label"), _duplicate_id,
-    _extra_test_image, _extra_sample_row, _rare_class,
+    _extra_test_image, _extra_sample_row, _rare_class, _nan_label, _header_only,
 ], ids=["corrupt-image", "missing-image", "no-id-column", "no-label-column", "duplicate-id",
-        "test-image-without-row", "row-without-test-image", "class-smaller-than-folds"])
+        "test-image-without-row", "row-without-test-image", "class-smaller-than-folds", "nan-label", "header-only"])
 def test_bad_input_is_named_and_leaves_previous_outputs(comp_config, tmp_path, mutate):
     out = tmp_path / "prepared"
     run_prepare(comp_config, out)

@@ -348,6 +348,25 @@ def test_augmentation_comes_from_config():
         build_train_transform([{"VerticalFlip": {}}, {"HorizontalFlip": {"p": 2}}], seed=0)
 
 
+def test_oneof_and_other_compositions_build_through_albumentations_and_replay_from_their_record():
+    import albumentations as A
+
+    image = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    one_of = [{"OneOf": {"transforms": [{"HorizontalFlip": {"p": 1.0}}, {"VerticalFlip": {"p": 1.0}}], "p": 1.0}},
+              {"RandomCrop": {"height": 2, "width": 2}}]  # p left out: the class's own (1.0), not from_dict's 0.5
+    t = build_train_transform(one_of, seed=0)
+    outs = {t(image=image)["image"].tobytes() for _ in range(40)}
+    flips = {a[:, :2].tobytes() for a in (image[:, ::-1], image[::-1])} | {a[:, 1:].tobytes()
+                                                                           for a in (image[:, ::-1], image[::-1])}
+    assert outs <= flips and len(outs) >= 2  # always one of the two flips, then always cropped
+    replay = A.from_dict(A.to_dict(t))  # the record train writes (augment.json) builds the same pipeline
+    assert A.to_dict(replay) == A.to_dict(t)
+    with pytest.raises(PipelineError, match=r"train.augment\[0\].transforms\[1\]: 'Flipz' is not an albumentations"):
+        build_train_transform([{"OneOf": {"transforms": [{"HorizontalFlip": {}}, {"Flipz": {}}]}}], seed=0)
+    with pytest.raises(PipelineError, match=r"train.augment\[0\] OneOf: needs transforms"):
+        build_train_transform([{"OneOf": {"p": 0.5}}], seed=0)
+
+
 def test_default_augmentation_follows_the_cache_size_and_a_shrinking_one_is_refused():
     rng = np.random.default_rng(0)
     image = rng.integers(1, 256, (64, 64, 3), dtype=np.uint8)

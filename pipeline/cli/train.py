@@ -12,12 +12,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import albumentations as A
 import yaml
 
 from pipeline import distributed
 from pipeline.cli import experiment_name, load_with_backbone, parse_args
 from pipeline.config import Params, TrainSettings, check_train_settings, flatten, resolve_train_settings, to_dict
-from pipeline.data import default_augment, load_prepared
+from pipeline.data import build_train_transform, default_augment, load_prepared
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, read_json, write_json
 from pipeline.models import check_backbone, pick_device, pretrained_config
@@ -87,7 +88,8 @@ def main(argv=None) -> None:
             if main:
                 probs_frame(data.train["id"], oof, data.classes).to_csv(out / "oof_probs.csv", index=False)
                 (out / "params.yaml").write_text(yaml.safe_dump({"resolved": resolved, "params": to_dict(params)}))
-                (out / "augment.json").write_text(json.dumps(settings.augment, indent=2))
+                (out / "augment.json").write_text(json.dumps(A.to_dict(build_train_transform(
+                    settings.augment, settings.seed, p=settings.augment_p)), indent=2))  # A.from_dict replays it
         tracker.log_artifact(f"models/{backbone}/augment.json")
         tracker.log_params({"precision_chosen": metrics["precision"],
                             **{f"probe_{k}": round(v, 1) for k, v in (metrics["precision_probe"] or {}).items()}})
