@@ -17,12 +17,23 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 from pipeline.io import record_stage, start_stage_clock
 
 STAGES = ("prepare", "tune", "plan", "train", "predict", "ensemble", "analyze", "timing")
 MODULES = {**{s: f"pipeline.cli.{s}" for s in STAGES}, "preset": "pipeline.presets", "export": "pipeline.cli.export"}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, SLURM, docker stop, a cluster's pre-emption), raised like Ctrl-C's
+    KeyboardInterrupt so that the same cleanup runs: scratch outputs removed, previous outputs kept,
+    MLflow runs ended FAILED, the resume state kept for the next run."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,11 +45,19 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.errors import PipelineError
 
     stage = importlib.import_module(MODULES[argv[0]])
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         stage.main(argv[1:])
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as exc:
+        how = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
+        print(f"error: {argv[0]} stopped by {how}; the previous outputs are kept and the same command "
+              f"resumes (train: from the last finished epoch)", file=sys.stderr)
+        return 128 + (signal.SIGTERM if how == "SIGTERM" else signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if argv[0] in STAGES:  # under the DVC stage's name: train@<backbone> for `train --backbone <backbone>`
         parser = argparse.ArgumentParser(add_help=False)
         parser.add_argument("--backbone")

@@ -19,6 +19,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     carry the process id, so processes writing the same folder (tune workers) do not collide.
     """
     path = Path(path)
+    remove_dead_scratch(path)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -39,9 +40,33 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's
+        return True
+    return True
+
+
+def remove_dead_scratch(path: Path) -> None:
+    """Remove the scratch folders and files left beside `path` (<name>.tmp<pid>, <name>.old<pid>) by
+    processes that were killed before they could clean up (SIGKILL, out of memory, a lost machine)."""
+    if not path.parent.is_dir():
+        return
+    for other in path.parent.iterdir():
+        for mark in (".tmp", ".old"):
+            pid = other.name[len(path.name) + len(mark):]
+            if other.name.startswith(path.name + mark) and pid.isdigit() and not pid_alive(int(pid)):
+                shutil.rmtree(other) if other.is_dir() and not other.is_symlink() else other.unlink()
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_scratch(path)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)

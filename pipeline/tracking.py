@@ -9,10 +9,29 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
+from pathlib import Path
 from typing import Any, Iterator
 
+from pipeline.io import pid_alive
+
 DEFAULT_URI = "sqlite:///mlflow.db"
+EXPERIMENT_KIND = "custom_model_development"  # mlflow.experimentKind: without it MLflow 3's UI opens on GenAI traces
+PID_TAG, HOST_TAG = "pipeline.pid", "pipeline.host"  # who runs it: a RUNNING run whose process is gone was killed
+DVC_TAGS = {"DVC_EXP_NAME": "dvc.exp_name", "DVC_EXP_BASELINE_REV": "dvc.baseline_rev"}  # set by `dvc exp run`
+
+
+def _saved_run(client, path: str | Path | None) -> str | None:
+    """The run id saved in `path`, if that run still exists in the store."""
+    if path is None or not Path(path).is_file():
+        return None
+    run_id = Path(path).read_text().strip()
+    try:
+        client.get_run(run_id)
+    except Exception:  # deleted, or another store: start a new run
+        return None
+    return run_id
 
 
 def git_commit() -> str | None:
@@ -37,20 +56,43 @@ class Tracker:
         logging.getLogger("alembic").setLevel(logging.WARNING)
         self._mlflow = mlflow
         mlflow.set_tracking_uri(uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
-        mlflow.set_experiment(experiment)
+        exp = mlflow.set_experiment(experiment)
+        if exp.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND:  # the UI opens on the training runs
+            mlflow.set_experiment_tag("mlflow.experimentKind", EXPERIMENT_KIND)
+        self._fail_dead_runs(exp.experiment_id)
+
+    def _fail_dead_runs(self, experiment_id: str) -> None:
+        """Mark FAILED the runs still RUNNING whose process, on this machine, is gone (killed by
+        SIGKILL, OOM or a lost session: nothing ran their `finally`)."""
+        client = self._mlflow.MlflowClient()
+        for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
+            tags = run.data.tags
+            if tags.get(HOST_TAG) == socket.gethostname() and tags.get(PID_TAG, "").isdigit() \
+                    and not pid_alive(int(tags[PID_TAG])):
+                client.set_terminated(run.info.run_id, "FAILED")
 
     @contextlib.contextmanager
     def run(self, name: str, params: dict[str, Any] | None = None, tags: dict[str, str] | None = None,
-            nested: bool = False) -> Iterator[None]:
-        """A run (nested under the active one if `nested`); it ends FAILED if the block raises."""
+            nested: bool = False, resume: str | Path | None = None) -> Iterator[None]:
+        """A run (nested under the active one if `nested`); it ends FAILED if the block raises (Ctrl-C
+        and SIGTERM included). With `resume`, a file: the run whose id it holds is continued (a stage
+        killed and started again keeps one run), else a new run's id is written there."""
         if not self.enabled:
             yield
             return
-        all_tags = {"git_commit": git_commit() or "unknown", **(tags or {})}
+        all_tags = {"git_commit": git_commit() or "unknown", PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname(),
+                    **{tag: os.environ[var] for var, tag in DVC_TAGS.items() if os.environ.get(var)}, **(tags or {})}
         if all_tags["git_commit"] != "unknown":
             all_tags["mlflow.source.git.commit"] = all_tags["git_commit"]
-        with self._mlflow.start_run(run_name=name, nested=nested, tags=all_tags):
-            if params:
+        run_id = _saved_run(self._mlflow.MlflowClient(), resume)
+        with self._mlflow.start_run(run_id=run_id, run_name=None if run_id else name, nested=nested,
+                                    tags=None if run_id else all_tags) as run:
+            if run_id:
+                self._mlflow.set_tags({PID_TAG: all_tags[PID_TAG], HOST_TAG: all_tags[HOST_TAG], "resumed": "true"})
+            elif resume is not None:
+                Path(resume).parent.mkdir(parents=True, exist_ok=True)
+                Path(resume).write_text(run.info.run_id)
+            if params and not run_id:
                 self.log_params(params)
             yield
 

@@ -593,7 +593,8 @@ def train_cv(data: PreparedData, backbone: str, model_name: str, s: TrainSetting
         else:
             n_train = int((folds != k).sum())
             with tracker.run(f"{run_prefix}fold{k}", params={"fold": k, "seed": s.seed, "n_train": n_train,
-                                                              "n_val": len(va)}, nested=True):
+                                                              "n_val": len(va)}, nested=True,
+                             resume=resume_dir / f"fold{k}.mlflow_run_id" if resume_dir else None):
                 result, ckpt = fit_fold(
                     data, k, model_name, s, image_size, device, pretrained=pretrained,
                     on_epoch=lambda epoch, row: tracker.log_metrics(row, step=epoch),

@@ -61,6 +61,7 @@ def repo(tmp_path_factory):
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     _run(["git", "init", "-q"], repo, env)
     _run(["dvc", "init", "-q"], repo, env)
+    shutil.copy(ROOT / ".dvcignore", repo)
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "init"], repo, env)
     first = _run(["dvc", "repro"], repo, env)
@@ -192,6 +193,19 @@ def test_a_stage_failing_under_dvc_repro_keeps_its_previous_outputs(repo):
     assert _tree(repo / "models/test_resnet") == before["models"]  # DVC removed neither (persist: true)
     assert (repo / "reports/train/test_resnet.json").read_bytes() == before["report"]
     assert _status(repo, env) == before["status"]
+
+
+def test_a_killed_stages_scratch_folder_is_not_hashed_by_dvc_and_the_next_run_removes_it(repo):
+    repo, env, _ = repo
+    before = _status(repo, env)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    scratch = repo / f"predictions/test_resnet.tmp{dead.pid}"  # what `kill -9` during predict leaves
+    scratch.mkdir()
+    (scratch / "oof_probs.csv").write_text("")
+    assert _status(repo, env) == before  # the ensemble's `predictions` dependency did not change
+    _run(["python", "-m", "pipeline", "predict", "--backbone", "test_resnet"], repo, env)
+    assert not scratch.exists()
 
 
 def test_unknown_backbone_fails_with_a_one_line_error(repo):

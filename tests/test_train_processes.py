@@ -51,24 +51,28 @@ def _weights(root: Path) -> dict:
             for k in range(2)}
 
 
-def test_kill_9_mid_fold_then_rerun_equals_an_uninterrupted_run(tmp_path):
+def _wait_for(proc, resume: Path, *names: str) -> None:
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if all(list(resume.rglob(name)) for name in names):
+            return
+        time.sleep(0.005)
+
+
+def test_kill_9_mid_fold_then_rerun_equals_an_uninterrupted_run_and_continues_its_mlflow_runs(tmp_path):
     whole = _project(tmp_path / "whole", n_per_class=20, epochs=8)
-    killed = _project(tmp_path / "killed", n_per_class=20, epochs=8)
+    killed = _project(tmp_path / "killed", n_per_class=20, epochs=8, tracking=True)
     assert _train(whole).returncode == 0
 
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--backbone", BACKBONE], cwd=killed,
                             env=_env(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
     resume = killed / "models/.resume"
-    while time.time() < deadline and proc.poll() is None:
-        # fold 0 finished and fold 1 past its first epoch: kill in the middle of the run
-        if list(resume.rglob("fold0.done.pt")) and list(resume.rglob("fold1.state.pt")):
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
+    _wait_for(proc, resume, "fold0.done.pt", "fold1.state.pt")  # fold 1 past its first epoch: mid-run
+    proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (killed / f"models/{BACKBONE}").exists()  # nothing half-written in the output folder
-    state = torch.load(next(resume.rglob("fold1.state.pt")), weights_only=False)
+    assert list((killed / "models").glob(f"{BACKBONE}.tmp*"))  # what a kill leaves: removed by the rerun
+    state = torch.load(next(resume.rglob("fold1.state.pt")), weights_only=True)
     assert state["epoch"] < 7
 
     rerun = _train(killed)
@@ -82,6 +86,34 @@ def test_kill_9_mid_fold_then_rerun_equals_an_uninterrupted_run(tmp_path):
         for name, value in weights.items():
             assert torch.equal(value, _weights(killed)[k][name]), (k, name)
     assert not any(resume.iterdir())  # the resume state is removed once the stage has finished
+    assert sorted(p.name for p in (killed / "models").iterdir()) == [".resume", BACKBONE]  # no dead scratch
+
+    client = MlflowClient(f"sqlite:///{killed}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("procs").experiment_id])
+    assert sorted((r.info.run_name, r.info.status) for r in runs) == [
+        ("fold0", "FINISHED"), ("fold1", "FINISHED"), (BACKBONE, "FINISHED")]  # one run each, continued
+    fold1 = next(r for r in runs if r.info.run_name == "fold1")
+    assert fold1.data.tags["resumed"] == "true"
+    steps = [m.step for m in client.get_metric_history(fold1.info.run_id, "val_accuracy")]
+    assert steps == sorted(set(steps)) and steps[-1] == 7  # one history, no epoch twice (epoch 0 logged or not)
+
+
+def test_sigterm_stops_like_ctrl_c_keeps_the_resume_state_and_fails_the_mlflow_run(tmp_path):
+    root = _project(tmp_path / "p", n_per_class=20, epochs=8, tracking=True)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--backbone", BACKBONE], cwd=root,
+                            env=_env(root), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(proc, root / "models/.resume", "fold0.state.pt")
+    proc.send_signal(signal.SIGTERM)  # what timeout, SLURM and docker stop send
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM, "the run finished before it could be stopped"
+    last = proc.stderr.read().strip().splitlines()[-1]
+    assert last.startswith("error: train stopped by SIGTERM; the previous outputs are kept")
+    assert sorted(p.name for p in (root / "models").iterdir()) == [".resume"]  # scratch removed, state kept
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("procs").experiment_id])
+    assert {r.info.status for r in runs} == {"FAILED"}
+    rerun = _train(root)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "fold 0: resuming after epoch" in rerun.stdout
 
 
 def test_torchrun_two_gloo_ranks_train_one_model_and_only_rank0_writes(tmp_path):

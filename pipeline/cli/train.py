@@ -81,7 +81,8 @@ def main(argv=None) -> None:
               f"{data.n_folds} folds x {settings.epochs} epochs")
 
     tracker = Tracker(params.tracking.enabled and main, experiment_name(params))
-    with tracker.run(backbone, params=flatten(resolved), tags={"stage": "train", "backbone": backbone}):
+    with tracker.run(backbone, params=flatten(resolved), tags={"stage": "train", "backbone": backbone},
+                     resume=Path(resume_dir) / "mlflow_run_id"):  # a resumed stage continues its run
         with atomic_dir(f"models/{backbone}") if main else tempfile.TemporaryDirectory() as out:
             oof, metrics = train_backbone(data, backbone, model_name, settings, image_size, out, device, tracker,
                                           pretrained=entry.pretrained, resume_dir=resume_dir)
