@@ -328,6 +328,7 @@ class BudgetConfig:
 class TrackingConfig:
     enabled: bool = True
     experiment: str | None = None  # defaults to the competition's name
+    log_models: bool = True  # the train stage's fold checkpoints as MLflow artefacts (its OOF file always)
 
 
 @dataclass(frozen=True)

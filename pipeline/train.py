@@ -37,6 +37,7 @@ from pipeline.config import TrainSettings
 from pipeline.data import (ImageDataset, PreparedData, Rows, balanced_sampler, build_loader, build_train_transform,
                            default_num_workers, to_input)
 from pipeline.errors import PipelineError
+from pipeline.io import StageProgress
 from pipeline.metrics import METRICS, fold_summary, is_better, scores
 from pipeline.models import (Pretrained, amp_dtype, create_model, pretrained_config, probe_precision, resolve_precision,
                              use_channels_last)
@@ -433,6 +434,11 @@ def fit_features_classifier(model: torch.nn.Module, train_images, train_targets,
     return clf, clf.predict_proba(val_x)
 
 
+def _fold_units(s: TrainSettings) -> int:
+    """A fold's units of progress: its epochs (one fit for features+sklearn)."""
+    return 1 if s.finetune == "features+sklearn" else s.epochs
+
+
 def _fold_scores(result: FoldResult, targets: np.ndarray) -> dict:
     return {**scores(result.val_probs, targets), "best_epoch": result.best_epoch + 1}
 
@@ -546,11 +552,12 @@ def train_backbone(data: PreparedData, backbone: str, model_name: str, s: TrainS
     folds = data.train["fold"].to_numpy()
     seeds = s.seeds or [s.seed]
     oofs, per_seed = [], {}
+    progress = StageProgress(f"train@{backbone}", len(seeds) * data.n_folds * _fold_units(s), "epochs")
     for seed in seeds:
         oof, metrics = train_cv(data, backbone, model_name, dataclasses.replace(s, seed=seed), image_size,
                                 Path(out_dir) / f"seed{seed}", device, tracker, pretrained,
                                 Path(resume_dir) / f"seed{seed}" if resume_dir else None,
-                                run_prefix=f"seed{seed}-" if len(seeds) > 1 else "")
+                                run_prefix=f"seed{seed}-" if len(seeds) > 1 else "", progress=progress)
         oofs.append(oof)
         per_seed[str(seed)] = metrics
     bag = np.mean(oofs, axis=0)
@@ -568,7 +575,8 @@ def train_backbone(data: PreparedData, backbone: str, model_name: str, s: TrainS
 
 def train_cv(data: PreparedData, backbone: str, model_name: str, s: TrainSettings, image_size: int,
              out_dir: str | Path, device: torch.device, tracker, pretrained: Pretrained = None,
-             resume_dir: str | Path | None = None, run_prefix: str = "") -> tuple[np.ndarray, dict]:
+             resume_dir: str | Path | None = None, run_prefix: str = "", progress: StageProgress | None = None
+             ) -> tuple[np.ndarray, dict]:
     """k-fold CV of one backbone with one seed. Writes `out_dir/fold<k>/model.pt`; returns (oof_probs, metrics).
 
     Each fold trains a fresh model on the other folds (a bootstrap resample of them if `s.bootstrap`),
@@ -584,9 +592,20 @@ def train_cv(data: PreparedData, backbone: str, model_name: str, s: TrainSetting
     folds = data.train["fold"].to_numpy()
     oof = np.zeros((len(targets), len(data.classes)), dtype=np.float64)
     fold_metrics = {}
+    progress = progress or StageProgress(f"train@{backbone}", data.n_folds * _fold_units(s), "epochs")
     for k in range(data.n_folds):
         va = np.flatnonzero(folds == k)
         done = resume_dir / f"fold{k}.done.pt" if resume_dir else None
+        seen = [-1]  # the fold's last epoch counted by `progress`
+
+        def on_epoch(epoch: int, row: dict) -> None:
+            tracker.log_metrics(row, step=epoch)
+            progress.skip(epoch - seen[0] - 1)  # epochs kept from a killed run
+            seen[0] = epoch
+            line = progress.step()
+            if distributed.is_main():
+                tqdm.write(line)
+
         if done is not None and done.exists():
             result, ckpt = _load_done(done)
             tqdm.write(f"{backbone} fold{k}: finished in an earlier run, kept")
@@ -597,13 +616,14 @@ def train_cv(data: PreparedData, backbone: str, model_name: str, s: TrainSetting
                              resume=resume_dir / f"fold{k}.mlflow_run_id" if resume_dir else None):
                 result, ckpt = fit_fold(
                     data, k, model_name, s, image_size, device, pretrained=pretrained,
-                    on_epoch=lambda epoch, row: tracker.log_metrics(row, step=epoch),
+                    on_epoch=on_epoch,
                     state_path=resume_dir / f"fold{k}.state.pt" if resume_dir else None,
                     where=f"{backbone} fold {k}")
                 tracker.log_metrics({f"best_{m}": v for m, v in _fold_scores(result, targets[va]).items()})
             if done is not None and distributed.is_main():
                 _save_done(result, ckpt, done)
                 (resume_dir / f"fold{k}.state.pt").unlink(missing_ok=True)
+        progress.skip(_fold_units(s) - seen[0] - 1)  # a fold kept whole, or stopped early
         oof[va] = result.val_probs
         fold_metrics[str(k)] = _fold_scores(result, targets[va])
         if distributed.is_main():  # under torchrun only rank 0 writes

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import random
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import torch
 from pipeline.config import TrainSettings, TuneConfig, check_train_settings
 from pipeline.data import PreparedData
 from pipeline.errors import PipelineError
+from pipeline.io import StageProgress
 from pipeline.metrics import direction as metric_direction, scores
 from pipeline.train import fit_fold
 
@@ -65,16 +67,6 @@ def sample(trial: optuna.Trial, space: dict[str, dict], base: TrainSettings) -> 
 # ---------------------------------------------------------------- study
 
 
-def _retry_stale_trial(max_retry: int):
-    """Heartbeat callback: a trial whose worker died is failed, then queued again with its parameters."""
-    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        count = trial.user_attrs.get("retry_count", 0)
-        if count < max_retry:
-            study.enqueue_trial(trial.params, user_attrs={
-                "retry_of": trial.user_attrs.get("retry_of", trial.number), "retry_count": count + 1})
-    return callback
-
-
 def open_study(tune: TuneConfig, study_name: str, worker: int = 0) -> optuna.Study:
     """Create or load the study. `worker` offsets the sampler seed, so that several workers started
     together on one study do not draw the same parameters."""
@@ -83,7 +75,10 @@ def open_study(tune: TuneConfig, study_name: str, worker: int = 0) -> optuna.Stu
         try:
             storage = optuna.storages.RDBStorage(
                 url, heartbeat_interval=tune.heartbeat_seconds, grace_period=2 * tune.heartbeat_seconds,
-                heartbeat_stale_trial_callback=_retry_stale_trial(tune.max_retry))
+                # a trial whose worker died is failed, then queued again with its parameters (and the
+                # epochs it had reported); the retry's system attrs name the failed trial
+                heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(
+                    max_retry=tune.max_retry, inherit_intermediate_values=True))
             break
         except Exception as exc:  # SQLAlchemy raises many kinds; all mean the same to the user
             if attempt == 2:
@@ -169,27 +164,43 @@ def make_objective(data: PreparedData, model_name: str, base: TrainSettings, spa
     return objective
 
 
-def run_study(study: optuna.Study, objective, n_trials: int) -> None:
+def run_study(study: optuna.Study, objective, n_trials: int, name: str = "tune") -> None:
     """Run trials until the study holds `n_trials` finished ones (counting earlier runs and other workers)."""
     remaining = n_trials - finished(study)
     if remaining <= 0:
         return
     stop = optuna.study.MaxTrialsCallback(n_trials, states=(optuna.trial.TrialState.COMPLETE,
                                                             optuna.trial.TrialState.PRUNED))
+    progress = StageProgress(name, n_trials, "trials")
+    progress.skip(finished(study))
+
+    def report(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        progress.skip(max(finished(study) - progress.done - 1, 0))  # other workers' trials
+        print(f"{progress.step()} (trial {trial.number}: {trial.state.name.lower()})", flush=True)
+
     # a failed trial (e.g. a NaN loss) is recorded with its reason and the study goes on
-    study.optimize(objective, n_trials=remaining + n_trials, callbacks=[stop], catch=FAILURES,
+    study.optimize(objective, n_trials=remaining + n_trials, callbacks=[stop, report], catch=FAILURES,
                    gc_after_trial=True)
 
 
 # ---------------------------------------------------------------- report
 
 
+def _save(ax, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.figure.set_size_inches(7, 4)
+    ax.figure.tight_layout()
+    ax.figure.savefig(path, dpi=100)
+    plt.close(ax.figure)
+
+
 def write_report(study: optuna.Study, out_dir: str | Path) -> dict:
-    """Best trial, history and importance plots (PNG) into `out_dir`; returns the summary for DVC metrics."""
+    """Best trial, and optuna's own history and importance plots (PNG) into `out_dir`; returns the
+    summary for DVC metrics."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
     trials = study.get_trials(deepcopy=False)
@@ -201,34 +212,16 @@ def write_report(study: optuna.Study, out_dir: str | Path) -> dict:
     best = study.best_trial
     summary.update({"best_value": best.value, "best_trial": best.number, "best_params": best.params})
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    xs = [t.number for t in done]
-    ys = [t.value for t in done]
-    better = np.minimum.accumulate if study.direction.name == "MINIMIZE" else np.maximum.accumulate
-    ax.plot(xs, ys, "o", label="complete trials")
-    ax.step(xs, better(np.array(ys)), where="post", label="best so far")
-    pruned = [t.number for t in trials if t.state == optuna.trial.TrialState.PRUNED]
-    ax.plot(pruned, [min(ys)] * len(pruned), "x", color="grey", label="pruned")
-    ax.set_xlabel("trial")
-    ax.set_ylabel("CV score")
-    ax.set_title(f"{study.study_name}: optimisation history")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "history.png", dpi=100)
-    plt.close(fig)
-
-    if len(done) >= 2 and len({tuple(sorted(t.params.items())) for t in done}) >= 2:
-        try:
-            importances = optuna.importance.get_param_importances(study)
-        except (RuntimeError, ValueError):
-            importances = {}
-        if importances:
-            summary["importances"] = importances
-            fig, ax = plt.subplots(figsize=(6, 0.4 * len(importances) + 1.2))
-            ax.barh(list(importances)[::-1], list(importances.values())[::-1])
-            ax.set_xlabel("importance (fANOVA)")
-            ax.set_title(f"{study.study_name}: parameter importances")
-            fig.tight_layout()
-            fig.savefig(out_dir / "importances.png", dpi=100)
-            plt.close(fig)
+    with warnings.catch_warnings():  # optuna marks its matplotlib plots experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        ax = optuna.visualization.matplotlib.plot_optimization_history(study, target_name="CV score")
+        _save(ax, out_dir / "history.png")
+        if len(done) >= 2 and len({tuple(sorted(t.params.items())) for t in done}) >= 2:
+            try:
+                importances = optuna.importance.get_param_importances(study)
+            except (RuntimeError, ValueError):
+                importances = {}
+            if importances:
+                summary["importances"] = importances
+                _save(optuna.visualization.matplotlib.plot_param_importances(study), out_dir / "importances.png")
     return summary

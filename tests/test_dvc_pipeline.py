@@ -78,10 +78,20 @@ def test_repro_writes_a_valid_submission_and_metrics(repo):
 
     metrics = json.loads(_run(["dvc", "metrics", "show", "--json"], repo, env).stdout)
     files = next(iter(metrics.values()))["data"]
+    assert set(files) == {"reports/metrics.json"}  # the headline only; each stage's report on request
+    shown = _run(["dvc", "metrics", "show"], repo, env).stdout.splitlines()
+    assert max(map(len, shown)) <= 120, shown
     for backbone in ("test_resnet", "test_efficientnet"):
-        train = files[f"reports/train/{backbone}.json"]["data"]
+        train = json.loads((repo / f"reports/train/{backbone}.json").read_text())
         assert set(train["folds"]) == {"0", "1"} and 0 <= train["oof"]["accuracy"] <= 1
-    ensemble = files["reports/ensemble.json"]["data"]
+    ensemble = json.loads(_run(["dvc", "metrics", "show", "--json", "reports/ensemble.json"], repo, env).stdout)
+    ensemble = next(iter(ensemble.values()))["data"]["reports/ensemble.json"]["data"]
+    head = files["reports/metrics.json"]["data"]
+    assert head == {"method": ensemble["method"], "accuracy": pytest.approx(ensemble["oof"]["accuracy"], abs=1e-5),
+                    "log_loss": pytest.approx(ensemble["oof"]["log_loss"], abs=1e-5),
+                    "leaderboard_accuracy": pytest.approx(ensemble["local_leaderboard"]["accuracy"], abs=1e-5),
+                    **{b: pytest.approx(ensemble["backbones"][b]["oof"]["accuracy"], abs=1e-5)
+                       for b in ("test_resnet", "test_efficientnet")}}
     assert set(ensemble) >= {"oof", "local_leaderboard", "methods", "best_single", "gain_over_best_single"}
     for name in ("soft_voting", "caruana", "optimized"):  # one honest score and one submission per method
         method = ensemble["methods"][name]
@@ -94,7 +104,7 @@ def test_repro_writes_a_valid_submission_and_metrics(repo):
     expected_lb = (submission["label"] == answers.set_index("id").loc[submission["id"], "label"].values).mean()
     assert ensemble["local_leaderboard"]["accuracy"] == pytest.approx(expected_lb)
     # the analyze stage read the ensemble's OOF file: its scores agree with the ensemble stage's
-    analysis = files["reports/oof/summary.json"]["data"]
+    analysis = json.loads((repo / "reports/oof/summary.json").read_text())
     assert analysis["ensemble"]["accuracy"] == pytest.approx(ensemble["oof"]["accuracy"])
     assert analysis["test_resnet"]["log_loss"] == pytest.approx(ensemble["backbones"]["test_resnet"]["oof"]["log_loss"])
     page = (repo / "reports/oof/index.html").read_text()
@@ -113,16 +123,41 @@ def test_mlflow_has_one_run_per_backbone_with_fold_children(repo):
     exp = client.get_experiment_by_name("comp")  # named after the competition folder
     runs = client.search_runs([exp.experiment_id])
     by_name = {r.info.run_name: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
-    assert set(by_name) == {"test_resnet", "test_efficientnet", "ensemble", "analyze", "timing"}
+    assert set(by_name) == {"test_resnet", "test_efficientnet", "predict test_resnet", "predict test_efficientnet",
+                            "ensemble", "analyze", "timing"}
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on these runs
     report = {a.path for a in client.list_artifacts(by_name["analyze"].info.run_id, "oof")}
     assert "oof/index.html" in report
+
+    def children(name):
+        return {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == by_name[name].info.run_id}
+
+    methods = children("ensemble")  # one run per method, the same metric names: comparable as runs
+    assert set(methods) == {"soft_voting", "caruana", "optimized"}
+    assert all({"oof_accuracy", "oof_log_loss", "local_leaderboard_accuracy"} <= set(r.data.metrics)
+               for r in methods.values())
+    assert [n for n, r in methods.items() if r.data.tags["chosen"] == "true"] == [by_name["ensemble"].data.params["method"]]
     for backbone in ("test_resnet", "test_efficientnet"):
         parent = by_name[backbone]
-        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-        assert len(children) == 2
+        assert len(children(backbone)) == 2
         assert parent.data.params["epochs"] == "2" and "cv_accuracy" in parent.data.metrics
+        artefacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+        assert {"oof_probs.csv", "augment.json", "params.yaml", "models"} <= artefacts
+        assert {a.path for a in client.list_artifacts(parent.info.run_id, "models/seed42/fold1")} == {
+            "models/seed42/fold1/model.pt"}
+        policies = children(f"predict {backbone}")  # every TTA candidate, scored on OOF
+        assert set(policies) == {"none", "hflip"} and all("oof_log_loss" in r.data.metrics for r in policies.values())
         # `augment: null` is recorded as what ran: the shift at the 12 px cache's size
         assert json.loads(parent.data.params["augment"]) == default_augment(12)
+
+
+def test_dvc_plots_show_writes_a_page_that_needs_no_network(repo):
+    repo, env, _ = repo
+    _run(["dvc", "plots", "show"], repo, env)
+    page = (repo / "dvc_plots/index.html").read_text()
+    assert "<img" in page and "confusion.png" in page and "reliability.png" in page
+    assert "<script src=" not in page and "http" not in page.replace("http-equiv", "")
+    shutil.rmtree(repo / "dvc_plots")
 
 
 def test_second_repro_has_nothing_to_do(repo):

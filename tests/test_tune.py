@@ -232,7 +232,8 @@ def test_kill_9_mid_trial_then_rerun_retries_it_and_finishes(tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     study = _study(root)
     assert study.trials[killed.number].state == optuna.trial.TrialState.FAIL
-    retried = [t for t in study.trials if t.user_attrs.get("retry_of") == killed.number]
+    retried = [t for t in study.trials
+               if optuna.storages.RetryFailedTrialCallback.retried_trial_number(t) == killed.number]
     assert retried and retried[0].params == killed.params and retried[0].state == optuna.trial.TrialState.COMPLETE
     assert finished(study) == 3
     best = yaml.safe_load((root / "tuning/test_resnet/best_params.yaml").read_text())

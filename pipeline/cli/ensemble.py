@@ -1,10 +1,11 @@
-"""python -m pipeline ensemble  ->  submissions/, reports/ensemble.json
+"""python -m pipeline ensemble  ->  submissions/, reports/ensemble.json, reports/metrics.json
 
 Fits every method of `ensemble.methods` on the backbones' OOF probabilities and scores it honestly
 by cross-fitting over the CV folds (fit on k-1 folds' OOF rows, score the held-out fold). Writes
   submissions/submission.csv               the chosen method (`ensemble.method`; auto = best honest score)
   submissions/methods/<method>-oof-<metric>-<score>.csv   one submission per method
   submissions/oof_probs.csv, test_probs.csv       the chosen method's honest OOF and test probabilities
+  reports/metrics.json                     the headline numbers `dvc metrics show` / `dvc exp show` print
 Test predictions and the answer file are never used to fit anything.
 """
 from __future__ import annotations
@@ -28,6 +29,20 @@ PREPARED = Path("data/prepared")
 SUBMISSIONS = Path("submissions")
 
 
+
+
+def headline(metrics: dict, metric: str, chosen_by: str) -> dict:
+    """The few numbers that tell runs apart, flat, for `dvc metrics show` and `dvc exp show` at 120
+    columns: the submission's method and honest OOF score (the competition's `metric`, the one the
+    method was `chosen_by`, and log loss), its local leaderboard score if the competition has answers,
+    and each backbone's OOF `metric` (after TTA) under the backbone's name. The rest stays in reports/ensemble.json and the stage reports."""
+    shown = dict.fromkeys([metric, chosen_by, "log_loss"])
+    out = {"method": metrics["method"], **{m: round(metrics["oof"][m], 5) for m in shown}}
+    if metric in metrics.get("local_leaderboard", {}):
+        out[f"leaderboard_{metric}"] = round(metrics["local_leaderboard"][metric], 5)
+    for backbone, single in metrics["backbones"].items():
+        out[f"oof_{backbone}" if backbone in out else backbone] = round(single["oof"][metric], 5)
+    return out
 
 
 def _single_report(backbone: str, oof: np.ndarray, y: np.ndarray) -> dict:
@@ -95,18 +110,28 @@ def main(argv=None) -> None:
     if "local_leaderboard" in methods[chosen]:
         metrics["local_leaderboard"] = methods[chosen]["local_leaderboard"]
     write_json("reports/ensemble.json", metrics)
+    write_json("reports/metrics.json", headline(metrics, params.competition.metric, cfg.metric))
 
     tracker = Tracker(params.tracking.enabled, experiment_name(params))
     with tracker.run("ensemble", params={"method": chosen, "metric": cfg.metric, "methods": ",".join(cfg.methods),
                                          **{f"weight_{b}": w for b, w in methods[chosen].get("weights", {}).items()}},
                      tags={"stage": "ensemble"}):
         tracker.log_metrics({f"oof_{m}": v for m, v in final.items()})
-        tracker.log_metrics({f"{n}_oof_{m}": v for n in fitted for m, v in methods[n]["oof"].items()})
         tracker.log_metrics({f"gain_{m}": v for m, v in metrics["gain_over_best_single"].items()})
         if "local_leaderboard" in metrics:
             tracker.log_metrics({f"local_leaderboard_{m}": v for m, v in metrics["local_leaderboard"].items()})
         tracker.log_artifact(str(SUBMISSIONS / "submission.csv"))
+        tracker.log_artifact(str(SUBMISSIONS / "oof_probs.csv"))
         tracker.log_artifact("reports/ensemble.json")
+        for name in fitted:  # one run per method, with the same metric names, so the UI compares them as runs
+            report = methods[name]
+            with tracker.run(name, params={"method": name, **{f"weight_{b}": w for b, w in report.get("weights", {}).items()}},
+                             tags={"stage": "ensemble", "method": name, "chosen": str(name == chosen).lower()},
+                             nested=True):
+                tracker.log_metrics({f"oof_{m}": v for m, v in report["oof"].items()})
+                if "local_leaderboard" in report:
+                    tracker.log_metrics({f"local_leaderboard_{m}": v for m, v in report["local_leaderboard"].items()})
+                tracker.log_artifact(report["submission"])
     m, other = cfg.metric, "log_loss" if cfg.metric == "accuracy" else "accuracy"
     for name in fitted:
         print(f"{name:>13}: honest OOF {m} {methods[name]['oof'][m]:.4f}, {other} {methods[name]['oof'][other]:.4f}"

@@ -6,13 +6,14 @@ is kept. Its honest score, from choosing on the other folds only, is reported be
 """
 from __future__ import annotations
 
-from pipeline.cli import load_with_backbone, parse_args
+from pipeline.cli import experiment_name, load_with_backbone, parse_args
 from pipeline.data import load_prepared
 from pipeline.io import atomic_dir, write_json
 from pipeline.metrics import scores
 from pipeline.models import pick_device
 from pipeline.predict import predict_backbone, resolve_tta, select_policy
 from pipeline.probs import probs_frame
+from pipeline.tracking import Tracker
 
 
 def main(argv=None) -> None:
@@ -39,6 +40,18 @@ def main(argv=None) -> None:
         probs_frame(data.test["id"], best.test, data.classes).to_csv(out / "test_probs.csv", index=False)
         write_json(out / "tta.json", report)
     write_json(f"reports/predict/{backbone}.json", report)
+    tracker = Tracker(params.tracking.enabled, experiment_name(params))
+    with tracker.run(f"predict {backbone}", params={"backbone": backbone, "policy": chosen, "select": report["select"],
+                                                    "merge": tta.merge}, tags={"stage": "predict", "backbone": backbone}):
+        tracker.log_metrics({f"oof_{k}": v for k, v in report["oof"].items()})
+        tracker.log_metrics({f"oof_selection_crossfit_{k}": v for k, v in report["oof_selection_crossfit"].items()})
+        tracker.log_artifact(f"reports/predict/{backbone}.json")
+        for policy, policy_scores in report["policies"].items():  # every TTA candidate as a run of its own
+            with tracker.run(policy, params={"backbone": backbone, "policy": policy,
+                                             "views": ",".join(tta.policies[policy])},
+                             tags={"stage": "predict", "backbone": backbone, "chosen": str(policy == chosen).lower()},
+                             nested=True):
+                tracker.log_metrics({f"oof_{k}": v for k, v in policy_scores.items()})
     m = tta.metric
     line = ", ".join(f"{c} {s[m]:.4f}" for c, s in report["policies"].items())
     print(f"{backbone}: OOF {m} by TTA policy: {line}; chosen: {chosen} "

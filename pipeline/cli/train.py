@@ -92,6 +92,11 @@ def main(argv=None) -> None:
                 (out / "augment.json").write_text(json.dumps(A.to_dict(build_train_transform(
                     settings.augment, settings.seed, p=settings.augment_p)), indent=2))  # A.from_dict replays it
         tracker.log_artifact(f"models/{backbone}/augment.json")
+        tracker.log_artifact(f"models/{backbone}/oof_probs.csv")
+        tracker.log_artifact(f"models/{backbone}/params.yaml")
+        if params.tracking.log_models:
+            for seed_dir in sorted(Path(f"models/{backbone}").glob("seed*")):
+                tracker.log_artifacts(str(seed_dir), f"models/{seed_dir.name}")
         tracker.log_params({"precision_chosen": metrics["precision"],
                             **{f"probe_{k}": round(v, 1) for k, v in (metrics["precision_probe"] or {}).items()}})
         tracker.log_metrics({f"cv_{m}": v for m, v in metrics["oof"].items()})

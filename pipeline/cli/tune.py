@@ -49,7 +49,7 @@ def main(argv=None) -> None:
                      tags={"stage": "tune", "backbone": backbone}):
         objective = make_objective(data, model_name, base, space, tune, image_size, pick_device(), tracker,
                                    pretrained=entry.pretrained)
-        run_study(study, objective, tune.n_trials)
+        run_study(study, objective, tune.n_trials, f"tune@{backbone}")
         with atomic_dir(out_dir) as out:
             summary = write_report(study, out)
             best = {"enabled": True, "study": study_name, "metric": tune.metric,
