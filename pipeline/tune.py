@@ -67,6 +67,11 @@ def sample(trial: optuna.Trial, space: dict[str, dict], base: TrainSettings) -> 
 # ---------------------------------------------------------------- study
 
 
+# optuna's retry of a trial whose worker's heartbeat stopped (renamed in optuna 4.9)
+RETRY = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # its retry callback and plots
+
+
 def open_study(tune: TuneConfig, study_name: str, worker: int = 0) -> optuna.Study:
     """Create or load the study. `worker` offsets the sampler seed, so that several workers started
     together on one study do not draw the same parameters."""
@@ -77,8 +82,7 @@ def open_study(tune: TuneConfig, study_name: str, worker: int = 0) -> optuna.Stu
                 url, heartbeat_interval=tune.heartbeat_seconds, grace_period=2 * tune.heartbeat_seconds,
                 # a trial whose worker died is failed, then queued again with its parameters (and the
                 # epochs it had reported); the retry's system attrs name the failed trial
-                heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(
-                    max_retry=tune.max_retry, inherit_intermediate_values=True))
+                heartbeat_stale_trial_callback=RETRY(max_retry=tune.max_retry, inherit_intermediate_values=True))
             break
         except Exception as exc:  # SQLAlchemy raises many kinds; all mean the same to the user
             if attempt == 2:
@@ -212,16 +216,14 @@ def write_report(study: optuna.Study, out_dir: str | Path) -> dict:
     best = study.best_trial
     summary.update({"best_value": best.value, "best_trial": best.number, "best_params": best.params})
 
-    with warnings.catch_warnings():  # optuna marks its matplotlib plots experimental
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        ax = optuna.visualization.matplotlib.plot_optimization_history(study, target_name="CV score")
-        _save(ax, out_dir / "history.png")
-        if len(done) >= 2 and len({tuple(sorted(t.params.items())) for t in done}) >= 2:
-            try:
-                importances = optuna.importance.get_param_importances(study)
-            except (RuntimeError, ValueError):
-                importances = {}
-            if importances:
-                summary["importances"] = importances
-                _save(optuna.visualization.matplotlib.plot_param_importances(study), out_dir / "importances.png")
+    ax = optuna.visualization.matplotlib.plot_optimization_history(study, target_name="CV score")
+    _save(ax, out_dir / "history.png")
+    if len(done) >= 2 and len({tuple(sorted(t.params.items())) for t in done}) >= 2:
+        try:
+            importances = optuna.importance.get_param_importances(study)
+        except (RuntimeError, ValueError):
+            importances = {}
+        if importances:
+            summary["importances"] = importances
+            _save(optuna.visualization.matplotlib.plot_param_importances(study), out_dir / "importances.png")
     return summary

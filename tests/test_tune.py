@@ -21,7 +21,7 @@ from pipeline.errors import PipelineError
 from pipeline.prepare import prepare
 from pipeline.tracking import Tracker
 from pipeline.train import train_cv
-from pipeline.tune import finished, make_objective, open_study, run_study, sample, search_space, write_report
+from pipeline.tune import RETRY, finished, make_objective, open_study, run_study, sample, search_space, write_report
 from tests.conftest import write_competition
 
 pytestmark = pytest.mark.training  # trains or tunes: CI runs these again on another instruction set
@@ -233,7 +233,7 @@ def test_kill_9_mid_trial_then_rerun_retries_it_and_finishes(tmp_path):
     study = _study(root)
     assert study.trials[killed.number].state == optuna.trial.TrialState.FAIL
     retried = [t for t in study.trials
-               if optuna.storages.RetryFailedTrialCallback.retried_trial_number(t) == killed.number]
+               if RETRY.retried_trial_number(t) == killed.number]
     assert retried and retried[0].params == killed.params and retried[0].state == optuna.trial.TrialState.COMPLETE
     assert finished(study) == 3
     best = yaml.safe_load((root / "tuning/test_resnet/best_params.yaml").read_text())
