@@ -160,6 +160,33 @@ def test_dvc_plots_show_writes_a_page_that_needs_no_network(repo):
     shutil.rmtree(repo / "dvc_plots")
 
 
+def test_the_readmes_repro_block_runs_the_stages_in_the_venv_from_a_shell_without_it(repo, tmp_path):
+    from tests.test_readme import ACTIVATE, command_blocks
+
+    repo, env, _ = repo
+    venv = Path(sys.prefix)
+    if not (venv / "bin" / "activate").is_file():
+        pytest.skip(f"the tests run outside a virtualenv ({venv}): nothing to activate")
+    block = next(b for b in command_blocks((ROOT / "README.md").read_text()) if b == [ACTIVATE, "dvc repro"])
+    decoy = tmp_path / "bin"  # the first `python` on this PATH is not the project's
+    decoy.mkdir()
+    (decoy / "python").write_text("#!/bin/sh\necho 'not the project python' >&2\nexit 3\n")
+    (decoy / "python").chmod(0o755)
+    (repo / ".venv").symlink_to(venv)
+    before = (repo / "params.yaml").read_text()
+    _set_params(repo, ensemble={"weights": {"test_resnet": 3.0, "test_efficientnet": 1.0}})
+    bare = {**env, "PATH": f"{decoy}:/usr/bin:/bin"}
+    try:
+        proc = subprocess.run(["bash", "-c", "\n".join(block)], cwd=repo, env=bare, capture_output=True, text=True,
+                              timeout=600)
+    finally:
+        (repo / "params.yaml").write_text(before)
+        (repo / ".venv").unlink()
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Running stage 'ensemble'" in proc.stdout and "not the project python" not in proc.stderr
+    _run(["dvc", "repro"], repo, env)  # back to the fixture's params for the tests after this one
+
+
 def test_second_repro_has_nothing_to_do(repo):
     repo, env, _ = repo
     assert _status(repo, env) == {}
