@@ -39,7 +39,7 @@ def headline(metrics: dict, metric: str, chosen_by: str) -> dict:
     shown = dict.fromkeys([metric, chosen_by, "log_loss"])
     out = {"method": metrics["method"], **{m: round(metrics["oof"][m], 5) for m in shown}}
     if metric in metrics.get("local_leaderboard", {}):
-        out[f"leaderboard_{metric}"] = round(metrics["local_leaderboard"][metric], 5)
+        out[f"lb_{metric}"] = round(metrics["local_leaderboard"][metric], 5)
     for backbone, single in metrics["backbones"].items():
         out[f"oof_{backbone}" if backbone in out else backbone] = round(single["oof"][metric], 5)
     return out
