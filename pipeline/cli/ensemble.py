@@ -34,14 +34,12 @@ SUBMISSIONS = Path("submissions")
 def headline(metrics: dict, metric: str, chosen_by: str) -> dict:
     """The few numbers that tell runs apart, flat, for `dvc metrics show` and `dvc exp show` at 120
     columns: the submission's method and honest OOF score (the competition's `metric`, the one the
-    method was `chosen_by`, and log loss), its local leaderboard score if the competition has answers,
-    and each backbone's OOF `metric` (after TTA) under the backbone's name. The rest stays in reports/ensemble.json and the stage reports."""
-    shown = dict.fromkeys([metric, chosen_by, "log_loss"])
-    out = {"method": metrics["method"], **{m: round(metrics["oof"][m], 5) for m in shown}}
+    method was `chosen_by`, and log loss) and its local leaderboard score if the competition has
+    answers. Each backbone's scores, each method's, the TTA choices: reports/ensemble.json."""
+    out = {"method": metrics["method"],
+           **{m: round(metrics["oof"][m], 5) for m in dict.fromkeys([metric, chosen_by, "log_loss"])}}
     if metric in metrics.get("local_leaderboard", {}):
         out[f"lb_{metric}"] = round(metrics["local_leaderboard"][metric], 5)
-    for backbone, single in metrics["backbones"].items():
-        out[f"oof_{backbone}" if backbone in out else backbone] = round(single["oof"][metric], 5)
     return out
 
 
