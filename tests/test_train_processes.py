@@ -1,5 +1,6 @@
 """The train stage as separate processes: killed with SIGKILL and resumed, and under torchrun (2 gloo ranks)."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -114,6 +115,12 @@ def test_sigterm_stops_like_ctrl_c_keeps_the_resume_state_and_fails_the_mlflow_r
     rerun = _train(root)
     assert rerun.returncode == 0, rerun.stderr
     assert "fold 0: resuming after epoch" in rerun.stdout
+    # off a terminal: a plain line per epoch saying where the stage stands, epochs kept from the killed
+    # run counted as done, and when it will end
+    progress = re.findall(r"^train@test_resnet: (\d+)/16 epochs \((\d+)%\), \d+:\d\d elapsed, ETA (\d+):(\d\d)$",
+                          rerun.stdout, re.M)
+    assert len(progress) >= 8 and int(progress[0][0]) >= 2 and progress[-1][:2] == ("16", "100")
+    assert progress[-1][2:] == ("0", "00") and [int(p[0]) for p in progress] == sorted(int(p[0]) for p in progress)
 
 
 def test_torchrun_two_gloo_ranks_train_one_model_and_only_rank0_writes(tmp_path):

@@ -1,6 +1,7 @@
 """The tune stage on a real Optuna RDB storage (SQLite), real tiny timm models and a real MLflow store."""
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -238,6 +239,7 @@ def test_kill_9_mid_trial_then_rerun_retries_it_and_finishes(tmp_path):
     assert finished(study) == 3
     best = yaml.safe_load((root / "tuning/test_resnet/best_params.yaml").read_text())
     assert best["params"]["lr"] == study.best_params["lr"]
+    assert re.search(r"^tune@test_resnet: 3/3 trials \(100%\), \d+:\d\d elapsed, ETA 0:00", rerun.stdout, re.M)
 
 
 def _two_workers(root: Path, storage: str | None = None) -> optuna.Study:
