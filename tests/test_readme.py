@@ -19,12 +19,24 @@ def command_blocks(text: str) -> list[list[str]]:
     return blocks
 
 
+def _commands(line: str) -> list[list[str]]:
+    """The simple commands of a shell line, split at &&, ||, ;, & and | outside quotes."""
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    commands = [[]]
+    for token in lexer:
+        if token in {"&&", "||", ";", "&", "|", ";;"}:
+            commands.append([])
+        else:
+            commands[-1].append(token)
+    return commands
+
+
 def commands_missing_the_venv(block: list[str]) -> list[str]:
     """The commands of `block` that would run outside the virtualenv."""
     missing, active = [], False
     for line in block:
-        for part in re.split(r"&&|;|\|\||&(?!&)|\|", line):
-            words = shlex.split(part.strip())
+        for words in _commands(line):
             while words and re.match(r"^\w+=", words[0]):  # CUDA_VISIBLE_DEVICES=0 python ...
                 words = words[1:]
             if not words:
@@ -33,7 +45,7 @@ def commands_missing_the_venv(block: list[str]) -> list[str]:
                 active = True
             elif not active and (words[0] in NEEDS_VENV or (  # .venv/bin/dvc itself runs, its stages' python not
                     words[0].endswith(".venv/bin/dvc") and (words[1:2] == ["repro"] or words[1:3] == ["exp", "run"]))):
-                missing.append(part.strip())
+                missing.append(" ".join(words))
     return missing
 
 
@@ -48,4 +60,5 @@ def test_the_checker_catches_a_bare_dvc_command():
     assert commands_missing_the_venv(["dvc exp run -S train.lr=0.01"]) == ["dvc exp run -S train.lr=0.01"]
     assert commands_missing_the_venv([".venv/bin/dvc repro --force"]) == [".venv/bin/dvc repro --force"]
     assert commands_missing_the_venv(["make run", ".venv/bin/dvc metrics show"]) == []
+    assert commands_missing_the_venv(["make x | dvc exp show --drop 'a|b'"]) == ["dvc exp show --drop a|b"]
     assert commands_missing_the_venv([f"{ACTIVATE} && dvc repro", "CUDA_VISIBLE_DEVICES=0 python -m x &"]) == []
