@@ -17,7 +17,7 @@ from typing import Any, Iterator
 from pipeline.io import pid_alive
 
 DEFAULT_URI = "sqlite:///mlflow.db"
-EXPERIMENT_KIND = "custom_model_development"  # mlflow.experimentKind: without it MLflow 3's UI opens on GenAI traces
+EXPERIMENT_KIND = "custom_model_development"  # mlflow.experimentKind: MLflow 3 UIs that read it open on the runs
 PID_TAG, HOST_TAG = "pipeline.pid", "pipeline.host"  # who runs it: a RUNNING run whose process is gone was killed
 DVC_TAGS = {"DVC_EXP_NAME": "dvc.exp_name", "DVC_EXP_BASELINE_REV": "dvc.baseline_rev"}  # set by `dvc exp run`
 
