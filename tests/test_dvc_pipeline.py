@@ -158,33 +158,6 @@ def test_dvc_plots_show_writes_a_page_that_needs_no_network(repo):
     shutil.rmtree(repo / "dvc_plots")
 
 
-def test_the_readmes_repro_block_runs_the_stages_in_the_venv_from_a_shell_without_it(repo, tmp_path):
-    from tests.test_readme import ACTIVATE, command_blocks
-
-    repo, env, _ = repo
-    venv = Path(sys.prefix)
-    if not (venv / "bin" / "activate").is_file():
-        pytest.skip(f"the tests run outside a virtualenv ({venv}): nothing to activate")
-    block = next(b for b in command_blocks((ROOT / "README.md").read_text()) if b == [ACTIVATE, "dvc repro"])
-    decoy = tmp_path / "bin"  # the first `python` on this PATH is not the project's
-    decoy.mkdir()
-    (decoy / "python").write_text("#!/bin/sh\necho 'not the project python' >&2\nexit 3\n")
-    (decoy / "python").chmod(0o755)
-    (repo / ".venv").symlink_to(venv)
-    before = (repo / "params.yaml").read_text()
-    _set_params(repo, ensemble={"weights": {"test_resnet": 3.0, "test_efficientnet": 1.0}})
-    bare = {**env, "PATH": f"{decoy}:/usr/bin:/bin"}
-    try:
-        proc = subprocess.run(["bash", "-c", "\n".join(block)], cwd=repo, env=bare, capture_output=True, text=True,
-                              timeout=600)
-    finally:
-        (repo / "params.yaml").write_text(before)
-        (repo / ".venv").unlink()
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "Running stage 'ensemble'" in proc.stdout and "not the project python" not in proc.stderr
-    _run(["dvc", "repro"], repo, env)  # back to the fixture's params for the tests after this one
-
-
 def test_second_repro_has_nothing_to_do(repo):
     repo, env, _ = repo
     assert _status(repo, env) == {}
@@ -192,14 +165,38 @@ def test_second_repro_has_nothing_to_do(repo):
     assert "Running stage" not in again.stdout
 
 
-def test_changing_ensemble_weights_reruns_only_the_ensemble_its_analysis_and_timing(repo):
+def _readme_repro(repo: Path, env: dict) -> str:
+    """The README's `dvc repro` block, verbatim, in a bash whose PATH lacks the virtualenv and whose
+    first `python` is a decoy: the stages run only if the block puts the project's python first.
+    Returns its output."""
+    from tests.test_readme import ACTIVATE, command_blocks
+
+    venv = Path(sys.prefix)
+    if not (venv / "bin" / "activate").is_file():
+        pytest.skip(f"the tests run outside a virtualenv ({venv}): nothing to activate")
+    block = next(b for b in command_blocks((ROOT / "README.md").read_text()) if b == [ACTIVATE, "dvc repro"])
+    decoy = repo.parent / "decoy-bin"
+    decoy.mkdir(exist_ok=True)
+    (decoy / "python").write_text("#!/bin/sh\necho 'not the project python' >&2\nexit 3\n")
+    (decoy / "python").chmod(0o755)
+    (repo / ".venv").symlink_to(venv)
+    try:
+        proc = subprocess.run(["bash", "-c", "\n".join(block)], cwd=repo, env={**env, "PATH": f"{decoy}:/usr/bin:/bin"},
+                              capture_output=True, text=True, timeout=600)
+    finally:
+        (repo / ".venv").unlink()
+    assert proc.returncode == 0 and "not the project python" not in proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_changing_ensemble_weights_reruns_only_the_ensemble_its_analysis_and_timing_through_the_readme_block(repo):
     repo, env, _ = repo
     # soft voting submitted: new weights change the ensemble's OOF file, which analyze reads. (Under
     # `method: auto` the choice between methods is the training run's, which differs between CPUs; had
     # it chosen another method, the file would not change and DVC would rightly skip analyze.)
     _set_params(repo, ensemble={"method": "soft_voting", "weights": {"test_resnet": 3}})
     assert set(_status(repo, env)) == {"ensemble"}
-    out = _run(["dvc", "repro"], repo, env).stdout
+    out = _readme_repro(repo, env)  # run as the README shows it, from a shell without the venv
     assert set(re.findall(r"Running stage '([^']+)'", out)) == {"ensemble", "analyze", "timing"}
     report = json.loads((repo / "reports/ensemble.json").read_text())
     assert report["method"] == "soft_voting"
