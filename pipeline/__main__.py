@@ -20,20 +20,10 @@ import importlib
 import signal
 import sys
 
-from pipeline.io import record_stage, start_stage_clock
+from pipeline.io import Terminated, record_stage, start_stage_clock, stop_on_signals
 
 STAGES = ("prepare", "tune", "plan", "train", "predict", "ensemble", "analyze", "timing")
 MODULES = {**{s: f"pipeline.cli.{s}" for s in STAGES}, "preset": "pipeline.presets", "export": "pipeline.cli.export"}
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (timeout, SLURM, docker stop, a cluster's pre-emption), raised like Ctrl-C's
-    KeyboardInterrupt so that the same cleanup runs: scratch outputs removed, previous outputs kept,
-    MLflow runs ended FAILED, the resume state kept for the next run."""
-
-
-def _terminate(signum, frame):
-    raise Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.errors import PipelineError
 
     stage = importlib.import_module(MODULES[argv[0]])
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    previous = stop_on_signals()
     try:
         stage.main(argv[1:])
     except PipelineError as exc:
@@ -57,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
               f"resumes (train: from the last finished epoch)", file=sys.stderr)
         return 128 + (signal.SIGTERM if how == "SIGTERM" else signal.SIGINT)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if argv[0] in STAGES:  # under the DVC stage's name: train@<backbone> for `train --backbone <backbone>`
         parser = argparse.ArgumentParser(add_help=False)
         parser.add_argument("--backbone")

@@ -1,15 +1,54 @@
-"""Atomic writes: a stage either leaves its complete outputs or the previous ones, never half of them.
-And each stage's clock: `record_stage` (reports/timing/, read by the timing stage) and `StageProgress`
-(a plain progress line with an ETA)."""
+"""Atomic writes: a stage either leaves its complete outputs or the previous ones, never half of them,
+also when it is stopped (Ctrl-C, SIGTERM: `stop_on_signals`, `uninterrupted`). And each stage's clock:
+`record_stage` (reports/timing/, read by the timing stage) and `StageProgress` (a plain progress line
+with an ETA)."""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any, Iterator
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, SLURM, docker stop, a cluster's pre-emption), raised like Ctrl-C's
+    KeyboardInterrupt so that the same cleanup runs: scratch outputs removed, previous outputs kept,
+    MLflow runs ended FAILED, the resume state kept for the next run."""
+
+
+_stop = {"depth": 0, "pending": None}  # inside `uninterrupted` blocks; a stop that waits for their end
+
+
+def _on_stop_signal(signum, frame) -> None:
+    stop = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+    if _stop["depth"]:
+        _stop["pending"] = stop
+        return
+    raise stop()
+
+
+def stop_on_signals() -> dict:
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt / `Terminated`, except inside `uninterrupted` blocks,
+    whose end they wait for. Returns the previous handlers (for `signal.signal`)."""
+    return {sig: signal.signal(sig, _on_stop_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """A block that a stop signal does not cut in half (a folder swap, a database write): the stop is
+    raised when the block ends."""
+    _stop["depth"] += 1
+    try:
+        yield
+    finally:
+        _stop["depth"] -= 1
+        if not _stop["depth"] and _stop["pending"] is not None:
+            stop, _stop["pending"] = _stop["pending"], None
+            raise stop()
 
 
 @contextlib.contextmanager
@@ -30,14 +69,15 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = path.with_name(f"{path.name}.old{os.getpid()}")
-    for _ in range(10):  # another process may swap its own version in between: last writer wins
-        try:
-            if path.exists():
-                path.rename(old)
-            tmp.rename(path)
-            break
-        except (FileNotFoundError, FileExistsError, OSError):
-            continue
+    with uninterrupted():  # stopped between the two renames, there would be no `path` at all
+        for _ in range(10):  # another process may swap its own version in between: last writer wins
+            try:
+                if path.exists():
+                    path.rename(old)
+                tmp.rename(path)
+                break
+            except (FileNotFoundError, FileExistsError, OSError):
+                continue
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline.io import pid_alive
+from pipeline.io import pid_alive, uninterrupted
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 EXPERIMENT_KIND = "custom_model_development"  # mlflow.experimentKind: MLflow 3 UIs that read it open on the runs
@@ -56,10 +56,11 @@ class Tracker:
         logging.getLogger("alembic").setLevel(logging.WARNING)
         self._mlflow = mlflow
         mlflow.set_tracking_uri(uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
-        exp = mlflow.set_experiment(experiment)
-        if exp.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND:  # the UI opens on the training runs
-            mlflow.set_experiment_tag("mlflow.experimentKind", EXPERIMENT_KIND)
-        self._fail_dead_runs(exp.experiment_id)
+        with uninterrupted():
+            exp = mlflow.set_experiment(experiment)
+            if exp.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND:
+                mlflow.set_experiment_tag("mlflow.experimentKind", EXPERIMENT_KIND)
+            self._fail_dead_runs(exp.experiment_id)
 
     def _fail_dead_runs(self, experiment_id: str) -> None:
         """Mark FAILED the runs still RUNNING whose process, on this machine, is gone (killed by
@@ -84,30 +85,41 @@ class Tracker:
                     **{tag: os.environ[var] for var, tag in DVC_TAGS.items() if os.environ.get(var)}, **(tags or {})}
         if all_tags["git_commit"] != "unknown":
             all_tags["mlflow.source.git.commit"] = all_tags["git_commit"]
-        run_id = _saved_run(self._mlflow.MlflowClient(), resume)
-        with self._mlflow.start_run(run_id=run_id, run_name=None if run_id else name, nested=nested,
-                                    tags=None if run_id else all_tags) as run:
+        with uninterrupted():  # a stop signal inside an SQLite write would leave the store locked
+            run_id = _saved_run(self._mlflow.MlflowClient(), resume)
+            run = self._mlflow.start_run(run_id=run_id, run_name=None if run_id else name, nested=nested,
+                                         tags=None if run_id else all_tags)
             if run_id:
                 self._mlflow.set_tags({PID_TAG: all_tags[PID_TAG], HOST_TAG: all_tags[HOST_TAG], "resumed": "true"})
             elif resume is not None:
                 Path(resume).parent.mkdir(parents=True, exist_ok=True)
                 Path(resume).write_text(run.info.run_id)
-            if params and not run_id:
-                self.log_params(params)
+        if params and not run_id:
+            self.log_params(params)
+        status = "FAILED"
+        try:
             yield
+            status = "FINISHED"
+        finally:
+            with uninterrupted():
+                self._mlflow.end_run(status)
 
     def log_params(self, params: dict[str, Any]) -> None:
         if self.enabled:  # MLflow caps a value at 6,000 characters; the full text goes in artefacts
-            self._mlflow.log_params({k: str("null" if v is None else v)[:6000] for k, v in params.items()})
+            with uninterrupted():
+                self._mlflow.log_params({k: str("null" if v is None else v)[:6000] for k, v in params.items()})
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.enabled:
-            self._mlflow.log_metrics(metrics, step=step)
+            with uninterrupted():
+                self._mlflow.log_metrics(metrics, step=step)
 
     def log_artifact(self, path: str) -> None:
         if self.enabled:
-            self._mlflow.log_artifact(path)
+            with uninterrupted():
+                self._mlflow.log_artifact(path)
 
     def log_artifacts(self, folder: str, artifact_path: str | None = None) -> None:
         if self.enabled:
-            self._mlflow.log_artifacts(folder, artifact_path)
+            with uninterrupted():
+                self._mlflow.log_artifacts(folder, artifact_path)

@@ -43,3 +43,26 @@ def test_a_run_is_tagged_with_its_dvc_experiment_and_resumed_from_its_saved_id(t
     runs = client.search_runs([client.get_experiment_by_name("unit").experiment_id])
     assert len(runs) == 1 and runs[0].data.tags["dvc.exp_name"] == "wide-lr"
     assert [m.value for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [1.0, 0.5]
+
+
+def test_a_stop_signal_waits_for_the_end_of_an_uninterrupted_block():
+    import signal
+
+    from pipeline.io import Terminated, stop_on_signals, uninterrupted
+
+    previous = stop_on_signals()
+    reached = []
+    try:
+        try:
+            with uninterrupted():  # e.g. an SQLite write of MLflow's, or a folder swap
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(1000):  # Python runs the handler between bytecodes: here, within the block
+                    pass
+                reached.append("end of block")
+            reached.append("after the block")
+        except Terminated:
+            reached.append("stopped")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert reached == ["end of block", "stopped"]

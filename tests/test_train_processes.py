@@ -100,13 +100,14 @@ def test_kill_9_mid_fold_then_rerun_equals_an_uninterrupted_run_and_continues_it
 
 
 def test_sigterm_stops_like_ctrl_c_keeps_the_resume_state_and_fails_the_mlflow_run(tmp_path):
-    root = _project(tmp_path / "p", n_per_class=20, epochs=8, tracking=True)
+    root = _project(tmp_path / "p", n_per_class=20, epochs=4, tracking=True)
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--backbone", BACKBONE], cwd=root,
                             env=_env(root), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait_for(proc, root / "models/.resume", "fold0.state.pt")
     proc.send_signal(signal.SIGTERM)  # what timeout, SLURM and docker stop send
-    assert proc.wait(timeout=60) == 128 + signal.SIGTERM, "the run finished before it could be stopped"
-    last = proc.stderr.read().strip().splitlines()[-1]
+    returncode, stderr = proc.wait(timeout=60), proc.stderr.read()
+    assert returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: train stopped by SIGTERM; the previous outputs are kept")
     assert sorted(p.name for p in (root / "models").iterdir()) == [".resume"]  # scratch removed, state kept
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
@@ -117,9 +118,9 @@ def test_sigterm_stops_like_ctrl_c_keeps_the_resume_state_and_fails_the_mlflow_r
     assert "fold 0: resuming after epoch" in rerun.stdout
     # off a terminal: a plain line per epoch saying where the stage stands, epochs kept from the killed
     # run counted as done, and when it will end
-    progress = re.findall(r"^train@test_resnet: (\d+)/16 epochs \((\d+)%\), \d+:\d\d elapsed, ETA (\d+):(\d\d)$",
+    progress = re.findall(r"^train@test_resnet: (\d+)/8 epochs \((\d+)%\), \d+:\d\d elapsed, ETA (\d+):(\d\d)$",
                           rerun.stdout, re.M)
-    assert len(progress) >= 8 and int(progress[0][0]) >= 2 and progress[-1][:2] == ("16", "100")
+    assert len(progress) >= 4 and int(progress[0][0]) >= 2 and progress[-1][:2] == ("8", "100")
     assert progress[-1][2:] == ("0", "00") and [int(p[0]) for p in progress] == sorted(int(p[0]) for p in progress)
 
 
