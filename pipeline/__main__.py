@@ -43,8 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as exc:
         how = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
+        again = {"train": "resumes from the last finished epoch", "tune": "continues the study"}
         print(f"error: {argv[0]} stopped by {how}; the previous outputs are kept and the same command "
-              f"resumes (train: from the last finished epoch)", file=sys.stderr)
+              f"{again.get(argv[0], 'runs it again')}", file=sys.stderr)
         return 128 + (signal.SIGTERM if how == "SIGTERM" else signal.SIGINT)
     finally:
         for sig, handler in previous.items():

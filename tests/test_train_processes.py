@@ -108,7 +108,8 @@ def test_sigterm_stops_like_ctrl_c_keeps_the_resume_state_and_fails_the_mlflow_r
     returncode, stderr = proc.wait(timeout=60), proc.stderr.read()
     assert returncode == 128 + signal.SIGTERM, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith("error: train stopped by SIGTERM; the previous outputs are kept")
+    assert last == ("error: train stopped by SIGTERM; the previous outputs are kept and the same command resumes "
+                    "from the last finished epoch")
     assert sorted(p.name for p in (root / "models").iterdir()) == [".resume"]  # scratch removed, state kept
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("procs").experiment_id])
