@@ -104,6 +104,17 @@ class Tracker:
             with uninterrupted():
                 self._mlflow.end_run(status)
 
+    def log_candidates(self, candidates: dict[str, tuple[dict, dict]], chosen: str, tags: dict[str, str],
+                       artifacts: dict[str, str] | None = None) -> None:
+        """One nested run per candidate the stage chose among (a TTA policy, an ensemble method): its
+        (params, metrics) under the same metric names for every candidate and a `chosen` tag, so the
+        UI compares them as runs; `artifacts` maps a candidate to a file to attach."""
+        for name, (params, metrics) in candidates.items():
+            with self.run(name, params=params, tags={**tags, "chosen": str(name == chosen).lower()}, nested=True):
+                self.log_metrics(metrics)
+                if artifacts and name in artifacts:
+                    self.log_artifact(artifacts[name])
+
     def log_params(self, params: dict[str, Any]) -> None:
         if self.enabled:  # MLflow caps a value at 6,000 characters; the full text goes in artefacts
             with uninterrupted():

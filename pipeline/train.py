@@ -596,12 +596,13 @@ def train_cv(data: PreparedData, backbone: str, model_name: str, s: TrainSetting
     for k in range(data.n_folds):
         va = np.flatnonzero(folds == k)
         done = resume_dir / f"fold{k}.done.pt" if resume_dir else None
-        seen = [-1]  # the fold's last epoch counted by `progress`
+        seen = -1  # the fold's last epoch counted by `progress`
 
         def on_epoch(epoch: int, row: dict) -> None:
+            nonlocal seen
             tracker.log_metrics(row, step=epoch)
-            progress.skip(epoch - seen[0] - 1)  # epochs kept from a killed run
-            seen[0] = epoch
+            progress.skip(epoch - seen - 1)  # epochs kept from a killed run
+            seen = epoch
             line = progress.step()
             if distributed.is_main():
                 tqdm.write(line)
@@ -623,7 +624,7 @@ def train_cv(data: PreparedData, backbone: str, model_name: str, s: TrainSetting
             if done is not None and distributed.is_main():
                 _save_done(result, ckpt, done)
                 (resume_dir / f"fold{k}.state.pt").unlink(missing_ok=True)
-        progress.skip(_fold_units(s) - seen[0] - 1)  # a fold kept whole, or stopped early
+        progress.skip(_fold_units(s) - seen - 1)  # a fold kept whole, or stopped early
         oof[va] = result.val_probs
         fold_metrics[str(k)] = _fold_scores(result, targets[va])
         if distributed.is_main():  # under torchrun only rank 0 writes

@@ -121,15 +121,12 @@ def main(argv=None) -> None:
         tracker.log_artifact(str(SUBMISSIONS / "submission.csv"))
         tracker.log_artifact(str(SUBMISSIONS / "oof_probs.csv"))
         tracker.log_artifact("reports/ensemble.json")
-        for name in fitted:  # one run per method, with the same metric names, so the UI compares them as runs
-            report = methods[name]
-            with tracker.run(name, params={"method": name, **{f"weight_{b}": w for b, w in report.get("weights", {}).items()}},
-                             tags={"stage": "ensemble", "method": name, "chosen": str(name == chosen).lower()},
-                             nested=True):
-                tracker.log_metrics({f"oof_{m}": v for m, v in report["oof"].items()})
-                if "local_leaderboard" in report:
-                    tracker.log_metrics({f"local_leaderboard_{m}": v for m, v in report["local_leaderboard"].items()})
-                tracker.log_artifact(report["submission"])
+        tracker.log_candidates(
+            {name: ({"method": name, **{f"weight_{b}": w for b, w in methods[name].get("weights", {}).items()}},
+                    {**{f"oof_{m}": v for m, v in methods[name]["oof"].items()},
+                     **{f"local_leaderboard_{m}": v for m, v in methods[name].get("local_leaderboard", {}).items()}})
+             for name in fitted},
+            chosen, tags={"stage": "ensemble"}, artifacts={name: methods[name]["submission"] for name in fitted})
     m, other = cfg.metric, "log_loss" if cfg.metric == "accuracy" else "accuracy"
     for name in fitted:
         print(f"{name:>13}: honest OOF {m} {methods[name]['oof'][m]:.4f}, {other} {methods[name]['oof'][other]:.4f}"

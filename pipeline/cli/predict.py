@@ -46,12 +46,10 @@ def main(argv=None) -> None:
         tracker.log_metrics({f"oof_{k}": v for k, v in report["oof"].items()})
         tracker.log_metrics({f"oof_selection_crossfit_{k}": v for k, v in report["oof_selection_crossfit"].items()})
         tracker.log_artifact(f"reports/predict/{backbone}.json")
-        for policy, policy_scores in report["policies"].items():  # every TTA candidate as a run of its own
-            with tracker.run(policy, params={"backbone": backbone, "policy": policy,
-                                             "views": ",".join(tta.policies[policy])},
-                             tags={"stage": "predict", "backbone": backbone, "chosen": str(policy == chosen).lower()},
-                             nested=True):
-                tracker.log_metrics({f"oof_{k}": v for k, v in policy_scores.items()})
+        tracker.log_candidates({policy: ({"backbone": backbone, "policy": policy, "views": ",".join(tta.policies[policy])},
+                                          {f"oof_{k}": v for k, v in policy_scores.items()})
+                                for policy, policy_scores in report["policies"].items()},
+                               chosen, tags={"stage": "predict", "backbone": backbone})
     m = tta.metric
     line = ", ".join(f"{c} {s[m]:.4f}" for c, s in report["policies"].items())
     print(f"{backbone}: OOF {m} by TTA policy: {line}; chosen: {chosen} "
