@@ -16,6 +16,8 @@ import pandas as pd
 from scipy.stats import fisher_exact
 from sklearn.metrics import precision_recall_fscore_support
 
+from pipeline.config import Params, resolve_train_settings
+from pipeline.data import PreparedData, default_augment
 from pipeline.metrics import METRICS, fold_spread, scores
 
 # ---------------------------------------------------------------- scores
@@ -327,3 +329,31 @@ def summary(analyses: list[ModelAnalysis], div: pd.DataFrame) -> dict:
         out[f"{row.a}~{row.b}"] = {"disagreement": row.disagreement, "error_correlation": row.error_correlation,
                                    "oracle_accuracy": row.oracle_accuracy}
     return out
+
+
+def analyze_all(params: Params, oof: dict[str, np.ndarray], data: PreparedData, properties: pd.DataFrame
+                ) -> list[ModelAnalysis]:
+    """`analyze_model` of every backbone's OOF and of the ensemble's (the last entry of `oof`), each
+    backbone's advice checked against the augmentation it trained with."""
+    cfg, backbones = params.analyze, list(params.train.backbones)
+    analyses = []
+    for name, probs in oof.items():
+        if name in backbones:
+            augment = resolve_train_settings(params.train, name).augment or default_augment(data.train_images.shape[1])
+            where = f"train.backbones.{name}.augment" if params.train.backbones[name].augment else "train.augment"
+        else:  # the ensemble: its members may differ, so no "already on" check
+            augment, where = None, "train.augment"
+        analyses.append(analyze_model(
+            name, probs, data.targets, data.folds, data.classes, properties, augment, top_k=cfg.top_k,
+            pairs=cfg.confused_pairs, calibration_bins=cfg.calibration_bins, slice_buckets=cfg.slice_buckets,
+            alpha=cfg.significance, where=where, metric=params.competition.metric))
+    return analyses
+
+
+def headline_line(a: ModelAnalysis, metric: str) -> str:
+    """One model's line in the stage's log: OOF scores, calibration, its first advice."""
+    missing = never_predicted(a.per_class)
+    shown = dict.fromkeys([metric, "accuracy"])
+    return (f"{a.name}: OOF " + ", ".join(f"{m} {a.scores[m]:.4f}" for m in shown) + f", ECE {a.ece:.4f}, "
+            f"{len(a.advice)} weak slice(s)" + (f"; {a.advice[0]['augmentation']}" if a.advice else "")
+            + (f"; never predicts class {', '.join(missing[:5])} (try train.class_weight: balanced)" if missing else ""))

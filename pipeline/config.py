@@ -388,8 +388,6 @@ def _check_sections(p: Params, source: str) -> None:
     if p.prepare.image_size < 1:
         raise ConfigError(f"{source}: prepare.image_size must be >= 1, got {p.prepare.image_size}")
     backbones = list(p.train.backbones)
-    if "plan" in backbones:
-        raise ConfigError(f"{source}: train.backbones.plan: 'plan' is taken (models/plan/ holds the plan); rename it")
     for name in backbones:
         check_train_settings(resolve_train_settings(p.train, name), f"{source}: train.backbones.{name}")
     for k in p.tune.folds:

@@ -25,6 +25,28 @@ from pipeline.errors import PipelineError
 from pipeline.io import read_json
 
 
+@dataclass(frozen=True)
+class InputConfig:
+    """What a network is fed, as timm's data config says it: the input side (None: the cache's), the
+    normalisation, how a batch is resized to the input side, and the autocast precision it runs in
+    (None: `precision.amp_dtype`'s default). Recorded in every fold checkpoint."""
+
+    image_size: int | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bilinear"
+    precision: str | None = None
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> "InputConfig":
+        return cls(ckpt["image_size"], tuple(ckpt["mean"]), tuple(ckpt["std"]),
+                   ckpt.get("interpolation", "bilinear"), ckpt.get("precision"))
+
+    def checkpoint_fields(self) -> dict:
+        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std),
+                "interpolation": self.interpolation, "precision": self.precision}
+
+
 @dataclass
 class PreparedData:
     train: pd.DataFrame  # id, label, target, fold
@@ -37,6 +59,16 @@ class PreparedData:
     @property
     def n_folds(self) -> int:
         return int(self.train["fold"].max()) + 1
+
+    @property
+    def targets(self) -> np.ndarray:
+        """Each training row's class index."""
+        return self.train["target"].to_numpy()
+
+    @property
+    def folds(self) -> np.ndarray:
+        """Each training row's CV fold."""
+        return self.train["fold"].to_numpy()
 
     def fold_stats(self, fold: int) -> tuple[list[float], list[float]]:
         """Normalisation statistics of fold `fold`'s training part (never its validation rows)."""
@@ -221,21 +253,24 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: in
     )
 
 
-def resize_batch(x: torch.Tensor, image_size: int | None) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, image_size, image_size), bilinear, antialiased when it shrinks; None: as it is."""
+def resize_batch(x: torch.Tensor, image_size: int | None, interpolation: str = "bilinear") -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, image_size, image_size), antialiased when it shrinks; None: as it is."""
     if image_size is None or x.shape[-2:] == (image_size, image_size):
         return x
-    return F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False,
+    return F.interpolate(x, size=(image_size, image_size), mode=interpolation, align_corners=False,
                          antialias=x.shape[-1] > image_size)
 
 
-def to_input(batch: torch.Tensor, mean, std, image_size: int | None, device: torch.device,
-             channels_last: bool = False) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> normalised float (B, 3, image_size, image_size) on `device` (None: H x W)."""
+def to_input(batch: torch.Tensor, cfg: InputConfig, device: torch.device, channels_last: bool = False,
+             resize: bool = True) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, S, S) on `device`, normalised as `cfg` says and resized to
+    its input side S (`resize` False: kept at H x W, for views taken before the resize)."""
     x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-    mean_t = torch.as_tensor(mean, device=device, dtype=x.dtype).view(1, -1, 1, 1)
-    std_t = torch.as_tensor(std, device=device, dtype=x.dtype).view(1, -1, 1, 1)
-    x = resize_batch((x - mean_t) / std_t, image_size)
+    mean_t = torch.as_tensor(cfg.mean, device=device, dtype=x.dtype).view(1, -1, 1, 1)
+    std_t = torch.as_tensor(cfg.std, device=device, dtype=x.dtype).view(1, -1, 1, 1)
+    x = (x - mean_t) / std_t
+    if resize:
+        x = resize_batch(x, cfg.image_size, cfg.interpolation)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x

@@ -1,6 +1,6 @@
 """`ensemble` stage: ensembles of the backbones fitted on OOF probabilities, honest scores, submissions.
 
-    python -m pipeline ensemble    # writes submissions/ and reports/ensemble.json
+    python -m pipeline ensemble    # writes submissions/, reports/ensemble.json, reports/metrics.json
 
 Every method is fitted on OOF probabilities only (never on test predictions or answers) and scored
 by cross-fitting over the CV folds, so the score that picks the final method is not optimistic.
@@ -8,11 +8,18 @@ by cross-fitting over the CV folds, so the score that picks the final method is 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pandas as pd
 
+from pipeline.config import ConfigError, Params
+from pipeline.data import PreparedData
+from pipeline.io import atomic_dir, atomic_write_text, read_json
 from pipeline.metrics import METRICS, argbest, is_better, scores
+from pipeline.probs import probs_frame, read_probs
+from pipeline.submission import SubmissionFormat, build_submission, local_leaderboard, validate_submission
 
 
 ENSEMBLES: dict[str, type] = {}
@@ -298,3 +305,112 @@ def choose_method(fits: dict[str, MethodFit], method: str, metric: str) -> str:
             chosen = name
     return chosen
 
+
+# ---------------------------------------------------------------- the stage
+
+
+def headline(metrics: dict, metric: str, chosen_by: str) -> dict:
+    """The few numbers that tell runs apart, flat, for `dvc metrics show` and `dvc exp show` at 120
+    columns: the submission's method and honest OOF score (the competition's `metric`, the one the
+    method was `chosen_by`, and log loss) and its local leaderboard score if the competition has
+    answers. Each backbone's scores, each method's, the TTA choices: reports/ensemble.json."""
+    out = {"method": metrics["method"],
+           **{m: round(metrics["oof"][m], 5) for m in dict.fromkeys([metric, chosen_by, "log_loss"])}}
+    if metric in metrics.get("local_leaderboard", {}):
+        out[f"lb_{metric}"] = round(metrics["local_leaderboard"][metric], 5)
+    return out
+
+
+def single_report(backbone: str, oof: np.ndarray, y: np.ndarray) -> dict:
+    """One backbone's OOF scores beside its predict stage's TTA choice, for the report."""
+    path = Path(f"predictions/{backbone}/tta.json")
+    tta = read_json(path) if path.exists() else {}
+    return {"oof": scores(oof, y, METRICS), "tta": tta.get("policy"), "oof_no_tta": tta.get("policies", {}).get("none"),
+            "oof_tta_selection_crossfit": tta.get("oof_selection_crossfit"), "seeds": tta.get("seeds")}
+
+
+@dataclass
+class EnsembleRun:
+    """What the ensemble stage decided: every fitted method, the chosen one, and the report."""
+
+    fitted: dict[str, MethodFit]
+    chosen: str
+    metrics: dict  # reports/ensemble.json
+
+
+def fit_stage(params: Params, data: PreparedData, where: str) -> EnsembleRun:
+    """Fit and cross-fit every method of `ensemble.methods` on the backbones' OOF probabilities in
+    predictions/, choose one (`ensemble.method`), and report it beside the best single backbone."""
+    cfg, backbones, y = params.ensemble, list(params.train.backbones), data.targets
+    bad = [m for m in cfg.methods if m not in ENSEMBLES]  # the registry's names; the rest was checked on reading
+    if bad:
+        raise ConfigError(f"{where}: ensemble.methods: unknown method '{bad[0]}' (known: {', '.join(ENSEMBLES)})")
+    oof = [read_probs(f"predictions/{b}/oof_probs.csv", data.train["id"], data.classes, b) for b in backbones]
+    test = [read_probs(f"predictions/{b}/test_probs.csv", data.test["id"].tolist(), data.classes, b) for b in backbones]
+    fitted, errors = fit_methods(cfg.methods, cfg.metric, [cfg.weights.get(b, 1.0) for b in backbones], backbones,
+                                 oof, test, y, data.folds)
+    for name, reason in errors.items():
+        print(f"ensemble method {name} skipped: {reason}")
+    if not fitted:
+        raise ConfigError(f"{where}: ensemble.methods: no method could be fitted")
+    if cfg.method in errors:
+        raise ConfigError(f"{where}: ensemble.method: {cfg.method} could not be fitted ({errors[cfg.method]})")
+    chosen = choose_method(fitted, cfg.method, cfg.metric)
+    methods = {name: fitted[name].report if name in fitted else {"error": errors[name]} for name in cfg.methods}
+    singles = {b: single_report(b, probs, y) for b, probs in zip(backbones, oof)}
+    best_single = backbones[argbest(cfg.metric, [singles[b]["oof"][cfg.metric] for b in backbones])]
+    final = methods[chosen]["oof"]
+    return EnsembleRun(fitted, chosen, {
+        "method": chosen, "metric": cfg.metric, "oof": final,
+        "best_single": {"backbone": best_single, **singles[best_single]["oof"]},
+        "gain_over_best_single": {m: final[m] - singles[best_single]["oof"][m] for m in final},
+        "methods": methods, "backbones": singles,
+    })
+
+
+def write_submissions(run: EnsembleRun, data: PreparedData, prepared: Path, out: Path) -> None:
+    """`out`/methods/<method>-oof-<metric>-<score>.csv for every fitted method (each checked against the
+    sample submission, each scored on the local leaderboard where the competition has answers: reported,
+    never used to choose), then the chosen method's submission.csv and its OOF and test probabilities."""
+    metric, methods = run.metrics["metric"], run.metrics["methods"]
+    test_ids = data.test["id"].tolist()
+    sample = pd.read_csv(prepared / "sample_submission.csv", dtype=str, keep_default_na=False)
+    fmt = SubmissionFormat(**read_json(prepared / "submission_format.json"))
+    answers = prepared / "answers.csv"
+    with atomic_dir(out / "methods") as folder:
+        for name, fit in run.fitted.items():
+            submission = build_submission(test_ids, fit.test, data.classes, fmt)
+            validate_submission(submission, sample, data.classes, fmt)
+            file = f"{name}-oof-{metric}-{methods[name]['oof'][metric]:.4f}.csv"
+            submission.to_csv(folder / file, index=False)
+            methods[name]["submission"] = f"{out}/methods/{file}"
+            if answers.exists():
+                methods[name]["local_leaderboard"] = local_leaderboard(
+                    pd.read_csv(answers, dtype=str, keep_default_na=False), test_ids, fit.test, data.classes)
+    chosen = run.fitted[run.chosen]
+    atomic_write_text(out / "oof_probs.csv", probs_frame(data.train["id"], chosen.honest_oof, data.classes).to_csv(index=False))
+    atomic_write_text(out / "test_probs.csv", probs_frame(test_ids, chosen.test, data.classes).to_csv(index=False))
+    atomic_write_text(out / "submission.csv", build_submission(test_ids, chosen.test, data.classes, fmt).to_csv(index=False))
+    if "local_leaderboard" in methods[run.chosen]:
+        run.metrics["local_leaderboard"] = methods[run.chosen]["local_leaderboard"]
+
+
+def log_stage(run: EnsembleRun, tracker, submissions: Path, report: str) -> None:
+    """The ensemble's MLflow run: the chosen method's scores and files, a nested run per method."""
+    metrics, methods = run.metrics, run.metrics["methods"]
+    weights = lambda name: {f"weight_{b}": w for b, w in methods[name].get("weights", {}).items()}  # noqa: E731
+    with tracker.run("ensemble", params={"method": run.chosen, "metric": metrics["metric"],
+                                         "methods": ",".join(methods), **weights(run.chosen)},
+                     tags={"stage": "ensemble"}):
+        tracker.log_metrics({f"oof_{m}": v for m, v in metrics["oof"].items()})
+        tracker.log_metrics({f"gain_{m}": v for m, v in metrics["gain_over_best_single"].items()})
+        if "local_leaderboard" in metrics:
+            tracker.log_metrics({f"local_leaderboard_{m}": v for m, v in metrics["local_leaderboard"].items()})
+        for path in (submissions / "submission.csv", submissions / "oof_probs.csv", report):
+            tracker.log_artifact(str(path))
+        tracker.log_candidates(
+            {name: ({"method": name, **weights(name)},
+                    {**{f"oof_{m}": v for m, v in methods[name]["oof"].items()},
+                     **{f"local_leaderboard_{m}": v for m, v in methods[name].get("local_leaderboard", {}).items()}})
+             for name in run.fitted},
+            run.chosen, tags={"stage": "ensemble"}, artifacts={name: methods[name]["submission"] for name in run.fitted})

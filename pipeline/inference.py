@@ -8,6 +8,7 @@ A view is any function of a normalised batch (B, C, H, W) and the normalisation 
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -15,9 +16,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.data import resize_batch, to_input
+from pipeline.data import InputConfig, resize_batch, to_input
 from pipeline.errors import PipelineError
-from pipeline.models import amp_dtype, create_model, use_channels_last
+from pipeline.models import create_model, use_channels_last
+from pipeline.precision import amp_dtype
+from pipeline.sklearn_head import CLASSIFIER_FILE, FeaturesClassifier, load_classifier
 
 View = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -27,26 +30,25 @@ def identity(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Te
 
 
 @torch.inference_mode()
-def _forward_batches(model: torch.nn.Module, images: np.ndarray, mean, std, image_size: int, batch_size: int,
+def _forward_batches(model: torch.nn.Module, images: np.ndarray, cfg: InputConfig, batch_size: int,
                      device: torch.device, views: Sequence[View], output: Callable[[torch.Tensor], torch.Tensor],
-                     desc: str | None, precision: str | None = None) -> np.ndarray:
+                     desc: str | None) -> np.ndarray:
     """`output(model(view(x)))` for every view and image: an array (V, N, ...), batched, on `device`,
-    each view taken from the cached image before it is resized to `image_size`,
-    in mixed precision on CUDA, channels_last on CUDA and CPU, halving the batch on CUDA out-of-memory."""
+    each view taken from the cached image before it is resized to the input side, in `cfg.precision`,
+    channels_last on CUDA and CPU, halving the batch on CUDA out-of-memory."""
     model.eval()
-    dtype = amp_dtype(device, precision)
+    dtype = amp_dtype(device, cfg.precision)
     channels_last = use_channels_last(device)
-    mean_t = torch.as_tensor(mean, device=device, dtype=torch.float32).view(1, -1, 1, 1)
-    std_t = torch.as_tensor(std, device=device, dtype=torch.float32).view(1, -1, 1, 1)
+    mean_t = torch.as_tensor(cfg.mean, device=device, dtype=torch.float32).view(1, -1, 1, 1)
+    std_t = torch.as_tensor(cfg.std, device=device, dtype=torch.float32).view(1, -1, 1, 1)
     out, start = [], 0
     bar = tqdm(total=len(images), desc=desc, disable=None if desc else True, leave=False, mininterval=1.0)
     while start < len(images):
         try:
-            x = to_input(torch.from_numpy(np.array(images[start : start + batch_size])), mean, std,
-                         None, device)
+            x = to_input(torch.from_numpy(np.array(images[start : start + batch_size])), cfg, device, resize=False)
             batch = []
             for view in views:  # at the cache's resolution (a crop keeps its detail), then to the input size
-                v = resize_batch(view(x, mean_t, std_t), image_size)
+                v = resize_batch(view(x, mean_t, std_t), cfg.image_size, cfg.interpolation)
                 if channels_last:
                     v = v.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -64,45 +66,25 @@ def _forward_batches(model: torch.nn.Module, images: np.ndarray, mean, std, imag
     return np.concatenate(out, axis=1) if out else np.zeros((len(views), 0, 0), dtype=np.float32)
 
 
-def predict_log_probs(model: torch.nn.Module, images: np.ndarray, mean, std, image_size: int, batch_size: int,
-                      device: torch.device, views: Sequence[View] = (identity,), desc: str | None = None,
-                      precision: str | None = None) -> np.ndarray:
-    """Log-probabilities (V, N, C) of uint8 images (N, H, W, 3) under each of `views`, in `precision`
-    (the one the model trained in; None: `amp_dtype`'s default)."""
-    return _forward_batches(model, images, mean, std, image_size, batch_size, device, views,
-                            lambda logits: torch.log_softmax(logits, dim=1), desc, precision)
+def predict_log_probs(model: torch.nn.Module, images: np.ndarray, cfg: InputConfig, batch_size: int,
+                      device: torch.device, views: Sequence[View] = (identity,), desc: str | None = None
+                      ) -> np.ndarray:
+    """Log-probabilities (V, N, C) of uint8 images (N, H, W, 3) under each of `views`."""
+    return _forward_batches(model, images, cfg, batch_size, device, views,
+                            lambda logits: torch.log_softmax(logits, dim=1), desc)
 
 
-def predict_proba(model: torch.nn.Module, images: np.ndarray, mean, std, image_size: int, batch_size: int,
-                  device: torch.device, desc: str | None = None, precision: str | None = None) -> np.ndarray:
+def predict_proba(model: torch.nn.Module, images: np.ndarray, cfg: InputConfig, batch_size: int,
+                  device: torch.device, desc: str | None = None) -> np.ndarray:
     """Softmax probabilities (N, C) of uint8 images (N, H, W, 3), no test-time augmentation."""
-    return np.exp(predict_log_probs(model, images, mean, std, image_size, batch_size, device, desc=desc,
-                                    precision=precision)[0])
+    return np.exp(predict_log_probs(model, images, cfg, batch_size, device, desc=desc)[0])
 
 
-def extract_features(model: torch.nn.Module, images: np.ndarray, mean, std, image_size: int, batch_size: int,
+def extract_features(model: torch.nn.Module, images: np.ndarray, cfg: InputConfig, batch_size: int,
                      device: torch.device) -> np.ndarray:
-    """Pooled backbone features (N, D) of a model created with num_classes=0."""
-    return _forward_batches(model, images, mean, std, image_size, batch_size, device, (identity,),
+    """Pooled backbone features (N, D) of a model created with num_classes=0 (in fp32: `cfg.precision` aside)."""
+    return _forward_batches(model, images, dataclasses.replace(cfg, precision=None), batch_size, device, (identity,),
                             lambda f: f, None)[0]
-
-
-class FeaturesClassifier(torch.nn.Module):
-    """features+sklearn at inference: frozen backbone features -> scikit-learn `predict_proba`.
-
-    Returns log-probabilities, so the softmax in `predict_proba` gives the classifier's probabilities
-    back and TTA averages them like any other model's.
-    """
-
-    def __init__(self, backbone: torch.nn.Module, classifier):
-        super().__init__()
-        self.backbone = backbone
-        self.classifier = classifier
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.backbone(x).float().cpu().numpy()
-        probs = torch.from_numpy(self.classifier.predict_proba(features)).to(x.device)
-        return probs.clamp_min(1e-12).log()
 
 
 def fold_model(ckpt: dict, device: torch.device, classifier=None) -> torch.nn.Module:
@@ -114,27 +96,6 @@ def fold_model(ckpt: dict, device: torch.device, classifier=None) -> torch.nn.Mo
         model = FeaturesClassifier(model, classifier)
     model.to(device)
     return model.to(memory_format=torch.channels_last) if use_channels_last(device) else model
-
-
-CLASSIFIER_FILE = "classifier.skops"  # features+sklearn: the fitted head, beside the fold's model.pt
-
-
-def save_classifier(classifier, path: str | Path) -> None:
-    """The features+sklearn head in skops' format: no pickle, so loading it runs no code."""
-    import skops.io
-
-    skops.io.dump(classifier, path)
-
-
-def load_classifier(path: str | Path):
-    """A features+sklearn head saved by `save_classifier`. Only skops' trusted types (scikit-learn's
-    estimators, numpy arrays) are built: a file naming any other type is refused, never run."""
-    import skops.io
-
-    untrusted = skops.io.get_untrusted_types(file=path)
-    if untrusted:
-        raise PipelineError(f"{path}: refusing to load a classifier holding untrusted types {untrusted}")
-    return skops.io.load(path)
 
 
 def load_fold_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:

@@ -11,7 +11,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 class Terminated(KeyboardInterrupt):
@@ -104,13 +104,23 @@ def remove_dead_scratch(path: Path) -> None:
                 shutil.rmtree(other) if other.is_dir() and not other.is_symlink() else other.unlink()
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+def atomic_save(path: str | Path, write: Callable[[Path], None]) -> None:
+    """`write(scratch)` a file beside `path` (<name>.tmp<pid>), then rename it over `path`: readers see
+    the old file or the new one, never half of it (a checkpoint, a cache, a JSON report)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_scratch(path)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
+    try:
+        write(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_save(path, lambda tmp: tmp.write_text(text))
 
 
 def write_json(path: str | Path, obj: Any) -> None:

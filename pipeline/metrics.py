@@ -61,6 +61,15 @@ def is_better(metric: str, new: float, old: float) -> bool:
     return new > old if METRICS[metric][1] else new < old
 
 
+def is_better_scores(metric: str, new: dict, best: dict | None) -> bool:
+    """Validation scores `new` better than `best` under `metric`, a tie broken by log loss."""
+    if best is None:
+        return True
+    if new[metric] != best[metric]:
+        return is_better(metric, new[metric], best[metric])
+    return is_better("log_loss", new["log_loss"], best["log_loss"])
+
+
 def argbest(metric: str, values) -> int:
     """Index of the best of `values` under `metric` (the first of equals)."""
     values = np.asarray(values)

@@ -2,32 +2,35 @@
 
 Before any training, each backbone's training and prediction speed is measured on this machine
 with its own settings (precision, batch, augmentation, input size): a few batches of fold 0's
-training rows through the real training loop (`train_fold`), and inference batches as the predict
+training rows through the real training loop (`train.train_fold`), and inference batches as the predict
 stage runs them. From those speeds and the competition's size, `plan_epochs` chooses the epochs of
 every backbone so that the stages still to come (train, predict with every TTA view, ensemble,
 analyze), added to the seconds prepare (and tune) took, end inside the budget; the LR schedule
 follows the planned epochs because training reads them. With `budget.minutes: null` the plan is
 the epochs of params.yaml and nothing is measured.
 
-Writes models/plan/<backbone>.json (read by its train stage). The `timing` stage later sets the actual
-seconds beside the planned ones in reports/plan.json.
+Writes plan/<backbone>.json (read by its train stage: `backbone.planned`) and reports/plan.json
+(speeds measured, planned seconds per stage). The `timing` stage later sets the actual seconds beside
+the planned ones in reports/timing.json.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import time
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
+from pipeline.backbone import PLAN_DIR, Backbone
 from pipeline.config import TrainSettings
-from pipeline.data import PreparedData, Rows
+from pipeline.data import InputConfig, PreparedData, Rows
 from pipeline.errors import PipelineError
 from pipeline.inference import fold_model, predict_log_probs
-from pipeline.train import fit_fold
-
-PLAN = "models/plan"  # <backbone>.json: the epochs and val_every its train stage runs
+from pipeline.io import atomic_dir, write_json
+from pipeline.train import train_fold
 
 # Seconds the planner cannot measure before they happen, from runs on 2 CPU cores (README, "Time budget"):
 STAGE_OVERHEAD_S = 6.0  # a stage process's start: imports of torch, timm, pandas; reading params and the cache
@@ -111,36 +114,39 @@ def plan_epochs(budget_s: float, fixed_s: dict[str, float], work: dict[str, Back
 # ---------------------------------------------------------------- measuring this machine
 
 
-def measure_speed(data: PreparedData, model_name: str, s: TrainSettings, image_size: int, device: torch.device,
-                  pretrained, predict_batch: int, batches: int, where: str) -> tuple[Speed, str]:
+def measure_speed(data: PreparedData, backbone: Backbone, device: torch.device, predict_batch: int,
+                  batches: int) -> tuple[Speed, str]:
     """(images/s training and predicting, the precision chosen) of one backbone as its stages will run:
-    two passes of up to `batches` batches drawn from all of fold 0's training rows through `fit_fold`
-    (the second pass counts: the first warms up), then `predict_log_probs` on 4 predict batches after one.
+    two epochs over `batches` batches of fold 0's training rows (drawn at random from all of them)
+    through `train_fold` (the second epoch counts: the first warms up), then `predict_log_probs` on
+    4 predict batches after one.
 
     Measured on 2 cores: the first ~80 batches of an epoch ran about 20% faster than a whole epoch's
     average (cifar_net_l, 1,100 against 900 images/s), so a probe of a few batches promised epochs the
     run could not keep; a pass as long as an epoch (the default budget.probe_batches) measures what it keeps."""
-    folds = data.train["fold"].to_numpy()
-    tr, va = np.flatnonzero(folds != 0), np.flatnonzero(folds == 0)
+    s = backbone.settings
+    tr, va = np.flatnonzero(data.folds != 0), np.flatnonzero(data.folds == 0)
+    if len(tr) > batches * s.batch_size:  # the probe's epoch: `batches` batches, as a sampler limited to them
+        tr = np.sort(np.random.default_rng(s.seed).choice(tr, batches * s.batch_size, replace=False))
     rows = np.concatenate([tr, va[: min(len(va), s.batch_size)]])  # validation: one batch, not the fold's
     sub = dataclasses.replace(data, train=data.train.iloc[rows].assign(fold=[1] * len(tr) + [0] * (len(rows) - len(tr)))
                               .reset_index(drop=True), train_images=Rows(data.train_images, rows))
     probe = dataclasses.replace(s, epochs=2, val_every=2, seeds=None, bootstrap=False, early_stopping_patience=None,
                                 mixup_off_epoch=None, unfreeze_epoch=None)
-    result, ckpt = fit_fold(sub, 0, model_name, probe, image_size, device, pretrained=pretrained,
-                            where=f"{where} speed probe", max_batches=batches)
-    n = min(batches, max(1, len(tr) // s.batch_size)) * s.batch_size if len(tr) > s.batch_size else len(tr)
-    precision = ckpt["precision"]
+    result, ckpt = train_fold(sub, 0, backbone.model_name, probe, backbone.image_size, device,
+                              pretrained=backbone.pretrained, where=f"{backbone.name} speed probe")
+    n = (len(tr) // s.batch_size) * s.batch_size if len(tr) > s.batch_size else len(tr)  # drop_last
     seconds = [row["epoch_seconds"] for row in result.history[1:]]
     train_speed = n / seconds[0] if seconds else float("inf")  # features+sklearn: no epochs
     model = fold_model(ckpt, device, result.classifier)
+    cfg = InputConfig.from_checkpoint(ckpt)
     images = Rows(data.train_images, np.arange(min(len(data.train), 5 * predict_batch)))
     warm, timed = images[:predict_batch], images[predict_batch:]
-    predict_log_probs(model, warm, ckpt["mean"], ckpt["std"], image_size, predict_batch, device, precision=precision)
+    predict_log_probs(model, warm, cfg, predict_batch, device)
     start = time.perf_counter()
-    predict_log_probs(model, timed, ckpt["mean"], ckpt["std"], image_size, predict_batch, device, precision=precision)
+    predict_log_probs(model, timed, cfg, predict_batch, device)
     infer_speed = len(timed) / (time.perf_counter() - start) if len(timed) else float("inf")
-    return Speed(train=train_speed, infer=infer_speed), precision
+    return Speed(train=train_speed, infer=infer_speed), cfg.precision
 
 
 # ---------------------------------------------------------------- the plan
@@ -179,12 +185,31 @@ def make_plan(budget_minutes: float, n_train: int, work: dict[str, BackboneWork]
             "planned_total_seconds": round(sum(planned.values()), 1)}
 
 
-def apply_plan(s: TrainSettings, entry: dict | None) -> TrainSettings:
-    """A backbone's settings with the plan's epochs: val_every as planned, and the epochs that name a
-    point in the schedule (mixup_off_epoch, unfreeze_epoch) moved with it."""
-    if not entry or entry["epochs"] == s.epochs:
-        return s
-    scale = entry["epochs"] / s.epochs
-    moved = {key: round(getattr(s, key) * scale) for key in ("mixup_off_epoch", "unfreeze_epoch")
-             if getattr(s, key) is not None}
-    return dataclasses.replace(s, epochs=entry["epochs"], val_every=entry["val_every"], **moved)
+def write_plan(plan: dict, report: str | Path) -> None:
+    """plan/<backbone>.json per backbone (so a change to one backbone's plan reruns only its train stage)
+    and the whole plan in `report`."""
+    with atomic_dir(PLAN_DIR) as out:
+        for backbone, entry in plan["backbones"].items():
+            write_json(out / f"{backbone}.json", {k: entry[k] for k in ("epochs", "val_every")})
+    write_json(report, plan)
+
+
+def no_budget(backbones: dict[str, Backbone]) -> dict:
+    """The plan of `budget.minutes: null`: params.yaml's epochs, nothing measured."""
+    return {"budget_minutes": None, "backbones": {b: {"epochs": bb.settings.epochs, "val_every": bb.settings.val_every}
+                                                   for b, bb in backbones.items()}}
+
+
+def plan_run(budget_minutes: float, data: PreparedData, backbones: dict[str, Backbone], tta_views: dict[str, int],
+             device: torch.device, predict_batch: int, probe_batches: int, done_s: Callable[[], dict[str, float]]
+             ) -> dict:
+    """Measure every backbone here (`measure_speed`), then `make_plan` with its precision recorded;
+    `done_s()` gives the seconds of the stages run so far, this one's measuring included."""
+    work, speeds, precisions = {}, {}, {}
+    for b, backbone in backbones.items():
+        work[b] = backbone_work(data, backbone.settings, tta_views[b])
+        speeds[b], precisions[b] = measure_speed(data, backbone, device, predict_batch, probe_batches)
+    plan = make_plan(budget_minutes, len(data.train), work, speeds, done_s())
+    for b in backbones:
+        plan["backbones"][b]["precision"] = precisions[b]
+    return plan

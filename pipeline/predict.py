@@ -11,6 +11,7 @@ so they are comparable for ensembling:
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ConfigError
-from pipeline.data import PreparedData, Rows
+from pipeline.data import InputConfig, PreparedData, Rows
 from pipeline.errors import PipelineError
 from pipeline.inference import View, identity, load_fold_model, predict_log_probs
-from pipeline.metrics import METRICS, is_better
+from pipeline.metrics import METRICS, is_better, scores
 
 # ---------------------------------------------------------------- TTA views and merges
 
@@ -107,18 +108,16 @@ def merge_views(log_probs: np.ndarray, how: str) -> np.ndarray:
 # ---------------------------------------------------------------- views by name
 
 
-def predict_views(model: torch.nn.Module, images: np.ndarray, mean, std, image_size: int, batch_size: int,
-                  device: torch.device, views: list[str], desc: str | None = None, precision: str | None = None
-                  ) -> np.ndarray:
+def predict_views(model: torch.nn.Module, images: np.ndarray, cfg: InputConfig, batch_size: int,
+                  device: torch.device, views: list[str], desc: str | None = None) -> np.ndarray:
     """Log-probabilities (V, N, C) of uint8 images (N, H, W, 3) under each of the named `views`."""
-    return predict_log_probs(model, images, mean, std, image_size, batch_size, device,
-                             [TTA_VIEWS[v] for v in views], desc, precision)
+    return predict_log_probs(model, images, cfg, batch_size, device, [TTA_VIEWS[v] for v in views], desc)
 
 
-def predict_tta(model: torch.nn.Module, images: np.ndarray, mean, std, image_size: int, batch_size: int,
+def predict_tta(model: torch.nn.Module, images: np.ndarray, cfg: InputConfig, batch_size: int,
                 device: torch.device, views: tuple[str, ...], merge: str = "mean") -> np.ndarray:
     """Probabilities (N, C) of uint8 images merged over the named TTA `views`."""
-    return merge_views(predict_views(model, images, mean, std, image_size, batch_size, device, list(views)), merge)
+    return merge_views(predict_views(model, images, cfg, batch_size, device, list(views)), merge)
 
 
 def list_models(model_dir: str | Path, n_folds: int) -> dict[int, list[Path]]:
@@ -152,15 +151,15 @@ def predict_backbone(data: PreparedData, model_dir: str | Path, policies: dict[s
     n, c = len(data.train), len(data.classes)
     oof = {p: np.zeros((n_seeds, n, c)) for p in policies}
     test = {p: np.zeros((len(data.test), c)) for p in policies}
-    folds = data.train["fold"].to_numpy()
+    folds = data.folds
     for k, paths in models.items():
         val_idx = np.flatnonzero(folds == k)
         for s, path in enumerate(paths):
             model, ckpt = load_fold_model(path, device)
-            precision = ckpt.get("precision")  # the fold's own; fp16 only where it trained, on CUDA
-            kwargs = dict(mean=ckpt["mean"], std=ckpt["std"], image_size=ckpt["image_size"], batch_size=batch_size,
-                          device=device, views=views,
-                          precision=None if precision == "fp16" and device.type != "cuda" else precision)
+            cfg = InputConfig.from_checkpoint(ckpt)
+            if cfg.precision == "fp16" and device.type != "cuda":  # the fold's own; fp16 only where it trained
+                cfg = dataclasses.replace(cfg, precision=None)
+            kwargs = dict(cfg=cfg, batch_size=batch_size, device=device, views=views)
             val = predict_views(model, Rows(data.train_images, val_idx), desc=f"oof fold{k} {path.parent.parent.name}", **kwargs)
             tst = predict_views(model, data.test_images, desc=f"test fold{k} {path.parent.parent.name}", **kwargs)
             for p, vs in policies.items():
@@ -184,6 +183,12 @@ def resolve_tta(tta, backbone: str, where: str) -> tuple[list[str], list[str]]:
     return pool, list(dict.fromkeys((["none"] if "none" in tta.policies else []) + pool))
 
 
+def tta_views(tta, backbone: str, where: str) -> int:
+    """How many distinct views the predict stage of `backbone` computes per image."""
+    _, computed = resolve_tta(tta, backbone, where)
+    return len({v for policy in computed for v in tta.policies[policy]})
+
+
 def select_policy(oof: dict[str, np.ndarray], y: np.ndarray, folds: np.ndarray, metric: str
                   ) -> tuple[str, np.ndarray]:
     """The policy with the best OOF `metric`, and the honest OOF of choosing that way: each fold's
@@ -203,3 +208,31 @@ def select_policy(oof: dict[str, np.ndarray], y: np.ndarray, folds: np.ndarray, 
         held = folds == k
         honest[held] = oof[best(~held)][held]
     return best(np.ones(len(y), dtype=bool)), honest
+
+
+def choose_policy(preds: dict[str, PolicyPredictions], tta, backbone: str, pool: list[str], y: np.ndarray,
+                  folds: np.ndarray) -> dict:
+    """The predict stage's report: the policy chosen among `pool` on OOF `tta.metric`, its scores, the
+    honest score of choosing that way, every computed policy's scores and each seed's."""
+    chosen, honest = select_policy({c: preds[c].oof for c in pool}, y, folds, tta.metric)
+    best = preds[chosen]
+    return {
+        "policy": chosen, "select": tta.backbones.get(backbone, tta.select), "merge": tta.merge,
+        "views": tta.policies[chosen], "oof": scores(best.oof, y),
+        "oof_selection_crossfit": scores(honest, y),  # the honest score of choosing the policy on OOF
+        "policies": {c: scores(p.oof, y) for c, p in preds.items()},
+        "seeds": {seed: scores(o, y) for seed, o in zip(best.seeds, best.oof_per_seed)},
+    }
+
+
+def log_stage(report: dict, tta, backbone: str, tracker, report_path: str) -> None:
+    """The predict stage's MLflow run: the chosen policy's scores, a nested run per computed policy."""
+    tags = {"stage": "predict", "backbone": backbone}
+    with tracker.run(f"predict {backbone}", params={"backbone": backbone, "policy": report["policy"],
+                                                    "select": report["select"], "merge": tta.merge}, tags=tags):
+        tracker.log_metrics({f"oof_{k}": v for k, v in report["oof"].items()})
+        tracker.log_metrics({f"oof_selection_crossfit_{k}": v for k, v in report["oof_selection_crossfit"].items()})
+        tracker.log_artifact(report_path)
+        tracker.log_candidates({policy: ({"backbone": backbone, "policy": policy, "views": ",".join(tta.policies[policy])},
+                                         {f"oof_{k}": v for k, v in policy_scores.items()})
+                                for policy, policy_scores in report["policies"].items()}, report["policy"], tags=tags)

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from pipeline.config import CompetitionConfig
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_dir, write_json
+from pipeline.io import atomic_dir, atomic_save, write_json
 from pipeline.submission import read_submission_format
 
 DIGITS_MARKER = "SKLEARN_DIGITS"  # in a source folder: render scikit-learn's digits there
@@ -362,15 +362,17 @@ def decode_images(files: CompetitionFiles, rels: list[str | None], size: int, re
 def keep_rows(path: Path, keep: np.ndarray) -> None:
     """Rewrite the .npy image cache at `path` with only the rows `keep`, a chunk at a time."""
     cache = np.load(path, mmap_mode="r")
-    tmp = path.with_name(path.name + ".part")
     step = chunk_rows(cache.shape[1])
-    with open(tmp, "wb") as f:
-        np.lib.format.write_array_header_2_0(f, {"descr": "|u1", "fortran_order": False,
-                                                 "shape": (len(keep), *cache.shape[1:])})
-        for start in range(0, len(keep), step):
-            f.write(np.ascontiguousarray(cache[keep[start : start + step]]).tobytes())
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.lib.format.write_array_header_2_0(f, {"descr": "|u1", "fortran_order": False,
+                                                     "shape": (len(keep), *cache.shape[1:])})
+            for start in range(0, len(keep), step):
+                f.write(np.ascontiguousarray(cache[keep[start : start + step]]).tobytes())
+
+    atomic_save(path, write)
     del cache
-    os.replace(tmp, path)
 
 
 def channel_sums(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -456,8 +458,7 @@ def _read_train(files: CompetitionFiles, comp: CompetitionConfig) -> pd.DataFram
 
 
 def _add_targets_and_folds(train: pd.DataFrame, classes: list[str], comp: CompetitionConfig, n_folds: int,
-                           seed: int, where: str) -> pd.DataFrame:
-    _check_class_counts(train["label"], n_folds, where)
+                           seed: int) -> pd.DataFrame:
     train = train.reset_index(drop=True)
     train["target"] = train["label"].map({c: i for i, c in enumerate(classes)}).astype(np.int64)
     groups = train["group"].to_numpy() if comp.group_column else None
@@ -521,6 +522,7 @@ def prepare(comp: CompetitionConfig, image_size: int, n_folds: int, seed: int, o
         train, _ = train_test_split(train, train_size=comp.max_train_rows, stratify=train["label"], random_state=seed)
         train = train.sort_index()
         train_where = f"{train_where} (after competition.max_train_rows={comp.max_train_rows})"
+        _check_class_counts(train["label"], n_folds, train_where)
     if comp.metric == "quadratic_weighted_kappa":
         _require_integer_labels(train["label"], train_where)
     classes = sort_classes(train["label"])
@@ -555,7 +557,8 @@ def prepare(comp: CompetitionConfig, image_size: int, n_folds: int, seed: int, o
             lost = sorted(set(classes) - set(train["label"]))
             if lost:
                 raise PipelineError(f"{train_where}: class '{lost[0]}' has no readable training image left")
-        train = _add_targets_and_folds(train, classes, comp, n_folds, seed, train_where)
+            _check_class_counts(train["label"], n_folds, train_where)
+        train = _add_targets_and_folds(train, classes, comp, n_folds, seed)
         train["width"], train["height"] = train_sizes[:, 0], train_sizes[:, 1]  # for the analyze stage's slices
         pixels = image_size * image_size
         stats = channel_stats(sums, squares, pixels)

@@ -1,8 +1,8 @@
 """The `timing` stage: the plan's seconds per stage beside the ones each stage took.
 
 Every stage run through `python -m pipeline` records its wall time in reports/timing/<stage>.json
-(`pipeline.io.record_stage`); this stage, the last, reads those and the plan (reports/plan/planned.json)
-and writes reports/plan.json. "dvc" is the time between stages (DVC hashing outputs, process starts
+(`pipeline.io.record_stage`); this stage, the last, reads those and the plan (reports/plan.json)
+and writes reports/timing.json. "dvc" is the time between stages (DVC hashing outputs, process starts
 before the clock), measured as the wall clock from prepare's start to now minus the stages' own.
 """
 from __future__ import annotations
@@ -11,13 +11,19 @@ import time
 
 from pipeline.io import TIMING_DIR, read_json, stage_started
 
-PLANNED = "reports/plan/planned.json"  # written by the plan stage: speeds measured, planned seconds per stage
+PLANNED = "reports/plan.json"  # written by the plan stage: speeds measured, planned seconds per stage
 
 
 def recorded(stage: str) -> dict | None:
     """The last record of `stage` ({stage, started, finished, seconds}), or None."""
     path = TIMING_DIR / f"{stage}.json"
     return read_json(path) if path.exists() else None
+
+
+def seconds_so_far(earlier: list[str], this: str) -> dict[str, float]:
+    """Seconds of the `earlier` stages as recorded (0: never recorded), and of `this` one so far."""
+    done = {stage: (recorded(stage) or {"seconds": 0.0})["seconds"] for stage in earlier}
+    return {**done, this: time.time() - stage_started()}
 
 
 def plan_vs_actual(plan: dict, stages: list[str], now: float | None = None) -> dict:

@@ -42,6 +42,14 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def experiment_name(params) -> str:
+    """MLflow experiment: tracking.experiment, else the competition's name (its file or folder stem)."""
+    if params.tracking.experiment:
+        return params.tracking.experiment
+    name = Path(params.competition.source.rstrip("/")).name
+    return name[:-4] if name.endswith(".zip") else name
+
+
 class Tracker:
     """Runs, params and metrics; every method is a no-op when `enabled` is False."""
 

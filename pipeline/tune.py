@@ -2,7 +2,7 @@
 
     python -m pipeline tune --backbone resnet10t    # writes tuning/resnet10t/, reports/tune/resnet10t.json
 
-A trial trains `tune.folds` with the one `train_fold` loop for `tune.epochs` epochs and reports
+A trial trains `tune.folds`, each set up by `train.train_fold` as the train stage sets it up, for `tune.epochs` epochs and reports
 after every epoch at step `i * epochs + epoch` (i = position of the fold), so a pruner compares
 fold i at epoch e only with other trials' fold i at epoch e, never one fold with another.
 The study lives in an RDB storage: rerunning continues it up to `tune.n_trials` finished trials,
@@ -23,13 +23,14 @@ from pathlib import Path
 import numpy as np
 import optuna
 import torch
+import yaml
 
 from pipeline.config import TrainSettings, TuneConfig, check_train_settings
 from pipeline.data import PreparedData
 from pipeline.errors import PipelineError
-from pipeline.io import StageProgress
+from pipeline.io import StageProgress, atomic_dir
 from pipeline.metrics import direction as metric_direction, scores
-from pipeline.train import fit_fold
+from pipeline.train import train_fold
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 # what a trial's parameters can provoke (a NaN loss, a shape or value a transform rejects): the trial
@@ -122,10 +123,9 @@ def finished(study: optuna.Study) -> int:
 
 def make_objective(data: PreparedData, model_name: str, base: TrainSettings, space: dict, tune: TuneConfig,
                    image_size: int, device: torch.device, tracker, pretrained=None):
-    """The objective: mean validation score over `tune.folds`, each fold set up by `fit_fold` exactly as
+    """The objective: mean validation score over `tune.folds`, each fold set up by `train_fold` exactly as
     the train stage sets it up (finetune mode, bootstrap, seeds), for `tune.epochs` epochs."""
-    targets = data.train["target"].to_numpy()
-    folds = data.train["fold"].to_numpy()
+    targets, folds = data.targets, data.folds
     epochs = tune.epochs or base.epochs
 
     def objective(trial: optuna.Trial) -> float:
@@ -148,9 +148,9 @@ def make_objective(data: PreparedData, model_name: str, base: TrainSettings, spa
                             raise optuna.TrialPruned(f"fold {k}, epoch {epoch + 1}: {tune.metric} {value:.4f}")
 
                     with tracker.run(f"fold{k}", params={"fold": k}, nested=True):
-                        result, _ = fit_fold(data, k, model_name, settings, settings.image_size or image_size,
-                                             device, pretrained=pretrained, on_epoch=report,
-                                             where=f"trial {trial.number} fold {k}")
+                        result, _ = train_fold(data, k, model_name, settings, settings.image_size or image_size,
+                                               device, pretrained=pretrained, on_epoch=report,
+                                               where=f"trial {trial.number} fold {k}")
                     fold_values.append(scores(result.val_probs, targets[folds == k], (tune.metric,))[tune.metric])
             except optuna.TrialPruned:
                 state = "PRUNED"
@@ -226,4 +226,21 @@ def write_report(study: optuna.Study, out_dir: str | Path) -> dict:
         if importances:
             summary["importances"] = importances
             _save(optuna.visualization.matplotlib.plot_param_importances(study), out_dir / "importances.png")
+    return summary
+
+
+def write_disabled(out_dir: str | Path) -> None:
+    """tune.enabled false: an empty best_params.yaml, so the train stage's inputs exist either way."""
+    with atomic_dir(out_dir) as out:
+        (out / "best_params.yaml").write_text(yaml.safe_dump({"enabled": False, "params": {}}))
+
+
+def write_best(study: optuna.Study, tune: TuneConfig, out_dir: str | Path) -> dict:
+    """`out_dir`: best_params.yaml (what the train stage reads) and the study's plots; returns the summary."""
+    with atomic_dir(out_dir) as out:
+        summary = write_report(study, out)
+        best = {"enabled": True, "study": study.study_name, "metric": tune.metric,
+                "value": summary.get("best_value"), "trial": summary.get("best_trial"),
+                "params": summary.get("best_params", {})}
+        (out / "best_params.yaml").write_text(yaml.safe_dump(best, sort_keys=False))
     return summary

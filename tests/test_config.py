@@ -103,7 +103,8 @@ def test_dvc_train_stage_declares_every_train_key_it_reads():
     """DVC reruns train@<backbone> only for the params it declares: all of TrainConfig's must be there."""
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     for stage in ("tune", "train"):
-        declared = set(dvc["stages"][stage]["do"]["params"])
+        entries = dvc["stages"][stage]["do"]["params"]
+        declared = {k for e in entries for k in (e["params.yaml"] if isinstance(e, dict) else [e])}
         for name in TrainConfig.__dataclass_fields__:  # TrainSettings fields + backbones
             key = "train.backbones.${key}" if name == "backbones" else f"train.{name}"
             assert key in declared, (stage, key)

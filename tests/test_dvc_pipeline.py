@@ -107,8 +107,8 @@ def test_repro_writes_a_valid_submission_and_metrics(repo):
     assert analysis["test_resnet"]["log_loss"] == pytest.approx(ensemble["backbones"]["test_resnet"]["oof"]["log_loss"])
     page = (repo / "reports/oof/index.html").read_text()
     assert all(f'id="{m}-slices"' in page for m in ("test_resnet", "test_efficientnet", "ensemble"))
-    # no budget: the params' epochs, and every stage's own seconds in reports/plan.json, from one run
-    timing = json.loads((repo / "reports/plan.json").read_text())
+    # no budget: the params' epochs, and every stage's own seconds in reports/timing.json, from one run
+    timing = json.loads((repo / "reports/timing.json").read_text())
     assert timing["budget_minutes"] is None and timing["one_run"]
     stages = ["prepare", "plan", *(f"{s}@{b}" for s in ("train", "predict") for b in ("test_resnet", "test_efficientnet")),
               "ensemble", "analyze"]

@@ -11,8 +11,8 @@ from pipeline import __main__ as cli
 
 from pipeline.config import TrainSettings
 from pipeline.errors import PipelineError
-from pipeline.plan import (MARGIN, STAGE_OVERHEAD_S, BackboneWork, Speed, apply_plan, make_plan, plan_epochs,
-                           train_seconds)
+from pipeline.backbone import apply_plan
+from pipeline.plan import MARGIN, STAGE_OVERHEAD_S, BackboneWork, Speed, make_plan, plan_epochs, train_seconds
 from tests.conftest import write_competition
 
 # a fake machine: 100 training and 1,000 inference images/s; 3 folds of 1,000 training / 500 validation rows
@@ -88,13 +88,13 @@ def test_a_budget_plans_the_epochs_training_runs_and_timing_sets_actual_beside_p
     params["budget"]["minutes"] = minimum + 0.2  # 12 s more than one epoch per fold needs: a few epochs
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     assert cli.main(["plan"]) == 0
-    planned = json.loads((tmp_path / "models/plan/b.json").read_text())
+    planned = json.loads((tmp_path / "plan/b.json").read_text())
     assert 1 <= planned["epochs"] < 1000 and planned["val_every"] == 1
     assert cli.main(["train", "--backbone", "b"]) == 0
     resolved = yaml.safe_load((tmp_path / "models/b/params.yaml").read_text())["resolved"]
     assert resolved["epochs"] == planned["epochs"]
     assert cli.main(["timing"]) == 0
-    report = json.loads((tmp_path / "reports/plan.json").read_text())
+    report = json.loads((tmp_path / "reports/timing.json").read_text())
     for stage in ("prepare", "plan", "train@b"):
         assert report["stages"][stage]["planned_s"] is not None and report["stages"][stage]["actual_s"] is not None
     assert report["stages"]["predict@b"]["actual_s"] is None  # not run here

@@ -6,7 +6,7 @@ import torch
 
 from pipeline.config import ConfigError, parse_params
 
-from pipeline.data import load_prepared, to_input
+from pipeline.data import InputConfig, load_prepared, to_input
 from pipeline.metrics import log_loss
 from pipeline.models import create_model
 from pipeline.inference import predict_proba
@@ -39,9 +39,9 @@ def test_hflip_tta_is_the_mean_over_the_image_and_its_mirror(model):
         x = _normalised(images)
         plain = torch.softmax(model(x), 1).numpy()
         mirrored = torch.softmax(model(x.flip(3)), 1).numpy()
-    got = predict_tta(model, images, MEAN, STD, 12, batch_size=2, device=CPU, views=("identity", "hflip"))
+    got = predict_tta(model, images, InputConfig(12, MEAN, STD), batch_size=2, device=CPU, views=("identity", "hflip"))
     np.testing.assert_allclose(got, (plain + mirrored) / 2, atol=1e-5)
-    np.testing.assert_allclose(predict_proba(model, images, MEAN, STD, 12, 2, CPU), plain, atol=1e-5)
+    np.testing.assert_allclose(predict_proba(model, images, InputConfig(12, MEAN, STD), 2, CPU), plain, atol=1e-5)
     assert not np.allclose(plain, mirrored)
 
 
@@ -72,7 +72,7 @@ def test_views_transform_the_pixels_as_named():
 
 def test_every_view_is_computed_once_and_merged_as_configured(model):
     images = _images(6)
-    logp = predict_views(model, images, MEAN, STD, 12, 4, CPU, ["identity", "vflip", "crop_center"])
+    logp = predict_views(model, images, InputConfig(12, MEAN, STD), 4, CPU, ["identity", "vflip", "crop_center"])
     assert logp.shape == (3, 6, 4)
     p = np.exp(logp)
     np.testing.assert_allclose(merge_views(logp, "mean"), p.mean(0), atol=1e-6)
@@ -86,7 +86,7 @@ def test_every_view_is_computed_once_and_merged_as_configured(model):
 
 
 def test_to_input_resizes_to_the_backbone_size():
-    x = to_input(torch.from_numpy(_images(2, size=12)), MEAN, STD, 20, CPU)
+    x = to_input(torch.from_numpy(_images(2, size=12)), InputConfig(20, MEAN, STD), CPU)
     assert x.shape == (2, 3, 20, 20)
 
 
@@ -135,11 +135,11 @@ def test_oof_rows_come_from_their_own_fold_models_and_test_is_the_mean_of_all(co
         got = preds[name]
         assert got.seeds == ["3", "7"] and got.oof_per_seed.shape == (2, len(folds), 3)
         for k in range(2):
-            per_seed = [predict_tta(m, data.train_images[folds == k], mu, sd, 12, 4, CPU, views=tuple(views))
+            per_seed = [predict_tta(m, data.train_images[folds == k], InputConfig(12, mu, sd), 4, CPU, views=tuple(views))
                         for (s, kk), (m, mu, sd) in models.items() if kk == k]
             np.testing.assert_allclose(got.oof_per_seed[:, folds == k], per_seed, atol=1e-6)
             np.testing.assert_allclose(got.oof[folds == k], np.mean(per_seed, 0), atol=1e-6)  # the seed bag
-        expected_test = np.mean([predict_tta(m, data.test_images, mu, sd, 12, 4, CPU, views=tuple(views))
+        expected_test = np.mean([predict_tta(m, data.test_images, InputConfig(12, mu, sd), 4, CPU, views=tuple(views))
                                  for m, mu, sd in models.values()], 0)
         np.testing.assert_allclose(got.test, expected_test, atol=1e-6)
     assert not np.allclose(preds["none"].oof, preds["flip"].oof)

@@ -17,17 +17,19 @@ from timm.data import Mixup
 from pipeline import __main__ as cli
 from pipeline.analyze import fold_scores
 from pipeline.config import TrainSettings
-from pipeline.data import (GPU_IMAGES_PER_S, Rows, build_train_transform, default_num_workers, load_prepared,
-                           to_input)
+from pipeline.backbone import Backbone, input_size
+from pipeline.data import (GPU_IMAGES_PER_S, InputConfig, Rows, build_train_transform, default_num_workers,
+                           load_prepared, to_input)
 from pipeline.errors import PipelineError
-from pipeline.models import create_model, pretrained_config, resolve_precision
+from pipeline.models import create_model, pretrained_config
+from pipeline.precision import resolve_precision
 from pipeline.predict import predict_backbone
 from pipeline.inference import load_fold_model, predict_proba
 from pipeline.prepare import prepare
 from pipeline.tracking import Tracker
 from pipeline.metrics import log_loss
-from pipeline.train import (bootstrap_rows, build_optimizer, derive_seed, fit_fold, freeze, initial_model, input_size,
-                            lr_factor, train_backbone, train_fold, train_one_epoch)
+from pipeline.loop import Split, build_optimizer, derive_seed, fit, freeze, lr_factor, train_one_epoch
+from pipeline.train import bootstrap_rows, initial_model, train_backbone, train_fold
 
 pytestmark = pytest.mark.training  # trains or tunes: CI runs these again on another instruction set
 
@@ -36,6 +38,19 @@ CPU = torch.device("cpu")
 SETTINGS = TrainSettings(epochs=4, batch_size=4, lr=1e-2, weight_decay=0.0, warmup_epochs=0.5,
                          augment=[{"HorizontalFlip": {"p": 0.5}}], seed=0)
 OFF = Tracker(False, "off")
+
+def _fit(model, images, targets, val_images, val_targets, mean, std, s, image_size, device, num_classes, **kwargs):
+    """The loop on explicit rows, as a fold of these tests feeds it."""
+    cfg = InputConfig(image_size, tuple(mean), tuple(std), precision=s.precision)
+    return fit(model, Split(images, targets), Split(val_images, val_targets), cfg, s, device,
+               num_classes=num_classes, **kwargs)
+
+
+def _bag(data, name, model_name, s, image_size, out_dir, device, tracker, pretrained=None, resume_dir=None):
+    """`train_backbone` of a backbone resolved by hand."""
+    return train_backbone(data, Backbone(name, model_name, pretrained, s, image_size, {}), out_dir, device, tracker,
+                          resume_dir=resume_dir)
+
 
 
 @pytest.fixture
@@ -60,14 +75,14 @@ def _batches(data, size=4, n=3):
 def _one_epoch(model, batches, s: TrainSettings, mean=(0.5,) * 3, std=(0.25,) * 3, **kwargs):
     optimizer = build_optimizer(model, s)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    return train_one_epoch(model, batches, optimizer, scheduler, CPU, mean, std, 16, **kwargs), optimizer
+    return train_one_epoch(model, batches, optimizer, scheduler, CPU, InputConfig(16, tuple(mean), tuple(std)), **kwargs), optimizer
 
 
 def test_cv_training_writes_oof_checkpoints_and_an_mlflow_tree(prepared, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tracker = Tracker(True, "unit", uri=uri)
     with tracker.run("test_resnet", params={"backbone": "test_resnet"}):  # 8 epochs: learnt on every CPU tried
-        oof, metrics = train_backbone(prepared, "test_resnet", "test_resnet", dataclasses.replace(SETTINGS, epochs=8),
+        oof, metrics = _bag(prepared, "test_resnet", "test_resnet", dataclasses.replace(SETTINGS, epochs=8),
                                       16, tmp_path / "models", CPU, tracker)
 
     targets = prepared.train["target"].to_numpy()
@@ -99,10 +114,10 @@ def test_cv_training_writes_oof_checkpoints_and_an_mlflow_tree(prepared, tmp_pat
 
 def test_two_seeded_runs_give_identical_oof(prepared, tmp_path):
     s = dataclasses.replace(SETTINGS, epochs=2, mixup_alpha=0.4, drop_rate=0.2)
-    a, _ = train_backbone(prepared, "b", "test_efficientnet", s, 16, tmp_path / "a", CPU, OFF)
-    b, _ = train_backbone(prepared, "b", "test_efficientnet", s, 16, tmp_path / "b", CPU, OFF)
+    a, _ = _bag(prepared, "b", "test_efficientnet", s, 16, tmp_path / "a", CPU, OFF)
+    b, _ = _bag(prepared, "b", "test_efficientnet", s, 16, tmp_path / "b", CPU, OFF)
     np.testing.assert_array_equal(a, b)
-    c, _ = train_backbone(prepared, "b", "test_efficientnet", dataclasses.replace(s, seed=1), 16, tmp_path / "c",
+    c, _ = _bag(prepared, "b", "test_efficientnet", dataclasses.replace(s, seed=1), 16, tmp_path / "c",
                           CPU, OFF)
     assert not np.array_equal(a, c)
 
@@ -112,7 +127,7 @@ def test_a_resumed_fold_equals_an_uninterrupted_one(prepared, tmp_path):
     s = dataclasses.replace(SETTINGS, epochs=3, ema_decay=0.9)
 
     torch.manual_seed(0)
-    whole = train_fold(create_model("test_resnet", 3), *data, s, 16, CPU, 3)
+    whole = _fit(create_model("test_resnet", 3), *data, s, 16, CPU, 3)
 
     class Killed(Exception):
         pass
@@ -124,11 +139,11 @@ def test_a_resumed_fold_equals_an_uninterrupted_one(prepared, tmp_path):
     state = tmp_path / "fold0.state.pt"
     torch.manual_seed(0)
     with pytest.raises(Killed):
-        train_fold(create_model("test_resnet", 3), *data, s, 16, CPU, 3, on_epoch=kill_after_second_epoch,
+        _fit(create_model("test_resnet", 3), *data, s, 16, CPU, 3, on_epoch=kill_after_second_epoch,
                    state_path=state)
     assert torch.load(state, weights_only=True)["epoch"] == 1  # tensors and plain values: nothing unpickled
     torch.manual_seed(123)  # a new process: different initial weights, which the checkpoint replaces
-    resumed = train_fold(create_model("test_resnet", 3), *data, s, 16, CPU, 3, state_path=state)
+    resumed = _fit(create_model("test_resnet", 3), *data, s, 16, CPU, 3, state_path=state)
     assert len(resumed.history) == 3
     np.testing.assert_array_equal(resumed.val_probs, whole.val_probs)
     for key, value in whole.state_dict.items():
@@ -163,10 +178,10 @@ def test_unfreeze_epoch_trains_the_backbone_again(prepared):
     torch.manual_seed(0)
     model = create_model("test_resnet", 3)
     stem = model.state_dict()["layer1.0.conv1.weight"].clone()
-    result = train_fold(model, *data, s, 16, CPU, 3)
+    result = _fit(model, *data, s, 16, CPU, 3)
     assert not torch.equal(result.state_dict["layer1.0.conv1.weight"], stem)
     torch.manual_seed(0)  # the same start without unfreezing: the stage never moves
-    frozen_run = train_fold(create_model("test_resnet", 3), *data, dataclasses.replace(s, unfreeze_epoch=None),
+    frozen_run = _fit(create_model("test_resnet", 3), *data, dataclasses.replace(s, unfreeze_epoch=None),
                             16, CPU, 3)
     assert torch.equal(frozen_run.state_dict["layer1.0.conv1.weight"], stem)
 
@@ -176,19 +191,19 @@ def test_linear_probe_trains_only_the_head(prepared):
     torch.manual_seed(0)
     model = create_model("test_resnet", 3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = train_fold(model, *data, dataclasses.replace(SETTINGS, epochs=1, finetune="linear_probe"), 16, CPU, 3)
+    result = _fit(model, *data, dataclasses.replace(SETTINGS, epochs=1, finetune="linear_probe"), 16, CPU, 3)
     changed = {k for k, v in result.state_dict.items() if v.dtype.is_floating_point and not torch.equal(v, before[k])}
     assert changed == {"fc.weight", "fc.bias"}
 
 
 def test_features_sklearn_gives_oof_and_a_predictable_checkpoint(prepared, tmp_path):
     s = dataclasses.replace(SETTINGS, finetune="features+sklearn")
-    oof, metrics = train_backbone(prepared, "b", "test_resnet", s, 16, tmp_path / "models", CPU, OFF)
+    oof, metrics = _bag(prepared, "b", "test_resnet", s, 16, tmp_path / "models", CPU, OFF)
     np.testing.assert_allclose(oof.sum(1), 1.0, atol=1e-6)
     assert metrics["oof"]["accuracy"] > 0.7  # logistic regression on colour features
     model, ckpt = load_fold_model(tmp_path / "models" / "seed0" / "fold1" / "model.pt", CPU)
     folds = prepared.train["fold"].to_numpy()
-    again = predict_proba(model, prepared.train_images[folds == 1], ckpt["mean"], ckpt["std"], 16, 8, CPU)
+    again = predict_proba(model, prepared.train_images[folds == 1], InputConfig.from_checkpoint(ckpt), 8, CPU)
     np.testing.assert_allclose(again, oof[folds == 1], atol=1e-6)
 
 
@@ -206,7 +221,7 @@ def test_nothing_in_a_fold_folder_is_unpickled_and_resume_states_load_weights_on
     import skops.io
 
     s = dataclasses.replace(SETTINGS, finetune="features+sklearn")
-    oof, _ = train_backbone(prepared, "b", "test_resnet", s, 16, tmp_path / "models", CPU, OFF,
+    oof, _ = _bag(prepared, "b", "test_resnet", s, 16, tmp_path / "models", CPU, OFF,
                             resume_dir=tmp_path / "resume")
     for done in sorted((tmp_path / "resume" / "seed0").glob("fold*.done.pt")):  # a finished fold, kept
         assert torch.load(done, weights_only=True)["checkpoint"]["sklearn_head"]
@@ -217,10 +232,10 @@ def test_nothing_in_a_fold_folder_is_unpickled_and_resume_states_load_weights_on
     model, ckpt = load_fold_model(fold / "model.pt", CPU)
     assert not marker.exists()
     folds = prepared.train["fold"].to_numpy()
-    again = predict_proba(model, prepared.train_images[folds == 1], ckpt["mean"], ckpt["std"], 16, 8, CPU)
+    again = predict_proba(model, prepared.train_images[folds == 1], InputConfig.from_checkpoint(ckpt), 8, CPU)
     np.testing.assert_allclose(again, oof[folds == 1], atol=1e-6)
     # a resumed run takes its finished folds from the resume folder, through the same safe loaders
-    again_oof, _ = train_backbone(prepared, "b", "test_resnet", s, 16, tmp_path / "models2", CPU, OFF,
+    again_oof, _ = _bag(prepared, "b", "test_resnet", s, 16, tmp_path / "models2", CPU, OFF,
                                   resume_dir=tmp_path / "resume")
     np.testing.assert_array_equal(again_oof, oof)
 
@@ -292,7 +307,7 @@ def test_mixup_switches_off_at_its_epoch(prepared):
     s = dataclasses.replace(SETTINGS, epochs=2, lr=0.0, augment=[], mixup_alpha=1.0, mixup_off_epoch=1)
     torch.manual_seed(0)
     model = create_model("test_vit", 3)  # no dropout or batch norm: with lr 0 the function stays fixed
-    result = train_fold(model, images, targets, val_images, val_targets, mean, std, s, 16, CPU, 3)
+    result = _fit(model, images, targets, val_images, val_targets, mean, std, s, 16, CPU, 3)
     with torch.no_grad():
         x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) \
             / torch.tensor(std).view(1, 3, 1, 1)
@@ -310,7 +325,7 @@ def test_ema_weights_differ_from_live_weights_and_can_be_kept(prepared):
     ema = ModelEmaV3(model, decay=0.5)
     _one_epoch(model, _batches(prepared), s, ema=ema)
     assert not torch.equal(ema.module.state_dict()["fc.weight"], model.state_dict()["fc.weight"])
-    result = train_fold(create_model("test_resnet", 3), *data, s, 16, CPU, 3)
+    result = _fit(create_model("test_resnet", 3), *data, s, 16, CPU, 3)
     assert all("ema_chosen" in row for row in result.history)
 
 
@@ -318,7 +333,7 @@ def test_early_stopping_ends_a_fold_without_improvement(prepared):
     data = _fold0(prepared)
     s = dataclasses.replace(SETTINGS, epochs=6, lr=0.0, early_stopping_patience=1, monitor="log_loss")
     torch.manual_seed(0)
-    result = train_fold(create_model("test_vit", 3), *data, s, 16, CPU, 3)  # no batch-norm statistics to drift
+    result = _fit(create_model("test_vit", 3), *data, s, 16, CPU, 3)  # no batch-norm statistics to drift
     assert len(result.history) == 2  # best at epoch 1, then one epoch without improvement
 
 
@@ -328,7 +343,7 @@ def test_non_finite_loss_names_backbone_fold_epoch_step_and_lr(prepared):
     with torch.no_grad():
         model.fc.weight.fill_(float("nan"))
     with pytest.raises(PipelineError, match=r"^resnet fold 0, epoch 1, step 1: loss is nan \(lr [0-9.e-]+\)"):
-        train_fold(model, *data, SETTINGS, 16, CPU, 3, where="resnet fold 0")
+        _fit(model, *data, SETTINGS, 16, CPU, 3, where="resnet fold 0")
 
 
 def test_augmentation_comes_from_config():
@@ -444,15 +459,15 @@ def test_out_of_memory_in_training_suggests_a_smaller_batch(prepared):
     model = _OutOfMemoryAbove(limit=2)
     with pytest.raises(PipelineError, match=r"out of GPU memory at train.batch_size=4; lower it \(e.g. to 2\) "
                                             r"and raise train.grad_accum_steps"):
-        train_fold(model, *data, SETTINGS, 16, CPU, 3)
+        _fit(model, *data, SETTINGS, 16, CPU, 3)
 
 
 def test_inference_halves_the_batch_until_it_fits(prepared):
     torch.manual_seed(0)
     model = _OutOfMemoryAbove(limit=3)
     images = np.asarray(prepared.train_images[:10])
-    got = predict_proba(model, images, (0.5,) * 3, (0.25,) * 3, 16, batch_size=16, device=CPU)
-    expected = predict_proba(model.net, images, (0.5,) * 3, (0.25,) * 3, 16, batch_size=1, device=CPU)
+    got = predict_proba(model, images, InputConfig(16, (0.5,) * 3, (0.25,) * 3), batch_size=16, device=CPU)
+    expected = predict_proba(model.net, images, InputConfig(16, (0.5,) * 3, (0.25,) * 3), batch_size=1, device=CPU)
     np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
@@ -464,10 +479,10 @@ def test_compile_runs_the_loop_through_torch_compile(prepared):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     torch.manual_seed(0)
-    compiled = train_fold(create_model("test_vit", 3), *data, s, 16, CPU, 3)
+    compiled = _fit(create_model("test_vit", 3), *data, s, 16, CPU, 3)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
     torch.manual_seed(0)
-    eager = train_fold(create_model("test_vit", 3), *data, dataclasses.replace(s, compile=None), 16, CPU, 3)
+    eager = _fit(create_model("test_vit", 3), *data, dataclasses.replace(s, compile=None), 16, CPU, 3)
     np.testing.assert_allclose(compiled.val_probs, eager.val_probs, atol=1e-5)
 
 
@@ -482,7 +497,7 @@ def test_bootstrap_rows_resample_with_replacement_reproducibly():
 
 def test_seed_bag_trains_every_fold_per_seed_and_averages_the_oof(prepared, tmp_path):
     s = dataclasses.replace(SETTINGS, epochs=1, seeds=[3, 4])
-    bag, metrics = train_backbone(prepared, "b", "test_resnet", s, 16, tmp_path / "models", CPU, OFF)
+    bag, metrics = _bag(prepared, "b", "test_resnet", s, 16, tmp_path / "models", CPU, OFF)
     per_seed = []
     folds = prepared.train["fold"].to_numpy()
     for seed in (3, 4):
@@ -490,8 +505,8 @@ def test_seed_bag_trains_every_fold_per_seed_and_averages_the_oof(prepared, tmp_
         for k in range(2):
             model, ckpt = load_fold_model(tmp_path / "models" / f"seed{seed}" / f"fold{k}" / "model.pt", CPU)
             assert ckpt["seed"] == seed
-            oof[folds == k] = predict_proba(model, prepared.train_images[folds == k], ckpt["mean"], ckpt["std"],
-                                            16, 8, CPU)
+            oof[folds == k] = predict_proba(model, prepared.train_images[folds == k], InputConfig.from_checkpoint(ckpt),
+                                            8, CPU)
         per_seed.append(oof)
     np.testing.assert_allclose(bag, np.mean(per_seed, 0), atol=1e-5)
     assert not np.allclose(per_seed[0], per_seed[1])  # different seeds, different models
@@ -499,7 +514,7 @@ def test_seed_bag_trains_every_fold_per_seed_and_averages_the_oof(prepared, tmp_
     assert set(metrics["seeds"]) == {"3", "4"}
     assert metrics["seeds"]["3"]["log_loss"] == pytest.approx(log_loss(per_seed[0], targets), abs=1e-5)
     assert metrics["oof"]["log_loss"] == pytest.approx(log_loss(bag, targets), abs=1e-5)
-    boot, _ = train_backbone(prepared, "b", "test_resnet", dataclasses.replace(s, seeds=[3], bootstrap=True),
+    boot, _ = _bag(prepared, "b", "test_resnet", dataclasses.replace(s, seeds=[3], bootstrap=True),
                              16, tmp_path / "boot", CPU, OFF)
     assert not np.allclose(boot, per_seed[0], atol=1e-4)  # same seed, resampled rows: another model
 
@@ -528,7 +543,7 @@ def test_registered_cifar_net_is_a_timm_model_that_trains_and_freezes(prepared):
     net = create_model("cifar_net_s", 3)
     initial = {k: v.clone() for k, v in net.state_dict().items()}
     stems = []
-    result = train_fold(net, *_fold0(prepared), dataclasses.replace(SETTINGS, epochs=3), 16, CPU, 3,
+    result = _fit(net, *_fold0(prepared), dataclasses.replace(SETTINGS, epochs=3), 16, CPU, 3,
                         on_epoch=lambda epoch, row: stems.append(net.stem[0].weight.detach().clone()))
     trainable = {n for n, p in net.named_parameters() if p.requires_grad}
     moved = {n for n in trainable if not torch.equal(result.state_dict[n], initial[n])}
@@ -540,7 +555,7 @@ def test_registered_cifar_net_is_a_timm_model_that_trains_and_freezes(prepared):
     model.load_state_dict(result.state_dict)
     stem = model.stem[0]
     assert not torch.allclose(stem.weight, fresh_stem)
-    x = to_input(torch.from_numpy(tr_images), mean, std, 16, CPU)
+    x = to_input(torch.from_numpy(tr_images), InputConfig(16, tuple(mean), tuple(std)), CPU)
     patches = x.unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12)
     out = (patches - patches.mean(0)) @ stem.weight.reshape(24, 12).T
     cov = torch.cov(out[:, :12].T)
@@ -558,12 +573,12 @@ def test_val_every_skips_validation_and_keeps_the_last_epoch_when_it_equals_epoc
     data = _fold0(prepared)
     s = dataclasses.replace(SETTINGS, epochs=3, val_every=3)
     torch.manual_seed(0)
-    result = train_fold(create_model("test_resnet", 3), *data, s, 16, CPU, 3)
+    result = _fit(create_model("test_resnet", 3), *data, s, 16, CPU, 3)
     assert ["val_accuracy" in row for row in result.history] == [False, False, True]
     assert result.best_epoch == 2
     model = create_model("test_resnet", 3)
     model.load_state_dict(result.state_dict)
-    np.testing.assert_allclose(predict_proba(model, data[2], data[4], data[5], 16, 8, CPU), result.val_probs, atol=1e-6)
+    np.testing.assert_allclose(predict_proba(model, data[2], InputConfig(16, tuple(data[4]), tuple(data[5])), 8, CPU), result.val_probs, atol=1e-6)
 
     # killed after an unvalidated epoch, it resumes to the same weights
     class Killed(Exception):
@@ -574,9 +589,9 @@ def test_val_every_skips_validation_and_keeps_the_last_epoch_when_it_equals_epoc
             raise Killed
     torch.manual_seed(0)
     with pytest.raises(Killed):
-        train_fold(create_model("test_resnet", 3), *data, s, 16, CPU, 3, on_epoch=kill,
+        _fit(create_model("test_resnet", 3), *data, s, 16, CPU, 3, on_epoch=kill,
                    state_path=tmp_path / "state.pt")
-    resumed = train_fold(create_model("test_resnet", 3), *data, s, 16, CPU, 3, state_path=tmp_path / "state.pt")
+    resumed = _fit(create_model("test_resnet", 3), *data, s, 16, CPU, 3, state_path=tmp_path / "state.pt")
     np.testing.assert_array_equal(resumed.val_probs, result.val_probs)
     with pytest.raises(PipelineError, match="train.val_every"):
         from pipeline.config import check_train_settings
@@ -606,7 +621,7 @@ def test_class_weight_and_balanced_sampler_undo_a_10_to_1_imbalance(settings, ra
     y_train, y_val = np.array([0] * 100 + [1] * 10), np.array([0] * 30 + [1] * 10)
     s = TrainSettings(epochs=10, batch_size=10, lr=0.05, weight_decay=0.0, warmup_epochs=0.5, scheduler="constant",
                       augment=[], seed=0, val_every=10, **settings)
-    result = train_fold(_PriorOnly(2), images[:110], y_train, images[110:], y_val, [0.5] * 3, [0.25] * 3, s, 8, CPU, 2)
+    result = _fit(_PriorOnly(2), images[:110], y_train, images[110:], y_val, [0.5] * 3, [0.25] * 3, s, 8, CPU, 2)
     assert rare_low < result.val_probs[:, 1].mean() < rare_high
 
 
@@ -627,7 +642,7 @@ def test_pretrained_true_offline_without_a_cache_is_one_line_naming_the_alternat
 
 def _finished_run(prepared, tmp_path) -> Path:
     """A finished train stage's outputs for backbone `b` (test_resnet, 2 folds x 1 epoch) in tmp_path."""
-    _, metrics = train_backbone(prepared, "b", "test_resnet", dataclasses.replace(SETTINGS, epochs=1), 16,
+    _, metrics = _bag(prepared, "b", "test_resnet", dataclasses.replace(SETTINGS, epochs=1), 16,
                                 tmp_path / "models/b", CPU, OFF)
     (tmp_path / "reports/train").mkdir(parents=True)
     (tmp_path / "reports/train/b.json").write_text(json.dumps(metrics))
@@ -670,7 +685,7 @@ def test_a_pretrained_model_is_fed_its_weights_own_normalisation(prepared, tmp_p
              (timm_file, s, list(timm_cfg.mean), list(timm_cfg.std)),
              (weights, dataclasses.replace(s, mean=[0.5] * 3, std=[0.2] * 3), [0.5] * 3, [0.2] * 3)]  # params win
     for pretrained, settings, mean, std in cases:
-        _, ckpt = fit_fold(prepared, 0, "test_resnet", settings, 16, CPU, pretrained=pretrained)
+        _, ckpt = train_fold(prepared, 0, "test_resnet", settings, 16, CPU, pretrained=pretrained)
         assert ckpt["mean"] == pytest.approx(mean) and ckpt["std"] == pytest.approx(std), pretrained
     assert fold_mean != pytest.approx(list(timm_cfg.mean))  # the cases differ
 
@@ -703,7 +718,7 @@ def test_bf16_training_runs_end_to_end_on_the_cpu_and_keeps_fp32_weights(prepare
     runs = {}
     for precision in ("fp32", "bf16"):
         s = dataclasses.replace(SETTINGS, epochs=2, precision=precision)
-        oof, metrics = train_backbone(prepared, "b", "test_efficientnet", s, 16, tmp_path / precision, CPU, OFF)
+        oof, metrics = _bag(prepared, "b", "test_efficientnet", s, 16, tmp_path / precision, CPU, OFF)
         ckpt = torch.load(tmp_path / precision / "seed0/fold0/model.pt", weights_only=True)
         assert ckpt["precision"] == metrics["precision"] == precision
         assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values() if v.is_floating_point())

@@ -146,9 +146,9 @@ def test_ddp_ranks_end_with_one_model_and_agree_on_validation(tmp_path):
 import json, os, numpy as np, torch
 from pipeline import distributed
 from pipeline.config import TrainSettings
-from pipeline.data import load_prepared
+from pipeline.data import InputConfig, load_prepared
+from pipeline.loop import Split, fit
 from pipeline.models import create_model
-from pipeline.train import train_fold
 device = distributed.init_from_env()
 data = load_prepared({str(root / 'data/prepared')!r})
 f, y = data.train.fold.to_numpy(), data.train.target.to_numpy()
@@ -156,8 +156,8 @@ mean, std = data.fold_stats(0)
 torch.manual_seed(0)
 model = create_model("test_resnet", 3)
 s = TrainSettings(epochs=1, batch_size=2, lr=0.01, augment=[], seed=0)
-res = train_fold(model, np.asarray(data.train_images[f != 0]), y[f != 0], np.asarray(data.train_images[f == 0]),
-                 y[f == 0], mean, std, s, 12, device, 3)
+res = fit(model, Split(np.asarray(data.train_images[f != 0]), y[f != 0]), Split(np.asarray(data.train_images[f == 0]),
+          y[f == 0]), InputConfig(12, tuple(mean), tuple(std)), s, device, num_classes=3)
 torch.save(model.state_dict(), {str(tmp_path)!r} + f"/rank{{distributed.rank()}}.pt")
 np.save({str(tmp_path)!r} + f"/probs{{distributed.rank()}}.npy", res.val_probs)
 distributed.shutdown()

@@ -21,7 +21,8 @@ from pipeline.data import load_prepared
 from pipeline.errors import PipelineError
 from pipeline.prepare import prepare
 from pipeline.tracking import Tracker
-from pipeline.train import train_cv
+from pipeline.backbone import Backbone
+from pipeline.train import cross_validate
 from pipeline.tune import RETRY, finished, make_objective, open_study, run_study, sample, search_space, write_report
 from tests.conftest import write_competition
 
@@ -141,8 +142,9 @@ def test_tuning_a_features_sklearn_backbone_runs_what_training_runs(prepared, tm
     trial = study.trials[0]
     # one report per fold (the classifier's fit), not one per epoch of fine-tuning
     assert sorted(trial.intermediate_values) == [0, tune.epochs]
-    _, metrics = train_cv(prepared, "b", "test_resnet", dataclasses.replace(base, lr=0.01), 12, tmp_path / "m", CPU,
-                          Tracker(False, "x"))
+    settings = dataclasses.replace(base, lr=0.01)
+    _, metrics = cross_validate(prepared, Backbone("b", "test_resnet", None, settings, 12, {}), settings, tmp_path / "m",
+                                CPU, Tracker(False, "x"))
     assert trial.value == pytest.approx(np.mean([metrics["folds"][str(k)]["accuracy"] for k in (0, 1)]), abs=1e-12)
 
 

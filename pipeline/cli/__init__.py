@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from pipeline.config import Params, load_params
 from pipeline.errors import PipelineError
@@ -18,14 +17,6 @@ def build_parser(description: str, backbone: bool = False) -> argparse.ArgumentP
 
 def parse_args(argv, description: str, backbone: bool = False) -> argparse.Namespace:
     return build_parser(description, backbone).parse_args(argv)
-
-
-def experiment_name(params: Params) -> str:
-    """MLflow experiment: tracking.experiment, else the competition's name (its file or folder stem)."""
-    if params.tracking.experiment:
-        return params.tracking.experiment
-    name = Path(params.competition.source.rstrip("/")).name
-    return name[:-4] if name.endswith(".zip") else name
 
 
 def load_with_backbone(args) -> tuple[Params, str]:

@@ -1,13 +1,17 @@
-"""python -m pipeline timing  ->  reports/plan.json: planned against actual seconds per stage"""
+"""python -m pipeline timing  ->  reports/timing.json: planned against actual seconds per stage"""
 from __future__ import annotations
 
-from pipeline.cli import experiment_name, parse_args
+from pipeline.cli import parse_args
 from pipeline.config import load_params
 from pipeline.io import read_json, write_json
 from pipeline.timing import PLANNED, plan_vs_actual
-from pipeline.tracking import Tracker
+from pipeline.tracking import Tracker, experiment_name
 
-OUT = "reports/plan.json"
+OUT = "reports/timing.json"
+
+
+def _minutes(seconds: float | None) -> str:
+    return "" if seconds is None else f"{seconds / 60:6.1f} min"
 
 
 def main(argv=None) -> None:
@@ -25,9 +29,8 @@ def main(argv=None) -> None:
                              for kind in ("planned", "actual") if row[f"{kind}_s"] is not None})
         tracker.log_artifact(OUT)
     width = max(map(len, report["stages"]))
-    fmt = lambda v: "" if v is None else f"{v / 60:6.1f} min"  # noqa: E731
     for stage, row in report["stages"].items():
-        print(f"{stage:<{width}}  planned {fmt(row['planned_s']):>10}  actual {fmt(row['actual_s']):>10}")
+        print(f"{stage:<{width}}  planned {_minutes(row['planned_s']):>10}  actual {_minutes(row['actual_s']):>10}")
     ratio = report["actual_over_planned"]
-    print(f"{'all':<{width}}  planned {fmt(report['planned_total_seconds']):>10}  actual "
-          f"{fmt(report['actual_total_seconds']):>10}" + (f"  (actual/planned {ratio:.3f})" if ratio else ""))
+    print(f"{'all':<{width}}  planned {_minutes(report['planned_total_seconds']):>10}  actual "
+          f"{_minutes(report['actual_total_seconds']):>10}" + (f"  (actual/planned {ratio:.3f})" if ratio else ""))

@@ -1,0 +1,103 @@
+"""One backbone as its stages run it: params.yaml's entry resolved into a timm model name, settings,
+input size and tuned values (`resolve_backbone`), the plan's epochs applied (`apply_plan`), and the
+record a training run is logged and resumed under (`run_record`, `resume_dir`)."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from pipeline.config import Params, TrainSettings, check_train_settings, resolve_train_settings
+from pipeline.data import PreparedData, default_augment
+from pipeline.errors import PipelineError
+from pipeline.io import read_json
+from pipeline.models import Pretrained, check_backbone, pretrained_config
+
+PLAN_DIR = Path("plan")  # the plan stage's <backbone>.json files: the epochs each train stage runs
+TUNING_DIR = Path("tuning")  # the tune stage's <backbone>/best_params.yaml
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str  # its key in train.backbones
+    model_name: str  # timm's name
+    pretrained: Pretrained
+    settings: TrainSettings
+    image_size: int  # the network's input side
+    tuned: dict  # the tune stage's best values, already merged into `settings`
+
+
+def tuned_params(path: str | Path) -> dict:
+    """The tune stage's best values (empty when tuning is off or has not run)."""
+    if not Path(path).exists():
+        return {}
+    return (yaml.safe_load(Path(path).read_text()) or {}).get("params") or {}
+
+
+def input_size(s: TrainSettings, model_name: str, pretrained: Pretrained, cache_size: int) -> int:
+    """The network's input side: `s.image_size` if set, else the pretrained weights' own, else the cache's."""
+    cfg = pretrained_config(model_name, pretrained)
+    return s.image_size or (cfg or {}).get("image_size") or cache_size
+
+
+def resolve_backbone(params: Params, name: str, cache_size: int, params_path: str = "params.yaml",
+                     tuned: bool = True) -> Backbone:
+    """Backbone `name` as its train stage runs it: params.yaml's keys over the tune stage's best values
+    (with `tuned`) over the shared settings, checked, the default augmentation resolved for the cache's
+    size. Raises PipelineError naming the key for an unknown timm model or a setting out of range."""
+    entry = params.train.backbones[name]
+    model_name = entry.model or name
+    check_backbone(model_name, f"{params_path}: train.backbones.{name}")
+    best = tuned_params(TUNING_DIR / name / "best_params.yaml") if tuned else {}
+    settings = resolve_train_settings(params.train, name, best)
+    check_train_settings(settings, f"{params_path}: train")
+    image_size = input_size(settings, model_name, entry.pretrained, cache_size)
+    if settings.augment is None:  # recorded as it runs
+        settings = dataclasses.replace(settings, augment=default_augment(cache_size))
+    return Backbone(name, model_name, entry.pretrained, settings, image_size, best)
+
+
+def apply_plan(s: TrainSettings, entry: dict | None) -> TrainSettings:
+    """A backbone's settings with the plan's epochs: val_every as planned, and the epochs that name a
+    point in the schedule (mixup_off_epoch, unfreeze_epoch) moved with it."""
+    if not entry or entry["epochs"] == s.epochs:
+        return s
+    scale = entry["epochs"] / s.epochs
+    moved = {key: round(getattr(s, key) * scale) for key in ("mixup_off_epoch", "unfreeze_epoch")
+             if getattr(s, key) is not None}
+    return dataclasses.replace(s, epochs=entry["epochs"], val_every=entry["val_every"], **moved)
+
+
+def planned(backbone: Backbone, plan_dir: str | Path = PLAN_DIR) -> Backbone:
+    """`backbone` with the epochs the plan stage chose for it (budget.minutes)."""
+    path = Path(plan_dir) / f"{backbone.name}.json"
+    if not path.exists():
+        raise PipelineError(f"{path}: not found; budget.minutes needs the plan stage first (python -m pipeline plan)")
+    return dataclasses.replace(backbone, settings=apply_plan(backbone.settings, read_json(path)))
+
+
+def run_record(backbone: Backbone, data: PreparedData, device: torch.device) -> dict:
+    """Everything a training run of `backbone` depends on, flat: MLflow's params of the run, and (without
+    the device) what its resume folder is keyed on."""
+    s, weights = backbone.settings, pretrained_config(backbone.model_name, backbone.pretrained)
+    normalization = "params" if s.mean else "pretrained weights" if weights else "fold statistics"
+    return {"backbone": backbone.name, "model": backbone.model_name, "pretrained": backbone.pretrained,
+            "device": device.type, "normalization": normalization,
+            **({"weights_mean": weights["mean"], "weights_std": weights["std"],
+                "weights_interpolation": weights["interpolation"]} if weights else {}),
+            **dataclasses.asdict(s), "image_size": backbone.image_size, "augment": json.dumps(s.augment),
+            **{f"tuned.{k}": v for k, v in backbone.tuned.items()}, "n_folds": data.n_folds,
+            "n_train": len(data.train), "n_classes": len(data.classes)}
+
+
+def resume_dir(record: dict, data: PreparedData) -> str:
+    """models/.resume/<backbone>-<hash>: where a killed run of these settings, on these rows and folds,
+    left its finished folds and last epoch (any other device continues it too)."""
+    ids = hashlib.sha1("".join(data.train["id"] + data.train["fold"].astype(str)).encode()).hexdigest()
+    fingerprint = json.dumps({**record, "device": None, "ids": ids}, sort_keys=True)
+    return f"models/.resume/{record['backbone']}-{hashlib.sha1(fingerprint.encode()).hexdigest()[:12]}"
