@@ -3,13 +3,14 @@
 # make test  set up .venv, then the test suite
 # make test-isa   the training and tuning tests again, on a lower instruction set than this CPU's best
 # make test-slow  the tests marked slow (two tuning workers on a real PostgreSQL server)
+# make lint  ruff: lint (with import order) and the format check
 VENV   ?= .venv
 PYTHON ?= python3
 BIN    := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup run test test-isa test-slow clean
+.PHONY: setup run test test-isa test-slow lint clean
 
 setup: $(VENV)/.installed
 
@@ -46,6 +47,10 @@ test-isa: setup
 
 test-slow: setup
 	python -m pytest -m slow
+
+lint: setup
+	ruff check .
+	ruff format --check .
 
 clean:
 	rm -rf data/prepared models/*/ predictions reports submissions/*.csv submissions/methods mlflow.db mlruns mlartifacts

@@ -9,6 +9,7 @@ median images/s over repeats and the workers a GPU training at GPU_IMAGES_PER_S 
 
     RESULT data_path <size>px <images/s per core> workers_for_3000 <n>
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,11 @@ def main() -> None:
         augment = default_augment(size) + [{"HorizontalFlip": {"p": 0.5}}]
         dataset = ImageDataset(images, np.zeros(len(images), dtype=np.int64), build_train_transform(augment, 0))
         speed = statistics.median(data_path_speed(dataset, 64) for _ in range(args.repeats))
-        print(f"RESULT data_path {size}px {speed:.0f} workers_for_{GPU_IMAGES_PER_S} "
-              f"{math.ceil(GPU_IMAGES_PER_S / speed)}", flush=True)
+        print(
+            f"RESULT data_path {size}px {speed:.0f} workers_for_{GPU_IMAGES_PER_S} "
+            f"{math.ceil(GPU_IMAGES_PER_S / speed)}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ those of a real photo competition, not its content), then in a fresh process run
 decoding worker). Then one pass of training's data path (Dataset + DataLoader over a fold's rows of
 the memory-mapped cache, default augmentation) reports the anonymous memory it needed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,11 +50,13 @@ def build(source: str, work: Path, n: int) -> Path:
     rows = labels.iloc[: n + n_test]
     names = [(f"{prefix}train/{i}.jpg", f"train/{i}.jpg") for i in rows["id"][:n]]
     names += [(f"{prefix}train/{i}.jpg", f"test/{i}.jpg") for i in rows["id"][n:]]
-    jobs = [(source, names[k::os.cpu_count()], comp, k) for k in range(os.cpu_count())]
+    jobs = [(source, names[k :: os.cpu_count()], comp, k) for k in range(os.cpu_count())]
     with mp.Pool(os.cpu_count()) as pool:
         pool.map(_write, jobs)
     rows.iloc[:n].to_csv(comp / "train.csv", index=False)
-    rows.iloc[n:].assign(label=rows["label"].iloc[0])[["id", "label"]].to_csv(comp / "sample_submission.csv", index=False)
+    rows.iloc[n:].assign(label=rows["label"].iloc[0])[["id", "label"]].to_csv(
+        comp / "sample_submission.csv", index=False
+    )
     return comp
 
 
@@ -102,18 +105,36 @@ def main() -> None:
     comp = build(args.source, work, args.n)
     out = work / f"prepared{args.n}_{args.size}"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    prep = json.loads(subprocess.run([sys.executable, "-c", PREPARE, str(comp), str(args.size), str(out)], env=env,
-                                     check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    prep = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", PREPARE, str(comp), str(args.size), str(out)],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     cache_gib = sum(f.stat().st_size for f in out.glob("*.npy")) / 2**30
-    print(f"prepare {prep['images']} images at {args.size} px: {prep['seconds']:.0f} s "
-          f"({prep['images'] / prep['seconds']:.0f} images/s), cache {cache_gib:.2f} GiB on disk, "
-          f"peak RSS {prep['self_mib']:.0f} MiB (stage) / {prep['worker_mib']:.0f} MiB (largest decoding worker)")
-    read = json.loads(subprocess.run([sys.executable, "-c", TRAIN_READ, str(out)], env=env, check=True,
-                                     capture_output=True, text=True).stdout.strip().splitlines()[-1])
-    print(f"one epoch of a fold's {read['fold_rows']} training images through the DataLoader: {read['seconds']:.0f} s, "
-          f"anonymous memory {read['anon_mib_before']:.0f} -> peak {read['anon_mib_peak']:.0f} MiB "
-          f"(a copy of the fold would be {read['fold_copy_mib']:.0f} MiB); page cache mapped at the end "
-          f"{read['rss_file_mib_end']:.0f} MiB (reclaimable)")
+    print(
+        f"prepare {prep['images']} images at {args.size} px: {prep['seconds']:.0f} s "
+        f"({prep['images'] / prep['seconds']:.0f} images/s), cache {cache_gib:.2f} GiB on disk, "
+        f"peak RSS {prep['self_mib']:.0f} MiB (stage) / {prep['worker_mib']:.0f} MiB (largest decoding worker)"
+    )
+    read = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", TRAIN_READ, str(out)], env=env, check=True, capture_output=True, text=True
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    print(
+        f"one epoch of a fold's {read['fold_rows']} training images through the DataLoader: {read['seconds']:.0f} s, "
+        f"anonymous memory {read['anon_mib_before']:.0f} -> peak {read['anon_mib_peak']:.0f} MiB "
+        f"(a copy of the fold would be {read['fold_copy_mib']:.0f} MiB); page cache mapped at the end "
+        f"{read['rss_file_mib_end']:.0f} MiB (reclaimable)"
+    )
 
 
 if __name__ == "__main__":

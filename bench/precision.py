@@ -7,6 +7,7 @@ inference batches, fp32 and bf16 alternating in one process, medians of `--repea
 `pipeline.models.probe_precision`, the probe `train.precision: auto` runs). Prints
 `RESULT <model> bf16_vs_fp32_train <ratio>` and `RESULT <model> bf16_vs_fp32_infer <ratio>`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     cpu = torch.device("cpu")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}"
+    )
     for name, size, batch in CASES:
         model = create_model(name, 10)
         train = probe_precision(model, batch, size, cpu, steps=3, repeats=args.repeats)
@@ -47,8 +50,10 @@ def main() -> None:
             fp32.append(infer_rate(model, x, None, 5))
             bf16.append(infer_rate(model, x, torch.bfloat16, 5))
         f, b = statistics.median(fp32), statistics.median(bf16)
-        print(f"{name} {size} px batch {batch}: train {train['fp32_images_per_s']:.0f} -> "
-              f"{train['bf16_images_per_s']:.0f} images/s, inference {f:.0f} -> {b:.0f} images/s")
+        print(
+            f"{name} {size} px batch {batch}: train {train['fp32_images_per_s']:.0f} -> "
+            f"{train['bf16_images_per_s']:.0f} images/s, inference {f:.0f} -> {b:.0f} images/s"
+        )
         print(f"RESULT {name} bf16_vs_fp32_train {train['bf16_images_per_s'] / train['fp32_images_per_s']:.2f}")
         print(f"RESULT {name} bf16_vs_fp32_infer {b / f:.2f}")
 

@@ -7,6 +7,7 @@ preset's settings twice through `fit_fold`, `train.precision` fp32 and bf16, and
 validation accuracy, log loss and wall time. Differences within the spread that a change of seed
 makes are parity; the seed spread is printed too (fp32, seeds 0 and 1).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,9 +23,18 @@ from pipeline.metrics import scores
 from pipeline.prepare import prepare
 from pipeline.train import fit_fold
 
-SETTINGS = TrainSettings(batch_size=128, lr=0.004, label_smoothing=0.1, warmup_epochs=0.5, seed=0,
-                         augment=[{"PadIfNeeded": {"min_height": 36, "min_width": 36, "border_mode": 0}},
-                                  {"RandomCrop": {"height": 32, "width": 32}}, {"HorizontalFlip": {"p": 0.5}}])
+SETTINGS = TrainSettings(
+    batch_size=128,
+    lr=0.004,
+    label_smoothing=0.1,
+    warmup_epochs=0.5,
+    seed=0,
+    augment=[
+        {"PadIfNeeded": {"min_height": 36, "min_width": 36, "border_mode": 0}},
+        {"RandomCrop": {"height": 32, "width": 32}},
+        {"HorizontalFlip": {"p": 0.5}},
+    ],
+)
 
 
 def cifar_split(source: str, work: str) -> PreparedData:
@@ -54,8 +64,10 @@ def main() -> None:
     data = cifar_split(args.source, args.work)
     for precision, seed in (("fp32", 0), ("bf16", 0), ("fp32", 1)):
         s = dataclasses.replace(SETTINGS, epochs=args.epochs, val_every=args.epochs, precision=precision, seed=seed)
-        print(f"RESULT fold0 {precision} seed{seed} {fold0(data, 'cifar_net_s', s, f'{precision} seed {seed}')}",
-              flush=True)
+        print(
+            f"RESULT fold0 {precision} seed{seed} {fold0(data, 'cifar_net_s', s, f'{precision} seed {seed}')}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

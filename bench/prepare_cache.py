@@ -5,6 +5,7 @@
 Prints the wall time of `prepare` (all train and test images decoded once) for 1 worker and for
 one worker per core, and the time one training epoch spends fetching images from the cache.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,6 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-
-import numpy as np
 
 from pipeline.config import CompetitionConfig
 from pipeline.data import ImageDataset, build_train_transform, load_prepared
@@ -38,12 +37,15 @@ def main() -> None:
                 times.append(time.perf_counter() - start)
             n = summary["n_train"] + summary["n_test"]
             med = statistics.median(times)
-            print(f"prepare, {workers} worker(s): median {med:.1f} s over {args.repeats} runs "
-                  f"({n / med:.0f} images/s, {n} images)")
+            print(
+                f"prepare, {workers} worker(s): median {med:.1f} s over {args.repeats} runs "
+                f"({n / med:.0f} images/s, {n} images)"
+            )
         data = load_prepared(out)
         images = data.train_images  # the memory map, as training reads it
-        dataset = ImageDataset(images, data.train["target"].to_numpy(),
-                               build_train_transform(None, 0, cache_size=images.shape[1]))
+        dataset = ImageDataset(
+            images, data.train["target"].to_numpy(), build_train_transform(None, 0, cache_size=images.shape[1])
+        )
         start = time.perf_counter()
         for i in range(len(dataset)):
             dataset[i]

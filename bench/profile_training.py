@@ -19,10 +19,10 @@ Finally it scales the per-image costs by what params.yaml asks for (rows, folds,
 views) into an estimate of the training and prediction seconds per phase. Last lines:
 `RESULT <backbone> train_vs_bare <ratio>`.
 """
+
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import io
 import statistics
 import sys
@@ -39,8 +39,8 @@ from train_overhead import bare_loop  # noqa: E402
 
 from pipeline.config import load_params, resolve_train_settings  # noqa: E402
 from pipeline.data import ImageDataset, build_loader, build_train_transform, load_prepared, to_input  # noqa: E402
-from pipeline.models import create_model, pick_device, use_channels_last  # noqa: E402
 from pipeline.inference import predict_proba  # noqa: E402
+from pipeline.models import create_model, pick_device, use_channels_last  # noqa: E402
 from pipeline.predict import predict_tta  # noqa: E402
 from pipeline.prepare import _decode  # noqa: E402
 from pipeline.train import build_optimizer, lr_factor, train_one_epoch  # noqa: E402
@@ -67,14 +67,16 @@ def phase_times(model, loader, optimizer, scheduler, device, mean, std, size, la
         t["augment"] += time.perf_counter() - start
         box = {}
         t["to_input"] += _timed(lambda: box.update(x=to_input(images, mean, std, size, device, cl)))
-        t["forward"] += _timed(lambda: box.update(loss=F.cross_entropy(model(box["x"]), targets,
-                                                                          label_smoothing=label_smoothing)))
+        t["forward"] += _timed(
+            lambda: box.update(loss=F.cross_entropy(model(box["x"]), targets, label_smoothing=label_smoothing))
+        )
         t["backward"] += _timed(lambda: box["loss"].backward())
 
         def step():
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
+
         t["optimizer"] += _timed(step)
     return t
 
@@ -110,24 +112,44 @@ def profile_backbone(name, model_name, s, image_size, images, targets, mean, std
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(s.scheduler, 10 * batches, batches))
 
     x = to_input(torch.from_numpy(imgs), mean, std, image_size, device, use_channels_last(device))
-    bare_batches = [(x[i:i + s.batch_size], torch.from_numpy(ys[i:i + s.batch_size]).to(device))
-                    for i in range(0, n, s.batch_size)]
+    bare_batches = [
+        (x[i : i + s.batch_size], torch.from_numpy(ys[i : i + s.batch_size]).to(device))
+        for i in range(0, n, s.batch_size)
+    ]
     bare_loop(fresh(), bare_batches[:2], s.lr)  # warm-up
     phases, pipe, bare = [], [], []
     for _ in range(repeats):
         model = fresh()
         phases.append(phase_times(model, loader(), *opt_sched(model), device, mean, std, image_size, s.label_smoothing))
         model = fresh()
-        pipe.append(n / _timed(lambda: train_one_epoch(model, loader(), *opt_sched(model), device, mean, std,
-                                                      image_size, label_smoothing=s.label_smoothing, where="bench")))
+        pipe.append(
+            n
+            / _timed(
+                lambda: train_one_epoch(
+                    model,
+                    loader(),
+                    *opt_sched(model),
+                    device,
+                    mean,
+                    std,
+                    image_size,
+                    label_smoothing=s.label_smoothing,
+                    where="bench",
+                )
+            )
+        )
         bare.append(n / _timed(lambda: bare_loop(fresh(), bare_batches, s.lr)))
     per_image = {k: statistics.median(p[k] for p in phases) / n for k in phases[0]}
     model = fresh()
-    evals = [len(imgs) / _timed(lambda: predict_proba(model, imgs, mean, std, image_size, 2 * s.batch_size, device))
-             for _ in range(repeats)]
-    preds = [len(imgs) / _timed(lambda: predict_tta(model, imgs, mean, std, image_size, 2 * s.batch_size, device,
-                                                     views=tuple(views)))
-             for _ in range(repeats)]
+    evals = [
+        len(imgs) / _timed(lambda: predict_proba(model, imgs, mean, std, image_size, 2 * s.batch_size, device))
+        for _ in range(repeats)
+    ]
+    preds = [
+        len(imgs)
+        / _timed(lambda: predict_tta(model, imgs, mean, std, image_size, 2 * s.batch_size, device, views=tuple(views)))
+        for _ in range(repeats)
+    ]
     per_image["eval"] = 1 / statistics.median(evals)
     per_image["predict"] = 1 / statistics.median(preds)
     return per_image, statistics.median(pipe), statistics.median(bare)
@@ -159,25 +181,43 @@ def main() -> None:
     candidates = tta.candidates or list(tta.policies)
     views = sorted({v for c in candidates for v in tta.policies[c]})  # predict computes each view once
     decode = decode_rate(images[:2000])
-    print(f"device {device.type}, {torch.get_num_threads()} threads, {source}: {n_train} train / {n_test} test rows, "
-          f"{n_folds} folds; median of {args.repeats}")
+    print(
+        f"device {device.type}, {torch.get_num_threads()} threads, {source}: {n_train} train / {n_test} test rows, "
+        f"{n_folds} folds; median of {args.repeats}"
+    )
     print(f"decode: {decode:.0f} images/s per process (prepare decodes {n_train + n_test} images once)")
     for name in params.train.backbones:
         s = resolve_train_settings(params.train, name)
         image_size = s.image_size or params.prepare.image_size
-        per_image, pipe, bare = profile_backbone(name, params.train.backbones[name].model or name, s, image_size, images, targets, mean, std, views,
-                                                 args.batches, args.repeats, device)
+        per_image, pipe, bare = profile_backbone(
+            name,
+            params.train.backbones[name].model or name,
+            s,
+            image_size,
+            images,
+            targets,
+            mean,
+            std,
+            views,
+            args.batches,
+            args.repeats,
+            device,
+        )
         seeds = len(s.seeds or [s.seed])
         fold_rows = n_train * (n_folds - 1) / n_folds
-        counts = {k: fold_rows * n_folds * s.epochs * seeds for k in ("augment", "to_input", "forward", "backward",
-                                                                      "optimizer")}
+        counts = {
+            k: fold_rows * n_folds * s.epochs * seeds
+            for k in ("augment", "to_input", "forward", "backward", "optimizer")
+        }
         validated = sum(1 for e in range(1, s.epochs + 1) if e % s.val_every == 0 or e == s.epochs)
         counts["eval"] = n_train * validated * seeds  # each validated epoch predicts its fold's validation rows
         counts["predict"] = (n_train + n_test * n_folds) * seeds  # OOF rows once, test rows once per fold model
         seconds = {k: per_image[k] * counts[k] for k in per_image}
         total = sum(seconds.values())
-        print(f"\n{name} at {image_size} px, batch {s.batch_size}, {s.epochs} epochs ({validated} validated) x {n_folds} "
-              f"folds x {seeds} seed(s), TTA views {len(views)}")
+        print(
+            f"\n{name} at {image_size} px, batch {s.batch_size}, {s.epochs} epochs ({validated} validated) x {n_folds} "
+            f"folds x {seeds} seed(s), TTA views {len(views)}"
+        )
         print(f"  {'phase':<10} {'images/s':>10} {'est. seconds':>13} {'share':>6}")
         for k in per_image:
             print(f"  {k:<10} {1 / per_image[k]:>10.0f} {seconds[k]:>13.0f} {seconds[k] / total:>6.1%}")

@@ -9,6 +9,7 @@ the cifar10-cpu preset's AdamW recipe on the wider net), or adds one to the best
 is read against the line above it; fold 0 is never one the record's choices are tested on alone:
 the record's OOF covers all three folds.
 """
+
 from __future__ import annotations
 
 import argparse

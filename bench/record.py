@@ -7,6 +7,7 @@ predict stage chose on OOF; each seed's OOF and the bag's; then the final ensemb
 Stage wall times come from when each stage's outputs were last written (DVC runs stages one after
 another), the first measured from `--started`, the time `make run` was started.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,15 +61,24 @@ def main() -> None:
             f"| {b} | {train['folds']['0']['accuracy']:.4f} | {_acc(probs[folds == 0], y[folds == 0]):.4f} "
             f"| {info['oof_no_tta']['accuracy']:.4f} | {info['oof']['accuracy']:.4f} ({info['tta']}; cross-fitted "
             f"choice {info['oof_tta_selection_crossfit']['accuracy']:.4f}) | "
-            + (" / ".join(f"seed {s} {m['accuracy']:.4f}" for s, m in seeds.items()) + f", bag {info['oof']['accuracy']:.4f}"
-               if len(seeds) > 1 else f"one seed ({next(iter(seeds))})") + " |")
+            + (
+                " / ".join(f"seed {s} {m['accuracy']:.4f}" for s, m in seeds.items())
+                + f", bag {info['oof']['accuracy']:.4f}"
+                if len(seeds) > 1
+                else f"one seed ({next(iter(seeds))})"
+            )
+            + " |"
+        )
     method = ensemble["method"]
-    print(f"| backbone | fold 0, no TTA | fold 0, TTA | OOF, no TTA | OOF, TTA | seeds |\n|---|---|---|---|---|---|")
+    print("| backbone | fold 0, no TTA | fold 0, TTA | OOF, no TTA | OOF, TTA | seeds |\n|---|---|---|---|---|---|")
     print("\n".join(rows))
     m = ensemble["methods"][method]
-    print(f"\nEnsemble `{method}` (chosen on honest {ensemble['metric']}): cross-fitted OOF accuracy "
-          f"{m['oof']['accuracy']:.4f}, log loss {m['oof']['log_loss']:.4f} (in-sample {m['oof_in_sample']['accuracy']:.4f}); "
-          f"best single backbone {ensemble['best_single']['backbone']} {ensemble['best_single']['accuracy']:.4f}.")
+    print(
+        f"\nEnsemble `{method}` (chosen on honest {ensemble['metric']}): cross-fitted OOF accuracy "
+        f"{m['oof']['accuracy']:.4f}, log loss {m['oof']['log_loss']:.4f} "
+        f"(in-sample {m['oof_in_sample']['accuracy']:.4f}); "
+        f"best single backbone {ensemble['best_single']['backbone']} {ensemble['best_single']['accuracy']:.4f}."
+    )
     ends = stage_ends(list(ensemble["backbones"]))
     previous = datetime.fromisoformat(args.started).timestamp()
     start = previous
@@ -78,10 +88,14 @@ def main() -> None:
         previous = end
     print(f"| all (`make run` start to analyze written) | {_minutes(previous - start)} |")
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
-               platform.machine())
-    print(f"\nmachine: {cpu}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, {'CUDA' if torch.cuda.is_available() else 'no GPU'}")
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+        platform.machine(),
+    )
+    print(
+        f"\nmachine: {cpu}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, {'CUDA' if torch.cuda.is_available() else 'no GPU'}"
+    )
 
 
 if __name__ == "__main__":

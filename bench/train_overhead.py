@@ -9,6 +9,7 @@ tensors. Repeats alternate the two and report medians. Also prints data-loading 
 (augmented images/s from an in-memory cache with the default augmentation) for comparison with
 the model's images/s. Last line: `RESULT train_overhead_ratio <pipeline images/s / bare images/s>`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,9 @@ def pipeline_loop(model, images, targets, settings, image_size, device, mean, st
 
 
 def loading_throughput(images, augment, batch_size, device) -> float:
-    dataset = ImageDataset(images, np.zeros(len(images), dtype=np.int64),
-                           build_train_transform(augment, 0, cache_size=images.shape[1]))
+    dataset = ImageDataset(
+        images, np.zeros(len(images), dtype=np.int64), build_train_transform(augment, 0, cache_size=images.shape[1])
+    )
     loader = build_loader(dataset, batch_size, True, 0, 0, device)
     start = time.perf_counter()
     n = sum(len(x) for x, _ in loader)
@@ -73,8 +75,10 @@ def main() -> None:
     mean, std = [0.5] * 3, [0.25] * 3
     settings = dataclasses.replace(TrainSettings(), batch_size=args.batch_size, lr=1e-3, augment=[])
     x = to_input(torch.from_numpy(images), mean, std, args.image_size, device)
-    batches = [(x[i:i + args.batch_size], torch.from_numpy(targets[i:i + args.batch_size]).to(device))
-               for i in range(0, n, args.batch_size)]
+    batches = [
+        (x[i : i + args.batch_size], torch.from_numpy(targets[i : i + args.batch_size]).to(device))
+        for i in range(0, n, args.batch_size)
+    ]
 
     torch.manual_seed(0)
     initial = create_model(args.model, 10).state_dict()
@@ -91,8 +95,10 @@ def main() -> None:
         pipe.append(n / pipeline_loop(fresh(), images, targets, settings, args.image_size, device, mean, std))
     bare_ips, pipe_ips = statistics.median(bare), statistics.median(pipe)
     load_ips = loading_throughput(images, TrainSettings().augment, args.batch_size, device)
-    print(f"device {device.type}, {torch.get_num_threads()} threads, {args.model} at {args.image_size} px, "
-          f"batch {args.batch_size}, {args.steps} steps, median of {args.repeats}")
+    print(
+        f"device {device.type}, {torch.get_num_threads()} threads, {args.model} at {args.image_size} px, "
+        f"batch {args.batch_size}, {args.steps} steps, median of {args.repeats}"
+    )
     print(f"bare loop:      {bare_ips:8.1f} images/s  (runs: {', '.join(f'{v:.1f}' for v in bare)})")
     print(f"pipeline loop:  {pipe_ips:8.1f} images/s  (runs: {', '.join(f'{v:.1f}' for v in pipe)})")
     print(f"data loading with the default augmentation: {load_ips:8.1f} images/s (one process)")

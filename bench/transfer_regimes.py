@@ -13,6 +13,7 @@
    held-out accuracy (the fold models' mean) and wall time. Every regime shares the optimiser settings
    of the cifar10-cpu preset; epochs grow for small sets so that each fold gets about 200 steps.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,9 +40,18 @@ ANIMALS = ["bird", "cat", "deer", "dog", "frog", "horse"]
 VEHICLES = ["airplane", "automobile", "ship", "truck"]
 CPU = torch.device("cpu")
 OFF = Tracker(False, "off")
-BASE = TrainSettings(batch_size=128, lr=0.004, label_smoothing=0.1, warmup_epochs=0.5, seed=0,
-                     augment=[{"PadIfNeeded": {"min_height": 36, "min_width": 36, "border_mode": 0}},
-                              {"RandomCrop": {"height": 32, "width": 32}}, {"HorizontalFlip": {"p": 0.5}}])
+BASE = TrainSettings(
+    batch_size=128,
+    lr=0.004,
+    label_smoothing=0.1,
+    warmup_epochs=0.5,
+    seed=0,
+    augment=[
+        {"PadIfNeeded": {"min_height": 36, "min_width": 36, "border_mode": 0}},
+        {"RandomCrop": {"height": 32, "width": 32}},
+        {"HorizontalFlip": {"p": 0.5}},
+    ],
+)
 REGIMES = {  # name -> (finetune settings, from the source model?)
     "scratch": ({"finetune": "full"}, False),
     "linear_probe": ({"finetune": "linear_probe", "lr": 0.02}, True),
@@ -72,8 +82,9 @@ def build(source: str, work: Path, sizes: list[str]) -> tuple[Path, dict[str, Pa
         prefix = csv[: -len("train.csv")]
         labels = pd.read_csv(io.BytesIO(z.read(csv)), dtype=str).sample(frac=1.0, random_state=0)
         animals = labels[labels["label"].isin(ANIMALS)].groupby("label").head(2010)
-        src = _competition(z, prefix, work / "source", animals.groupby("label").head(2000),
-                           animals.groupby("label").tail(10))
+        src = _competition(
+            z, prefix, work / "source", animals.groupby("label").head(2000), animals.groupby("label").tail(10)
+        )
         vehicles = labels[labels["label"].isin(VEHICLES)]
         held_out = vehicles.groupby("label").head(1000)
         pool = vehicles.drop(held_out.index)
@@ -96,8 +107,13 @@ def run(comp: Path, work: Path, name: str, s: TrainSettings, n_folds: int, pretr
     seconds = time.perf_counter() - start
     answers = pd.read_csv(comp / "solution.csv", dtype=str).set_index("id").loc[data.test["id"], "label"]
     held_out = float((np.asarray(data.classes)[test.argmax(1)] == answers.to_numpy()).mean())
-    return {"oof_accuracy": metrics["oof"]["accuracy"], "held_out_accuracy": held_out, "seconds": seconds,
-            "folds": metrics["folds"], "models": str(models)}
+    return {
+        "oof_accuracy": metrics["oof"]["accuracy"],
+        "held_out_accuracy": held_out,
+        "seconds": seconds,
+        "folds": metrics["folds"],
+        "models": str(models),
+    }
 
 
 def main() -> None:
@@ -113,8 +129,10 @@ def main() -> None:
     folds = source["folds"]
     best = max(folds, key=lambda k: folds[k]["accuracy"])  # export's rule: the best fold by its validation score
     weights = Path(source["models"]) / "seed0" / f"fold{best}" / "model.pt"
-    print(f"source (6 animal classes, 12,000 images): OOF {source['oof_accuracy']:.4f}, {source['seconds']:.0f} s; "
-          f"transferring fold {best}")
+    print(
+        f"source (6 animal classes, 12,000 images): OOF {source['oof_accuracy']:.4f}, {source['seconds']:.0f} s; "
+        f"transferring fold {best}"
+    )
     results = {"source": source, "targets": {}}
     for size, comp in targets.items():
         n_train = len(pd.read_csv(comp / "train.csv"))
@@ -125,10 +143,14 @@ def main() -> None:
             if s.finetune == "freeze":
                 s = dataclasses.replace(s, unfreeze_epoch=epochs // 2)
             r = run(comp, work, name, s, 3, weights if transfer else None)
-            results["targets"].setdefault(size, {})[name] = {k: r[k] for k in ("oof_accuracy", "held_out_accuracy",
-                                                                                 "seconds")}
-            print(f"{size:>4} per class ({n_train} images, {epochs} epochs) {name:<26} OOF {r['oof_accuracy']:.4f}  "
-                  f"held-out {r['held_out_accuracy']:.4f}  {r['seconds']:.0f} s", flush=True)
+            results["targets"].setdefault(size, {})[name] = {
+                k: r[k] for k in ("oof_accuracy", "held_out_accuracy", "seconds")
+            }
+            print(
+                f"{size:>4} per class ({n_train} images, {epochs} epochs) {name:<26} OOF {r['oof_accuracy']:.4f}  "
+                f"held-out {r['held_out_accuracy']:.4f}  {r['seconds']:.0f} s",
+                flush=True,
+            )
     results["seconds"] = time.perf_counter() - started
     (work / "results.json").write_text(json.dumps(results, indent=2))
     print(f"all in {results['seconds'] / 60:.1f} min -> {work / 'results.json'}")

@@ -9,6 +9,7 @@ k forward passes, so the ratio (images/s with k views x k) / (images/s without T
 views themselves (flips, crops, brightness on the batch tensor) cost nothing.
 Last line: `RESULT tta_overhead_ratio <value>` (target >= 0.9).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,11 +58,15 @@ def main() -> None:
         plain.append(rate(["identity"]))
         tta.append(rate(views))
     p, t = statistics.median(plain), statistics.median(tta)
-    print(f"device {device.type}, threads {torch.get_num_threads()}, {args.model} at {args.image_size} px, "
-          f"batch {args.batch_size}, {args.images} images, {args.repeats} alternating repeats (medians)")
+    print(
+        f"device {device.type}, threads {torch.get_num_threads()}, {args.model} at {args.image_size} px, "
+        f"batch {args.batch_size}, {args.images} images, {args.repeats} alternating repeats (medians)"
+    )
     print(f"no TTA:            {p:9.1f} images/s  (repeats: {', '.join(f'{x:.0f}' for x in plain)})")
-    print(f"{args.policy} ({len(views)} views): {t:9.1f} images/s  = {t * len(views):.1f} view-passes/s "
-          f"(repeats: {', '.join(f'{x:.0f}' for x in tta)})")
+    print(
+        f"{args.policy} ({len(views)} views): {t:9.1f} images/s  = {t * len(views):.1f} view-passes/s "
+        f"(repeats: {', '.join(f'{x:.0f}' for x in tta)})"
+    )
     print(f"RESULT tta_overhead_ratio {t * len(views) / p:.3f}")
 
 

@@ -13,6 +13,7 @@ and, not stages, `python -m pipeline preset <name>` (merge configs/presets/<name
 and `python -m pipeline export --backbone <name>` (a trained fold model to use as `pretrained` elsewhere).
 Bad input ends with one line `error: ...` on stderr and exit status 1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         how = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
         again = {"train": "resumes from the last finished epoch", "tune": "continues the study"}
-        print(f"error: {argv[0]} stopped by {how}; the previous outputs are kept and the same command "
-              f"{again.get(argv[0], 'runs it again')}", file=sys.stderr)
+        print(
+            f"error: {argv[0]} stopped by {how}; the previous outputs are kept and the same command "
+            f"{again.get(argv[0], 'runs it again')}",
+            file=sys.stderr,
+        )
         return 128 + (signal.SIGTERM if how == "SIGTERM" else signal.SIGINT)
     finally:
         for sig, handler in previous.items():

@@ -7,6 +7,7 @@ the test set): scores per fold and per class, the confusion matrix and the most-
 the worst and the confidently wrong images, calibration, error rates by image property with advice,
 and how the backbones differ. The figures and HTML are drawn by `pipeline/report.py`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -28,8 +29,16 @@ def per_class_scores(probs: np.ndarray, y: np.ndarray, classes: list[str]) -> pd
     competition's rare class may never be: see `never_predicted`)."""
     pred = probs.argmax(1)
     p, r, f1, support = precision_recall_fscore_support(y, pred, labels=np.arange(len(classes)), zero_division=0)
-    return pd.DataFrame({"class": classes, "precision": p, "recall": r, "f1": f1, "support": support,
-                         "predicted": np.bincount(pred, minlength=len(classes))})
+    return pd.DataFrame(
+        {
+            "class": classes,
+            "precision": p,
+            "recall": r,
+            "f1": f1,
+            "support": support,
+            "predicted": np.bincount(pred, minlength=len(classes)),
+        }
+    )
 
 
 def never_predicted(per_class: pd.DataFrame) -> list[str]:
@@ -40,8 +49,10 @@ def never_predicted(per_class: pd.DataFrame) -> list[str]:
 
 def fold_scores(probs: np.ndarray, y: np.ndarray, folds: np.ndarray) -> pd.DataFrame:
     """Scores of each fold's validation rows (rows: fold 0..k-1), then `mean` and `std` across folds."""
-    rows = {str(k): {"rows": int((folds == k).sum()), **scores(probs[folds == k], y[folds == k], METRICS)}
-            for k in np.unique(folds)}
+    rows = {
+        str(k): {"rows": int((folds == k).sum()), **scores(probs[folds == k], y[folds == k], METRICS)}
+        for k in np.unique(folds)
+    }
     table = pd.DataFrame.from_dict(rows, orient="index")
     spread = pd.DataFrame({m: fold_spread(table[m]) for m in table.columns if m != "rows"}, index=["mean", "std"])
     table = pd.concat([table, spread])
@@ -114,8 +125,9 @@ PROPERTIES = {  # name -> what a bucket's values mean, for the report
 }
 
 
-def image_properties(images: np.ndarray, width: np.ndarray | None = None,
-                     height: np.ndarray | None = None) -> pd.DataFrame:
+def image_properties(
+    images: np.ndarray, width: np.ndarray | None = None, height: np.ndarray | None = None
+) -> pd.DataFrame:
     """Per-image properties computed from uint8 (N, H, W, 3) pixels, plus the original scale and aspect
     ratio when `width`/`height` are given and vary (a cache of one size says nothing about them)."""
     out = {name: np.empty(len(images)) for name in ("brightness", "contrast", "colourfulness", "sharpness")}
@@ -124,13 +136,13 @@ def image_properties(images: np.ndarray, width: np.ndarray | None = None,
         r, g, b = x[..., 0], x[..., 1], x[..., 2]
         luma = 0.299 * r + 0.587 * g + 0.114 * b
         rg, yb = r - g, 0.5 * (r + g) - b
-        lap = (luma[:, :-2, 1:-1] + luma[:, 2:, 1:-1] + luma[:, 1:-1, :-2] + luma[:, 1:-1, 2:]
-               - 4 * luma[:, 1:-1, 1:-1])
+        lap = luma[:, :-2, 1:-1] + luma[:, 2:, 1:-1] + luma[:, 1:-1, :-2] + luma[:, 1:-1, 2:] - 4 * luma[:, 1:-1, 1:-1]
         sl = slice(start, start + len(x))
         out["brightness"][sl] = luma.mean((1, 2))
         out["contrast"][sl] = luma.std((1, 2))
-        out["colourfulness"][sl] = (np.sqrt(rg.std((1, 2)) ** 2 + yb.std((1, 2)) ** 2)
-                                    + 0.3 * np.sqrt(rg.mean((1, 2)) ** 2 + yb.mean((1, 2)) ** 2))
+        out["colourfulness"][sl] = np.sqrt(rg.std((1, 2)) ** 2 + yb.std((1, 2)) ** 2) + 0.3 * np.sqrt(
+            rg.mean((1, 2)) ** 2 + yb.mean((1, 2)) ** 2
+        )
         out["sharpness"][sl] = lap.var((1, 2))
     if width is not None and height is not None:
         width, height = np.asarray(width, dtype=float), np.asarray(height, dtype=float)
@@ -141,8 +153,9 @@ def image_properties(images: np.ndarray, width: np.ndarray | None = None,
     return pd.DataFrame(out)
 
 
-def slice_errors(wrong: np.ndarray, properties: pd.DataFrame, n_buckets: int, alpha: float,
-                 min_ratio: float = 1.5) -> pd.DataFrame:
+def slice_errors(
+    wrong: np.ndarray, properties: pd.DataFrame, n_buckets: int, alpha: float, min_ratio: float = 1.5
+) -> pd.DataFrame:
     """Error rate per quantile bucket of each property, against the rest of the rows.
 
     A bucket is `weak` when its error rate is at least `min_ratio` x the overall rate and a one-sided
@@ -167,11 +180,23 @@ def slice_errors(wrong: np.ndarray, properties: pd.DataFrame, n_buckets: int, al
             e_rest, n_rest = int(wrong.sum()) - e, len(wrong) - n
             p = fisher_exact([[e, n - e], [e_rest, n_rest - e_rest]], alternative="greater")[1] if n_rest else 1.0
             side = "low" if b < (n_b - 1) / 2 else "high" if b > (n_b - 1) / 2 else "middle"
-            rows.append({"property": name, "bucket": b, "side": side, "lo": float(values[inside].min()),
-                         "hi": float(values[inside].max()), "rows": n, "errors": e, "error_rate": e / n,
-                         "ratio": (e / n) / overall if overall > 0 else 0.0, "p_value": float(p)})
-    table = pd.DataFrame(rows, columns=["property", "bucket", "side", "lo", "hi", "rows", "errors",
-                                        "error_rate", "ratio", "p_value"])
+            rows.append(
+                {
+                    "property": name,
+                    "bucket": b,
+                    "side": side,
+                    "lo": float(values[inside].min()),
+                    "hi": float(values[inside].max()),
+                    "rows": n,
+                    "errors": e,
+                    "error_rate": e / n,
+                    "ratio": (e / n) / overall if overall > 0 else 0.0,
+                    "p_value": float(p),
+                }
+            )
+    table = pd.DataFrame(
+        rows, columns=["property", "bucket", "side", "lo", "hi", "rows", "errors", "error_rate", "ratio", "p_value"]
+    )
     table["weak"] = (table["ratio"] >= min_ratio) & (table["p_value"] < alpha / max(len(table), 1))
     return table
 
@@ -184,36 +209,70 @@ class Advice:
 
 
 ADVICE: dict[tuple[str, str], Advice] = {
-    ("brightness", "low"): Advice("dark images", "brightness augmentation",
-                                  {"RandomBrightnessContrast": {"brightness_limit": 0.3, "contrast_limit": 0.0, "p": 0.5}}),
-    ("brightness", "high"): Advice("bright, washed-out images", "brightness / gamma augmentation",
-                                   {"RandomGamma": {"gamma_limit": [70, 150], "p": 0.5}}),
-    ("contrast", "low"): Advice("low-contrast images", "contrast augmentation",
-                                {"RandomBrightnessContrast": {"brightness_limit": 0.0, "contrast_limit": 0.3, "p": 0.5}}),
-    ("contrast", "high"): Advice("high-contrast images", "contrast augmentation",
-                                 {"RandomBrightnessContrast": {"brightness_limit": 0.0, "contrast_limit": 0.3, "p": 0.5}}),
-    ("colourfulness", "low"): Advice("grey, washed-out colours", "colour augmentation (saturation, greyscale)",
-                                     {"HueSaturationValue": {"hue_shift_limit": 10, "sat_shift_limit": 40, "val_shift_limit": 0, "p": 0.5}}),
-    ("colourfulness", "high"): Advice("strongly coloured images", "colour augmentation (hue, saturation)",
-                                      {"HueSaturationValue": {"hue_shift_limit": 15, "sat_shift_limit": 30, "val_shift_limit": 0, "p": 0.5}}),
-    ("sharpness", "low"): Advice("blurry images", "blur augmentation",
-                                 {"GaussianBlur": {"blur_limit": [3, 5], "p": 0.3}}),
-    ("sharpness", "high"): Advice("sharp, noisy or highly textured images", "noise augmentation",
-                                  {"GaussNoise": {"std_range": [0.02, 0.1], "p": 0.3}}),
-    ("scale", "low"): Advice("small, low-resolution originals", "resolution augmentation",
-                             {"Downscale": {"scale_range": [0.5, 0.9], "p": 0.3}}),
-    ("scale", "high"): Advice("large originals, whose detail the resize shrinks", "scale (zoom) augmentation",
-                              {"Affine": {"scale": [0.7, 1.3], "p": 0.5}}),
-    ("aspect", "low"): Advice("tall images, squashed by the square resize", "aspect-ratio augmentation",
-                              {"Affine": {"scale": {"x": [0.75, 1.33], "y": [1.0, 1.0]}, "p": 0.5}}),
-    ("aspect", "high"): Advice("wide images, squashed by the square resize", "aspect-ratio augmentation",
-                               {"Affine": {"scale": {"x": [1.0, 1.0], "y": [0.75, 1.33]}, "p": 0.5}}),
+    ("brightness", "low"): Advice(
+        "dark images",
+        "brightness augmentation",
+        {"RandomBrightnessContrast": {"brightness_limit": 0.3, "contrast_limit": 0.0, "p": 0.5}},
+    ),
+    ("brightness", "high"): Advice(
+        "bright, washed-out images",
+        "brightness / gamma augmentation",
+        {"RandomGamma": {"gamma_limit": [70, 150], "p": 0.5}},
+    ),
+    ("contrast", "low"): Advice(
+        "low-contrast images",
+        "contrast augmentation",
+        {"RandomBrightnessContrast": {"brightness_limit": 0.0, "contrast_limit": 0.3, "p": 0.5}},
+    ),
+    ("contrast", "high"): Advice(
+        "high-contrast images",
+        "contrast augmentation",
+        {"RandomBrightnessContrast": {"brightness_limit": 0.0, "contrast_limit": 0.3, "p": 0.5}},
+    ),
+    ("colourfulness", "low"): Advice(
+        "grey, washed-out colours",
+        "colour augmentation (saturation, greyscale)",
+        {"HueSaturationValue": {"hue_shift_limit": 10, "sat_shift_limit": 40, "val_shift_limit": 0, "p": 0.5}},
+    ),
+    ("colourfulness", "high"): Advice(
+        "strongly coloured images",
+        "colour augmentation (hue, saturation)",
+        {"HueSaturationValue": {"hue_shift_limit": 15, "sat_shift_limit": 30, "val_shift_limit": 0, "p": 0.5}},
+    ),
+    ("sharpness", "low"): Advice(
+        "blurry images", "blur augmentation", {"GaussianBlur": {"blur_limit": [3, 5], "p": 0.3}}
+    ),
+    ("sharpness", "high"): Advice(
+        "sharp, noisy or highly textured images",
+        "noise augmentation",
+        {"GaussNoise": {"std_range": [0.02, 0.1], "p": 0.3}},
+    ),
+    ("scale", "low"): Advice(
+        "small, low-resolution originals",
+        "resolution augmentation",
+        {"Downscale": {"scale_range": [0.5, 0.9], "p": 0.3}},
+    ),
+    ("scale", "high"): Advice(
+        "large originals, whose detail the resize shrinks",
+        "scale (zoom) augmentation",
+        {"Affine": {"scale": [0.7, 1.3], "p": 0.5}},
+    ),
+    ("aspect", "low"): Advice(
+        "tall images, squashed by the square resize",
+        "aspect-ratio augmentation",
+        {"Affine": {"scale": {"x": [0.75, 1.33], "y": [1.0, 1.0]}, "p": 0.5}},
+    ),
+    ("aspect", "high"): Advice(
+        "wide images, squashed by the square resize",
+        "aspect-ratio augmentation",
+        {"Affine": {"scale": {"x": [1.0, 1.0], "y": [0.75, 1.33]}, "p": 0.5}},
+    ),
 }
 
 
 def augment_yaml(entry: dict) -> str:
     """One train.augment list item in params.yaml's flow style: `- Name: {k: v, ...}`."""
-    (name, kwargs), = entry.items()
+    ((name, kwargs),) = entry.items()
 
     def fmt(v):
         if isinstance(v, dict):
@@ -235,20 +294,37 @@ def advise(slices: pd.DataFrame, augment: list[dict] | None, where: str = "train
     out = []
     for row in slices[slices["weak"]].sort_values("ratio", ascending=False).itertuples():
         rule = ADVICE.get((row.property, row.side))
-        text = (f"Errors are {row.ratio:.1f}x the overall rate on images with {row.property} in "
-                f"[{row.lo:.3g}, {row.hi:.3g}] ({row.rows} rows, {row.error_rate:.1%} wrong, p={row.p_value:.2g})")
+        text = (
+            f"Errors are {row.ratio:.1f}x the overall rate on images with {row.property} in "
+            f"[{row.lo:.3g}, {row.hi:.3g}] ({row.rows} rows, {row.error_rate:.1%} wrong, p={row.p_value:.2g})"
+        )
         if rule is None:  # a middle bucket: no single augmentation addresses it
-            out.append({"property": row.property, "side": row.side, "ratio": row.ratio, "text": text + ".",
-                        "augmentation": None, "params": None})
+            out.append(
+                {
+                    "property": row.property,
+                    "side": row.side,
+                    "ratio": row.ratio,
+                    "text": text + ".",
+                    "augmentation": None,
+                    "params": None,
+                }
+            )
             continue
         name = next(iter(rule.augment))
         if name in present:
             action = f"{where} already has {name}: widen its range or raise augment_p"
         else:
             action = f"add {rule.remedy}: append to {where} in params.yaml:  {augment_yaml(rule.augment)}"
-        out.append({"property": row.property, "side": row.side, "ratio": row.ratio,
-                    "text": f"{text}: the model struggles with {rule.weakness}. {action[0].upper()}{action[1:]}.",
-                    "augmentation": name, "params": augment_yaml(rule.augment)})
+        out.append(
+            {
+                "property": row.property,
+                "side": row.side,
+                "ratio": row.ratio,
+                "text": f"{text}: the model struggles with {rule.weakness}. {action[0].upper()}{action[1:]}.",
+                "augmentation": name,
+                "params": augment_yaml(rule.augment),
+            }
+        )
     return out
 
 
@@ -265,16 +341,31 @@ def diversity(oof: dict[str, np.ndarray], y: np.ndarray) -> pd.DataFrame:
         for b in names[i + 1 :]:
             ea, eb = wrong[a].astype(float), wrong[b].astype(float)
             corr = float(np.corrcoef(ea, eb)[0, 1]) if ea.std() > 0 and eb.std() > 0 else float("nan")
-            rows.append({"a": a, "b": b, "disagreement": float((oof[a].argmax(1) != oof[b].argmax(1)).mean()),
-                         "error_correlation": corr, "both_wrong": float((wrong[a] & wrong[b]).mean()),
-                         "oracle_accuracy": float(1 - (wrong[a] & wrong[b]).mean())})
+            rows.append(
+                {
+                    "a": a,
+                    "b": b,
+                    "disagreement": float((oof[a].argmax(1) != oof[b].argmax(1)).mean()),
+                    "error_correlation": corr,
+                    "both_wrong": float((wrong[a] & wrong[b]).mean()),
+                    "oracle_accuracy": float(1 - (wrong[a] & wrong[b]).mean()),
+                }
+            )
     return pd.DataFrame(rows, columns=["a", "b", "disagreement", "error_correlation", "both_wrong", "oracle_accuracy"])
 
 
 def per_class_accuracy(oof: dict[str, np.ndarray], y: np.ndarray, classes: list[str]) -> pd.DataFrame:
     """Rows: classes; columns: models; values: recall (accuracy on that class's rows)."""
-    return pd.DataFrame({m: [float((p[y == c].argmax(1) == c).mean()) if (y == c).any() else float("nan")
-                             for c in range(len(classes))] for m, p in oof.items()}, index=classes)
+    return pd.DataFrame(
+        {
+            m: [
+                float((p[y == c].argmax(1) == c).mean()) if (y == c).any() else float("nan")
+                for c in range(len(classes))
+            ]
+            for m, p in oof.items()
+        },
+        index=classes,
+    )
 
 
 # ---------------------------------------------------------------- one model's analysis
@@ -297,10 +388,22 @@ class ModelAnalysis:
     advice: list[dict] = field(default_factory=list)
 
 
-def analyze_model(name: str, probs: np.ndarray, y: np.ndarray, folds: np.ndarray, classes: list[str],
-                  properties: pd.DataFrame, augment: list[dict] | None, top_k: int, pairs: int,
-                  calibration_bins: int, slice_buckets: int, alpha: float, where: str,
-                  metric: str = "accuracy") -> ModelAnalysis:
+def analyze_model(
+    name: str,
+    probs: np.ndarray,
+    y: np.ndarray,
+    folds: np.ndarray,
+    classes: list[str],
+    properties: pd.DataFrame,
+    augment: list[dict] | None,
+    top_k: int,
+    pairs: int,
+    calibration_bins: int,
+    slice_buckets: int,
+    alpha: float,
+    where: str,
+    metric: str = "accuracy",
+) -> ModelAnalysis:
     """Everything the report shows for one model's OOF probabilities; its scores lead with `metric`
     (the competition's), in the report's tables and in `dvc metrics show`."""
     pred = probs.argmax(1)
@@ -308,11 +411,19 @@ def analyze_model(name: str, probs: np.ndarray, y: np.ndarray, folds: np.ndarray
     cm = confusion_counts(y, pred, len(classes))
     slices = slice_errors(pred != y, properties, slice_buckets, alpha)
     return ModelAnalysis(
-        name=name, probs=probs, scores=scores(probs, y, dict.fromkeys([metric, *METRICS])),
-        folds=fold_scores(probs, y, folds), per_class=per_class_scores(probs, y, classes),
-        confusion=cm, pairs=most_confused_pairs(cm, pairs), worst=worst_rows(probs, y, top_k),
-        confident_wrong=confident_wrong_rows(probs, y, top_k), reliability=reliability,
-        ece=expected_calibration_error(reliability), slices=slices, advice=advise(slices, augment, where),
+        name=name,
+        probs=probs,
+        scores=scores(probs, y, dict.fromkeys([metric, *METRICS])),
+        folds=fold_scores(probs, y, folds),
+        per_class=per_class_scores(probs, y, classes),
+        confusion=cm,
+        pairs=most_confused_pairs(cm, pairs),
+        worst=worst_rows(probs, y, top_k),
+        confident_wrong=confident_wrong_rows(probs, y, top_k),
+        reliability=reliability,
+        ece=expected_calibration_error(reliability),
+        slices=slices,
+        advice=advise(slices, augment, where),
     )
 
 
@@ -320,19 +431,26 @@ def summary(analyses: list[ModelAnalysis], div: pd.DataFrame) -> dict:
     """Headline numbers for `dvc metrics show` (one flat block per model, then per pair of models)."""
     out = {}
     for a in analyses:
-        out[a.name] = {**a.scores, "ece": a.ece,
-                       "fold_accuracy_mean": float(a.folds.loc["mean", "accuracy"]),
-                       "fold_accuracy_std": float(a.folds.loc["std", "accuracy"]),
-                       "weak_slices": int(a.slices["weak"].sum()),
-                       "never_predicted_classes": len(never_predicted(a.per_class))}
+        out[a.name] = {
+            **a.scores,
+            "ece": a.ece,
+            "fold_accuracy_mean": float(a.folds.loc["mean", "accuracy"]),
+            "fold_accuracy_std": float(a.folds.loc["std", "accuracy"]),
+            "weak_slices": int(a.slices["weak"].sum()),
+            "never_predicted_classes": len(never_predicted(a.per_class)),
+        }
     for row in div.itertuples():
-        out[f"{row.a}~{row.b}"] = {"disagreement": row.disagreement, "error_correlation": row.error_correlation,
-                                   "oracle_accuracy": row.oracle_accuracy}
+        out[f"{row.a}~{row.b}"] = {
+            "disagreement": row.disagreement,
+            "error_correlation": row.error_correlation,
+            "oracle_accuracy": row.oracle_accuracy,
+        }
     return out
 
 
-def analyze_all(params: Params, oof: dict[str, np.ndarray], data: PreparedData, properties: pd.DataFrame
-                ) -> list[ModelAnalysis]:
+def analyze_all(
+    params: Params, oof: dict[str, np.ndarray], data: PreparedData, properties: pd.DataFrame
+) -> list[ModelAnalysis]:
     """`analyze_model` of every backbone's OOF and of the ensemble's (the last entry of `oof`), each
     backbone's advice checked against the augmentation it trained with."""
     cfg, backbones = params.analyze, list(params.train.backbones)
@@ -343,10 +461,24 @@ def analyze_all(params: Params, oof: dict[str, np.ndarray], data: PreparedData, 
             where = f"train.backbones.{name}.augment" if params.train.backbones[name].augment else "train.augment"
         else:  # the ensemble: its members may differ, so no "already on" check
             augment, where = None, "train.augment"
-        analyses.append(analyze_model(
-            name, probs, data.targets, data.folds, data.classes, properties, augment, top_k=cfg.top_k,
-            pairs=cfg.confused_pairs, calibration_bins=cfg.calibration_bins, slice_buckets=cfg.slice_buckets,
-            alpha=cfg.significance, where=where, metric=params.competition.metric))
+        analyses.append(
+            analyze_model(
+                name,
+                probs,
+                data.targets,
+                data.folds,
+                data.classes,
+                properties,
+                augment,
+                top_k=cfg.top_k,
+                pairs=cfg.confused_pairs,
+                calibration_bins=cfg.calibration_bins,
+                slice_buckets=cfg.slice_buckets,
+                alpha=cfg.significance,
+                where=where,
+                metric=params.competition.metric,
+            )
+        )
     return analyses
 
 
@@ -354,6 +486,9 @@ def headline_line(a: ModelAnalysis, metric: str) -> str:
     """One model's line in the stage's log: OOF scores, calibration, its first advice."""
     missing = never_predicted(a.per_class)
     shown = dict.fromkeys([metric, "accuracy"])
-    return (f"{a.name}: OOF " + ", ".join(f"{m} {a.scores[m]:.4f}" for m in shown) + f", ECE {a.ece:.4f}, "
-            f"{len(a.advice)} weak slice(s)" + (f"; {a.advice[0]['augmentation']}" if a.advice else "")
-            + (f"; never predicts class {', '.join(missing[:5])} (try train.class_weight: balanced)" if missing else ""))
+    return (
+        f"{a.name}: OOF " + ", ".join(f"{m} {a.scores[m]:.4f}" for m in shown) + f", ECE {a.ece:.4f}, "
+        f"{len(a.advice)} weak slice(s)"
+        + (f"; {a.advice[0]['augmentation']}" if a.advice else "")
+        + (f"; never predicts class {', '.join(missing[:5])} (try train.class_weight: balanced)" if missing else "")
+    )

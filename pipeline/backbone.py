@@ -1,6 +1,7 @@
 """One backbone as its stages run it: params.yaml's entry resolved into a timm model name, settings,
 input size and tuned values (`resolve_backbone`), the plan's epochs applied (`apply_plan`), and the
 record a training run is logged and resumed under (`run_record`, `resume_dir`)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,8 +46,9 @@ def input_size(s: TrainSettings, model_name: str, pretrained: Pretrained, cache_
     return s.image_size or (cfg or {}).get("image_size") or cache_size
 
 
-def resolve_backbone(params: Params, name: str, cache_size: int, params_path: str = "params.yaml",
-                     tuned: bool = True) -> Backbone:
+def resolve_backbone(
+    params: Params, name: str, cache_size: int, params_path: str = "params.yaml", tuned: bool = True
+) -> Backbone:
     """Backbone `name` as its train stage runs it: params.yaml's keys over the tune stage's best values
     (with `tuned`) over the shared settings, checked, the default augmentation resolved for the cache's
     size. Raises PipelineError naming the key for an unknown timm model or a setting out of range."""
@@ -68,8 +70,11 @@ def apply_plan(s: TrainSettings, entry: dict | None) -> TrainSettings:
     if not entry or entry["epochs"] == s.epochs:
         return s
     scale = entry["epochs"] / s.epochs
-    moved = {key: round(getattr(s, key) * scale) for key in ("mixup_off_epoch", "unfreeze_epoch")
-             if getattr(s, key) is not None}
+    moved = {
+        key: round(getattr(s, key) * scale)
+        for key in ("mixup_off_epoch", "unfreeze_epoch")
+        if getattr(s, key) is not None
+    }
     return dataclasses.replace(s, epochs=entry["epochs"], val_every=entry["val_every"], **moved)
 
 
@@ -86,13 +91,29 @@ def run_record(backbone: Backbone, data: PreparedData, device: torch.device) -> 
     the device) what its resume folder is keyed on."""
     s, weights = backbone.settings, pretrained_config(backbone.model_name, backbone.pretrained)
     normalization = "params" if s.mean else "pretrained weights" if weights else "fold statistics"
-    return {"backbone": backbone.name, "model": backbone.model_name, "pretrained": backbone.pretrained,
-            "device": device.type, "normalization": normalization,
-            **({"weights_mean": weights["mean"], "weights_std": weights["std"],
-                "weights_interpolation": weights["interpolation"]} if weights else {}),
-            **dataclasses.asdict(s), "image_size": backbone.image_size, "augment": json.dumps(s.augment),
-            **{f"tuned.{k}": v for k, v in backbone.tuned.items()}, "n_folds": data.n_folds,
-            "n_train": len(data.train), "n_classes": len(data.classes)}
+    return {
+        "backbone": backbone.name,
+        "model": backbone.model_name,
+        "pretrained": backbone.pretrained,
+        "device": device.type,
+        "normalization": normalization,
+        **(
+            {
+                "weights_mean": weights["mean"],
+                "weights_std": weights["std"],
+                "weights_interpolation": weights["interpolation"],
+            }
+            if weights
+            else {}
+        ),
+        **dataclasses.asdict(s),
+        "image_size": backbone.image_size,
+        "augment": json.dumps(s.augment),
+        **{f"tuned.{k}": v for k, v in backbone.tuned.items()},
+        "n_folds": data.n_folds,
+        "n_train": len(data.train),
+        "n_classes": len(data.classes),
+    }
 
 
 def resume_dir(record: dict, data: PreparedData) -> str:

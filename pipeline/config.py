@@ -6,6 +6,7 @@ and values of the wrong type fail loudly with the dotted key's name, e.g.
 
     python -c "from pipeline.config import load_params; print(load_params('params.yaml'))"
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,7 +19,6 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.errors import PipelineError
-
 
 # the scores of pipeline/metrics.py; log_loss is minimised, the others maximised
 Metric = Literal["accuracy", "log_loss", "macro_f1", "roc_auc", "quadratic_weighted_kappa"]
@@ -37,7 +37,9 @@ class CompetitionConfig:
     group_column: str | None = None  # rows sharing a group stay in one fold
     train_dir: str = "train"
     test_dir: str = "test"
-    image_ext: str = ".jpg"  # tried after the id (or path); a file whose name is the id with another extension also matches
+    image_ext: str = (
+        ".jpg"  # tried after the id (or path); a file whose name is the id with another extension also matches
+    )
     sample_submission: str | None = "sample_submission.csv"  # null: every image under test_dir, `id,label` out
     answers: str | None = "solution.csv"  # test labels, if the competition ships them (local leaderboard)
     max_train_rows: int | None = None  # stratified subsample for quick runs
@@ -123,8 +125,9 @@ def _backbone_config():
     hints = typing.get_type_hints(TrainSettings)
     overrides = [(f.name, hints[f.name] | None, None) for f in dataclasses.fields(TrainSettings)]
     cls = dataclasses.make_dataclass(
-        "BackboneConfig", [("model", str | None, None), ("pretrained", bool | str | None, None), *overrides],
-        frozen=True
+        "BackboneConfig",
+        [("model", str | None, None), ("pretrained", bool | str | None, None), *overrides],
+        frozen=True,
     )
     cls.__module__ = __name__
     return cls
@@ -147,11 +150,15 @@ class TrainConfig(TrainSettings):
 def resolve_train_settings(train: TrainConfig, backbone: str, tuned: dict | None = None) -> TrainSettings:
     """Settings of one backbone, each key from the first of: `train.backbones.<backbone>.<key>` in
     params.yaml, the tuned value (`tuned`, from the tune stage), the shared `train.<key>`."""
-    shared = {f.name: getattr(train, f.name) for f in dataclasses.fields(TrainSettings)
-              if getattr(train, f.name) is not None}  # None: TrainSettings' default
+    shared = {
+        f.name: getattr(train, f.name) for f in dataclasses.fields(TrainSettings) if getattr(train, f.name) is not None
+    }  # None: TrainSettings' default
     chosen = train.backbones[backbone]
-    explicit = {f.name: getattr(chosen, f.name) for f in dataclasses.fields(TrainSettings)
-                if getattr(chosen, f.name) is not None}
+    explicit = {
+        f.name: getattr(chosen, f.name)
+        for f in dataclasses.fields(TrainSettings)
+        if getattr(chosen, f.name) is not None
+    }
     return dataclasses.replace(TrainSettings(**shared), **{**(tuned or {}), **explicit})
 
 
@@ -161,15 +168,18 @@ def check_train_settings(s: TrainSettings, where: str) -> None:
     hints = typing.get_type_hints(TrainSettings)
     for f in dataclasses.fields(TrainSettings):
         if typing.get_origin(hints[f.name]) is Literal and getattr(s, f.name) not in typing.get_args(hints[f.name]):
-            raise ConfigError(f"{where}.{f.name} must be one of {list(typing.get_args(hints[f.name]))}, "
-                              f"got {getattr(s, f.name)!r}")
+            raise ConfigError(
+                f"{where}.{f.name} must be one of {list(typing.get_args(hints[f.name]))}, got {getattr(s, f.name)!r}"
+            )
     if (s.mixup_alpha > 0 or s.cutmix_alpha > 0) and s.batch_size % 2:
         raise ConfigError(f"{where}.batch_size must be even with mixup/cutmix, got {s.batch_size}")
     for name in ("mean", "std"):
         values = getattr(s, name)
         if values is not None and (len(values) != 3 or (name == "std" and min(values) <= 0)):
-            raise ConfigError(f"{where}.{name} must be 3 numbers (one per RGB channel{', each > 0' if name == 'std' else ''}), "
-                              f"got {values}")
+            raise ConfigError(
+                f"{where}.{name} must be 3 numbers (one per RGB channel{', each > 0' if name == 'std' else ''}), "
+                f"got {values}"
+            )
     if (s.mean is None) != (s.std is None):
         raise ConfigError(f"{where}: set mean and std together, or neither")
     if s.image_size is not None and s.image_size < 1:
@@ -179,22 +189,39 @@ def check_train_settings(s: TrainSettings, where: str) -> None:
         if value is None:
             continue
         if (value < low if closed_low else value <= low) or (value > high if closed_high else value >= high):
-            span = (f"{'>=' if closed_low else '>'} {low}" if high == INF else
-                    f"in {'[' if closed_low else '('}{low}, {high}{']' if closed_high else ')'}")
+            span = (
+                f"{'>=' if closed_low else '>'} {low}"
+                if high == INF
+                else f"in {'[' if closed_low else '('}{low}, {high}{']' if closed_high else ')'}"
+            )
             raise ConfigError(f"{where}.{name} must be {span}, got {value!r}")
 
 
 # the numeric training settings' valid ranges: (low, high, low allowed, high allowed); None values are skipped
 INF = float("inf")
 RANGES = {
-    "epochs": (1, INF, True, False), "batch_size": (1, INF, True, False), "grad_accum_steps": (1, INF, True, False),
-    "val_every": (1, INF, True, False), "early_stopping_patience": (1, INF, True, False),
-    "lr": (0, INF, True, False), "weight_decay": (0, INF, True, False), "momentum": (0, 1, True, False),
-    "warmup_epochs": (0, INF, True, False), "step_epochs": (0, INF, False, False), "step_gamma": (0, 1, False, True),
-    "clip_grad_norm": (0, INF, False, False), "label_smoothing": (0, 1, True, False),
-    "mixup_alpha": (0, INF, True, False), "cutmix_alpha": (0, INF, True, False), "drop_rate": (0, 1, True, False),
-    "drop_path_rate": (0, 1, True, False), "ema_decay": (0, 1, False, False), "layer_decay": (0, 1, False, True),
-    "augment_p": (0, 1, True, True), "freeze_stages": (-1, INF, True, False), "unfreeze_epoch": (0, INF, True, False),
+    "epochs": (1, INF, True, False),
+    "batch_size": (1, INF, True, False),
+    "grad_accum_steps": (1, INF, True, False),
+    "val_every": (1, INF, True, False),
+    "early_stopping_patience": (1, INF, True, False),
+    "lr": (0, INF, True, False),
+    "weight_decay": (0, INF, True, False),
+    "momentum": (0, 1, True, False),
+    "warmup_epochs": (0, INF, True, False),
+    "step_epochs": (0, INF, False, False),
+    "step_gamma": (0, 1, False, True),
+    "clip_grad_norm": (0, INF, False, False),
+    "label_smoothing": (0, 1, True, False),
+    "mixup_alpha": (0, INF, True, False),
+    "cutmix_alpha": (0, INF, True, False),
+    "drop_rate": (0, 1, True, False),
+    "drop_path_rate": (0, 1, True, False),
+    "ema_decay": (0, 1, False, False),
+    "layer_decay": (0, 1, False, True),
+    "augment_p": (0, 1, True, True),
+    "freeze_stages": (-1, INF, True, False),
+    "unfreeze_epoch": (0, INF, True, False),
     "mixup_off_epoch": (0, INF, True, False),
 }
 
@@ -229,7 +256,7 @@ def check_tune_space(space: dict[str, dict], where: str) -> None:
         unknown = set(spec) - {"type", "low", "high", "log", "step", "choices", "when"}
         if unknown:
             raise ConfigError(f"{key}: unknown field '{sorted(unknown)[0]}'")
-        for other in (spec.get("when") or {}):
+        for other in spec.get("when") or {}:
             if other not in space and other not in TUNABLE:
                 raise ConfigError(f"{key}.when: unknown parameter '{other}'")
 
@@ -251,14 +278,16 @@ class TuneConfig:
     max_retry: int = 2
     seed: int = 42
     # search space: {param: {type: float|int|categorical, low, high, log, step, choices, when: {param: value}}}
-    space: dict[str, dict] = field(default_factory=lambda: {
-        "lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True},
-        "weight_decay": {"type": "float", "low": 1e-4, "high": 0.1, "log": True},
-        "label_smoothing": {"type": "float", "low": 0.0, "high": 0.2},
-        "drop_path_rate": {"type": "float", "low": 0.0, "high": 0.2},
-        "mixup_alpha": {"type": "categorical", "choices": [0.0, 0.2, 0.4]},
-        "augment_p": {"type": "float", "low": 0.3, "high": 1.0},  # augmentation strength
-    })
+    space: dict[str, dict] = field(
+        default_factory=lambda: {
+            "lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True},
+            "weight_decay": {"type": "float", "low": 1e-4, "high": 0.1, "log": True},
+            "label_smoothing": {"type": "float", "low": 0.0, "high": 0.2},
+            "drop_path_rate": {"type": "float", "low": 0.0, "high": 0.2},
+            "mixup_alpha": {"type": "categorical", "choices": [0.0, 0.2, 0.4]},
+            "augment_p": {"type": "float", "low": 0.3, "high": 1.0},  # augmentation strength
+        }
+    )
     backbones: dict[str, dict[str, dict]] = field(default_factory=dict)  # per-backbone additions/replacements
 
 
@@ -289,7 +318,9 @@ class TTAConfig:
     # mean of probabilities | geometric (renormalised) | logits (softmax of the mean logits)
     merge: Literal["mean", "geometric", "logits"] = "mean"
     metric: Metric | None = None  # null = competition.metric
-    policies: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_TTA_POLICIES.items()})
+    policies: dict[str, list[str]] = field(
+        default_factory=lambda: {k: list(v) for k, v in DEFAULT_TTA_POLICIES.items()}
+    )
     backbones: dict[str, str] = field(default_factory=dict)  # per-backbone `select`, e.g. {resnet10t: hflip}
 
 
@@ -298,8 +329,9 @@ class EnsembleConfig:
     """Ensembles fitted on OOF, scored by cross-fitting over the folds; one submission per method."""
 
     method: str = "auto"  # the method behind submission.csv; auto = the best honest OOF `metric`
-    methods: list[str] = field(default_factory=lambda: ["soft_voting", "hard_voting", "caruana", "optimized",
-                                                        "rank_average", "stacking"])
+    methods: list[str] = field(
+        default_factory=lambda: ["soft_voting", "hard_voting", "caruana", "optimized", "rank_average", "stacking"]
+    )
     metric: Metric | None = None  # fits caruana's weights and picks `auto`; null = competition.metric
     weights: dict[str, float] = field(default_factory=dict)  # soft_voting: backbone -> weight; missing ones get 1
 
@@ -376,8 +408,13 @@ def _resolve_metrics(p: Params) -> Params:
     choice, early stopping, tuning, TTA choice and the ensemble, each still overridable."""
     metric = p.competition.metric
     fill = lambda section: dataclasses.replace(section, metric=section.metric or metric)  # noqa: E731
-    return dataclasses.replace(p, train=dataclasses.replace(p.train, monitor=p.train.monitor or metric),
-                               tune=fill(p.tune), tta=fill(p.tta), ensemble=fill(p.ensemble))
+    return dataclasses.replace(
+        p,
+        train=dataclasses.replace(p.train, monitor=p.train.monitor or metric),
+        tune=fill(p.tune),
+        tta=fill(p.tta),
+        ensemble=fill(p.ensemble),
+    )
 
 
 def _check_sections(p: Params, source: str) -> None:
@@ -401,8 +438,11 @@ def _check_sections(p: Params, source: str) -> None:
         if not views:
             raise ConfigError(f"{source}: tta.policies.{name}: empty list of views")
     _check_keys(tta.backbones, backbones, f"{source}: tta.backbones")
-    choices = {"candidates": tta.candidates or [], "select": [tta.select],
-               **{f"backbones.{b}": [v] for b, v in tta.backbones.items()}}
+    choices = {
+        "candidates": tta.candidates or [],
+        "select": [tta.select],
+        **{f"backbones.{b}": [v] for b, v in tta.backbones.items()},
+    }
     for key, names in choices.items():
         missing = [n for n in names if n not in tta.policies and not (key != "candidates" and n == "auto")]
         if missing:

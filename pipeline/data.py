@@ -5,6 +5,7 @@ gives a fold's rows without copying them); per-image augmentation (train only) r
 Dataset on the cache's resolution, and normalisation/resizing to the network's input size run
 once per batch on the device (`to_input`).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -39,12 +40,22 @@ class InputConfig:
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict) -> "InputConfig":
-        return cls(ckpt["image_size"], tuple(ckpt["mean"]), tuple(ckpt["std"]),
-                   ckpt.get("interpolation", "bilinear"), ckpt.get("precision"))
+        return cls(
+            ckpt["image_size"],
+            tuple(ckpt["mean"]),
+            tuple(ckpt["std"]),
+            ckpt.get("interpolation", "bilinear"),
+            ckpt.get("precision"),
+        )
 
     def checkpoint_fields(self) -> dict:
-        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std),
-                "interpolation": self.interpolation, "precision": self.precision}
+        return {
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+            "precision": self.precision,
+        }
 
 
 @dataclass
@@ -84,8 +95,11 @@ def load_prepared(folder: str | Path = "data/prepared", images: bool = True) -> 
     test = pd.read_csv(folder / "test.csv", dtype={"id": str})
     load = (lambda name: np.load(folder / name, mmap_mode="r")) if images else (lambda name: None)
     return PreparedData(
-        train=train, test=test, classes=read_json(folder / "classes.json")["classes"],
-        train_images=load("train_images.npy"), test_images=load("test_images.npy"),
+        train=train,
+        test=test,
+        classes=read_json(folder / "classes.json")["classes"],
+        train_images=load("train_images.npy"),
+        test_images=load("test_images.npy"),
         stats=read_json(folder / "stats.json"),
     )
 
@@ -118,8 +132,10 @@ def default_augment(cache_size: int) -> list[dict[str, dict]]:
     """`train.augment: null`: a random shift by up to 3/32 of the side, black-padded, at the cache's
     resolution (3 px at 32 px; pad + crop costs ~30 us an image where Affine takes ~170 us)."""
     pad = max(1, round(cache_size * 3 / 32))
-    return [{"PadIfNeeded": {"min_height": cache_size + 2 * pad, "min_width": cache_size + 2 * pad, "border_mode": 0}},
-            {"RandomCrop": {"height": cache_size, "width": cache_size}}]
+    return [
+        {"PadIfNeeded": {"min_height": cache_size + 2 * pad, "min_width": cache_size + 2 * pad, "border_mode": 0}},
+        {"RandomCrop": {"height": cache_size, "width": cache_size}},
+    ]
 
 
 def _serialised(entry, where: str) -> dict:
@@ -129,7 +145,7 @@ def _serialised(entry, where: str) -> dict:
     (from_dict would take 0.5)."""
     if not isinstance(entry, dict) or len(entry) != 1:
         raise PipelineError(f"{where}: expected {{TransformName: {{kwargs}}}}, got {entry!r}")
-    (name, kwargs), = entry.items()
+    ((name, kwargs),) = entry.items()
     kwargs = dict(kwargs or {})
     cls = getattr(A, name, None)
     compose = isinstance(cls, type) and issubclass(cls, A.BaseCompose) and cls is not A.Compose
@@ -149,9 +165,14 @@ def _serialised(entry, where: str) -> dict:
     return {"__class_fullname__": name, **kwargs}
 
 
-def build_train_transform(augment: list[dict[str, dict]] | None, seed: int, where: str = "train.augment",
-                          p: float = 1.0, cache_size: int | None = None, image_size: int | None = None
-                          ) -> A.Compose:
+def build_train_transform(
+    augment: list[dict[str, dict]] | None,
+    seed: int,
+    where: str = "train.augment",
+    p: float = 1.0,
+    cache_size: int | None = None,
+    image_size: int | None = None,
+) -> A.Compose:
     """Albumentations pipeline from its YAML form: a list of {TransformName: {kwargs}}, applied in order
     to a share `p` of the images (all of it or none, so size-changing pairs such as pad + crop stay paired);
     None: `default_augment(cache_size)`.
@@ -176,7 +197,8 @@ def build_train_transform(augment: list[dict[str, dict]] | None, seed: int, wher
             raise PipelineError(
                 f"{where}: turns the {cache_size} px cache images into {out[1]}x{out[0]}; validation sees whole "
                 f"images, so crop to {' or '.join(sorted({str(a[0]) for a in allowed}))} px "
-                f"(the cache's size or train.image_size)")
+                f"(the cache's size or train.image_size)"
+            )
     return A.Compose(ops, p=p, seed=seed)
 
 
@@ -238,17 +260,27 @@ def balanced_sampler(targets: np.ndarray, seed: int) -> WeightedRandomSampler:
     """Draws len(targets) rows per epoch with replacement, every class equally likely (`train.sampler: balanced`)."""
     counts = np.bincount(targets)
     weights = 1.0 / counts[targets]
-    return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(targets), replacement=True,
-                                 generator=torch.Generator().manual_seed(seed))
+    return WeightedRandomSampler(
+        torch.as_tensor(weights, dtype=torch.double),
+        len(targets),
+        replacement=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
-def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int, seed: int,
-                 device: torch.device, sampler=None) -> DataLoader:
+def build_loader(
+    dataset: Dataset, batch_size: int, train: bool, num_workers: int, seed: int, device: torch.device, sampler=None
+) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
-        drop_last=train and len(dataset) > batch_size, num_workers=num_workers,
-        pin_memory=device.type == "cuda", generator=generator,
+        dataset,
+        batch_size=batch_size,
+        shuffle=train and sampler is None,
+        sampler=sampler,
+        drop_last=train and len(dataset) > batch_size,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        generator=generator,
         worker_init_fn=_seed_worker if num_workers > 0 else None,
     )
 
@@ -257,12 +289,14 @@ def resize_batch(x: torch.Tensor, image_size: int | None, interpolation: str = "
     """(B, C, H, W) -> (B, C, image_size, image_size), antialiased when it shrinks; None: as it is."""
     if image_size is None or x.shape[-2:] == (image_size, image_size):
         return x
-    return F.interpolate(x, size=(image_size, image_size), mode=interpolation, align_corners=False,
-                         antialias=x.shape[-1] > image_size)
+    return F.interpolate(
+        x, size=(image_size, image_size), mode=interpolation, align_corners=False, antialias=x.shape[-1] > image_size
+    )
 
 
-def to_input(batch: torch.Tensor, cfg: InputConfig, device: torch.device, channels_last: bool = False,
-             resize: bool = True) -> torch.Tensor:
+def to_input(
+    batch: torch.Tensor, cfg: InputConfig, device: torch.device, channels_last: bool = False, resize: bool = True
+) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> float (B, 3, S, S) on `device`, normalised as `cfg` says and resized to
     its input side S (`resize` False: kept at H x W, for views taken before the resize)."""
     x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)

@@ -7,6 +7,7 @@ DistributedSampler, gradients are averaged by DDP, the training loss and the val
 predictions are gathered across ranks, and only rank 0 writes files and MLflow runs.
 NCCL on GPUs, gloo on CPUs. Without torchrun every helper here is a no-op.
 """
+
 from __future__ import annotations
 
 import os
@@ -74,7 +75,7 @@ def gather_rows(local: np.ndarray, n: int) -> np.ndarray:
     dist.all_gather_object(parts, local)
     out = np.empty((n,) + local.shape[1:], dtype=local.dtype)
     for r, part in enumerate(parts):
-        out[r::world_size()] = part
+        out[r :: world_size()] = part
     return out
 
 

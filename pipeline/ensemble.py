@@ -5,6 +5,7 @@
 Every method is fitted on OOF probabilities only (never on test predictions or answers) and scored
 by cross-fitting over the CV folds, so the score that picks the final method is not optimistic.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -21,16 +22,17 @@ from pipeline.metrics import METRICS, argbest, is_better, scores
 from pipeline.probs import probs_frame, read_probs
 from pipeline.submission import SubmissionFormat, build_submission, local_leaderboard, validate_submission
 
-
 ENSEMBLES: dict[str, type] = {}
 
 
 def register_ensemble(name: str):
     """Class decorator: make an ensembler available as `ensemble.methods: [name]` in params.yaml."""
+
     def wrap(cls):
         cls.name = name
         ENSEMBLES[name] = cls
         return cls
+
     return wrap
 
 
@@ -99,7 +101,9 @@ class SoftVotingEnsemble(_Ensemble):
     def _fit(self, probs, y):
         weights = np.ones(len(probs)) if self.weights is None else np.asarray(self.weights, dtype=float)
         if weights.shape != (len(probs),) or (weights < 0).any() or weights.sum() <= 0:
-            raise ValueError(f"weights must be {len(probs)} non-negative numbers with a positive sum, got {self.weights}")
+            raise ValueError(
+                f"weights must be {len(probs)} non-negative numbers with a positive sum, got {self.weights}"
+            )
         self.weights_ = weights / weights.sum()
 
     def _predict_proba(self, probs):
@@ -179,9 +183,15 @@ class OptimizedWeightsEnsemble(_Ensemble):
             return -(true / np.clip(w @ true, 1e-15, None)).mean(1)
 
         m = len(probs)
-        result = minimize(loss, np.full(m, 1 / m), jac=grad, method="SLSQP", bounds=[(0, 1)] * m,
-                          constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1, "jac": lambda w: np.ones(m)}],
-                          options={"maxiter": self.maxiter})
+        result = minimize(
+            loss,
+            np.full(m, 1 / m),
+            jac=grad,
+            method="SLSQP",
+            bounds=[(0, 1)] * m,
+            constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1, "jac": lambda w: np.ones(m)}],
+            options={"maxiter": self.maxiter},
+        )
         w = np.clip(result.x, 0, None)
         self.weights_ = w / w.sum()
 
@@ -246,8 +256,9 @@ def create_ensemble(name: str, metric: str, weights=None) -> _Ensemble:
     return ENSEMBLES[name].from_config(metric, weights)
 
 
-def cross_fit(make: Callable[[], _Ensemble], probs_list: list[np.ndarray], y: np.ndarray,
-              folds: np.ndarray) -> np.ndarray:
+def cross_fit(
+    make: Callable[[], _Ensemble], probs_list: list[np.ndarray], y: np.ndarray, folds: np.ndarray
+) -> np.ndarray:
     """Honest OOF probabilities of an ensembler: for each fold k, fit a fresh one on the other folds'
     OOF rows and predict fold k's rows. Scoring these is not optimistic, as scoring a fit on all
     rows would be."""
@@ -271,16 +282,25 @@ class MethodFit:
     report: dict = field(default_factory=dict)  # oof (honest), oof_in_sample, weights per backbone
 
 
-def fit_methods(names: list[str], metric: str, weights: list[float], backbones: list[str],
-                oof: list[np.ndarray], test: list[np.ndarray], y: np.ndarray, folds: np.ndarray
-                ) -> tuple[dict[str, MethodFit], dict[str, str]]:
+def fit_methods(
+    names: list[str],
+    metric: str,
+    weights: list[float],
+    backbones: list[str],
+    oof: list[np.ndarray],
+    test: list[np.ndarray],
+    y: np.ndarray,
+    folds: np.ndarray,
+) -> tuple[dict[str, MethodFit], dict[str, str]]:
     """Fit and cross-fit each method of `names` on the backbones' OOF probabilities. Returns the
     fitted methods and, for those that could not be fitted (e.g. stacking on a fold lacking a class),
     their reason."""
     fits, errors = {}, {}
     for name in names:
+
         def make(name=name):
             return create_ensemble(name, metric, weights)
+
         try:
             model = make().fit(oof, y)
             honest = cross_fit(make, oof, y, folds)
@@ -314,8 +334,10 @@ def headline(metrics: dict, metric: str, chosen_by: str) -> dict:
     columns: the submission's method and honest OOF score (the competition's `metric`, the one the
     method was `chosen_by`, and log loss) and its local leaderboard score if the competition has
     answers. Each backbone's scores, each method's, the TTA choices: reports/ensemble.json."""
-    out = {"method": metrics["method"],
-           **{m: round(metrics["oof"][m], 5) for m in dict.fromkeys([metric, chosen_by, "log_loss"])}}
+    out = {
+        "method": metrics["method"],
+        **{m: round(metrics["oof"][m], 5) for m in dict.fromkeys([metric, chosen_by, "log_loss"])},
+    }
     if metric in metrics.get("local_leaderboard", {}):
         out[f"lb_{metric}"] = round(metrics["local_leaderboard"][metric], 5)
     return out
@@ -325,8 +347,13 @@ def single_report(backbone: str, oof: np.ndarray, y: np.ndarray) -> dict:
     """One backbone's OOF scores beside its predict stage's TTA choice, for the report."""
     path = Path(f"predictions/{backbone}/tta.json")
     tta = read_json(path) if path.exists() else {}
-    return {"oof": scores(oof, y, METRICS), "tta": tta.get("policy"), "oof_no_tta": tta.get("policies", {}).get("none"),
-            "oof_tta_selection_crossfit": tta.get("oof_selection_crossfit"), "seeds": tta.get("seeds")}
+    return {
+        "oof": scores(oof, y, METRICS),
+        "tta": tta.get("policy"),
+        "oof_no_tta": tta.get("policies", {}).get("none"),
+        "oof_tta_selection_crossfit": tta.get("oof_selection_crossfit"),
+        "seeds": tta.get("seeds"),
+    }
 
 
 @dataclass
@@ -347,8 +374,9 @@ def fit_stage(params: Params, data: PreparedData, where: str) -> EnsembleRun:
         raise ConfigError(f"{where}: ensemble.methods: unknown method '{bad[0]}' (known: {', '.join(ENSEMBLES)})")
     oof = [read_probs(f"predictions/{b}/oof_probs.csv", data.train["id"], data.classes, b) for b in backbones]
     test = [read_probs(f"predictions/{b}/test_probs.csv", data.test["id"].tolist(), data.classes, b) for b in backbones]
-    fitted, errors = fit_methods(cfg.methods, cfg.metric, [cfg.weights.get(b, 1.0) for b in backbones], backbones,
-                                 oof, test, y, data.folds)
+    fitted, errors = fit_methods(
+        cfg.methods, cfg.metric, [cfg.weights.get(b, 1.0) for b in backbones], backbones, oof, test, y, data.folds
+    )
     for name, reason in errors.items():
         print(f"ensemble method {name} skipped: {reason}")
     if not fitted:
@@ -360,12 +388,19 @@ def fit_stage(params: Params, data: PreparedData, where: str) -> EnsembleRun:
     singles = {b: single_report(b, probs, y) for b, probs in zip(backbones, oof)}
     best_single = backbones[argbest(cfg.metric, [singles[b]["oof"][cfg.metric] for b in backbones])]
     final = methods[chosen]["oof"]
-    return EnsembleRun(fitted, chosen, {
-        "method": chosen, "metric": cfg.metric, "oof": final,
-        "best_single": {"backbone": best_single, **singles[best_single]["oof"]},
-        "gain_over_best_single": {m: final[m] - singles[best_single]["oof"][m] for m in final},
-        "methods": methods, "backbones": singles,
-    })
+    return EnsembleRun(
+        fitted,
+        chosen,
+        {
+            "method": chosen,
+            "metric": cfg.metric,
+            "oof": final,
+            "best_single": {"backbone": best_single, **singles[best_single]["oof"]},
+            "gain_over_best_single": {m: final[m] - singles[best_single]["oof"][m] for m in final},
+            "methods": methods,
+            "backbones": singles,
+        },
+    )
 
 
 def write_submissions(run: EnsembleRun, data: PreparedData, prepared: Path, out: Path) -> None:
@@ -386,11 +421,16 @@ def write_submissions(run: EnsembleRun, data: PreparedData, prepared: Path, out:
             methods[name]["submission"] = f"{out}/methods/{file}"
             if answers.exists():
                 methods[name]["local_leaderboard"] = local_leaderboard(
-                    pd.read_csv(answers, dtype=str, keep_default_na=False), test_ids, fit.test, data.classes)
+                    pd.read_csv(answers, dtype=str, keep_default_na=False), test_ids, fit.test, data.classes
+                )
     chosen = run.fitted[run.chosen]
-    atomic_write_text(out / "oof_probs.csv", probs_frame(data.train["id"], chosen.honest_oof, data.classes).to_csv(index=False))
+    atomic_write_text(
+        out / "oof_probs.csv", probs_frame(data.train["id"], chosen.honest_oof, data.classes).to_csv(index=False)
+    )
     atomic_write_text(out / "test_probs.csv", probs_frame(test_ids, chosen.test, data.classes).to_csv(index=False))
-    atomic_write_text(out / "submission.csv", build_submission(test_ids, chosen.test, data.classes, fmt).to_csv(index=False))
+    atomic_write_text(
+        out / "submission.csv", build_submission(test_ids, chosen.test, data.classes, fmt).to_csv(index=False)
+    )
     if "local_leaderboard" in methods[run.chosen]:
         run.metrics["local_leaderboard"] = methods[run.chosen]["local_leaderboard"]
 
@@ -399,9 +439,11 @@ def log_stage(run: EnsembleRun, tracker, submissions: Path, report: str) -> None
     """The ensemble's MLflow run: the chosen method's scores and files, a nested run per method."""
     metrics, methods = run.metrics, run.metrics["methods"]
     weights = lambda name: {f"weight_{b}": w for b, w in methods[name].get("weights", {}).items()}  # noqa: E731
-    with tracker.run("ensemble", params={"method": run.chosen, "metric": metrics["metric"],
-                                         "methods": ",".join(methods), **weights(run.chosen)},
-                     tags={"stage": "ensemble"}):
+    with tracker.run(
+        "ensemble",
+        params={"method": run.chosen, "metric": metrics["metric"], "methods": ",".join(methods), **weights(run.chosen)},
+        tags={"stage": "ensemble"},
+    ):
         tracker.log_metrics({f"oof_{m}": v for m, v in metrics["oof"].items()})
         tracker.log_metrics({f"gain_{m}": v for m, v in metrics["gain_over_best_single"].items()})
         if "local_leaderboard" in metrics:
@@ -409,8 +451,17 @@ def log_stage(run: EnsembleRun, tracker, submissions: Path, report: str) -> None
         for path in (submissions / "submission.csv", submissions / "oof_probs.csv", report):
             tracker.log_artifact(str(path))
         tracker.log_candidates(
-            {name: ({"method": name, **weights(name)},
-                    {**{f"oof_{m}": v for m, v in methods[name]["oof"].items()},
-                     **{f"local_leaderboard_{m}": v for m, v in methods[name].get("local_leaderboard", {}).items()}})
-             for name in run.fitted},
-            run.chosen, tags={"stage": "ensemble"}, artifacts={name: methods[name]["submission"] for name in run.fitted})
+            {
+                name: (
+                    {"method": name, **weights(name)},
+                    {
+                        **{f"oof_{m}": v for m, v in methods[name]["oof"].items()},
+                        **{f"local_leaderboard_{m}": v for m, v in methods[name].get("local_leaderboard", {}).items()},
+                    },
+                )
+                for name in run.fitted
+            },
+            run.chosen,
+            tags={"stage": "ensemble"},
+            artifacts={name: methods[name]["submission"] for name in run.fitted},
+        )

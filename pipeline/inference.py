@@ -6,6 +6,7 @@ A view is any function of a normalised batch (B, C, H, W) and the normalisation 
 (1, C, 1, 1) that returns a batch of the same shape; the named TTA views live in the predict stage
 (pipeline/predict.py), so editing one reruns predict, never training.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,9 +31,16 @@ def identity(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Te
 
 
 @torch.inference_mode()
-def _forward_batches(model: torch.nn.Module, images: np.ndarray, cfg: InputConfig, batch_size: int,
-                     device: torch.device, views: Sequence[View], output: Callable[[torch.Tensor], torch.Tensor],
-                     desc: str | None) -> np.ndarray:
+def _forward_batches(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    cfg: InputConfig,
+    batch_size: int,
+    device: torch.device,
+    views: Sequence[View],
+    output: Callable[[torch.Tensor], torch.Tensor],
+    desc: str | None,
+) -> np.ndarray:
     """`output(model(view(x)))` for every view and image: an array (V, N, ...), batched, on `device`,
     each view taken from the cached image before it is resized to the input side, in `cfg.precision`,
     channels_last on CUDA and CPU, halving the batch on CUDA out-of-memory."""
@@ -66,25 +74,40 @@ def _forward_batches(model: torch.nn.Module, images: np.ndarray, cfg: InputConfi
     return np.concatenate(out, axis=1) if out else np.zeros((len(views), 0, 0), dtype=np.float32)
 
 
-def predict_log_probs(model: torch.nn.Module, images: np.ndarray, cfg: InputConfig, batch_size: int,
-                      device: torch.device, views: Sequence[View] = (identity,), desc: str | None = None
-                      ) -> np.ndarray:
+def predict_log_probs(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    cfg: InputConfig,
+    batch_size: int,
+    device: torch.device,
+    views: Sequence[View] = (identity,),
+    desc: str | None = None,
+) -> np.ndarray:
     """Log-probabilities (V, N, C) of uint8 images (N, H, W, 3) under each of `views`."""
-    return _forward_batches(model, images, cfg, batch_size, device, views,
-                            lambda logits: torch.log_softmax(logits, dim=1), desc)
+    return _forward_batches(
+        model, images, cfg, batch_size, device, views, lambda logits: torch.log_softmax(logits, dim=1), desc
+    )
 
 
-def predict_proba(model: torch.nn.Module, images: np.ndarray, cfg: InputConfig, batch_size: int,
-                  device: torch.device, desc: str | None = None) -> np.ndarray:
+def predict_proba(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    cfg: InputConfig,
+    batch_size: int,
+    device: torch.device,
+    desc: str | None = None,
+) -> np.ndarray:
     """Softmax probabilities (N, C) of uint8 images (N, H, W, 3), no test-time augmentation."""
     return np.exp(predict_log_probs(model, images, cfg, batch_size, device, desc=desc)[0])
 
 
-def extract_features(model: torch.nn.Module, images: np.ndarray, cfg: InputConfig, batch_size: int,
-                     device: torch.device) -> np.ndarray:
+def extract_features(
+    model: torch.nn.Module, images: np.ndarray, cfg: InputConfig, batch_size: int, device: torch.device
+) -> np.ndarray:
     """Pooled backbone features (N, D) of a model created with num_classes=0 (in fp32: `cfg.precision` aside)."""
-    return _forward_batches(model, images, dataclasses.replace(cfg, precision=None), batch_size, device, (identity,),
-                            lambda f: f, None)[0]
+    return _forward_batches(
+        model, images, dataclasses.replace(cfg, precision=None), batch_size, device, (identity,), lambda f: f, None
+    )[0]
 
 
 def fold_model(ckpt: dict, device: torch.device, classifier=None) -> torch.nn.Module:

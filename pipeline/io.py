@@ -2,6 +2,7 @@
 also when it is stopped (Ctrl-C, SIGTERM: `stop_on_signals`, `uninterrupted`). And each stage's clock:
 `record_stage` (reports/timing/, read by the timing stage) and `StageProgress` (a plain progress line
 with an ETA)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -99,7 +100,7 @@ def remove_dead_scratch(path: Path) -> None:
         return
     for other in path.parent.iterdir():
         for mark in (".tmp", ".old"):
-            pid = other.name[len(path.name) + len(mark):]
+            pid = other.name[len(path.name) + len(mark) :]
             if other.name.startswith(path.name + mark) and pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(other) if other.is_dir() and not other.is_symlink() else other.unlink()
 
@@ -148,14 +149,19 @@ def record_stage(name: str) -> None:
     """reports/timing/<name>.json: when the stage started and ended, and its seconds: the actual
     side of the plan (`python -m pipeline timing`)."""
     now = time.time()
-    write_json(TIMING_DIR / f"{name}.json", {"stage": name, "started": stage_started(), "finished": now,
-                                            "seconds": round(now - stage_started(), 2)})
+    write_json(
+        TIMING_DIR / f"{name}.json",
+        {"stage": name, "started": stage_started(), "finished": now, "seconds": round(now - stage_started(), 2)},
+    )
 
 
 def _clock_text(seconds: float) -> str:
     seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
-        f"{seconds // 60}:{seconds % 60:02d}"
+    return (
+        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else f"{seconds // 60}:{seconds % 60:02d}"
+    )
 
 
 class StageProgress:
@@ -179,5 +185,7 @@ class StageProgress:
         elapsed = time.time() - self.started
         left = max(self.total - self.done, 0)
         eta = _clock_text(elapsed / self.ran * left) if self.ran else "?"
-        return (f"{self.name}: {min(self.done, self.total)}/{self.total} {self.unit} "
-                f"({100 * min(self.done, self.total) // self.total}%), {_clock_text(elapsed)} elapsed, ETA {eta}")
+        return (
+            f"{self.name}: {min(self.done, self.total)}/{self.total} {self.unit} "
+            f"({100 * min(self.done, self.total) // self.total}%), {_clock_text(elapsed)} elapsed, ETA {eta}"
+        )

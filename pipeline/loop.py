@@ -5,6 +5,7 @@ Every caller reuses it: the CV driver (pipeline/train.py), tuning trials and the
 Every epoch reseeds its own random streams from (seed, epoch), so a run resumed from its saved state
 (pipeline/resume.py) ends with the same weights as an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,16 @@ from tqdm import tqdm
 
 from pipeline import distributed
 from pipeline.config import TrainSettings
-from pipeline.data import (ImageDataset, InputConfig, Rows, balanced_sampler, build_loader, build_train_transform,
-                           default_num_workers, to_input)
+from pipeline.data import (
+    ImageDataset,
+    InputConfig,
+    Rows,
+    balanced_sampler,
+    build_loader,
+    build_train_transform,
+    default_num_workers,
+    to_input,
+)
 from pipeline.errors import PipelineError
 from pipeline.inference import predict_proba
 from pipeline.metrics import METRICS, is_better_scores, scores
@@ -47,9 +56,11 @@ class Split:
 # ---------------------------------------------------------------- building blocks
 
 
-def lr_factor(kind: str, total_steps: int, warmup_steps: int, step_size: int = 1, gamma: float = 0.1
-              ) -> Callable[[int], float]:
+def lr_factor(
+    kind: str, total_steps: int, warmup_steps: int, step_size: int = 1, gamma: float = 0.1
+) -> Callable[[int], float]:
     """Multiplier of the base lr at optimizer step `step`: linear warmup, then the schedule."""
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
@@ -61,13 +72,18 @@ def lr_factor(kind: str, total_steps: int, warmup_steps: int, step_size: int = 1
         if kind == "step":
             return gamma ** ((step - warmup_steps) // max(1, step_size))
         return 1.0
+
     return factor
 
 
 def build_optimizer(model: torch.nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
     """timm's optimizer factory (no weight decay on biases/norms; layer-wise lr decay if set)."""
     optimizer = create_optimizer_v2(
-        model, opt=s.optimizer, lr=s.lr, weight_decay=s.weight_decay, momentum=s.momentum,
+        model,
+        opt=s.optimizer,
+        lr=s.lr,
+        weight_decay=s.weight_decay,
+        momentum=s.momentum,
         layer_decay=s.layer_decay,
     )
     for group in optimizer.param_groups:  # timm's own schedulers apply lr_scale; ours uses the group lr
@@ -77,9 +93,16 @@ def build_optimizer(model: torch.nn.Module, s: TrainSettings) -> torch.optim.Opt
 
 def _build_scheduler(optimizer, s: TrainSettings, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     """The per-step schedule of `s.scheduler` after `s.warmup_epochs` of linear warmup."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(
-        s.scheduler, s.epochs * steps_per_epoch, max(1, int(s.warmup_epochs * steps_per_epoch)),
-        int(s.step_epochs * steps_per_epoch), s.step_gamma))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lr_factor(
+            s.scheduler,
+            s.epochs * steps_per_epoch,
+            max(1, int(s.warmup_epochs * steps_per_epoch)),
+            int(s.step_epochs * steps_per_epoch),
+            s.step_gamma,
+        ),
+    )
 
 
 def freeze(model: torch.nn.Module, stages: int) -> list[str]:
@@ -126,8 +149,9 @@ def _reseed(seed: int, epoch: int) -> int:
 # ---------------------------------------------------------------- one epoch
 
 
-def _loss(logits: torch.Tensor, y: torch.Tensor, mixed: bool, label_smoothing: float,
-          class_weight: torch.Tensor | None) -> torch.Tensor:
+def _loss(
+    logits: torch.Tensor, y: torch.Tensor, mixed: bool, label_smoothing: float, class_weight: torch.Tensor | None
+) -> torch.Tensor:
     # class weights scale each example's loss, averaged over the batch (not over the weights, as
     # cross_entropy's `weight` does: that renormalises per batch and undoes most of the weighting)
     if mixed:
@@ -153,11 +177,24 @@ def _step(model, optimizer, scheduler, scaler, clip_grad_norm: float | None, ema
         ema.update(getattr(model, "module", model))
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, device, cfg: InputConfig, *,
-                    mixup: Mixup | None = None, label_smoothing: float = 0.0,
-                    scaler: torch.amp.GradScaler | None = None, accum_steps: int = 1,
-                    clip_grad_norm: float | None = None, ema: ModelEmaV3 | None = None,
-                    class_weight: torch.Tensor | None = None, where: str = "", desc: str | None = None) -> float:
+def train_one_epoch(
+    model,
+    loader,
+    optimizer,
+    scheduler,
+    device,
+    cfg: InputConfig,
+    *,
+    mixup: Mixup | None = None,
+    label_smoothing: float = 0.0,
+    scaler: torch.amp.GradScaler | None = None,
+    accum_steps: int = 1,
+    clip_grad_norm: float | None = None,
+    ema: ModelEmaV3 | None = None,
+    class_weight: torch.Tensor | None = None,
+    where: str = "",
+    desc: str | None = None,
+) -> float:
     """One pass over `loader`; returns the mean training loss.
 
     `class_weight` (C,) weighs each example's loss by its class (by its soft target under mixup).
@@ -172,7 +209,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, cfg: InputConfi
     optimizer.zero_grad(set_to_none=True)
     n_batches = len(loader)
     for step, (images, targets) in enumerate(
-            tqdm(loader, desc=desc, disable=None if desc else True, leave=False, mininterval=1.0)):
+        tqdm(loader, desc=desc, disable=None if desc else True, leave=False, mininterval=1.0)
+    ):
         x = to_input(images, cfg, device, channels_last)
         y = targets.to(device, non_blocking=True)
         if mixup is not None:
@@ -183,7 +221,12 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, cfg: InputConfi
             raise PipelineError(
                 f"{where}, step {step + 1}: loss is {loss.item()} (lr {optimizer.param_groups[0]['lr']:.3g}); "
                 f"lower train.lr or set train.clip_grad_norm"
-                + (f" (or train.precision: fp32: this ran under {str(dtype)[6:]} autocast)" if dtype is not None else ""))
+                + (
+                    f" (or train.precision: fp32: this ran under {str(dtype)[6:]} autocast)"
+                    if dtype is not None
+                    else ""
+                )
+            )
         (scaler.scale(loss / accum_steps) if scaler is not None else loss / accum_steps).backward()
         if (step + 1) % accum_steps == 0 or step + 1 == n_batches:
             _step(model, optimizer, scheduler, scaler, clip_grad_norm, ema)
@@ -193,8 +236,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, cfg: InputConfi
     return total / max(1, count)
 
 
-def evaluate(model, val: Split, cfg: InputConfig, batch_size: int, device: torch.device
-             ) -> tuple[dict[str, float], np.ndarray]:
+def evaluate(
+    model, val: Split, cfg: InputConfig, batch_size: int, device: torch.device
+) -> tuple[dict[str, float], np.ndarray]:
     """Validation scores and probabilities (no augmentation); under DDP each rank predicts a share."""
     shard = slice(distributed.rank(), None, distributed.world_size())
     probs = distributed.gather_rows(predict_proba(model, val.images[shard], cfg, batch_size, device), len(val.images))
@@ -224,8 +268,9 @@ class _Run:
 def _sampler(dataset, targets: np.ndarray, s: TrainSettings, where: str):
     if distributed.is_distributed():  # each rank trains on its own shard; s.batch_size is per rank
         if s.sampler == "balanced":
-            raise PipelineError(f"{where}: train.sampler: balanced does not run under torchrun; use "
-                                f"train.class_weight: balanced")
+            raise PipelineError(
+                f"{where}: train.sampler: balanced does not run under torchrun; use train.class_weight: balanced"
+            )
         return DistributedSampler(dataset, shuffle=True, seed=s.seed, drop_last=True)
     return balanced_sampler(targets, s.seed) if s.sampler == "balanced" else None
 
@@ -237,10 +282,20 @@ def _class_weight(targets: np.ndarray, s: TrainSettings, num_classes: int, devic
     return torch.as_tensor(len(targets) / (num_classes * counts), dtype=torch.float32, device=device)
 
 
-def _setup(model: torch.nn.Module, train: Split, cfg: InputConfig, s: TrainSettings, device, num_classes: int,
-           where: str, data_init: bool) -> _Run:
+def _setup(
+    model: torch.nn.Module,
+    train: Split,
+    cfg: InputConfig,
+    s: TrainSettings,
+    device,
+    num_classes: int,
+    where: str,
+    data_init: bool,
+) -> _Run:
     model.to(device)
-    if data_init and hasattr(model, "init_from_data"):  # data-dependent init (cifar_net_*: patch whitening), training rows only
+    if data_init and hasattr(
+        model, "init_from_data"
+    ):  # data-dependent init (cifar_net_*: patch whitening), training rows only
         sample = np.asarray(train.images[np.random.default_rng(s.seed).permutation(len(train.images))[:5000]])
         model.init_from_data(to_input(torch.from_numpy(sample), cfg, device))
     if use_channels_last(device):
@@ -248,8 +303,9 @@ def _setup(model: torch.nn.Module, train: Split, cfg: InputConfig, s: TrainSetti
     optimizer = build_optimizer(model, s)  # before freezing: timm leaves frozen parameters out
     if s.finetune in ("freeze", "linear_probe"):
         freeze(model, -1 if s.finetune == "linear_probe" else s.freeze_stages)
-    transform = build_train_transform(s.augment, s.seed, p=s.augment_p, cache_size=train.images.shape[1],
-                                      image_size=cfg.image_size)
+    transform = build_train_transform(
+        s.augment, s.seed, p=s.augment_p, cache_size=train.images.shape[1], image_size=cfg.image_size
+    )
     dataset = ImageDataset(train.images, train.targets, transform)
     workers = default_num_workers(device, dataset, s.batch_size) if s.num_workers is None else s.num_workers
     sampler = _sampler(dataset, train.targets, s, where)
@@ -258,8 +314,16 @@ def _setup(model: torch.nn.Module, train: Split, cfg: InputConfig, s: TrainSetti
     scheduler = _build_scheduler(optimizer, s, math.ceil(len(loader) / s.grad_accum_steps))
     scaler = torch.amp.GradScaler("cuda") if amp_dtype(device, cfg.precision) == torch.float16 else None
     ema = ModelEmaV3(model, decay=s.ema_decay) if s.ema_decay else None
-    mixup = Mixup(mixup_alpha=s.mixup_alpha, cutmix_alpha=s.cutmix_alpha, label_smoothing=s.label_smoothing,
-                  num_classes=num_classes) if s.mixup_alpha > 0 or s.cutmix_alpha > 0 else None
+    mixup = (
+        Mixup(
+            mixup_alpha=s.mixup_alpha,
+            cutmix_alpha=s.cutmix_alpha,
+            label_smoothing=s.label_smoothing,
+            num_classes=num_classes,
+        )
+        if s.mixup_alpha > 0 or s.cutmix_alpha > 0
+        else None
+    )
     forward = DistributedDataParallel(model) if distributed.is_distributed() else model
     forward = torch.compile(forward, backend=s.compile) if s.compile else forward
     return _Run(model, forward, optimizer, scheduler, scaler, ema, mixup, loader, sampler, transform, class_weight)
@@ -274,8 +338,9 @@ def _best_candidate(monitor: str, evaluated: list[tuple]) -> tuple:
     return best
 
 
-def _epoch(run: _Run, epoch: int, val: Split, cfg: InputConfig, s: TrainSettings, device, where: str
-           ) -> tuple[dict, tuple | None]:
+def _epoch(
+    run: _Run, epoch: int, val: Split, cfg: InputConfig, s: TrainSettings, device, where: str
+) -> tuple[dict, tuple | None]:
     """Train epoch `epoch` (its random streams from (seed, epoch)), validate if it is due; returns the
     epoch's row and (module, scores, probs) of the validated weights, or None."""
     started = time.perf_counter()
@@ -292,21 +357,35 @@ def _epoch(run: _Run, epoch: int, val: Split, cfg: InputConfig, s: TrainSettings
         run.mixup.mixup_enabled = s.mixup_off_epoch is None or epoch < s.mixup_off_epoch
     try:
         train_loss = train_one_epoch(
-            run.forward, run.loader, run.optimizer, run.scheduler, device, cfg, mixup=run.mixup,
-            label_smoothing=s.label_smoothing, scaler=run.scaler, accum_steps=s.grad_accum_steps,
-            clip_grad_norm=s.clip_grad_norm, ema=run.ema, class_weight=run.class_weight,
-            where=f"{where}, epoch {epoch + 1}", desc=f"{where} epoch {epoch + 1}/{s.epochs}")
+            run.forward,
+            run.loader,
+            run.optimizer,
+            run.scheduler,
+            device,
+            cfg,
+            mixup=run.mixup,
+            label_smoothing=s.label_smoothing,
+            scaler=run.scaler,
+            accum_steps=s.grad_accum_steps,
+            clip_grad_norm=s.clip_grad_norm,
+            ema=run.ema,
+            class_weight=run.class_weight,
+            where=f"{where}, epoch {epoch + 1}",
+            desc=f"{where} epoch {epoch + 1}/{s.epochs}",
+        )
     except torch.cuda.OutOfMemoryError:
         raise PipelineError(
             f"{where}: out of GPU memory at train.batch_size={s.batch_size}; lower it (e.g. to "
-            f"{max(1, s.batch_size // 2)}) and raise train.grad_accum_steps to keep the effective batch") from None
+            f"{max(1, s.batch_size // 2)}) and raise train.grad_accum_steps to keep the effective batch"
+        ) from None
     distributed.sync_buffers(run.model)
     row = {"train_loss": train_loss, "lr": run.optimizer.param_groups[0]["lr"]}
     validation = None
     if (epoch + 1) % s.val_every == 0 or epoch + 1 == s.epochs:  # else: no validation this epoch
         candidates = [run.model] + ([run.ema.module] if run.ema is not None else [])
-        validation = _best_candidate(s.monitor, [(m, *evaluate(m, val, cfg, s.batch_size * 2, device))
-                                                 for m in candidates])
+        validation = _best_candidate(
+            s.monitor, [(m, *evaluate(m, val, cfg, s.batch_size * 2, device)) for m in candidates]
+        )
         row.update({f"val_{m}": v for m, v in validation[1].items()})
     row["epoch_seconds"] = time.perf_counter() - started
     if validation is not None:
@@ -323,9 +402,20 @@ def _epoch_line(where: str, epoch: int, epochs: int, row: dict, monitor: str = "
     return line + f"({row['epoch_seconds']:.1f} s)"
 
 
-def fit(model: torch.nn.Module, train: Split, val: Split, cfg: InputConfig, s: TrainSettings, device: torch.device,
-        *, num_classes: int, on_epoch: Callable[[int, dict], None] | None = None, state_path=None,
-        where: str = "fold", data_init: bool = True) -> FoldResult:
+def fit(
+    model: torch.nn.Module,
+    train: Split,
+    val: Split,
+    cfg: InputConfig,
+    s: TrainSettings,
+    device: torch.device,
+    *,
+    num_classes: int,
+    on_epoch: Callable[[int, dict], None] | None = None,
+    state_path=None,
+    where: str = "fold",
+    data_init: bool = True,
+) -> FoldResult:
     """Train `model` on `train`, validate on `val` every `s.val_every` epochs, keep the best weights.
 
     `data_init`: give a model with an `init_from_data` method its data-dependent initialisation first

@@ -1,4 +1,5 @@
 """Scores computed the same way for folds, OOF, ensembles and the local leaderboard."""
+
 from __future__ import annotations
 
 from typing import Callable

@@ -1,5 +1,6 @@
 """Backbones by name: a thin wrapper over `timm.create_model`, with pretrained weights from the
 Hugging Face hub, a local file, or a finished run of this pipeline."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +11,6 @@ import torch.nn as nn
 from timm.models import register_model
 
 from pipeline.errors import PipelineError
-
 
 # ---------------------------------------------------------------- small nets for 32 px inputs
 
@@ -41,8 +41,9 @@ class CifarNet(nn.Module):
         self.num_classes = num_classes
         self.num_features = widths[-1]
         self.stem = nn.Sequential(nn.Conv2d(3, 24, 2, bias=True), nn.GELU())
-        self.layers = nn.Sequential(_ConvGroup(24, widths[0]), _ConvGroup(widths[0], widths[1]),
-                                    _ConvGroup(widths[1], widths[2]))
+        self.layers = nn.Sequential(
+            _ConvGroup(24, widths[0]), _ConvGroup(widths[0], widths[1]), _ConvGroup(widths[1], widths[2])
+        )
         self.drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes, bias=False) if num_classes else nn.Identity()
 
@@ -127,17 +128,26 @@ def pretrained_config(name: str, pretrained: Pretrained) -> dict | None:
     if not isinstance(pretrained, bool):
         ckpt = _pipeline_checkpoint(Path(pretrained))
         if ckpt is not None:
-            return {"mean": list(ckpt["mean"]), "std": list(ckpt["std"]), "image_size": ckpt.get("image_size"),
-                    "interpolation": "bilinear"}
+            return {
+                "mean": list(ckpt["mean"]),
+                "std": list(ckpt["std"]),
+                "image_size": ckpt.get("image_size"),
+                "interpolation": "bilinear",
+            }
     cfg = timm.models.get_pretrained_cfg(name)
     if cfg is None or cfg.mean is None:
         return None
-    return {"mean": list(cfg.mean), "std": list(cfg.std), "image_size": cfg.input_size[-1],
-            "interpolation": cfg.interpolation}
+    return {
+        "mean": list(cfg.mean),
+        "std": list(cfg.std),
+        "image_size": cfg.input_size[-1],
+        "interpolation": cfg.interpolation,
+    }
 
 
-def create_model(name: str, num_classes: int, pretrained: Pretrained = None,
-                 drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> torch.nn.Module:
+def create_model(
+    name: str, num_classes: int, pretrained: Pretrained = None, drop_rate: float = 0.0, drop_path_rate: float = 0.0
+) -> torch.nn.Module:
     """A fresh timm model with a `num_classes` head.
 
     `pretrained`: None or False, random weights. True: timm's pretrained weights of `name` (its
@@ -157,7 +167,8 @@ def create_model(name: str, num_classes: int, pretrained: Pretrained = None,
             raise PipelineError(
                 f"{name}: pretrained weights are neither in the Hugging Face cache nor downloadable "
                 f"({exc.__class__.__name__}); run once with internet, or set pretrained to a local timm/.safetensors "
-                f"file or to a finished run's models/<backbone>/seed<s>/fold<k>/model.pt (or its export)") from None
+                f"file or to a finished run's models/<backbone>/seed<s>/fold<k>/model.pt (or its export)"
+            ) from None
     if pretrained:
         path = Path(pretrained)
         if not path.is_file():
@@ -171,14 +182,17 @@ def create_model(name: str, num_classes: int, pretrained: Pretrained = None,
         head_ids = {id(p) for p in model.get_classifier().parameters()}
         head = {n for n, p in model.named_parameters() if id(p) in head_ids}  # replaced: a new competition's
         try:
-            missing = model.load_state_dict({k: v for k, v in ckpt["state_dict"].items() if k not in head},
-                                            strict=False).missing_keys
+            missing = model.load_state_dict(
+                {k: v for k, v in ckpt["state_dict"].items() if k not in head}, strict=False
+            ).missing_keys
         except RuntimeError as exc:  # a tensor of another shape: another architecture or width
-            raise PipelineError(f"{name}: pretrained '{path}' does not fit the model "
-                                f"({str(exc).splitlines()[-1].strip()})") from None
+            raise PipelineError(
+                f"{name}: pretrained '{path}' does not fit the model ({str(exc).splitlines()[-1].strip()})"
+            ) from None
         if set(missing) - head:
-            raise PipelineError(f"{name}: pretrained '{path}' does not fit the model ('{sorted(set(missing) - head)[0]}' "
-                                f"missing)")
+            raise PipelineError(
+                f"{name}: pretrained '{path}' does not fit the model ('{sorted(set(missing) - head)[0]}' missing)"
+            )
         return model
     return timm.create_model(name, pretrained=False, **kwargs)
 

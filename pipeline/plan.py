@@ -13,6 +13,7 @@ Writes plan/<backbone>.json (read by its train stage: `backbone.planned`) and re
 (speeds measured, planned seconds per stage). The `timing` stage later sets the actual seconds beside
 the planned ones in reports/timing.json.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,7 +40,7 @@ FOLD_SETUP_S = 1.0  # per fold: a fresh model, its data-dependent init, saving i
 ENSEMBLE_S_PER_ROW = 1e-4  # per OOF row and backbone (cross-fitted methods over the folds)
 ANALYZE_S_PER_ROW = 3e-4  # per OOF row (image properties, galleries, figures)
 MARGIN = 0.10  # the plan fills 90% of the budget: a 2-core machine's speed drifted by up to 10% between
-               # the probe and the run (cifar_net_l: 1,002 images/s probed, 912 trained, minutes later)
+# the probe and the run (cifar_net_l: 1,002 images/s probed, 912 trained, minutes later)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +73,7 @@ def train_seconds(work: BackboneWork, speed: Speed, epochs: int) -> float:
     if not work.trains:
         return STAGE_OVERHEAD_S + work.fits * (FOLD_SETUP_S + (work.train_rows + work.val_rows) / speed.infer)
     validations = math.ceil(epochs / planned_val_every(work, epochs))  # every val_every-th epoch and the last
-    per_model = (epochs * work.train_rows / speed.train
-                 + validations * work.val_models * work.val_rows / speed.infer)
+    per_model = epochs * work.train_rows / speed.train + validations * work.val_models * work.val_rows / speed.infer
     return STAGE_OVERHEAD_S + work.fits * (FOLD_SETUP_S + per_model)
 
 
@@ -81,8 +81,9 @@ def predict_seconds(work: BackboneWork, speed: Speed) -> float:
     return STAGE_OVERHEAD_S + work.predict_images / speed.infer
 
 
-def plan_epochs(budget_s: float, fixed_s: dict[str, float], work: dict[str, BackboneWork],
-                speeds: dict[str, Speed]) -> dict[str, int]:
+def plan_epochs(
+    budget_s: float, fixed_s: dict[str, float], work: dict[str, BackboneWork], speeds: dict[str, Speed]
+) -> dict[str, int]:
     """Epochs per backbone: the most that fit (1 - MARGIN) of `budget_s` after the `fixed_s` stages
     (prepare, tune, predict, ensemble, analyze, DVC's gaps), every backbone's params epochs scaled by
     one factor (rounded down, at least 1) so that their ratios stay. Raises PipelineError naming the
@@ -100,8 +101,10 @@ def plan_epochs(budget_s: float, fixed_s: dict[str, float], work: dict[str, Back
     if minimum > available:
         raise PipelineError(
             f"budget.minutes: {budget_s / 60:g} is too small for one epoch per fold model; this run needs at "
-            f"least {math.ceil((fixed + minimum) / (1 - MARGIN) / 6) / 10:g} minutes (training {minimum / 60:.1f}, the other "
-            f"stages {fixed / 60:.1f})")
+            f"least {math.ceil((fixed + minimum) / (1 - MARGIN) / 6) / 10:g} minutes "
+            f"(training {minimum / 60:.1f}, the other "
+            f"stages {fixed / 60:.1f})"
+        )
     lo, hi = 0.0, 1.0
     while cost(at(hi)) <= available and hi < 1e6:  # cost only grows with the factor
         lo, hi = hi, hi * 2
@@ -114,8 +117,9 @@ def plan_epochs(budget_s: float, fixed_s: dict[str, float], work: dict[str, Back
 # ---------------------------------------------------------------- measuring this machine
 
 
-def measure_speed(data: PreparedData, backbone: Backbone, device: torch.device, predict_batch: int,
-                  batches: int) -> tuple[Speed, str]:
+def measure_speed(
+    data: PreparedData, backbone: Backbone, device: torch.device, predict_batch: int, batches: int
+) -> tuple[Speed, str]:
     """(images/s training and predicting, the precision chosen) of one backbone as its stages will run:
     two epochs over `batches` batches of fold 0's training rows (drawn at random from all of them)
     through `train_fold` (the second epoch counts: the first warms up), then `predict_log_probs` on
@@ -129,12 +133,31 @@ def measure_speed(data: PreparedData, backbone: Backbone, device: torch.device, 
     if len(tr) > batches * s.batch_size:  # the probe's epoch: `batches` batches, as a sampler limited to them
         tr = np.sort(np.random.default_rng(s.seed).choice(tr, batches * s.batch_size, replace=False))
     rows = np.concatenate([tr, va[: min(len(va), s.batch_size)]])  # validation: one batch, not the fold's
-    sub = dataclasses.replace(data, train=data.train.iloc[rows].assign(fold=[1] * len(tr) + [0] * (len(rows) - len(tr)))
-                              .reset_index(drop=True), train_images=Rows(data.train_images, rows))
-    probe = dataclasses.replace(s, epochs=2, val_every=2, seeds=None, bootstrap=False, early_stopping_patience=None,
-                                mixup_off_epoch=None, unfreeze_epoch=None)
-    result, ckpt = train_fold(sub, 0, backbone.model_name, probe, backbone.image_size, device,
-                              pretrained=backbone.pretrained, where=f"{backbone.name} speed probe")
+    sub = dataclasses.replace(
+        data,
+        train=data.train.iloc[rows].assign(fold=[1] * len(tr) + [0] * (len(rows) - len(tr))).reset_index(drop=True),
+        train_images=Rows(data.train_images, rows),
+    )
+    probe = dataclasses.replace(
+        s,
+        epochs=2,
+        val_every=2,
+        seeds=None,
+        bootstrap=False,
+        early_stopping_patience=None,
+        mixup_off_epoch=None,
+        unfreeze_epoch=None,
+    )
+    result, ckpt = train_fold(
+        sub,
+        0,
+        backbone.model_name,
+        probe,
+        backbone.image_size,
+        device,
+        pretrained=backbone.pretrained,
+        where=f"{backbone.name} speed probe",
+    )
     n = (len(tr) // s.batch_size) * s.batch_size if len(tr) > s.batch_size else len(tr)  # drop_last
     seconds = [row["epoch_seconds"] for row in result.history[1:]]
     train_speed = n / seconds[0] if seconds else float("inf")  # features+sklearn: no epochs
@@ -156,33 +179,58 @@ def backbone_work(data: PreparedData, s: TrainSettings, tta_views: int) -> Backb
     """What a backbone's train and predict stages will do with these settings on this competition."""
     n, k = len(data.train), data.n_folds
     fits = k * len(s.seeds or [s.seed])
-    return BackboneWork(epochs=s.epochs, val_every=s.val_every, fits=fits, train_rows=n * (k - 1) / k, val_rows=n / k,
-                        val_models=2 if s.ema_decay else 1,
-                        predict_images=len(s.seeds or [s.seed]) * (n + k * len(data.test)) * tta_views,
-                        trains=s.finetune != "features+sklearn")
+    return BackboneWork(
+        epochs=s.epochs,
+        val_every=s.val_every,
+        fits=fits,
+        train_rows=n * (k - 1) / k,
+        val_rows=n / k,
+        val_models=2 if s.ema_decay else 1,
+        predict_images=len(s.seeds or [s.seed]) * (n + k * len(data.test)) * tta_views,
+        trains=s.finetune != "features+sklearn",
+    )
 
 
-def make_plan(budget_minutes: float, n_train: int, work: dict[str, BackboneWork], speeds: dict[str, Speed],
-              done_s: dict[str, float]) -> dict:
+def make_plan(
+    budget_minutes: float,
+    n_train: int,
+    work: dict[str, BackboneWork],
+    speeds: dict[str, Speed],
+    done_s: dict[str, float],
+) -> dict:
     """The plan of a run on `n_train` training rows: epochs per backbone and planned seconds per stage.
     `done_s`: the seconds of the stages already run (prepare, tune@..., this plan stage so far)."""
     n, backbones = n_train, list(work)
-    later = {**{f"predict@{b}": predict_seconds(w, speeds[b]) for b, w in work.items()},
-             "ensemble": STAGE_OVERHEAD_S + ENSEMBLE_S_PER_ROW * n * len(backbones),
-             "analyze": STAGE_OVERHEAD_S + ANALYZE_S_PER_ROW * n,
-             "timing": STAGE_OVERHEAD_S}
+    later = {
+        **{f"predict@{b}": predict_seconds(w, speeds[b]) for b, w in work.items()},
+        "ensemble": STAGE_OVERHEAD_S + ENSEMBLE_S_PER_ROW * n * len(backbones),
+        "analyze": STAGE_OVERHEAD_S + ANALYZE_S_PER_ROW * n,
+        "timing": STAGE_OVERHEAD_S,
+    }
     stages = len(done_s) + 2 * len(backbones) + 3
     fixed = {**done_s, **later, "dvc": DVC_GAP_S * stages}
     epochs = plan_epochs(budget_minutes * 60, fixed, work, speeds)
-    planned = {**done_s, **{f"train@{b}": train_seconds(work[b], speeds[b], epochs[b]) for b in backbones},
-               **later, "dvc": fixed["dvc"]}
-    return {"budget_minutes": budget_minutes,
-            "backbones": {b: {"epochs": epochs[b], "params_epochs": work[b].epochs,
-                              "val_every": planned_val_every(work[b], epochs[b]),
-                              "train_images_per_s": round(speeds[b].train, 1),
-                              "infer_images_per_s": round(speeds[b].infer, 1)} for b in backbones},
-            "planned_seconds": {stage: round(s, 1) for stage, s in planned.items()},
-            "planned_total_seconds": round(sum(planned.values()), 1)}
+    planned = {
+        **done_s,
+        **{f"train@{b}": train_seconds(work[b], speeds[b], epochs[b]) for b in backbones},
+        **later,
+        "dvc": fixed["dvc"],
+    }
+    return {
+        "budget_minutes": budget_minutes,
+        "backbones": {
+            b: {
+                "epochs": epochs[b],
+                "params_epochs": work[b].epochs,
+                "val_every": planned_val_every(work[b], epochs[b]),
+                "train_images_per_s": round(speeds[b].train, 1),
+                "infer_images_per_s": round(speeds[b].infer, 1),
+            }
+            for b in backbones
+        },
+        "planned_seconds": {stage: round(s, 1) for stage, s in planned.items()},
+        "planned_total_seconds": round(sum(planned.values()), 1),
+    }
 
 
 def write_plan(plan: dict, report: str | Path) -> None:
@@ -196,13 +244,24 @@ def write_plan(plan: dict, report: str | Path) -> None:
 
 def no_budget(backbones: dict[str, Backbone]) -> dict:
     """The plan of `budget.minutes: null`: params.yaml's epochs, nothing measured."""
-    return {"budget_minutes": None, "backbones": {b: {"epochs": bb.settings.epochs, "val_every": bb.settings.val_every}
-                                                   for b, bb in backbones.items()}}
+    return {
+        "budget_minutes": None,
+        "backbones": {
+            b: {"epochs": bb.settings.epochs, "val_every": bb.settings.val_every} for b, bb in backbones.items()
+        },
+    }
 
 
-def plan_run(budget_minutes: float, data: PreparedData, backbones: dict[str, Backbone], tta_views: dict[str, int],
-             device: torch.device, predict_batch: int, probe_batches: int, done_s: Callable[[], dict[str, float]]
-             ) -> dict:
+def plan_run(
+    budget_minutes: float,
+    data: PreparedData,
+    backbones: dict[str, Backbone],
+    tta_views: dict[str, int],
+    device: torch.device,
+    predict_batch: int,
+    probe_batches: int,
+    done_s: Callable[[], dict[str, float]],
+) -> dict:
     """Measure every backbone here (`measure_speed`), then `make_plan` with its precision recorded;
     `done_s()` gives the seconds of the stages run so far, this one's measuring included."""
     work, speeds, precisions = {}, {}, {}

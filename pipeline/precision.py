@@ -1,5 +1,6 @@
 """Which precision a run trains and predicts in: the autocast dtype of `train.precision`, and for
 `auto` a measured probe of fp32 against bf16 on this machine, cached per CPU, model, input size and batch."""
+
 from __future__ import annotations
 
 import copy
@@ -34,8 +35,9 @@ def default_precision(device: torch.device) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def probe_precision(model: torch.nn.Module, batch_size: int, image_size: int, device: torch.device,
-                    steps: int = 3, repeats: int = 3) -> dict:
+def probe_precision(
+    model: torch.nn.Module, batch_size: int, image_size: int, device: torch.device, steps: int = 3, repeats: int = 3
+) -> dict:
     """Training images/s of `model` in fp32 and under bf16 autocast on this machine: `steps` SGD steps
     on a random batch of the real shape, each way, alternating, `repeats` times (medians). The model
     is copied, so its weights do not move."""
@@ -53,8 +55,11 @@ def probe_precision(model: torch.nn.Module, batch_size: int, image_size: int, de
         for _ in range(steps):
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 out = probe(x)
-                loss = out.float().mean() if out.ndim != 2 else torch.nn.functional.cross_entropy(
-                    out.float(), y % out.shape[1])
+                loss = (
+                    out.float().mean()
+                    if out.ndim != 2
+                    else torch.nn.functional.cross_entropy(out.float(), y % out.shape[1])
+                )
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -89,15 +94,36 @@ def resolve_precision(precision: str | None, device: torch.device, probe) -> tup
 _PROBES: dict[str, dict] = {}
 
 
-def cached_probe(model: torch.nn.Module, model_name: str, finetune: str, batch_size: int, image_size: int,
-                 device: torch.device) -> dict:
+def cached_probe(
+    model: torch.nn.Module, model_name: str, finetune: str, batch_size: int, image_size: int, device: torch.device
+) -> dict:
     """`probe_precision` of this model, input size and batch, once per machine: remembered in the
     process and in ~/.cache/kaggle-image-pipeline/precision.json (keyed by the CPU, its kernel
     limits and the torch version), so folds, stages and reruns reuse it."""
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    key = "|".join(map(str, (cpu, torch.backends.cpu.get_cpu_capability(), os.environ.get("ONEDNN_MAX_CPU_ISA"),
-                             torch.__version__, device.type, model_name, finetune, image_size, batch_size)))
+    cpu = (
+        next(
+            (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+            platform.processor(),
+        )
+        if os.path.exists("/proc/cpuinfo")
+        else platform.processor()
+    )
+    key = "|".join(
+        map(
+            str,
+            (
+                cpu,
+                torch.backends.cpu.get_cpu_capability(),
+                os.environ.get("ONEDNN_MAX_CPU_ISA"),
+                torch.__version__,
+                device.type,
+                model_name,
+                finetune,
+                image_size,
+                batch_size,
+            ),
+        )
+    )
     path = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kaggle-image-pipeline" / "precision.json"
     if key not in _PROBES:
         stored = json.loads(path.read_text()) if path.exists() else {}

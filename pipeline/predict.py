@@ -9,6 +9,7 @@ so they are comparable for ensembling:
   test_probs.csv  the mean over all fold x seed models on the test images
   tta.json        every candidate policy's OOF score, the chosen one, and the honest (cross-fitted) score of choosing
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,9 +35,11 @@ CROP = 0.875  # multi-crop views keep this share of each side, resized back to t
 def register_view(name: str):
     """Decorator: a TTA view maps a normalised batch (B, C, H, W) to a batch of the same shape.
     It also gets the normalisation mean/std (1, C, 1, 1), for views defined on raw pixels."""
+
     def wrap(fn):
         TTA_VIEWS[name] = fn
         return fn
+
     return wrap
 
 
@@ -54,13 +57,20 @@ def _crop(where: str):
         ch, cw = max(1, round(h * CROP)), max(1, round(w * CROP))
         top = {"t": 0, "b": h - ch, "c": (h - ch) // 2}[where[0]]
         left = {"l": 0, "r": w - cw, "c": (w - cw) // 2}[where[1]]
-        return F.interpolate(x[..., top : top + ch, left : left + cw], size=(h, w), mode="bilinear",
-                             align_corners=False)
+        return F.interpolate(
+            x[..., top : top + ch, left : left + cw], size=(h, w), mode="bilinear", align_corners=False
+        )
+
     return view
 
 
-for _name, _where in (("crop_tl", "tl"), ("crop_tr", "tr"), ("crop_bl", "bl"), ("crop_br", "br"),
-                      ("crop_center", "cc")):
+for _name, _where in (
+    ("crop_tl", "tl"),
+    ("crop_tr", "tr"),
+    ("crop_bl", "bl"),
+    ("crop_br", "br"),
+    ("crop_center", "cc"),
+):
     register_view(_name)(_crop(_where))
 
 
@@ -71,17 +81,23 @@ def _shift(dy: int, dx: int, flip: bool = False):
         p = max(abs(dy), abs(dx))
         padded = F.pad(x, (p, p, p, p), mode="reflect")
         return padded[..., p - dy : p - dy + h, p - dx : p - dx + w]
+
     return view
 
 
-for _name, _args in (("shift_ul", (-1, -1)), ("shift_dr", (1, 1)), ("hflip_shift_ul", (-1, -1, True)),
-                     ("hflip_shift_dr", (1, 1, True))):
+for _name, _args in (
+    ("shift_ul", (-1, -1)),
+    ("shift_dr", (1, 1)),
+    ("hflip_shift_ul", (-1, -1, True)),
+    ("hflip_shift_dr", (1, 1, True)),
+):
     register_view(_name)(_shift(*_args))
 
 
 def _brightness(factor: float):
     def view(x, mean, std):  # scale raw pixel values, clipped to [0, 1], then normalise again
         return ((x * std + mean) * factor).clamp_(0, 1).sub_(mean).div_(std)
+
     return view
 
 
@@ -108,14 +124,28 @@ def merge_views(log_probs: np.ndarray, how: str) -> np.ndarray:
 # ---------------------------------------------------------------- views by name
 
 
-def predict_views(model: torch.nn.Module, images: np.ndarray, cfg: InputConfig, batch_size: int,
-                  device: torch.device, views: list[str], desc: str | None = None) -> np.ndarray:
+def predict_views(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    cfg: InputConfig,
+    batch_size: int,
+    device: torch.device,
+    views: list[str],
+    desc: str | None = None,
+) -> np.ndarray:
     """Log-probabilities (V, N, C) of uint8 images (N, H, W, 3) under each of the named `views`."""
     return predict_log_probs(model, images, cfg, batch_size, device, [TTA_VIEWS[v] for v in views], desc)
 
 
-def predict_tta(model: torch.nn.Module, images: np.ndarray, cfg: InputConfig, batch_size: int,
-                device: torch.device, views: tuple[str, ...], merge: str = "mean") -> np.ndarray:
+def predict_tta(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    cfg: InputConfig,
+    batch_size: int,
+    device: torch.device,
+    views: tuple[str, ...],
+    merge: str = "mean",
+) -> np.ndarray:
     """Probabilities (N, C) of uint8 images merged over the named TTA `views`."""
     return merge_views(predict_views(model, images, cfg, batch_size, device, list(views)), merge)
 
@@ -137,8 +167,14 @@ class PolicyPredictions:
     seeds: list[str]  # the bagging seeds, in the order of oof_per_seed
 
 
-def predict_backbone(data: PreparedData, model_dir: str | Path, policies: dict[str, list[str]], merge: str,
-                     batch_size: int, device: torch.device) -> dict[str, PolicyPredictions]:
+def predict_backbone(
+    data: PreparedData,
+    model_dir: str | Path,
+    policies: dict[str, list[str]],
+    merge: str,
+    batch_size: int,
+    device: torch.device,
+) -> dict[str, PolicyPredictions]:
     """OOF and test probabilities of one backbone's fold (x seed) models under each TTA policy.
 
     Every view any policy uses is computed once per model; each policy merges its own views per
@@ -160,7 +196,9 @@ def predict_backbone(data: PreparedData, model_dir: str | Path, policies: dict[s
             if cfg.precision == "fp16" and device.type != "cuda":  # the fold's own; fp16 only where it trained
                 cfg = dataclasses.replace(cfg, precision=None)
             kwargs = dict(cfg=cfg, batch_size=batch_size, device=device, views=views)
-            val = predict_views(model, Rows(data.train_images, val_idx), desc=f"oof fold{k} {path.parent.parent.name}", **kwargs)
+            val = predict_views(
+                model, Rows(data.train_images, val_idx), desc=f"oof fold{k} {path.parent.parent.name}", **kwargs
+            )
             tst = predict_views(model, data.test_images, desc=f"test fold{k} {path.parent.parent.name}", **kwargs)
             for p, vs in policies.items():
                 sel = [index[v] for v in vs]
@@ -189,8 +227,7 @@ def tta_views(tta, backbone: str, where: str) -> int:
     return len({v for policy in computed for v in tta.policies[policy]})
 
 
-def select_policy(oof: dict[str, np.ndarray], y: np.ndarray, folds: np.ndarray, metric: str
-                  ) -> tuple[str, np.ndarray]:
+def select_policy(oof: dict[str, np.ndarray], y: np.ndarray, folds: np.ndarray, metric: str) -> tuple[str, np.ndarray]:
     """The policy with the best OOF `metric`, and the honest OOF of choosing that way: each fold's
     rows take the policy that scores best on the other folds' rows (cross-fitted selection)."""
     score = METRICS[metric][0]
@@ -210,15 +247,19 @@ def select_policy(oof: dict[str, np.ndarray], y: np.ndarray, folds: np.ndarray, 
     return best(np.ones(len(y), dtype=bool)), honest
 
 
-def choose_policy(preds: dict[str, PolicyPredictions], tta, backbone: str, pool: list[str], y: np.ndarray,
-                  folds: np.ndarray) -> dict:
+def choose_policy(
+    preds: dict[str, PolicyPredictions], tta, backbone: str, pool: list[str], y: np.ndarray, folds: np.ndarray
+) -> dict:
     """The predict stage's report: the policy chosen among `pool` on OOF `tta.metric`, its scores, the
     honest score of choosing that way, every computed policy's scores and each seed's."""
     chosen, honest = select_policy({c: preds[c].oof for c in pool}, y, folds, tta.metric)
     best = preds[chosen]
     return {
-        "policy": chosen, "select": tta.backbones.get(backbone, tta.select), "merge": tta.merge,
-        "views": tta.policies[chosen], "oof": scores(best.oof, y),
+        "policy": chosen,
+        "select": tta.backbones.get(backbone, tta.select),
+        "merge": tta.merge,
+        "views": tta.policies[chosen],
+        "oof": scores(best.oof, y),
         "oof_selection_crossfit": scores(honest, y),  # the honest score of choosing the policy on OOF
         "policies": {c: scores(p.oof, y) for c, p in preds.items()},
         "seeds": {seed: scores(o, y) for seed, o in zip(best.seeds, best.oof_per_seed)},
@@ -228,11 +269,22 @@ def choose_policy(preds: dict[str, PolicyPredictions], tta, backbone: str, pool:
 def log_stage(report: dict, tta, backbone: str, tracker, report_path: str) -> None:
     """The predict stage's MLflow run: the chosen policy's scores, a nested run per computed policy."""
     tags = {"stage": "predict", "backbone": backbone}
-    with tracker.run(f"predict {backbone}", params={"backbone": backbone, "policy": report["policy"],
-                                                    "select": report["select"], "merge": tta.merge}, tags=tags):
+    with tracker.run(
+        f"predict {backbone}",
+        params={"backbone": backbone, "policy": report["policy"], "select": report["select"], "merge": tta.merge},
+        tags=tags,
+    ):
         tracker.log_metrics({f"oof_{k}": v for k, v in report["oof"].items()})
         tracker.log_metrics({f"oof_selection_crossfit_{k}": v for k, v in report["oof_selection_crossfit"].items()})
         tracker.log_artifact(report_path)
-        tracker.log_candidates({policy: ({"backbone": backbone, "policy": policy, "views": ",".join(tta.policies[policy])},
-                                         {f"oof_{k}": v for k, v in policy_scores.items()})
-                                for policy, policy_scores in report["policies"].items()}, report["policy"], tags=tags)
+        tracker.log_candidates(
+            {
+                policy: (
+                    {"backbone": backbone, "policy": policy, "views": ",".join(tta.policies[policy])},
+                    {f"oof_{k}": v for k, v in policy_scores.items()},
+                )
+                for policy, policy_scores in report["policies"].items()
+            },
+            report["policy"],
+            tags=tags,
+        )

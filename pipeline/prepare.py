@@ -14,6 +14,7 @@ Outputs (data/prepared/):
   stats.json         per-channel mean/std (0-1 scale) of all train images and of each fold's training part
   sample_submission.csv, answers.csv (if the competition ships test labels)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -106,13 +107,16 @@ class CompetitionFiles:
         rel = rel.strip("/")
         if self._zip is not None:
             start = f"{self.prefix}{rel}/" if rel else self.prefix
-            names = [n[len(start):] for n in self._names if n.startswith(start) and not n.endswith("/")]
+            names = [n[len(start) :] for n in self._names if n.startswith(start) and not n.endswith("/")]
         else:
             folder = self.source / rel
             if not folder.is_dir():
                 raise PipelineError(f"{folder}: image folder not found")
-            names = [os.path.relpath(os.path.join(d, f), folder).replace(os.sep, "/")
-                     for d, _, fs in os.walk(folder) for f in fs]
+            names = [
+                os.path.relpath(os.path.join(d, f), folder).replace(os.sep, "/")
+                for d, _, fs in os.walk(folder)
+                for f in fs
+            ]
         return sorted(n for n in names if posixpath.splitext(n)[1].lower() in IMAGE_EXTS)
 
     def read_csv(self, rel: str) -> pd.DataFrame:
@@ -154,8 +158,10 @@ class ImageFolder:
                 return candidate
         matches = self.by_stem.get(path) or ([] if "/" in path else self.by_name.get(path, []))
         if len(matches) > 1:
-            raise PipelineError(f"{where}: '{value}' matches {len(matches)} files in {self.files.where(self.folder)} "
-                                f"({', '.join(matches[:3])}): name the file with its extension")
+            raise PipelineError(
+                f"{where}: '{value}' matches {len(matches)} files in {self.files.where(self.folder)} "
+                f"({', '.join(matches[:3])}): name the file with its extension"
+            )
         return matches[0] if matches else None
 
 
@@ -175,9 +181,7 @@ def render_digits(out_dir: str | Path, test_fraction: float = 0.2, seed: int = 0
         return out_dir
     digits = load_digits()
     ids = np.arange(len(digits.target))
-    train_ids, test_ids = train_test_split(
-        ids, test_size=test_fraction, stratify=digits.target, random_state=seed
-    )
+    train_ids, test_ids = train_test_split(ids, test_size=test_fraction, stratify=digits.target, random_state=seed)
     marker = (out_dir / DIGITS_MARKER).read_text() if (out_dir / DIGITS_MARKER).exists() else ""
     with atomic_dir(out_dir) as tmp:
         (tmp / DIGITS_MARKER).write_text(marker)
@@ -191,9 +195,7 @@ def render_digits(out_dir: str | Path, test_fraction: float = 0.2, seed: int = 0
         )
         test_sorted = np.sort(test_ids)
         pd.DataFrame({"id": test_sorted, "label": 0}).to_csv(tmp / "sample_submission.csv", index=False)
-        pd.DataFrame({"id": test_sorted, "label": digits.target[test_sorted]}).to_csv(
-            tmp / "solution.csv", index=False
-        )
+        pd.DataFrame({"id": test_sorted, "label": digits.target[test_sorted]}).to_csv(tmp / "solution.csv", index=False)
     return out_dir
 
 
@@ -274,8 +276,9 @@ def _square(img: Image.Image, size: int, resize: str) -> Image.Image:
     scale = size / max(w, h)
     nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
     canvas = Image.new("RGB", (size, size))
-    canvas.paste(img.resize((nw, nh), Image.BILINEAR) if (nw, nh) != (w, h) else img,
-                 ((size - nw) // 2, (size - nh) // 2))
+    canvas.paste(
+        img.resize((nw, nh), Image.BILINEAR) if (nw, nh) != (w, h) else img, ((size - nw) // 2, (size - nh) // 2)
+    )
     return canvas
 
 
@@ -323,8 +326,9 @@ def chunk_rows(size: int) -> int:
     return int(np.clip(2**25 // (size * size * 3), 1, 1024))
 
 
-def decode_images(files: CompetitionFiles, rels: list[str | None], size: int, resize: str, workers: int,
-                  out_path: Path, desc: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, str]]:
+def decode_images(
+    files: CompetitionFiles, rels: list[str | None], size: int, resize: str, workers: int, out_path: Path, desc: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, str]]:
     """Decode every image once, in `workers` processes, straight into the .npy file `out_path`
     (uint8 (N, size, size, 3)): memory holds a few chunks, never the cache. `None` in `rels` is a
     missing file. Returns (original width and height (N, 2), channel sums and sums of squares (N, 3)
@@ -337,15 +341,17 @@ def decode_images(files: CompetitionFiles, rels: list[str | None], size: int, re
     parallel = workers > 1 and len(jobs) > 1
     if parallel:  # each process opens the files itself: a forked zip handle would share its read offset
         pool = mp.get_context("fork" if os.name == "posix" else "spawn").Pool(
-            workers, _init_worker, (str(files.source), files.prefix))
+            workers, _init_worker, (str(files.source), files.prefix)
+        )
         results = pool.imap(_decode_chunk, jobs)
     else:
         results = (_decode_chunk(job, files) for job in jobs)
     bar = tqdm(total=len(rels), desc=desc, unit="img", mininterval=1.0)
     try:
         with open(out_path, "wb") as f:  # chunks arrive in order: the file is written front to back
-            np.lib.format.write_array_header_2_0(f, {"descr": "|u1", "fortran_order": False,
-                                                     "shape": (len(rels), size, size, 3)})
+            np.lib.format.write_array_header_2_0(
+                f, {"descr": "|u1", "fortran_order": False, "shape": (len(rels), size, size, 3)}
+            )
             for i, (arr, wh, s, ss, failed) in enumerate(results):
                 rows = slice(i * step, i * step + len(arr))
                 f.write(arr.tobytes())
@@ -361,18 +367,18 @@ def decode_images(files: CompetitionFiles, rels: list[str | None], size: int, re
 
 def keep_rows(path: Path, keep: np.ndarray) -> None:
     """Rewrite the .npy image cache at `path` with only the rows `keep`, a chunk at a time."""
-    cache = np.load(path, mmap_mode="r")
-    step = chunk_rows(cache.shape[1])
 
     def write(tmp: Path) -> None:
+        cache = np.load(path, mmap_mode="r")  # closed before the new file replaces it
+        step = chunk_rows(cache.shape[1])
         with open(tmp, "wb") as f:
-            np.lib.format.write_array_header_2_0(f, {"descr": "|u1", "fortran_order": False,
-                                                     "shape": (len(keep), *cache.shape[1:])})
+            np.lib.format.write_array_header_2_0(
+                f, {"descr": "|u1", "fortran_order": False, "shape": (len(keep), *cache.shape[1:])}
+            )
             for start in range(0, len(keep), step):
                 f.write(np.ascontiguousarray(cache[keep[start : start + step]]).tobytes())
 
     atomic_save(path, write)
-    del cache
 
 
 def channel_sums(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -410,8 +416,28 @@ def _bad_list(files: CompetitionFiles, rels: list[str], bad: dict[int, str], lim
 
 
 # what pandas and spreadsheets write for a missing value: a label like these is an unlabelled row, not a class
-MISSING_LABELS = frozenset({"#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
-                            "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
+MISSING_LABELS = frozenset(
+    {
+        "#N/A",
+        "#N/A N/A",
+        "#NA",
+        "-1.#IND",
+        "-1.#QNAN",
+        "-NaN",
+        "-nan",
+        "1.#IND",
+        "1.#QNAN",
+        "<NA>",
+        "N/A",
+        "NA",
+        "NULL",
+        "NaN",
+        "None",
+        "n/a",
+        "nan",
+        "null",
+    }
+)
 
 
 def _read_train(files: CompetitionFiles, comp: CompetitionConfig) -> pd.DataFrame:
@@ -421,14 +447,15 @@ def _read_train(files: CompetitionFiles, comp: CompetitionConfig) -> pd.DataFram
         folder = ImageFolder(files, comp.train_dir, comp.image_ext)
         loose = [p for p in folder.paths if "/" not in p]
         if loose:
-            raise PipelineError(f"{files.where(folder.rel(loose[0]))}: not inside a class folder "
-                                f"(competition.train_csv: null reads {comp.train_dir}/<class>/<file>)")
+            raise PipelineError(
+                f"{files.where(folder.rel(loose[0]))}: not inside a class folder "
+                f"(competition.train_csv: null reads {comp.train_dir}/<class>/<file>)"
+            )
         paths = sorted(folder.paths)
         if not paths:
             raise PipelineError(f"{files.where(comp.train_dir)}: no images in class folders")
         rels = [folder.rel(p) for p in paths]
-        return pd.DataFrame({"id": paths, "label": [p.split("/", 1)[0] for p in paths], "path": rels,
-                             "expected": rels})
+        return pd.DataFrame({"id": paths, "label": [p.split("/", 1)[0] for p in paths], "path": rels, "expected": rels})
     train_where = files.where(comp.train_csv)
     train = files.read_csv(comp.train_csv)
     needed = {"id_column": comp.id_column, "label_column": comp.label_column}
@@ -436,8 +463,13 @@ def _read_train(files: CompetitionFiles, comp: CompetitionConfig) -> pd.DataFram
         if getattr(comp, key):
             needed[key] = getattr(comp, key)
     _require_columns(train, needed, train_where)
-    train = train.rename(columns={comp.id_column: "id", comp.label_column: "label", **(
-        {comp.group_column: "group"} if comp.group_column else {})})
+    train = train.rename(
+        columns={
+            comp.id_column: "id",
+            comp.label_column: "label",
+            **({comp.group_column: "group"} if comp.group_column else {}),
+        }
+    )
     if len(train) == 0:
         raise PipelineError(f"{train_where}: no rows")
     empty = train.index[(train["id"] == "") | (train["label"] == "")]
@@ -446,8 +478,10 @@ def _read_train(files: CompetitionFiles, comp: CompetitionConfig) -> pd.DataFram
     missing = train.index[train["label"].isin(MISSING_LABELS)]
     if len(missing):
         row = int(missing[0])
-        raise PipelineError(f"{train_where}: row {row + 2}: label '{train['label'][row]}' marks a missing value, "
-                            f"not a class ({len(missing)} such rows)")
+        raise PipelineError(
+            f"{train_where}: row {row + 2}: label '{train['label'][row]}' marks a missing value, "
+            f"not a class ({len(missing)} such rows)"
+        )
     _check_unique(train["id"], train_where)
     folder = ImageFolder(files, comp.train_dir, comp.image_ext)
     names = train[comp.path_column] if comp.path_column else train["id"]
@@ -457,8 +491,9 @@ def _read_train(files: CompetitionFiles, comp: CompetitionConfig) -> pd.DataFram
     return train
 
 
-def _add_targets_and_folds(train: pd.DataFrame, classes: list[str], comp: CompetitionConfig, n_folds: int,
-                           seed: int) -> pd.DataFrame:
+def _add_targets_and_folds(
+    train: pd.DataFrame, classes: list[str], comp: CompetitionConfig, n_folds: int, seed: int
+) -> pd.DataFrame:
     train = train.reset_index(drop=True)
     train["target"] = train["label"].map({c: i for i, c in enumerate(classes)}).astype(np.int64)
     groups = train["group"].to_numpy() if comp.group_column else None
@@ -487,12 +522,14 @@ def _read_test(files: CompetitionFiles, comp: CompetitionConfig, classes: list[s
         first = test_ids[missing[0]]
         raise PipelineError(
             f"{sample_where}: id '{first}' has no image in {files.where(comp.test_dir)} "
-            f"(looked for {first}, {first}{comp.image_ext} and {first}.*; {len(missing)} such rows)")
+            f"(looked for {first}, {first}{comp.image_ext} and {first}.*; {len(missing)} such rows)"
+        )
     unlisted = sorted(folder.paths - set(found))
     if unlisted:
         raise PipelineError(
             f"{files.where(folder.rel(unlisted[0]))}: test image has no row in {sample_where}"
-            f" ({len(unlisted)} such images; check competition.image_ext and test_dir)")
+            f" ({len(unlisted)} such images; check competition.image_ext and test_dir)"
+        )
     return sample, fmt, test_ids, [folder.rel(p) for p in found]
 
 
@@ -501,8 +538,63 @@ def _digits_source(source: Path) -> bool:
     return source.is_dir() and (source / DIGITS_MARKER).exists()
 
 
-def prepare(comp: CompetitionConfig, image_size: int, n_folds: int, seed: int, out_dir: str | Path,
-            workers: int = 0, resize: str = "squash", skip_bad_images: bool = False) -> dict:
+def _read_answers(files: CompetitionFiles, comp: CompetitionConfig, id_column: str) -> pd.DataFrame | None:
+    """The test labels, where the competition has them (a local leaderboard, never used to choose)."""
+    if not (comp.answers and files.exists(comp.answers)):
+        return None
+    answers = files.read_csv(comp.answers)
+    _require_columns(answers, {"id_column": id_column}, files.where(comp.answers))
+    return answers
+
+
+def _write_prepared(
+    tmp: Path,
+    train: pd.DataFrame,
+    train_sizes,
+    test_sizes,
+    sums,
+    squares,
+    image_size: int,
+    n_folds: int,
+    comp: CompetitionConfig,
+    test_ids,
+    test_paths,
+    sample,
+    answers,
+    classes,
+    fmt,
+) -> None:
+    """The prepared folder's tables and JSON beside its image caches: rows, classes, format, and the
+    normalisation statistics of the whole set and of each fold's training part."""
+    train["width"], train["height"] = train_sizes[:, 0], train_sizes[:, 1]  # for the analyze stage's slices
+    pixels = image_size * image_size
+    stats = channel_stats(sums, squares, pixels)
+    in_training_part = {k: train["fold"].to_numpy() != k for k in range(n_folds)}
+    stats["folds"] = {str(k): channel_stats(sums[m], squares[m], pixels) for k, m in in_training_part.items()}
+
+    cols = ["id", "label", "target", "fold", "width", "height", "path"] + (["group"] if comp.group_column else [])
+    train[cols].to_csv(tmp / "train.csv", index=False)
+    pd.DataFrame({"id": test_ids, "width": test_sizes[:, 0], "height": test_sizes[:, 1], "path": test_paths}).to_csv(
+        tmp / "test.csv", index=False
+    )
+    sample.to_csv(tmp / "sample_submission.csv", index=False)
+    if answers is not None:
+        answers.to_csv(tmp / "answers.csv", index=False)
+    write_json(tmp / "classes.json", {"classes": classes})
+    write_json(tmp / "submission_format.json", dataclasses.asdict(fmt))
+    write_json(tmp / "stats.json", stats)
+
+
+def prepare(
+    comp: CompetitionConfig,
+    image_size: int,
+    n_folds: int,
+    seed: int,
+    out_dir: str | Path,
+    workers: int = 0,
+    resize: str = "squash",
+    skip_bad_images: bool = False,
+) -> dict:
     """Validate the competition at `comp.source`, write `out_dir` atomically and return a summary.
 
     Every image it will use is decoded before anything is written; the undecodable and the missing
@@ -528,27 +620,35 @@ def prepare(comp: CompetitionConfig, image_size: int, n_folds: int, seed: int, o
     classes = sort_classes(train["label"])
     sample, fmt, test_ids, test_paths = _read_test(files, comp, classes, train_paths)
 
-    answers = None
-    if comp.answers and files.exists(comp.answers):
-        answers = files.read_csv(comp.answers)
-        _require_columns(answers, {"id_column": fmt.id_column}, files.where(comp.answers))
+    answers = _read_answers(files, comp, fmt.id_column)
 
     with atomic_dir(out_dir) as tmp:
         train_rels = [p if isinstance(p, str) else None for p in train["path"]]  # pandas may hold None as nan
         train_sizes, sums, squares, bad_train = decode_images(
-            files, train_rels, image_size, resize, workers, tmp / "train_images.npy", "decode train")
+            files, train_rels, image_size, resize, workers, tmp / "train_images.npy", "decode train"
+        )
         test_sizes, _, _, bad_test = decode_images(
-            files, test_paths, image_size, resize, workers, tmp / "test_images.npy", "decode test")
+            files, test_paths, image_size, resize, workers, tmp / "test_images.npy", "decode test"
+        )
         for i in bad_train:  # a missing file is named by where it was looked for
-            train_rels[i] = train_rels[i] or f"{train['expected'].iloc[i]} or {train['expected'].iloc[i].rsplit('.', 1)[0]}.*"
+            train_rels[i] = (
+                train_rels[i] or f"{train['expected'].iloc[i]} or {train['expected'].iloc[i].rsplit('.', 1)[0]}.*"
+            )
         if bad_test or (bad_train and not skip_bad_images):
-            parts = [f"{len(bad_train)} bad training images: {_bad_list(files, train_rels, bad_train)}"] if bad_train else []
+            parts = (
+                [f"{len(bad_train)} bad training images: {_bad_list(files, train_rels, bad_train)}"]
+                if bad_train
+                else []
+            )
             parts += [f"{len(bad_test)} bad test images: {_bad_list(files, test_paths, bad_test)}"] if bad_test else []
             hint = " (prepare.skip_bad_images: true drops bad training images)" if bad_train and not bad_test else ""
             raise PipelineError("; ".join(parts) + hint)
         if bad_train:
-            print(f"warning: skipped {len(bad_train)} bad training images (prepare.skip_bad_images): "
-                  f"{_bad_list(files, train_rels, bad_train, limit=len(bad_train))}", file=sys.stderr)
+            print(
+                f"warning: skipped {len(bad_train)} bad training images (prepare.skip_bad_images): "
+                f"{_bad_list(files, train_rels, bad_train, limit=len(bad_train))}",
+                file=sys.stderr,
+            )
             keep = np.setdiff1d(np.arange(len(train)), list(bad_train))
             if not len(keep):
                 raise PipelineError(f"{train_where}: no training image could be read")
@@ -559,25 +659,31 @@ def prepare(comp: CompetitionConfig, image_size: int, n_folds: int, seed: int, o
                 raise PipelineError(f"{train_where}: class '{lost[0]}' has no readable training image left")
             _check_class_counts(train["label"], n_folds, train_where)
         train = _add_targets_and_folds(train, classes, comp, n_folds, seed)
-        train["width"], train["height"] = train_sizes[:, 0], train_sizes[:, 1]  # for the analyze stage's slices
-        pixels = image_size * image_size
-        stats = channel_stats(sums, squares, pixels)
-        in_training_part = {k: train["fold"].to_numpy() != k for k in range(n_folds)}
-        stats["folds"] = {str(k): channel_stats(sums[m], squares[m], pixels) for k, m in in_training_part.items()}
-
-        cols = ["id", "label", "target", "fold", "width", "height", "path"] + (["group"] if comp.group_column else [])
-        train[cols].to_csv(tmp / "train.csv", index=False)
-        pd.DataFrame({"id": test_ids, "width": test_sizes[:, 0], "height": test_sizes[:, 1],
-                      "path": test_paths}).to_csv(tmp / "test.csv", index=False)
-        sample.to_csv(tmp / "sample_submission.csv", index=False)
-        if answers is not None:
-            answers.to_csv(tmp / "answers.csv", index=False)
-        write_json(tmp / "classes.json", {"classes": classes})
-        write_json(tmp / "submission_format.json", dataclasses.asdict(fmt))
-        write_json(tmp / "stats.json", stats)
+        _write_prepared(
+            tmp,
+            train,
+            train_sizes,
+            test_sizes,
+            sums,
+            squares,
+            image_size,
+            n_folds,
+            comp,
+            test_ids,
+            test_paths,
+            sample,
+            answers,
+            classes,
+            fmt,
+        )
     return {
-        "source": str(source), "n_train": len(train), "n_test": len(test_ids), "n_classes": len(classes),
-        "image_size": image_size, "submission_format": fmt.kind, "skipped": len(bad_train),
+        "source": str(source),
+        "n_train": len(train),
+        "n_test": len(test_ids),
+        "n_classes": len(classes),
+        "image_size": image_size,
+        "submission_format": fmt.kind,
+        "skipped": len(bad_train),
     }
 
 
@@ -586,5 +692,7 @@ def _require_integer_labels(labels: pd.Series, where: str) -> None:
         labels.astype(int)
     except ValueError:
         bad = next(v for v in labels if not v.lstrip("-").isdigit())
-        raise PipelineError(f"{where}: label '{bad}' is not an integer grade "
-                            f"(competition.metric: quadratic_weighted_kappa needs ordinal integer labels)") from None
+        raise PipelineError(
+            f"{where}: label '{bad}' is not an integer grade "
+            f"(competition.metric: quadratic_weighted_kappa needs ordinal integer labels)"
+        ) from None

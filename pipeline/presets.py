@@ -7,6 +7,7 @@ A preset file holds only the keys it changes, nested as in params.yaml. Mappings
 lists and values replace; `train.backbones` is replaced whole, because a preset that names
 backbones means exactly those. params.yaml keeps its comments; `git checkout params.yaml` undoes it.
 """
+
 from __future__ import annotations
 
 import copy
@@ -76,5 +77,7 @@ def main(argv=None) -> None:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     params = apply_preset(args.name, args.params)
-    print(f"preset {args.name} applied to {args.params}: backbones {', '.join(params.train.backbones)}, "
-          f"{params.cv.n_folds} folds, competition {params.competition.source}")
+    print(
+        f"preset {args.name} applied to {args.params}: backbones {', '.join(params.train.backbones)}, "
+        f"{params.cv.n_folds} folds, competition {params.competition.source}"
+    )

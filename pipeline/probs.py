@@ -5,6 +5,7 @@ rows in the prepared data's order (train.csv for OOF, test.csv for test).
     predictions/<backbone>/{oof,test}_probs.csv predict: under the chosen TTA policy
     submissions/{oof,test}_probs.csv           ensemble: the chosen method's (OOF cross-fitted)
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,14 +36,18 @@ def read_probs(path: str | Path, ids, classes: list[str], backbone: str) -> np.n
         row = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
         found = f"id '{got[row]}'" if row < len(got) else "no row"
         want = f"'{expected[row]}'" if row < len(expected) else "no row"
-        raise PipelineError(f"{backbone}: {path} row {row + 2}: {found} where the prepared data has {want} "
-                            f"({len(got)} rows, {len(expected)} expected)")
+        raise PipelineError(
+            f"{backbone}: {path} row {row + 2}: {found} where the prepared data has {want} "
+            f"({len(got)} rows, {len(expected)} expected)"
+        )
     try:
         probs = frame.iloc[:, 1:].to_numpy(dtype=np.float64)
     except ValueError:
         raise PipelineError(f"{backbone}: {path} has a value that is not a number") from None
     bad = np.flatnonzero(~np.isclose(probs.sum(1), 1.0, atol=1e-4) | (probs < 0).any(1))
     if len(bad):
-        raise PipelineError(f"{backbone}: {path} row {bad[0] + 2}: probabilities sum to {probs[bad[0]].sum():.6g}, "
-                            f"not 1 ({len(bad)} such rows)")
+        raise PipelineError(
+            f"{backbone}: {path} row {bad[0] + 2}: probabilities sum to {probs[bad[0]].sum():.6g}, "
+            f"not 1 ({len(bad)} such rows)"
+        )
     return probs

@@ -8,6 +8,7 @@ Layout of the folder `write_report` fills (reports/oof/ in the pipeline):
   tables/<model>_predictions.csv   id, fold, actual, predicted, confidence, loss (`dvc plots show`: confusion)
   tables/<model>_reliability.csv   the reliability diagram's bins (`dvc plots show`)
 """
+
 from __future__ import annotations
 
 import base64
@@ -63,13 +64,21 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> Path:
         ax.set_title(title)
         if len(keep) <= 15:
             for (i, j), v in np.ndenumerate(m):
-                ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=7,
-                        color="white" if v > m.max() / 2 else "black")
+                ax.text(
+                    j,
+                    i,
+                    format(v, fmt),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if v > m.max() / 2 else "black",
+                )
     return _save(fig, path)
 
 
-def plot_gallery(images: np.ndarray, rows: np.ndarray, captions: list[str], path: Path, ncols: int = 8,
-                 tile: int = 96) -> Path:
+def plot_gallery(
+    images: np.ndarray, rows: np.ndarray, captions: list[str], path: Path, ncols: int = 8, tile: int = 96
+) -> Path:
     """A grid of images, each captioned below (drawn with PIL: dozens per report, matplotlib is slow at it)."""
     font = ImageFont.load_default(size=11)
     lines = max((c.count("\n") + 1 for c in captions), default=1)
@@ -147,7 +156,8 @@ def plot_matrix(matrix: pd.DataFrame, title: str, path: Path, fmt: str = ".3f") 
 # ---------------------------------------------------------------- HTML pieces
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1300px;color:#222}
-table{border-collapse:collapse;margin:.5em 0 1em}td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px;text-align:right}
+table{border-collapse:collapse;margin:.5em 0 1em}
+td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px;text-align:right}
 th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}img{max-width:100%}
 .advice li{margin:.4em 0}.weak{background:#fde0dc}code{background:#f4f4f4;padding:1px 4px}nav a{margin-right:1em}"""
 
@@ -160,8 +170,9 @@ def _esc(value) -> str:
     return html.escape(str(value))
 
 
-def html_table(frame: pd.DataFrame, table_id: str | None = None, index: bool = False,
-               row_class: list[str] | None = None) -> str:
+def html_table(
+    frame: pd.DataFrame, table_id: str | None = None, index: bool = False, row_class: list[str] | None = None
+) -> str:
     frame = frame.reset_index() if index else frame
     head = "".join(f"<th>{_esc(c)}</th>" for c in frame.columns)
     body = []
@@ -184,12 +195,21 @@ def _section(ident: str, title: str, *parts: str) -> str:
 # ---------------------------------------------------------------- one model
 
 
-def _rows_table(a: ModelAnalysis, rows: np.ndarray, ids: np.ndarray, y: np.ndarray, folds: np.ndarray,
-                classes: list[str]) -> pd.DataFrame:
+def _rows_table(
+    a: ModelAnalysis, rows: np.ndarray, ids: np.ndarray, y: np.ndarray, folds: np.ndarray, classes: list[str]
+) -> pd.DataFrame:
     pred = a.probs.argmax(1)
-    return pd.DataFrame({"id": ids[rows], "fold": folds[rows], "true": [classes[i] for i in y[rows]],
-                         "predicted": [classes[i] for i in pred[rows]], "confidence": a.probs[rows].max(1),
-                         "p(true)": a.probs[rows, y[rows]], "loss": row_losses(a.probs[rows], y[rows])})
+    return pd.DataFrame(
+        {
+            "id": ids[rows],
+            "fold": folds[rows],
+            "true": [classes[i] for i in y[rows]],
+            "predicted": [classes[i] for i in pred[rows]],
+            "confidence": a.probs[rows].max(1),
+            "p(true)": a.probs[rows, y[rows]],
+            "loss": row_losses(a.probs[rows], y[rows]),
+        }
+    )
 
 
 def _captions(a: ModelAnalysis, rows: np.ndarray, ids: np.ndarray, y: np.ndarray, classes: list[str]) -> list[str]:
@@ -197,8 +217,61 @@ def _captions(a: ModelAnalysis, rows: np.ndarray, ids: np.ndarray, y: np.ndarray
     return [f"{ids[r]}\n{classes[y[r]]} -> {classes[pred[r]]} ({a.probs[r].max():.2f})" for r in rows]
 
 
-def model_section(a: ModelAnalysis, ids: np.ndarray, y: np.ndarray, folds: np.ndarray, classes: list[str],
-                  images: np.ndarray, fig_dir: Path, examples_per_pair: int) -> tuple[str, dict]:
+def _calibration_and_slices(a: ModelAnalysis, y: np.ndarray, fig_dir: Path) -> tuple[str, str]:
+    """The calibration and the slices-and-advice sections of one model."""
+    m, pred = a.name, a.probs.argmax(1)
+    rel_fig = plot_reliability(a.reliability, a.ece, fig_dir / "reliability.png")
+    conf_fig = plot_confidence(a.probs, y, fig_dir / "confidence.png")
+    calibration = _section(
+        f"{m}-calibration",
+        "Calibration",
+        f'<p>Expected calibration error: <b class="ece">{a.ece:.4f}</b> '
+        f"({len(a.reliability)} equal-width confidence bins).</p>",
+        html_image(rel_fig, "reliability diagram"),
+        html_image(conf_fig, "confidence histogram"),
+        html_table(a.reliability, f"{m}-reliability-table"),
+    )
+    error_rate = float((pred != y).mean())
+    if len(a.slices):
+        slice_fig = html_image(plot_slices(a.slices, error_rate, fig_dir / "slices.png"), "error rate by slice")
+        slice_table = html_table(
+            a.slices, f"{m}-slices-table", row_class=["weak" if w else "" for w in a.slices["weak"]]
+        )
+    else:
+        slice_fig, slice_table = "<p>Every image property is constant: no slices.</p>", ""
+    advice = (
+        "".join(
+            "<li>"
+            + html.escape(x["text"]).replace(
+                html.escape(x["params"] or "\0"), f"<code>{html.escape(x['params'] or '')}</code>"
+            )
+            + "</li>"
+            for x in a.advice
+        )
+        or "<li>No weak slice: no property bucket has a significantly higher error rate.</li>"
+    )
+    described = "".join(f"<li><b>{k}</b>: {v}</li>" for k, v in PROPERTIES.items() if k in set(a.slices["property"]))
+    slices = _section(
+        f"{m}-slices",
+        "Slices and augmentation advice",
+        f"<p>Overall error rate {error_rate:.4f}. Properties, computed from the pixels:</p><ul>{described}</ul>",
+        f'<ul class="advice" id="{m}-advice">{advice}</ul>',
+        slice_fig,
+        slice_table,
+    )
+    return calibration, slices
+
+
+def model_section(
+    a: ModelAnalysis,
+    ids: np.ndarray,
+    y: np.ndarray,
+    folds: np.ndarray,
+    classes: list[str],
+    images: np.ndarray,
+    fig_dir: Path,
+    examples_per_pair: int,
+) -> tuple[str, dict]:
     """The HTML section of one model and its content as data."""
     m = a.name
     pred = a.probs.argmax(1)
@@ -206,12 +279,17 @@ def model_section(a: ModelAnalysis, ids: np.ndarray, y: np.ndarray, folds: np.nd
     overall = pd.DataFrame([{"rows": len(y), **a.scores, "ece": a.ece}])
     fold_rows = a.folds.copy()
     fold_rows.index.name = "fold"
-    scores = _section(f"{m}-scores", "Scores",
-                      "<p>Out-of-fold: each row predicted by the fold model that did not train on it.</p>",
-                      html_table(overall, f"{m}-overall"),
-                      "<p>Per fold, then the mean and the spread (std) across folds:</p>",
-                      html_table(fold_rows, f"{m}-folds", index=True),
-                      "<p>Per class:</p>", html_table(a.per_class, f"{m}-per-class"), _never_predicted_note(a))
+    scores = _section(
+        f"{m}-scores",
+        "Scores",
+        "<p>Out-of-fold: each row predicted by the fold model that did not train on it.</p>",
+        html_table(overall, f"{m}-overall"),
+        "<p>Per fold, then the mean and the spread (std) across folds:</p>",
+        html_table(fold_rows, f"{m}-folds", index=True),
+        "<p>Per class:</p>",
+        html_table(a.per_class, f"{m}-per-class"),
+        _never_predicted_note(a),
+    )
     # confusion and confused pairs
     cm_fig = plot_confusion(a.confusion, classes, fig_dir / "confusion.png")
     cm_table = ""
@@ -222,59 +300,68 @@ def model_section(a: ModelAnalysis, ids: np.ndarray, y: np.ndarray, folds: np.nd
     for t, p, n in a.pairs:
         examples = np.flatnonzero((y == t) & (pred == p))
         examples = examples[np.argsort(-a.probs[examples, p], kind="stable")][:examples_per_pair]
-        pair_rows.append({"true": classes[t], "predicted": classes[p], "count": n,
-                          "share of true class": n / max(int((y == t).sum()), 1),
-                          "example ids": " ".join(map(str, ids[examples]))})
-        fig = plot_gallery(images, examples, _captions(a, examples, ids, y, classes),
-                           fig_dir / f"pair_{t}_{p}.png", ncols=examples_per_pair)
-        pair_parts.append(f"<h4>{_esc(classes[t])} predicted as {_esc(classes[p])}: {n}</h4>"
-                          + html_image(fig, f"{classes[t]} as {classes[p]}"))
-    confusion = _section(f"{m}-confusion", "Confusion matrix and most-confused pairs",
-                         html_image(cm_fig, "confusion matrix"), cm_table,
-                         html_table(pd.DataFrame(pair_rows), f"{m}-pairs") if pair_rows else "<p>No errors.</p>",
-                         *pair_parts)
+        pair_rows.append(
+            {
+                "true": classes[t],
+                "predicted": classes[p],
+                "count": n,
+                "share of true class": n / max(int((y == t).sum()), 1),
+                "example ids": " ".join(map(str, ids[examples])),
+            }
+        )
+        fig = plot_gallery(
+            images,
+            examples,
+            _captions(a, examples, ids, y, classes),
+            fig_dir / f"pair_{t}_{p}.png",
+            ncols=examples_per_pair,
+        )
+        pair_parts.append(
+            f"<h4>{_esc(classes[t])} predicted as {_esc(classes[p])}: {n}</h4>"
+            + html_image(fig, f"{classes[t]} as {classes[p]}")
+        )
+    confusion = _section(
+        f"{m}-confusion",
+        "Confusion matrix and most-confused pairs",
+        html_image(cm_fig, "confusion matrix"),
+        cm_table,
+        html_table(pd.DataFrame(pair_rows), f"{m}-pairs") if pair_rows else "<p>No errors.</p>",
+        *pair_parts,
+    )
     # galleries
     galleries = {}
-    for key, title, rows in (("worst", "Worst predictions (highest loss)", a.worst),
-                             ("confident-wrong", "Confident and wrong (possible label noise)", a.confident_wrong)):
+    for key, title, rows in (
+        ("worst", "Worst predictions (highest loss)", a.worst),
+        ("confident-wrong", "Confident and wrong (possible label noise)", a.confident_wrong),
+    ):
         table = _rows_table(a, rows, ids, y, folds, classes)
         galleries[key] = table
         fig = plot_gallery(images, rows, _captions(a, rows, ids, y, classes), fig_dir / f"{key}.png")
         galleries[key + "_html"] = _section(
-            f"{m}-{key}", title, html_image(fig, title) if len(rows) else "<p>No such rows.</p>",
+            f"{m}-{key}",
+            title,
+            html_image(fig, title) if len(rows) else "<p>No such rows.</p>",
             "<p>Ids are the competition's train ids: look the files up to check their labels.</p>",
-            html_table(table, f"{m}-{key}-table"))
-    # calibration
-    rel_fig = plot_reliability(a.reliability, a.ece, fig_dir / "reliability.png")
-    conf_fig = plot_confidence(a.probs, y, fig_dir / "confidence.png")
-    calibration = _section(f"{m}-calibration", "Calibration",
-                           f'<p>Expected calibration error: <b class="ece">{a.ece:.4f}</b> '
-                           f"({len(a.reliability)} equal-width confidence bins).</p>",
-                           html_image(rel_fig, "reliability diagram"), html_image(conf_fig, "confidence histogram"),
-                           html_table(a.reliability, f"{m}-reliability-table"))
-    # slices and advice
-    error_rate = float((pred != y).mean())
-    if len(a.slices):
-        slice_fig = html_image(plot_slices(a.slices, error_rate, fig_dir / "slices.png"), "error rate by slice")
-        slice_table = html_table(a.slices, f"{m}-slices-table", row_class=["weak" if w else "" for w in a.slices["weak"]])
-    else:
-        slice_fig, slice_table = "<p>Every image property is constant: no slices.</p>", ""
-    advice = ("".join("<li>" + html.escape(x["text"]).replace(html.escape(x["params"] or "\0"),
-                                                              f"<code>{html.escape(x['params'] or '')}</code>") + "</li>"
-                      for x in a.advice)
-              or "<li>No weak slice: no property bucket has a significantly higher error rate.</li>")
-    described = "".join(f"<li><b>{k}</b>: {v}</li>" for k, v in PROPERTIES.items() if k in set(a.slices["property"]))
-    slices = _section(f"{m}-slices", "Slices and augmentation advice",
-                      f"<p>Overall error rate {error_rate:.4f}. Properties, computed from the pixels:</p><ul>{described}</ul>",
-                      f'<ul class="advice" id="{m}-advice">{advice}</ul>', slice_fig, slice_table)
-    body = (f'<section id="{m}"><h2>{html.escape(m)}</h2>{scores}{confusion}{galleries["worst_html"]}'
-            f'{galleries["confident-wrong_html"]}{calibration}{slices}</section>')
-    data = {"scores": a.scores, "ece": a.ece, "folds": a.folds.reset_index(names="fold").to_dict("records"),
-            "per_class": a.per_class.to_dict("records"), "confusion": a.confusion.tolist(),
-            "confused_pairs": pair_rows, "worst": galleries["worst"].to_dict("records"),
-            "confident_wrong": galleries["confident-wrong"].to_dict("records"),
-            "reliability": a.reliability.to_dict("records"), "slices": a.slices.to_dict("records"),
-            "advice": a.advice}
+            html_table(table, f"{m}-{key}-table"),
+        )
+    calibration, slices = _calibration_and_slices(a, y, fig_dir)
+    body = (
+        f'<section id="{m}"><h2>{html.escape(m)}</h2>{scores}{confusion}{galleries["worst_html"]}'
+        f"{galleries['confident-wrong_html']}{calibration}{slices}</section>"
+    )
+    data = {
+        "scores": a.scores,
+        "ece": a.ece,
+        "folds": a.folds.reset_index(names="fold").to_dict("records"),
+        "per_class": a.per_class.to_dict("records"),
+        "confusion": a.confusion.tolist(),
+        "confused_pairs": pair_rows,
+        "worst": galleries["worst"].to_dict("records"),
+        "confident_wrong": galleries["confident-wrong"].to_dict("records"),
+        "reliability": a.reliability.to_dict("records"),
+        "slices": a.slices.to_dict("records"),
+        "advice": a.advice,
+    }
     return body, data
 
 
@@ -285,32 +372,48 @@ def _never_predicted_note(a: ModelAnalysis) -> str:
     missing = never_predicted(a.per_class)
     if not missing:
         return ""
-    return (f"<p><b>Never predicted:</b> {html.escape(', '.join(missing[:20]))}"
-            f"{f' and {len(missing) - 20} more' if len(missing) > 20 else ''}. The model learned the class prior "
-            "for these; try <code>train.class_weight: balanced</code> or <code>train.sampler: balanced</code> "
-            "(compare by OOF, or let tune.space choose).</p>")
+    return (
+        f"<p><b>Never predicted:</b> {html.escape(', '.join(missing[:20]))}"
+        f"{f' and {len(missing) - 20} more' if len(missing) > 20 else ''}. The model learned the class prior "
+        "for these; try <code>train.class_weight: balanced</code> or <code>train.sampler: balanced</code> "
+        "(compare by OOF, or let tune.space choose).</p>"
+    )
 
 
-def models_section(analyses: list[ModelAnalysis], div: pd.DataFrame, per_class: pd.DataFrame,
-                   fig_dir: Path) -> str:
-    table = pd.DataFrame([{"model": a.name, **a.scores, "ece": a.ece,
-                           "fold accuracy std": a.folds.loc["std", "accuracy"],
-                           "weak slices": int(a.slices["weak"].sum())} for a in analyses])
+def models_section(analyses: list[ModelAnalysis], div: pd.DataFrame, per_class: pd.DataFrame, fig_dir: Path) -> str:
+    table = pd.DataFrame(
+        [
+            {
+                "model": a.name,
+                **a.scores,
+                "ece": a.ece,
+                "fold accuracy std": a.folds.loc["std", "accuracy"],
+                "weak slices": int(a.slices["weak"].sum()),
+            }
+            for a in analyses
+        ]
+    )
     parts = [html_table(table, "models-scores")]
     if len(div):
         names = list(dict.fromkeys([*div["a"], *div["b"]]))
-        for key, title in (("disagreement", "disagreement (share of rows predicted differently)"),
-                           ("error_correlation", "error correlation (lower = more diverse)")):
+        for key, title in (
+            ("disagreement", "disagreement (share of rows predicted differently)"),
+            ("error_correlation", "error correlation (lower = more diverse)"),
+        ):
             matrix = pd.DataFrame(np.nan, index=names, columns=names)
             for row in div.itertuples():
                 matrix.loc[row.a, row.b] = matrix.loc[row.b, row.a] = getattr(row, key)
             parts.append(html_image(plot_matrix(matrix, title, fig_dir / f"{key}.png"), title))
-        parts += ["<p>Pairs: an ensemble gains most from accurate models whose errors are uncorrelated; "
-                  "the oracle accuracy is the share of rows at least one of the two gets right.</p>",
-                  html_table(div, "models-diversity")]
-    parts += ["<p>Per-class accuracy (recall) per model:</p>",
-              html_image(plot_matrix(per_class, "per-class accuracy", fig_dir / "per_class.png"), "per-class accuracy"),
-              html_table(per_class, "models-per-class", index=True)]
+        parts += [
+            "<p>Pairs: an ensemble gains most from accurate models whose errors are uncorrelated; "
+            "the oracle accuracy is the share of rows at least one of the two gets right.</p>",
+            html_table(div, "models-diversity"),
+        ]
+    parts += [
+        "<p>Per-class accuracy (recall) per model:</p>",
+        html_image(plot_matrix(per_class, "per-class accuracy", fig_dir / "per_class.png"), "per-class accuracy"),
+        html_table(per_class, "models-per-class", index=True),
+    ]
     return f'<section id="models"><h2>Models side by side</h2>{"".join(parts)}</section>'
 
 
@@ -331,29 +434,53 @@ def _clean(obj):
     return obj
 
 
-def write_report(out: Path, analyses: list[ModelAnalysis], div: pd.DataFrame, per_class: pd.DataFrame,
-                 summary: dict, ids: np.ndarray, y: np.ndarray, folds: np.ndarray, classes: list[str],
-                 images: np.ndarray, examples_per_pair: int, title: str) -> None:
+def write_report(
+    out: Path,
+    analyses: list[ModelAnalysis],
+    div: pd.DataFrame,
+    per_class: pd.DataFrame,
+    summary: dict,
+    ids: np.ndarray,
+    y: np.ndarray,
+    folds: np.ndarray,
+    classes: list[str],
+    images: np.ndarray,
+    examples_per_pair: int,
+    title: str,
+) -> None:
     """Fill the folder `out` (see the module docstring)."""
     sections, data = [], {}
     for a in analyses:
-        body, data[a.name] = model_section(a, ids, y, folds, classes, images, out / "figures" / a.name,
-                                           examples_per_pair)
+        body, data[a.name] = model_section(
+            a, ids, y, folds, classes, images, out / "figures" / a.name, examples_per_pair
+        )
         sections.append(body)
         pred = a.probs.argmax(1)
         (out / "tables").mkdir(parents=True, exist_ok=True)
-        pd.DataFrame({"id": ids, "fold": folds, "actual": [classes[i] for i in y],
-                      "predicted": [classes[i] for i in pred], "confidence": a.probs.max(1),
-                      "loss": row_losses(a.probs, y)}).to_csv(out / "tables" / f"{a.name}_predictions.csv", index=False)
+        pd.DataFrame(
+            {
+                "id": ids,
+                "fold": folds,
+                "actual": [classes[i] for i in y],
+                "predicted": [classes[i] for i in pred],
+                "confidence": a.probs.max(1),
+                "loss": row_losses(a.probs, y),
+            }
+        ).to_csv(out / "tables" / f"{a.name}_predictions.csv", index=False)
         a.reliability.to_csv(out / "tables" / f"{a.name}_reliability.csv", index_label="bin")
     side_by_side = models_section(analyses, div, per_class, out / "figures" / "models")
-    data["models"] = {"diversity": div.to_dict("records"), "per_class_accuracy": per_class.reset_index(names="class").to_dict("records")}
+    data["models"] = {
+        "diversity": div.to_dict("records"),
+        "per_class_accuracy": per_class.reset_index(names="class").to_dict("records"),
+    }
     nav = "".join(f'<a href="#{x}">{html.escape(x)}</a>' for x in ["models"] + [a.name for a in analyses])
-    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
-            f"<p>{len(y)} training images, {len(classes)} classes, {int(folds.max()) + 1} folds. "
-            f"Every figure comes from out-of-fold predictions; the test set is never looked at.</p>"
-            f"<nav>{nav}</nav>{side_by_side}{''.join(sections)}</body></html>\n")
+    page = (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+        f"<p>{len(y)} training images, {len(classes)} classes, {int(folds.max()) + 1} folds. "
+        f"Every figure comes from out-of-fold predictions; the test set is never looked at.</p>"
+        f"<nav>{nav}</nav>{side_by_side}{''.join(sections)}</body></html>\n"
+    )
     (out / "index.html").write_text(page, encoding="utf-8")
     write_json(out / "analysis.json", _clean(data))
     write_json(out / "summary.json", _clean(summary))

@@ -5,6 +5,7 @@ run started again with the same command continues from the last completed epoch;
 kept whole (`save_finished`) until the stage's outputs are written. Everything is tensors and plain
 values, loaded with weights_only=True; a features+sklearn head goes beside it in skops' format.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -36,16 +37,25 @@ def save_finished(result: FoldResult, ckpt: dict, path: Path) -> None:
     """A finished fold, kept for a resumed run."""
     if result.classifier is not None:
         save_classifier(result.classifier, path.with_name(f"{path.name}.{CLASSIFIER_FILE}"))
-    save_torch({"state_dict": result.state_dict, "val_probs": torch.from_numpy(result.val_probs),
-                "best_epoch": result.best_epoch, "history": result.history, "checkpoint": ckpt}, path)
+    save_torch(
+        {
+            "state_dict": result.state_dict,
+            "val_probs": torch.from_numpy(result.val_probs),
+            "best_epoch": result.best_epoch,
+            "history": result.history,
+            "checkpoint": ckpt,
+        },
+        path,
+    )
 
 
 def load_finished(path: Path) -> tuple[FoldResult, dict]:
     done = torch.load(path, map_location="cpu", weights_only=True)
     head = path.with_name(f"{path.name}.{CLASSIFIER_FILE}")
     classifier = load_classifier(head) if done["checkpoint"].get("sklearn_head") else None
-    return FoldResult(done["state_dict"], done["val_probs"].numpy(), done["best_epoch"], done["history"],
-                      classifier), done["checkpoint"]
+    return FoldResult(
+        done["state_dict"], done["val_probs"].numpy(), done["best_epoch"], done["history"], classifier
+    ), done["checkpoint"]
 
 
 class FoldState:
@@ -71,8 +81,12 @@ class FoldState:
             self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
-        self.start_epoch, self.best, self.history, self.stale = (state["epoch"] + 1, state["best"], state["history"],
-                                                                 state["stale"])
+        self.start_epoch, self.best, self.history, self.stale = (
+            state["epoch"] + 1,
+            state["best"],
+            state["history"],
+            state["stale"],
+        )
         if self.best is not None:
             best_state = state["best_state"] or {k: v.clone() for k, v in state["model"].items()}
             self.result = FoldResult(best_state, state["best_probs"].numpy(), state["best_epoch"])
@@ -87,24 +101,35 @@ class FoldState:
             chosen, val, probs = validation
             if is_better_scores(self.monitor, val, self.best):
                 self.best, self.stale = val, 0
-                self.result = FoldResult({k: v.detach().cpu().clone() for k, v in chosen.state_dict().items()},
-                                         probs, epoch)
+                self.result = FoldResult(
+                    {k: v.detach().cpu().clone() for k, v in chosen.state_dict().items()}, probs, epoch
+                )
             else:
                 self.stale += 1
-        self._save(epoch, live_is_best=self.result is not None and self.result.best_epoch == epoch
-                   and chosen is self.model)
+        self._save(
+            epoch, live_is_best=self.result is not None and self.result.best_epoch == epoch and chosen is self.model
+        )
         distributed.barrier()
 
     def _save(self, epoch: int, live_is_best: bool) -> None:
         if self.path is None or not distributed.is_main():
             return
         r = self.result
-        save_torch({
-            "epoch": epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
-            "ema": self.ema.state_dict() if self.ema is not None else None, "best": self.best, "stale": self.stale,
-            "history": self.history, "best_probs": torch.from_numpy(r.val_probs) if r else None,
-            # the best weights are the live ones most epochs: store them only when they differ
-            "best_state": None if r is None or live_is_best else r.state_dict,
-            "best_epoch": r.best_epoch if r else None,
-        }, self.path)
+        save_torch(
+            {
+                "epoch": epoch,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None,
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "best": self.best,
+                "stale": self.stale,
+                "history": self.history,
+                "best_probs": torch.from_numpy(r.val_probs) if r else None,
+                # the best weights are the live ones most epochs: store them only when they differ
+                "best_state": None if r is None or live_is_best else r.state_dict,
+                "best_epoch": r.best_epoch if r else None,
+            },
+            self.path,
+        )

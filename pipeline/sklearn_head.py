@@ -1,5 +1,6 @@
 """The `features+sklearn` head: a scikit-learn classifier on frozen backbone features, fitted per fold,
 stored beside the fold's model.pt in skops' format (no pickle) and run at inference on top of the backbone."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -5,6 +5,7 @@ Every stage run through `python -m pipeline` records its wall time in reports/ti
 and writes reports/timing.json. "dvc" is the time between stages (DVC hashing outputs, process starts
 before the clock), measured as the wall clock from prepare's start to now minus the stages' own.
 """
+
 from __future__ import annotations
 
 import time
@@ -46,6 +47,12 @@ def plan_vs_actual(plan: dict, stages: list[str], now: float | None = None) -> d
     total = round(wall if one_run else own, 1)
     rows = {s: {"planned_s": planned.get(s), "actual_s": actual.get(s)} for s in dict.fromkeys([*planned, *actual])}
     planned_total = plan.get("planned_total_seconds")
-    return {"budget_minutes": plan.get("budget_minutes"), "backbones": plan.get("backbones"), "stages": rows,
-            "planned_total_seconds": planned_total, "actual_total_seconds": total, "one_run": one_run,
-            "actual_over_planned": round(total / planned_total, 3) if planned_total else None}
+    return {
+        "budget_minutes": plan.get("budget_minutes"),
+        "backbones": plan.get("backbones"),
+        "stages": rows,
+        "planned_total_seconds": planned_total,
+        "actual_total_seconds": total,
+        "one_run": one_run,
+        "actual_over_planned": round(total / planned_total, 3) if planned_total else None,
+    }

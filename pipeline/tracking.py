@@ -5,6 +5,7 @@ Store: `MLFLOW_TRACKING_URI` if set, else `sqlite:///mlflow.db` in the working d
 
     mlflow ui --backend-store-uri sqlite:///mlflow.db
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -76,27 +77,42 @@ class Tracker:
         client = self._mlflow.MlflowClient()
         for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
             tags = run.data.tags
-            if tags.get(HOST_TAG) == socket.gethostname() and tags.get(PID_TAG, "").isdigit() \
-                    and not pid_alive(int(tags[PID_TAG])):
+            if (
+                tags.get(HOST_TAG) == socket.gethostname()
+                and tags.get(PID_TAG, "").isdigit()
+                and not pid_alive(int(tags[PID_TAG]))
+            ):
                 client.set_terminated(run.info.run_id, "FAILED")
 
     @contextlib.contextmanager
-    def run(self, name: str, params: dict[str, Any] | None = None, tags: dict[str, str] | None = None,
-            nested: bool = False, resume: str | Path | None = None) -> Iterator[None]:
+    def run(
+        self,
+        name: str,
+        params: dict[str, Any] | None = None,
+        tags: dict[str, str] | None = None,
+        nested: bool = False,
+        resume: str | Path | None = None,
+    ) -> Iterator[None]:
         """A run (nested under the active one if `nested`); it ends FAILED if the block raises (Ctrl-C
         and SIGTERM included). With `resume`, a file: the run whose id it holds is continued (a stage
         killed and started again keeps one run), else a new run's id is written there."""
         if not self.enabled:
             yield
             return
-        all_tags = {"git_commit": git_commit() or "unknown", PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname(),
-                    **{tag: os.environ[var] for var, tag in DVC_TAGS.items() if os.environ.get(var)}, **(tags or {})}
+        all_tags = {
+            "git_commit": git_commit() or "unknown",
+            PID_TAG: str(os.getpid()),
+            HOST_TAG: socket.gethostname(),
+            **{tag: os.environ[var] for var, tag in DVC_TAGS.items() if os.environ.get(var)},
+            **(tags or {}),
+        }
         if all_tags["git_commit"] != "unknown":
             all_tags["mlflow.source.git.commit"] = all_tags["git_commit"]
         with uninterrupted():  # a stop signal inside an SQLite write would leave the store locked
             run_id = _saved_run(self._mlflow.MlflowClient(), resume)
-            run = self._mlflow.start_run(run_id=run_id, run_name=None if run_id else name, nested=nested,
-                                         tags=None if run_id else all_tags)
+            run = self._mlflow.start_run(
+                run_id=run_id, run_name=None if run_id else name, nested=nested, tags=None if run_id else all_tags
+            )
             if run_id:
                 self._mlflow.set_tags({PID_TAG: all_tags[PID_TAG], HOST_TAG: all_tags[HOST_TAG], "resumed": "true"})
             elif resume is not None:
@@ -112,8 +128,13 @@ class Tracker:
             with uninterrupted():
                 self._mlflow.end_run(status)
 
-    def log_candidates(self, candidates: dict[str, tuple[dict, dict]], chosen: str, tags: dict[str, str],
-                       artifacts: dict[str, str] | None = None) -> None:
+    def log_candidates(
+        self,
+        candidates: dict[str, tuple[dict, dict]],
+        chosen: str,
+        tags: dict[str, str],
+        artifacts: dict[str, str] | None = None,
+    ) -> None:
         """One nested run per candidate the stage chose among (a TTA policy, an ensemble method): its
         (params, metrics) under the same metric names for every candidate and a `chosen` tag, so the
         UI compares them as runs; `artifacts` maps a candidate to a file to attach."""

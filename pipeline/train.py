@@ -8,6 +8,7 @@ one fold up (its rows, its normalisation, a fresh model, its precision) and trai
 project's one loop (`pipeline.loop.fit`) or fits the features+sklearn head. Tuning and the plan's
 speed probe call `train_fold` too, so a fold is set up the same way everywhere.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,16 +45,19 @@ def bootstrap_rows(rows: np.ndarray, seed: int, fold: int) -> np.ndarray:
     return np.sort(rng.choice(rows, size=len(rows), replace=True))
 
 
-def initial_model(model_name: str, num_classes: int, s: TrainSettings, fold_seed: int,
-                  pretrained: Pretrained = None) -> torch.nn.Module:
+def initial_model(
+    model_name: str, num_classes: int, s: TrainSettings, fold_seed: int, pretrained: Pretrained = None
+) -> torch.nn.Module:
     """A fold's model before training, its random initialisation drawn from `fold_seed`."""
     torch.manual_seed(fold_seed)
-    return create_model(model_name, num_classes, pretrained=pretrained, drop_rate=s.drop_rate,
-                        drop_path_rate=s.drop_path_rate)
+    return create_model(
+        model_name, num_classes, pretrained=pretrained, drop_rate=s.drop_rate, drop_path_rate=s.drop_path_rate
+    )
 
 
-def input_normalization(data: PreparedData, k: int, s: TrainSettings, model_name: str,
-                        pretrained: Pretrained = None) -> tuple[list[float], list[float]]:
+def input_normalization(
+    data: PreparedData, k: int, s: TrainSettings, model_name: str, pretrained: Pretrained = None
+) -> tuple[list[float], list[float]]:
     """Mean and std fold k's model sees its inputs normalised with: `s.mean`/`s.std` if set, else the
     pretrained weights' own (what they learnt their features on), else the statistics of fold k's
     training part (never its validation rows)."""
@@ -68,10 +72,19 @@ def fold_units(s: TrainSettings) -> int:
     return 1 if s.finetune == "features+sklearn" else s.epochs
 
 
-def train_fold(data: PreparedData, k: int, model_name: str, s: TrainSettings, image_size: int,
-               device: torch.device, *, pretrained: Pretrained = None,
-               on_epoch: Callable[[int, dict], None] | None = None, state_path: str | Path | None = None,
-               where: str = "fold") -> tuple[FoldResult, dict]:
+def train_fold(
+    data: PreparedData,
+    k: int,
+    model_name: str,
+    s: TrainSettings,
+    image_size: int,
+    device: torch.device,
+    *,
+    pretrained: Pretrained = None,
+    on_epoch: Callable[[int, dict], None] | None = None,
+    state_path: str | Path | None = None,
+    where: str = "fold",
+) -> tuple[FoldResult, dict]:
     """One fold, set up the one way CV training, tuning and the speed probe share: a fresh model (seeded
     from `s.seed` and k) trained on the other folds' rows (a bootstrap resample of them if `s.bootstrap`),
     normalised as `input_normalization` says, validated on fold k, in the `s.finetune` mode.
@@ -84,8 +97,9 @@ def train_fold(data: PreparedData, k: int, model_name: str, s: TrainSettings, im
     fold_seed = derive_seed(s.seed, k)
     sklearn_head = s.finetune == "features+sklearn"
     model = initial_model(model_name, 0 if sklearn_head else n_classes, s, fold_seed, pretrained)
-    precision, probe = resolve_precision(s.precision, device, lambda: cached_probe(
-        model, model_name, s.finetune, s.batch_size, image_size, device))
+    precision, probe = resolve_precision(
+        s.precision, device, lambda: cached_probe(model, model_name, s.finetune, s.batch_size, image_size, device)
+    )
     cfg = InputConfig(image_size, tuple(mean), tuple(std), precision=precision)
     train = Split(Rows(data.train_images, tr), targets[tr])  # read per batch
     val = Split(Rows(data.train_images, va), targets[va])
@@ -94,17 +108,35 @@ def train_fold(data: PreparedData, k: int, model_name: str, s: TrainSettings, im
         if on_epoch is not None:  # one "epoch": the classifier's fit
             on_epoch(0, {f"val_{m}": v for m, v in scores(result.val_probs, val.targets, METRICS).items()})
     else:
-        result = fit(model, train, val, cfg, dataclasses.replace(s, seed=fold_seed, precision=precision), device,
-                     num_classes=n_classes, on_epoch=on_epoch, state_path=state_path, where=where,
-                     data_init=not pretrained)
-    checkpoint = {"model": model_name, "num_classes": n_classes, "state_dict": result.state_dict,
-                  **cfg.checkpoint_fields(), "fold": k, "seed": s.seed, "precision_probe": probe,
-                  "sklearn_head": sklearn_head}
+        result = fit(
+            model,
+            train,
+            val,
+            cfg,
+            dataclasses.replace(s, seed=fold_seed, precision=precision),
+            device,
+            num_classes=n_classes,
+            on_epoch=on_epoch,
+            state_path=state_path,
+            where=where,
+            data_init=not pretrained,
+        )
+    checkpoint = {
+        "model": model_name,
+        "num_classes": n_classes,
+        "state_dict": result.state_dict,
+        **cfg.checkpoint_fields(),
+        "fold": k,
+        "seed": s.seed,
+        "precision_probe": probe,
+        "sklearn_head": sklearn_head,
+    }
     return result, checkpoint
 
 
-def _fit_sklearn_head(model: torch.nn.Module, train: Split, val: Split, cfg: InputConfig, s: TrainSettings,
-                      device: torch.device) -> FoldResult:
+def _fit_sklearn_head(
+    model: torch.nn.Module, train: Split, val: Split, cfg: InputConfig, s: TrainSettings, device: torch.device
+) -> FoldResult:
     """features+sklearn: frozen backbone features -> a scikit-learn classifier."""
     model.to(device)
     train_x = extract_features(model, train.images, cfg, s.batch_size * 2, device)
@@ -124,9 +156,17 @@ def _save_fold(result: FoldResult, ckpt: dict, folder: Path) -> None:
         save_classifier(result.classifier, folder / CLASSIFIER_FILE)
 
 
-def cross_validate(data: PreparedData, backbone: Backbone, s: TrainSettings, out_dir: str | Path,
-                   device: torch.device, tracker, resume_dir: str | Path | None = None, run_prefix: str = "",
-                   progress: StageProgress | None = None) -> tuple[np.ndarray, dict]:
+def cross_validate(
+    data: PreparedData,
+    backbone: Backbone,
+    s: TrainSettings,
+    out_dir: str | Path,
+    device: torch.device,
+    tracker,
+    resume_dir: str | Path | None = None,
+    run_prefix: str = "",
+    progress: StageProgress | None = None,
+) -> tuple[np.ndarray, dict]:
     """k-fold CV of one backbone with one seed. Writes `out_dir/fold<k>/model.pt`; returns (oof_probs, metrics).
 
     Each fold's model fills the OOF probabilities of its validation rows. With `resume_dir`, finished
@@ -147,13 +187,27 @@ def cross_validate(data: PreparedData, backbone: Backbone, s: TrainSettings, out
         if distributed.is_main():  # under torchrun only rank 0 writes
             _save_fold(result, ckpt, out_dir / f"fold{k}")
         distributed.barrier()
-    metrics = {"oof": scores(oof, targets), **fold_summary(fold_metrics), "folds": fold_metrics,
-               "precision": ckpt.get("precision"), "precision_probe": ckpt.get("precision_probe")}
+    metrics = {
+        "oof": scores(oof, targets),
+        **fold_summary(fold_metrics),
+        "folds": fold_metrics,
+        "precision": ckpt.get("precision"),
+        "precision_probe": ckpt.get("precision_probe"),
+    }
     return oof, metrics
 
 
-def _train_or_keep_fold(data: PreparedData, k: int, backbone: Backbone, s: TrainSettings, device, tracker,
-                        resume_dir: Path | None, run_prefix: str, progress: StageProgress) -> tuple[FoldResult, dict]:
+def _train_or_keep_fold(
+    data: PreparedData,
+    k: int,
+    backbone: Backbone,
+    s: TrainSettings,
+    device,
+    tracker,
+    resume_dir: Path | None,
+    run_prefix: str,
+    progress: StageProgress,
+) -> tuple[FoldResult, dict]:
     """Fold k trained (in its own nested MLflow run), or kept whole from a killed run's `resume_dir`."""
     done = resume_dir / f"fold{k}.done.pt" if resume_dir else None
     seen = -1  # the fold's last epoch counted by `progress`
@@ -172,14 +226,27 @@ def _train_or_keep_fold(data: PreparedData, k: int, backbone: Backbone, s: Train
         tqdm.write(f"{backbone.name} fold{k}: finished in an earlier run, kept")
     else:
         n_val = int((data.folds == k).sum())
-        with tracker.run(f"{run_prefix}fold{k}", params={"fold": k, "seed": s.seed, "n_train": len(data.folds) - n_val,
-                                                          "n_val": n_val}, nested=True,
-                         resume=resume_dir / f"fold{k}.mlflow_run_id" if resume_dir else None):
-            result, ckpt = train_fold(data, k, backbone.model_name, s, backbone.image_size, device,
-                                      pretrained=backbone.pretrained, on_epoch=on_epoch,
-                                      state_path=resume_dir / f"fold{k}.state.pt" if resume_dir else None,
-                                      where=f"{backbone.name} fold {k}")
-            tracker.log_metrics({f"best_{m}": v for m, v in _fold_scores(result, data.targets[data.folds == k]).items()})
+        with tracker.run(
+            f"{run_prefix}fold{k}",
+            params={"fold": k, "seed": s.seed, "n_train": len(data.folds) - n_val, "n_val": n_val},
+            nested=True,
+            resume=resume_dir / f"fold{k}.mlflow_run_id" if resume_dir else None,
+        ):
+            result, ckpt = train_fold(
+                data,
+                k,
+                backbone.model_name,
+                s,
+                backbone.image_size,
+                device,
+                pretrained=backbone.pretrained,
+                on_epoch=on_epoch,
+                state_path=resume_dir / f"fold{k}.state.pt" if resume_dir else None,
+                where=f"{backbone.name} fold {k}",
+            )
+            tracker.log_metrics(
+                {f"best_{m}": v for m, v in _fold_scores(result, data.targets[data.folds == k]).items()}
+            )
         if done is not None and distributed.is_main():
             save_finished(result, ckpt, done)
             (resume_dir / f"fold{k}.state.pt").unlink(missing_ok=True)
@@ -187,8 +254,14 @@ def _train_or_keep_fold(data: PreparedData, k: int, backbone: Backbone, s: Train
     return result, ckpt
 
 
-def train_backbone(data: PreparedData, backbone: Backbone, out_dir: str | Path, device: torch.device, tracker,
-                   resume_dir: str | Path | None = None) -> tuple[np.ndarray, dict]:
+def train_backbone(
+    data: PreparedData,
+    backbone: Backbone,
+    out_dir: str | Path,
+    device: torch.device,
+    tracker,
+    resume_dir: str | Path | None = None,
+) -> tuple[np.ndarray, dict]:
     """k-fold CV of one backbone, once per seed of `train.seeds` (bagging). Writes
     `out_dir/seed<s>/fold<k>/model.pt`; returns (oof_probs, metrics), the OOF being the mean over seeds.
 
@@ -201,9 +274,17 @@ def train_backbone(data: PreparedData, backbone: Backbone, out_dir: str | Path, 
     oofs, per_seed = [], {}
     progress = StageProgress(f"train@{backbone.name}", len(seeds) * data.n_folds * fold_units(s), "epochs")
     for seed in seeds:
-        oof, metrics = cross_validate(data, backbone, dataclasses.replace(s, seed=seed), Path(out_dir) / f"seed{seed}",
-                                      device, tracker, Path(resume_dir) / f"seed{seed}" if resume_dir else None,
-                                      run_prefix=f"seed{seed}-" if len(seeds) > 1 else "", progress=progress)
+        oof, metrics = cross_validate(
+            data,
+            backbone,
+            dataclasses.replace(s, seed=seed),
+            Path(out_dir) / f"seed{seed}",
+            device,
+            tracker,
+            Path(resume_dir) / f"seed{seed}" if resume_dir else None,
+            run_prefix=f"seed{seed}-" if len(seeds) > 1 else "",
+            progress=progress,
+        )
         oofs.append(oof)
         per_seed[str(seed)] = metrics
     bag = np.mean(oofs, axis=0)
@@ -215,34 +296,45 @@ def train_backbone(data: PreparedData, backbone: Backbone, out_dir: str | Path, 
         "folds": per_fold if len(seeds) > 1 else first["folds"],
         "seeds": {seed: m["oof"] for seed, m in per_seed.items()},
         "bootstrap": s.bootstrap,
-        "precision": first["precision"], "precision_probe": first["precision_probe"],
+        "precision": first["precision"],
+        "precision_probe": first["precision_probe"],
     }
 
 
-def train_stage(params: Params, backbone: Backbone, data: PreparedData, device: torch.device, record: dict,
-                resume_dir: str) -> dict:
+def train_stage(
+    params: Params, backbone: Backbone, data: PreparedData, device: torch.device, record: dict, resume_dir: str
+) -> dict:
     """The train stage's work: train the backbone into models/<name>/ (swapped in whole when it is done),
     beside its OOF probabilities, resolved params and augmentation record; every fold in a nested MLflow
     run of the backbone's run, which a resumed stage continues. Returns the metrics."""
     main = distributed.is_main()
     s, out_path = backbone.settings, f"models/{backbone.name}"
     tracker = Tracker(params.tracking.enabled and main, experiment_name(params))
-    with tracker.run(backbone.name, params=flatten(record), tags={"stage": "train", "backbone": backbone.name},
-                     resume=Path(resume_dir) / "mlflow_run_id"):
+    with tracker.run(
+        backbone.name,
+        params=flatten(record),
+        tags={"stage": "train", "backbone": backbone.name},
+        resume=Path(resume_dir) / "mlflow_run_id",
+    ):
         with atomic_dir(out_path) if main else tempfile.TemporaryDirectory() as out:
             oof, metrics = train_backbone(data, backbone, out, device, tracker, resume_dir=resume_dir)
             if main:
                 probs_frame(data.train["id"], oof, data.classes).to_csv(out / "oof_probs.csv", index=False)
                 (out / "params.yaml").write_text(yaml.safe_dump({"resolved": record, "params": to_dict(params)}))
-                (out / "augment.json").write_text(json.dumps(A.to_dict(build_train_transform(
-                    s.augment, s.seed, p=s.augment_p)), indent=2))  # A.from_dict replays it
+                (out / "augment.json").write_text(
+                    json.dumps(A.to_dict(build_train_transform(s.augment, s.seed, p=s.augment_p)), indent=2)
+                )  # A.from_dict replays it
         for name in ("augment.json", "oof_probs.csv", "params.yaml"):
             tracker.log_artifact(f"{out_path}/{name}")
         if params.tracking.log_models:
             for seed_dir in sorted(Path(out_path).glob("seed*")):
                 tracker.log_artifacts(str(seed_dir), f"models/{seed_dir.name}")
-        tracker.log_params({"precision_chosen": metrics["precision"],
-                            **{f"probe_{k}": round(v, 1) for k, v in (metrics["precision_probe"] or {}).items()}})
+        tracker.log_params(
+            {
+                "precision_chosen": metrics["precision"],
+                **{f"probe_{k}": round(v, 1) for k, v in (metrics["precision_probe"] or {}).items()},
+            }
+        )
         tracker.log_metrics({f"cv_{m}": v for m, v in metrics["oof"].items()})
         tracker.log_metrics({f"cv_fold_mean_{m}": v for m, v in metrics["fold_mean"].items()})
     return metrics

@@ -2,7 +2,8 @@
 
     python -m pipeline tune --backbone resnet10t    # writes tuning/resnet10t/, reports/tune/resnet10t.json
 
-A trial trains `tune.folds`, each set up by `train.train_fold` as the train stage sets it up, for `tune.epochs` epochs and reports
+A trial trains `tune.folds`, each set up by `train.train_fold` as the train stage sets it up, for
+`tune.epochs` epochs, and reports
 after every epoch at step `i * epochs + epoch` (i = position of the fold), so a pruner compares
 fold i at epoch e only with other trials' fold i at epoch e, never one fold with another.
 The study lives in an RDB storage: rerunning continues it up to `tune.n_trials` finished trials,
@@ -11,6 +12,7 @@ retried with the same parameters. More workers on one study, on one or several m
 
     OPTUNA_STORAGE=postgresql://user:pass@host/db python -m pipeline tune --backbone resnet10t   # x N
 """
+
 from __future__ import annotations
 
 import os
@@ -29,7 +31,8 @@ from pipeline.config import TrainSettings, TuneConfig, check_train_settings
 from pipeline.data import PreparedData
 from pipeline.errors import PipelineError
 from pipeline.io import StageProgress, atomic_dir
-from pipeline.metrics import direction as metric_direction, scores
+from pipeline.metrics import direction as metric_direction
+from pipeline.metrics import scores
 from pipeline.train import train_fold
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
@@ -57,11 +60,17 @@ def sample(trial: optuna.Trial, space: dict[str, dict], base: TrainSettings) -> 
         if kind == "categorical":
             values[name] = trial.suggest_categorical(name, spec["choices"])
         elif kind == "int":
-            values[name] = trial.suggest_int(name, int(spec["low"]), int(spec["high"]), step=int(spec.get("step", 1)),
-                                             log=bool(spec.get("log", False)))
+            values[name] = trial.suggest_int(
+                name,
+                int(spec["low"]),
+                int(spec["high"]),
+                step=int(spec.get("step", 1)),
+                log=bool(spec.get("log", False)),
+            )
         else:
-            values[name] = trial.suggest_float(name, float(spec["low"]), float(spec["high"]),
-                                               step=spec.get("step"), log=bool(spec.get("log", False)))
+            values[name] = trial.suggest_float(
+                name, float(spec["low"]), float(spec["high"]), step=spec.get("step"), log=bool(spec.get("log", False))
+            )
     return values
 
 
@@ -80,29 +89,42 @@ def open_study(tune: TuneConfig, study_name: str, worker: int = 0) -> optuna.Stu
     for attempt in range(3):  # workers started together race to create the tables: a second try loads them
         try:
             storage = optuna.storages.RDBStorage(
-                url, heartbeat_interval=tune.heartbeat_seconds, grace_period=2 * tune.heartbeat_seconds,
+                url,
+                heartbeat_interval=tune.heartbeat_seconds,
+                grace_period=2 * tune.heartbeat_seconds,
                 # a trial whose worker died is failed, then queued again with its parameters (and the
                 # epochs it had reported); the retry's system attrs name the failed trial
-                heartbeat_stale_trial_callback=RETRY(max_retry=tune.max_retry, inherit_intermediate_values=True))
+                heartbeat_stale_trial_callback=RETRY(max_retry=tune.max_retry, inherit_intermediate_values=True),
+            )
             break
         except Exception as exc:  # SQLAlchemy raises many kinds; all mean the same to the user
             if attempt == 2:
-                raise PipelineError(f"tune.storage: cannot open '{url}' ({exc.__class__.__name__}: "
-                                    f"{str(exc).splitlines()[0][:200]})") from None
+                raise PipelineError(
+                    f"tune.storage: cannot open '{url}' ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]})"
+                ) from None
             time.sleep(0.5 + random.random())
     seed = tune.seed + 1000 * worker
-    samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
-                "random": lambda: optuna.samplers.RandomSampler(seed=seed),
-                "qmc": lambda: optuna.samplers.QMCSampler(seed=seed)}
-    pruners = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=tune.startup_trials),
-               "hyperband": lambda: optuna.pruners.HyperbandPruner(),
-               "none": lambda: optuna.pruners.NopPruner()}
+    samplers = {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        "qmc": lambda: optuna.samplers.QMCSampler(seed=seed),
+    }
+    pruners = {
+        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=tune.startup_trials),
+        "hyperband": lambda: optuna.pruners.HyperbandPruner(),
+        "none": lambda: optuna.pruners.NopPruner(),
+    }
     direction = metric_direction(tune.metric)
     for attempt in range(3):
         try:
-            study = optuna.create_study(storage=storage, study_name=study_name, direction=direction,
-                                        sampler=samplers[tune.sampler](), pruner=pruners[tune.pruner](),
-                                        load_if_exists=True)
+            study = optuna.create_study(
+                storage=storage,
+                study_name=study_name,
+                direction=direction,
+                sampler=samplers[tune.sampler](),
+                pruner=pruners[tune.pruner](),
+                load_if_exists=True,
+            )
             break
         except ValueError as exc:
             raise PipelineError(f"study '{study_name}' in {url}: {exc}") from None
@@ -111,8 +133,10 @@ def open_study(tune: TuneConfig, study_name: str, worker: int = 0) -> optuna.Stu
                 raise
             time.sleep(0.5 + random.random())
     if study.direction.name.lower() != direction:
-        raise PipelineError(f"study '{study_name}' in {url} was created to {study.direction.name.lower()}, "
-                            f"but tune.metric={tune.metric} needs {direction}: use another storage or study")
+        raise PipelineError(
+            f"study '{study_name}' in {url} was created to {study.direction.name.lower()}, "
+            f"but tune.metric={tune.metric} needs {direction}: use another storage or study"
+        )
     return study
 
 
@@ -121,8 +145,17 @@ def finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=states))
 
 
-def make_objective(data: PreparedData, model_name: str, base: TrainSettings, space: dict, tune: TuneConfig,
-                   image_size: int, device: torch.device, tracker, pretrained=None):
+def make_objective(
+    data: PreparedData,
+    model_name: str,
+    base: TrainSettings,
+    space: dict,
+    tune: TuneConfig,
+    image_size: int,
+    device: torch.device,
+    tracker,
+    pretrained=None,
+):
     """The objective: mean validation score over `tune.folds`, each fold set up by `train_fold` exactly as
     the train stage sets it up (finetune mode, bootstrap, seeds), for `tune.epochs` epochs."""
     targets, folds = data.targets, data.folds
@@ -133,11 +166,11 @@ def make_objective(data: PreparedData, model_name: str, base: TrainSettings, spa
         settings = replace(base, **values, epochs=epochs)
         check_train_settings(settings, "tune")
         fold_values = []
-        with tracker.run(f"trial {trial.number}", params=values, nested=True,
-                         tags={"optuna.trial": str(trial.number)}):
+        with tracker.run(f"trial {trial.number}", params=values, nested=True, tags={"optuna.trial": str(trial.number)}):
             state = "COMPLETE"
             try:
                 for i, k in enumerate(tune.folds):
+
                     def report(epoch: int, row: dict, i=i, k=k) -> None:
                         if f"val_{tune.metric}" not in row:  # an epoch without validation (train.val_every)
                             return
@@ -148,9 +181,17 @@ def make_objective(data: PreparedData, model_name: str, base: TrainSettings, spa
                             raise optuna.TrialPruned(f"fold {k}, epoch {epoch + 1}: {tune.metric} {value:.4f}")
 
                     with tracker.run(f"fold{k}", params={"fold": k}, nested=True):
-                        result, _ = train_fold(data, k, model_name, settings, settings.image_size or image_size,
-                                               device, pretrained=pretrained, on_epoch=report,
-                                               where=f"trial {trial.number} fold {k}")
+                        result, _ = train_fold(
+                            data,
+                            k,
+                            model_name,
+                            settings,
+                            settings.image_size or image_size,
+                            device,
+                            pretrained=pretrained,
+                            on_epoch=report,
+                            where=f"trial {trial.number} fold {k}",
+                        )
                     fold_values.append(scores(result.val_probs, targets[folds == k], (tune.metric,))[tune.metric])
             except optuna.TrialPruned:
                 state = "PRUNED"
@@ -173,8 +214,9 @@ def run_study(study: optuna.Study, objective, n_trials: int, name: str = "tune")
     remaining = n_trials - finished(study)
     if remaining <= 0:
         return
-    stop = optuna.study.MaxTrialsCallback(n_trials, states=(optuna.trial.TrialState.COMPLETE,
-                                                            optuna.trial.TrialState.PRUNED))
+    stop = optuna.study.MaxTrialsCallback(
+        n_trials, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    )
     progress = StageProgress(name, n_trials, "trials")
     progress.skip(finished(study))
 
@@ -183,8 +225,9 @@ def run_study(study: optuna.Study, objective, n_trials: int, name: str = "tune")
         print(f"{progress.step()} (trial {trial.number}: {trial.state.name.lower()})", flush=True)
 
     # a failed trial (e.g. a NaN loss) is recorded with its reason and the study goes on
-    study.optimize(objective, n_trials=remaining + n_trials, callbacks=[stop, report], catch=FAILURES,
-                   gc_after_trial=True)
+    study.optimize(
+        objective, n_trials=remaining + n_trials, callbacks=[stop, report], catch=FAILURES, gc_after_trial=True
+    )
 
 
 # ---------------------------------------------------------------- report
@@ -239,8 +282,13 @@ def write_best(study: optuna.Study, tune: TuneConfig, out_dir: str | Path) -> di
     """`out_dir`: best_params.yaml (what the train stage reads) and the study's plots; returns the summary."""
     with atomic_dir(out_dir) as out:
         summary = write_report(study, out)
-        best = {"enabled": True, "study": study.study_name, "metric": tune.metric,
-                "value": summary.get("best_value"), "trial": summary.get("best_trial"),
-                "params": summary.get("best_params", {})}
+        best = {
+            "enabled": True,
+            "study": study.study_name,
+            "metric": tune.metric,
+            "value": summary.get("best_value"),
+            "trial": summary.get("best_trial"),
+            "params": summary.get("best_params", {}),
+        }
         (out / "best_params.yaml").write_text(yaml.safe_dump(best, sort_keys=False))
     return summary

@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny Kaggle-format competition written to disk, in the real layout."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,8 +21,14 @@ def make_image(colour: int, rng: np.random.Generator, size: int = 12) -> Image.I
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def write_competition(root: Path, n_per_class: int = 8, n_test: int = 6, ext: str = ".jpg",
-                      labels: tuple[str, ...] = ("cat", "dog", "frog"), seed: int = 0) -> Path:
+def write_competition(
+    root: Path,
+    n_per_class: int = 8,
+    n_test: int = 6,
+    ext: str = ".jpg",
+    labels: tuple[str, ...] = ("cat", "dog", "frog"),
+    seed: int = 0,
+) -> Path:
     """A Kaggle competition folder: train.csv, train/, test/, sample_submission.csv, solution.csv."""
     rng = np.random.default_rng(seed)
     (root / "train").mkdir(parents=True)

@@ -1,5 +1,6 @@
 """The analyze stage: numbers checked against hand computations, sections of the rendered page,
 planted weaknesses found, bad OOF files refused, the real MLflow store receiving the report."""
+
 import base64
 import io
 import re
@@ -14,28 +15,45 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipeline import __main__ as cli
-from pipeline.analyze import (ADVICE, advise, analyze_model, augment_yaml, confident_wrong_rows, confusion_counts,
-                              diversity, expected_calibration_error, fold_scores, image_properties,
-                              most_confused_pairs, never_predicted, per_class_accuracy, per_class_scores,
-                              reliability_table, slice_errors, summary,
-                              worst_rows)
+from pipeline.analyze import (
+    ADVICE,
+    advise,
+    analyze_model,
+    augment_yaml,
+    confident_wrong_rows,
+    confusion_counts,
+    diversity,
+    expected_calibration_error,
+    fold_scores,
+    image_properties,
+    most_confused_pairs,
+    never_predicted,
+    per_class_accuracy,
+    per_class_scores,
+    reliability_table,
+    slice_errors,
+    summary,
+    worst_rows,
+)
 from pipeline.config import CompetitionConfig
 from pipeline.data import build_train_transform
 from pipeline.metrics import METRICS
-from pipeline.probs import probs_frame
 from pipeline.prepare import prepare
+from pipeline.probs import probs_frame
 from pipeline.report import write_report
 from tests.conftest import write_competition
 
 # A hand-made OOF matrix: 6 rows, 3 classes, confidences kept off the bin edges.
-PROBS = np.array([
-    [0.90, 0.05, 0.05],  # true 0, right, confidence 0.90
-    [0.55, 0.35, 0.10],  # true 1, predicted 0, 0.55
-    [0.20, 0.70, 0.10],  # true 1, right, 0.70
-    [0.50, 0.25, 0.25],  # true 2, predicted 0, 0.50
-    [0.10, 0.05, 0.85],  # true 2, right, 0.85
-    [0.34, 0.33, 0.33],  # true 0, right, 0.34
-])
+PROBS = np.array(
+    [
+        [0.90, 0.05, 0.05],  # true 0, right, confidence 0.90
+        [0.55, 0.35, 0.10],  # true 1, predicted 0, 0.55
+        [0.20, 0.70, 0.10],  # true 1, right, 0.70
+        [0.50, 0.25, 0.25],  # true 2, predicted 0, 0.50
+        [0.10, 0.05, 0.85],  # true 2, right, 0.85
+        [0.34, 0.33, 0.33],  # true 0, right, 0.34
+    ]
+)
 Y = np.array([0, 1, 1, 2, 2, 0])
 FOLDS = np.array([0, 0, 0, 1, 1, 1])
 CLASSES = ["cat", "dog", "frog"]
@@ -196,11 +214,39 @@ def rendered(tmp_path_factory):
     other = np.roll(PROBS, 1, axis=0)
     oof = {"net_a": PROBS, "net_b": other, "ensemble": (PROBS + other) / 2}
     props = image_properties(images)
-    analyses = [analyze_model(m, p, Y, FOLDS, CLASSES, props, None, top_k=4, pairs=3, calibration_bins=5,
-                              slice_buckets=2, alpha=0.05, where="train.augment") for m, p in oof.items()]
+    analyses = [
+        analyze_model(
+            m,
+            p,
+            Y,
+            FOLDS,
+            CLASSES,
+            props,
+            None,
+            top_k=4,
+            pairs=3,
+            calibration_bins=5,
+            slice_buckets=2,
+            alpha=0.05,
+            where="train.augment",
+        )
+        for m, p in oof.items()
+    ]
     div = diversity({m: oof[m] for m in ("net_a", "net_b")}, Y)
-    write_report(out, analyses, div, per_class_accuracy(oof, Y, CLASSES), summary(analyses, div),
-                 np.array([f"img{i}" for i in range(6)]), Y, FOLDS, CLASSES, images, 2, "test report")
+    write_report(
+        out,
+        analyses,
+        div,
+        per_class_accuracy(oof, Y, CLASSES),
+        summary(analyses, div),
+        np.array([f"img{i}" for i in range(6)]),
+        Y,
+        FOLDS,
+        CLASSES,
+        images,
+        2,
+        "test report",
+    )
     page = _Page()
     page.feed((out / "index.html").read_text())
     return out, page
@@ -224,7 +270,7 @@ def test_report_numbers_match_hand_computations(rendered):
     rows = page.tables["net_a-confusion-table"]
     assert [[int(v) for v in r[1:]] for r in rows[1:]] == CONFUSION
     html = (out / "index.html").read_text()
-    section = html[html.index('id="net_a-calibration"'):]
+    section = html[html.index('id="net_a-calibration"') :]
     assert re.search(r'class="ece">([0-9.]+)<', section).group(1) == f"{ECE:.4f}"
     overall = dict(zip(page.tables["net_a-overall"][0], page.tables["net_a-overall"][1]))
     assert float(overall["accuracy"]) == pytest.approx(4 / 6, abs=1e-4)
@@ -258,19 +304,29 @@ def test_report_files_for_dvc_and_mlflow(rendered):
 def stage_dir(tmp_path, monkeypatch):
     """A working directory with prepared data and OOF files of two backbones and the ensemble."""
     comp = write_competition(tmp_path / "raw" / "comp", n_per_class=6, n_test=3)
-    prepare(CompetitionConfig(source=str(comp)), image_size=8, n_folds=2, seed=0, out_dir=tmp_path / "data/prepared",
-            workers=1)
+    prepare(
+        CompetitionConfig(source=str(comp)),
+        image_size=8,
+        n_folds=2,
+        seed=0,
+        out_dir=tmp_path / "data/prepared",
+        workers=1,
+    )
     train = pd.read_csv(tmp_path / "data/prepared/train.csv", dtype={"id": str})
     rng = np.random.default_rng(0)
-    for name, path in (("net_a", "predictions/net_a/oof_probs.csv"), ("net_b", "predictions/net_b/oof_probs.csv"),
-                       ("ensemble", "submissions/oof_probs.csv")):
+    for _name, path in (
+        ("net_a", "predictions/net_a/oof_probs.csv"),
+        ("net_b", "predictions/net_b/oof_probs.csv"),
+        ("ensemble", "submissions/oof_probs.csv"),
+    ):
         probs = rng.dirichlet(np.ones(3), size=len(train))
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         probs_frame(train["id"], probs, ["cat", "dog", "frog"]).to_csv(tmp_path / path, index=False)
     (tmp_path / "params.yaml").write_text(
         "train:\n  backbones: {net_a: {}, net_b: {augment: [{RandomBrightnessContrast: {}}]}}\n"
         "analyze: {top_k: 4, slice_buckets: 2}\n"
-        f"tracking: {{experiment: analyze-test}}\n")
+        "tracking: {experiment: analyze-test}\n"
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     return tmp_path
@@ -286,12 +342,15 @@ def test_stage_writes_the_report_and_logs_it_to_mlflow(stage_dir):
     assert {"oof/index.html", "oof/summary.json", "oof/figures"} <= logged
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("missing", r"net_b: predictions/net_b/oof_probs.csv not found"),
-    ("ids", r"net_b: predictions/net_b/oof_probs.csv row 3: id 'intruder' where the prepared data has '"),
-    ("short", r"net_b: predictions/net_b/oof_probs.csv row \d+: no row where the prepared data has"),
-    ("sum", r"net_b: predictions/net_b/oof_probs.csv row 4: probabilities sum to 1.5, not 1"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("missing", r"net_b: predictions/net_b/oof_probs.csv not found"),
+        ("ids", r"net_b: predictions/net_b/oof_probs.csv row 3: id 'intruder' where the prepared data has '"),
+        ("short", r"net_b: predictions/net_b/oof_probs.csv row \d+: no row where the prepared data has"),
+        ("sum", r"net_b: predictions/net_b/oof_probs.csv row 4: probabilities sum to 1.5, not 1"),
+    ],
+)
 def test_bad_oof_files_fail_with_one_line_and_keep_the_old_report(stage_dir, capsys, damage, message):
     params = stage_dir / "params.yaml"
     params.write_text(params.read_text().replace("experiment: analyze-test", "enabled: false"))
@@ -321,9 +380,23 @@ def test_bad_oof_files_fail_with_one_line_and_keep_the_old_report(stage_dir, cap
 def test_report_opens_in_headless_chromium(rendered, tmp_path):
     out, _ = rendered
     proc = subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path}/profile",
-         "--dump-dom", (out / "index.html").as_uri()], capture_output=True, text=True, timeout=120)
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path}/profile",
+            "--dump-dom",
+            (out / "index.html").as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     for section in ("models", "ensemble-calibration", "net_a-slices"):
         assert f'id="{section}"' in proc.stdout

@@ -5,7 +5,15 @@ import pytest
 import yaml
 
 from pipeline.__main__ import main as cli_main
-from pipeline.config import ConfigError, Params, TrainConfig, flatten, load_params, parse_params, resolve_train_settings, to_dict
+from pipeline.config import (
+    ConfigError,
+    TrainConfig,
+    flatten,
+    load_params,
+    parse_params,
+    resolve_train_settings,
+    to_dict,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,9 +37,19 @@ def test_defaults_match_shipped_params():
 
 
 def test_null_metrics_follow_the_competition_metric_and_explicit_ones_win():
-    p = parse_params({"competition": {"metric": "roc_auc"}, "tta": {"metric": "log_loss"},
-                      "train": {"backbones": {"a": {}, "b": {"monitor": "accuracy"}}}})
-    assert (p.train.monitor, p.tune.metric, p.tta.metric, p.ensemble.metric) == ("roc_auc", "roc_auc", "log_loss", "roc_auc")
+    p = parse_params(
+        {
+            "competition": {"metric": "roc_auc"},
+            "tta": {"metric": "log_loss"},
+            "train": {"backbones": {"a": {}, "b": {"monitor": "accuracy"}}},
+        }
+    )
+    assert (p.train.monitor, p.tune.metric, p.tta.metric, p.ensemble.metric) == (
+        "roc_auc",
+        "roc_auc",
+        "log_loss",
+        "roc_auc",
+    )
     assert resolve_train_settings(p.train, "a").monitor == "roc_auc"
     assert resolve_train_settings(p.train, "b").monitor == "accuracy"
 
@@ -55,26 +73,43 @@ def test_wrong_type_is_named():
         parse_params({"cv": {"n_folds": True}})
 
 
-@pytest.mark.parametrize("raw, message", [
-    ({"tta": {"merge": "median"}}, "'tta.merge' must be one of ['mean', 'geometric', 'logits'], got 'median'"),
-    ({"tune": {"metric": "auc"}}, "'tune.metric' must be one of ['accuracy', 'log_loss', 'macro_f1', 'roc_auc', "
-                                  "'quadratic_weighted_kappa'], got 'auc'"),
-    ({"prepare": {"image_size": 0}}, "prepare.image_size must be >= 1, got 0"),
-    ({"train": {"image_size": 0, "backbones": {"b": {}}}}, "train.backbones.b.image_size must be >= 1"),
-    ({"train": {"backbones": {"b": {"lr": -0.01}}}}, "train.backbones.b.lr must be >= 0, got -0.01"),
-    ({"train": {"epochs": 0, "backbones": {"b": {}}}}, "train.backbones.b.epochs must be >= 1, got 0"),
-    ({"train": {"label_smoothing": 1.0, "backbones": {"b": {}}}}, "train.backbones.b.label_smoothing must be in [0, 1)"),
-    ({"train": {"ema_decay": 1.5, "backbones": {"b": {}}}}, "train.backbones.b.ema_decay must be in (0, 1), got 1.5"),
-    ({"prepare": {"resize": "stretch"}}, "'prepare.resize' must be one of ['squash', 'pad', 'center_crop']"),
-    ({"train": {"backbones": {"b": {"finetune": "lora"}}}}, "'train.backbones.b.finetune' must be one of"),
-    # cross-field rules, each checked once here so that no stage checks them again
-    ({"train": {"mixup_alpha": 0.4, "batch_size": 3, "backbones": {"b": {}}}},
-     "train.backbones.b.batch_size must be even with mixup/cutmix, got 3"),
-    ({"tune": {"folds": [0, 7]}}, "tune.folds: fold 7 does not exist (cv.n_folds=5)"),
-    ({"tune": {"space": {"epochs": {"type": "int", "low": 1, "high": 3}}}}, "tune.space.epochs: set by the tune stage"),
-    ({"tune": {"backbones": {"nope": {}}}}, "tune.backbones.nope is not a key of train.backbones"),
-    ({"ensemble": {"weights": {"resnet10t": -1}}}, "ensemble.weights must be non-negative with a positive sum"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"tta": {"merge": "median"}}, "'tta.merge' must be one of ['mean', 'geometric', 'logits'], got 'median'"),
+        (
+            {"tune": {"metric": "auc"}},
+            "'tune.metric' must be one of ['accuracy', 'log_loss', 'macro_f1', 'roc_auc', "
+            "'quadratic_weighted_kappa'], got 'auc'",
+        ),
+        ({"prepare": {"image_size": 0}}, "prepare.image_size must be >= 1, got 0"),
+        ({"train": {"image_size": 0, "backbones": {"b": {}}}}, "train.backbones.b.image_size must be >= 1"),
+        ({"train": {"backbones": {"b": {"lr": -0.01}}}}, "train.backbones.b.lr must be >= 0, got -0.01"),
+        ({"train": {"epochs": 0, "backbones": {"b": {}}}}, "train.backbones.b.epochs must be >= 1, got 0"),
+        (
+            {"train": {"label_smoothing": 1.0, "backbones": {"b": {}}}},
+            "train.backbones.b.label_smoothing must be in [0, 1)",
+        ),
+        (
+            {"train": {"ema_decay": 1.5, "backbones": {"b": {}}}},
+            "train.backbones.b.ema_decay must be in (0, 1), got 1.5",
+        ),
+        ({"prepare": {"resize": "stretch"}}, "'prepare.resize' must be one of ['squash', 'pad', 'center_crop']"),
+        ({"train": {"backbones": {"b": {"finetune": "lora"}}}}, "'train.backbones.b.finetune' must be one of"),
+        # cross-field rules, each checked once here so that no stage checks them again
+        (
+            {"train": {"mixup_alpha": 0.4, "batch_size": 3, "backbones": {"b": {}}}},
+            "train.backbones.b.batch_size must be even with mixup/cutmix, got 3",
+        ),
+        ({"tune": {"folds": [0, 7]}}, "tune.folds: fold 7 does not exist (cv.n_folds=5)"),
+        (
+            {"tune": {"space": {"epochs": {"type": "int", "low": 1, "high": 3}}}},
+            "tune.space.epochs: set by the tune stage",
+        ),
+        ({"tune": {"backbones": {"nope": {}}}}, "tune.backbones.nope is not a key of train.backbones"),
+        ({"ensemble": {"weights": {"resnet10t": -1}}}, "ensemble.weights must be non-negative with a positive sum"),
+    ],
+)
 def test_a_value_outside_its_choices_is_named_when_params_are_read(raw, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_params(raw)
@@ -111,17 +146,34 @@ def test_dvc_train_stage_declares_every_train_key_it_reads():
 
 
 def test_class_imbalance_remedies_are_tunable_choices():
-    p = parse_params({"train": {"backbones": {"b": {}}}, "tune": {"space": {
-        "class_weight": {"type": "categorical", "choices": ["none", "balanced"]},
-        "sampler": {"type": "categorical", "choices": ["uniform", "balanced"]}}}})
+    p = parse_params(
+        {
+            "train": {"backbones": {"b": {}}},
+            "tune": {
+                "space": {
+                    "class_weight": {"type": "categorical", "choices": ["none", "balanced"]},
+                    "sampler": {"type": "categorical", "choices": ["uniform", "balanced"]},
+                }
+            },
+        }
+    )
     assert set(p.tune.space) == {"class_weight", "sampler"}
     with pytest.raises(ConfigError, match=r"train.backbones.b.class_weight' must be one of \['none', 'balanced'\]"):
         parse_params({"train": {"backbones": {"b": {"class_weight": "auto"}}}})
 
 
 def test_pretrained_is_true_or_a_path_and_mean_goes_with_std():
-    p = parse_params({"train": {"backbones": {"hub": {"pretrained": True, "model": "convnext_tiny.fb_in22k"},
-                                              "file": {"pretrained": "exports/b/model.pt"}, "scratch": {}}}})
+    p = parse_params(
+        {
+            "train": {
+                "backbones": {
+                    "hub": {"pretrained": True, "model": "convnext_tiny.fb_in22k"},
+                    "file": {"pretrained": "exports/b/model.pt"},
+                    "scratch": {},
+                }
+            }
+        }
+    )
     assert [p.train.backbones[b].pretrained for b in ("hub", "file", "scratch")] == [True, "exports/b/model.pt", None]
     with pytest.raises(ConfigError, match=r"train.backbones.b: set mean and std together, or neither"):
         parse_params({"train": {"mean": [0.5, 0.5, 0.5], "backbones": {"b": {}}}})

@@ -1,5 +1,6 @@
 """dvc.yaml's code deps are exactly the project modules each stage runs, so that editing a module
 reruns the stages that import it and no other (a TTA view reruns predict, never train)."""
+
 import ast
 import os
 import re
@@ -83,10 +84,18 @@ def test_a_competition_outside_data_raw_is_a_tracked_dependency_of_prepare(tmp_p
     for name in ("dvc.yaml", "params.yaml", ".gitignore"):
         shutil.copy(ROOT / name, repo)
     shutil.copytree(ROOT / "pipeline", repo / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-    _set_params(repo, competition={"source": str(elsewhere)}, prepare={"image_size": 8, "workers": 1},
-                cv={"n_folds": 2}, tracking={"enabled": False})
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1"}
+    _set_params(
+        repo,
+        competition={"source": str(elsewhere)},
+        prepare={"image_size": 8, "workers": 1},
+        cv={"n_folds": 2},
+        tracking={"enabled": False},
+    )
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+    }
     _run(["git", "init", "-q"], repo, env)
     _run(["dvc", "init", "-q"], repo, env)
     _run(["dvc", "repro", "prepare"], repo, env)

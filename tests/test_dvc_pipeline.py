@@ -1,4 +1,5 @@
 """The real DVC pipeline end to end, in a temporary git repo, on a tiny competition and tiny timm models."""
+
 import json
 import os
 import re
@@ -56,9 +57,16 @@ def repo(tmp_path_factory):
         tta={"select": "auto", "candidates": ["none", "hflip"]},
         ensemble={"methods": ["soft_voting", "caruana", "optimized"]},
     )
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{repo}/mlflow.db", "DVC_NO_ANALYTICS": "1",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{repo}/mlflow.db",
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     _run(["git", "init", "-q"], repo, env)
     _run(["dvc", "init", "-q"], repo, env)
     shutil.copy(ROOT / ".dvcignore", repo)
@@ -87,9 +95,12 @@ def test_repro_writes_a_valid_submission_and_metrics(repo):
     ensemble = json.loads(_run(["dvc", "metrics", "show", "--json", "reports/ensemble.json"], repo, env).stdout)
     ensemble = next(iter(ensemble.values()))["data"]["reports/ensemble.json"]["data"]
     head = files["reports/metrics.json"]["data"]
-    assert head == {"method": ensemble["method"], "accuracy": pytest.approx(ensemble["oof"]["accuracy"], abs=1e-5),
-                    "log_loss": pytest.approx(ensemble["oof"]["log_loss"], abs=1e-5),
-                    "lb_accuracy": pytest.approx(ensemble["local_leaderboard"]["accuracy"], abs=1e-5)}
+    assert head == {
+        "method": ensemble["method"],
+        "accuracy": pytest.approx(ensemble["oof"]["accuracy"], abs=1e-5),
+        "log_loss": pytest.approx(ensemble["oof"]["log_loss"], abs=1e-5),
+        "lb_accuracy": pytest.approx(ensemble["local_leaderboard"]["accuracy"], abs=1e-5),
+    }
     assert set(ensemble) >= {"oof", "local_leaderboard", "methods", "best_single", "gain_over_best_single"}
     for name in ("soft_voting", "caruana", "optimized"):  # one honest score and one submission per method
         method = ensemble["methods"][name]
@@ -110,8 +121,13 @@ def test_repro_writes_a_valid_submission_and_metrics(repo):
     # no budget: the params' epochs, and every stage's own seconds in reports/timing.json, from one run
     timing = json.loads((repo / "reports/timing.json").read_text())
     assert timing["budget_minutes"] is None and timing["one_run"]
-    stages = ["prepare", "plan", *(f"{s}@{b}" for s in ("train", "predict") for b in ("test_resnet", "test_efficientnet")),
-              "ensemble", "analyze"]
+    stages = [
+        "prepare",
+        "plan",
+        *(f"{s}@{b}" for s in ("train", "predict") for b in ("test_resnet", "test_efficientnet")),
+        "ensemble",
+        "analyze",
+    ]
     assert all(timing["stages"][s]["actual_s"] > 0 for s in stages) and timing["stages"]["dvc"]["actual_s"] > 0
 
 
@@ -121,8 +137,15 @@ def test_mlflow_has_one_run_per_backbone_with_fold_children(repo):
     exp = client.get_experiment_by_name("comp")  # named after the competition folder
     runs = client.search_runs([exp.experiment_id])
     by_name = {r.info.run_name: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
-    assert set(by_name) == {"test_resnet", "test_efficientnet", "predict test_resnet", "predict test_efficientnet",
-                            "ensemble", "analyze", "timing"}
+    assert set(by_name) == {
+        "test_resnet",
+        "test_efficientnet",
+        "predict test_resnet",
+        "predict test_efficientnet",
+        "ensemble",
+        "analyze",
+        "timing",
+    }
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on these runs
     report = {a.path for a in client.list_artifacts(by_name["analyze"].info.run_id, "oof")}
     assert "oof/index.html" in report
@@ -132,9 +155,12 @@ def test_mlflow_has_one_run_per_backbone_with_fold_children(repo):
 
     methods = children("ensemble")  # one run per method, the same metric names: comparable as runs
     assert set(methods) == {"soft_voting", "caruana", "optimized"}
-    assert all({"oof_accuracy", "oof_log_loss", "local_leaderboard_accuracy"} <= set(r.data.metrics)
-               for r in methods.values())
-    assert [n for n, r in methods.items() if r.data.tags["chosen"] == "true"] == [by_name["ensemble"].data.params["method"]]
+    assert all(
+        {"oof_accuracy", "oof_log_loss", "local_leaderboard_accuracy"} <= set(r.data.metrics) for r in methods.values()
+    )
+    assert [n for n, r in methods.items() if r.data.tags["chosen"] == "true"] == [
+        by_name["ensemble"].data.params["method"]
+    ]
     for backbone in ("test_resnet", "test_efficientnet"):
         parent = by_name[backbone]
         assert len(children(backbone)) == 2
@@ -142,7 +168,8 @@ def test_mlflow_has_one_run_per_backbone_with_fold_children(repo):
         artefacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
         assert {"oof_probs.csv", "augment.json", "params.yaml", "models"} <= artefacts
         assert {a.path for a in client.list_artifacts(parent.info.run_id, "models/seed42/fold1")} == {
-            "models/seed42/fold1/model.pt"}
+            "models/seed42/fold1/model.pt"
+        }
         policies = children(f"predict {backbone}")  # every TTA candidate, scored on OOF
         assert set(policies) == {"none", "hflip"} and all("oof_log_loss" in r.data.metrics for r in policies.values())
         # `augment: null` is recorded as what ran: the shift at the 12 px cache's size
@@ -181,11 +208,19 @@ def _readme_repro(repo: Path, env: dict) -> str:
     (decoy / "python").chmod(0o755)
     (repo / ".venv").symlink_to(venv)
     try:
-        proc = subprocess.run(["bash", "-c", "\n".join(block)], cwd=repo, env={**env, "PATH": f"{decoy}:/usr/bin:/bin"},
-                              capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            ["bash", "-c", "\n".join(block)],
+            cwd=repo,
+            env={**env, "PATH": f"{decoy}:/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     finally:
         (repo / ".venv").unlink()
-    assert proc.returncode == 0 and "not the project python" not in proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0 and "not the project python" not in proc.stderr, (
+        proc.stdout[-2000:] + proc.stderr[-2000:]
+    )
     return proc.stdout
 
 
@@ -208,14 +243,18 @@ def test_editing_a_tta_view_reruns_predict_and_what_reads_it_never_training(repo
     views = repo / "pipeline" / "predict.py"
     source = views.read_text()
     assert 'register_view("brighter")(_brightness(1.1))' in source
-    views.write_text(source.replace('register_view("brighter")(_brightness(1.1))',
-                                    'register_view("brighter")(_brightness(1.15))'))
+    views.write_text(
+        source.replace('register_view("brighter")(_brightness(1.1))', 'register_view("brighter")(_brightness(1.15))')
+    )
     # the plan stage reads the TTA policies (their views cost time) and reruns, planning the same epochs
     assert set(_status(repo, env)) == {"predict@test_resnet", "predict@test_efficientnet", "plan"}
     out = _run(["dvc", "repro"], repo, env).stdout
     ran = set(re.findall(r"Running stage '([^']+)'", out))
-    assert {"predict@test_resnet", "predict@test_efficientnet"} <= ran <= {
-        "plan", "predict@test_resnet", "predict@test_efficientnet", "ensemble", "analyze", "timing"}
+    assert (
+        {"predict@test_resnet", "predict@test_efficientnet"}
+        <= ran
+        <= {"plan", "predict@test_resnet", "predict@test_efficientnet", "ensemble", "analyze", "timing"}
+    )
     assert _status(repo, env) == {}
 
 
@@ -235,8 +274,11 @@ def _tree(folder: Path) -> dict:
 
 def test_a_stage_failing_under_dvc_repro_keeps_its_previous_outputs(repo):
     repo, env, _ = repo
-    before = {"models": _tree(repo / "models/test_resnet"),
-              "report": (repo / "reports/train/test_resnet.json").read_bytes(), "status": _status(repo, env)}
+    before = {
+        "models": _tree(repo / "models/test_resnet"),
+        "report": (repo / "reports/train/test_resnet.json").read_bytes(),
+        "status": _status(repo, env),
+    }
     params = (repo / "params.yaml").read_text()
     backbones = yaml.safe_load(params)["train"]["backbones"]
     _set_params(repo, train={"backbones": {**backbones, "test_resnet": {"lr": -0.01}}})
@@ -275,7 +317,7 @@ def test_unknown_backbone_fails_with_a_one_line_error(repo):
     proc = _run(["python", "-m", "pipeline", "train", "--backbone", "resnet_nope"], repo, env, check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == (
-        "error: params.yaml: train.backbones.resnet_nope: unknown timm model 'resnet_nope' (see timm.list_models())")
+        "error: params.yaml: train.backbones.resnet_nope: unknown timm model 'resnet_nope' (see timm.list_models())"
+    )
     assert not list((repo / "models").glob("resnet_nope*"))
     assert (repo / "submissions/submission.csv").read_bytes() == before
-

@@ -6,15 +6,20 @@ import pytest
 
 from pipeline import __main__ as cli
 from pipeline.config import CompetitionConfig
-from pipeline.probs import probs_frame
-from pipeline.prepare import prepare
-from tests.conftest import write_competition
-
-from pipeline.ensemble import (ENSEMBLES, HardVotingEnsemble, RankAveragingEnsemble, SoftVotingEnsemble,
-                               create_ensemble, cross_fit)
-from pipeline.metrics import log_loss
+from pipeline.ensemble import (
+    ENSEMBLES,
+    HardVotingEnsemble,
+    RankAveragingEnsemble,
+    SoftVotingEnsemble,
+    create_ensemble,
+    cross_fit,
+)
 from pipeline.errors import PipelineError
+from pipeline.metrics import log_loss
+from pipeline.prepare import prepare
+from pipeline.probs import probs_frame
 from pipeline.submission import build_submission, local_leaderboard, read_submission_format, validate_submission
+from tests.conftest import write_competition
 
 A = np.array([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3]])
 B = np.array([[0.1, 0.2, 0.7], [0.3, 0.3, 0.4]])
@@ -24,8 +29,12 @@ CLASSES = ["cat", "dog", "frog"]
 def test_weighted_soft_vote_matches_hand_computation():
     ens = SoftVotingEnsemble(weights=[1, 3]).fit([A, B], np.array([0, 1]))
     assert ens.weights_.tolist() == [0.25, 0.75]
-    expected = np.array([[0.25 * 0.6 + 0.75 * 0.1, 0.25 * 0.3 + 0.75 * 0.2, 0.25 * 0.1 + 0.75 * 0.7],
-                         [0.25 * 0.2 + 0.75 * 0.3, 0.25 * 0.5 + 0.75 * 0.3, 0.25 * 0.3 + 0.75 * 0.4]])
+    expected = np.array(
+        [
+            [0.25 * 0.6 + 0.75 * 0.1, 0.25 * 0.3 + 0.75 * 0.2, 0.25 * 0.1 + 0.75 * 0.7],
+            [0.25 * 0.2 + 0.75 * 0.3, 0.25 * 0.5 + 0.75 * 0.3, 0.25 * 0.3 + 0.75 * 0.4],
+        ]
+    )
     np.testing.assert_allclose(ens.predict_proba([A, B]), expected)
     assert ens.predict([A, B]).tolist() == [2, 2]
 
@@ -73,13 +82,16 @@ def test_probability_submission_follows_the_sample_columns():
 BINARY = np.array([[0.8, 0.2], [0.3, 0.7]])
 
 
-@pytest.mark.parametrize("classes, sample, kwargs, positive", [
-    (["0", "1"], {"id": ["a", "b"], "is_dog": ["0.5", "0.5"]}, {}, "1"),  # fractions: a probability of 1
-    (["False", "True"], {"id": ["a", "b"], "target": ["0.5", "0.5"]}, {}, "True"),
-    (["cat", "dog"], {"id": ["a", "b"], "dog": ["0", "0"]}, {}, "dog"),  # named after a class
-    (["cat", "dog"], {"id": ["a", "b"], "target": ["0", "0"]}, {"positive_class": "cat"}, "cat"),
-    (["0", "1"], {"id": ["a", "b"], "target": ["0", "0"]}, {"metric": "roc_auc"}, "1"),  # AUC scores probabilities
-])
+@pytest.mark.parametrize(
+    "classes, sample, kwargs, positive",
+    [
+        (["0", "1"], {"id": ["a", "b"], "is_dog": ["0.5", "0.5"]}, {}, "1"),  # fractions: a probability of 1
+        (["False", "True"], {"id": ["a", "b"], "target": ["0.5", "0.5"]}, {}, "True"),
+        (["cat", "dog"], {"id": ["a", "b"], "dog": ["0", "0"]}, {}, "dog"),  # named after a class
+        (["cat", "dog"], {"id": ["a", "b"], "target": ["0", "0"]}, {"positive_class": "cat"}, "cat"),
+        (["0", "1"], {"id": ["a", "b"], "target": ["0", "0"]}, {"metric": "roc_auc"}, "1"),  # AUC scores probabilities
+    ],
+)
 def test_binary_single_column_gets_the_positive_class_probability(classes, sample, kwargs, positive):
     sample = pd.DataFrame(sample)
     fmt = read_submission_format(sample, classes, "sample_submission.csv", **kwargs)
@@ -94,8 +106,11 @@ def test_binary_label_column_stays_a_label_and_an_unclear_positive_is_asked_for(
     fmt = read_submission_format(sample, ["cat", "dog"], "sample_submission.csv", metric="accuracy")
     assert fmt.kind == "label"
     assert build_submission(["a", "b"], BINARY, ["cat", "dog"], fmt)["target"].tolist() == ["cat", "dog"]
-    with pytest.raises(PipelineError, match="column 'target' holds one class's probability: set "
-                                            r"competition.positive_class to one of \['cat', 'dog'\]"):
+    with pytest.raises(
+        PipelineError,
+        match="column 'target' holds one class's probability: set "
+        r"competition.positive_class to one of \['cat', 'dog'\]",
+    ):
         read_submission_format(sample, ["cat", "dog"], "sample_submission.csv", metric="roc_auc")
     with pytest.raises(PipelineError, match="positive_class 'wolf' is not a class"):
         read_submission_format(sample, ["cat", "dog"], "sample_submission.csv", positive_class="wolf")
@@ -105,18 +120,27 @@ def test_binary_competition_submits_probabilities_through_the_stages(tmp_path, m
     comp = write_competition(tmp_path / "raw" / "comp", n_per_class=6, n_test=4, labels=("0", "1"))
     sample = pd.read_csv(comp / "sample_submission.csv", dtype=str)
     sample.rename(columns={"label": "is_dog"}).assign(is_dog="0.5").to_csv(comp / "sample_submission.csv", index=False)
-    prepare(CompetitionConfig(source=str(comp), metric="roc_auc", answers=None), image_size=8, n_folds=2, seed=0,
-            out_dir=tmp_path / "data/prepared", workers=1)
+    prepare(
+        CompetitionConfig(source=str(comp), metric="roc_auc", answers=None),
+        image_size=8,
+        n_folds=2,
+        seed=0,
+        out_dir=tmp_path / "data/prepared",
+        workers=1,
+    )
     train = pd.read_csv(tmp_path / "data/prepared/train.csv", dtype={"id": str, "label": str})
     test = pd.read_csv(tmp_path / "data/prepared/test.csv", dtype={"id": str})
     rng = np.random.default_rng(0)
     test_probs = rng.dirichlet(np.ones(2), len(test))
     (tmp_path / "predictions/b").mkdir(parents=True)
     probs_frame(train["id"], rng.dirichlet(np.ones(2), len(train)), ["0", "1"]).to_csv(
-        tmp_path / "predictions/b/oof_probs.csv", index=False)
+        tmp_path / "predictions/b/oof_probs.csv", index=False
+    )
     probs_frame(test["id"], test_probs, ["0", "1"]).to_csv(tmp_path / "predictions/b/test_probs.csv", index=False)
-    (tmp_path / "params.yaml").write_text("competition: {metric: roc_auc}\ntrain:\n  backbones: {b: {}}\n"
-                                          "ensemble: {methods: [soft_voting]}\ntracking: {enabled: false}\n")
+    (tmp_path / "params.yaml").write_text(
+        "competition: {metric: roc_auc}\ntrain:\n  backbones: {b: {}}\n"
+        "ensemble: {methods: [soft_voting]}\ntracking: {enabled: false}\n"
+    )
     monkeypatch.chdir(tmp_path)
     assert cli.main(["ensemble"]) == 0
     submission = pd.read_csv(tmp_path / "submissions/submission.csv")
@@ -183,7 +207,8 @@ def test_a_copy_of_a_member_adds_nothing(method):
     without = create_ensemble(method, "log_loss").fit([good, other], y)
     with_copy = create_ensemble(method, "log_loss").fit([good, other, good.copy()], y)
     assert log_loss(with_copy.predict_proba([good, other, good.copy()]), y) == pytest.approx(
-        log_loss(without.predict_proba([good, other]), y), abs=1e-6)
+        log_loss(without.predict_proba([good, other]), y), abs=1e-6
+    )
     # the copy's weight is taken from its original, not added on top
     assert with_copy.weights_[0] + with_copy.weights_[2] == pytest.approx(without.weights_[0], abs=0.02)
 
@@ -258,8 +283,14 @@ def test_every_method_keeps_the_estimator_contract(method):
 def oof_run(tmp_path, monkeypatch):
     """Prepared data plus OOF and test probabilities of a good and a noisy backbone."""
     comp = write_competition(tmp_path / "raw" / "comp", n_per_class=10, n_test=6)
-    prepare(CompetitionConfig(source=str(comp)), image_size=8, n_folds=3, seed=0, out_dir=tmp_path / "data/prepared",
-            workers=1)
+    prepare(
+        CompetitionConfig(source=str(comp)),
+        image_size=8,
+        n_folds=3,
+        seed=0,
+        out_dir=tmp_path / "data/prepared",
+        workers=1,
+    )
     train = pd.read_csv(tmp_path / "data/prepared/train.csv", dtype={"id": str, "label": str})
     test = pd.read_csv(tmp_path / "data/prepared/test.csv", dtype={"id": str})
     rng = np.random.default_rng(0)
@@ -270,9 +301,11 @@ def oof_run(tmp_path, monkeypatch):
         (tmp_path / "predictions" / name).mkdir(parents=True)
         probs_frame(train["id"], oof, CLASSES).to_csv(tmp_path / f"predictions/{name}/oof_probs.csv", index=False)
         probs_frame(test["id"], rng.dirichlet(np.ones(3), len(test)), CLASSES).to_csv(
-            tmp_path / f"predictions/{name}/test_probs.csv", index=False)
-    (tmp_path / "params.yaml").write_text("train:\n  backbones: {good: {}, noisy: {}}\ntracking: {enabled: false}\n"
-                                          "ensemble: {metric: log_loss}\n")
+            tmp_path / f"predictions/{name}/test_probs.csv", index=False
+        )
+    (tmp_path / "params.yaml").write_text(
+        "train:\n  backbones: {good: {}, noisy: {}}\ntracking: {enabled: false}\nensemble: {metric: log_loss}\n"
+    )
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -301,12 +334,18 @@ def test_stage_scores_every_method_honestly_and_submits_the_best(oof_run):
     assert pd.read_csv(oof_run / "submissions/submission.csv", dtype=str).equals(chosen)
 
 
-@pytest.mark.parametrize("line, message", [
-    ("ensemble: {methods: [soft_voting, blend9]}", "ensemble.methods: unknown method 'blend9'"),
-    ("ensemble: {method: caruana, methods: [soft_voting]}", "ensemble.method: 'caruana' is not auto or one of"),
-    ("ensemble: {metric: auc}", "'ensemble.metric' must be one of ['accuracy', 'log_loss', 'macro_f1', 'roc_auc', "),
-    ("ensemble: {weights: {nope: 1}}", "ensemble.weights.nope is not a key of train.backbones"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("ensemble: {methods: [soft_voting, blend9]}", "ensemble.methods: unknown method 'blend9'"),
+        ("ensemble: {method: caruana, methods: [soft_voting]}", "ensemble.method: 'caruana' is not auto or one of"),
+        (
+            "ensemble: {metric: auc}",
+            "'ensemble.metric' must be one of ['accuracy', 'log_loss', 'macro_f1', 'roc_auc', ",
+        ),
+        ("ensemble: {weights: {nope: 1}}", "ensemble.weights.nope is not a key of train.backbones"),
+    ],
+)
 def test_bad_ensemble_params_fail_with_one_line(oof_run, capsys, line, message):
     with open(oof_run / "params.yaml", "a") as f:
         f.write(line + "\n")
@@ -314,3 +353,24 @@ def test_bad_ensemble_params_fail_with_one_line(oof_run, capsys, line, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (oof_run / "submissions").exists()
+
+
+def test_fit_stage_is_a_library_call_that_chooses_and_reports_without_the_cli(oof_run):
+    """The ensemble stage's decisions, called directly: methods fitted, the best honest one chosen,
+    the best single backbone named; nothing is written until `write_submissions`."""
+    from pipeline.config import load_params
+    from pipeline.data import load_prepared
+    from pipeline.ensemble import fit_stage, headline, write_submissions
+
+    params = load_params("params.yaml")
+    data = load_prepared("data/prepared", images=False)
+    run = fit_stage(params, data, "params.yaml")
+    assert set(run.fitted) == set(ENSEMBLES) and not (oof_run / "submissions").exists()
+    assert run.metrics["best_single"]["backbone"] == "good"
+    honest = {name: fit.report["oof"]["log_loss"] for name, fit in run.fitted.items()}
+    assert honest[run.chosen] == min(honest.values())
+    write_submissions(run, data, oof_run / "data/prepared", oof_run / "submissions")
+    submitted = pd.read_csv(oof_run / "submissions/submission.csv", dtype=str)
+    chosen = run.fitted[run.chosen].test
+    assert submitted["label"].tolist() == [CLASSES[i] for i in chosen.argmax(1)]
+    assert set(headline(run.metrics, "accuracy", "log_loss")) == {"method", "accuracy", "log_loss", "lb_accuracy"}

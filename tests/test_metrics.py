@@ -1,7 +1,9 @@
 """Every competition metric against scikit-learn on hand-made numbers, with its direction."""
+
 import numpy as np
 import pytest
-from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score, log_loss as sk_log_loss, roc_auc_score
+from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score, roc_auc_score
+from sklearn.metrics import log_loss as sk_log_loss
 
 from pipeline.metrics import METRICS, argbest, direction, is_better, scores
 
@@ -13,13 +15,16 @@ P2_POS = np.array([0.1, 0.6, 0.35, 0.8, 0.9, 0.2])  # one positive (0.35) ranked
 P2 = np.column_stack([1 - P2_POS, P2_POS])
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("accuracy", accuracy_score(Y3, P3.argmax(1))),
-    ("log_loss", sk_log_loss(Y3, P3, labels=[0, 1, 2])),
-    ("macro_f1", f1_score(Y3, P3.argmax(1), average="macro")),
-    ("roc_auc", roc_auc_score(Y3, P3, multi_class="ovr", average="macro")),
-    ("quadratic_weighted_kappa", cohen_kappa_score(Y3, P3.argmax(1), weights="quadratic")),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("accuracy", accuracy_score(Y3, P3.argmax(1))),
+        ("log_loss", sk_log_loss(Y3, P3, labels=[0, 1, 2])),
+        ("macro_f1", f1_score(Y3, P3.argmax(1), average="macro")),
+        ("roc_auc", roc_auc_score(Y3, P3, multi_class="ovr", average="macro")),
+        ("quadratic_weighted_kappa", cohen_kappa_score(Y3, P3.argmax(1), weights="quadratic")),
+    ],
+)
 def test_multiclass_metric_matches_sklearn(name, expected):
     assert METRICS[name][0](P3, Y3) == pytest.approx(expected, abs=1e-12)
 

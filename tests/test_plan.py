@@ -1,4 +1,5 @@
 """The time-budget planner: its arithmetic on a fake speed table, and its plan followed by training."""
+
 import dataclasses
 import json
 import math
@@ -8,16 +9,14 @@ import pytest
 import yaml
 
 from pipeline import __main__ as cli
-
+from pipeline.backbone import apply_plan
 from pipeline.config import TrainSettings
 from pipeline.errors import PipelineError
-from pipeline.backbone import apply_plan
 from pipeline.plan import MARGIN, STAGE_OVERHEAD_S, BackboneWork, Speed, make_plan, plan_epochs, train_seconds
 from tests.conftest import write_competition
 
 # a fake machine: 100 training and 1,000 inference images/s; 3 folds of 1,000 training / 500 validation rows
-WORK = BackboneWork(epochs=10, val_every=10, fits=3, train_rows=1000, val_rows=500, val_models=1,
-                    predict_images=3000)
+WORK = BackboneWork(epochs=10, val_every=10, fits=3, train_rows=1000, val_rows=500, val_models=1, predict_images=3000)
 SPEED = Speed(train=100.0, infer=1000.0)
 
 
@@ -56,8 +55,14 @@ def test_the_plan_adds_up_its_stages():
     stages = plan["planned_seconds"]
     assert set(stages) >= {"prepare", "plan", "train@net", "predict@net", "ensemble", "analyze", "timing", "dvc"}
     assert stages["predict@net"] == pytest.approx(STAGE_OVERHEAD_S + 3000 / 1000, abs=0.1)
-    assert sum(stages.values()) == pytest.approx(plan["planned_total_seconds"], abs=1) and plan["planned_total_seconds"] <= 1800
-    assert plan["backbones"]["net"]["epochs"] > 10 and plan["backbones"]["net"]["val_every"] == plan["backbones"]["net"]["epochs"]
+    assert (
+        sum(stages.values()) == pytest.approx(plan["planned_total_seconds"], abs=1)
+        and plan["planned_total_seconds"] <= 1800
+    )
+    assert (
+        plan["backbones"]["net"]["epochs"] > 10
+        and plan["backbones"]["net"]["val_every"] == plan["backbones"]["net"]["epochs"]
+    )
 
 
 def test_the_planned_epochs_move_the_schedule_with_them():
@@ -75,16 +80,23 @@ def test_a_budget_plans_the_epochs_training_runs_and_timing_sets_actual_beside_p
     """Through the stages' own commands: plan measures this machine, train runs the planned epochs
     (not params'), and the timing stage reports planned and actual seconds per stage."""
     write_competition(tmp_path / "comp", n_per_class=8, n_test=6)
-    params = {"competition": {"source": "comp"}, "prepare": {"image_size": 12, "workers": 1}, "cv": {"n_folds": 2},
-              "train": {"backbones": {"b": {"model": "test_resnet"}}, "epochs": 1000, "batch_size": 4},
-              "budget": {"minutes": 0.05, "probe_batches": 2}, "tracking": {"enabled": False}}
+    params = {
+        "competition": {"source": "comp"},
+        "prepare": {"image_size": 12, "workers": 1},
+        "cv": {"n_folds": 2},
+        "train": {"backbones": {"b": {"model": "test_resnet"}}, "epochs": 1000, "batch_size": 4},
+        "budget": {"minutes": 0.05, "probe_batches": 2},
+        "tracking": {"enabled": False},
+    }
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     assert cli.main(["prepare"]) == 0
     capsys.readouterr()
     assert cli.main(["plan"]) == 1  # 3 seconds: too small, and the one-line error names the minimum
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    minimum = float(re.search(r"^error: budget.minutes: 0.05 is too small .* at least ([\d.]+) minutes", error).group(1))
+    minimum = float(
+        re.search(r"^error: budget.minutes: 0.05 is too small .* at least ([\d.]+) minutes", error).group(1)
+    )
     params["budget"]["minutes"] = minimum + 0.2  # 12 s more than one epoch per fold needs: a few epochs
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     assert cli.main(["plan"]) == 0

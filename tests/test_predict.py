@@ -5,13 +5,19 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, parse_params
-
 from pipeline.data import InputConfig, load_prepared, to_input
+from pipeline.inference import predict_proba
 from pipeline.metrics import log_loss
 from pipeline.models import create_model
-from pipeline.inference import predict_proba
-from pipeline.predict import (TTA_VIEWS, merge_views, predict_backbone, predict_tta, predict_views,
-                              resolve_tta, select_policy)
+from pipeline.predict import (
+    TTA_VIEWS,
+    merge_views,
+    predict_backbone,
+    predict_tta,
+    predict_views,
+    resolve_tta,
+    select_policy,
+)
 from pipeline.prepare import prepare
 
 CPU = torch.device("cpu")
@@ -23,8 +29,9 @@ def _images(n, size=12, seed=0):
 
 
 def _normalised(images):
-    return (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) \
-        / torch.tensor(STD).view(1, 3, 1, 1)
+    return (
+        torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)
+    ) / torch.tensor(STD).view(1, 3, 1, 1)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +64,10 @@ def test_views_transform_the_pixels_as_named():
     torch.testing.assert_close(view["rot270"], torch.rot90(view["rot90"], 2, dims=(2, 3)))
     torch.testing.assert_close(view["brighter"], ((raw * 1.1).clamp(0, 1) - mean) / std, atol=1e-5, rtol=0)
     # crops keep 14 of 16 pixels per side, at the named corner (or the centre), resized back to 16x16
-    resize = lambda t: torch.nn.functional.interpolate(t, size=(16, 16), mode="bilinear", align_corners=False)
+
+    def resize(t):
+        return torch.nn.functional.interpolate(t, size=(16, 16), mode="bilinear", align_corners=False)
+
     torch.testing.assert_close(view["crop_bl"], resize(x[..., 2:, :14]))
     torch.testing.assert_close(view["crop_center"], resize(x[..., 1:15, 1:15]))
     # 1 px translations: content moves up-left / down-right, the uncovered edge reflected
@@ -67,7 +77,7 @@ def test_views_transform_the_pixels_as_named():
     torch.testing.assert_close(view["hflip_shift_ul"][..., :15, :15], x.flip(3)[..., 1:, 1:])
     assert {v.shape for v in view.values()} == {x.shape}
     names = list(view)
-    assert not [(a, b) for i, a in enumerate(names) for b in names[i + 1:] if torch.allclose(view[a], view[b])]
+    assert not [(a, b) for i, a in enumerate(names) for b in names[i + 1 :] if torch.allclose(view[a], view[b])]
 
 
 def test_every_view_is_computed_once_and_merged_as_configured(model):
@@ -117,9 +127,18 @@ def _fold_models(data, root, seeds=(0,)):
             model = create_model("test_efficientnet", num_classes=3)
             mean, std = data.fold_stats(k)
             (root / f"seed{s}" / f"fold{k}").mkdir(parents=True)
-            torch.save({"model": "test_efficientnet", "num_classes": 3, "state_dict": model.state_dict(),
-                        "mean": mean, "std": std, "image_size": 12, "fold": k},
-                       root / f"seed{s}" / f"fold{k}" / "model.pt")
+            torch.save(
+                {
+                    "model": "test_efficientnet",
+                    "num_classes": 3,
+                    "state_dict": model.state_dict(),
+                    "mean": mean,
+                    "std": std,
+                    "image_size": 12,
+                    "fold": k,
+                },
+                root / f"seed{s}" / f"fold{k}" / "model.pt",
+            )
             models[s, k] = (model.eval(), mean, std)
     return models
 
@@ -135,31 +154,46 @@ def test_oof_rows_come_from_their_own_fold_models_and_test_is_the_mean_of_all(co
         got = preds[name]
         assert got.seeds == ["3", "7"] and got.oof_per_seed.shape == (2, len(folds), 3)
         for k in range(2):
-            per_seed = [predict_tta(m, data.train_images[folds == k], InputConfig(12, mu, sd), 4, CPU, views=tuple(views))
-                        for (s, kk), (m, mu, sd) in models.items() if kk == k]
+            per_seed = [
+                predict_tta(m, data.train_images[folds == k], InputConfig(12, mu, sd), 4, CPU, views=tuple(views))
+                for (s, kk), (m, mu, sd) in models.items()
+                if kk == k
+            ]
             np.testing.assert_allclose(got.oof_per_seed[:, folds == k], per_seed, atol=1e-6)
             np.testing.assert_allclose(got.oof[folds == k], np.mean(per_seed, 0), atol=1e-6)  # the seed bag
-        expected_test = np.mean([predict_tta(m, data.test_images, InputConfig(12, mu, sd), 4, CPU, views=tuple(views))
-                                 for m, mu, sd in models.values()], 0)
+        expected_test = np.mean(
+            [
+                predict_tta(m, data.test_images, InputConfig(12, mu, sd), 4, CPU, views=tuple(views))
+                for m, mu, sd in models.values()
+            ],
+            0,
+        )
         np.testing.assert_allclose(got.test, expected_test, atol=1e-6)
     assert not np.allclose(preds["none"].oof, preds["flip"].oof)
 
 
-@pytest.mark.parametrize("raw, message", [
-    ({"candidates": ["none", "sharpen"]}, "tta.candidates: 'sharpen' is not a policy of tta.policies"),
-    ({"select": "hflip2"}, "tta.select: 'hflip2' is not a policy"),
-    ({"backbones": {"net": "nope"}}, "tta.backbones.net: 'nope' is not a policy"),
-    ({"backbones": {"other": "hflip"}}, "tta.backbones.other is not a key of train.backbones"),
-    ({"policies": {"odd": []}}, "tta.policies.odd: empty list of views"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"candidates": ["none", "sharpen"]}, "tta.candidates: 'sharpen' is not a policy of tta.policies"),
+        ({"select": "hflip2"}, "tta.select: 'hflip2' is not a policy"),
+        ({"backbones": {"net": "nope"}}, "tta.backbones.net: 'nope' is not a policy"),
+        ({"backbones": {"other": "hflip"}}, "tta.backbones.other is not a key of train.backbones"),
+        ({"policies": {"odd": []}}, "tta.policies.odd: empty list of views"),
+    ],
+)
 def test_bad_tta_params_name_the_key_when_params_are_read(raw, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_params({"train": {"backbones": {"net": {}}}, "tta": raw}, "params.yaml")
 
 
 def test_an_unregistered_view_is_named_by_the_predict_stage():
-    tta = parse_params({"train": {"backbones": {"net": {}}},
-                        "tta": {"policies": {"odd": ["identity", "twirl"]}, "candidates": ["odd"]}}).tta
+    tta = parse_params(
+        {
+            "train": {"backbones": {"net": {}}},
+            "tta": {"policies": {"odd": ["identity", "twirl"]}, "candidates": ["odd"]},
+        }
+    ).tta
     with pytest.raises(ConfigError, match=re.escape("params.yaml: tta.policies.odd: unknown view 'twirl'")):
         resolve_tta(tta, "net", "params.yaml: tta")
 

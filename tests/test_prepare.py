@@ -141,6 +141,7 @@ def _drop_column(column):
     def mutate(root):
         pd.read_csv(root / "train.csv").drop(columns=column).to_csv(root / "train.csv", index=False)
         return f"no column '{column}'"
+
     return mutate
 
 
@@ -159,7 +160,8 @@ def _extra_test_image(root):
 def _extra_sample_row(root):
     sample = pd.read_csv(root / "sample_submission.csv")
     pd.concat([sample, pd.DataFrame({"id": ["te777"], "label": ["cat"]})]).to_csv(
-        root / "sample_submission.csv", index=False)
+        root / "sample_submission.csv", index=False
+    )
     return "id 'te777' has no image"
 
 
@@ -182,11 +184,33 @@ def _header_only(root):
     return "train.csv: no rows"
 
 
-@pytest.mark.parametrize("mutate", [
-    _corrupt, _missing_image, _drop_column("id"), _drop_column("label"), _duplicate_id,
-    _extra_test_image, _extra_sample_row, _rare_class, _nan_label, _header_only,
-], ids=["corrupt-image", "missing-image", "no-id-column", "no-label-column", "duplicate-id",
-        "test-image-without-row", "row-without-test-image", "class-smaller-than-folds", "nan-label", "header-only"])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        _corrupt,
+        _missing_image,
+        _drop_column("id"),
+        _drop_column("label"),
+        _duplicate_id,
+        _extra_test_image,
+        _extra_sample_row,
+        _rare_class,
+        _nan_label,
+        _header_only,
+    ],
+    ids=[
+        "corrupt-image",
+        "missing-image",
+        "no-id-column",
+        "no-label-column",
+        "duplicate-id",
+        "test-image-without-row",
+        "row-without-test-image",
+        "class-smaller-than-folds",
+        "nan-label",
+        "header-only",
+    ],
+)
 def test_bad_input_is_named_and_leaves_previous_outputs(comp_config, tmp_path, mutate):
     out = tmp_path / "prepared"
     run_prepare(comp_config, out)
@@ -262,8 +286,9 @@ def test_image_folder_layout_without_csvs(tmp_path):
             z.write(path, f"data/{path.relative_to(root)}")
     for source in (root, archive):
         out = tmp_path / f"prepared-{source.name}"
-        summary = run_prepare(CompetitionConfig(source=str(source), train_csv=None, sample_submission=None,
-                                                answers=None), out)
+        summary = run_prepare(
+            CompetitionConfig(source=str(source), train_csv=None, sample_submission=None, answers=None), out
+        )
         data = load_prepared(out)
         assert data.classes == ["cat", "dog", "frog"] and summary["n_train"] == 18
         assert (data.train.groupby("label").size() == 6).all()
@@ -273,8 +298,9 @@ def test_image_folder_layout_without_csvs(tmp_path):
         assert list(sample.columns) == ["id", "label"] and len(sample) == 4
 
 
-@pytest.mark.parametrize("column, value", [("id", "../../../etc/passwd"), ("id", "/etc/passwd"),
-                                           ("file", "../comp2/x.jpg")])
+@pytest.mark.parametrize(
+    "column, value", [("id", "../../../etc/passwd"), ("id", "/etc/passwd"), ("file", "../comp2/x.jpg")]
+)
 def test_an_id_or_path_leaving_the_competition_is_refused(tmp_path, column, value):
     root = write_competition(tmp_path / "comp")
     train = pd.read_csv(root / "train.csv", dtype=str)
@@ -340,8 +366,9 @@ def test_skip_bad_images_drops_and_lists_them(comp_config, tmp_path, capsys):
 def test_a_bad_test_image_is_an_error_even_when_skipping(comp_config, tmp_path):
     (tmp_path / "comp" / "test" / "te001.jpg").write_bytes(b"")
     with pytest.raises(PipelineError, match=r"1 bad test images: .*te001\.jpg \(empty file\)"):
-        prepare(comp_config, image_size=8, n_folds=2, seed=0, out_dir=tmp_path / "prepared", workers=1,
-                skip_bad_images=True)
+        prepare(
+            comp_config, image_size=8, n_folds=2, seed=0, out_dir=tmp_path / "prepared", workers=1, skip_bad_images=True
+        )
 
 
 # ---------------------------------------------------------------- image geometry
@@ -363,8 +390,9 @@ def test_resize_modes(tmp_path, resize):
     root = write_competition(tmp_path / "comp")
     _bands(root)
     out = tmp_path / "prepared"
-    prepare(CompetitionConfig(source=str(root)), image_size=16, n_folds=2, seed=0, out_dir=out, workers=1,
-            resize=resize)
+    prepare(
+        CompetitionConfig(source=str(root)), image_size=16, n_folds=2, seed=0, out_dir=out, workers=1, resize=resize
+    )
     data = load_prepared(out)
     img = np.asarray(data.train_images[0]).astype(int)
     assert data.train[["width", "height"]].iloc[0].tolist() == [40, 20]  # the original size is kept
@@ -380,8 +408,11 @@ def test_resize_modes(tmp_path, resize):
 
 def test_kappa_needs_integer_grades(comp_config, tmp_path):
     comp = dataclasses.replace(comp_config, metric="quadratic_weighted_kappa")
-    with pytest.raises(PipelineError, match=r"train.csv: label 'cat' is not an integer grade \(competition.metric: "
-                                            r"quadratic_weighted_kappa needs ordinal integer labels\)"):
+    with pytest.raises(
+        PipelineError,
+        match=r"train.csv: label 'cat' is not an integer grade \(competition.metric: "
+        r"quadratic_weighted_kappa needs ordinal integer labels\)",
+    ):
         run_prepare(comp, tmp_path / "prepared")
 
 

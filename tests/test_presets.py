@@ -1,14 +1,14 @@
 """Presets: every shipped one is a valid override of the params schema, and applying one keeps
 params.yaml's comments and changes exactly what the preset names."""
+
 import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 
 from pipeline import __main__ as cli
 from pipeline.config import ConfigError, Params, load_params, parse_params, to_dict
-from pipeline.presets import apply_preset, list_presets, load_preset, merge
+from pipeline.presets import list_presets, load_preset, merge
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ROOT / "configs" / "presets"
@@ -24,7 +24,7 @@ def test_every_preset_key_exists_in_the_params_schema(name):
     resolved = parse_params(merge(to_dict(Params()), delta))
     flat_delta = _leaves(delta)
     flat_resolved = _leaves(to_dict(resolved))
-    for key, value in flat_delta.items():  # the preset's values reach the resolved params
+    for key in flat_delta:  # the preset's values reach the resolved params
         assert any(k == key or k.startswith(key + ".") for k in flat_resolved), key
 
 

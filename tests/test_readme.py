@@ -1,4 +1,5 @@
 """The README's command blocks work as written in a new shell, with no virtualenv activated."""
+
 import re
 import shlex
 from pathlib import Path
@@ -43,8 +44,15 @@ def commands_missing_the_venv(block: list[str]) -> list[str]:
                 continue
             if " ".join(words[:2]) == ACTIVATE:
                 active = True
-            elif not active and (words[0] in NEEDS_VENV or (  # .venv/bin/dvc itself runs, its stages' python not
-                    words[0].endswith(".venv/bin/dvc") and (words[1:2] == ["repro"] or words[1:3] == ["exp", "run"]))):
+            elif (
+                not active
+                and (
+                    words[0] in NEEDS_VENV
+                    or (  # .venv/bin/dvc itself runs, its stages' python not
+                        words[0].endswith(".venv/bin/dvc") and (words[1:2] == ["repro"] or words[1:3] == ["exp", "run"])
+                    )
+                )
+            ):
                 missing.append(" ".join(words))
     return missing
 

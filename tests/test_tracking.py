@@ -1,4 +1,5 @@
 """The MLflow edge (pipeline/tracking.py) against a real SQLite-backed store."""
+
 import os
 import socket
 import subprocess

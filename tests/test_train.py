@@ -1,4 +1,5 @@
 """The training loop on real tiny timm models, with a real MLflow store in tmp_path."""
+
 import dataclasses
 import json
 import os
@@ -16,41 +17,57 @@ from timm.data import Mixup
 
 from pipeline import __main__ as cli
 from pipeline.analyze import fold_scores
-from pipeline.config import TrainSettings
 from pipeline.backbone import Backbone, input_size
-from pipeline.data import (GPU_IMAGES_PER_S, InputConfig, Rows, build_train_transform, default_num_workers,
-                           load_prepared, to_input)
+from pipeline.config import TrainSettings
+from pipeline.data import (
+    GPU_IMAGES_PER_S,
+    InputConfig,
+    Rows,
+    build_train_transform,
+    default_num_workers,
+    load_prepared,
+    to_input,
+)
 from pipeline.errors import PipelineError
+from pipeline.inference import load_fold_model, predict_proba
+from pipeline.loop import Split, build_optimizer, derive_seed, fit, freeze, lr_factor, train_one_epoch
+from pipeline.metrics import log_loss
 from pipeline.models import create_model, pretrained_config
 from pipeline.precision import resolve_precision
 from pipeline.predict import predict_backbone
-from pipeline.inference import load_fold_model, predict_proba
 from pipeline.prepare import prepare
 from pipeline.tracking import Tracker
-from pipeline.metrics import log_loss
-from pipeline.loop import Split, build_optimizer, derive_seed, fit, freeze, lr_factor, train_one_epoch
 from pipeline.train import bootstrap_rows, initial_model, train_backbone, train_fold
 
 pytestmark = pytest.mark.training  # trains or tunes: CI runs these again on another instruction set
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
-SETTINGS = TrainSettings(epochs=4, batch_size=4, lr=1e-2, weight_decay=0.0, warmup_epochs=0.5,
-                         augment=[{"HorizontalFlip": {"p": 0.5}}], seed=0)
+SETTINGS = TrainSettings(
+    epochs=4,
+    batch_size=4,
+    lr=1e-2,
+    weight_decay=0.0,
+    warmup_epochs=0.5,
+    augment=[{"HorizontalFlip": {"p": 0.5}}],
+    seed=0,
+)
 OFF = Tracker(False, "off")
+
 
 def _fit(model, images, targets, val_images, val_targets, mean, std, s, image_size, device, num_classes, **kwargs):
     """The loop on explicit rows, as a fold of these tests feeds it."""
     cfg = InputConfig(image_size, tuple(mean), tuple(std), precision=s.precision)
-    return fit(model, Split(images, targets), Split(val_images, val_targets), cfg, s, device,
-               num_classes=num_classes, **kwargs)
+    return fit(
+        model, Split(images, targets), Split(val_images, val_targets), cfg, s, device, num_classes=num_classes, **kwargs
+    )
 
 
 def _bag(data, name, model_name, s, image_size, out_dir, device, tracker, pretrained=None, resume_dir=None):
     """`train_backbone` of a backbone resolved by hand."""
-    return train_backbone(data, Backbone(name, model_name, pretrained, s, image_size, {}), out_dir, device, tracker,
-                          resume_dir=resume_dir)
-
+    return train_backbone(
+        data, Backbone(name, model_name, pretrained, s, image_size, {}), out_dir, device, tracker, resume_dir=resume_dir
+    )
 
 
 @pytest.fixture
@@ -69,21 +86,31 @@ def _fold0(data):
 def _batches(data, size=4, n=3):
     images = torch.from_numpy(np.asarray(data.train_images[: size * n]))
     targets = torch.from_numpy(data.train["target"].to_numpy()[: size * n])
-    return [(images[i:i + size], targets[i:i + size]) for i in range(0, size * n, size)]
+    return [(images[i : i + size], targets[i : i + size]) for i in range(0, size * n, size)]
 
 
 def _one_epoch(model, batches, s: TrainSettings, mean=(0.5,) * 3, std=(0.25,) * 3, **kwargs):
     optimizer = build_optimizer(model, s)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    return train_one_epoch(model, batches, optimizer, scheduler, CPU, InputConfig(16, tuple(mean), tuple(std)), **kwargs), optimizer
+    return train_one_epoch(
+        model, batches, optimizer, scheduler, CPU, InputConfig(16, tuple(mean), tuple(std)), **kwargs
+    ), optimizer
 
 
 def test_cv_training_writes_oof_checkpoints_and_an_mlflow_tree(prepared, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tracker = Tracker(True, "unit", uri=uri)
     with tracker.run("test_resnet", params={"backbone": "test_resnet"}):  # 8 epochs: learnt on every CPU tried
-        oof, metrics = _bag(prepared, "test_resnet", "test_resnet", dataclasses.replace(SETTINGS, epochs=8),
-                                      16, tmp_path / "models", CPU, tracker)
+        oof, metrics = _bag(
+            prepared,
+            "test_resnet",
+            "test_resnet",
+            dataclasses.replace(SETTINGS, epochs=8),
+            16,
+            tmp_path / "models",
+            CPU,
+            tracker,
+        )
 
     targets = prepared.train["target"].to_numpy()
     assert oof.shape == (24, 3)
@@ -117,8 +144,7 @@ def test_two_seeded_runs_give_identical_oof(prepared, tmp_path):
     a, _ = _bag(prepared, "b", "test_efficientnet", s, 16, tmp_path / "a", CPU, OFF)
     b, _ = _bag(prepared, "b", "test_efficientnet", s, 16, tmp_path / "b", CPU, OFF)
     np.testing.assert_array_equal(a, b)
-    c, _ = _bag(prepared, "b", "test_efficientnet", dataclasses.replace(s, seed=1), 16, tmp_path / "c",
-                          CPU, OFF)
+    c, _ = _bag(prepared, "b", "test_efficientnet", dataclasses.replace(s, seed=1), 16, tmp_path / "c", CPU, OFF)
     assert not np.array_equal(a, c)
 
 
@@ -139,8 +165,7 @@ def test_a_resumed_fold_equals_an_uninterrupted_one(prepared, tmp_path):
     state = tmp_path / "fold0.state.pt"
     torch.manual_seed(0)
     with pytest.raises(Killed):
-        _fit(create_model("test_resnet", 3), *data, s, 16, CPU, 3, on_epoch=kill_after_second_epoch,
-                   state_path=state)
+        _fit(create_model("test_resnet", 3), *data, s, 16, CPU, 3, on_epoch=kill_after_second_epoch, state_path=state)
     assert torch.load(state, weights_only=True)["epoch"] == 1  # tensors and plain values: nothing unpickled
     torch.manual_seed(123)  # a new process: different initial weights, which the checkpoint replaces
     resumed = _fit(create_model("test_resnet", 3), *data, s, 16, CPU, 3, state_path=state)
@@ -181,8 +206,7 @@ def test_unfreeze_epoch_trains_the_backbone_again(prepared):
     result = _fit(model, *data, s, 16, CPU, 3)
     assert not torch.equal(result.state_dict["layer1.0.conv1.weight"], stem)
     torch.manual_seed(0)  # the same start without unfreezing: the stage never moves
-    frozen_run = _fit(create_model("test_resnet", 3), *data, dataclasses.replace(s, unfreeze_epoch=None),
-                            16, CPU, 3)
+    frozen_run = _fit(create_model("test_resnet", 3), *data, dataclasses.replace(s, unfreeze_epoch=None), 16, CPU, 3)
     assert torch.equal(frozen_run.state_dict["layer1.0.conv1.weight"], stem)
 
 
@@ -221,8 +245,7 @@ def test_nothing_in_a_fold_folder_is_unpickled_and_resume_states_load_weights_on
     import skops.io
 
     s = dataclasses.replace(SETTINGS, finetune="features+sklearn")
-    oof, _ = _bag(prepared, "b", "test_resnet", s, 16, tmp_path / "models", CPU, OFF,
-                            resume_dir=tmp_path / "resume")
+    oof, _ = _bag(prepared, "b", "test_resnet", s, 16, tmp_path / "models", CPU, OFF, resume_dir=tmp_path / "resume")
     for done in sorted((tmp_path / "resume" / "seed0").glob("fold*.done.pt")):  # a finished fold, kept
         assert torch.load(done, weights_only=True)["checkpoint"]["sklearn_head"]
     fold = tmp_path / "models" / "seed0" / "fold1"
@@ -235,8 +258,9 @@ def test_nothing_in_a_fold_folder_is_unpickled_and_resume_states_load_weights_on
     again = predict_proba(model, prepared.train_images[folds == 1], InputConfig.from_checkpoint(ckpt), 8, CPU)
     np.testing.assert_allclose(again, oof[folds == 1], atol=1e-6)
     # a resumed run takes its finished folds from the resume folder, through the same safe loaders
-    again_oof, _ = _bag(prepared, "b", "test_resnet", s, 16, tmp_path / "models2", CPU, OFF,
-                                  resume_dir=tmp_path / "resume")
+    again_oof, _ = _bag(
+        prepared, "b", "test_resnet", s, 16, tmp_path / "models2", CPU, OFF, resume_dir=tmp_path / "resume"
+    )
     np.testing.assert_array_equal(again_oof, oof)
 
     skops.io.dump({"head": _Planted(marker)}, fold / "classifier.skops")  # a head naming a foreign type
@@ -293,8 +317,11 @@ def test_mixup_and_label_smoothing_change_the_loss(prepared):
     batches = _batches(prepared, n=1)
     s = dataclasses.replace(SETTINGS, lr=0.0)
     losses = {}
-    for name, kwargs in {"plain": {}, "smooth": {"label_smoothing": 0.3},
-                         "mixup": {"mixup": Mixup(mixup_alpha=1.0, num_classes=3, label_smoothing=0.0)}}.items():
+    for name, kwargs in {
+        "plain": {},
+        "smooth": {"label_smoothing": 0.3},
+        "mixup": {"mixup": Mixup(mixup_alpha=1.0, num_classes=3, label_smoothing=0.0)},
+    }.items():
         torch.manual_seed(0)
         model = create_model("test_vit", 3)
         losses[name], _ = _one_epoch(model, batches, s, **kwargs)
@@ -309,8 +336,9 @@ def test_mixup_switches_off_at_its_epoch(prepared):
     model = create_model("test_vit", 3)  # no dropout or batch norm: with lr 0 the function stays fixed
     result = _fit(model, images, targets, val_images, val_targets, mean, std, s, 16, CPU, 3)
     with torch.no_grad():
-        x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) \
-            / torch.tensor(std).view(1, 3, 1, 1)
+        x = (
+            torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)
+        ) / torch.tensor(std).view(1, 3, 1, 1)
         plain = torch.nn.functional.cross_entropy(model(x), torch.from_numpy(targets)).item()
     assert result.history[1]["train_loss"] == pytest.approx(plain, rel=1e-4)  # epoch 2: no mixing
     assert result.history[0]["train_loss"] != pytest.approx(plain, rel=1e-3)  # epoch 1: mixed
@@ -320,6 +348,7 @@ def test_ema_weights_differ_from_live_weights_and_can_be_kept(prepared):
     data = _fold0(prepared)
     s = dataclasses.replace(SETTINGS, epochs=2, ema_decay=0.5)
     from timm.utils import ModelEmaV3
+
     torch.manual_seed(0)
     model = create_model("test_resnet", 3)
     ema = ModelEmaV3(model, decay=0.5)
@@ -352,8 +381,9 @@ def test_augmentation_comes_from_config():
     np.testing.assert_array_equal(t(image=image)["image"], image[:, ::-1])
     never = build_train_transform([{"HorizontalFlip": {"p": 1.0}}], seed=0, p=0.0)  # augment_p: strength
     np.testing.assert_array_equal(never(image=image)["image"], image)
-    pad_crop = build_train_transform([{"PadIfNeeded": {"min_height": 6, "min_width": 6}},
-                                      {"RandomCrop": {"height": 2, "width": 3}}], seed=0, p=0.5)
+    pad_crop = build_train_transform(
+        [{"PadIfNeeded": {"min_height": 6, "min_width": 6}}, {"RandomCrop": {"height": 2, "width": 3}}], seed=0, p=0.5
+    )
     assert {pad_crop(image=image)["image"].shape for _ in range(20)} == {(2, 3, 3)}  # applied together or not
     with pytest.raises(PipelineError, match=r"train.augment\[0\]: 'Flipz' is not an albumentations transform"):
         build_train_transform([{"Flipz": {}}], seed=0)
@@ -367,12 +397,15 @@ def test_oneof_and_other_compositions_build_through_albumentations_and_replay_fr
     import albumentations as A
 
     image = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
-    one_of = [{"OneOf": {"transforms": [{"HorizontalFlip": {"p": 1.0}}, {"VerticalFlip": {"p": 1.0}}], "p": 1.0}},
-              {"RandomCrop": {"height": 2, "width": 2}}]  # p left out: the class's own (1.0), not from_dict's 0.5
+    one_of = [
+        {"OneOf": {"transforms": [{"HorizontalFlip": {"p": 1.0}}, {"VerticalFlip": {"p": 1.0}}], "p": 1.0}},
+        {"RandomCrop": {"height": 2, "width": 2}},
+    ]  # p left out: the class's own (1.0), not from_dict's 0.5
     t = build_train_transform(one_of, seed=0)
     outs = {t(image=image)["image"].tobytes() for _ in range(40)}
-    flips = {a[:, :2].tobytes() for a in (image[:, ::-1], image[::-1])} | {a[:, 1:].tobytes()
-                                                                           for a in (image[:, ::-1], image[::-1])}
+    flips = {a[:, :2].tobytes() for a in (image[:, ::-1], image[::-1])} | {
+        a[:, 1:].tobytes() for a in (image[:, ::-1], image[::-1])
+    }
     assert outs <= flips and len(outs) >= 2  # always one of the two flips, then always cropped
     replay = A.from_dict(A.to_dict(t))  # the record train writes (augment.json) builds the same pipeline
     assert A.to_dict(replay) == A.to_dict(t)
@@ -389,13 +422,21 @@ def test_default_augmentation_follows_the_cache_size_and_a_shrinking_one_is_refu
     outs = [shift(image=image)["image"] for _ in range(20)]
     assert {o.shape for o in outs} == {(64, 64, 3)}  # the whole image, shifted: no 32 px crop of a 64 px one
     assert max(int((o == 0).all(2).any(1).sum()) for o in outs) > 2  # shifted in by up to 6 px of black
-    resized = build_train_transform([{"RandomResizedCrop": {"size": [48, 48], "scale": [0.5, 1.0]}}], seed=0,
-                                    cache_size=64, image_size=48)  # from the cache to the network's size
+    resized = build_train_transform(
+        [{"RandomResizedCrop": {"size": [48, 48], "scale": [0.5, 1.0]}}], seed=0, cache_size=64, image_size=48
+    )  # from the cache to the network's size
     assert resized(image=image)["image"].shape == (48, 48, 3)
-    with pytest.raises(PipelineError, match=r"train.augment: turns the 64 px cache images into 32x32; .* crop to "
-                                            r"48 or 64 px"):
-        build_train_transform([{"PadIfNeeded": {"min_height": 38, "min_width": 38}},
-                               {"RandomCrop": {"height": 32, "width": 32}}], seed=0, cache_size=64, image_size=48)
+    with pytest.raises(
+        PipelineError,
+        match=r"train.augment: turns the 64 px cache images into 32x32; .* crop to "
+        r"48 or 64 px",
+    ):
+        build_train_transform(
+            [{"PadIfNeeded": {"min_height": 38, "min_width": 38}}, {"RandomCrop": {"height": 32, "width": 32}}],
+            seed=0,
+            cache_size=64,
+            image_size=48,
+        )
 
 
 def test_a_fold_reads_the_memory_mapped_cache_without_copying_it(prepared):
@@ -429,8 +470,9 @@ def test_local_pretrained_weights_are_loaded_with_a_new_head(tmp_path):
     torch.save(source.state_dict(), path)
     model = create_model("test_resnet", num_classes=3, pretrained=path)
     assert model.fc.out_features == 3
-    loaded, saved, fresh = (m.state_dict()["layer1.0.conv1.weight"]
-                            for m in (model, source, create_model("test_resnet", num_classes=3)))
+    loaded, saved, fresh = (
+        m.state_dict()["layer1.0.conv1.weight"] for m in (model, source, create_model("test_resnet", num_classes=3))
+    )
     torch.testing.assert_close(loaded, saved)
     assert not torch.equal(fresh, saved)
 
@@ -457,8 +499,11 @@ class _OutOfMemoryAbove(torch.nn.Module):
 def test_out_of_memory_in_training_suggests_a_smaller_batch(prepared):
     data = _fold0(prepared)
     model = _OutOfMemoryAbove(limit=2)
-    with pytest.raises(PipelineError, match=r"out of GPU memory at train.batch_size=4; lower it \(e.g. to 2\) "
-                                            r"and raise train.grad_accum_steps"):
+    with pytest.raises(
+        PipelineError,
+        match=r"out of GPU memory at train.batch_size=4; lower it \(e.g. to 2\) "
+        r"and raise train.grad_accum_steps",
+    ):
         _fit(model, *data, SETTINGS, 16, CPU, 3)
 
 
@@ -505,8 +550,9 @@ def test_seed_bag_trains_every_fold_per_seed_and_averages_the_oof(prepared, tmp_
         for k in range(2):
             model, ckpt = load_fold_model(tmp_path / "models" / f"seed{seed}" / f"fold{k}" / "model.pt", CPU)
             assert ckpt["seed"] == seed
-            oof[folds == k] = predict_proba(model, prepared.train_images[folds == k], InputConfig.from_checkpoint(ckpt),
-                                            8, CPU)
+            oof[folds == k] = predict_proba(
+                model, prepared.train_images[folds == k], InputConfig.from_checkpoint(ckpt), 8, CPU
+            )
         per_seed.append(oof)
     np.testing.assert_allclose(bag, np.mean(per_seed, 0), atol=1e-5)
     assert not np.allclose(per_seed[0], per_seed[1])  # different seeds, different models
@@ -514,8 +560,9 @@ def test_seed_bag_trains_every_fold_per_seed_and_averages_the_oof(prepared, tmp_
     assert set(metrics["seeds"]) == {"3", "4"}
     assert metrics["seeds"]["3"]["log_loss"] == pytest.approx(log_loss(per_seed[0], targets), abs=1e-5)
     assert metrics["oof"]["log_loss"] == pytest.approx(log_loss(bag, targets), abs=1e-5)
-    boot, _ = _bag(prepared, "b", "test_resnet", dataclasses.replace(s, seeds=[3], bootstrap=True),
-                             16, tmp_path / "boot", CPU, OFF)
+    boot, _ = _bag(
+        prepared, "b", "test_resnet", dataclasses.replace(s, seeds=[3], bootstrap=True), 16, tmp_path / "boot", CPU, OFF
+    )
     assert not np.allclose(boot, per_seed[0], atol=1e-4)  # same seed, resampled rows: another model
 
 
@@ -524,8 +571,12 @@ def test_no_two_seed_fold_pairs_of_a_bag_share_an_initialisation():
     fold_seeds = [derive_seed(seed, fold) for seed, fold in pairs]
     assert len(set(fold_seeds)) == len(pairs)
     weights = [initial_model("test_resnet", 3, SETTINGS, fold_seed).fc.weight for fold_seed in fold_seeds]
-    assert not [(a, b) for i, a in enumerate(pairs) for j, b in enumerate(pairs)
-                if i < j and torch.equal(weights[i], weights[j])]
+    assert not [
+        (a, b)
+        for i, a in enumerate(pairs)
+        for j, b in enumerate(pairs)
+        if i < j and torch.equal(weights[i], weights[j])
+    ]
     epoch_seeds = {derive_seed(s, epoch) for s in fold_seeds for epoch in range(10)}
     assert len(epoch_seeds) == 10 * len(pairs)  # nor the augmentation and batch order of any epoch
 
@@ -543,8 +594,15 @@ def test_registered_cifar_net_is_a_timm_model_that_trains_and_freezes(prepared):
     net = create_model("cifar_net_s", 3)
     initial = {k: v.clone() for k, v in net.state_dict().items()}
     stems = []
-    result = _fit(net, *_fold0(prepared), dataclasses.replace(SETTINGS, epochs=3), 16, CPU, 3,
-                        on_epoch=lambda epoch, row: stems.append(net.stem[0].weight.detach().clone()))
+    result = _fit(
+        net,
+        *_fold0(prepared),
+        dataclasses.replace(SETTINGS, epochs=3),
+        16,
+        CPU,
+        3,
+        on_epoch=lambda epoch, row: stems.append(net.stem[0].weight.detach().clone()),
+    )
     trainable = {n for n, p in net.named_parameters() if p.requires_grad}
     moved = {n for n in trainable if not torch.equal(result.state_dict[n], initial[n])}
     assert moved == trainable  # every trainable tensor trained; the stem's whitening weight is frozen (below)
@@ -578,7 +636,11 @@ def test_val_every_skips_validation_and_keeps_the_last_epoch_when_it_equals_epoc
     assert result.best_epoch == 2
     model = create_model("test_resnet", 3)
     model.load_state_dict(result.state_dict)
-    np.testing.assert_allclose(predict_proba(model, data[2], InputConfig(16, tuple(data[4]), tuple(data[5])), 8, CPU), result.val_probs, atol=1e-6)
+    np.testing.assert_allclose(
+        predict_proba(model, data[2], InputConfig(16, tuple(data[4]), tuple(data[5])), 8, CPU),
+        result.val_probs,
+        atol=1e-6,
+    )
 
     # killed after an unvalidated epoch, it resumes to the same weights
     class Killed(Exception):
@@ -587,14 +649,15 @@ def test_val_every_skips_validation_and_keeps_the_last_epoch_when_it_equals_epoc
     def kill(epoch, row):
         if epoch == 0:
             raise Killed
+
     torch.manual_seed(0)
     with pytest.raises(Killed):
-        _fit(create_model("test_resnet", 3), *data, s, 16, CPU, 3, on_epoch=kill,
-                   state_path=tmp_path / "state.pt")
+        _fit(create_model("test_resnet", 3), *data, s, 16, CPU, 3, on_epoch=kill, state_path=tmp_path / "state.pt")
     resumed = _fit(create_model("test_resnet", 3), *data, s, 16, CPU, 3, state_path=tmp_path / "state.pt")
     np.testing.assert_array_equal(resumed.val_probs, result.val_probs)
     with pytest.raises(PipelineError, match="train.val_every"):
         from pipeline.config import check_train_settings
+
         check_train_settings(dataclasses.replace(s, val_every=0), "train")
 
 
@@ -609,18 +672,31 @@ class _PriorOnly(torch.nn.Module):
         return self.bias.expand(len(x), -1) + 0 * x.mean()
 
 
-@pytest.mark.parametrize("settings, rare_low, rare_high", [
-    ({}, 0.0, 0.15),  # the prior: 10 of 110 rows, 0.09
-    ({"class_weight": "balanced"}, 0.4, 0.6),  # both classes weigh the same: 0.5
-    ({"class_weight": "balanced", "mixup_alpha": 0.2}, 0.4, 0.6),
-    ({"sampler": "balanced"}, 0.4, 0.6),  # both classes drawn as often: 0.5
-])
+@pytest.mark.parametrize(
+    "settings, rare_low, rare_high",
+    [
+        ({}, 0.0, 0.15),  # the prior: 10 of 110 rows, 0.09
+        ({"class_weight": "balanced"}, 0.4, 0.6),  # both classes weigh the same: 0.5
+        ({"class_weight": "balanced", "mixup_alpha": 0.2}, 0.4, 0.6),
+        ({"sampler": "balanced"}, 0.4, 0.6),  # both classes drawn as often: 0.5
+    ],
+)
 def test_class_weight_and_balanced_sampler_undo_a_10_to_1_imbalance(settings, rare_low, rare_high):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (150, 8, 8, 3), dtype=np.uint8)
     y_train, y_val = np.array([0] * 100 + [1] * 10), np.array([0] * 30 + [1] * 10)
-    s = TrainSettings(epochs=10, batch_size=10, lr=0.05, weight_decay=0.0, warmup_epochs=0.5, scheduler="constant",
-                      augment=[], seed=0, val_every=10, **settings)
+    s = TrainSettings(
+        epochs=10,
+        batch_size=10,
+        lr=0.05,
+        weight_decay=0.0,
+        warmup_epochs=0.5,
+        scheduler="constant",
+        augment=[],
+        seed=0,
+        val_every=10,
+        **settings,
+    )
     result = _fit(_PriorOnly(2), images[:110], y_train, images[110:], y_val, [0.5] * 3, [0.25] * 3, s, 8, CPU, 2)
     assert rare_low < result.val_probs[:, 1].mean() < rare_high
 
@@ -629,10 +705,12 @@ def test_class_weight_and_balanced_sampler_undo_a_10_to_1_imbalance(settings, ra
 
 
 def test_pretrained_true_offline_without_a_cache_is_one_line_naming_the_alternatives(tmp_path):
-    code = ("from pipeline.models import create_model\n"
-            "from pipeline.errors import PipelineError\n"
-            "try:\n    create_model('resnet10t', 3, pretrained=True)\n"
-            "except PipelineError as e:\n    print('ERROR', e)\n")
+    code = (
+        "from pipeline.models import create_model\n"
+        "from pipeline.errors import PipelineError\n"
+        "try:\n    create_model('resnet10t', 3, pretrained=True)\n"
+        "except PipelineError as e:\n    print('ERROR', e)\n"
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf-cache")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
     line = out.stdout.strip()
@@ -642,8 +720,9 @@ def test_pretrained_true_offline_without_a_cache_is_one_line_naming_the_alternat
 
 def _finished_run(prepared, tmp_path) -> Path:
     """A finished train stage's outputs for backbone `b` (test_resnet, 2 folds x 1 epoch) in tmp_path."""
-    _, metrics = _bag(prepared, "b", "test_resnet", dataclasses.replace(SETTINGS, epochs=1), 16,
-                                tmp_path / "models/b", CPU, OFF)
+    _, metrics = _bag(
+        prepared, "b", "test_resnet", dataclasses.replace(SETTINGS, epochs=1), 16, tmp_path / "models/b", CPU, OFF
+    )
     (tmp_path / "reports/train").mkdir(parents=True)
     (tmp_path / "reports/train/b.json").write_text(json.dumps(metrics))
     (tmp_path / "params.yaml").write_text("train:\n  seed: 0\n  backbones: {b: {model: test_resnet}}\n")
@@ -664,8 +743,9 @@ def test_a_finished_runs_model_and_its_export_transfer_with_a_new_head(prepared,
         assert model.fc.out_features == 5  # a new competition's head
     torch.testing.assert_close(model.state_dict()["layer1.0.conv1.weight"], source["layer1.0.conv1.weight"])
     # the export is what timm itself loads as pretrained weights (its classifier dropped for 5 classes)
-    direct = timm.create_model("test_resnet", pretrained=True, num_classes=5,
-                               pretrained_cfg_overlay=dict(file=str(run / "exports/b/model.pt")))
+    direct = timm.create_model(
+        "test_resnet", pretrained=True, num_classes=5, pretrained_cfg_overlay=dict(file=str(run / "exports/b/model.pt"))
+    )
     torch.testing.assert_close(direct.state_dict()["layer1.0.conv1.weight"], source["layer1.0.conv1.weight"])
     with pytest.raises(PipelineError, match="holds a test_resnet, not a test_efficientnet"):
         create_model("test_efficientnet", 5, pretrained=run / "exports/b/model.pt")
@@ -674,16 +754,28 @@ def test_a_finished_runs_model_and_its_export_transfer_with_a_new_head(prepared,
 def test_a_pretrained_model_is_fed_its_weights_own_normalisation(prepared, tmp_path):
     torch.manual_seed(0)
     weights = tmp_path / "model.pt"  # a source run whose inputs were normalised with these statistics
-    torch.save({"model": "test_resnet", "num_classes": 7, "state_dict": create_model("test_resnet", 7).state_dict(),
-                "mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6], "image_size": 16}, weights)
+    torch.save(
+        {
+            "model": "test_resnet",
+            "num_classes": 7,
+            "state_dict": create_model("test_resnet", 7).state_dict(),
+            "mean": [0.1, 0.2, 0.3],
+            "std": [0.4, 0.5, 0.6],
+            "image_size": 16,
+        },
+        weights,
+    )
     timm_file = tmp_path / "timm.pth"  # a plain timm checkpoint: timm's data config of the architecture
     torch.save(create_model("test_resnet", 7).state_dict(), timm_file)
     s = dataclasses.replace(SETTINGS, epochs=1)
     fold_mean, fold_std = prepared.fold_stats(0)
     timm_cfg = timm.models.get_pretrained_cfg("test_resnet")  # what timm says the architecture's weights expect
-    cases = [(None, s, fold_mean, fold_std), (weights, s, [0.1, 0.2, 0.3], [0.4, 0.5, 0.6]),
-             (timm_file, s, list(timm_cfg.mean), list(timm_cfg.std)),
-             (weights, dataclasses.replace(s, mean=[0.5] * 3, std=[0.2] * 3), [0.5] * 3, [0.2] * 3)]  # params win
+    cases = [
+        (None, s, fold_mean, fold_std),
+        (weights, s, [0.1, 0.2, 0.3], [0.4, 0.5, 0.6]),
+        (timm_file, s, list(timm_cfg.mean), list(timm_cfg.std)),
+        (weights, dataclasses.replace(s, mean=[0.5] * 3, std=[0.2] * 3), [0.5] * 3, [0.2] * 3),
+    ]  # params win
     for pretrained, settings, mean, std in cases:
         _, ckpt = train_fold(prepared, 0, "test_resnet", settings, 16, CPU, pretrained=pretrained)
         assert ckpt["mean"] == pytest.approx(mean) and ckpt["std"] == pytest.approx(std), pretrained

@@ -1,4 +1,5 @@
 """The train stage as separate processes: killed with SIGKILL and resumed, and under torchrun (2 gloo ranks)."""
+
 import os
 import re
 import signal
@@ -26,20 +27,34 @@ BACKBONE = "test_resnet"
 def _project(root: Path, n_per_class: int, epochs: int, batch_size: int = 4, tracking: bool = False) -> Path:
     root.mkdir(parents=True)
     comp = write_competition(root / "comp", n_per_class=n_per_class)
-    prepare(CompetitionConfig(source=str(comp)), image_size=12, n_folds=2, seed=0, out_dir=root / "data/prepared",
-            workers=1)
-    (root / "params.yaml").write_text(yaml.safe_dump({
-        "competition": {"source": str(comp)},
-        "train": {"backbones": {BACKBONE: {}}, "epochs": epochs, "batch_size": batch_size, "lr": 0.01,
-                  "augment": [{"HorizontalFlip": {"p": 0.5}}]},
-        "tracking": {"enabled": tracking, "experiment": "procs"},
-    }))
+    prepare(
+        CompetitionConfig(source=str(comp)), image_size=12, n_folds=2, seed=0, out_dir=root / "data/prepared", workers=1
+    )
+    (root / "params.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "competition": {"source": str(comp)},
+                "train": {
+                    "backbones": {BACKBONE: {}},
+                    "epochs": epochs,
+                    "batch_size": batch_size,
+                    "lr": 0.01,
+                    "augment": [{"HorizontalFlip": {"p": 0.5}}],
+                },
+                "tracking": {"enabled": tracking, "experiment": "procs"},
+            }
+        )
+    )
     return root
 
 
 def _env(root: Path) -> dict:
-    return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1",
-            "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db"}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        "OMP_NUM_THREADS": "1",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db",
+    }
 
 
 def _train(root: Path, launcher=()):
@@ -48,8 +63,10 @@ def _train(root: Path, launcher=()):
 
 
 def _weights(root: Path) -> dict:
-    return {k: torch.load(root / f"models/{BACKBONE}/seed42/fold{k}/model.pt", weights_only=True)["state_dict"]
-            for k in range(2)}
+    return {
+        k: torch.load(root / f"models/{BACKBONE}/seed42/fold{k}/model.pt", weights_only=True)["state_dict"]
+        for k in range(2)
+    }
 
 
 def _wait_for(proc, resume: Path, *names: str) -> None:
@@ -65,8 +82,13 @@ def test_kill_9_mid_fold_then_rerun_equals_an_uninterrupted_run_and_continues_it
     killed = _project(tmp_path / "killed", n_per_class=20, epochs=8, tracking=True)
     assert _train(whole).returncode == 0
 
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--backbone", BACKBONE], cwd=killed,
-                            env=_env(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "train", "--backbone", BACKBONE],
+        cwd=killed,
+        env=_env(killed),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     resume = killed / "models/.resume"
     _wait_for(proc, resume, "fold0.done.pt", "fold1.state.pt")  # fold 1 past its first epoch: mid-run
     proc.send_signal(signal.SIGKILL)
@@ -92,7 +114,10 @@ def test_kill_9_mid_fold_then_rerun_equals_an_uninterrupted_run_and_continues_it
     client = MlflowClient(f"sqlite:///{killed}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("procs").experiment_id])
     assert sorted((r.info.run_name, r.info.status) for r in runs) == [
-        ("fold0", "FINISHED"), ("fold1", "FINISHED"), (BACKBONE, "FINISHED")]  # one run each, continued
+        ("fold0", "FINISHED"),
+        ("fold1", "FINISHED"),
+        (BACKBONE, "FINISHED"),
+    ]  # one run each, continued
     fold1 = next(r for r in runs if r.info.run_name == "fold1")
     assert fold1.data.tags["resumed"] == "true"
     steps = [m.step for m in client.get_metric_history(fold1.info.run_id, "val_accuracy")]
@@ -101,15 +126,23 @@ def test_kill_9_mid_fold_then_rerun_equals_an_uninterrupted_run_and_continues_it
 
 def test_sigterm_stops_like_ctrl_c_keeps_the_resume_state_and_fails_the_mlflow_run(tmp_path):
     root = _project(tmp_path / "p", n_per_class=20, epochs=4, tracking=True)
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--backbone", BACKBONE], cwd=root,
-                            env=_env(root), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "train", "--backbone", BACKBONE],
+        cwd=root,
+        env=_env(root),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _wait_for(proc, root / "models/.resume", "fold0.state.pt")
     proc.send_signal(signal.SIGTERM)  # what timeout, SLURM and docker stop send
     returncode, stderr = proc.wait(timeout=60), proc.stderr.read()
     assert returncode == 128 + signal.SIGTERM, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]
-    assert last == ("error: train stopped by SIGTERM; the previous outputs are kept and the same command resumes "
-                    "from the last finished epoch")
+    assert last == (
+        "error: train stopped by SIGTERM; the previous outputs are kept and the same command resumes "
+        "from the last finished epoch"
+    )
     assert sorted(p.name for p in (root / "models").iterdir()) == [".resume"]  # scratch removed, state kept
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("procs").experiment_id])
@@ -119,8 +152,9 @@ def test_sigterm_stops_like_ctrl_c_keeps_the_resume_state_and_fails_the_mlflow_r
     assert "fold 0: resuming after epoch" in rerun.stdout
     # off a terminal: a plain line per epoch saying where the stage stands, epochs kept from the killed
     # run counted as done, and when it will end
-    progress = re.findall(r"^train@test_resnet: (\d+)/8 epochs \((\d+)%\), \d+:\d\d elapsed, ETA (\d+):(\d\d)$",
-                          rerun.stdout, re.M)
+    progress = re.findall(
+        r"^train@test_resnet: (\d+)/8 epochs \((\d+)%\), \d+:\d\d elapsed, ETA (\d+):(\d\d)$", rerun.stdout, re.M
+    )
     assert len(progress) >= 4 and int(progress[0][0]) >= 2 and progress[-1][:2] == ("8", "100")
     assert progress[-1][2:] == ("0", "00") and [int(p[0]) for p in progress] == sorted(int(p[0]) for p in progress)
 
@@ -150,7 +184,7 @@ from pipeline.data import InputConfig, load_prepared
 from pipeline.loop import Split, fit
 from pipeline.models import create_model
 device = distributed.init_from_env()
-data = load_prepared({str(root / 'data/prepared')!r})
+data = load_prepared({str(root / "data/prepared")!r})
 f, y = data.train.fold.to_numpy(), data.train.target.to_numpy()
 mean, std = data.fold_stats(0)
 torch.manual_seed(0)
@@ -162,9 +196,21 @@ torch.save(model.state_dict(), {str(tmp_path)!r} + f"/rank{{distributed.rank()}}
 np.save({str(tmp_path)!r} + f"/probs{{distributed.rank()}}.npy", res.val_probs)
 distributed.shutdown()
 """)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
-                          "--master_port=29534", str(script)], cwd=root, env=_env(root), capture_output=True,
-                         text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={world}",
+            "--master_port=29534",
+            str(script),
+        ],
+        cwd=root,
+        env=_env(root),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     for name, value in r0.items():

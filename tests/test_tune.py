@@ -1,4 +1,5 @@
 """The tune stage on a real Optuna RDB storage (SQLite), real tiny timm models and a real MLflow store."""
+
 import dataclasses
 import os
 import re
@@ -15,13 +16,20 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import (CompetitionConfig, Params, TrainSettings, TuneConfig, check_tune_space, parse_params,
-                             resolve_train_settings)
+from pipeline.backbone import Backbone
+from pipeline.config import (
+    CompetitionConfig,
+    Params,
+    TrainSettings,
+    TuneConfig,
+    check_tune_space,
+    parse_params,
+    resolve_train_settings,
+)
 from pipeline.data import load_prepared
 from pipeline.errors import PipelineError
 from pipeline.prepare import prepare
 from pipeline.tracking import Tracker
-from pipeline.backbone import Backbone
 from pipeline.train import cross_validate
 from pipeline.tune import RETRY, finished, make_objective, open_study, run_study, sample, search_space, write_report
 from tests.conftest import write_competition
@@ -36,23 +44,37 @@ LR_ONLY = {"lr": {"type": "float", "low": 1e-8, "high": 1e30, "log": True}}
 @pytest.fixture
 def prepared(tmp_path):
     comp = write_competition(tmp_path / "comp", n_per_class=20)
-    prepare(CompetitionConfig(source=str(comp)), image_size=12, n_folds=2, seed=0, out_dir=tmp_path / "prepared",
-            workers=1)
+    prepare(
+        CompetitionConfig(source=str(comp)), image_size=12, n_folds=2, seed=0, out_dir=tmp_path / "prepared", workers=1
+    )
     return load_prepared(tmp_path / "prepared")
 
 
 def _tune(tmp_path, **kw) -> TuneConfig:
-    return dataclasses.replace(TuneConfig(enabled=True, storage=f"sqlite:///{tmp_path}/optuna.db", folds=[0, 1],
-                                          epochs=2, startup_trials=2, space=LR_ONLY, metric="accuracy"), **kw)
+    return dataclasses.replace(
+        TuneConfig(
+            enabled=True,
+            storage=f"sqlite:///{tmp_path}/optuna.db",
+            folds=[0, 1],
+            epochs=2,
+            startup_trials=2,
+            space=LR_ONLY,
+            metric="accuracy",
+        ),
+        **kw,
+    )
 
 
-@pytest.mark.parametrize("space, message", [
-    ({"lr": {"type": "float", "low": 0.1, "high": 0.01}}, r"tune.space.lr: low 0.1 > high 0.01"),
-    ({"lr": {"type": "gaussian", "low": 0.1, "high": 1}}, r"tune.space.lr.type must be one of .*got 'gaussian'"),
-    ({"learning_rate": {"type": "float", "low": 0.1, "high": 1}}, r"tune.space.learning_rate: unknown parameter"),
-    ({"lr": {"type": "float", "low": 0, "high": 1, "log": True}}, r"tune.space.lr: a log scale needs low > 0"),
-    ({"epochs": {"type": "int", "low": 1, "high": 3}}, r"tune.space.epochs: set by the tune stage itself"),
-])
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        ({"lr": {"type": "float", "low": 0.1, "high": 0.01}}, r"tune.space.lr: low 0.1 > high 0.01"),
+        ({"lr": {"type": "gaussian", "low": 0.1, "high": 1}}, r"tune.space.lr.type must be one of .*got 'gaussian'"),
+        ({"learning_rate": {"type": "float", "low": 0.1, "high": 1}}, r"tune.space.learning_rate: unknown parameter"),
+        ({"lr": {"type": "float", "low": 0, "high": 1, "log": True}}, r"tune.space.lr: a log scale needs low > 0"),
+        ({"epochs": {"type": "int", "low": 1, "high": 3}}, r"tune.space.epochs: set by the tune stage itself"),
+    ],
+)
 def test_invalid_search_space_is_named(space, message):
     with pytest.raises(PipelineError, match=message):
         check_tune_space(space, "tune.space")
@@ -64,16 +86,19 @@ def test_shipped_space_is_valid_and_covers_the_usual_knobs():
 
 
 def test_conditional_entries_and_augmentation_strength():
-    space = {"mixup_alpha": {"type": "categorical", "choices": [0.0, 0.4]},
-             "mixup_off_epoch": {"type": "int", "low": 1, "high": 3, "when": {"mixup_alpha": 0.4}},
-             "augment_p": {"type": "float", "low": 0.2, "high": 0.2}}  # augmentation strength
+    space = {
+        "mixup_alpha": {"type": "categorical", "choices": [0.0, 0.4]},
+        "mixup_off_epoch": {"type": "int", "low": 1, "high": 3, "when": {"mixup_alpha": 0.4}},
+        "augment_p": {"type": "float", "low": 0.2, "high": 0.2},
+    }  # augmentation strength
     study = optuna.create_study()
     study.enqueue_trial({"mixup_alpha": 0.0})
     study.enqueue_trial({"mixup_alpha": 0.4})
     drawn = [sample(study.ask(), space, BASE) for _ in range(2)]
     assert "mixup_off_epoch" not in drawn[0] and "mixup_off_epoch" in drawn[1]
-    settings = resolve_train_settings(parse_params({"train": {"backbones": {"b": {}}}}).train, "b",
-                                      tuned={"augment_p": drawn[0]["augment_p"]})
+    settings = resolve_train_settings(
+        parse_params({"train": {"backbones": {"b": {}}}}).train, "b", tuned={"augment_p": drawn[0]["augment_p"]}
+    )
     assert settings.augment_p == 0.2
 
 
@@ -143,8 +168,14 @@ def test_tuning_a_features_sklearn_backbone_runs_what_training_runs(prepared, tm
     # one report per fold (the classifier's fit), not one per epoch of fine-tuning
     assert sorted(trial.intermediate_values) == [0, tune.epochs]
     settings = dataclasses.replace(base, lr=0.01)
-    _, metrics = cross_validate(prepared, Backbone("b", "test_resnet", None, settings, 12, {}), settings, tmp_path / "m",
-                                CPU, Tracker(False, "x"))
+    _, metrics = cross_validate(
+        prepared,
+        Backbone("b", "test_resnet", None, settings, 12, {}),
+        settings,
+        tmp_path / "m",
+        CPU,
+        Tracker(False, "x"),
+    )
     assert trial.value == pytest.approx(np.mean([metrics["folds"][str(k)]["accuracy"] for k in (0, 1)]), abs=1e-12)
 
 
@@ -168,8 +199,9 @@ def test_study_trial_fold_runs_nest_in_mlflow_and_the_report_is_written(prepared
     assert parent_of["tune test_resnet"] is None
     assert parent_of["trial 0"].info.run_name == "tune test_resnet"
     folds = [r for r in runs if r.info.run_name == "fold0"]
-    assert sorted(parent_of_run.info.run_name for parent_of_run in
-                  (by_id[r.data.tags["mlflow.parentRunId"]] for r in folds)) == ["trial 0", "trial 1"]
+    assert sorted(
+        parent_of_run.info.run_name for parent_of_run in (by_id[r.data.tags["mlflow.parentRunId"]] for r in folds)
+    ) == ["trial 0", "trial 1"]
     trial0 = next(r for r in runs if r.info.run_name == "trial 0")
     assert trial0.data.params["lr"] == "0.01" and trial0.data.params["state"] == "COMPLETE"
     assert "cv_accuracy" in trial0.data.metrics
@@ -189,15 +221,27 @@ def test_direction_mismatch_and_unreachable_storage_are_named(tmp_path):
 def _project(root: Path, n_trials: int, epochs: int) -> Path:
     root.mkdir(parents=True)
     comp = write_competition(root / "comp", n_per_class=20)
-    prepare(CompetitionConfig(source=str(comp)), image_size=12, n_folds=2, seed=0, out_dir=root / "data/prepared",
-            workers=1)
-    (root / "params.yaml").write_text(yaml.safe_dump({
-        "competition": {"source": str(comp)},
-        "train": {"backbones": {"test_resnet": {}}, "batch_size": 4, "augment": []},
-        "tune": {"enabled": True, "n_trials": n_trials, "folds": [0, 1], "epochs": epochs, "pruner": "none",
-                 "heartbeat_seconds": 1, "space": {"lr": {"type": "float", "low": 0.001, "high": 0.03, "log": True}}},
-        "tracking": {"enabled": False},
-    }))
+    prepare(
+        CompetitionConfig(source=str(comp)), image_size=12, n_folds=2, seed=0, out_dir=root / "data/prepared", workers=1
+    )
+    (root / "params.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "competition": {"source": str(comp)},
+                "train": {"backbones": {"test_resnet": {}}, "batch_size": 4, "augment": []},
+                "tune": {
+                    "enabled": True,
+                    "n_trials": n_trials,
+                    "folds": [0, 1],
+                    "epochs": epochs,
+                    "pruner": "none",
+                    "heartbeat_seconds": 1,
+                    "space": {"lr": {"type": "float", "low": 0.001, "high": 0.03, "log": True}},
+                },
+                "tracking": {"enabled": False},
+            }
+        )
+    )
     return root
 
 
@@ -235,8 +279,7 @@ def test_kill_9_mid_trial_then_rerun_retries_it_and_finishes(tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     study = _study(root)
     assert study.trials[killed.number].state == optuna.trial.TrialState.FAIL
-    retried = [t for t in study.trials
-               if RETRY.retried_trial_number(t) == killed.number]
+    retried = [t for t in study.trials if RETRY.retried_trial_number(t) == killed.number]
     assert retried and retried[0].params == killed.params and retried[0].state == optuna.trial.TrialState.COMPLETE
     assert finished(study) == 3
     best = yaml.safe_load((root / "tuning/test_resnet/best_params.yaml").read_text())
@@ -247,8 +290,12 @@ def test_kill_9_mid_trial_then_rerun_retries_it_and_finishes(tmp_path):
 def _two_workers(root: Path, storage: str | None = None) -> optuna.Study:
     """Two tune workers started together on one study; returns it after both have finished."""
     env = {**_env(), **({"OPTUNA_STORAGE": storage} if storage else {})}
-    procs = [subprocess.Popen(_cmd("--worker", str(w)), cwd=root, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for w in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            _cmd("--worker", str(w)), cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for w in (0, 1)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     errors = [o[1].strip().splitlines()[-1] for p, o in zip(procs, outs) if p.returncode != 0]
     assert not errors, errors
@@ -283,5 +330,5 @@ def postgres(tmp_path):
 
 @pytest.mark.slow
 def test_two_workers_share_one_study_on_a_postgresql_server(tmp_path, postgres):
-    study = _two_workers(_project(tmp_path / "pg", n_trials=4, epochs=1), postgres)
+    _two_workers(_project(tmp_path / "pg", n_trials=4, epochs=1), postgres)
     assert not list((tmp_path / "pg").glob("*.db"))

@@ -1,4 +1,5 @@
 """Thin stage entry points: parse arguments, load params, call one library function, write outputs."""
+
 from __future__ import annotations
 
 import argparse

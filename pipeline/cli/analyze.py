@@ -3,6 +3,7 @@
 Reads every backbone's predictions/<backbone>/oof_probs.csv, the ensemble's submissions/oof_probs.csv
 and the prepared images; never the test predictions.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,7 +25,9 @@ def main(argv=None) -> None:
     params = load_params(args.params)
     backbones = list(params.train.backbones)
     if "ensemble" in backbones or "models" in backbones:
-        raise ConfigError(f"{args.params}: train.backbones: 'ensemble' and 'models' name report sections; rename that key")
+        raise ConfigError(
+            f"{args.params}: train.backbones: 'ensemble' and 'models' name report sections; rename that key"
+        )
     data = load_prepared()
     ids, y, folds = data.train["id"].to_numpy(), data.targets, data.folds
     oof = {b: read_probs(f"predictions/{b}/oof_probs.csv", ids, data.classes, b) for b in backbones}
@@ -34,13 +37,29 @@ def main(argv=None) -> None:
     div, per_class = diversity({b: oof[b] for b in backbones}, y), per_class_accuracy(oof, y, data.classes)
     headline = summary(analyses, div)
     with atomic_dir(OUT) as tmp:
-        write_report(tmp, analyses, div, per_class, headline, ids, y, folds, data.classes, data.train_images,
-                     params.analyze.examples_per_pair, f"Out-of-fold error analysis: {experiment_name(params)}")
+        write_report(
+            tmp,
+            analyses,
+            div,
+            per_class,
+            headline,
+            ids,
+            y,
+            folds,
+            data.classes,
+            data.train_images,
+            params.analyze.examples_per_pair,
+            f"Out-of-fold error analysis: {experiment_name(params)}",
+        )
     tracker = Tracker(params.tracking.enabled, experiment_name(params))
-    with tracker.run("analyze", params={f"analyze.{k}": v for k, v in flatten(to_dict(params.analyze)).items()},
-                     tags={"stage": "analyze"}):
-        tracker.log_metrics({k.replace("~", "_vs_"): v for k, v in flatten(headline).items()
-                             if isinstance(v, (int, float)) and v == v})
+    with tracker.run(
+        "analyze",
+        params={f"analyze.{k}": v for k, v in flatten(to_dict(params.analyze)).items()},
+        tags={"stage": "analyze"},
+    ):
+        tracker.log_metrics(
+            {k.replace("~", "_vs_"): v for k, v in flatten(headline).items() if isinstance(v, (int, float)) and v == v}
+        )
         tracker.log_artifacts(str(OUT), "oof")
     for a in analyses:
         print(headline_line(a, params.competition.metric))

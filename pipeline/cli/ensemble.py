@@ -8,6 +8,7 @@ by cross-fitting over the CV folds (fit on k-1 folds' OOF rows, score the held-o
   reports/metrics.json                     the headline numbers `dvc metrics show` / `dvc exp show` print
 Test predictions and the answer file are never used to fit anything.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,8 +35,13 @@ def main(argv=None) -> None:
     log_stage(run, Tracker(params.tracking.enabled, experiment_name(params)), SUBMISSIONS, REPORT)
     other = "log_loss" if m == "accuracy" else "accuracy"
     for name in run.fitted:
-        print(f"{name:>13}: honest OOF {m} {metrics['methods'][name]['oof'][m]:.4f}, "
-              f"{other} {metrics['methods'][name]['oof'][other]:.4f}" + (" <- submission.csv" if name == run.chosen else ""))
+        print(
+            f"{name:>13}: honest OOF {m} {metrics['methods'][name]['oof'][m]:.4f}, "
+            f"{other} {metrics['methods'][name]['oof'][other]:.4f}"
+            + (" <- submission.csv" if name == run.chosen else "")
+        )
     best = metrics["best_single"]
-    print(f"best single backbone {best['backbone']}: OOF {m} {best[m]:.4f}; "
-          f"gain of the ensemble ({run.chosen}) {metrics['gain_over_best_single'][m]:+.4f}")
+    print(
+        f"best single backbone {best['backbone']}: OOF {m} {best[m]:.4f}; "
+        f"gain of the ensemble ({run.chosen}) {metrics['gain_over_best_single'][m]:+.4f}"
+    )

@@ -6,6 +6,7 @@ this pipeline takes as `pretrained` in another competition, with its input norma
 The exported model is the fold with the best validation `train.monitor` (the first seed of a bag):
 fold models start from different random weights, so averaging them would not give a working network.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,8 +38,19 @@ def main(argv=None) -> None:
     ckpt = torch.load(source, map_location="cpu", weights_only=True)
     with atomic_dir(f"exports/{backbone}") as out:
         torch.save(ckpt, out / "model.pt")
-        write_json(out / "export.json", {"backbone": backbone, "model": ckpt["model"], "from": str(source),
-                                         "chosen_by": f"best validation {monitor} of the folds ({folds[best][monitor]:.4f})",
-                                         "mean": ckpt["mean"], "std": ckpt["std"], "image_size": ckpt["image_size"]})
-    print(f"exported {source} ({monitor} {folds[best][monitor]:.4f}, the best of {len(names)} folds) -> "
-          f"exports/{backbone}/model.pt; use it as train.backbones.<name>.pretrained with model: {ckpt['model']}")
+        write_json(
+            out / "export.json",
+            {
+                "backbone": backbone,
+                "model": ckpt["model"],
+                "from": str(source),
+                "chosen_by": f"best validation {monitor} of the folds ({folds[best][monitor]:.4f})",
+                "mean": ckpt["mean"],
+                "std": ckpt["std"],
+                "image_size": ckpt["image_size"],
+            },
+        )
+    print(
+        f"exported {source} ({monitor} {folds[best][monitor]:.4f}, the best of {len(names)} folds) -> "
+        f"exports/{backbone}/model.pt; use it as train.backbones.<name>.pretrained with model: {ckpt['model']}"
+    )

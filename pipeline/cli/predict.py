@@ -1,9 +1,11 @@
-"""python -m pipeline predict --backbone NAME  ->  predictions/NAME/{oof,test}_probs.csv + tta.json, reports/predict/NAME.json
+"""python -m pipeline predict --backbone NAME  ->  predictions/NAME/{oof,test}_probs.csv + tta.json,
+reports/predict/NAME.json
 
 TTA: `tta.select` (or `tta.backbones.NAME`) names a policy of `tta.policies`, or `auto`: every
 candidate policy is computed (each view once per model) and the one with the best OOF `tta.metric`
 is kept. Its honest score, from choosing on the other folds only, is reported beside it.
 """
+
 from __future__ import annotations
 
 from pipeline.cli import load_with_backbone, parse_args
@@ -21,8 +23,14 @@ def main(argv=None) -> None:
     tta = params.tta
     pool, computed = resolve_tta(tta, backbone, f"{args.params}: tta")
     data = load_prepared()
-    preds = predict_backbone(data, f"models/{backbone}", {c: tta.policies[c] for c in computed}, tta.merge,
-                             params.predict.batch_size, pick_device())
+    preds = predict_backbone(
+        data,
+        f"models/{backbone}",
+        {c: tta.policies[c] for c in computed},
+        tta.merge,
+        params.predict.batch_size,
+        pick_device(),
+    )
     report = choose_policy(preds, tta, backbone, pool, data.targets, data.folds)
     best, report_path = preds[report["policy"]], f"reports/predict/{backbone}.json"
     with atomic_dir(f"predictions/{backbone}") as out:
@@ -33,5 +41,7 @@ def main(argv=None) -> None:
     log_stage(report, tta, backbone, Tracker(params.tracking.enabled, experiment_name(params)), report_path)
     m = tta.metric
     line = ", ".join(f"{c} {s[m]:.4f}" for c, s in report["policies"].items())
-    print(f"{backbone}: OOF {m} by TTA policy: {line}; chosen: {report['policy']} "
-          f"(honest {report['oof_selection_crossfit'][m]:.4f})")
+    print(
+        f"{backbone}: OOF {m} by TTA policy: {line}; chosen: {report['policy']} "
+        f"(honest {report['oof_selection_crossfit'][m]:.4f})"
+    )

@@ -1,4 +1,5 @@
 """python -m pipeline prepare [--params params.yaml]  ->  data/prepared/"""
+
 from __future__ import annotations
 
 from pipeline.cli import parse_args
@@ -12,7 +13,17 @@ def main(argv=None) -> None:
     args = parse_args(argv, __doc__)
     params = load_params(args.params)
     prep = params.prepare
-    summary = prepare(params.competition, prep.image_size, params.cv.n_folds, params.cv.seed, OUT,
-                      workers=prep.workers, resize=prep.resize, skip_bad_images=prep.skip_bad_images)
-    print(f"prepared {summary['n_train']} train / {summary['n_test']} test images, "
-          f"{summary['n_classes']} classes, from {summary['source']} -> {OUT}")
+    summary = prepare(
+        params.competition,
+        prep.image_size,
+        params.cv.n_folds,
+        params.cv.seed,
+        OUT,
+        workers=prep.workers,
+        resize=prep.resize,
+        skip_bad_images=prep.skip_bad_images,
+    )
+    print(
+        f"prepared {summary['n_train']} train / {summary['n_test']} test images, "
+        f"{summary['n_classes']} classes, from {summary['source']} -> {OUT}"
+    )

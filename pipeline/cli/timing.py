@@ -1,4 +1,5 @@
 """python -m pipeline timing  ->  reports/timing.json: planned against actual seconds per stage"""
+
 from __future__ import annotations
 
 from pipeline.cli import parse_args
@@ -18,19 +19,32 @@ def main(argv=None) -> None:
     args = parse_args(argv, __doc__)
     params = load_params(args.params)
     backbones = list(params.train.backbones)
-    stages = (["prepare"] + ([f"tune@{b}" for b in backbones] if params.tune.enabled else []) + ["plan"]
-              + [f"{s}@{b}" for b in backbones for s in ("train", "predict")] + ["ensemble", "analyze"])
+    stages = (
+        ["prepare"]
+        + ([f"tune@{b}" for b in backbones] if params.tune.enabled else [])
+        + ["plan"]
+        + [f"{s}@{b}" for b in backbones for s in ("train", "predict")]
+        + ["ensemble", "analyze"]
+    )
     report = plan_vs_actual(read_json(PLANNED), stages)
     write_json(OUT, report)
     tracker = Tracker(params.tracking.enabled, experiment_name(params))
     with tracker.run("timing", params={"budget_minutes": report["budget_minutes"]}, tags={"stage": "timing"}):
         # MLflow's names take no @: train@b is logged as train/b
-        tracker.log_metrics({f"{kind}_s.{stage.replace('@', '/')}": row[f"{kind}_s"] for stage, row in report["stages"].items()
-                             for kind in ("planned", "actual") if row[f"{kind}_s"] is not None})
+        tracker.log_metrics(
+            {
+                f"{kind}_s.{stage.replace('@', '/')}": row[f"{kind}_s"]
+                for stage, row in report["stages"].items()
+                for kind in ("planned", "actual")
+                if row[f"{kind}_s"] is not None
+            }
+        )
         tracker.log_artifact(OUT)
     width = max(map(len, report["stages"]))
     for stage, row in report["stages"].items():
         print(f"{stage:<{width}}  planned {_minutes(row['planned_s']):>10}  actual {_minutes(row['actual_s']):>10}")
     ratio = report["actual_over_planned"]
-    print(f"{'all':<{width}}  planned {_minutes(report['planned_total_seconds']):>10}  actual "
-          f"{_minutes(report['actual_total_seconds']):>10}" + (f"  (actual/planned {ratio:.3f})" if ratio else ""))
+    print(
+        f"{'all':<{width}}  planned {_minutes(report['planned_total_seconds']):>10}  actual "
+        f"{_minutes(report['actual_total_seconds']):>10}" + (f"  (actual/planned {ratio:.3f})" if ratio else "")
+    )

@@ -3,6 +3,7 @@
 A killed run started again with the same command resumes: finished folds and the last completed
 epoch of the unfinished fold wait in models/.resume/NAME-<hash of the resolved settings>/.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -28,9 +29,11 @@ def main(argv=None) -> None:
     resume = resume_dir(record, data)
     s, is_main = backbone.settings, distributed.is_main()
     if is_main:
-        print(f"train {name} ({backbone.model_name}, {s.finetune}) on {device.type}"
-              f"{f' x {distributed.world_size()} processes' if distributed.is_distributed() else ''}: "
-              f"{data.n_folds} folds x {s.epochs} epochs")
+        print(
+            f"train {name} ({backbone.model_name}, {s.finetune}) on {device.type}"
+            f"{f' x {distributed.world_size()} processes' if distributed.is_distributed() else ''}: "
+            f"{data.n_folds} folds x {s.epochs} epochs"
+        )
     metrics = train_stage(params, backbone, data, device, record, resume)
     distributed.shutdown()
     if not is_main:

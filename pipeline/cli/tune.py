@@ -3,6 +3,7 @@ reports/tune/NAME.json
 
 With tune.enabled false it writes an empty best_params.yaml, so the train stage's inputs exist either way.
 """
+
 from __future__ import annotations
 
 from pipeline.backbone import resolve_backbone
@@ -31,14 +32,34 @@ def main(argv=None) -> None:
     study = open_study(tune, study_name, worker=args.worker)
     print(f"tune {name}: study '{study_name}', {finished(study)}/{tune.n_trials} trials finished so far")
     tracker = Tracker(params.tracking.enabled, experiment_name(params))
-    with tracker.run(f"tune {name}", params={"study": study_name, "n_trials": tune.n_trials, "folds": str(tune.folds),
-                                             "epochs": tune.epochs, "metric": tune.metric, "space": str(space)},
-                     tags={"stage": "tune", "backbone": name}):
-        objective = make_objective(data, base.model_name, base.settings, space, tune, base.image_size, pick_device(),
-                                   tracker, pretrained=base.pretrained)
+    with tracker.run(
+        f"tune {name}",
+        params={
+            "study": study_name,
+            "n_trials": tune.n_trials,
+            "folds": str(tune.folds),
+            "epochs": tune.epochs,
+            "metric": tune.metric,
+            "space": str(space),
+        },
+        tags={"stage": "tune", "backbone": name},
+    ):
+        objective = make_objective(
+            data,
+            base.model_name,
+            base.settings,
+            space,
+            tune,
+            base.image_size,
+            pick_device(),
+            tracker,
+            pretrained=base.pretrained,
+        )
         run_study(study, objective, tune.n_trials, f"tune@{name}")
         summary = write_best(study, tune, out_dir)
         tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     write_json(report, {"enabled": True, **{k: v for k, v in summary.items() if k != "best_params"}})
-    print(f"tune {name}: best {tune.metric} {summary.get('best_value')} with {summary.get('best_params')} "
-          f"({summary['n_complete']} complete, {summary['n_pruned']} pruned, {summary['n_failed']} failed)")
+    print(
+        f"tune {name}: best {tune.metric} {summary.get('best_value')} with {summary.get('best_params')} "
+        f"({summary['n_complete']} complete, {summary['n_pruned']} pruned, {summary['n_failed']} failed)"
+    )

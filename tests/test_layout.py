@@ -1,0 +1,108 @@
+"""The house rules a newcomer relies on: a README that is a recipe, short functions, thin doors that
+never import each other, and a backbone resolved by one library function."""
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.backbone import PLAN_DIR, Backbone, apply_plan, planned, resolve_backbone, resume_dir, run_record
+from pipeline.config import parse_params
+from pipeline.errors import PipelineError
+
+ROOT = Path(__file__).resolve().parents[1]
+DOORS = sorted((ROOT / "pipeline" / "cli").glob("*.py"))
+
+
+def test_the_readme_is_a_recipe_of_at_most_300_lines_of_at_most_200_characters():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 300
+    long = [i + 1 for i, line in enumerate(lines) if len(line) > 200]
+    assert not long, f"README.md lines over 200 characters: {long}"
+
+
+def _functions(path: Path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node.name, node.end_lineno - node.lineno + 1
+
+
+def test_no_function_in_the_package_is_over_60_lines_and_no_door_over_40():
+    too_long = [
+        f"{p.relative_to(ROOT)}:{name} ({n} lines)"
+        for p in (ROOT / "pipeline").rglob("*.py")
+        for name, n in _functions(p)
+        if n > 60
+    ]
+    fat_doors = [f"{p.name}:{name} ({n})" for p in DOORS for name, n in _functions(p) if name == "main" and n > 40]
+    assert not too_long and not fat_doors, too_long + fat_doors
+
+
+def test_no_door_imports_another_door():
+    doors = {f"pipeline.cli.{p.stem}" for p in DOORS if p.stem != "__init__"}
+    crossing = []
+    for p in DOORS:
+        for node in ast.walk(ast.parse(p.read_text())):
+            names = (
+                [node.module]
+                if isinstance(node, ast.ImportFrom) and node.module
+                else [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else []
+            )
+            crossing += [f"{p.name} -> {n}" for n in names if n in doors]
+    assert not crossing, crossing
+
+
+def _params(**train):
+    return parse_params(
+        {
+            "train": {"epochs": 6, "backbones": {"net": {"model": "test_resnet", **train}}},
+            "tracking": {"enabled": False},
+        }
+    )
+
+
+def test_resolve_backbone_merges_params_over_tuned_over_shared_and_applies_the_plan(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tuning/net").mkdir(parents=True)
+    (tmp_path / "tuning/net/best_params.yaml").write_text(yaml.safe_dump({"params": {"lr": 0.5, "batch_size": 7}}))
+    b = resolve_backbone(_params(lr=0.01), "net", cache_size=24)
+    assert (b.model_name, b.settings.lr, b.settings.batch_size, b.image_size) == ("test_resnet", 0.01, 7, 24)
+    assert b.tuned == {"lr": 0.5, "batch_size": 7} and b.settings.augment  # the default augmentation, resolved
+    assert resolve_backbone(_params(), "net", 24, tuned=False).settings.batch_size != 7
+    with pytest.raises(PipelineError, match=r"plan/net.json: not found; budget.minutes needs the plan stage"):
+        planned(b)
+    (tmp_path / PLAN_DIR).mkdir()
+    (tmp_path / PLAN_DIR / "net.json").write_text('{"epochs": 12, "val_every": 3}')
+    assert (planned(b).settings.epochs, planned(b).settings.val_every) == (12, 3)
+    assert apply_plan(b.settings, None) is b.settings
+
+
+def test_resolve_backbone_names_the_key_of_a_bad_setting():
+    with pytest.raises(PipelineError, match=r"params.yaml: train.backbones.net"):
+        resolve_backbone(_params(model="no_such_net_xyz"), "net", 24)
+
+
+def test_the_resume_folder_changes_with_a_setting_and_not_with_the_device(tmp_path):
+    import dataclasses
+
+    import pandas as pd
+    import torch
+
+    from pipeline.data import PreparedData
+
+    data = PreparedData(
+        pd.DataFrame({"id": ["a", "b"], "fold": [0, 1], "target": [0, 1]}),
+        pd.DataFrame({"id": []}),
+        ["x", "y"],
+        None,
+        None,
+        {},
+    )
+    b = Backbone("net", "test_resnet", None, resolve_backbone(_params(), "net", 24).settings, 24, {})
+    here = resume_dir(run_record(b, data, torch.device("cpu")), data)
+    assert here == resume_dir(run_record(b, data, torch.device("cuda")), data)
+    other = dataclasses.replace(b, settings=dataclasses.replace(b.settings, lr=b.settings.lr * 2))
+    assert resume_dir(run_record(other, data, torch.device("cpu")), data) != here
