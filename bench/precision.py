@@ -4,7 +4,7 @@
 
 For each model, input size and batch below: training steps (forward, loss, backward, SGD step) and
 inference batches, fp32 and bf16 alternating in one process, medians of `--repeats` (training via
-`pipeline.models.probe_precision`, the probe `train.precision: auto` runs). Prints
+`pipeline.precision.probe_precision`, the probe `train.precision: auto` runs). Prints
 `RESULT <model> bf16_vs_fp32_train <ratio>` and `RESULT <model> bf16_vs_fp32_infer <ratio>`.
 """
 
@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from pipeline.models import create_model, probe_precision, use_channels_last
+from pipeline.models import create_model, use_channels_last
+from pipeline.precision import probe_precision
 
 CASES = [("cifar_net_s", 32, 256), ("cifar_net_l", 32, 256), ("resnet18", 64, 64), ("convnext_atto", 64, 64)]
 

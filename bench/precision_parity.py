@@ -3,7 +3,7 @@
     python bench/precision_parity.py data/raw/cifar10.zip [--epochs 10] [--work /tmp/parity]
 
 Prepares the zip at 32 px with 3 folds, then trains fold 0 of cifar_net_s with the cifar10-cpu
-preset's settings twice through `fit_fold`, `train.precision` fp32 and bf16, and prints each run's
+preset's settings twice through `train_fold`, `train.precision` fp32 and bf16, and prints each run's
 validation accuracy, log loss and wall time. Differences within the spread that a change of seed
 makes are parity; the seed spread is printed too (fp32, seeds 0 and 1).
 """
@@ -21,7 +21,7 @@ from pipeline.config import CompetitionConfig, TrainSettings
 from pipeline.data import PreparedData, load_prepared
 from pipeline.metrics import scores
 from pipeline.prepare import prepare
-from pipeline.train import fit_fold
+from pipeline.train import train_fold
 
 SETTINGS = TrainSettings(
     batch_size=128,
@@ -46,10 +46,10 @@ def cifar_split(source: str, work: str) -> PreparedData:
 
 
 def fold0(data: PreparedData, model: str, s: TrainSettings, label: str) -> str:
-    """Train fold 0 with `s` through `fit_fold`; its validation accuracy, log loss and wall time."""
+    """Train fold 0 with `s` through `train_fold`; its validation accuracy, log loss and wall time."""
     y = data.train["target"].to_numpy()[data.train["fold"].to_numpy() == 0]
     start = time.perf_counter()
-    result, _ = fit_fold(data, 0, model, s, 32, torch.device("cpu"), where=label)
+    result, _ = train_fold(data, 0, model, s, 32, torch.device("cpu"), where=label)
     seconds = time.perf_counter() - start
     r = scores(result.val_probs, y, ("accuracy", "log_loss"))
     return f"accuracy {r['accuracy']:.4f} log_loss {r['log_loss']:.4f} seconds {seconds:.0f}"

@@ -38,12 +38,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 from train_overhead import bare_loop  # noqa: E402
 
 from pipeline.config import load_params, resolve_train_settings  # noqa: E402
-from pipeline.data import ImageDataset, build_loader, build_train_transform, load_prepared, to_input  # noqa: E402
+from pipeline.data import (  # noqa: E402
+    ImageDataset,
+    InputConfig,
+    build_loader,
+    build_train_transform,
+    load_prepared,
+    to_input,
+)
 from pipeline.inference import predict_proba  # noqa: E402
+from pipeline.loop import build_optimizer, lr_factor, train_one_epoch  # noqa: E402
 from pipeline.models import create_model, pick_device, use_channels_last  # noqa: E402
 from pipeline.predict import predict_tta  # noqa: E402
 from pipeline.prepare import _decode  # noqa: E402
-from pipeline.train import build_optimizer, lr_factor, train_one_epoch  # noqa: E402
 
 
 def _timed(fn) -> float:
@@ -66,7 +73,9 @@ def phase_times(model, loader, optimizer, scheduler, device, mean, std, size, la
             break
         t["augment"] += time.perf_counter() - start
         box = {}
-        t["to_input"] += _timed(lambda: box.update(x=to_input(images, mean, std, size, device, cl)))
+        t["to_input"] += _timed(
+            lambda: box.update(x=to_input(images, InputConfig(size, tuple(mean), tuple(std)), device, cl))
+        )
         t["forward"] += _timed(
             lambda: box.update(loss=F.cross_entropy(model(box["x"]), targets, label_smoothing=label_smoothing))
         )
@@ -92,7 +101,7 @@ def decode_rate(images: np.ndarray) -> float:
 
 
 def profile_backbone(name, model_name, s, image_size, images, targets, mean, std, views, batches, repeats, device):
-    n = batches * s.batch_size
+    n, cfg = batches * s.batch_size, InputConfig(image_size, tuple(mean), tuple(std))
     imgs, ys = np.array(images[:n]), np.array(targets[:n])
     torch.manual_seed(0)
     initial = create_model(model_name, 10).state_dict()
@@ -111,7 +120,7 @@ def profile_backbone(name, model_name, s, image_size, images, targets, mean, std
         optimizer = build_optimizer(model, s)
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(s.scheduler, 10 * batches, batches))
 
-    x = to_input(torch.from_numpy(imgs), mean, std, image_size, device, use_channels_last(device))
+    x = to_input(torch.from_numpy(imgs), cfg, device, use_channels_last(device))
     bare_batches = [
         (x[i : i + s.batch_size], torch.from_numpy(ys[i : i + s.batch_size]).to(device))
         for i in range(0, n, s.batch_size)
@@ -130,9 +139,7 @@ def profile_backbone(name, model_name, s, image_size, images, targets, mean, std
                     loader(),
                     *opt_sched(model),
                     device,
-                    mean,
-                    std,
-                    image_size,
+                    cfg,
                     label_smoothing=s.label_smoothing,
                     where="bench",
                 )
@@ -142,12 +149,10 @@ def profile_backbone(name, model_name, s, image_size, images, targets, mean, std
     per_image = {k: statistics.median(p[k] for p in phases) / n for k in phases[0]}
     model = fresh()
     evals = [
-        len(imgs) / _timed(lambda: predict_proba(model, imgs, mean, std, image_size, 2 * s.batch_size, device))
-        for _ in range(repeats)
+        len(imgs) / _timed(lambda: predict_proba(model, imgs, cfg, 2 * s.batch_size, device)) for _ in range(repeats)
     ]
     preds = [
-        len(imgs)
-        / _timed(lambda: predict_tta(model, imgs, mean, std, image_size, 2 * s.batch_size, device, views=tuple(views)))
+        len(imgs) / _timed(lambda: predict_tta(model, imgs, cfg, 2 * s.batch_size, device, views=tuple(views)))
         for _ in range(repeats)
     ]
     per_image["eval"] = 1 / statistics.median(evals)

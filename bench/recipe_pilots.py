@@ -3,7 +3,7 @@
     python bench/recipe_pilots.py data/raw/cifar10.zip [--epochs 8] [--variants base,ls02,...]
 
 Prepares the zip at 32 px with 3 folds (as the cifar10-cpu preset does), then trains fold 0 of
-cifar_net_l once per variant through `fit_fold` (bf16 autocast, the same seed) and prints its
+cifar_net_l once per variant through `train_fold` (bf16 autocast, the same seed) and prints its
 validation accuracy, log loss and wall time. Each variant changes one setting of the first ("base",
 the cifar10-cpu preset's AdamW recipe on the wider net), or adds one to the best so far, so a gain
 is read against the line above it; fold 0 is never one the record's choices are tested on alone:

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import TrainSettings
-from pipeline.data import ImageDataset, build_loader, build_train_transform, to_input
+from pipeline.data import ImageDataset, InputConfig, build_loader, build_train_transform, to_input
+from pipeline.loop import build_optimizer, train_one_epoch
 from pipeline.models import create_model, pick_device
-from pipeline.train import build_optimizer, train_one_epoch
 
 
 def bare_loop(model, batches, lr):
@@ -44,7 +44,9 @@ def pipeline_loop(model, images, targets, settings, image_size, device, mean, st
     optimizer = build_optimizer(model, settings)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     start = time.perf_counter()
-    train_one_epoch(model, loader, optimizer, scheduler, device, mean, std, image_size, where="bench")
+    train_one_epoch(
+        model, loader, optimizer, scheduler, device, InputConfig(image_size, tuple(mean), tuple(std)), where="bench"
+    )
     return time.perf_counter() - start
 
 
@@ -74,7 +76,7 @@ def main() -> None:
     targets = rng.integers(0, 10, size=n)
     mean, std = [0.5] * 3, [0.25] * 3
     settings = dataclasses.replace(TrainSettings(), batch_size=args.batch_size, lr=1e-3, augment=[])
-    x = to_input(torch.from_numpy(images), mean, std, args.image_size, device)
+    x = to_input(torch.from_numpy(images), InputConfig(args.image_size, tuple(mean), tuple(std)), device)
     batches = [
         (x[i : i + args.batch_size], torch.from_numpy(targets[i : i + args.batch_size]).to(device))
         for i in range(0, n, args.batch_size)

@@ -7,7 +7,7 @@
 2. Target: the four vehicle classes. 1,000 images per class are held out, their labels kept aside (the
    target's test set, scored as a local leaderboard); from the other 4,000 per class, the first 25,
    100, 400 or all per class are the training set.
-3. For each size, six regimes through `fit_fold`/`train_backbone` with 3-fold CV: scratch (random
+3. For each size, six regimes through `train_fold`/`train_backbone` with 3-fold CV: scratch (random
    weights, the data's whitening stem), and from the source model linear_probe, features+sklearn,
    freeze with unfreeze_epoch, full, full with layer_decay 0.7. Reported: honest OOF accuracy,
    held-out accuracy (the fold models' mean) and wall time. Every regime shares the optimiser settings
@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline.backbone import Backbone
 from pipeline.config import CompetitionConfig, TrainSettings
 from pipeline.data import load_prepared
 from pipeline.predict import predict_backbone
@@ -102,7 +103,7 @@ def run(comp: Path, work: Path, name: str, s: TrainSettings, n_folds: int, pretr
     data = load_prepared(prepared)
     models = work / "models" / comp.name / name.replace(" ", "_").replace(",", "")
     start = time.perf_counter()
-    _, metrics = train_backbone(data, name, "cifar_net_s", s, 32, models, CPU, OFF, pretrained=pretrained)
+    _, metrics = train_backbone(data, Backbone(name, "cifar_net_s", pretrained, s, 32, {}), models, CPU, OFF)
     test = predict_backbone(data, models, {"none": ["identity"]}, "mean", 512, CPU)["none"].test
     seconds = time.perf_counter() - start
     answers = pd.read_csv(comp / "solution.csv", dtype=str).set_index("id").loc[data.test["id"], "label"]

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.config import DEFAULT_TTA_POLICIES
+from pipeline.data import InputConfig
 from pipeline.models import create_model, pick_device
 from pipeline.predict import predict_views
 
@@ -47,7 +48,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        predict_views(model, images, mean, std, args.image_size, args.batch_size, device, vs)
+        predict_views(model, images, InputConfig(args.image_size, tuple(mean), tuple(std)), args.batch_size, device, vs)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return args.images / (time.perf_counter() - start)

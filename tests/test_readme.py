@@ -60,6 +60,8 @@ def commands_missing_the_venv(block: list[str]) -> list[str]:
 def test_every_readme_command_runs_in_the_virtualenv_without_it_being_activated():
     blocks = command_blocks((ROOT / "README.md").read_text())
     assert len(blocks) >= 8 and any(ACTIVATE in line for block in blocks for line in block)
+    for doc in sorted((ROOT / "docs").glob("*.md")):  # the long forms the README links to
+        blocks += command_blocks(doc.read_text())
     missing = [cmd for block in blocks for cmd in commands_missing_the_venv(block)]
     assert not missing, f"README commands that need `{ACTIVATE}` or .venv/bin/ first: {missing}"
 
