@@ -11,6 +11,7 @@ and how the backbones differ. The figures and HTML are drawn by `pipeline/report
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -386,6 +387,24 @@ class ModelAnalysis:
     ece: float
     slices: pd.DataFrame
     advice: list[dict] = field(default_factory=list)
+    ensemble: bool = False  # the submission's ensemble rather than one backbone
+
+    # Backbones and the ensemble live in separate namespaces of the report (its anchors, folders and
+    # JSON keys), so any backbone name works, "ensemble" and "models" included.
+    @property
+    def anchor(self) -> str:
+        """The prefix of the model's HTML ids."""
+        return "ensemble" if self.ensemble else f"backbone-{self.name}"
+
+    @property
+    def folder(self) -> Path:
+        """Its folder under figures/ and tables/."""
+        return Path("ensemble") if self.ensemble else Path("backbones") / self.name
+
+    @property
+    def label(self) -> str:
+        """Its name in the report's tables."""
+        return "ensemble (submission)" if self.ensemble else self.name
 
 
 def analyze_model(
@@ -403,6 +422,7 @@ def analyze_model(
     alpha: float,
     where: str,
     metric: str = "accuracy",
+    ensemble: bool = False,
 ) -> ModelAnalysis:
     """Everything the report shows for one model's OOF probabilities; its scores lead with `metric`
     (the competition's), in the report's tables and in `dvc metrics show`."""
@@ -423,15 +443,16 @@ def analyze_model(
         reliability=reliability,
         ece=expected_calibration_error(reliability),
         slices=slices,
+        ensemble=ensemble,
         advice=advise(slices, augment, where),
     )
 
 
 def summary(analyses: list[ModelAnalysis], div: pd.DataFrame) -> dict:
-    """Headline numbers for `dvc metrics show` (one flat block per model, then per pair of models)."""
-    out = {}
+    """Headline numbers for `dvc metrics show`: a block per backbone, the ensemble's, one per pair of backbones."""
+    out = {"backbones": {}, "pairs": {}}
     for a in analyses:
-        out[a.name] = {
+        block = {
             **a.scores,
             "ece": a.ece,
             "fold_accuracy_mean": float(a.folds.loc["mean", "accuracy"]),
@@ -439,8 +460,12 @@ def summary(analyses: list[ModelAnalysis], div: pd.DataFrame) -> dict:
             "weak_slices": int(a.slices["weak"].sum()),
             "never_predicted_classes": len(never_predicted(a.per_class)),
         }
+        if a.ensemble:
+            out["ensemble"] = block
+        else:
+            out["backbones"][a.name] = block
     for row in div.itertuples():
-        out[f"{row.a}~{row.b}"] = {
+        out["pairs"][f"{row.a}~{row.b}"] = {
             "disagreement": row.disagreement,
             "error_correlation": row.error_correlation,
             "oracle_accuracy": row.oracle_accuracy,
@@ -449,36 +474,28 @@ def summary(analyses: list[ModelAnalysis], div: pd.DataFrame) -> dict:
 
 
 def analyze_all(
-    params: Params, oof: dict[str, np.ndarray], data: PreparedData, properties: pd.DataFrame
+    params: Params, oof: dict[str, np.ndarray], ensemble_oof: np.ndarray, data: PreparedData, properties: pd.DataFrame
 ) -> list[ModelAnalysis]:
-    """`analyze_model` of every backbone's OOF and of the ensemble's (the last entry of `oof`), each
-    backbone's advice checked against the augmentation it trained with."""
-    cfg, backbones = params.analyze, list(params.train.backbones)
+    """`analyze_model` of every backbone's OOF (its advice checked against the augmentation it trained
+    with), then of the ensemble's (its members may differ, so no "already on" check)."""
+    cfg = params.analyze
+    kwargs = dict(
+        top_k=cfg.top_k,
+        pairs=cfg.confused_pairs,
+        calibration_bins=cfg.calibration_bins,
+        slice_buckets=cfg.slice_buckets,
+        alpha=cfg.significance,
+        metric=params.competition.metric,
+    )
+    rows = (data.targets, data.folds, data.classes, properties)
     analyses = []
     for name, probs in oof.items():
-        if name in backbones:
-            augment = resolve_train_settings(params.train, name).augment or default_augment(data.train_images.shape[1])
-            where = f"train.backbones.{name}.augment" if params.train.backbones[name].augment else "train.augment"
-        else:  # the ensemble: its members may differ, so no "already on" check
-            augment, where = None, "train.augment"
-        analyses.append(
-            analyze_model(
-                name,
-                probs,
-                data.targets,
-                data.folds,
-                data.classes,
-                properties,
-                augment,
-                top_k=cfg.top_k,
-                pairs=cfg.confused_pairs,
-                calibration_bins=cfg.calibration_bins,
-                slice_buckets=cfg.slice_buckets,
-                alpha=cfg.significance,
-                where=where,
-                metric=params.competition.metric,
-            )
-        )
+        augment = resolve_train_settings(params.train, name).augment or default_augment(data.train_images.shape[1])
+        where = f"train.backbones.{name}.augment" if params.train.backbones[name].augment else "train.augment"
+        analyses.append(analyze_model(name, probs, *rows, augment, where=where, **kwargs))
+    analyses.append(
+        analyze_model("ensemble", ensemble_oof, *rows, None, where="train.augment", ensemble=True, **kwargs)
+    )
     return analyses
 
 

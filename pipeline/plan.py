@@ -20,17 +20,18 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from pipeline.backbone import PLAN_DIR, Backbone
-from pipeline.config import TrainSettings
+from pipeline.config import Params, TrainSettings
 from pipeline.data import InputConfig, PreparedData, Rows
 from pipeline.errors import PipelineError
 from pipeline.inference import fold_model, predict_log_probs
 from pipeline.io import atomic_dir, write_json
+from pipeline.predict import tta_views
+from pipeline.timing import seconds_so_far
 from pipeline.train import train_fold
 
 # Seconds the planner cannot measure before they happen, from runs on 2 CPU cores (README, "Time budget"):
@@ -253,22 +254,29 @@ def no_budget(backbones: dict[str, Backbone]) -> dict:
 
 
 def plan_run(
-    budget_minutes: float,
-    data: PreparedData,
-    backbones: dict[str, Backbone],
-    tta_views: dict[str, int],
-    device: torch.device,
-    predict_batch: int,
-    probe_batches: int,
-    done_s: Callable[[], dict[str, float]],
+    params: Params, data: PreparedData, backbones: dict[str, Backbone], device: torch.device, where: str
 ) -> dict:
-    """Measure every backbone here (`measure_speed`), then `make_plan` with its precision recorded;
-    `done_s()` gives the seconds of the stages run so far, this one's measuring included."""
+    """Measure every backbone here (`measure_speed`), then `make_plan` with each one's precision recorded,
+    counting the seconds the stages before this one (prepare, tune) and this one's measuring took."""
     work, speeds, precisions = {}, {}, {}
     for b, backbone in backbones.items():
-        work[b] = backbone_work(data, backbone.settings, tta_views[b])
-        speeds[b], precisions[b] = measure_speed(data, backbone, device, predict_batch, probe_batches)
-    plan = make_plan(budget_minutes, len(data.train), work, speeds, done_s())
+        work[b] = backbone_work(data, backbone.settings, tta_views(params.tta, b, f"{where}: tta"))
+        speeds[b], precisions[b] = measure_speed(
+            data, backbone, device, params.predict.batch_size, params.budget.probe_batches
+        )
+    earlier = ["prepare"] + ([f"tune@{b}" for b in backbones] if params.tune.enabled else [])
+    plan = make_plan(params.budget.minutes, len(data.train), work, speeds, seconds_so_far(earlier, "plan"))
     for b in backbones:
         plan["backbones"][b]["precision"] = precisions[b]
     return plan
+
+
+def log_plan(plan: dict, tracker, report: str) -> None:
+    """The plan stage's MLflow run: every backbone's plan as params, planned seconds per stage as metrics."""
+    run_params = {
+        "budget_minutes": plan["budget_minutes"],
+        **{f"{b}.{k}": v for b, e in plan["backbones"].items() for k, v in e.items()},
+    }
+    with tracker.run("plan", params=run_params, tags={"stage": "plan"}):
+        tracker.log_metrics({f"planned_s.{stage.replace('@', '/')}": s for stage, s in plan["planned_seconds"].items()})
+        tracker.log_artifact(report)

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from pipeline.config import CompetitionConfig
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, atomic_save, write_json
-from pipeline.submission import read_submission_format
+from pipeline.submission import SubmissionFormat, read_submission_format
 
 DIGITS_MARKER = "SKLEARN_DIGITS"  # in a source folder: render scikit-learn's digits there
 
@@ -547,41 +547,133 @@ def _read_answers(files: CompetitionFiles, comp: CompetitionConfig, id_column: s
     return answers
 
 
-def _write_prepared(
-    tmp: Path,
+@dataclasses.dataclass
+class _TestSide:
+    """The test half of a competition as prepare reads it."""
+
+    sample: pd.DataFrame  # the sample submission
+    fmt: SubmissionFormat
+    ids: list[str]
+    paths: list[str | None]  # each id's image inside the competition
+    answers: pd.DataFrame | None  # the test labels where the competition has them (a local leaderboard)
+
+
+@dataclasses.dataclass
+class _Decoded:
+    """The training rows whose images decoded, their original sizes and pixel sums, and the test sizes."""
+
+    train: pd.DataFrame
+    train_sizes: np.ndarray
+    sums: np.ndarray
+    squares: np.ndarray
+    test_sizes: np.ndarray
+    skipped: int  # bad training images dropped (prepare.skip_bad_images)
+
+
+def _read_rows(
+    files: CompetitionFiles, comp: CompetitionConfig, n_folds: int, seed: int
+) -> tuple[pd.DataFrame, str, set[str]]:
+    """The training rows (subsampled to `competition.max_train_rows`), checked; where they come from;
+    and every training image path, before any subsample (none of them is a test image)."""
+    where = files.where(comp.train_csv or comp.train_dir)
+    train = _read_train(files, comp)
+    paths = {p for p in train["path"] if isinstance(p, str)}
+    _check_class_counts(train["label"], n_folds, where)
+    if comp.max_train_rows is not None and comp.max_train_rows < len(train):
+        train, _ = train_test_split(train, train_size=comp.max_train_rows, stratify=train["label"], random_state=seed)
+        train = train.sort_index()
+        where = f"{where} (after competition.max_train_rows={comp.max_train_rows})"
+        _check_class_counts(train["label"], n_folds, where)
+    if comp.metric == "quadratic_weighted_kappa":
+        _require_integer_labels(train["label"], where)
+    return train, where, paths
+
+
+def _bad_images(
+    files: CompetitionFiles,
     train: pd.DataFrame,
-    train_sizes,
-    test_sizes,
-    sums,
-    squares,
+    train_rels: list,
+    bad_train: dict,
+    test: _TestSide,
+    bad_test: dict,
+    skip_bad_images: bool,
+) -> None:
+    """Raise one error naming every undecodable or missing image, unless only training images are bad
+    and `skip_bad_images` drops them (then a warning lists them)."""
+    for i in bad_train:  # a missing file is named by where it was looked for
+        expected = train["expected"].iloc[i]
+        train_rels[i] = train_rels[i] or f"{expected} or {expected.rsplit('.', 1)[0]}.*"
+    if bad_test or (bad_train and not skip_bad_images):
+        parts = (
+            [f"{len(bad_train)} bad training images: {_bad_list(files, train_rels, bad_train)}"] if bad_train else []
+        )
+        parts += [f"{len(bad_test)} bad test images: {_bad_list(files, test.paths, bad_test)}"] if bad_test else []
+        hint = " (prepare.skip_bad_images: true drops bad training images)" if bad_train and not bad_test else ""
+        raise PipelineError("; ".join(parts) + hint)
+    if bad_train:
+        print(
+            f"warning: skipped {len(bad_train)} bad training images (prepare.skip_bad_images): "
+            f"{_bad_list(files, train_rels, bad_train, limit=len(bad_train))}",
+            file=sys.stderr,
+        )
+
+
+def _decode_all(
+    files: CompetitionFiles,
+    train: pd.DataFrame,
+    test: _TestSide,
+    tmp: Path,
     image_size: int,
+    resize: str,
+    workers: int,
+    skip_bad_images: bool,
     n_folds: int,
-    comp: CompetitionConfig,
-    test_ids,
-    test_paths,
-    sample,
-    answers,
-    classes,
-    fmt,
+    where: str,
+) -> _Decoded:
+    """Decode every training and test image into `tmp`'s caches before anything else is written."""
+    train_rels = [p if isinstance(p, str) else None for p in train["path"]]  # pandas may hold None as nan
+    train_sizes, sums, squares, bad_train = decode_images(
+        files, train_rels, image_size, resize, workers, tmp / "train_images.npy", "decode train"
+    )
+    test_sizes, _, _, bad_test = decode_images(
+        files, test.paths, image_size, resize, workers, tmp / "test_images.npy", "decode test"
+    )
+    _bad_images(files, train, train_rels, bad_train, test, bad_test, skip_bad_images)
+    if bad_train:
+        keep = np.setdiff1d(np.arange(len(train)), list(bad_train))
+        if not len(keep):
+            raise PipelineError(f"{where}: no training image could be read")
+        keep_rows(tmp / "train_images.npy", keep)
+        classes = set(train["label"])
+        train, train_sizes, sums, squares = train.iloc[keep], train_sizes[keep], sums[keep], squares[keep]
+        lost = sorted(classes - set(train["label"]))
+        if lost:
+            raise PipelineError(f"{where}: class '{lost[0]}' has no readable training image left")
+        _check_class_counts(train["label"], n_folds, where)
+    return _Decoded(train, train_sizes, sums, squares, test_sizes, len(bad_train))
+
+
+def _write_prepared(
+    tmp: Path, d: _Decoded, test: _TestSide, classes: list[str], image_size: int, n_folds: int, group_column: str | None
 ) -> None:
     """The prepared folder's tables and JSON beside its image caches: rows, classes, format, and the
     normalisation statistics of the whole set and of each fold's training part."""
-    train["width"], train["height"] = train_sizes[:, 0], train_sizes[:, 1]  # for the analyze stage's slices
+    train = d.train
+    train["width"], train["height"] = d.train_sizes[:, 0], d.train_sizes[:, 1]  # for the analyze stage's slices
     pixels = image_size * image_size
-    stats = channel_stats(sums, squares, pixels)
+    stats = channel_stats(d.sums, d.squares, pixels)
     in_training_part = {k: train["fold"].to_numpy() != k for k in range(n_folds)}
-    stats["folds"] = {str(k): channel_stats(sums[m], squares[m], pixels) for k, m in in_training_part.items()}
-
-    cols = ["id", "label", "target", "fold", "width", "height", "path"] + (["group"] if comp.group_column else [])
+    stats["folds"] = {str(k): channel_stats(d.sums[m], d.squares[m], pixels) for k, m in in_training_part.items()}
+    cols = ["id", "label", "target", "fold", "width", "height", "path"] + (["group"] if group_column else [])
     train[cols].to_csv(tmp / "train.csv", index=False)
-    pd.DataFrame({"id": test_ids, "width": test_sizes[:, 0], "height": test_sizes[:, 1], "path": test_paths}).to_csv(
-        tmp / "test.csv", index=False
-    )
-    sample.to_csv(tmp / "sample_submission.csv", index=False)
-    if answers is not None:
-        answers.to_csv(tmp / "answers.csv", index=False)
+    pd.DataFrame(
+        {"id": test.ids, "width": d.test_sizes[:, 0], "height": d.test_sizes[:, 1], "path": test.paths}
+    ).to_csv(tmp / "test.csv", index=False)
+    test.sample.to_csv(tmp / "sample_submission.csv", index=False)
+    if test.answers is not None:
+        test.answers.to_csv(tmp / "answers.csv", index=False)
     write_json(tmp / "classes.json", {"classes": classes})
-    write_json(tmp / "submission_format.json", dataclasses.asdict(fmt))
+    write_json(tmp / "submission_format.json", dataclasses.asdict(test.fmt))
     write_json(tmp / "stats.json", stats)
 
 
@@ -604,86 +696,24 @@ def prepare(
         render_digits(source)
     files = CompetitionFiles(source)
     files.set_root(comp.train_csv or comp.sample_submission or comp.train_dir + "/")
-    workers = workers or os.cpu_count() or 1
-    train_where = files.where(comp.train_csv or comp.train_dir)
-
-    train = _read_train(files, comp)
-    train_paths = {p for p in train["path"] if isinstance(p, str)}  # all of them, before any subsample
-    _check_class_counts(train["label"], n_folds, train_where)
-    if comp.max_train_rows is not None and comp.max_train_rows < len(train):
-        train, _ = train_test_split(train, train_size=comp.max_train_rows, stratify=train["label"], random_state=seed)
-        train = train.sort_index()
-        train_where = f"{train_where} (after competition.max_train_rows={comp.max_train_rows})"
-        _check_class_counts(train["label"], n_folds, train_where)
-    if comp.metric == "quadratic_weighted_kappa":
-        _require_integer_labels(train["label"], train_where)
+    train, where, train_paths = _read_rows(files, comp, n_folds, seed)
     classes = sort_classes(train["label"])
     sample, fmt, test_ids, test_paths = _read_test(files, comp, classes, train_paths)
-
-    answers = _read_answers(files, comp, fmt.id_column)
-
+    test = _TestSide(sample, fmt, test_ids, test_paths, _read_answers(files, comp, fmt.id_column))
     with atomic_dir(out_dir) as tmp:
-        train_rels = [p if isinstance(p, str) else None for p in train["path"]]  # pandas may hold None as nan
-        train_sizes, sums, squares, bad_train = decode_images(
-            files, train_rels, image_size, resize, workers, tmp / "train_images.npy", "decode train"
+        decoded = _decode_all(
+            files, train, test, tmp, image_size, resize, workers or os.cpu_count() or 1, skip_bad_images, n_folds, where
         )
-        test_sizes, _, _, bad_test = decode_images(
-            files, test_paths, image_size, resize, workers, tmp / "test_images.npy", "decode test"
-        )
-        for i in bad_train:  # a missing file is named by where it was looked for
-            train_rels[i] = (
-                train_rels[i] or f"{train['expected'].iloc[i]} or {train['expected'].iloc[i].rsplit('.', 1)[0]}.*"
-            )
-        if bad_test or (bad_train and not skip_bad_images):
-            parts = (
-                [f"{len(bad_train)} bad training images: {_bad_list(files, train_rels, bad_train)}"]
-                if bad_train
-                else []
-            )
-            parts += [f"{len(bad_test)} bad test images: {_bad_list(files, test_paths, bad_test)}"] if bad_test else []
-            hint = " (prepare.skip_bad_images: true drops bad training images)" if bad_train and not bad_test else ""
-            raise PipelineError("; ".join(parts) + hint)
-        if bad_train:
-            print(
-                f"warning: skipped {len(bad_train)} bad training images (prepare.skip_bad_images): "
-                f"{_bad_list(files, train_rels, bad_train, limit=len(bad_train))}",
-                file=sys.stderr,
-            )
-            keep = np.setdiff1d(np.arange(len(train)), list(bad_train))
-            if not len(keep):
-                raise PipelineError(f"{train_where}: no training image could be read")
-            keep_rows(tmp / "train_images.npy", keep)
-            train, train_sizes, sums, squares = train.iloc[keep], train_sizes[keep], sums[keep], squares[keep]
-            lost = sorted(set(classes) - set(train["label"]))
-            if lost:
-                raise PipelineError(f"{train_where}: class '{lost[0]}' has no readable training image left")
-            _check_class_counts(train["label"], n_folds, train_where)
-        train = _add_targets_and_folds(train, classes, comp, n_folds, seed)
-        _write_prepared(
-            tmp,
-            train,
-            train_sizes,
-            test_sizes,
-            sums,
-            squares,
-            image_size,
-            n_folds,
-            comp,
-            test_ids,
-            test_paths,
-            sample,
-            answers,
-            classes,
-            fmt,
-        )
+        decoded.train = _add_targets_and_folds(decoded.train, classes, comp, n_folds, seed)
+        _write_prepared(tmp, decoded, test, classes, image_size, n_folds, comp.group_column)
     return {
         "source": str(source),
-        "n_train": len(train),
+        "n_train": len(decoded.train),
         "n_test": len(test_ids),
         "n_classes": len(classes),
         "image_size": image_size,
         "submission_format": fmt.kind,
-        "skipped": len(bad_train),
+        "skipped": decoded.skipped,
     }
 
 

@@ -4,9 +4,11 @@ Layout of the folder `write_report` fills (reports/oof/ in the pipeline):
   index.html                       every section, figures embedded as data: URIs (opens offline)
   summary.json                     headline numbers (`dvc metrics show`)
   analysis.json                    the page's content as data (per-class scores, pairs, worst ids, slices, advice)
-  figures/<model>/*.png            the page's figures; figures/models/*.png compare the models
-  tables/<model>_predictions.csv   id, fold, actual, predicted, confidence, loss (`dvc plots show`: confusion)
-  tables/<model>_reliability.csv   the reliability diagram's bins (`dvc plots show`)
+  figures/backbones/<name>/*.png, figures/ensemble/*.png   each model's figures
+  figures/side_by_side/*.png       the models compared
+  tables/backbones/<name>/predictions.csv, tables/ensemble/...   id, fold, actual, predicted, confidence, loss
+  tables/.../reliability.csv       the reliability diagram's bins
+Backbones and the ensemble have separate namespaces (folders, HTML ids, JSON keys): any backbone name works.
 """
 
 from __future__ import annotations
@@ -219,7 +221,7 @@ def _captions(a: ModelAnalysis, rows: np.ndarray, ids: np.ndarray, y: np.ndarray
 
 def _calibration_and_slices(a: ModelAnalysis, y: np.ndarray, fig_dir: Path) -> tuple[str, str]:
     """The calibration and the slices-and-advice sections of one model."""
-    m, pred = a.name, a.probs.argmax(1)
+    m, pred = a.anchor, a.probs.argmax(1)
     rel_fig = plot_reliability(a.reliability, a.ece, fig_dir / "reliability.png")
     conf_fig = plot_confidence(a.probs, y, fig_dir / "confidence.png")
     calibration = _section(
@@ -262,24 +264,12 @@ def _calibration_and_slices(a: ModelAnalysis, y: np.ndarray, fig_dir: Path) -> t
     return calibration, slices
 
 
-def model_section(
-    a: ModelAnalysis,
-    ids: np.ndarray,
-    y: np.ndarray,
-    folds: np.ndarray,
-    classes: list[str],
-    images: np.ndarray,
-    fig_dir: Path,
-    examples_per_pair: int,
-) -> tuple[str, dict]:
-    """The HTML section of one model and its content as data."""
-    m = a.name
-    pred = a.probs.argmax(1)
-    # scores
+def _scores_section(a: ModelAnalysis, y: np.ndarray) -> str:
+    m = a.anchor
     overall = pd.DataFrame([{"rows": len(y), **a.scores, "ece": a.ece}])
     fold_rows = a.folds.copy()
     fold_rows.index.name = "fold"
-    scores = _section(
+    return _section(
         f"{m}-scores",
         "Scores",
         "<p>Out-of-fold: each row predicted by the fold model that did not train on it.</p>",
@@ -290,7 +280,19 @@ def model_section(
         html_table(a.per_class, f"{m}-per-class"),
         _never_predicted_note(a),
     )
-    # confusion and confused pairs
+
+
+def _confusion_section(
+    a: ModelAnalysis,
+    ids: np.ndarray,
+    y: np.ndarray,
+    classes: list[str],
+    images: np.ndarray,
+    fig_dir: Path,
+    examples_per_pair: int,
+) -> tuple[str, list[dict]]:
+    """The confusion matrix and the most-confused pairs with their examples; and the pairs as rows."""
+    m, pred = a.anchor, a.probs.argmax(1)
     cm_fig = plot_confusion(a.confusion, classes, fig_dir / "confusion.png")
     cm_table = ""
     if len(classes) <= MAX_MATRIX_CLASSES:
@@ -320,15 +322,27 @@ def model_section(
             f"<h4>{_esc(classes[t])} predicted as {_esc(classes[p])}: {n}</h4>"
             + html_image(fig, f"{classes[t]} as {classes[p]}")
         )
-    confusion = _section(
+    return _section(
         f"{m}-confusion",
         "Confusion matrix and most-confused pairs",
         html_image(cm_fig, "confusion matrix"),
         cm_table,
         html_table(pd.DataFrame(pair_rows), f"{m}-pairs") if pair_rows else "<p>No errors.</p>",
         *pair_parts,
-    )
-    # galleries
+    ), pair_rows
+
+
+def _gallery_sections(
+    a: ModelAnalysis,
+    ids: np.ndarray,
+    y: np.ndarray,
+    folds: np.ndarray,
+    classes: list[str],
+    images: np.ndarray,
+    fig_dir: Path,
+) -> dict:
+    """The worst and the confidently wrong predictions: `<key>` their rows, `<key>_html` their section."""
+    m = a.anchor
     galleries = {}
     for key, title, rows in (
         ("worst", "Worst predictions (highest loss)", a.worst),
@@ -344,9 +358,27 @@ def model_section(
             "<p>Ids are the competition's train ids: look the files up to check their labels.</p>",
             html_table(table, f"{m}-{key}-table"),
         )
+    return galleries
+
+
+def model_section(
+    a: ModelAnalysis,
+    ids: np.ndarray,
+    y: np.ndarray,
+    folds: np.ndarray,
+    classes: list[str],
+    images: np.ndarray,
+    fig_dir: Path,
+    examples_per_pair: int,
+) -> tuple[str, dict]:
+    """The HTML section of one model and its content as data."""
+    m = a.anchor
+    scores = _scores_section(a, y)
+    confusion, pair_rows = _confusion_section(a, ids, y, classes, images, fig_dir, examples_per_pair)
+    galleries = _gallery_sections(a, ids, y, folds, classes, images, fig_dir)
     calibration, slices = _calibration_and_slices(a, y, fig_dir)
     body = (
-        f'<section id="{m}"><h2>{html.escape(m)}</h2>{scores}{confusion}{galleries["worst_html"]}'
+        f'<section id="{m}"><h2>{html.escape(a.label)}</h2>{scores}{confusion}{galleries["worst_html"]}'
         f"{galleries['confident-wrong_html']}{calibration}{slices}</section>"
     )
     data = {
@@ -384,7 +416,7 @@ def models_section(analyses: list[ModelAnalysis], div: pd.DataFrame, per_class: 
     table = pd.DataFrame(
         [
             {
-                "model": a.name,
+                "model": a.label,
                 **a.scores,
                 "ece": a.ece,
                 "fold accuracy std": a.folds.loc["std", "accuracy"],
@@ -393,7 +425,7 @@ def models_section(analyses: list[ModelAnalysis], div: pd.DataFrame, per_class: 
             for a in analyses
         ]
     )
-    parts = [html_table(table, "models-scores")]
+    parts = [html_table(table, "side-by-side-scores")]
     if len(div):
         names = list(dict.fromkeys([*div["a"], *div["b"]]))
         for key, title in (
@@ -407,14 +439,14 @@ def models_section(analyses: list[ModelAnalysis], div: pd.DataFrame, per_class: 
         parts += [
             "<p>Pairs: an ensemble gains most from accurate models whose errors are uncorrelated; "
             "the oracle accuracy is the share of rows at least one of the two gets right.</p>",
-            html_table(div, "models-diversity"),
+            html_table(div, "side-by-side-diversity"),
         ]
     parts += [
         "<p>Per-class accuracy (recall) per model:</p>",
         html_image(plot_matrix(per_class, "per-class accuracy", fig_dir / "per_class.png"), "per-class accuracy"),
-        html_table(per_class, "models-per-class", index=True),
+        html_table(per_class, "side-by-side-per-class", index=True),
     ]
-    return f'<section id="models"><h2>Models side by side</h2>{"".join(parts)}</section>'
+    return f'<section id="side-by-side"><h2>Models side by side</h2>{"".join(parts)}</section>'
 
 
 def _clean(obj):
@@ -449,14 +481,16 @@ def write_report(
     title: str,
 ) -> None:
     """Fill the folder `out` (see the module docstring)."""
-    sections, data = [], {}
+    sections, data = [], {"backbones": {}}
     for a in analyses:
-        body, data[a.name] = model_section(
-            a, ids, y, folds, classes, images, out / "figures" / a.name, examples_per_pair
-        )
+        body, content = model_section(a, ids, y, folds, classes, images, out / "figures" / a.folder, examples_per_pair)
+        if a.ensemble:
+            data["ensemble"] = content
+        else:
+            data["backbones"][a.name] = content
         sections.append(body)
         pred = a.probs.argmax(1)
-        (out / "tables").mkdir(parents=True, exist_ok=True)
+        (out / "tables" / a.folder).mkdir(parents=True, exist_ok=True)
         pd.DataFrame(
             {
                 "id": ids,
@@ -466,14 +500,15 @@ def write_report(
                 "confidence": a.probs.max(1),
                 "loss": row_losses(a.probs, y),
             }
-        ).to_csv(out / "tables" / f"{a.name}_predictions.csv", index=False)
-        a.reliability.to_csv(out / "tables" / f"{a.name}_reliability.csv", index_label="bin")
-    side_by_side = models_section(analyses, div, per_class, out / "figures" / "models")
-    data["models"] = {
+        ).to_csv(out / "tables" / a.folder / "predictions.csv", index=False)
+        a.reliability.to_csv(out / "tables" / a.folder / "reliability.csv", index_label="bin")
+    side_by_side = models_section(analyses, div, per_class, out / "figures" / "side_by_side")
+    data["side_by_side"] = {
         "diversity": div.to_dict("records"),
         "per_class_accuracy": per_class.reset_index(names="class").to_dict("records"),
     }
-    nav = "".join(f'<a href="#{x}">{html.escape(x)}</a>' for x in ["models"] + [a.name for a in analyses])
+    links = [("side-by-side", "side by side")] + [(a.anchor, a.label) for a in analyses]
+    nav = "".join(f'<a href="#{x}">{html.escape(label)}</a>' for x, label in links)
     page = (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"

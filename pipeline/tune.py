@@ -27,12 +27,14 @@ import optuna
 import torch
 import yaml
 
-from pipeline.config import TrainSettings, TuneConfig, check_train_settings
+from pipeline.backbone import Backbone
+from pipeline.config import Params, TrainSettings, TuneConfig, check_train_settings
 from pipeline.data import PreparedData
 from pipeline.errors import PipelineError
 from pipeline.io import StageProgress, atomic_dir
 from pipeline.metrics import direction as metric_direction
 from pipeline.metrics import scores
+from pipeline.tracking import Tracker, experiment_name
 from pipeline.train import train_fold
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
@@ -145,54 +147,68 @@ def finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=states))
 
 
-def make_objective(
+def _fold_score(
+    trial: optuna.Trial,
+    i: int,
+    k: int,
     data: PreparedData,
-    model_name: str,
-    base: TrainSettings,
-    space: dict,
+    backbone: Backbone,
+    settings: TrainSettings,
     tune: TuneConfig,
-    image_size: int,
     device: torch.device,
     tracker,
-    pretrained=None,
+) -> float:
+    """Fold k (the trial's i-th) trained as the train stage trains it, reporting every validated epoch
+    to the pruner at step `i * epochs + epoch`; its validation `tune.metric`."""
+    metric = f"val_{tune.metric}"
+
+    def report(epoch: int, row: dict) -> None:
+        if metric not in row:  # an epoch without validation (train.val_every)
+            return
+        tracker.log_metrics({metric: row[metric]}, step=epoch)
+        trial.report(row[metric], step=i * settings.epochs + epoch)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"fold {k}, epoch {epoch + 1}: {tune.metric} {row[metric]:.4f}")
+
+    with tracker.run(f"fold{k}", params={"fold": k}, nested=True):
+        result, _ = train_fold(
+            data,
+            k,
+            backbone.model_name,
+            settings,
+            settings.image_size or backbone.image_size,
+            device,
+            pretrained=backbone.pretrained,
+            on_epoch=report,
+            where=f"trial {trial.number} fold {k}",
+        )
+    return scores(result.val_probs, data.targets[data.folds == k], (tune.metric,))[tune.metric]
+
+
+def make_objective(
+    data: PreparedData, backbone: Backbone, space: dict, tune: TuneConfig, device: torch.device, tracker
 ):
     """The objective: mean validation score over `tune.folds`, each fold set up by `train_fold` exactly as
-    the train stage sets it up (finetune mode, bootstrap, seeds), for `tune.epochs` epochs."""
-    targets, folds = data.targets, data.folds
+    the train stage sets it up (finetune mode, bootstrap, seeds), for `tune.epochs` epochs; `backbone`'s
+    settings are the base the trial's sampled values replace."""
+    base = backbone.settings
     epochs = tune.epochs or base.epochs
 
     def objective(trial: optuna.Trial) -> float:
         values = sample(trial, space, base)
         settings = replace(base, **values, epochs=epochs)
         check_train_settings(settings, "tune")
-        fold_values = []
         with tracker.run(f"trial {trial.number}", params=values, nested=True, tags={"optuna.trial": str(trial.number)}):
             state = "COMPLETE"
             try:
-                for i, k in enumerate(tune.folds):
-
-                    def report(epoch: int, row: dict, i=i, k=k) -> None:
-                        if f"val_{tune.metric}" not in row:  # an epoch without validation (train.val_every)
-                            return
-                        value = row[f"val_{tune.metric}"]
-                        tracker.log_metrics({f"val_{tune.metric}": value}, step=epoch)
-                        trial.report(value, step=i * epochs + epoch)
-                        if trial.should_prune():
-                            raise optuna.TrialPruned(f"fold {k}, epoch {epoch + 1}: {tune.metric} {value:.4f}")
-
-                    with tracker.run(f"fold{k}", params={"fold": k}, nested=True):
-                        result, _ = train_fold(
-                            data,
-                            k,
-                            model_name,
-                            settings,
-                            settings.image_size or image_size,
-                            device,
-                            pretrained=pretrained,
-                            on_epoch=report,
-                            where=f"trial {trial.number} fold {k}",
-                        )
-                    fold_values.append(scores(result.val_probs, targets[folds == k], (tune.metric,))[tune.metric])
+                value = float(
+                    np.mean(
+                        [
+                            _fold_score(trial, i, k, data, backbone, settings, tune, device, tracker)
+                            for i, k in enumerate(tune.folds)
+                        ]
+                    )
+                )
             except optuna.TrialPruned:
                 state = "PRUNED"
                 raise
@@ -202,7 +218,6 @@ def make_objective(
                 raise
             finally:
                 tracker.log_params({"state": state})
-            value = float(np.mean(fold_values))
             tracker.log_metrics({f"cv_{tune.metric}": value})
             return value
 
@@ -291,4 +306,29 @@ def write_best(study: optuna.Study, tune: TuneConfig, out_dir: str | Path) -> di
             "params": summary.get("best_params", {}),
         }
         (out / "best_params.yaml").write_text(yaml.safe_dump(best, sort_keys=False))
+    return summary
+
+
+def tune_stage(params: Params, backbone: Backbone, data: PreparedData, device: torch.device, worker: int = 0) -> dict:
+    """The tune stage's work: the backbone's study (named `<experiment>-<backbone>`, continued if it
+    exists) run up to `tune.n_trials` finished trials, in one MLflow run with a nested run per trial;
+    writes tuning/<backbone>/ and returns the study's summary."""
+    tune, name = params.tune, backbone.name
+    space = search_space(tune, name)
+    study_name = f"{experiment_name(params)}-{name}"
+    study = open_study(tune, study_name, worker=worker)
+    print(f"tune {name}: study '{study_name}', {finished(study)}/{tune.n_trials} trials finished so far")
+    tracker = Tracker(params.tracking.enabled, experiment_name(params))
+    run_params = {
+        "study": study_name,
+        "n_trials": tune.n_trials,
+        "folds": str(tune.folds),
+        "epochs": tune.epochs,
+        "metric": tune.metric,
+        "space": str(space),
+    }
+    with tracker.run(f"tune {name}", params=run_params, tags={"stage": "tune", "backbone": name}):
+        run_study(study, make_objective(data, backbone, space, tune, device, tracker), tune.n_trials, f"tune@{name}")
+        summary = write_best(study, tune, f"tuning/{name}")
+        tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     return summary

@@ -207,12 +207,14 @@ class _Page(HTMLParser):
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory):
-    """The report of a tiny synthetic run: two backbones and their ensemble on the hand-made rows."""
+    """The report of a tiny synthetic run: two backbones and their ensemble on the hand-made rows. The
+    second backbone is named `ensemble`: backbones and the ensemble have separate namespaces."""
     out = tmp_path_factory.mktemp("oof")
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(6, 8, 8, 3), dtype=np.uint8)
     other = np.roll(PROBS, 1, axis=0)
-    oof = {"net_a": PROBS, "net_b": other, "ensemble": (PROBS + other) / 2}
+    oof = {"net_a": PROBS, "ensemble": other}
+    submitted = (PROBS + other) / 2
     props = image_properties(images)
     analyses = [
         analyze_model(
@@ -229,15 +231,16 @@ def rendered(tmp_path_factory):
             slice_buckets=2,
             alpha=0.05,
             where="train.augment",
+            ensemble=ensemble,
         )
-        for m, p in oof.items()
+        for m, p, ensemble in [*((m, p, False) for m, p in oof.items()), ("ensemble", submitted, True)]
     ]
-    div = diversity({m: oof[m] for m in ("net_a", "net_b")}, Y)
+    div = diversity(oof, Y)
     write_report(
         out,
         analyses,
         div,
-        per_class_accuracy(oof, Y, CLASSES),
+        per_class_accuracy({a.label: a.probs for a in analyses}, Y, CLASSES),
         summary(analyses, div),
         np.array([f"img{i}" for i in range(6)]),
         Y,
@@ -254,8 +257,8 @@ def rendered(tmp_path_factory):
 
 def test_report_has_every_section_for_every_model(rendered):
     _, page = rendered
-    assert "models" in page.ids and "models-diversity" in page.ids
-    for m in ("net_a", "net_b", "ensemble"):
+    assert "side-by-side" in page.ids and "side-by-side-diversity" in page.ids
+    for m in ("backbone-net_a", "backbone-ensemble", "ensemble"):
         for section in ("scores", "confusion", "worst", "confident-wrong", "calibration", "slices"):
             assert f"{m}-{section}" in page.ids, f"{m}-{section} missing"
     assert page.refs == []  # self-contained: nothing fetched from elsewhere
@@ -267,19 +270,19 @@ def test_report_has_every_section_for_every_model(rendered):
 
 def test_report_numbers_match_hand_computations(rendered):
     out, page = rendered
-    rows = page.tables["net_a-confusion-table"]
+    rows = page.tables["backbone-net_a-confusion-table"]
     assert [[int(v) for v in r[1:]] for r in rows[1:]] == CONFUSION
     html = (out / "index.html").read_text()
-    section = html[html.index('id="net_a-calibration"') :]
+    section = html[html.index('id="backbone-net_a-calibration"') :]
     assert re.search(r'class="ece">([0-9.]+)<', section).group(1) == f"{ECE:.4f}"
-    overall = dict(zip(page.tables["net_a-overall"][0], page.tables["net_a-overall"][1]))
+    overall = dict(zip(page.tables["backbone-net_a-overall"][0], page.tables["backbone-net_a-overall"][1]))
     assert float(overall["accuracy"]) == pytest.approx(4 / 6, abs=1e-4)
-    worst = page.tables["net_a-worst-table"]
+    worst = page.tables["backbone-net_a-worst-table"]
     assert [r[0] for r in worst[1:]] == ["img3", "img5", "img1", "img2"]
-    assert [r[0] for r in page.tables["net_a-confident-wrong-table"][1:]] == ["img1", "img3"]
-    pairs = page.tables["net_a-pairs"]
+    assert [r[0] for r in page.tables["backbone-net_a-confident-wrong-table"][1:]] == ["img1", "img3"]
+    pairs = page.tables["backbone-net_a-pairs"]
     assert pairs[1][:3] == ["dog", "cat", "1"] and pairs[1][4] == "img1"
-    per_class = {r[0]: r for r in page.tables["net_a-per-class"][1:]}
+    per_class = {r[0]: r for r in page.tables["backbone-net_a-per-class"][1:]}
     assert float(per_class["dog"][2]) == pytest.approx(0.5)  # recall of dog: 1 of 2
 
 
@@ -288,12 +291,21 @@ def test_report_files_for_dvc_and_mlflow(rendered):
     import json
 
     headline = json.loads((out / "summary.json").read_text())
-    assert headline["net_a"]["ece"] == pytest.approx(ECE) and headline["net_a"]["accuracy"] == pytest.approx(4 / 6)
-    assert "net_a~net_b" in headline
-    for m in ("net_a", "net_b", "ensemble"):
+    net_a = headline["backbones"]["net_a"]
+    assert net_a["ece"] == pytest.approx(ECE) and net_a["accuracy"] == pytest.approx(4 / 6)
+    assert "net_a~ensemble" in headline["pairs"]
+    # the backbone named `ensemble` and the ensemble are both there, each with its own numbers
+    assert headline["backbones"]["ensemble"]["log_loss"] != pytest.approx(headline["ensemble"]["log_loss"])
+    for folder in ("backbones/net_a", "backbones/ensemble", "ensemble"):
         for fig in ("confusion", "worst", "confident-wrong", "reliability", "confidence", "slices"):
-            assert (out / "figures" / m / f"{fig}.png").is_file()
-    predictions = pd.read_csv(out / "tables" / "net_a_predictions.csv", dtype={"actual": str, "predicted": str})
+            assert (out / "figures" / folder / f"{fig}.png").is_file()
+    assert (out / "figures" / "side_by_side" / "per_class.png").is_file()
+    analysis = json.loads((out / "analysis.json").read_text())
+    assert set(analysis) == {"backbones", "ensemble", "side_by_side"} and set(analysis["backbones"]) == {
+        "net_a",
+        "ensemble",
+    }
+    predictions = pd.read_csv(out / "tables/backbones/net_a/predictions.csv", dtype={"actual": str, "predicted": str})
     assert pd.crosstab(predictions["actual"], predictions["predicted"]).loc["frog", "cat"] == 1
 
 
@@ -398,7 +410,7 @@ def test_report_opens_in_headless_chromium(rendered, tmp_path):
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for section in ("models", "ensemble-calibration", "net_a-slices"):
+    for section in ("side-by-side", "ensemble-calibration", "backbone-net_a-slices"):
         assert f'id="{section}"' in proc.stdout
 
 
@@ -417,4 +429,4 @@ def test_the_competition_metric_heads_a_models_scores():
     for metric in ("roc_auc", "quadratic_weighted_kappa"):
         a = analyze_model("m", PROBS, Y, FOLDS, CLASSES, props, None, metric=metric, **kwargs)
         assert list(a.scores)[0] == metric and set(a.scores) == set(METRICS)
-        assert list(summary([a], diversity({"m": PROBS}, Y))["m"])[0] == metric
+        assert list(summary([a], diversity({"m": PROBS}, Y))["backbones"]["m"])[0] == metric

@@ -115,9 +115,11 @@ def test_repro_writes_a_valid_submission_and_metrics(repo):
     # the analyze stage read the ensemble's OOF file: its scores agree with the ensemble stage's
     analysis = json.loads((repo / "reports/oof/summary.json").read_text())
     assert analysis["ensemble"]["accuracy"] == pytest.approx(ensemble["oof"]["accuracy"])
-    assert analysis["test_resnet"]["log_loss"] == pytest.approx(ensemble["backbones"]["test_resnet"]["oof"]["log_loss"])
+    backbone = analysis["backbones"]["test_resnet"]
+    assert backbone["log_loss"] == pytest.approx(ensemble["backbones"]["test_resnet"]["oof"]["log_loss"])
     page = (repo / "reports/oof/index.html").read_text()
-    assert all(f'id="{m}-slices"' in page for m in ("test_resnet", "test_efficientnet", "ensemble"))
+    sections = ("backbone-test_resnet", "backbone-test_efficientnet", "ensemble")
+    assert all(f'id="{m}-slices"' in page for m in sections)
     # no budget: the params' epochs, and every stage's own seconds in reports/timing.json, from one run
     timing = json.loads((repo / "reports/timing.json").read_text())
     assert timing["budget_minutes"] is None and timing["one_run"]

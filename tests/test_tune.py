@@ -120,7 +120,9 @@ def test_a_bad_trial_is_pruned_in_its_first_fold_and_a_good_one_is_not(prepared,
     study = open_study(tune, "prune")
     for lr in (0.01, 1e-8, 1e-8, 0.01):
         study.enqueue_trial({"lr": lr})
-    objective = make_objective(prepared, "test_resnet", BASE, LR_ONLY, tune, 12, CPU, Tracker(False, "x"))
+    objective = make_objective(
+        prepared, Backbone("b", "test_resnet", None, BASE, 12, {}), LR_ONLY, tune, CPU, Tracker(False, "x")
+    )
     run_study(study, objective, n_trials=4)
     learning, hopeless, bad, good = study.trials
     assert learning.state == hopeless.state == optuna.trial.TrialState.COMPLETE  # the startup trials
@@ -138,7 +140,9 @@ def test_a_failing_trial_is_recorded_with_its_reason_and_the_study_goes_on(prepa
     study = open_study(tune, "fail")
     study.enqueue_trial({"lr": 1e30})
     study.enqueue_trial({"lr": 0.01})
-    objective = make_objective(prepared, "test_resnet", BASE, LR_ONLY, tune, 12, CPU, Tracker(False, "x"))
+    objective = make_objective(
+        prepared, Backbone("b", "test_resnet", None, BASE, 12, {}), LR_ONLY, tune, CPU, Tracker(False, "x")
+    )
     run_study(study, objective, n_trials=1)
     failed, ok = study.trials[0], study.trials[1]
     assert failed.state == optuna.trial.TrialState.FAIL
@@ -151,7 +155,13 @@ def test_macro_f1_is_reported_every_epoch_and_is_the_objective(prepared, tmp_pat
     study = open_study(tune, "f1")
     assert study.direction == optuna.study.StudyDirection.MAXIMIZE
     study.enqueue_trial({"lr": 0.01})
-    run_study(study, make_objective(prepared, "test_resnet", BASE, LR_ONLY, tune, 12, CPU, Tracker(False, "x")), 1)
+    run_study(
+        study,
+        make_objective(
+            prepared, Backbone("b", "test_resnet", None, BASE, 12, {}), LR_ONLY, tune, CPU, Tracker(False, "x")
+        ),
+        1,
+    )
     trial = study.trials[0]
     assert trial.state == optuna.trial.TrialState.COMPLETE
     assert sorted(trial.intermediate_values) == [0, 1]  # the pruner sees macro F1 after every epoch
@@ -163,7 +173,13 @@ def test_tuning_a_features_sklearn_backbone_runs_what_training_runs(prepared, tm
     tune = _tune(tmp_path, pruner="none")
     study = open_study(tune, "sk")
     study.enqueue_trial({"lr": 0.01})
-    run_study(study, make_objective(prepared, "test_resnet", base, LR_ONLY, tune, 12, CPU, Tracker(False, "x")), 1)
+    run_study(
+        study,
+        make_objective(
+            prepared, Backbone("b", "test_resnet", None, base, 12, {}), LR_ONLY, tune, CPU, Tracker(False, "x")
+        ),
+        1,
+    )
     trial = study.trials[0]
     # one report per fold (the classifier's fit), not one per epoch of fine-tuning
     assert sorted(trial.intermediate_values) == [0, tune.epochs]
@@ -187,7 +203,11 @@ def test_study_trial_fold_runs_nest_in_mlflow_and_the_report_is_written(prepared
     for lr in (0.01, 0.003):
         study.enqueue_trial({"lr": lr})
     with tracker.run("tune test_resnet"):
-        run_study(study, make_objective(prepared, "test_resnet", BASE, LR_ONLY, tune, 12, CPU, tracker), 2)
+        run_study(
+            study,
+            make_objective(prepared, Backbone("b", "test_resnet", None, BASE, 12, {}), LR_ONLY, tune, CPU, tracker),
+            2,
+        )
     summary = write_report(study, tmp_path)
     assert summary["n_complete"] == 2 and summary["best_params"]["lr"] in (0.01, 0.003)
     assert (tmp_path / "history.png").stat().st_size > 1000 and (tmp_path / "importances.png").exists()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline.analyze import analyze_all, diversity, headline_line, image_properties, per_class_accuracy, summary
 from pipeline.cli import parse_args
-from pipeline.config import ConfigError, flatten, load_params, to_dict
+from pipeline.config import flatten, load_params, to_dict
 from pipeline.data import load_prepared
 from pipeline.io import atomic_dir
 from pipeline.probs import read_probs
@@ -23,19 +23,15 @@ OUT = Path("reports/oof")
 def main(argv=None) -> None:
     args = parse_args(argv, __doc__)
     params = load_params(args.params)
-    backbones = list(params.train.backbones)
-    if "ensemble" in backbones or "models" in backbones:
-        raise ConfigError(
-            f"{args.params}: train.backbones: 'ensemble' and 'models' name report sections; rename that key"
-        )
     data = load_prepared()
-    ids, y, folds = data.train["id"].to_numpy(), data.targets, data.folds
+    ids, y, folds, backbones = data.train["id"].to_numpy(), data.targets, data.folds, list(params.train.backbones)
     oof = {b: read_probs(f"predictions/{b}/oof_probs.csv", ids, data.classes, b) for b in backbones}
-    oof["ensemble"] = read_probs("submissions/oof_probs.csv", ids, data.classes, "ensemble")
+    ensemble = read_probs("submissions/oof_probs.csv", ids, data.classes, "ensemble")
     properties = image_properties(data.train_images, data.train.get("width"), data.train.get("height"))
-    analyses = analyze_all(params, oof, data, properties)
-    div, per_class = diversity({b: oof[b] for b in backbones}, y), per_class_accuracy(oof, y, data.classes)
+    analyses = analyze_all(params, oof, ensemble, data, properties)
+    div, per_class = diversity(oof, y), per_class_accuracy({a.label: a.probs for a in analyses}, y, data.classes)
     headline = summary(analyses, div)
+    title = f"Out-of-fold error analysis: {experiment_name(params)}"
     with atomic_dir(OUT) as tmp:
         write_report(
             tmp,
@@ -49,7 +45,7 @@ def main(argv=None) -> None:
             data.classes,
             data.train_images,
             params.analyze.examples_per_pair,
-            f"Out-of-fold error analysis: {experiment_name(params)}",
+            title,
         )
     tracker = Tracker(params.tracking.enabled, experiment_name(params))
     with tracker.run(
