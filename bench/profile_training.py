@@ -97,7 +97,7 @@ def decode_rate(images: np.ndarray) -> float:
         Image.fromarray(img).save(buf, format="JPEG", quality=95)
         blobs.append(buf.getvalue())
     size = images.shape[1]
-    return len(blobs) / _timed(lambda: [_decode(b, "bench", size) for b in blobs])
+    return len(blobs) / _timed(lambda: [_decode(b, size, "squash") for b in blobs])
 
 
 def profile_backbone(name, model_name, s, image_size, images, targets, mean, std, views, batches, repeats, device):

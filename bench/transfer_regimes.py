@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from precision_parity import SETTINGS  # bench/, beside this script
 
 from pipeline.backbone import Backbone
 from pipeline.config import CompetitionConfig, TrainSettings
@@ -41,18 +42,7 @@ ANIMALS = ["bird", "cat", "deer", "dog", "frog", "horse"]
 VEHICLES = ["airplane", "automobile", "ship", "truck"]
 CPU = torch.device("cpu")
 OFF = Tracker(False, "off")
-BASE = TrainSettings(
-    batch_size=128,
-    lr=0.004,
-    label_smoothing=0.1,
-    warmup_epochs=0.5,
-    seed=0,
-    augment=[
-        {"PadIfNeeded": {"min_height": 36, "min_width": 36, "border_mode": 0}},
-        {"RandomCrop": {"height": 32, "width": 32}},
-        {"HorizontalFlip": {"p": 0.5}},
-    ],
-)
+BASE = SETTINGS  # the CIFAR recipe of bench/precision_parity.py
 REGIMES = {  # name -> (finetune settings, from the source model?)
     "scratch": ({"finetune": "full"}, False),
     "linear_probe": ({"finetune": "linear_probe", "lr": 0.02}, True),
