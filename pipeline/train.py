@@ -113,7 +113,7 @@ def train_fold(
             train,
             val,
             cfg,
-            dataclasses.replace(s, seed=fold_seed, precision=precision),
+            dataclasses.replace(s, seed=fold_seed),
             device,
             num_classes=n_classes,
             on_epoch=on_epoch,
