@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -28,6 +29,18 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from pipeline.analyze import PROPERTIES, ModelAnalysis, never_predicted, row_losses  # noqa: E402
 from pipeline.io import write_json  # noqa: E402
+
+
+@dataclass(frozen=True)
+class ReportRows:
+    """The training rows every section of the report shows: ids, targets, folds, class names, images."""
+
+    ids: np.ndarray
+    y: np.ndarray
+    folds: np.ndarray
+    classes: list[str]
+    images: np.ndarray
+
 
 MAX_MATRIX_CLASSES = 30  # larger confusion matrices show the classes with the most errors
 
@@ -197,9 +210,8 @@ def _section(ident: str, title: str, *parts: str) -> str:
 # ---------------------------------------------------------------- one model
 
 
-def _rows_table(
-    a: ModelAnalysis, rows: np.ndarray, ids: np.ndarray, y: np.ndarray, folds: np.ndarray, classes: list[str]
-) -> pd.DataFrame:
+def _rows_table(a: ModelAnalysis, rows: np.ndarray, r: ReportRows) -> pd.DataFrame:
+    ids, y, folds, classes = r.ids, r.y, r.folds, r.classes
     pred = a.probs.argmax(1)
     return pd.DataFrame(
         {
@@ -214,9 +226,9 @@ def _rows_table(
     )
 
 
-def _captions(a: ModelAnalysis, rows: np.ndarray, ids: np.ndarray, y: np.ndarray, classes: list[str]) -> list[str]:
+def _captions(a: ModelAnalysis, rows: np.ndarray, r: ReportRows) -> list[str]:
     pred = a.probs.argmax(1)
-    return [f"{ids[r]}\n{classes[y[r]]} -> {classes[pred[r]]} ({a.probs[r].max():.2f})" for r in rows]
+    return [f"{r.ids[i]}\n{r.classes[r.y[i]]} -> {r.classes[pred[i]]} ({a.probs[i].max():.2f})" for i in rows]
 
 
 def _calibration_and_slices(a: ModelAnalysis, y: np.ndarray, fig_dir: Path) -> tuple[str, str]:
@@ -283,15 +295,10 @@ def _scores_section(a: ModelAnalysis, y: np.ndarray) -> str:
 
 
 def _confusion_section(
-    a: ModelAnalysis,
-    ids: np.ndarray,
-    y: np.ndarray,
-    classes: list[str],
-    images: np.ndarray,
-    fig_dir: Path,
-    examples_per_pair: int,
+    a: ModelAnalysis, r: ReportRows, fig_dir: Path, examples_per_pair: int
 ) -> tuple[str, list[dict]]:
     """The confusion matrix and the most-confused pairs with their examples; and the pairs as rows."""
+    ids, y, classes, images = r.ids, r.y, r.classes, r.images
     m, pred = a.anchor, a.probs.argmax(1)
     cm_fig = plot_confusion(a.confusion, classes, fig_dir / "confusion.png")
     cm_table = ""
@@ -314,7 +321,7 @@ def _confusion_section(
         fig = plot_gallery(
             images,
             examples,
-            _captions(a, examples, ids, y, classes),
+            _captions(a, examples, r),
             fig_dir / f"pair_{t}_{p}.png",
             ncols=examples_per_pair,
         )
@@ -332,15 +339,7 @@ def _confusion_section(
     ), pair_rows
 
 
-def _gallery_sections(
-    a: ModelAnalysis,
-    ids: np.ndarray,
-    y: np.ndarray,
-    folds: np.ndarray,
-    classes: list[str],
-    images: np.ndarray,
-    fig_dir: Path,
-) -> dict:
+def _gallery_sections(a: ModelAnalysis, r: ReportRows, fig_dir: Path) -> dict:
     """The worst and the confidently wrong predictions: `<key>` their rows, `<key>_html` their section."""
     m = a.anchor
     galleries = {}
@@ -348,9 +347,9 @@ def _gallery_sections(
         ("worst", "Worst predictions (highest loss)", a.worst),
         ("confident-wrong", "Confident and wrong (possible label noise)", a.confident_wrong),
     ):
-        table = _rows_table(a, rows, ids, y, folds, classes)
+        table = _rows_table(a, rows, r)
         galleries[key] = table
-        fig = plot_gallery(images, rows, _captions(a, rows, ids, y, classes), fig_dir / f"{key}.png")
+        fig = plot_gallery(r.images, rows, _captions(a, rows, r), fig_dir / f"{key}.png")
         galleries[key + "_html"] = _section(
             f"{m}-{key}",
             title,
@@ -361,22 +360,13 @@ def _gallery_sections(
     return galleries
 
 
-def model_section(
-    a: ModelAnalysis,
-    ids: np.ndarray,
-    y: np.ndarray,
-    folds: np.ndarray,
-    classes: list[str],
-    images: np.ndarray,
-    fig_dir: Path,
-    examples_per_pair: int,
-) -> tuple[str, dict]:
+def model_section(a: ModelAnalysis, r: ReportRows, fig_dir: Path, examples_per_pair: int) -> tuple[str, dict]:
     """The HTML section of one model and its content as data."""
     m = a.anchor
-    scores = _scores_section(a, y)
-    confusion, pair_rows = _confusion_section(a, ids, y, classes, images, fig_dir, examples_per_pair)
-    galleries = _gallery_sections(a, ids, y, folds, classes, images, fig_dir)
-    calibration, slices = _calibration_and_slices(a, y, fig_dir)
+    scores = _scores_section(a, r.y)
+    confusion, pair_rows = _confusion_section(a, r, fig_dir, examples_per_pair)
+    galleries = _gallery_sections(a, r, fig_dir)
+    calibration, slices = _calibration_and_slices(a, r.y, fig_dir)
     body = (
         f'<section id="{m}"><h2>{html.escape(a.label)}</h2>{scores}{confusion}{galleries["worst_html"]}'
         f"{galleries['confident-wrong_html']}{calibration}{slices}</section>"
@@ -472,18 +462,15 @@ def write_report(
     div: pd.DataFrame,
     per_class: pd.DataFrame,
     summary: dict,
-    ids: np.ndarray,
-    y: np.ndarray,
-    folds: np.ndarray,
-    classes: list[str],
-    images: np.ndarray,
+    r: ReportRows,
     examples_per_pair: int,
     title: str,
 ) -> None:
     """Fill the folder `out` (see the module docstring)."""
+    ids, y, folds, classes = r.ids, r.y, r.folds, r.classes
     sections, data = [], {"backbones": {}}
     for a in analyses:
-        body, content = model_section(a, ids, y, folds, classes, images, out / "figures" / a.folder, examples_per_pair)
+        body, content = model_section(a, r, out / "figures" / a.folder, examples_per_pair)
         if a.ensemble:
             data["ensemble"] = content
         else:

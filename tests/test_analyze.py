@@ -40,7 +40,7 @@ from pipeline.data import build_train_transform
 from pipeline.metrics import METRICS
 from pipeline.prepare import prepare
 from pipeline.probs import probs_frame
-from pipeline.report import write_report
+from pipeline.report import ReportRows, write_report
 from tests.conftest import write_competition
 
 # A hand-made OOF matrix: 6 rows, 3 classes, confidences kept off the bin edges.
@@ -242,11 +242,7 @@ def rendered(tmp_path_factory):
         div,
         per_class_accuracy({a.label: a.probs for a in analyses}, Y, CLASSES),
         summary(analyses, div),
-        np.array([f"img{i}" for i in range(6)]),
-        Y,
-        FOLDS,
-        CLASSES,
-        images,
+        ReportRows(np.array([f"img{i}" for i in range(6)]), Y, FOLDS, CLASSES, images),
         2,
         "test report",
     )

@@ -14,7 +14,7 @@ from pipeline.config import flatten, load_params, to_dict
 from pipeline.data import load_prepared
 from pipeline.io import atomic_dir
 from pipeline.probs import read_probs
-from pipeline.report import write_report
+from pipeline.report import ReportRows, write_report
 from pipeline.tracking import Tracker, experiment_name
 
 OUT = Path("reports/oof")
@@ -32,21 +32,9 @@ def main(argv=None) -> None:
     div, per_class = diversity(oof, y), per_class_accuracy({a.label: a.probs for a in analyses}, y, data.classes)
     headline = summary(analyses, div)
     title = f"Out-of-fold error analysis: {experiment_name(params)}"
+    rows = ReportRows(ids, y, folds, data.classes, data.train_images)
     with atomic_dir(OUT) as tmp:
-        write_report(
-            tmp,
-            analyses,
-            div,
-            per_class,
-            headline,
-            ids,
-            y,
-            folds,
-            data.classes,
-            data.train_images,
-            params.analyze.examples_per_pair,
-            title,
-        )
+        write_report(tmp, analyses, div, per_class, headline, rows, params.analyze.examples_per_pair, title)
     tracker = Tracker(params.tracking.enabled, experiment_name(params))
     with tracker.run(
         "analyze",
