@@ -15,11 +15,13 @@ retried with the same parameters. More workers on one study, on one or several m
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import time
 import warnings
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +86,7 @@ RETRY = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or op
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # its retry callback and plots
 
 
-def open_study(tune: TuneConfig, study_name: str, worker: int = 0) -> optuna.Study:
+def open_study(tune: TuneConfig, name: str, worker: int = 0) -> optuna.Study:
     """Create or load the study. `worker` offsets the sampler seed, so that several workers started
     together on one study do not draw the same parameters."""
     url = tune.storage or os.environ.get("OPTUNA_STORAGE") or DEFAULT_STORAGE
@@ -121,7 +123,7 @@ def open_study(tune: TuneConfig, study_name: str, worker: int = 0) -> optuna.Stu
         try:
             study = optuna.create_study(
                 storage=storage,
-                study_name=study_name,
+                study_name=name,
                 direction=direction,
                 sampler=samplers[tune.sampler](),
                 pruner=pruners[tune.pruner](),
@@ -129,17 +131,49 @@ def open_study(tune: TuneConfig, study_name: str, worker: int = 0) -> optuna.Stu
             )
             break
         except ValueError as exc:
-            raise PipelineError(f"study '{study_name}' in {url}: {exc}") from None
+            raise PipelineError(f"study '{name}' in {url}: {exc}") from None
         except Exception:  # two workers creating the same study at once: load it on the next try
             if attempt == 2:
                 raise
             time.sleep(0.5 + random.random())
     if study.direction.name.lower() != direction:
         raise PipelineError(
-            f"study '{study_name}' in {url} was created to {study.direction.name.lower()}, "
+            f"study '{name}' in {url} was created to {study.direction.name.lower()}, "
             f"but tune.metric={tune.metric} needs {direction}: use another storage or study"
         )
     return study
+
+
+# settings that change how fast a trial runs, never its value: a change keeps the study
+NOT_HASHED = {"num_workers", "compile"}
+
+
+def study_settings(data: PreparedData, backbone: Backbone, space: dict, tune: TuneConfig) -> dict:
+    """What a trial's value means: the search space, the folds, epochs and metric a trial is scored
+    by, the backbone's resolved base settings and the data (ids, classes, fold assignment). A study
+    holds only trials scored under one such set; `tune.n_trials`, the sampler, pruner and storage
+    are how many and how to search, and may change within a study."""
+    digest = hashlib.sha256("\n".join(data.train["id"].astype(str)).encode())
+    digest.update(np.stack([data.targets, data.folds]).astype(np.int64).tobytes())
+    base = {k: v for k, v in asdict(backbone.settings).items() if k not in NOT_HASHED}
+    return {
+        "space": space,
+        "folds": list(tune.folds),
+        "epochs": tune.epochs or backbone.settings.epochs,
+        "metric": tune.metric,
+        "model": backbone.model_name,
+        "pretrained": str(backbone.pretrained),
+        "image_size": backbone.settings.image_size or backbone.image_size,
+        "settings": base,
+        "data": digest.hexdigest(),
+    }
+
+
+def study_name(params: Params, backbone: Backbone, settings: dict) -> str:
+    """`<experiment>-<backbone>-<8 hex digits of the settings' hash>`: a changed space, tune setting,
+    base training setting or data set starts a new study; an unchanged one continues."""
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return f"{experiment_name(params)}-{backbone.name}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
 def finished(study: optuna.Study) -> int:
@@ -310,17 +344,19 @@ def write_best(study: optuna.Study, tune: TuneConfig, out_dir: str | Path) -> di
 
 
 def tune_stage(params: Params, backbone: Backbone, data: PreparedData, device: torch.device, worker: int = 0) -> dict:
-    """The tune stage's work: the backbone's study (named `<experiment>-<backbone>`, continued if it
-    exists) run up to `tune.n_trials` finished trials, in one MLflow run with a nested run per trial;
-    writes tuning/<backbone>/ and returns the study's summary."""
+    """The tune stage's work: the backbone's study (named by `study_name`, continued if it exists) run
+    up to `tune.n_trials` finished trials, in one MLflow run with a nested run per trial; writes
+    tuning/<backbone>/ and returns the study's summary."""
     tune, name = params.tune, backbone.name
     space = search_space(tune, name)
-    study_name = f"{experiment_name(params)}-{name}"
-    study = open_study(tune, study_name, worker=worker)
-    print(f"tune {name}: study '{study_name}', {finished(study)}/{tune.n_trials} trials finished so far")
+    settings = study_settings(data, backbone, space, tune)
+    study = open_study(tune, study_name(params, backbone, settings), worker=worker)
+    if "settings" not in study.user_attrs:  # what its trials were scored under, readable in the storage
+        study.set_user_attr("settings", json.loads(json.dumps(settings, default=str)))
+    print(f"tune {name}: study '{study.study_name}', {finished(study)}/{tune.n_trials} trials finished so far")
     tracker = Tracker(params.tracking.enabled, experiment_name(params))
     run_params = {
-        "study": study_name,
+        "study": study.study_name,
         "n_trials": tune.n_trials,
         "folds": str(tune.folds),
         "epochs": tune.epochs,

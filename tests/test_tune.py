@@ -31,7 +31,17 @@ from pipeline.errors import PipelineError
 from pipeline.prepare import prepare
 from pipeline.tracking import Tracker
 from pipeline.train import cross_validate
-from pipeline.tune import RETRY, finished, make_objective, open_study, run_study, sample, search_space, write_report
+from pipeline.tune import (
+    RETRY,
+    finished,
+    make_objective,
+    open_study,
+    run_study,
+    sample,
+    search_space,
+    tune_stage,
+    write_report,
+)
 from tests.conftest import write_competition
 
 pytestmark = pytest.mark.training  # trains or tunes: CI runs these again on another instruction set
@@ -39,6 +49,7 @@ pytestmark = pytest.mark.training  # trains or tunes: CI runs these again on ano
 CPU = torch.device("cpu")
 BASE = TrainSettings(epochs=2, batch_size=4, lr=0.01, weight_decay=0.0, warmup_epochs=0.2, augment=[], seed=0)
 LR_ONLY = {"lr": {"type": "float", "low": 1e-8, "high": 1e30, "log": True}}
+SMALL_LR = {"lr": {"type": "float", "low": 0.001, "high": 0.01, "log": True}}
 
 
 @pytest.fixture
@@ -352,3 +363,33 @@ def postgres(tmp_path):
 def test_two_workers_share_one_study_on_a_postgresql_server(tmp_path, postgres):
     _two_workers(_project(tmp_path / "pg", n_trials=4, epochs=1), postgres)
     assert not list((tmp_path / "pg").glob("*.db"))
+
+
+def test_a_changed_tune_setting_starts_a_new_study_and_an_unchanged_one_continues(prepared, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    raw = {
+        "competition": {"source": "comp"},
+        "train": {"backbones": {"test_resnet": {}}, "batch_size": 4, "warmup_epochs": 0.2, "augment": []},
+        "tune": {"enabled": True, "n_trials": 1, "folds": [0], "epochs": 1, "pruner": "none", "space": SMALL_LR},
+        "tracking": {"enabled": False},
+    }
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+
+    def tune(epochs: int):
+        params = parse_params({**raw, "tune": {**raw["tune"], "epochs": epochs, "storage": storage}})
+        backbone = Backbone(
+            "test_resnet", "test_resnet", None, resolve_train_settings(params.train, "test_resnet"), 12, {}
+        )
+        tune_stage(params, backbone, prepared, CPU)
+        return yaml.safe_load((tmp_path / "tuning/test_resnet/best_params.yaml").read_text())
+
+    def trials() -> dict[str, int]:
+        return {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(storage)}
+
+    first = tune(1)
+    assert list(trials().values()) == [1]
+    assert tune(1) == first and list(trials().values()) == [1]  # unchanged: the study continues, at n_trials
+    second = tune(2)  # tune.epochs changed: a new study, and its trial runs
+    assert second["study"] != first["study"] and trials() == {first["study"]: 1, second["study"]: 1}
+    stored = optuna.load_study(study_name=second["study"], storage=storage).user_attrs["settings"]
+    assert stored["epochs"] == 2 and stored["space"] == SMALL_LR
