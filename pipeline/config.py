@@ -273,7 +273,7 @@ class TuneConfig:
     sampler: Literal["tpe", "random", "qmc"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = "median"
     startup_trials: int = 3  # trials before pruning starts
-    storage: str | None = None  # SQLAlchemy URL; null = $OPTUNA_STORAGE or sqlite:///optuna.db
+    storage: str | None = None  # SQLAlchemy URL; null = $OPTUNA_STORAGE or the repository's optuna.db
     heartbeat_seconds: int = 10  # a trial silent for 2x this is failed and retried with its parameters
     max_retry: int = 2
     seed: int = 42

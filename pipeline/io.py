@@ -24,6 +24,13 @@ class Terminated(KeyboardInterrupt):
 _stop = {"depth": 0, "pending": None}  # inside `uninterrupted` blocks; a stop that waits for their end
 
 
+def repository_root() -> Path:
+    """The repository the pipeline was started from, where MLflow's and Optuna's default stores live.
+    DVC sets DVC_ROOT to it for every stage, also under `dvc exp run --queue` / `--temp`, which run in
+    a throwaway copy under .dvc/tmp/exps (a store there would vanish with it); else the working directory."""
+    return Path(os.environ.get("DVC_ROOT") or ".").resolve()
+
+
 def _on_stop_signal(signum, frame) -> None:
     stop = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
     if _stop["depth"]:

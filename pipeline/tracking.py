@@ -1,7 +1,7 @@
 """MLflow at the edge: the only module that imports mlflow.
 
-Store: `MLFLOW_TRACKING_URI` if set, else `sqlite:///mlflow.db` in the working directory
-(the repo root under `dvc repro`). Browse it with
+Store: `MLFLOW_TRACKING_URI` if set, else `mlflow.db` (artefacts in `mlruns/`) at the repository's
+root, also for `dvc exp run --queue` / `--temp` (io.repository_root). Browse it with
 
     mlflow ui --backend-store-uri sqlite:///mlflow.db
 """
@@ -15,9 +15,8 @@ import subprocess
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline.io import pid_alive, uninterrupted
+from pipeline.io import pid_alive, repository_root, uninterrupted
 
-DEFAULT_URI = "sqlite:///mlflow.db"
 EXPERIMENT_KIND = "custom_model_development"  # mlflow.experimentKind: MLflow 3 UIs that read it open on the runs
 PID_TAG, HOST_TAG = "pipeline.pid", "pipeline.host"  # who runs it: a RUNNING run whose process is gone was killed
 DVC_TAGS = {"DVC_EXP_NAME": "dvc.exp_name", "DVC_EXP_BASELINE_REV": "dvc.baseline_rev"}  # set by `dvc exp run`
@@ -64,8 +63,13 @@ class Tracker:
 
         logging.getLogger("alembic").setLevel(logging.WARNING)
         self._mlflow = mlflow
-        mlflow.set_tracking_uri(uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
+        root = repository_root()
+        uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(uri or f"sqlite:///{root / 'mlflow.db'}")
         with uninterrupted():
+            if uri is None and mlflow.get_experiment_by_name(experiment) is None:  # artefacts beside the store
+                with contextlib.suppress(mlflow.exceptions.MlflowException):  # another worker created it first
+                    mlflow.create_experiment(experiment, artifact_location=(root / "mlruns" / experiment).as_uri())
             exp = mlflow.set_experiment(experiment)
             if exp.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND:
                 mlflow.set_experiment_tag("mlflow.experimentKind", EXPERIMENT_KIND)

@@ -33,13 +33,12 @@ from pipeline.backbone import Backbone
 from pipeline.config import Params, TrainSettings, TuneConfig, check_train_settings
 from pipeline.data import PreparedData
 from pipeline.errors import PipelineError
-from pipeline.io import StageProgress, atomic_dir
+from pipeline.io import StageProgress, atomic_dir, repository_root
 from pipeline.metrics import direction as metric_direction
 from pipeline.metrics import scores
 from pipeline.tracking import Tracker, experiment_name
 from pipeline.train import train_fold
 
-DEFAULT_STORAGE = "sqlite:///optuna.db"
 # what a trial's parameters can provoke (a NaN loss, a shape or value a transform rejects): the trial
 # fails with its reason and the study goes on
 FAILURES = (PipelineError, RuntimeError, ValueError)
@@ -89,7 +88,7 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 def open_study(tune: TuneConfig, name: str, worker: int = 0) -> optuna.Study:
     """Create or load the study. `worker` offsets the sampler seed, so that several workers started
     together on one study do not draw the same parameters."""
-    url = tune.storage or os.environ.get("OPTUNA_STORAGE") or DEFAULT_STORAGE
+    url = tune.storage or os.environ.get("OPTUNA_STORAGE") or f"sqlite:///{repository_root() / 'optuna.db'}"
     for attempt in range(3):  # workers started together race to create the tables: a second try loads them
         try:
             storage = optuna.storages.RDBStorage(

@@ -48,6 +48,7 @@ def repo(tmp_path_factory):
     shutil.copy(ROOT / ".gitignore", repo)
     shutil.copytree(ROOT / "pipeline", repo / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     write_competition(repo / "data" / "raw" / "comp", n_per_class=8, n_test=6)
+    shutil.copy(ROOT / "data" / "raw" / ".gitignore", repo / "data" / "raw")
     _set_params(
         repo,
         competition={"source": "data/raw/comp"},
@@ -307,6 +308,24 @@ def test_a_killed_stages_scratch_folder_is_not_hashed_by_dvc_and_the_next_run_re
     assert _status(repo, env) == before  # the ensemble's `predictions` dependency did not change
     _run(["python", "-m", "pipeline", "predict", "--backbone", "test_resnet"], repo, env)
     assert not scratch.exists()
+
+
+def test_a_queued_experiment_logs_into_the_workspaces_mlflow_store(repo):
+    repo, env, _ = repo
+    env = {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}  # the default store: the repository's
+    client = MlflowClient(f"sqlite:///{repo}/mlflow.db")
+    experiment = client.get_experiment_by_name("comp").experiment_id
+    before = {r.info.run_id for r in client.search_runs([experiment], max_results=1000)}
+    _run(["dvc", "add", "data/raw/comp"], repo, env)  # a queued copy has only what git and DVC track
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", "the raw competition under DVC, and the lock"], repo, env)
+    _run(["dvc", "exp", "run", "--queue", "-n", "queued", "-S", "ensemble.method=soft_voting"], repo, env)
+    _run(["dvc", "exp", "run", "--run-all"], repo, env)  # the queue's worker, in a copy under .dvc/tmp/exps
+    new = [r for r in client.search_runs([experiment], max_results=1000) if r.info.run_id not in before]
+    ensemble = [r for r in new if r.info.run_name == "ensemble"]
+    assert len(ensemble) == 1 and ensemble[0].data.params["method"] == "soft_voting"
+    assert ensemble[0].data.tags["dvc.exp_name"] == "queued"
+    assert not list((repo / ".dvc").rglob("mlflow.db")) and not list((repo / ".dvc").rglob("mlruns"))
 
 
 def test_unknown_backbone_fails_with_a_one_line_error(repo):

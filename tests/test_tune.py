@@ -284,8 +284,11 @@ def _env():
     return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
 
 
-def _study(root):
-    return optuna.load_study(study_name="comp-test_resnet", storage=f"sqlite:///{root}/optuna.db")
+def _study(root, storage: str | None = None) -> optuna.Study:
+    """The project's one study, `comp-test_resnet-<hash of its settings>`."""
+    storage = storage or f"sqlite:///{root}/optuna.db"
+    (name,) = [n for n in optuna.get_all_study_names(storage) if n.startswith("comp-test_resnet-")]
+    return optuna.load_study(study_name=name, storage=storage)
 
 
 def test_kill_9_mid_trial_then_rerun_retries_it_and_finishes(tmp_path):
@@ -330,7 +333,7 @@ def _two_workers(root: Path, storage: str | None = None) -> optuna.Study:
     outs = [p.communicate(timeout=300) for p in procs]
     errors = [o[1].strip().splitlines()[-1] for p, o in zip(procs, outs) if p.returncode != 0]
     assert not errors, errors
-    study = optuna.load_study(study_name="comp-test_resnet", storage=storage or f"sqlite:///{root}/optuna.db")
+    study = _study(root, storage)
     numbers = [t.number for t in study.trials]
     assert len(numbers) == len(set(numbers))
     assert 4 <= finished(study) <= 5  # each worker stops once 4 are finished; one may be in flight
