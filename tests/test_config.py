@@ -1,6 +1,7 @@
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -14,6 +15,7 @@ from pipeline.config import (
     resolve_train_settings,
     to_dict,
 )
+from pipeline.predict import PolicyPredictions, choose_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,11 +31,28 @@ def test_shipped_params_load_and_override_defaults():
 
 
 def test_defaults_match_shipped_params():
-    """The typed defaults and params.yaml describe the same default run, but for the two choices the
-    demo makes on log loss rather than on its competition's metric (accuracy)."""
-    shipped = to_dict(load_params(ROOT / "params.yaml"))
-    assert shipped["tta"]["metric"] == shipped["ensemble"]["metric"] == "log_loss"
-    assert shipped == to_dict(parse_params({"tta": {"metric": "log_loss"}, "ensemble": {"metric": "log_loss"}}))
+    """The typed defaults and params.yaml describe the same default run."""
+    assert to_dict(load_params(ROOT / "params.yaml")) == to_dict(parse_params({}))
+
+
+@pytest.mark.parametrize("metric", ["macro_f1", "roc_auc", "log_loss"])
+def test_the_shipped_params_choose_tta_and_the_ensemble_by_the_competitions_metric(metric):
+    """Pointed at another competition, the shipped params.yaml lets its metric drive every choice: the
+    two TTA policies below are ranked one way by log loss and the other by macro F1 and accuracy."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = parse_params({**raw, "competition": {**raw["competition"], "metric": metric}})
+    assert (params.train.monitor, params.tune.metric, params.tta.metric, params.ensemble.metric) == (metric,) * 4
+    y = np.tile([0, 1, 2, 3], 25)
+    folds = np.arange(100) % 5
+    hedged = np.full((100, 4), 0.1)  # argmax right on 60 rows (0.7 there), 0.25 everywhere else: low log loss
+    hedged[np.arange(60), y[:60]] = 0.7
+    hedged[60:] = 0.25
+    bold = np.full((100, 4), 0.001 / 3)  # argmax right on 90 rows (0.999), confidently wrong on 10: high log loss
+    bold[np.arange(90), y[:90]] = 0.999
+    bold[np.arange(90, 100), (y[90:] + 1) % 4] = 0.999
+    preds = {name: PolicyPredictions(p, p[None], p, ["42"]) for name, p in (("none", hedged), ("hflip", bold))}
+    chosen = choose_policy(preds, params.tta, "b", ["none", "hflip"], y, folds)["policy"]
+    assert chosen == ("none" if metric == "log_loss" else "hflip")
 
 
 def test_null_metrics_follow_the_competition_metric_and_explicit_ones_win():
