@@ -1,16 +1,17 @@
-"""One door per DVC stage:
+"""kip (or python -m pipeline): one door per DVC stage, in dvc.yaml's order
 
     python -m pipeline prepare
     python -m pipeline tune --backbone resnet10t
+    python -m pipeline plan
     python -m pipeline train --backbone resnet10t
     python -m pipeline predict --backbone resnet10t
     python -m pipeline ensemble
     python -m pipeline analyze
-    python -m pipeline plan
     python -m pipeline timing
 
 and, not stages, `python -m pipeline preset <name>` (merge configs/presets/<name>.yaml into params.yaml)
-and `python -m pipeline export --backbone <name>` (a trained fold model to use as `pretrained` elsewhere).
+and `python -m pipeline export --backbone <name>` (a trained fold model in timm's own format, to share or
+to use as `pretrained` elsewhere).
 Bad input ends with one line `error: ...` on stderr and exit status 1.
 """
 
@@ -27,11 +28,17 @@ STAGES = ("prepare", "tune", "plan", "train", "predict", "ensemble", "analyze", 
 MODULES = {**{s: f"pipeline.cli.{s}" for s in STAGES}, "preset": "pipeline.presets", "export": "pipeline.cli.export"}
 
 
+USAGE = f"usage: kip {{{','.join(MODULES)}}} [options]   (kip <command> --help: its options)"
+
+
 def main(argv: list[str] | None = None) -> int:
     start_stage_clock()  # before the stage's module and its imports (torch, timm) load
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"{USAGE}\n\n{__doc__.strip()}")
+        return 0
     if not argv or argv[0] not in MODULES:
-        print(f"usage: python -m pipeline {{{','.join(MODULES)}}} [options]", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
     from pipeline.errors import PipelineError
 
@@ -62,5 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `kip` console script."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()
