@@ -3,10 +3,10 @@
 import ast
 import subprocess
 import sys
-import tomllib
 from importlib.metadata import packages_distributions
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 
 from pipeline.__main__ import MODULES
