@@ -32,7 +32,7 @@ from pipeline.errors import PipelineError
 from pipeline.inference import load_fold_model, predict_proba
 from pipeline.loop import Split, build_optimizer, derive_seed, fit, freeze, lr_factor, train_one_epoch
 from pipeline.metrics import log_loss
-from pipeline.models import create_model, pretrained_config
+from pipeline.models import check_backbone, create_model, pretrained_config
 from pipeline.precision import resolve_precision
 from pipeline.predict import predict_backbone
 from pipeline.prepare import prepare
@@ -732,23 +732,71 @@ def _finished_run(prepared, tmp_path) -> Path:
 def test_a_finished_runs_model_and_its_export_transfer_with_a_new_head(prepared, tmp_path, monkeypatch):
     run = _finished_run(prepared, tmp_path)
     monkeypatch.chdir(run)
+    (run / "data/prepared").mkdir(parents=True)
+    (run / "data/prepared/classes.json").write_text(json.dumps({"classes": prepared.classes}))
     assert cli.main(["export", "--backbone", "b"]) == 0
     info = json.loads((run / "exports/b/export.json").read_text())
     folds = json.loads((run / "reports/train/b.json").read_text())["folds"]
     best = max(folds, key=lambda k: folds[k]["accuracy"])
     assert info["from"] == f"models/b/seed0/fold{best}/model.pt"
-    source = torch.load(run / info["from"], weights_only=True)["state_dict"]
-    for path in (run / "models/b/seed0/fold0/model.pt", run / "exports/b/model.pt"):
-        model = create_model("test_resnet", 5, pretrained=path)
+    fold = torch.load(run / info["from"], weights_only=True)
+    source = fold["state_dict"]
+    assert sorted(p.name for p in (run / "exports/b").iterdir()) == ["config.json", "export.json", "model.safetensors"]
+    for pretrained in (run / "models/b/seed0/fold0/model.pt", "exports/b", "local-dir:exports/b"):
+        model = create_model("test_resnet", 5, pretrained=pretrained)
         assert model.fc.out_features == 5  # a new competition's head
     torch.testing.assert_close(model.state_dict()["layer1.0.conv1.weight"], source["layer1.0.conv1.weight"])
-    # the export is what timm itself loads as pretrained weights (its classifier dropped for 5 classes)
-    direct = timm.create_model(
-        "test_resnet", pretrained=True, num_classes=5, pretrained_cfg_overlay=dict(file=str(run / "exports/b/model.pt"))
-    )
-    torch.testing.assert_close(direct.state_dict()["layer1.0.conv1.weight"], source["layer1.0.conv1.weight"])
+    # the fold's own data config travels with it, as timm reads it
+    assert pretrained_config("test_resnet", "exports/b") == {
+        "mean": pytest.approx(fold["mean"]),
+        "std": pytest.approx(fold["std"]),
+        "image_size": 16,
+        "interpolation": "bilinear",
+    }
+    # plain timm loads the export as a model of its own, the whole fold model, head and all
+    direct = timm.create_model("local-dir:exports/b", pretrained=True)
+    torch.testing.assert_close(direct.state_dict(), {k: v for k, v in source.items()})
+    assert timm.data.resolve_model_data_config(direct)["mean"] == pytest.approx(fold["mean"])
+    assert direct.pretrained_cfg["label_names"] == prepared.classes
+    # ... and the pipeline takes it as a model name: architecture and weights from the folder, a new head
+    named = create_model("local-dir:exports/b", 5, pretrained=True)
+    assert named.fc.out_features == 5
+    torch.testing.assert_close(named.state_dict()["layer1.0.conv1.weight"], source["layer1.0.conv1.weight"])
     with pytest.raises(PipelineError, match="holds a test_resnet, not a test_efficientnet"):
-        create_model("test_efficientnet", 5, pretrained=run / "exports/b/model.pt")
+        create_model("test_efficientnet", 5, pretrained=run / "models/b/seed0/fold0/model.pt")
+    with pytest.raises(PipelineError, match="exports/b' holds a test_resnet, not a test_efficientnet"):
+        create_model("test_efficientnet", 5, pretrained="exports/b")
+
+
+def test_a_timm_folder_with_as_many_classes_as_the_competition_still_gets_a_new_head(tmp_path):
+    """timm keeps a checkpoint's classifier when the class counts match (ImageNet's 1,000 classes on a
+    1,000-class competition); the pipeline always starts the competition's head afresh."""
+    torch.manual_seed(0)
+    source = create_model("test_resnet", 7)
+    timm.models.save_for_hf(source, str(tmp_path / "w"), safe_serialization=True)
+    assert timm.create_model(f"local-dir:{tmp_path / 'w'}", pretrained=True).fc.weight.equal(source.fc.weight)
+    for model in (
+        create_model(f"local-dir:{tmp_path / 'w'}", 7, pretrained=True),
+        create_model("test_resnet", 7, pretrained=f"local-dir:{tmp_path / 'w'}"),
+    ):
+        assert model.fc.out_features == 7 and not model.fc.weight.equal(source.fc.weight)
+        torch.testing.assert_close(model.conv1[0].weight, source.conv1[0].weight)
+
+
+def test_timm_source_names_are_accepted_and_their_errors_are_one_line(tmp_path):
+    check_backbone("hf-hub:timm/resnet10t.c3_in1k")  # resolved through the hub when the model is created
+    with pytest.raises(PipelineError, match=r"^k: '.*nowhere' has no config.json"):
+        check_backbone(f"local-dir:{tmp_path / 'nowhere'}", "k")
+    code = (
+        "from pipeline.models import create_model\n"
+        "from pipeline.errors import PipelineError\n"
+        "try:\n    create_model('hf-hub:timm/resnet10t.c3_in1k', 3, pretrained=True)\n"
+        "except PipelineError as e:\n    print('ERROR', e)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf-cache")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.stdout.startswith("ERROR hf-hub:timm/resnet10t.c3_in1k: pretrained weights are neither in the"), out
+    assert out.stdout.count("\n") == 1
 
 
 def test_a_pretrained_model_is_fed_its_weights_own_normalisation(prepared, tmp_path):
