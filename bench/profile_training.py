@@ -23,6 +23,7 @@ views) into an estimate of the training and prediction seconds per phase. Last l
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import statistics
 import sys
@@ -47,7 +48,7 @@ from pipeline.data import (  # noqa: E402
     to_input,
 )
 from pipeline.inference import predict_proba  # noqa: E402
-from pipeline.loop import build_optimizer, lr_factor, train_one_epoch  # noqa: E402
+from pipeline.loop import LRSchedule, build_optimizer, train_one_epoch  # noqa: E402
 from pipeline.models import create_model, pick_device, use_channels_last  # noqa: E402
 from pipeline.predict import predict_tta  # noqa: E402
 from pipeline.prepare import _decode  # noqa: E402
@@ -118,7 +119,7 @@ def profile_backbone(name, model_name, s, image_size, images, targets, mean, std
 
     def opt_sched(model):
         optimizer = build_optimizer(model, s)
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(s.scheduler, 10 * batches, batches))
+        return optimizer, LRSchedule(optimizer, dataclasses.replace(s, epochs=10, warmup_epochs=1), batches)
 
     x = to_input(torch.from_numpy(imgs), cfg, device, use_channels_last(device))
     bare_batches = [

@@ -79,7 +79,8 @@ class TrainSettings:
     lr: float = 3e-3
     weight_decay: float = 0.05
     momentum: float = 0.9
-    scheduler: Literal["cosine", "onecycle", "step", "constant"] = "cosine"  # per step, after a linear warmup
+    scheduler: Literal["cosine", "linear", "step", "constant"] = "cosine"  # timm's, per update, after linear warmup
+    min_lr: float = 0.0  # where cosine and linear end
     warmup_epochs: float = 1.0
     step_epochs: float = 2.0  # step: decay the lr by step_gamma every step_epochs
     step_gamma: float = 0.1
@@ -209,6 +210,7 @@ RANGES = {
     "weight_decay": (0, INF, True, False),
     "momentum": (0, 1, True, False),
     "warmup_epochs": (0, INF, True, False),
+    "min_lr": (0, INF, True, False),
     "step_epochs": (0, INF, False, False),
     "step_gamma": (0, 1, False, True),
     "clip_grad_norm": (0, INF, False, False),

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from timm.data import Mixup
 from timm.models import group_parameters
 from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
@@ -56,24 +57,48 @@ class Split:
 # ---------------------------------------------------------------- building blocks
 
 
-def lr_factor(
-    kind: str, total_steps: int, warmup_steps: int, step_size: int = 1, gamma: float = 0.1
-) -> Callable[[int], float]:
-    """Multiplier of the base lr at optimizer step `step`: linear warmup, then the schedule."""
+# train.scheduler -> timm's create_scheduler_v2 arguments (every one after linear warmup, per update)
+SCHEDULES = {
+    "cosine": {"sched": "cosine"},  # half a cosine from lr down to min_lr
+    "linear": {"sched": "poly", "decay_rate": 1.0},  # a straight line down to min_lr
+    "step": {"sched": "step"},  # lr x step_gamma every step_epochs
+    "constant": {"sched": "step", "decay_rate": 1.0},
+}
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        if kind == "onecycle":  # linear anneal to zero after the warmup peak
-            return 1.0 - progress
-        if kind == "step":
-            return gamma ** ((step - warmup_steps) // max(1, step_size))
-        return 1.0
 
-    return factor
+class LRSchedule:
+    """timm's scheduler (`create_scheduler_v2`) stepped once per optimizer update: `s.warmup_epochs` of
+    linear warmup from lr / (warmup updates), then `s.scheduler` over the remaining epochs; timm applies
+    each group's `lr_scale` (layer-wise decay). Its state holds the update count, so a resumed fold
+    continues on the same curve."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, s: TrainSettings, updates_per_epoch: int):
+        warmup = min(s.warmup_epochs, s.epochs)
+        self.scheduler, _ = create_scheduler_v2(
+            optimizer,
+            **{"decay_epochs": s.step_epochs, "decay_rate": s.step_gamma, **SCHEDULES[s.scheduler]},
+            num_epochs=max(s.epochs - warmup, 1 / updates_per_epoch),  # all warmup: one update to decay
+            warmup_epochs=warmup,
+            warmup_prefix=True,
+            warmup_lr=s.lr / max(1.0, warmup * updates_per_epoch),
+            min_lr=s.min_lr,
+            step_on_epochs=False,
+            updates_per_epoch=updates_per_epoch,
+        )
+        self.updates = 0
+        self.scheduler.step_update(0)
+
+    def step(self) -> None:
+        self.updates += 1
+        self.scheduler.step_update(self.updates)
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates, "timm": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state["timm"])
+        self.updates = state["updates"]
+        self.scheduler.step_update(self.updates)
 
 
 def build_optimizer(model: torch.nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
@@ -86,23 +111,7 @@ def build_optimizer(model: torch.nn.Module, s: TrainSettings) -> torch.optim.Opt
         momentum=s.momentum,
         layer_decay=s.layer_decay,
     )
-    for group in optimizer.param_groups:  # timm's own schedulers apply lr_scale; ours uses the group lr
-        group["lr"] = s.lr * group.get("lr_scale", 1.0)
-    return optimizer
-
-
-def _build_scheduler(optimizer, s: TrainSettings, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """The per-step schedule of `s.scheduler` after `s.warmup_epochs` of linear warmup."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lr_factor(
-            s.scheduler,
-            s.epochs * steps_per_epoch,
-            max(1, int(s.warmup_epochs * steps_per_epoch)),
-            int(s.step_epochs * steps_per_epoch),
-            s.step_gamma,
-        ),
-    )
+    return optimizer  # each group's lr_scale (layer decay) is applied by the schedule, as timm does
 
 
 def freeze(model: torch.nn.Module, stages: int) -> list[str]:
@@ -255,7 +264,7 @@ class _Run:
     model: torch.nn.Module
     forward: torch.nn.Module  # the model as called: wrapped by DDP and torch.compile where asked
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scheduler: LRSchedule
     scaler: torch.amp.GradScaler | None
     ema: ModelEmaV3 | None
     mixup: Mixup | None
@@ -311,7 +320,7 @@ def _setup(
     sampler = _sampler(dataset, train.targets, s, where)
     class_weight = _class_weight(train.targets, s, num_classes, device)
     loader = build_loader(dataset, s.batch_size, True, workers, s.seed, device, sampler=sampler)
-    scheduler = _build_scheduler(optimizer, s, math.ceil(len(loader) / s.grad_accum_steps))
+    scheduler = LRSchedule(optimizer, s, math.ceil(len(loader) / s.grad_accum_steps))
     scaler = torch.amp.GradScaler("cuda") if amp_dtype(device, cfg.precision) == torch.float16 else None
     ema = ModelEmaV3(model, decay=s.ema_decay) if s.ema_decay else None
     mixup = (

@@ -30,7 +30,7 @@ from pipeline.data import (
 )
 from pipeline.errors import PipelineError
 from pipeline.inference import load_fold_model, predict_proba
-from pipeline.loop import Split, build_optimizer, derive_seed, fit, freeze, lr_factor, train_one_epoch
+from pipeline.loop import LRSchedule, Split, build_optimizer, derive_seed, fit, freeze, train_one_epoch
 from pipeline.metrics import log_loss
 from pipeline.models import check_backbone, create_model, pretrained_config
 from pipeline.precision import resolve_precision
@@ -273,20 +273,45 @@ def test_layer_decay_gives_deeper_layers_smaller_learning_rates():
     model = create_model("test_resnet", 3)
     s = dataclasses.replace(SETTINGS, layer_decay=0.5, lr=1.0)
     optimizer = build_optimizer(model, s)
+    LRSchedule(optimizer, dataclasses.replace(s, warmup_epochs=0), 10)  # timm's schedule applies lr_scale
     lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
     params = dict(model.named_parameters())
     assert lr_of[id(params["fc.weight"])] == pytest.approx(1.0)
     assert lr_of[id(params["conv1.0.weight"])] < lr_of[id(params["layer2.0.conv1.weight"])] < 1.0
 
 
-def test_schedules():
-    cosine = lr_factor("cosine", total_steps=10, warmup_steps=2)
-    assert [cosine(0), cosine(1)] == [0.5, 1.0]  # linear warmup
-    assert cosine(2) == pytest.approx(1.0) and cosine(6) == pytest.approx(0.5) and cosine(10) == pytest.approx(0.0)
-    onecycle = lr_factor("onecycle", 10, 2)
-    assert onecycle(6) == pytest.approx(0.5)
-    step = lr_factor("step", 10, 0, step_size=3, gamma=0.1)
-    assert [step(2), step(3), step(6)] == [1.0, pytest.approx(0.1), pytest.approx(0.01)]
+def _lrs(s: TrainSettings, updates_per_epoch: int, n: int, resume_at: int | None = None) -> list[float]:
+    """The lr of the first param group before each of `n` updates; with `resume_at`, the schedule's
+    state is saved there and loaded into a fresh optimizer and schedule, as a resumed fold does."""
+    model = torch.nn.Linear(2, 2)
+    optimizer = build_optimizer(model, s)
+    schedule = LRSchedule(optimizer, s, updates_per_epoch)
+    seen = []
+    for update in range(n):
+        if update == resume_at:
+            state = schedule.state_dict()
+            optimizer = build_optimizer(model, s)
+            schedule = LRSchedule(optimizer, s, updates_per_epoch)
+            schedule.load_state_dict(state)
+        seen.append(optimizer.param_groups[0]["lr"])
+        schedule.step()
+    return seen
+
+
+def test_schedules_are_timms_after_linear_warmup_and_resume_on_the_same_curve():
+    s = dataclasses.replace(SETTINGS, lr=1.0, epochs=6, warmup_epochs=1.0, weight_decay=0.0)
+    cosine = _lrs(dataclasses.replace(s, scheduler="cosine"), 2, 13)  # 2 warmup updates, then 10 of cosine
+    assert cosine[0] == pytest.approx(0.5) and cosine[2] == pytest.approx(1.0)
+    assert cosine[7] == pytest.approx(0.5) and cosine[12] == pytest.approx(0.0, abs=1e-12)
+    linear = _lrs(dataclasses.replace(s, scheduler="linear", min_lr=0.1), 2, 13)
+    assert linear[7] == pytest.approx(0.55) and linear[12] == pytest.approx(0.1)
+    step = _lrs(dataclasses.replace(s, scheduler="step", step_epochs=1.5, step_gamma=0.1), 2, 9)
+    assert step[2:9] == pytest.approx([1.0, 1.0, 1.0, 0.1, 0.1, 0.1, 0.01])
+    assert _lrs(dataclasses.replace(s, scheduler="constant"), 2, 13)[2:] == pytest.approx([1.0] * 11)
+    for kind in ("cosine", "linear", "step"):
+        k = dataclasses.replace(s, scheduler=kind)
+        assert _lrs(k, 2, 13, resume_at=5) == _lrs(k, 2, 13)  # exact, not approximately
+    assert len(set(_lrs(dataclasses.replace(s, epochs=1), 2, 3))) == 3  # all warmup: still a schedule
 
 
 def test_gradient_accumulation_matches_one_big_batch(prepared):
