@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from scipy.stats import fisher_exact
-from sklearn.metrics import precision_recall_fscore_support
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from pipeline.config import Params, resolve_train_settings
 from pipeline.data import PreparedData, default_augment
@@ -65,8 +65,8 @@ def fold_scores(probs: np.ndarray, y: np.ndarray, folds: np.ndarray) -> pd.DataF
 
 
 def confusion_counts(y: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
-    """(n_classes, n_classes) counts: row = true class, column = predicted class."""
-    return np.bincount(y * n_classes + pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+    """(n_classes, n_classes) counts: row = true class, column = predicted class (scikit-learn's)."""
+    return confusion_matrix(y, pred, labels=np.arange(n_classes))
 
 
 def most_confused_pairs(cm: np.ndarray, k: int) -> list[tuple[int, int, int]]:

@@ -362,7 +362,7 @@ class BudgetConfig:
 class TrackingConfig:
     enabled: bool = True
     experiment: str | None = None  # defaults to the competition's name
-    log_models: bool = True  # the train stage's fold checkpoints as MLflow artefacts (its OOF file always)
+    log_models: bool = False  # the fold checkpoints as MLflow artefacts too (DVC stores them; the run names the folder)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import subprocess
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -34,14 +33,6 @@ def _saved_run(client, path: str | Path | None) -> str | None:
     return run_id
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
 def experiment_name(params) -> str:
     """MLflow experiment: tracking.experiment, else the competition's name (its file or folder stem)."""
     if params.tracking.experiment:
@@ -62,6 +53,7 @@ class Tracker:
         import mlflow
 
         logging.getLogger("alembic").setLevel(logging.WARNING)
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
         self._mlflow = mlflow
         root = repository_root()
         uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -103,19 +95,20 @@ class Tracker:
         if not self.enabled:
             yield
             return
-        all_tags = {
-            "git_commit": git_commit() or "unknown",
+        all_tags = {  # MLflow adds its own: mlflow.source.git.commit, .name, .type, mlflow.user
             PID_TAG: str(os.getpid()),
             HOST_TAG: socket.gethostname(),
             **{tag: os.environ[var] for var, tag in DVC_TAGS.items() if os.environ.get(var)},
             **(tags or {}),
         }
-        if all_tags["git_commit"] != "unknown":
-            all_tags["mlflow.source.git.commit"] = all_tags["git_commit"]
         with uninterrupted():  # a stop signal inside an SQLite write would leave the store locked
             run_id = _saved_run(self._mlflow.MlflowClient(), resume)
             run = self._mlflow.start_run(
-                run_id=run_id, run_name=None if run_id else name, nested=nested, tags=None if run_id else all_tags
+                run_id=run_id,
+                run_name=None if run_id else name,
+                nested=nested,
+                tags=None if run_id else all_tags,
+                log_system_metrics=not nested,  # CPU, memory, disk (GPU where there is one) under system/
             )
             if run_id:
                 self._mlflow.set_tags({PID_TAG: all_tags[PID_TAG], HOST_TAG: all_tags[HOST_TAG], "resumed": "true"})
@@ -157,6 +150,11 @@ class Tracker:
         if self.enabled:
             with uninterrupted():
                 self._mlflow.log_metrics(metrics, step=step)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.enabled:
+            with uninterrupted():
+                self._mlflow.set_tags(tags)
 
     def log_artifact(self, path: str) -> None:
         if self.enabled:

@@ -329,6 +329,8 @@ def train_stage(
         if params.tracking.log_models:
             for seed_dir in sorted(Path(out_path).glob("seed*")):
                 tracker.log_artifacts(str(seed_dir), f"models/{seed_dir.name}")
+        else:  # stored once, by DVC: the run says where (dvc.lock holds that folder's hash)
+            tracker.set_tags({"models": f"{out_path} (DVC output of train@{backbone.name})"})
         tracker.log_params(
             {
                 "precision_chosen": metrics["precision"],

@@ -135,7 +135,7 @@ def test_repro_writes_a_valid_submission_and_metrics(repo):
 
 
 def test_mlflow_has_one_run_per_backbone_with_fold_children(repo):
-    repo, _, _ = repo
+    repo, env, _ = repo
     client = MlflowClient(f"sqlite:///{repo}/mlflow.db")
     exp = client.get_experiment_by_name("comp")  # named after the competition folder
     runs = client.search_runs([exp.experiment_id])
@@ -150,6 +150,8 @@ def test_mlflow_has_one_run_per_backbone_with_fold_children(repo):
         "timing",
     }
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on these runs
+    head = _run(["git", "rev-parse", "HEAD"], repo, env).stdout.strip()
+    assert {r.data.tags.get("mlflow.source.git.commit") for r in by_name.values()} == {head}  # MLflow's own tag
     report = {a.path for a in client.list_artifacts(by_name["analyze"].info.run_id, "oof")}
     assert "oof/index.html" in report
 
@@ -169,10 +171,8 @@ def test_mlflow_has_one_run_per_backbone_with_fold_children(repo):
         assert len(children(backbone)) == 2
         assert parent.data.params["epochs"] == "2" and "cv_accuracy" in parent.data.metrics
         artefacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-        assert {"oof_probs.csv", "augment.json", "params.yaml", "models"} <= artefacts
-        assert {a.path for a in client.list_artifacts(parent.info.run_id, "models/seed42/fold1")} == {
-            "models/seed42/fold1/model.pt"
-        }
+        assert {"oof_probs.csv", "augment.json", "params.yaml"} <= artefacts and "models" not in artefacts
+        assert parent.data.tags["models"] == f"models/{backbone} (DVC output of train@{backbone})"  # stored once
         policies = children(f"predict {backbone}")  # every TTA candidate, scored on OOF
         assert set(policies) == {"none", "hflip"} and all("oof_log_loss" in r.data.metrics for r in policies.values())
         # `augment: null` is recorded as what ran: the shift at the 12 px cache's size

@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 from mlflow.tracking import MlflowClient
 
@@ -67,3 +68,34 @@ def test_a_stop_signal_waits_for_the_end_of_an_uninterrupted_block():
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     assert reached == ["end of block", "stopped"]
+
+
+def test_stage_runs_log_system_metrics_and_nested_runs_do_not(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(True, "unit", uri=uri)
+    with tracker.run("stage"):
+        with tracker.run("fold0", nested=True):
+            time.sleep(1.5)
+    client = MlflowClient(uri)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("unit").experiment_id])}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(
+        runs["stage"].data.metrics
+    )
+    assert not any(m.startswith("system/") for m in runs["fold0"].data.metrics)  # one monitor per stage
+
+
+def test_the_default_stores_are_the_repository_dvc_started_from(tmp_path, monkeypatch):
+    """`dvc exp run --queue/--temp` runs a stage in a copy under .dvc/tmp/exps with DVC_ROOT set to the
+    repository it came from; the default MLflow store and its artefacts belong there, not in the copy."""
+    copy = tmp_path / "repo/.dvc/tmp/exps/tmpabc"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "repo"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracker = Tracker(True, "unit")
+    with tracker.run("stage"):
+        (copy / "a.txt").write_text("x")
+        tracker.log_artifact(str(copy / "a.txt"))
+    assert (tmp_path / "repo/mlflow.db").is_file() and not (copy / "mlflow.db").exists()
+    assert list((tmp_path / "repo/mlruns/unit").rglob("a.txt")) and not (copy / "mlruns").exists()
