@@ -64,10 +64,13 @@ def resolve_backbone(
     return Backbone(name, model_name, entry.pretrained, settings, image_size, best)
 
 
-def apply_plan(s: TrainSettings, entry: dict | None) -> TrainSettings:
-    """A backbone's settings with the plan's epochs: val_every as planned, and the epochs that name a
-    point in the schedule (mixup_off_epoch, unfreeze_epoch) moved with it."""
-    if not entry or entry["epochs"] == s.epochs:
+def apply_plan(s: TrainSettings, entry: dict | None, epochs: bool = True) -> TrainSettings:
+    """A backbone's settings with the plan's choices: `precision: auto` as the plan resolved it here, and
+    (with `epochs`, under a budget) its epochs, val_every as planned and the epochs that name a point
+    in the schedule (mixup_off_epoch, unfreeze_epoch) moved with it."""
+    if entry and s.precision == "auto" and entry.get("precision"):
+        s = dataclasses.replace(s, precision=entry["precision"])
+    if not epochs or not entry or entry["epochs"] == s.epochs:
         return s
     scale = entry["epochs"] / s.epochs
     moved = {
@@ -78,12 +81,15 @@ def apply_plan(s: TrainSettings, entry: dict | None) -> TrainSettings:
     return dataclasses.replace(s, epochs=entry["epochs"], val_every=entry["val_every"], **moved)
 
 
-def planned(backbone: Backbone, plan_dir: str | Path = PLAN_DIR) -> Backbone:
-    """`backbone` with the epochs the plan stage chose for it (budget.minutes)."""
+def planned(backbone: Backbone, budget: bool = True, plan_dir: str | Path = PLAN_DIR) -> Backbone:
+    """`backbone` with what the plan stage chose for it: the epochs (under `budget`, budget.minutes) and
+    the precision of `precision: auto`. Without a budget and without a plan file, as it is."""
     path = Path(plan_dir) / f"{backbone.name}.json"
     if not path.exists():
+        if not budget:
+            return backbone
         raise PipelineError(f"{path}: not found; budget.minutes needs the plan stage first (python -m pipeline plan)")
-    return dataclasses.replace(backbone, settings=apply_plan(backbone.settings, read_json(path)))
+    return dataclasses.replace(backbone, settings=apply_plan(backbone.settings, read_json(path), epochs=budget))
 
 
 def run_record(backbone: Backbone, data: PreparedData, device: torch.device) -> dict:

@@ -30,9 +30,10 @@ from pipeline.data import InputConfig, PreparedData, Rows
 from pipeline.errors import PipelineError
 from pipeline.inference import fold_model, predict_log_probs
 from pipeline.io import atomic_dir, write_json
+from pipeline.precision import cached_probe, resolve_precision
 from pipeline.predict import tta_views
 from pipeline.timing import seconds_so_far
-from pipeline.train import train_fold
+from pipeline.train import initial_model, train_fold
 
 # Seconds the planner cannot measure before they happen, from runs on 2 CPU cores (README, "Time budget"):
 STAGE_OVERHEAD_S = 6.0  # a stage process's start: imports of torch, timm, pandas; reading params and the cache
@@ -243,12 +244,28 @@ def write_plan(plan: dict, report: str | Path) -> None:
     write_json(report, plan)
 
 
-def no_budget(backbones: dict[str, Backbone]) -> dict:
-    """The plan of `budget.minutes: null`: params.yaml's epochs, nothing measured."""
+def resolve_auto_precision(data: PreparedData, backbone: Backbone, device: torch.device) -> dict:
+    """`precision: auto` resolved here, as train would (the cached fp32-vs-bf16 probe), for plan/<b>.json:
+    the train stage reads the choice from there, so it is a DVC-visible input rather than a cache in
+    the home folder, and a fresh machine given the same plan file trains the same way. {} otherwise."""
+    s = backbone.settings
+    if s.precision != "auto":
+        return {}
+    n_classes = 0 if s.finetune == "features+sklearn" else len(data.classes)
+    model = initial_model(backbone.model_name, n_classes, s, s.seed, backbone.pretrained)
+    size = backbone.image_size
+    probe = lambda: cached_probe(model, backbone.model_name, s.finetune, s.batch_size, size, device)  # noqa: E731
+    precision, figures = resolve_precision(s.precision, device, probe)
+    return {"precision": precision, "precision_probe": figures}
+
+
+def no_budget(backbones: dict[str, Backbone], precisions: dict[str, dict]) -> dict:
+    """The plan of `budget.minutes: null`: params.yaml's epochs, and `precision: auto` resolved."""
     return {
         "budget_minutes": None,
         "backbones": {
-            b: {"epochs": bb.settings.epochs, "val_every": bb.settings.val_every} for b, bb in backbones.items()
+            b: {"epochs": bb.settings.epochs, "val_every": bb.settings.val_every, **precisions[b]}
+            for b, bb in backbones.items()
         },
     }
 

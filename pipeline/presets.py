@@ -3,6 +3,8 @@
     python -m pipeline preset cifar10-cpu     # merge configs/presets/cifar10-cpu.yaml into params.yaml
     make run PRESET=cifar10-cpu               # the same, then `dvc repro`
 
+A competition in data/raw/ that git and DVC do not track yet is put under DVC (`dvc add`).
+
 A preset file holds only the keys it changes, nested as in params.yaml. Mappings merge key by key;
 lists and values replace; `train.backbones` is replaced whole, because a preset that names
 backbones means exactly those. params.yaml keeps its comments; `git checkout params.yaml` undoes it.
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -69,6 +73,24 @@ def apply_preset(name: str, params_path: str | Path = "params.yaml", folder: str
     return resolved
 
 
+def track_with_dvc(source: str) -> Path | None:
+    """`dvc add` the competition at `source` when it lies in data/raw/ and neither git nor DVC tracks it
+    yet: a .dvc file to commit, so `dvc pull` restores it on a fresh clone and `dvc exp run --queue`
+    finds it in its copy. Returns the .dvc file written, else None."""
+    path = Path(source.rstrip("/"))
+    dvc_file = path.with_name(path.name + ".dvc")
+    if not path.exists() or dvc_file.exists() or not path.resolve().is_relative_to(Path("data/raw").resolve()):
+        return None
+    in_git = subprocess.run(["git", "ls-files", "--", str(path)], capture_output=True, text=True)
+    if in_git.returncode != 0 or in_git.stdout.strip():  # not a git repository, or committed (the digits demo)
+        return None
+    out = subprocess.run([sys.executable, "-m", "dvc", "add", "-q", str(path)], capture_output=True, text=True)
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ConfigError(f"{path}: `dvc add` failed: {last}")
+    return dvc_file
+
+
 def main(argv=None) -> None:
     import argparse
 
@@ -81,3 +103,6 @@ def main(argv=None) -> None:
         f"preset {args.name} applied to {args.params}: backbones {', '.join(params.train.backbones)}, "
         f"{params.cv.n_folds} folds, competition {params.competition.source}"
     )
+    dvc_file = track_with_dvc(params.competition.source)
+    if dvc_file:
+        print(f"dvc add {params.competition.source}: commit {dvc_file} (`dvc push` stores the data in your remote)")

@@ -77,6 +77,11 @@ def test_resolve_backbone_merges_params_over_tuned_over_shared_and_applies_the_p
     (tmp_path / PLAN_DIR / "net.json").write_text('{"epochs": 12, "val_every": 3}')
     assert (planned(b).settings.epochs, planned(b).settings.val_every) == (12, 3)
     assert apply_plan(b.settings, None) is b.settings
+    # precision: auto takes the plan's choice (a DVC-tracked file), with or without a budget; epochs only with one
+    (tmp_path / PLAN_DIR / "net.json").write_text('{"epochs": 12, "val_every": 3, "precision": "bf16"}')
+    auto = resolve_backbone(_params(precision="auto"), "net", 24)
+    assert (planned(auto, budget=False).settings.precision, planned(auto, budget=False).settings.epochs) == ("bf16", 6)
+    assert planned(b).settings.precision is None  # not auto: the plan's record changes nothing
 
 
 def test_resolve_backbone_names_the_key_of_a_bad_setting():

@@ -2,13 +2,15 @@
 params.yaml's comments and changes exactly what the preset names."""
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from pipeline import __main__ as cli
 from pipeline.config import ConfigError, Params, load_params, parse_params, to_dict
-from pipeline.presets import list_presets, load_preset, merge
+from pipeline.presets import list_presets, load_preset, merge, track_with_dvc
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ROOT / "configs" / "presets"
@@ -67,3 +69,19 @@ def test_applying_cpu_fast_changes_only_its_keys_and_keeps_comments(tmp_path, mo
     assert cli.main(["preset", "cpu-fast"]) == 0  # idempotent
     assert (tmp_path / "params.yaml").read_text() == text
     assert cli.main(["preset", "nope"]) == 1
+
+
+def test_a_competition_in_data_raw_is_put_under_dvc_once_and_a_committed_one_is_left(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    subprocess.run(["git", "init", "-q"], check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], check=True)
+    (tmp_path / "data/raw/demo").mkdir(parents=True)
+    (tmp_path / "data/raw/demo/MARKER").write_text("x")
+    subprocess.run(["git", "add", "data/raw/demo/MARKER"], check=True)
+    (tmp_path / "data/raw/comp.zip").write_bytes(b"PK\x05\x06" + bytes(18))
+    assert track_with_dvc("data/raw/comp.zip") == Path("data/raw/comp.zip.dvc")
+    assert "path: comp.zip" in (tmp_path / "data/raw/comp.zip.dvc").read_text()
+    assert track_with_dvc("data/raw/comp.zip") is None  # already under DVC
+    assert track_with_dvc("data/raw/demo/") is None and not (tmp_path / "data/raw/demo.dvc").exists()  # in git
+    assert track_with_dvc(str(tmp_path.parent)) is None  # outside data/raw: the user's to decide

@@ -2,7 +2,8 @@
 
 With `budget.minutes` set: measures every backbone's training and prediction speed here, then
 chooses its epochs so that the whole `dvc repro` ends inside the budget (pipeline/plan.py). With
-`budget.minutes: null`: the epochs of params.yaml, nothing measured.
+`budget.minutes: null`: the epochs of params.yaml, nothing measured. Either way `precision: auto` is
+resolved here and recorded in plan/<backbone>.json, which the train stage reads.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pipeline.cli import parse_args
 from pipeline.config import load_params
 from pipeline.data import load_prepared
 from pipeline.models import pick_device
-from pipeline.plan import log_plan, no_budget, plan_run, write_plan
+from pipeline.plan import log_plan, no_budget, plan_run, resolve_auto_precision, write_plan
 from pipeline.timing import PLANNED
 from pipeline.tracking import Tracker, experiment_name
 
@@ -25,7 +26,9 @@ def main(argv=None) -> None:
     backbones = {b: resolve_backbone(params, b, cache_size, args.params) for b in params.train.backbones}
     budget = params.budget.minutes
     if budget is None:
-        write_plan(no_budget(backbones), PLANNED)
+        device = pick_device()
+        precisions = {b: resolve_auto_precision(data, bb, device) for b, bb in backbones.items()}
+        write_plan(no_budget(backbones, precisions), PLANNED)
         epochs = ", ".join(f"{b} {bb.settings.epochs} epochs" for b, bb in backbones.items())
         return print(f"plan: no budget (budget.minutes: null): {epochs}")
     plan = plan_run(params, data, backbones, pick_device(), args.params)

@@ -22,8 +22,7 @@ def main(argv=None) -> None:
     params, name = load_with_backbone(args)
     data = load_prepared()
     backbone = resolve_backbone(params, name, data.train_images.shape[1], args.params)
-    if params.budget.minutes is not None:
-        backbone = planned(backbone)
+    backbone = planned(backbone, budget=params.budget.minutes is not None)  # epochs, and precision: auto
     device = distributed.init_from_env() or pick_device()
     record = run_record(backbone, data, device)
     resume = resume_dir(record, data)
