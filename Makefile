@@ -43,7 +43,7 @@ LOWER_ISA := ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2 ATEN_CPU_CA
 endif
 
 test-isa: setup
-	$(LOWER_ISA) python -m pytest -m 'training and not slow'
+	$(LOWER_ISA) python -m pytest -m 'training and not slow and not not_isa'
 
 test-slow: setup
 	python -m pytest -m slow

@@ -310,6 +310,7 @@ def test_a_killed_stages_scratch_folder_is_not_hashed_by_dvc_and_the_next_run_re
     assert not scratch.exists()
 
 
+@pytest.mark.not_isa
 def test_a_queued_experiment_logs_into_the_workspaces_mlflow_store(repo):
     repo, env, _ = repo
     env = {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}  # the default store: the repository's

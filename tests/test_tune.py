@@ -286,9 +286,13 @@ def _env():
 
 def _study(root, storage: str | None = None) -> optuna.Study:
     """The project's one study, `comp-test_resnet-<hash of its settings>`."""
-    storage = storage or f"sqlite:///{root}/optuna.db"
-    (name,) = [n for n in optuna.get_all_study_names(storage) if n.startswith("comp-test_resnet-")]
-    return optuna.load_study(study_name=name, storage=storage)
+    storage = optuna.storages.RDBStorage(storage or f"sqlite:///{root}/optuna.db")  # one connection per look
+    try:
+        (name,) = [n for n in optuna.get_all_study_names(storage) if n.startswith("comp-test_resnet-")]
+        return optuna.load_study(study_name=name, storage=storage)
+    finally:
+        storage.remove_session()
+        storage.engine.dispose()
 
 
 def test_kill_9_mid_trial_then_rerun_retries_it_and_finishes(tmp_path):
