@@ -728,16 +728,21 @@ def test_class_weight_and_balanced_sampler_undo_a_10_to_1_imbalance(settings, ra
 # ---------------------------------------------------------------- pretrained weights and their normalisation
 
 
-def test_pretrained_true_offline_without_a_cache_is_one_line_naming_the_alternatives(tmp_path):
+def _offline_error(tmp_path, name: str) -> str:
+    """What `create_model(name, 3, pretrained=True)` prints as `ERROR <message>` offline with an empty hub cache."""
     code = (
         "from pipeline.models import create_model\n"
         "from pipeline.errors import PipelineError\n"
-        "try:\n    create_model('resnet10t', 3, pretrained=True)\n"
+        f"try:\n    create_model({name!r}, 3, pretrained=True)\n"
         "except PipelineError as e:\n    print('ERROR', e)\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf-cache")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    line = out.stdout.strip()
+    return out.stdout
+
+
+def test_pretrained_true_offline_without_a_cache_is_one_line_naming_the_alternatives(tmp_path):
+    line = _offline_error(tmp_path, "resnet10t").strip()
     assert line.startswith("ERROR resnet10t: pretrained weights are neither in the Hugging Face cache nor downloadable")
     assert "local timm/.safetensors file" in line and "model.pt" in line and "\n" not in line
 
@@ -811,16 +816,9 @@ def test_timm_source_names_are_accepted_and_their_errors_are_one_line(tmp_path):
     check_backbone("hf-hub:timm/resnet10t.c3_in1k")  # resolved through the hub when the model is created
     with pytest.raises(PipelineError, match=r"^k: '.*nowhere' has no config.json"):
         check_backbone(f"local-dir:{tmp_path / 'nowhere'}", "k")
-    code = (
-        "from pipeline.models import create_model\n"
-        "from pipeline.errors import PipelineError\n"
-        "try:\n    create_model('hf-hub:timm/resnet10t.c3_in1k', 3, pretrained=True)\n"
-        "except PipelineError as e:\n    print('ERROR', e)\n"
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf-cache")}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert out.stdout.startswith("ERROR hf-hub:timm/resnet10t.c3_in1k: pretrained weights are neither in the"), out
-    assert out.stdout.count("\n") == 1
+    out = _offline_error(tmp_path, "hf-hub:timm/resnet10t.c3_in1k")
+    assert out.startswith("ERROR hf-hub:timm/resnet10t.c3_in1k: pretrained weights are neither in the"), out
+    assert out.count("\n") == 1
 
 
 def test_a_pretrained_model_is_fed_its_weights_own_normalisation(prepared, tmp_path):

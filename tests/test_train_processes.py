@@ -124,6 +124,7 @@ def test_kill_9_mid_fold_then_rerun_equals_an_uninterrupted_run_and_continues_it
     assert steps == sorted(set(steps)) and steps[-1] == 7  # one history, no epoch twice (epoch 0 logged or not)
 
 
+@pytest.mark.not_isa
 def test_sigterm_stops_like_ctrl_c_keeps_the_resume_state_and_fails_the_mlflow_run(tmp_path):
     root = _project(tmp_path / "p", n_per_class=20, epochs=4, tracking=True)
     proc = subprocess.Popen(

@@ -295,6 +295,7 @@ def _study(root, storage: str | None = None) -> optuna.Study:
         storage.engine.dispose()
 
 
+@pytest.mark.not_isa
 def test_kill_9_mid_trial_then_rerun_retries_it_and_finishes(tmp_path):
     root = _project(tmp_path / "kill", n_trials=3, epochs=6)
     proc = subprocess.Popen(_cmd(), cwd=root, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -346,6 +347,7 @@ def _two_workers(root: Path, storage: str | None = None) -> optuna.Study:
     return study
 
 
+@pytest.mark.not_isa
 def test_two_workers_share_one_study(tmp_path):
     _two_workers(_project(tmp_path / "two", n_trials=4, epochs=1))
 
