@@ -47,11 +47,11 @@ from pipeline.data import (  # noqa: E402
     load_prepared,
     to_input,
 )
+from pipeline.images import decode_image  # noqa: E402
 from pipeline.inference import predict_proba  # noqa: E402
 from pipeline.loop import LRSchedule, build_optimizer, train_one_epoch  # noqa: E402
 from pipeline.models import create_model, pick_device, use_channels_last  # noqa: E402
 from pipeline.predict import predict_tta  # noqa: E402
-from pipeline.prepare import _decode  # noqa: E402
 
 
 def _timed(fn) -> float:
@@ -98,7 +98,7 @@ def decode_rate(images: np.ndarray) -> float:
         Image.fromarray(img).save(buf, format="JPEG", quality=95)
         blobs.append(buf.getvalue())
     size = images.shape[1]
-    return len(blobs) / _timed(lambda: [_decode(b, size, "squash") for b in blobs])
+    return len(blobs) / _timed(lambda: [decode_image(b, size, "squash") for b in blobs])
 
 
 def profile_backbone(name, model_name, s, image_size, images, targets, mean, std, views, batches, repeats, device):

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from pipeline.config import Params, resolve_train_settings
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_dir, read_json, write_json
+from pipeline.io import atomic_dir, load_checkpoint, read_json, write_json
 from pipeline.metrics import argbest
 from pipeline.models import create_model
 
@@ -23,7 +21,7 @@ def best_fold_checkpoint(params: Params, backbone: str, folds: dict) -> tuple[Pa
     if not source.exists():
         raise PipelineError(f"{source}: not found (the models folder does not match reports/train/{backbone}.json)")
     why = f"best validation {monitor} of {len(names)} folds: {folds[best][monitor]:.4f}"
-    return source, why, torch.load(source, map_location="cpu", weights_only=True)
+    return source, why, load_checkpoint(source, f"train it again (dvc repro -f train@{backbone})")
 
 
 def save_for_timm(ckpt: dict, out: Path, classes: list[str] | None) -> None:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from pipeline.data import InputConfig, resize_batch, to_input
 from pipeline.errors import PipelineError
+from pipeline.io import load_checkpoint
 from pipeline.models import create_model, use_channels_last
 from pipeline.precision import amp_dtype
 from pipeline.sklearn_head import CLASSIFIER_FILE, FeaturesClassifier, load_classifier
@@ -128,7 +129,7 @@ def load_fold_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Mo
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: fold checkpoint not found (run the train stage first)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(path, "train this backbone again (dvc repro -f train@<backbone>)")
     head = path.with_name(CLASSIFIER_FILE)
     if ckpt.get("sklearn_head") and not head.is_file():
         raise PipelineError(f"{head}: the features+sklearn head of {path} is missing (run the train stage again)")

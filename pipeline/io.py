@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from pipeline.errors import PipelineError
+
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (timeout, SLURM, docker stop, a cluster's pre-emption), raised like Ctrl-C's
@@ -136,7 +138,30 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+    """A JSON file the pipeline wrote; one cut short or damaged is a PipelineError naming it, its line and column."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except UnicodeDecodeError:
+        raise PipelineError(f"{path}: not valid JSON (not UTF-8 text)") from None
+
+
+def load_checkpoint(path: str | Path, remedy: str) -> dict:
+    """A checkpoint this pipeline wrote, loaded with torch.load(weights_only=True): nothing is unpickled.
+    A file cut short (an interrupted copy, a full disk) or damaged is a PipelineError naming it and `remedy`."""
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - zip, pickle and OS errors: a cut or damaged file gives many kinds
+        reason = exc.__class__.__name__ + "".join(f": {line[:160]}" for line in str(exc).strip().splitlines()[:1])
+        raise PipelineError(f"{path}: cannot be read, truncated or corrupt ({reason}); {remedy}") from None
+    if not isinstance(obj, dict):
+        raise PipelineError(f"{path}: not a checkpoint of this pipeline ({type(obj).__name__}); {remedy}")
+    return obj
 
 
 TIMING_DIR = Path("reports/timing")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import math
 import multiprocessing as mp
 import os
 import posixpath
@@ -29,12 +28,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 from tqdm import tqdm
 
 from pipeline.config import CompetitionConfig
 from pipeline.errors import PipelineError
+from pipeline.images import decode_image
 from pipeline.io import atomic_dir, atomic_save, write_json
 from pipeline.submission import SubmissionFormat, read_submission_format
 
@@ -252,48 +252,6 @@ def assign_folds(labels: np.ndarray, n_folds: int, seed: int, groups: np.ndarray
 # ---------------------------------------------------------------- image cache
 
 
-def _square(img: Image.Image, size: int, resize: str) -> Image.Image:
-    """`img` as a (size, size) RGB image: `squash` ignores the aspect ratio, `pad` fits the longer side
-    and pads the shorter one with black, `center_crop` fits the shorter side and crops the longer one.
-    JPEGs are first downscaled in the DCT domain (PIL's draft mode) to no less than what is needed."""
-    w, h = img.size
-    if resize == "pad":
-        scale = size / max(w, h)
-        img.draft("RGB", (max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale))))
-    else:
-        img.draft("RGB", (size, size))  # both sides stay >= size
-    img.load()
-    img = img.convert("RGB")
-    w, h = img.size
-    if resize == "squash":
-        return img if (w, h) == (size, size) else img.resize((size, size), Image.BILINEAR)
-    if resize == "center_crop":
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        img = img.resize((nw, nh), Image.BILINEAR) if (nw, nh) != (w, h) else img
-        left, top = (nw - size) // 2, (nh - size) // 2
-        return img.crop((left, top, left + size, top + size))
-    scale = size / max(w, h)
-    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    canvas = Image.new("RGB", (size, size))
-    canvas.paste(
-        img.resize((nw, nh), Image.BILINEAR) if (nw, nh) != (w, h) else img, ((size - nw) // 2, (size - nh) // 2)
-    )
-    return canvas
-
-
-def _decode(data: bytes, size: int, resize: str) -> tuple[np.ndarray, tuple[int, int]]:
-    """(uint8 (size, size, 3) image, original (width, height)); ValueError saying why it cannot be."""
-    if not data:
-        raise ValueError("empty file")
-    try:
-        img = Image.open(io.BytesIO(data))
-        original = img.size
-        return np.asarray(_square(img, size, resize), dtype=np.uint8), original
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"cannot decode: {exc.__class__.__name__}: {exc}") from None
-
-
 _worker_files: CompetitionFiles | None = None  # one open view per decoding process (a zip's index is slow to read)
 
 
@@ -315,7 +273,7 @@ def _decode_chunk(args, files: CompetitionFiles | None = None):
             bad[i] = "no such image file"
             continue
         try:
-            out[i], sizes[i] = _decode(files.read(rel), size, resize)
+            out[i], sizes[i] = decode_image(files.read(rel), size, resize)
         except (ValueError, PipelineError) as exc:
             bad[i] = str(exc)
     return out, sizes, *channel_sums(out), bad

@@ -28,7 +28,11 @@ def read_probs(path: str | Path, ids, classes: list[str], backbone: str) -> np.n
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{backbone}: {path} not found (run `dvc repro`)")
-    frame = pd.read_csv(path, dtype={"id": str}, keep_default_na=False)
+    try:
+        frame = pd.read_csv(path, dtype={"id": str}, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:  # cut short or damaged
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else exc.__class__.__name__
+        raise PipelineError(f"{backbone}: {path} is not a readable CSV ({reason})") from None
     if list(frame.columns[1:]) != [str(c) for c in classes]:
         raise PipelineError(f"{backbone}: {path} columns do not match the classes in classes.json")
     got, expected = frame["id"].tolist(), [str(i) for i in ids]
@@ -40,10 +44,14 @@ def read_probs(path: str | Path, ids, classes: list[str], backbone: str) -> np.n
             f"{backbone}: {path} row {row + 2}: {found} where the prepared data has {want} "
             f"({len(got)} rows, {len(expected)} expected)"
         )
-    try:
-        probs = frame.iloc[:, 1:].to_numpy(dtype=np.float64)
-    except ValueError:
-        raise PipelineError(f"{backbone}: {path} has a value that is not a number") from None
+    values = frame.iloc[:, 1:].apply(pd.to_numeric, errors="coerce")
+    if values.isna().to_numpy().any():  # a cell cut short, empty or not a number
+        row, col = np.argwhere(values.isna().to_numpy())[0]
+        raise PipelineError(
+            f"{backbone}: {path} row {row + 2}, column '{frame.columns[col + 1]}': "
+            f"'{frame.iat[row, col + 1]}' is not a number"
+        )
+    probs = values.to_numpy(dtype=np.float64)
     bad = np.flatnonzero(~np.isclose(probs.sum(1), 1.0, atol=1e-4) | (probs < 0).any(1))
     if len(bad):
         raise PipelineError(

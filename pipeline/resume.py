@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from pipeline import distributed
-from pipeline.io import atomic_save
+from pipeline.io import atomic_save, load_checkpoint
 from pipeline.metrics import is_better_scores
 from pipeline.sklearn_head import CLASSIFIER_FILE, load_classifier, save_classifier
 
@@ -50,7 +50,7 @@ def save_finished(result: FoldResult, ckpt: dict, path: Path) -> None:
 
 
 def load_finished(path: Path) -> tuple[FoldResult, dict]:
-    done = torch.load(path, map_location="cpu", weights_only=True)
+    done = load_checkpoint(path, "delete it and this fold trains again")
     head = path.with_name(f"{path.name}.{CLASSIFIER_FILE}")
     classifier = load_classifier(head) if done["checkpoint"].get("sklearn_head") else None
     return FoldResult(
@@ -73,7 +73,7 @@ class FoldState:
         """Load the saved state if there is one; True if training continues from it."""
         if self.path is None or not self.path.exists():
             return False
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        state = load_checkpoint(self.path, "delete it and this fold starts over")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -357,6 +357,8 @@ def test_stage_writes_the_report_and_logs_it_to_mlflow(stage_dir):
         ("ids", r"net_b: predictions/net_b/oof_probs.csv row 3: id 'intruder' where the prepared data has '"),
         ("short", r"net_b: predictions/net_b/oof_probs.csv row \d+: no row where the prepared data has"),
         ("sum", r"net_b: predictions/net_b/oof_probs.csv row 4: probabilities sum to 1.5, not 1"),
+        ("cut", r"net_b: predictions/net_b/oof_probs.csv row \d+, column '\w+': '' is not a number"),
+        ("binary", r"net_b: predictions/net_b/oof_probs.csv is not a readable CSV \("),
     ],
 )
 def test_bad_oof_files_fail_with_one_line_and_keep_the_old_report(stage_dir, capsys, damage, message):
@@ -373,6 +375,11 @@ def test_bad_oof_files_fail_with_one_line_and_keep_the_old_report(stage_dir, cap
         frame.to_csv(path, index=False)
     elif damage == "short":
         frame.iloc[:-1].to_csv(path, index=False)
+    elif damage == "cut":  # an interrupted copy: the last row ends in the middle
+        text = path.read_text()
+        path.write_text(text[: text.rstrip().rfind(",") + 1])
+    elif damage == "binary":
+        path.write_bytes(b"id,cat\n" + bytes(range(256)) * 4)
     else:
         frame.loc[2, "cat"] += 0.5
         frame.to_csv(path, index=False)

@@ -334,6 +334,26 @@ def test_a_killed_stages_scratch_folder_is_not_hashed_by_dvc_and_the_next_run_re
 
 
 @pytest.mark.not_isa
+def test_a_truncated_fold_checkpoint_stops_predict_with_one_line_and_keeps_the_predictions(repo):
+    repo, env, _ = repo
+    model = repo / "models/test_resnet/seed42/fold0/model.pt"
+    before = {p: p.read_bytes() for p in (repo / "predictions/test_resnet").iterdir()}
+    data = model.read_bytes()
+    try:
+        model.write_bytes(data[: len(data) // 2])  # an interrupted copy
+        proc = _run(["python", "-m", "pipeline", "predict", "--backbone", "test_resnet"], repo, env, check=False)
+    finally:
+        model.write_bytes(data)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: models/test_resnet/seed42/fold0/model.pt: cannot be read, truncated or corrupt (")
+    )
+    assert {p: p.read_bytes() for p in (repo / "predictions/test_resnet").iterdir()} == before
+
+
+@pytest.mark.not_isa
 def test_unknown_backbone_fails_with_a_one_line_error(repo):
     repo, env, _ = repo
     before = (repo / "submissions/submission.csv").read_bytes()
