@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.config import CompetitionConfig
+from pipeline.data import load_prepared
 from pipeline.images import BACKGROUND, decode_image
+from pipeline.prepare import prepare
+from tests.conftest import write_competition
 
 
 def _bytes(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -80,3 +84,15 @@ def test_float_tiff_in_0_1_is_scaled_by_255_and_other_floats_by_their_range():
 def test_undecodable_bytes_say_why(data, reason):
     with pytest.raises(ValueError, match=reason):
         decode_image(data, 4, "squash")
+
+
+def test_prepare_decodes_through_it(tmp_path):
+    comp = write_competition(tmp_path / "comp", n_per_class=4, ext=".png")
+    Image.fromarray(np.full((12, 12), 1000, np.uint16)).save(comp / "train/tr0000.png")  # 16-bit: 1000 of 65535
+    clear = np.zeros((12, 12, 4), np.uint8)  # fully transparent: white, not black
+    Image.fromarray(clear, "RGBA").save(comp / "train/tr1000.png")
+    prepare(CompetitionConfig(source=str(comp)), image_size=12, n_folds=2, seed=0, out_dir=tmp_path / "p", workers=1)
+    data = load_prepared(tmp_path / "p")
+    row = dict(zip(data.train["id"], range(len(data.train))))
+    assert (data.train_images[row["tr0000"]] == round(1000 * 255 / 65535)).all()  # 4, where clipping gave 255
+    assert (data.train_images[row["tr1000"]] == 255).all()
