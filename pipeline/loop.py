@@ -102,16 +102,11 @@ class LRSchedule:
 
 
 def build_optimizer(model: torch.nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
-    """timm's optimizer factory (no weight decay on biases/norms; layer-wise lr decay if set)."""
-    optimizer = create_optimizer_v2(
-        model,
-        opt=s.optimizer,
-        lr=s.lr,
-        weight_decay=s.weight_decay,
-        momentum=s.momentum,
-        layer_decay=s.layer_decay,
+    """timm's optimizer factory (no weight decay on biases/norms; layer-wise lr decay if set: each group's
+    lr_scale, which `LRSchedule` applies, as timm's schedulers do)."""
+    return create_optimizer_v2(
+        model, opt=s.optimizer, lr=s.lr, weight_decay=s.weight_decay, momentum=s.momentum, layer_decay=s.layer_decay
     )
-    return optimizer  # each group's lr_scale (layer decay) is applied by the schedule, as timm does
 
 
 def freeze(model: torch.nn.Module, stages: int) -> list[str]:
