@@ -11,7 +11,8 @@
 
 and, not stages, `python -m pipeline preset <name>` (merge configs/presets/<name>.yaml into params.yaml)
 and `python -m pipeline export --backbone <name>` (a trained fold model in timm's own format, to share or
-to use as `pretrained` elsewhere).
+to use as `pretrained` elsewhere) and `python -m pipeline bundle` (the submission's offline inference bundle
+for a Kaggle code competition: bundle/predict.py runs it with internet off).
 Bad input ends with one line `error: ...` on stderr and exit status 1.
 """
 
@@ -25,7 +26,12 @@ import sys
 from pipeline.io import Terminated, record_stage, start_stage_clock, stop_on_signals
 
 STAGES = ("prepare", "tune", "plan", "train", "predict", "ensemble", "analyze", "timing")
-MODULES = {**{s: f"pipeline.cli.{s}" for s in STAGES}, "preset": "pipeline.presets", "export": "pipeline.cli.export"}
+MODULES = {
+    **{s: f"pipeline.cli.{s}" for s in STAGES},
+    "preset": "pipeline.presets",
+    "export": "pipeline.cli.export",
+    "bundle": "pipeline.cli.bundle",
+}
 
 
 USAGE = f"usage: kip {{{','.join(MODULES)}}} [options]   (kip <command> --help: its options)"

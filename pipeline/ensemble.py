@@ -8,6 +8,7 @@ by cross-fitting over the CV folds, so the score that picks the final method is 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -17,7 +18,9 @@ import pandas as pd
 
 from pipeline.config import ConfigError, Params
 from pipeline.data import PreparedData
-from pipeline.io import atomic_dir, atomic_write_text, read_json
+from pipeline.errors import PipelineError
+from pipeline.estimator_state import from_state, inline_get, inline_put, sklearn_types, to_state
+from pipeline.io import atomic_dir, atomic_write_text, read_json, write_json
 from pipeline.metrics import METRICS, argbest, is_better, scores
 from pipeline.probs import probs_frame, read_probs
 from pipeline.submission import SubmissionFormat, build_submission, local_leaderboard, validate_submission
@@ -48,6 +51,21 @@ class _Ensemble:
     def from_config(cls, metric: str, weights=None) -> "_Ensemble":
         """An unfitted instance from `ensemble.*` params; a method that takes neither ignores them."""
         return cls()
+
+    weighted_mean = False  # True: predict_proba is the weights_-weighted mean of the members' probabilities
+
+    def used_members(self) -> np.ndarray:
+        """The members `predict_proba` depends on: all, or for a weighted mean those of non-zero weight."""
+        return np.flatnonzero(self.weights_ > 0) if self.weighted_mean else np.arange(self.n_members_)
+
+    def without_unused(self) -> "_Ensemble":
+        """The same fitted ensembler taking only its used members' probabilities (the same predictions)."""
+        if not self.weighted_mean:
+            return self
+        keep = self.used_members()
+        fitted = copy.copy(self)
+        fitted.weights_, fitted.n_members_ = self.weights_[keep], len(keep)
+        return fitted
 
     def fit(self, probs_list: list[np.ndarray], y: np.ndarray):
         probs = _stack(probs_list)
@@ -90,6 +108,8 @@ def _stack(probs_list) -> np.ndarray:
 class SoftVotingEnsemble(_Ensemble):
     """Weighted mean of class probabilities with given weights (equal if None): sklearn's
     VotingClassifier(voting="soft"), `np.average(probs, axis=0, weights=weights_)`."""
+
+    weighted_mean = True
 
     def __init__(self, weights=None):
         self.weights = weights
@@ -138,6 +158,8 @@ class CaruanaEnsemble(_Ensemble):
     member whose addition gives the best `metric` of the running mean, `n_iter` times. A member
     picked k times weighs k / n_iter; a copy of a member adds nothing that member does not."""
 
+    weighted_mean = True
+
     def __init__(self, metric: str = "log_loss", n_iter: int = 50):
         self.metric = metric
         self.n_iter = n_iter
@@ -167,6 +189,8 @@ class CaruanaEnsemble(_Ensemble):
 class OptimizedWeightsEnsemble(_Ensemble):
     """Weights >= 0 summing to 1 that minimise the OOF log loss of the weighted mean (SLSQP from
     equal weights). Log loss is smooth in the weights; for accuracy or F1 use `caruana`."""
+
+    weighted_mean = True
 
     def __init__(self, maxiter: int = 200):
         self.maxiter = maxiter
@@ -254,6 +278,24 @@ def create_ensemble(name: str, metric: str, weights=None) -> _Ensemble:
     if name not in ENSEMBLES:
         raise ValueError(f"unknown ensemble method '{name}' (choose from {sorted(ENSEMBLES)})")
     return ENSEMBLES[name].from_config(metric, weights)
+
+
+def _state_types() -> dict[str, type]:
+    return {**{cls.__name__: cls for cls in ENSEMBLES.values()}, **sklearn_types()}
+
+
+def ensemble_state(model: _Ensemble) -> dict:
+    """A fitted ensembler as numbers (pipeline/estimator_state.py): its weights, or the stacking
+    meta-model's coefficients and intercepts; what submissions/ensemble.json and the bundle carry."""
+    return to_state(model, _state_types(), inline_put, model.name)
+
+
+def ensemble_from_state(state: dict, where: str) -> _Ensemble:
+    """The fitted ensembler `ensemble_state` wrote; only this module's and scikit-learn's classes are built."""
+    model = from_state(state, _state_types(), inline_get, where)
+    if not isinstance(model, _Ensemble):
+        raise PipelineError(f"{where}: not an ensemble method's state")
+    return model
 
 
 def cross_fit(
@@ -398,6 +440,7 @@ def fit_stage(params: Params, data: PreparedData, where: str) -> EnsembleRun:
             "best_single": {"backbone": best_single, **singles[best_single]["oof"]},
             "gain_over_best_single": {m: final[m] - singles[best_single]["oof"][m] for m in final},
             "methods": methods,
+            "members": backbones,  # the order of the members' probabilities every method was fitted on
             "backbones": singles,
         },
     )
@@ -424,6 +467,15 @@ def write_submissions(run: EnsembleRun, data: PreparedData, prepared: Path, out:
                     pd.read_csv(answers, dtype=str, keep_default_na=False), test_ids, fit.test, data.classes
                 )
     chosen = run.fitted[run.chosen]
+    write_json(
+        out / "ensemble.json",
+        {
+            "method": run.chosen,
+            "members": run.metrics["members"],
+            "classes": data.classes,
+            "states": {name: ensemble_state(fit.model) for name, fit in run.fitted.items()},
+        },
+    )
     atomic_write_text(
         out / "oof_probs.csv", probs_frame(data.train["id"], chosen.honest_oof, data.classes).to_csv(index=False)
     )

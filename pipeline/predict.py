@@ -150,6 +150,13 @@ def predict_tta(
     return merge_views(predict_views(model, images, cfg, batch_size, device, list(views)), merge)
 
 
+def fold_input_config(ckpt: dict, device: torch.device) -> InputConfig:
+    """How a fold model is fed at inference: its checkpoint's input config, in the precision it trained
+    in (fp16 only on CUDA, where it can have trained)."""
+    cfg = InputConfig.from_checkpoint(ckpt)
+    return dataclasses.replace(cfg, precision=None) if cfg.precision == "fp16" and device.type != "cuda" else cfg
+
+
 def list_models(model_dir: str | Path, n_folds: int) -> dict[int, list[Path]]:
     """fold -> its checkpoints, one per bagging seed: `model_dir/seed<s>/fold<k>/model.pt`."""
     model_dir = Path(model_dir)
@@ -192,9 +199,7 @@ def predict_backbone(
         val_idx = np.flatnonzero(folds == k)
         for s, path in enumerate(paths):
             model, ckpt = load_fold_model(path, device)
-            cfg = InputConfig.from_checkpoint(ckpt)
-            if cfg.precision == "fp16" and device.type != "cuda":  # the fold's own; fp16 only where it trained
-                cfg = dataclasses.replace(cfg, precision=None)
+            cfg = fold_input_config(ckpt, device)
             kwargs = dict(cfg=cfg, batch_size=batch_size, device=device, views=views)
             val = predict_views(
                 model, Rows(data.train_images, val_idx), desc=f"oof fold{k} {path.parent.parent.name}", **kwargs

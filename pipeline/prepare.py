@@ -459,35 +459,53 @@ def _add_targets_and_folds(
     return train
 
 
+def find_test_images(folder: ImageFolder, sample_ids: list[str] | None, sample_where: str) -> tuple[list, list]:
+    """(test ids, each one's image path inside `folder`): the sample submission's ids, each found as
+    training images are (ImageFolder.find), and every image of `folder` listed; with no sample
+    (`sample_ids` None), every image in `folder`, its path being its id. prepare and the bundle's
+    prediction (pipeline/bundle.py) read the test images through this one function."""
+    if sample_ids is None:
+        ids = sorted(folder.paths)
+        return ids, ids
+    _check_unique(pd.Series(sample_ids), sample_where)
+    found = [folder.find(v, f"{sample_where} row {i + 2}") for i, v in enumerate(sample_ids)]
+    missing = [i for i, p in enumerate(found) if p is None]
+    if missing:
+        first = sample_ids[missing[0]]
+        raise PipelineError(
+            f"{sample_where}: id '{first}' has no image in {folder.files.where(folder.folder)} "
+            f"(looked for {first}, {first}{folder.ext} and {first}.*; {len(missing)} such rows)"
+        )
+    unlisted = sorted(folder.paths - set(found))
+    if unlisted:
+        raise PipelineError(
+            f"{folder.files.where(folder.rel(unlisted[0]))}: test image has no row in {sample_where}"
+            f" ({len(unlisted)} such images; check competition.image_ext and test_dir)"
+        )
+    return list(sample_ids), found
+
+
+def open_competition(comp: CompetitionConfig) -> CompetitionFiles:
+    """The competition's files, a zip's inner folder found."""
+    files = CompetitionFiles(comp.source)
+    files.set_root(comp.train_csv or comp.sample_submission or comp.train_dir + "/")
+    return files
+
+
 def _read_test(files: CompetitionFiles, comp: CompetitionConfig, classes: list[str], train_paths: set[str]):
     """(sample submission, its format, test ids, each id's image path inside the competition): the
     sample lists the test images; with `sample_submission: null`, every image under test_dir.
     Training images (`train_paths`) in the same folder are not test images."""
     folder = ImageFolder(files, comp.test_dir, comp.image_ext, exclude=train_paths)
     if comp.sample_submission is None:
-        ids = sorted(folder.paths)
+        ids, found = find_test_images(folder, None, "")
         sample = pd.DataFrame({"id": ids, "label": classes[0]})
         fmt = read_submission_format(sample, classes, "competition.sample_submission: null")
-        return sample, fmt, ids, [folder.rel(p) for p in ids]
+        return sample, fmt, ids, [folder.rel(p) for p in found]
     sample_where = files.where(comp.sample_submission)
     sample = files.read_csv(comp.sample_submission)
     fmt = read_submission_format(sample, classes, sample_where, comp.positive_class, comp.metric)
-    _check_unique(sample[fmt.id_column], sample_where)
-    test_ids = sample[fmt.id_column].tolist()
-    found = [folder.find(v, f"{sample_where} row {i + 2}") for i, v in enumerate(test_ids)]
-    missing = [i for i, p in enumerate(found) if p is None]
-    if missing:
-        first = test_ids[missing[0]]
-        raise PipelineError(
-            f"{sample_where}: id '{first}' has no image in {files.where(comp.test_dir)} "
-            f"(looked for {first}, {first}{comp.image_ext} and {first}.*; {len(missing)} such rows)"
-        )
-    unlisted = sorted(folder.paths - set(found))
-    if unlisted:
-        raise PipelineError(
-            f"{files.where(folder.rel(unlisted[0]))}: test image has no row in {sample_where}"
-            f" ({len(unlisted)} such images; check competition.image_ext and test_dir)"
-        )
+    test_ids, found = find_test_images(folder, sample[fmt.id_column].tolist(), sample_where)
     return sample, fmt, test_ids, [folder.rel(p) for p in found]
 
 
@@ -652,8 +670,7 @@ def prepare(
     source = Path(comp.source)
     if _digits_source(source):
         render_digits(source)
-    files = CompetitionFiles(source)
-    files.set_root(comp.train_csv or comp.sample_submission or comp.train_dir + "/")
+    files = open_competition(comp)
     train, where, train_paths = _read_rows(files, comp, n_folds, seed)
     classes = sort_classes(train["label"])
     sample, fmt, test_ids, test_paths = _read_test(files, comp, classes, train_paths)
