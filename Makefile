@@ -53,4 +53,4 @@ lint: setup
 	ruff format --check .
 
 clean:
-	rm -rf data/prepared models/*/ predictions reports bundle submissions/*.csv submissions/methods mlflow.db mlruns mlartifacts
+	rm -rf data/prepared models/*/ predictions reports bundle submissions/*.csv submissions/ensemble.json submissions/methods mlflow.db mlruns mlartifacts

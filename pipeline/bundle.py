@@ -366,6 +366,7 @@ def predict_bundle(folder, test_dir, sample, out, device=None, batch_size=None, 
     """The submission of the bundle in `folder` for the images in `test_dir`, written to `out` whole."""
     folder = Path(folder)
     spec = read_bundle(folder)
+    model = ensemble_from_state(spec["ensemble"]["state"], f"{SPEC}: ensemble.state")  # before any long work
     device = device or pick_device()
     files, ids, rels, frame = _test_set(spec, test_dir, sample)
     size, resize = spec["images"]["size"], spec["images"]["resize"]
@@ -382,7 +383,6 @@ def predict_bundle(folder, test_dir, sample, out, device=None, batch_size=None, 
             for m in spec["members"]
         ]
         del images
-    model = ensemble_from_state(spec["ensemble"]["state"], f"{SPEC}: ensemble.state")
     classes, fmt = spec["classes"], SubmissionFormat(**spec["submission"])
     submission = build_submission(ids, model.predict_proba(probs), classes, fmt)
     if frame is not None:

@@ -13,11 +13,15 @@ from pipeline.ensemble import (
     SoftVotingEnsemble,
     create_ensemble,
     cross_fit,
+    ensemble_from_state,
+    ensemble_state,
 )
 from pipeline.errors import PipelineError
+from pipeline.estimator_state import from_state, sklearn_types, to_state
 from pipeline.metrics import log_loss
 from pipeline.prepare import prepare
 from pipeline.probs import probs_frame
+from pipeline.sklearn_head import fit_classifier
 from pipeline.submission import build_submission, local_leaderboard, read_submission_format, validate_submission
 from tests.conftest import write_competition
 
@@ -374,3 +378,46 @@ def test_fit_stage_is_a_library_call_that_chooses_and_reports_without_the_cli(oo
     chosen = run.fitted[run.chosen].test
     assert submitted["label"].tolist() == [CLASSES[i] for i in chosen.argmax(1)]
     assert set(headline(run.metrics, "accuracy", "log_loss")) == {"method", "accuracy", "log_loss", "lb_accuracy"}
+
+
+@pytest.mark.parametrize("method", list(ENSEMBLES))
+def test_a_fitted_method_stored_as_numbers_predicts_exactly_the_same(method):
+    y, good, noisy = _informative_and_noisy(n=200)
+    members = [noisy[0], good, noisy[1]]
+    model = create_ensemble(method, metric="log_loss").fit(members, y)
+    state = json.loads(json.dumps(ensemble_state(model)))  # through JSON text, as the bundle stores it
+    assert "pickle" not in json.dumps(state)
+    back = ensemble_from_state(state, "bundle.json: ensemble.state")
+    assert type(back) is type(model)
+    assert np.array_equal(back.predict_proba(members), model.predict_proba(members))
+
+
+def test_a_member_of_weight_zero_is_left_out_with_the_same_predictions():
+    y, good, noisy = _informative_and_noisy(n=200)
+    model = SoftVotingEnsemble(weights=[1.0, 0.0, 2.0]).fit([good, noisy[0], noisy[1]], y)
+    assert model.used_members().tolist() == [0, 2]
+    smaller = model.without_unused()
+    full = model.predict_proba([good, noisy[0], noisy[1]])
+    assert np.abs(smaller.predict_proba([good, noisy[1]]) - full).max() < 1e-12
+    stacking = create_ensemble("stacking", "log_loss").fit([good, noisy[0]], y)
+    assert stacking.used_members().tolist() == [0, 1] and stacking.without_unused() is stacking
+
+
+@pytest.mark.parametrize("kind", ["logistic_regression", "svm"])
+def test_a_features_sklearn_head_stored_as_numbers_predicts_exactly_the_same(kind):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(90, 6)), np.arange(90) % 3
+    x[np.arange(90), y] += 2
+    head = fit_classifier(x, y, kind)
+    arrays = {}
+
+    def put(array):
+        arrays[str(len(arrays))] = array.copy()
+        return str(len(arrays) - 1)
+
+    state = json.loads(json.dumps(to_state(head, sklearn_types(), put, "head")))
+    back = from_state(state, sklearn_types(), arrays.__getitem__, "head")
+    assert np.array_equal(back.predict_proba(x), head.predict_proba(x))
+    state["params"]["steps"][0]["tuple"][1]["estimator"] = "FunctionTransformer"
+    with pytest.raises(PipelineError, match="head.steps: unknown estimator type 'FunctionTransformer'"):
+        from_state(state, sklearn_types(), arrays.__getitem__, "head")
