@@ -290,12 +290,14 @@ def read_bundle(folder: str | Path) -> dict:
     return spec
 
 
-def _load_model(entry: dict, folder: Path, device: torch.device, where: str) -> tuple[torch.nn.Module, dict]:
+def _load_model(entry: dict, folder: Path, scratch: Path, device: torch.device, where: str):
+    """(fold model, its checkpoint fields) of one `models` entry of bundle.json."""
     from safetensors.torch import load_file
 
     ckpt = {**entry["checkpoint"], "state_dict": load_file(folder / entry["weights"])}
     if entry.get("config"):  # an hf-hub: / local-dir: model: timm builds it from the config.json kept beside
-        source = Path(tempfile.mkdtemp(prefix="bundle-config-"))
+        source = scratch / Path(entry["weights"]).stem
+        source.mkdir(exist_ok=True)
         (source / "config.json").write_bytes((folder / entry["config"]).read_bytes())
         ckpt["model"] = f"local-dir:{source}"
     head = None
@@ -305,7 +307,7 @@ def _load_model(entry: dict, folder: Path, device: torch.device, where: str) -> 
     return fold_model(ckpt, device, head), ckpt
 
 
-def member_probs(member: dict, images, folder: Path, device: torch.device, batch_size: int, clock) -> np.ndarray:
+def member_probs(member: dict, images, folder: Path, scratch: Path, device, batch_size: int, clock) -> np.ndarray:
     """A member's test probabilities as the predict stage computes them: each fold model's TTA views
     merged, then the mean over its fold x seed models, added in the same order."""
     total = None
@@ -313,7 +315,7 @@ def member_probs(member: dict, images, folder: Path, device: torch.device, batch
     for i, entry in enumerate(member["models"]):
         where = f"{SPEC}: members.{member['backbone']}.models[{i}]"
         try:
-            model, ckpt = _load_model(entry, folder, device, where)
+            model, ckpt = _load_model(entry, folder, scratch, device, where)
         except (KeyError, TypeError) as exc:
             raise PipelineError(f"{where}: {exc.__class__.__name__}: {exc}") from None
         cfg = fold_input_config(ckpt, device)
@@ -345,6 +347,19 @@ def _test_set(spec: dict, test_dir: str, sample: str | None) -> tuple[Competitio
     return files, ids, rels, frame
 
 
+def _warn_versions(built_with: dict) -> None:
+    """A warning line where this Python's torch, timm or scikit-learn differs in major.minor from the bundle's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for package, wanted in built_with.items():
+        try:
+            have = version(package)
+        except PackageNotFoundError:
+            continue
+        if have.split(".")[:2] != wanted.split(".")[:2]:
+            print(f"warning: {package} {have} here, the bundle was written with {wanted}", file=sys.stderr)
+
+
 class _Clock:
     """Progress over the fold models: one line each, with the time left at the pace so far."""
 
@@ -367,6 +382,7 @@ def predict_bundle(folder, test_dir, sample, out, device=None, batch_size=None, 
     folder = Path(folder)
     spec = read_bundle(folder)
     model = ensemble_from_state(spec["ensemble"]["state"], f"{SPEC}: ensemble.state")  # before any long work
+    _warn_versions(spec.get("versions", {}))
     device = device or pick_device()
     files, ids, rels, frame = _test_set(spec, test_dir, sample)
     size, resize = spec["images"]["size"], spec["images"]["resize"]
@@ -379,7 +395,7 @@ def predict_bundle(folder, test_dir, sample, out, device=None, batch_size=None, 
         images = np.load(cache, mmap_mode="r")
         clock = _Clock(sum(len(m["models"]) for m in spec["members"]), len(ids))
         probs = [
-            member_probs(m, images, folder, device, batch_size or spec.get("batch_size", 256), clock)
+            member_probs(m, images, folder, Path(tmp), device, batch_size or spec.get("batch_size", 256), clock)
             for m in spec["members"]
         ]
         del images

@@ -36,3 +36,5 @@ def main(argv=None) -> None:
     write_json("reports/bundle.json", report)
     figures = ", ".join(f"{k} {v}" for k, v in report.items() if k not in ("method", "models"))
     print(f"wrote {args.out}/ ({method}, {report['models']} fold models): {figures or 'not verified'}")
+    if "KAGGLE_USERNAME/" in (Path(args.out) / "dataset-metadata.json").read_text():
+        print(f"before `kaggle datasets create -p {args.out}`: set its id (--kaggle-id USER/SLUG, $KAGGLE_USERNAME)")
