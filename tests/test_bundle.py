@@ -235,3 +235,13 @@ def test_the_bundle_command_checks_itself_and_keeps_the_previous_bundle_when_it_
         assert {p.name: p.read_bytes() for p in (run / "bundle").iterdir()} == before
     finally:
         submission.write_text(saved)
+
+
+def test_bundling_a_run_that_has_not_finished_names_what_is_missing(run, tmp_path, monkeypatch, capsys):
+    shutil.copytree(run / "data", tmp_path / "data")
+    shutil.copy(run / "params.yaml", tmp_path)
+    monkeypatch.chdir(tmp_path)  # prepared data, but no predictions or ensemble yet
+    assert cli.main(["bundle"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "error: submissions/ensemble.json: not found (run `dvc repro` first: the bundle packs a finished run)"
+    assert not (tmp_path / "bundle").exists()
