@@ -37,6 +37,7 @@ from pipeline.io import atomic_write_text, load_checkpoint, read_json, write_jso
 from pipeline.models import SOURCES, pick_device
 from pipeline.predict import fold_input_config, list_models, merge_views, predict_views
 from pipeline.prepare import CompetitionFiles, ImageFolder, decode_images, find_test_images
+from pipeline.probs import probs_frame
 from pipeline.sklearn_head import CLASSIFIER_FILE, load_classifier
 from pipeline.submission import SubmissionFormat, build_submission, validate_submission
 
@@ -154,6 +155,9 @@ def write_bundle(params, folder: Path, method: str | None = None, kaggle_id: str
     from pipeline.tracking import experiment_name
 
     data = load_prepared(images=False)
+    for path in ["submissions/ensemble.json", *(f"predictions/{b}/tta.json" for b in params.train.backbones)]:
+        if not Path(path).is_file():
+            raise PipelineError(f"{path}: not found (run `dvc repro` first: the bundle packs a finished run)")
     fitted = read_json("submissions/ensemble.json")
     method = method or fitted["method"]
     if method not in fitted["states"]:
@@ -234,13 +238,19 @@ def compare_submissions(expected: pd.DataFrame, got: pd.DataFrame, fmt: Submissi
     return gap
 
 
-def verify_bundle(folder: Path, comp, expected: Path, prepared: Path = Path("data/prepared")) -> dict:
+def verify_bundle(folder: Path, comp, method: str, prepared: Path = Path("data/prepared")) -> dict:
     """Run the bundle's predict.py on the local test images in a fresh process that cannot import
-    mlflow, optuna or dvc and has no hub access, and check its submission against `expected`."""
+    mlflow, optuna or dvc and has no hub access; check its submission against the ensemble stage's for
+    `method` and, for the submission's method, its probabilities against submissions/test_probs.csv."""
+    ensemble = read_json("reports/ensemble.json")
+    expected = Path(ensemble["methods"][method]["submission"])
+    probs = Path("submissions/test_probs.csv") if method == ensemble["method"] else None
     fmt = SubmissionFormat(**read_json(prepared / "submission_format.json"))
+    classes = read_json(prepared / "classes.json")["classes"]
     with tempfile.TemporaryDirectory(prefix="bundle-verify-") as scratch:
         scratch = Path(scratch)
         args = ["--test-dir", str(local_test_dir(comp, prepared, scratch).resolve()), "--out", str(scratch / "sub.csv")]
+        args += ["--probs", str(scratch / "probs.csv")]
         if comp.sample_submission is not None:
             args += ["--sample", str((prepared / "sample_submission.csv").resolve())]
         code = CLEAN_RUN.format(blocked=BLOCKED, script=str((folder / "predict.py").resolve()), args=args)
@@ -257,10 +267,15 @@ def verify_bundle(folder: Path, comp, expected: Path, prepared: Path = Path("dat
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise PipelineError(f"{folder}/predict.py failed on the local test images: {last}")
         read = lambda p: pd.read_csv(p, dtype=str, keep_default_na=False)  # noqa: E731
-        try:
-            gap = compare_submissions(read(expected), read(scratch / "sub.csv"), fmt)
-        except PipelineError as exc:
-            raise PipelineError(f"{folder} does not reproduce {expected}: {exc}") from None
+        checks = [(expected, "sub.csv", fmt)]
+        if probs is not None:
+            checks.append((probs, "probs.csv", SubmissionFormat("id", classes, "probabilities")))
+        gap = 0.0
+        for want, got, layout in checks:
+            try:
+                gap = max(gap, compare_submissions(read(want), read(scratch / got), layout))
+            except PipelineError as exc:
+                raise PipelineError(f"{folder} does not reproduce {want}: {exc}") from None
     rows = len(read(expected))
     size = round(sum(p.stat().st_size for p in folder.iterdir()) / 2**20, 2)
     speed = round(rows / seconds, 1)
@@ -377,8 +392,9 @@ class _Clock:
         )
 
 
-def predict_bundle(folder, test_dir, sample, out, device=None, batch_size=None, workers=0) -> pd.DataFrame:
-    """The submission of the bundle in `folder` for the images in `test_dir`, written to `out` whole."""
+def predict_bundle(folder, test_dir, sample, out, device=None, batch_size=None, probs_out=None) -> pd.DataFrame:
+    """The submission of the bundle in `folder` for the images in `test_dir`, written to `out` whole
+    (and, given `probs_out`, the ensemble's probabilities as the ensemble stage writes test_probs.csv)."""
     folder = Path(folder)
     spec = read_bundle(folder)
     model = ensemble_from_state(spec["ensemble"]["state"], f"{SPEC}: ensemble.state")  # before any long work
@@ -388,7 +404,7 @@ def predict_bundle(folder, test_dir, sample, out, device=None, batch_size=None, 
     size, resize = spec["images"]["size"], spec["images"]["resize"]
     with tempfile.TemporaryDirectory(prefix="bundle-test-") as tmp:
         cache = Path(tmp) / "test_images.npy"
-        _, _, _, bad = decode_images(files, rels, size, resize, workers or os.cpu_count() or 1, cache, "decode test")
+        _, _, _, bad = decode_images(files, rels, size, resize, os.cpu_count() or 1, cache, "decode test")
         if bad:
             listed = ", ".join(f"{rels[i]} ({why})" for i, why in list(bad.items())[:5])
             print(f"warning: {len(bad)} test images unreadable, predicted as black images: {listed}", file=sys.stderr)
@@ -400,10 +416,13 @@ def predict_bundle(folder, test_dir, sample, out, device=None, batch_size=None, 
         ]
         del images
     classes, fmt = spec["classes"], SubmissionFormat(**spec["submission"])
-    submission = build_submission(ids, model.predict_proba(probs), classes, fmt)
+    probs = model.predict_proba(probs)
+    submission = build_submission(ids, probs, classes, fmt)
     if frame is not None:
         validate_submission(submission, frame, classes, fmt)
     atomic_write_text(out, submission.to_csv(index=False))
+    if probs_out is not None:
+        atomic_write_text(probs_out, probs_frame(ids, probs, classes).to_csv(index=False))
     return submission
 
 
@@ -413,13 +432,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-dir", required=True, help="the test images (nested folders are searched)")
     parser.add_argument("--sample", help="sample_submission.csv: its ids, order and columns (default: every image)")
     parser.add_argument("--out", default="submission.csv", help="the submission file to write")
+    parser.add_argument("--probs", help="also write the ensemble's probabilities here (id, one column per class)")
     parser.add_argument("--batch-size", type=int, help="default: the predict stage's")
     parser.add_argument("--device", help="cuda, cpu, ... (default: CUDA when there is one)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
         device = torch.device(args.device) if args.device else None
-        sub = predict_bundle(args.bundle, args.test_dir, args.sample, args.out, device, args.batch_size)
+        sub = predict_bundle(args.bundle, args.test_dir, args.sample, args.out, device, args.batch_size, args.probs)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

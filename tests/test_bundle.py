@@ -223,7 +223,7 @@ def test_the_bundle_command_checks_itself_and_keeps_the_previous_bundle_when_it_
     submission = (
         run / json.loads((run / "reports/ensemble.json").read_text())["methods"][report["method"]]["submission"]
     )
-    saved = submission.read_text()
+    saved, saved_probs = submission.read_text(), (run / "submissions/test_probs.csv").read_text()
     frame = _read(submission)
     frame.loc[3, CLASSES] = frame.loc[3, CLASSES[::-1]].to_numpy()  # one row that no longer matches
     frame.to_csv(submission, index=False)
@@ -233,8 +233,16 @@ def test_the_bundle_command_checks_itself_and_keeps_the_previous_bundle_when_it_
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "does not reproduce" in err and "row 5" in err, err
         assert {p.name: p.read_bytes() for p in (run / "bundle").iterdir()} == before
+        submission.write_text(saved)
+        probs = _read(run / "submissions/test_probs.csv")  # the submission's probabilities are checked too
+        probs.loc[0, "cat"] += 1e-4
+        probs.to_csv(run / "submissions/test_probs.csv", index=False)
+        assert cli.main(["bundle"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "does not reproduce submissions/test_probs.csv: row 2" in err, err
     finally:
         submission.write_text(saved)
+        (run / "submissions/test_probs.csv").write_text(saved_probs)
 
 
 def test_bundling_a_run_that_has_not_finished_names_what_is_missing(run, tmp_path, monkeypatch, capsys):

@@ -15,7 +15,7 @@ from pathlib import Path
 from pipeline.bundle import verify_bundle, write_bundle
 from pipeline.cli import build_parser
 from pipeline.config import load_params
-from pipeline.io import atomic_dir, read_json, write_json
+from pipeline.io import atomic_dir, write_json
 
 
 def main(argv=None) -> None:
@@ -30,11 +30,10 @@ def main(argv=None) -> None:
         spec = write_bundle(params, folder, args.method, args.kaggle_id)
         method, report = spec["ensemble"]["method"], {"method": spec["ensemble"]["method"]}
         report["models"] = sum(len(m["models"]) for m in spec["members"])
-        expected = read_json("reports/ensemble.json")["methods"][method]["submission"]
         if not args.no_verify:
-            report.update(verify_bundle(folder, params.competition, Path(expected)))
+            report.update(verify_bundle(folder, params.competition, method))
     write_json("reports/bundle.json", report)
     figures = ", ".join(f"{k} {v}" for k, v in report.items() if k not in ("method", "models"))
-    print(f"wrote {args.out}/ ({method}, {report['models']} fold models): {figures or 'not verified'}")
+    print(f"wrote {args.out}/ ({method}, {report['models']} models): {figures or 'not verified'}")
     if "KAGGLE_USERNAME/" in (Path(args.out) / "dataset-metadata.json").read_text():
         print(f"before `kaggle datasets create -p {args.out}`: set its id (--kaggle-id USER/SLUG, $KAGGLE_USERNAME)")
