@@ -279,7 +279,8 @@ def verify_bundle(folder: Path, comp, method: str, prepared: Path = Path("data/p
     rows = len(read(expected))
     size = round(sum(p.stat().st_size for p in folder.iterdir()) / 2**20, 2)
     speed = round(rows / seconds, 1)
-    return {"rows": rows, "seconds": round(seconds, 2), "images_per_s": speed, "max_abs_diff": float(f"{gap:.2g}"), "size_mb": size}
+    gap = float(f"{gap:.2g}")
+    return {"rows": rows, "seconds": round(seconds, 2), "images_per_s": speed, "max_abs_diff": gap, "size_mb": size}
 
 
 # ---------------------------------------------------------------- predicting with it
