@@ -43,7 +43,7 @@ from pipeline.submission import SubmissionFormat, build_submission, validate_sub
 
 SPEC = "bundle.json"
 CHECKPOINT_FIELDS = ("model", "num_classes", "image_size", "mean", "std", "interpolation", "precision")
-CHECKPOINT_FIELDS += ("fold", "seed", "sklearn_head")
+CHECKPOINT_FIELDS += ("fold", "seed", "sklearn_head", "feature_layer")
 PREDICT_PY = '''"""Predict with this bundle (see bundle.json): the pipeline's own code, from the wheel beside this file.
 
     python predict.py --test-dir DIR [--sample sample_submission.csv] --out submission.csv

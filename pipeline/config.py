@@ -73,6 +73,9 @@ class TrainSettings:
     freeze_stages: int = -1  # freeze: stem + this many stages; -1 = everything but the head
     unfreeze_epoch: int | None = None  # freeze: train everything from this epoch (0-based) on
     sklearn_classifier: Literal["logistic_regression", "svm"] = "logistic_regression"  # features+sklearn
+    # features+sklearn: the features the classifier is fitted on; null = the pooled last features, else one of
+    # timm's feature_info stages, by index (0 = the stem's, -1 = the last stage's) or by module name (layer2)
+    feature_layer: int | str | None = None
     layer_decay: float | None = None  # layer-wise lr decay: lr x decay^(depth from the head)
     # optimisation
     optimizer: str = "adamw"  # any timm optimizer name: adamw, sgd (Nesterov momentum), lamb, ...
@@ -105,6 +108,9 @@ class TrainSettings:
     # each fold's training statistics
     mean: list[float] | None = None
     std: list[float] | None = None
+    # how a batch is resized from the cache to the input side, in training and for every TTA view: null = the
+    # pretrained weights' own (timm's data config: bicubic for most), else bilinear
+    interpolation: Literal["bilinear", "bicubic", "nearest", "area"] | None = None
     # augmentation (train only): albumentations transforms in order, {ClassName: {kwargs}}, applied to the
     # cache's images; null = a random shift by up to 3/32 of the side (pad + crop at the cache size)
     augment: list[dict[str, dict]] | None = None
@@ -183,6 +189,8 @@ def check_train_settings(s: TrainSettings, where: str) -> None:
             )
     if (s.mean is None) != (s.std is None):
         raise ConfigError(f"{where}: set mean and std together, or neither")
+    if s.feature_layer is not None and s.finetune != "features+sklearn":
+        raise ConfigError(f"{where}.feature_layer is for finetune: features+sklearn, not {s.finetune}")
     if s.image_size is not None and s.image_size < 1:
         raise ConfigError(f"{where}.image_size must be >= 1 (or null: the cache's size), got {s.image_size}")
     for name, (low, high, closed_low, closed_high) in RANGES.items():
@@ -508,6 +516,8 @@ def _coerce(hint, value: Any, key: str, source: str):
         inner = [a for a in args if a is not type(None)]
         if bool in inner and len(inner) > 1:  # bool | str: a YAML true/false, else the other type
             return value if isinstance(value, bool) else _coerce(inner[-1], value, key, source)
+        if inner == [int, str]:  # int | str: a stage index, else a name
+            return value if isinstance(value, int) and not isinstance(value, bool) else _coerce(str, value, key, source)
         (inner,) = inner
         return _coerce(inner, value, key, source)
     if dataclasses.is_dataclass(hint):

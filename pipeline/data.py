@@ -286,12 +286,14 @@ def build_loader(
 
 
 def resize_batch(x: torch.Tensor, image_size: int | None, interpolation: str = "bilinear") -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, image_size, image_size), antialiased when it shrinks; None: as it is."""
+    """(B, C, H, W) -> (B, C, image_size, image_size) by `interpolation` (timm's names: bilinear, bicubic,
+    nearest, area), bilinear and bicubic antialiased when they shrink; None: as it is."""
     if image_size is None or x.shape[-2:] == (image_size, image_size):
         return x
-    return F.interpolate(
-        x, size=(image_size, image_size), mode=interpolation, align_corners=False, antialias=x.shape[-1] > image_size
-    )
+    if interpolation in ("nearest", "area"):
+        return F.interpolate(x, size=(image_size, image_size), mode=interpolation)
+    shrink = x.shape[-1] > image_size
+    return F.interpolate(x, size=(image_size, image_size), mode=interpolation, align_corners=False, antialias=shrink)
 
 
 def to_input(

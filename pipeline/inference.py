@@ -22,7 +22,7 @@ from pipeline.errors import PipelineError
 from pipeline.io import load_checkpoint
 from pipeline.models import create_model, use_channels_last
 from pipeline.precision import amp_dtype
-from pipeline.sklearn_head import CLASSIFIER_FILE, FeaturesClassifier, load_classifier
+from pipeline.sklearn_head import CLASSIFIER_FILE, FeaturesClassifier, feature_extractor, load_classifier
 
 View = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -117,7 +117,7 @@ def fold_model(ckpt: dict, device: torch.device, classifier=None) -> torch.nn.Mo
     model = create_model(ckpt["model"], num_classes=0 if classifier is not None else ckpt["num_classes"])
     model.load_state_dict(ckpt["state_dict"])
     if classifier is not None:
-        model = FeaturesClassifier(model, classifier)
+        model = FeaturesClassifier(feature_extractor(model, ckpt.get("feature_layer")), classifier)
     model.to(device)
     return model.to(memory_format=torch.channels_last) if use_channels_last(device) else model
 

@@ -42,6 +42,35 @@ def fit_classifier(train_x: np.ndarray, train_y: np.ndarray, kind: str):
     return make_pipeline(StandardScaler(), head).fit(train_x, train_y)
 
 
+class LayerFeatures(torch.nn.Module):
+    """A timm model's features from one of its `feature_info` stages, averaged over space: (B, C). `layer`
+    is a stage index (negative from the end) or a module name, as timm's `feature_info` lists them; the
+    wrapper only changes what forward returns, the weights stay the model's own."""
+
+    def __init__(self, model: torch.nn.Module, layer: int | str, where: str = "train.feature_layer"):
+        super().__init__()
+        info = getattr(model, "feature_info", None)
+        if info is None or not hasattr(model, "forward_intermediates"):
+            raise PipelineError(f"{where}: {type(model).__name__} has no timm feature_info to take a layer from")
+        names = [f["module"] for f in info]
+        if isinstance(layer, str):
+            if layer not in names:
+                raise PipelineError(f"{where}: '{layer}' is not a stage of the model (its stages: {', '.join(names)})")
+            layer = names.index(layer)
+        if not -len(names) <= layer < len(names):
+            raise PipelineError(f"{where}: {layer} is out of the model's {len(names)} stages ({', '.join(names)})")
+        self.model, self.index = model, layer % len(names)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (feature_map,) = self.model.forward_intermediates(x, indices=[self.index], intermediates_only=True)
+        return feature_map.mean(dim=(2, 3))
+
+
+def feature_extractor(model: torch.nn.Module, layer: int | str | None) -> torch.nn.Module:
+    """What features+sklearn feeds its classifier: the model's pooled last features (`layer` None), or a stage's."""
+    return model if layer is None else LayerFeatures(model, layer)
+
+
 class FeaturesClassifier(torch.nn.Module):
     """features+sklearn at inference: frozen backbone features -> scikit-learn `predict_proba`.
 

@@ -35,7 +35,7 @@ from pipeline.models import Pretrained, create_model, pretrained_config
 from pipeline.precision import cached_probe, resolve_precision
 from pipeline.probs import probs_frame
 from pipeline.resume import FoldResult, load_finished, save_finished
-from pipeline.sklearn_head import CLASSIFIER_FILE, fit_classifier, save_classifier
+from pipeline.sklearn_head import CLASSIFIER_FILE, feature_extractor, fit_classifier, save_classifier
 from pipeline.tracking import Tracker, experiment_name
 
 
@@ -67,6 +67,13 @@ def input_normalization(
     return (cfg["mean"], cfg["std"]) if cfg else data.fold_stats(k)
 
 
+def input_interpolation(s: TrainSettings, model_name: str, pretrained: Pretrained = None) -> str:
+    """How batches are resized to the input side: `s.interpolation` if set, else the pretrained weights' own
+    (timm's data config), else bilinear. Recorded in the checkpoint: every TTA view resizes the same way."""
+    own = (pretrained_config(model_name, pretrained) or {}).get("interpolation")
+    return s.interpolation or (own if own in ("bilinear", "bicubic", "nearest", "area") else "bilinear")
+
+
 def fold_units(s: TrainSettings) -> int:
     """A fold's units of progress: its epochs (one fit for features+sklearn)."""
     return 1 if s.finetune == "features+sklearn" else s.epochs
@@ -85,10 +92,9 @@ def train_fold(
     state_path: str | Path | None = None,
     where: str = "fold",
 ) -> tuple[FoldResult, dict]:
-    """One fold, set up the one way CV training, tuning and the speed probe share: a fresh model (seeded
-    from `s.seed` and k) trained on the other folds' rows (a bootstrap resample of them if `s.bootstrap`),
-    normalised as `input_normalization` says, validated on fold k, in the `s.finetune` mode.
-    Returns (result, checkpoint)."""
+    """One fold, set up the one way CV training, tuning and the speed probe share: a fresh model (seeded from
+    `s.seed` and k) trained on the other folds' rows (a bootstrap resample of them if `s.bootstrap`), normalised
+    as `input_normalization` says, validated on fold k, in the `s.finetune` mode. Returns (result, checkpoint)."""
     targets, n_classes = data.targets, len(data.classes)
     tr, va = np.flatnonzero(data.folds != k), np.flatnonzero(data.folds == k)
     if s.bootstrap:
@@ -100,7 +106,7 @@ def train_fold(
     precision, probe = resolve_precision(
         s.precision, device, lambda: cached_probe(model, model_name, s.finetune, s.batch_size, image_size, device)
     )
-    cfg = InputConfig(image_size, tuple(mean), tuple(std), precision=precision)
+    cfg = InputConfig(image_size, tuple(mean), tuple(std), input_interpolation(s, model_name, pretrained), precision)
     train = Split(Rows(data.train_images, tr), targets[tr])  # read per batch
     val = Split(Rows(data.train_images, va), targets[va])
     if sklearn_head:
@@ -130,6 +136,7 @@ def train_fold(
         "seed": s.seed,
         "precision_probe": probe,
         "sklearn_head": sklearn_head,
+        "feature_layer": s.feature_layer,  # features+sklearn: the stage its classifier reads
     }
     return result, checkpoint
 
@@ -139,8 +146,9 @@ def _fit_sklearn_head(
 ) -> FoldResult:
     """features+sklearn: frozen backbone features -> a scikit-learn classifier."""
     model.to(device)
-    train_x = extract_features(model, train.images, cfg, s.batch_size * 2, device)
-    val_x = extract_features(model, val.images, cfg, s.batch_size * 2, device)
+    features = feature_extractor(model, s.feature_layer)
+    train_x = extract_features(features, train.images, cfg, s.batch_size * 2, device)
+    val_x = extract_features(features, val.images, cfg, s.batch_size * 2, device)
     clf = fit_classifier(train_x, train.targets, s.sklearn_classifier)
     return FoldResult(model.state_dict(), clf.predict_proba(val_x), 0, classifier=clf)
 

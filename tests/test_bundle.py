@@ -30,7 +30,7 @@ train:
   backbones:
     test_resnet: {{}}
     test_efficientnet: {{lr: 0.01}}
-    features: {{model: test_resnet, finetune: features+sklearn}}
+    features: {{model: test_resnet, finetune: features+sklearn, feature_layer: layer2}}
   epochs: 1
   batch_size: 4
 tta: {{select: hflip}}
@@ -95,7 +95,8 @@ def test_the_bundle_reproduces_each_methods_submission(run, tmp_path, method):
     assert _read(tmp_path / "s.csv").equals(got.astype({"id": str}))
     members = {m["backbone"]: m for m in spec["members"]}
     assert {m["tta"]["policy"] for m in members.values()} == {"hflip"}
-    assert "features" not in members or all(e["head"] for e in members["features"]["models"])
+    for entry in members.get("features", {"models": []})["models"]:  # its head, read from an earlier stage
+        assert entry["head"] and entry["checkpoint"]["feature_layer"] == "layer2"
     if method in ("hard_voting", "rank_average", "stacking"):  # these read every member, the sklearn one too
         assert set(members) == {"test_resnet", "test_efficientnet", "features"}
     weights = report["methods"][method].get("weights") or {}

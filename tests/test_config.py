@@ -196,5 +196,12 @@ def test_pretrained_is_true_or_a_path_and_mean_goes_with_std():
     assert [p.train.backbones[b].pretrained for b in ("hub", "file", "scratch")] == [True, "exports/b/model.pt", None]
     with pytest.raises(ConfigError, match=r"train.backbones.b: set mean and std together, or neither"):
         parse_params({"train": {"mean": [0.5, 0.5, 0.5], "backbones": {"b": {}}}})
+    with pytest.raises(
+        ConfigError, match=r"train.backbones.b.feature_layer is for finetune: features\+sklearn, not full"
+    ):
+        parse_params({"train": {"feature_layer": "layer2", "backbones": {"b": {}}}})
+    backbones = {"i": {"feature_layer": -2}, "n": {"feature_layer": "layer2"}}
+    layers = parse_params({"train": {"finetune": "features+sklearn", "backbones": backbones}})
+    assert [layers.train.backbones[b].feature_layer for b in "in"] == [-2, "layer2"]  # an index stays an int
     with pytest.raises(ConfigError, match=r"train.backbones.b.std must be 3 numbers \(one per RGB channel, each > 0\)"):
         parse_params({"train": {"mean": [0.5] * 3, "std": [0.2, 0.0, 0.2], "backbones": {"b": {}}}})

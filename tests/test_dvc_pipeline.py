@@ -248,6 +248,7 @@ def _readme_repro(repo: Path, env: dict) -> str:
     return proc.stdout
 
 
+@pytest.mark.not_isa  # what DVC reruns, not float results
 def test_changing_ensemble_weights_reruns_only_the_ensemble_its_analysis_and_timing_through_the_readme_block(repo):
     repo, env, _ = repo
     # soft voting submitted: new weights change the ensemble's OOF file, which analyze reads. (Under
@@ -262,6 +263,7 @@ def test_changing_ensemble_weights_reruns_only_the_ensemble_its_analysis_and_tim
     assert report["methods"]["soft_voting"]["weights"] == {"test_resnet": 0.75, "test_efficientnet": 0.25}
 
 
+@pytest.mark.not_isa  # what DVC reruns, not float results
 def test_editing_a_tta_view_reruns_predict_and_what_reads_it_never_training(repo):
     repo, env, _ = repo
     views = repo / "pipeline" / "predict.py"

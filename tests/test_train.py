@@ -26,6 +26,7 @@ from pipeline.data import (
     build_train_transform,
     default_num_workers,
     load_prepared,
+    resize_batch,
     to_input,
 )
 from pipeline.errors import PipelineError
@@ -36,6 +37,7 @@ from pipeline.models import check_backbone, create_model, pretrained_config
 from pipeline.precision import resolve_precision
 from pipeline.predict import predict_backbone
 from pipeline.prepare import prepare
+from pipeline.sklearn_head import load_classifier
 from pipeline.tracking import Tracker
 from pipeline.train import bootstrap_rows, initial_model, train_backbone, train_fold
 
@@ -219,12 +221,15 @@ def test_linear_probe_trains_only_the_head(prepared):
     assert changed == {"fc.weight", "fc.bias"}
 
 
-def test_features_sklearn_gives_oof_and_a_predictable_checkpoint(prepared, tmp_path):
-    s = dataclasses.replace(SETTINGS, finetune="features+sklearn")
+@pytest.mark.parametrize("layer, channels", [(None, 96), ("layer2", 48), (1, 32)])
+def test_features_sklearn_gives_oof_and_a_predictable_checkpoint(prepared, tmp_path, layer, channels):
+    s = dataclasses.replace(SETTINGS, finetune="features+sklearn", feature_layer=layer)  # test_resnet's stages
     oof, metrics = _bag(prepared, "b", "test_resnet", s, 16, tmp_path / "models", CPU, OFF)
     np.testing.assert_allclose(oof.sum(1), 1.0, atol=1e-6)
     assert metrics["oof"]["accuracy"] > 0.7  # logistic regression on colour features
+    assert load_classifier(tmp_path / "models/seed0/fold1/classifier.skops").n_features_in_ == channels
     model, ckpt = load_fold_model(tmp_path / "models" / "seed0" / "fold1" / "model.pt", CPU)
+    assert ckpt["feature_layer"] == layer  # inference takes the features from the same stage
     folds = prepared.train["fold"].to_numpy()
     again = predict_proba(model, prepared.train_images[folds == 1], InputConfig.from_checkpoint(ckpt), 8, CPU)
     np.testing.assert_allclose(again, oof[folds == 1], atol=1e-6)
@@ -236,6 +241,18 @@ class _Planted:  # a pickle that runs code when loaded, as one dropped into a sh
 
     def __reduce__(self):
         return (open, (self.marker, "w"))
+
+
+def test_an_unknown_feature_layer_is_one_line_naming_the_stages(prepared):
+    s = dataclasses.replace(SETTINGS, finetune="features+sklearn", feature_layer="layer9")
+    with pytest.raises(
+        PipelineError,
+        match="train.feature_layer: 'layer9' is not a stage of the model "
+        r"\(its stages: act1, layer1, layer2, layer3, layer4\)",
+    ):
+        train_fold(prepared, 0, "test_resnet", s, 16, CPU)
+    with pytest.raises(PipelineError, match="train.feature_layer: 5 is out of the model's 5 stages"):
+        train_fold(prepared, 0, "test_resnet", dataclasses.replace(s, feature_layer=5), 16, CPU)
 
 
 def test_nothing_in_a_fold_folder_is_unpickled_and_resume_states_load_weights_only(prepared, tmp_path):
@@ -909,3 +926,23 @@ def test_num_workers_null_feeds_a_gpu_from_the_measured_data_path(monkeypatch):
     assert GPU_IMAGES_PER_S / 250 <= workers <= 63  # 3,000 images/s need 12+ workers at <= 250 each
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     assert default_num_workers(torch.device("cuda"), _SlowDataset(), 8) == 3  # a core stays for the main process
+
+
+def test_a_pretrained_model_is_resized_with_its_weights_interpolation(prepared, tmp_path):
+    from timm.models import save_for_hf
+
+    folder = tmp_path / "weights"  # a timm folder whose weights were trained on bicubic-resized inputs
+    data_cfg = {"mean": (0.5,) * 3, "std": (0.5,) * 3, "input_size": (3, 16, 16), "interpolation": "bicubic"}
+    save_for_hf(
+        create_model("test_resnet", 7), str(folder), model_config={"pretrained_cfg": data_cfg}, safe_serialization=True
+    )
+    s = dataclasses.replace(SETTINGS, finetune="features+sklearn")  # one fit, no epochs: only the config matters
+    area = dataclasses.replace(s, interpolation="area")
+    cases = [(folder, s, "bicubic"), (None, s, "bilinear"), (folder, area, "area")]
+    for pretrained, settings, expected in cases:  # the weights' own, else bilinear; params win
+        _, ckpt = train_fold(prepared, 0, "test_resnet", settings, 12, CPU, pretrained=pretrained)
+        assert ckpt["interpolation"] == expected, pretrained
+    x = torch.rand(2, 3, 16, 16)
+    resized = {m: resize_batch(x, 12, m) for m in ("bilinear", "bicubic", "area")}  # each resizes differently
+    assert (resized["bicubic"] - resized["bilinear"]).abs().max() > 1e-3
+    assert (resized["area"] - resized["bilinear"]).abs().max() > 1e-3
