@@ -77,6 +77,7 @@ def _wait_for(proc, resume: Path, *names: str) -> None:
         time.sleep(0.005)
 
 
+@pytest.mark.not_isa  # process mechanics (resume, ranks), compared on one instruction set
 def test_kill_9_mid_fold_then_rerun_equals_an_uninterrupted_run_and_continues_its_mlflow_runs(tmp_path):
     whole = _project(tmp_path / "whole", n_per_class=20, epochs=8)
     killed = _project(tmp_path / "killed", n_per_class=20, epochs=8, tracking=True)
@@ -160,6 +161,7 @@ def test_sigterm_stops_like_ctrl_c_keeps_the_resume_state_and_fails_the_mlflow_r
     assert progress[-1][2:] == ("0", "00") and [int(p[0]) for p in progress] == sorted(int(p[0]) for p in progress)
 
 
+@pytest.mark.not_isa  # process mechanics (resume, ranks), compared on one instruction set
 def test_torchrun_two_gloo_ranks_train_one_model_and_only_rank0_writes(tmp_path):
     root = _project(tmp_path / "ddp", n_per_class=12, epochs=2, tracking=True)
     run = _train(root, launcher=("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"))
@@ -173,6 +175,7 @@ def test_torchrun_two_gloo_ranks_train_one_model_and_only_rank0_writes(tmp_path)
     assert sorted(r.info.run_name for r in runs) == ["fold0", "fold1", BACKBONE]
 
 
+@pytest.mark.not_isa  # process mechanics (resume, ranks), compared on one instruction set
 def test_ddp_ranks_end_with_one_model_and_agree_on_validation(tmp_path):
     world = 2
     root = _project(tmp_path / "lib", n_per_class=12, epochs=1)
