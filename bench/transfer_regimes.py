@@ -53,14 +53,15 @@ REGIMES = {  # name -> (finetune settings, from the source model?)
 }
 
 
-def _competition(z: zipfile.ZipFile, prefix: str, root: Path, train: pd.DataFrame, test: pd.DataFrame) -> Path:
-    """A Kaggle-layout competition of these rows (ids, labels) in `root`, the test labels in solution.csv."""
+def competition(read, root: Path, train: pd.DataFrame, test: pd.DataFrame, ext: str = ".jpg") -> Path:
+    """A Kaggle-layout competition of these rows (ids, labels) in `root`, the test labels in solution.csv;
+    `read(id)` gives an image's bytes."""
     for split, rows in (("train", train), ("test", test)):
         (root / split).mkdir(parents=True, exist_ok=True)
         for image_id in rows["id"]:
-            target = root / split / f"{image_id}.jpg"
+            target = root / split / f"{image_id}{ext}"
             if not target.exists():
-                target.write_bytes(z.read(f"{prefix}train/{image_id}.jpg"))
+                target.write_bytes(read(image_id))
     train[["id", "label"]].to_csv(root / "train.csv", index=False)
     test.assign(label=test["label"].iloc[0])[["id", "label"]].to_csv(root / "sample_submission.csv", index=False)
     test[["id", "label"]].to_csv(root / "solution.csv", index=False)
@@ -73,28 +74,38 @@ def build(source: str, work: Path, sizes: list[str]) -> tuple[Path, dict[str, Pa
         prefix = csv[: -len("train.csv")]
         labels = pd.read_csv(io.BytesIO(z.read(csv)), dtype=str).sample(frac=1.0, random_state=0)
         animals = labels[labels["label"].isin(ANIMALS)].groupby("label").head(2010)
-        src = _competition(
-            z, prefix, work / "source", animals.groupby("label").head(2000), animals.groupby("label").tail(10)
-        )
+        read = lambda image_id: z.read(f"{prefix}train/{image_id}.jpg")  # noqa: E731
+        src = competition(read, work / "source", animals.groupby("label").head(2000), animals.groupby("label").tail(10))
         vehicles = labels[labels["label"].isin(VEHICLES)]
         held_out = vehicles.groupby("label").head(1000)
         pool = vehicles.drop(held_out.index)
         targets = {}
         for size in sizes:
             rows = pool if size == "all" else pool.groupby("label").head(int(size))
-            targets[size] = _competition(z, prefix, work / f"vehicles-{size}", rows, held_out)
+            targets[size] = competition(read, work / f"vehicles-{size}", rows, held_out)
     return src, targets
 
 
-def run(comp: Path, work: Path, name: str, s: TrainSettings, n_folds: int, pretrained=None) -> dict:
+def run(
+    comp: Path,
+    work: Path,
+    name: str,
+    s: TrainSettings,
+    n_folds: int,
+    pretrained=None,
+    model: str = "cifar_net_s",
+    size: int = 32,
+) -> dict:
+    """k-fold CV of `model` at `size` px on `comp` through `train_backbone` (cached at `size`), then
+    its fold models' mean on the test images, scored against solution.csv: OOF, held-out, seconds."""
     prepared = work / f"prepared-{comp.name}"
     if not (prepared / "classes.json").exists():
-        prepare(CompetitionConfig(source=str(comp)), 32, n_folds, 0, prepared, workers=0)
+        prepare(CompetitionConfig(source=str(comp)), size, n_folds, 0, prepared, workers=0)
     data = load_prepared(prepared)
-    models = work / "models" / comp.name / name.replace(" ", "_").replace(",", "")
+    models = work / "models" / comp.name / name.replace(" ", "_").replace(",", "").replace("+", "_")
     start = time.perf_counter()
-    _, metrics = train_backbone(data, Backbone(name, "cifar_net_s", pretrained, s, 32, {}), models, CPU, OFF)
-    test = predict_backbone(data, models, {"none": ["identity"]}, "mean", 512, CPU)["none"].test
+    _, metrics = train_backbone(data, Backbone(name, model, pretrained, s, size, {}), models, CPU, OFF)
+    test = predict_backbone(data, models, {"none": ["identity"]}, "mean", 256, CPU)["none"].test
     seconds = time.perf_counter() - start
     answers = pd.read_csv(comp / "solution.csv", dtype=str).set_index("id").loc[data.test["id"], "label"]
     held_out = float((np.asarray(data.classes)[test.argmax(1)] == answers.to_numpy()).mean())
