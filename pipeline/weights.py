@@ -83,3 +83,16 @@ def write_weights(model_name: str, out: str | Path) -> Path:
         with torch.no_grad():
             save_for_hf(model, str(folder), model_config=config, safe_serialization=True)
     return Path(out)
+
+
+def provide(params) -> list[Path]:
+    """Every backbone whose `pretrained` is the `weights/<model>` folder of a model with an offline source,
+    and which is missing, converted there (what a preset such as photo-cpu needs before `dvc repro`)."""
+    written = []
+    for name, entry in params.train.backbones.items():
+        model_name = entry.model or name
+        folder = entry.pretrained.removeprefix("local-dir:") if isinstance(entry.pretrained, str) else None
+        if model_name in OFFLINE and folder and Path(folder) == Path("weights", model_name):
+            if not (Path(folder) / "model.safetensors").is_file():
+                written.append(write_weights(model_name, folder))
+    return written

@@ -3,6 +3,8 @@ tf_efficientnet_lite0, classify scikit-learn's sample photos through the pipelin
 decoding, normalisation and TTA crop; the wrong normalisation or no weights do not."""
 
 import io
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,12 +15,13 @@ from sklearn.datasets import load_sample_images
 from timm.data import ImageNetInfo
 
 from pipeline import __main__ as cli
+from pipeline.config import load_params
 from pipeline.data import InputConfig
 from pipeline.errors import PipelineError
 from pipeline.images import decode_image
 from pipeline.models import create_model, pretrained_config
 from pipeline.predict import predict_views
-from pipeline.weights import convert_by_order
+from pipeline.weights import convert_by_order, provide
 
 MODEL = "tf_efficientnet_lite0"
 BUILDINGS = {"palace", "bell cote, bell cot", "monastery", "church, church building", "castle", "dome", "mosque"}
@@ -72,3 +75,22 @@ def test_conversion_refuses_tensors_that_do_not_fit():
         convert_by_order({**good, "_x.bias": torch.ones(5)}, target, "f.pth")
     with pytest.raises(PipelineError, match="f.pth: 1 tensors, but the timm model has 2"):
         convert_by_order({"_x.weight": torch.ones(4, 3)}, target, "f.pth")
+
+
+def test_the_photo_cpu_preset_gets_its_weights_folder_converted_once(tmp_path, monkeypatch):
+    """`python -m pipeline preset photo-cpu` leaves `dvc repro` nothing to fetch: weights/<model> made."""
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "configs", tmp_path / "configs")
+    shutil.copy(root / "params.yaml", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "weights" / MODEL
+    assert not folder.exists()
+    assert cli.main(["preset", "photo-cpu"]) == 0
+    assert pretrained_config(MODEL, str(folder))["mean"] == [0.5] * 3
+    assert load_file(folder / "model.safetensors")["conv_stem.weight"].abs().sum() > 0
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert cli.main(["preset", "photo-cpu"]) == 0  # already there: kept, not rewritten
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    params = load_params(tmp_path / "params.yaml")
+    assert params.train.backbones[MODEL].pretrained == f"weights/{MODEL}"
+    assert provide(params) == []
