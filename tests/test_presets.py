@@ -17,7 +17,7 @@ PRESETS = ROOT / "configs" / "presets"
 
 
 def test_the_presets_the_readme_names_are_shipped():
-    assert {"demo", "cpu-fast", "cifar10-cpu", "gpu-best"} <= set(list_presets(PRESETS))
+    assert {"demo", "cpu-fast", "cifar10-cpu", "cifar10-64px", "photo-cpu", "gpu-best"} <= set(list_presets(PRESETS))
 
 
 @pytest.mark.parametrize("name", list_presets(PRESETS))
