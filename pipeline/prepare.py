@@ -22,6 +22,7 @@ import io
 import multiprocessing as mp
 import os
 import posixpath
+import signal
 import sys
 import zipfile
 from pathlib import Path
@@ -256,6 +257,11 @@ _worker_files: CompetitionFiles | None = None  # one open view per decoding proc
 
 
 def _init_worker(source: str, prefix: str) -> None:
+    # A forked worker inherits the stage's stop handlers (`stop_on_signals`), which can swallow the SIGTERM of
+    # Pool.terminate(): a worker then waited for the queue's lock forever and prepare hung after decoding.
+    # The parent handles Ctrl-C and SIGTERM; a worker ignores Ctrl-C and dies of SIGTERM.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     global _worker_files
     _worker_files = CompetitionFiles(source, prefix)
 
@@ -316,10 +322,15 @@ def decode_images(
                 sizes[rows], sums[rows], squares[rows] = wh, s, ss
                 bad.update({i * step + j: why for j, why in failed.items()})
                 bar.update(len(arr))
-    finally:
-        bar.close()
+    except BaseException:
         if parallel:
             pool.terminate()
+        raise
+    finally:
+        bar.close()
+    if parallel:  # every chunk is in: the workers end on the queue's sentinels, no signal needed
+        pool.close()
+        pool.join()
     return sizes, sums, squares, bad
 
 

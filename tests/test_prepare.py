@@ -1,6 +1,8 @@
 import dataclasses
+import multiprocessing as mp
 import re
 import shutil
+import signal
 import zipfile
 from pathlib import Path
 
@@ -9,9 +11,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from pipeline import prepare as prepare_module
 from pipeline.config import CompetitionConfig
 from pipeline.data import load_prepared
 from pipeline.errors import PipelineError
+from pipeline.io import stop_on_signals, uninterrupted
 from pipeline.prepare import DIGITS_MARKER, prepare, sort_classes
 from tests.conftest import make_image, write_competition
 
@@ -423,3 +427,26 @@ def test_train_and_test_images_may_share_one_folder(tmp_path):
     out = tmp_path / "prepared"
     summary = run_prepare(CompetitionConfig(source=str(root), test_dir="train", max_train_rows=12), out)
     assert (summary["n_train"], summary["n_test"]) == (12, 6)  # the 12 rows left out are not test images
+
+
+def _worker_handlers(_) -> tuple:
+    return signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+
+
+def test_decoding_workers_die_of_sigterm_whatever_stop_handlers_the_stage_installed(tmp_path):
+    """Pool.terminate() ends workers with SIGTERM: a worker that inherited the stage's stop handler could
+    swallow it and wait for the queue's lock forever (prepare hung after decoding 10,000 test images)."""
+    write_competition(tmp_path / "raw", n_per_class=2, n_test=2)
+    previous = stop_on_signals()
+    try:
+        with uninterrupted():  # a stop signal here only waits: so would a worker forked now
+            pool = mp.get_context("fork").Pool(1, prepare_module._init_worker, (str(tmp_path / "raw"), ""))
+            try:
+                handlers = pool.apply(_worker_handlers, (0,))
+            finally:
+                pool.terminate()
+                pool.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert handlers == (signal.SIG_IGN, signal.SIG_DFL)
