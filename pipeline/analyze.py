@@ -388,6 +388,7 @@ class ModelAnalysis:
     slices: pd.DataFrame
     advice: list[dict] = field(default_factory=list)
     ensemble: bool = False  # the submission's ensemble rather than one backbone
+    holdout: dict | None = None  # cv.holdout's scores (reports/ensemble.json): the bag as test is predicted
 
     # Backbones and the ensemble live in separate namespaces of the report (its anchors, folders and
     # JSON keys), so any backbone name works, "ensemble" and "models" included.
@@ -459,6 +460,7 @@ def summary(analyses: list[ModelAnalysis], div: pd.DataFrame) -> dict:
             "fold_accuracy_std": float(a.folds.loc["std", "accuracy"]),
             "weak_slices": int(a.slices["weak"].sum()),
             "never_predicted_classes": len(never_predicted(a.per_class)),
+            **{f"holdout_{m}": v for m, v in (a.holdout or {}).items()},
         }
         if a.ensemble:
             out["ensemble"] = block
@@ -499,13 +501,22 @@ def analyze_all(
     return analyses
 
 
+def attach_holdout(analyses: list[ModelAnalysis], report: dict) -> None:
+    """With `cv.holdout`, each model's scores on the held-out rows from the ensemble stage's report."""
+    for a in analyses:
+        a.holdout = report.get("holdout") if a.ensemble else report.get("backbones", {}).get(a.name, {}).get("holdout")
+
+
 def headline_line(a: ModelAnalysis, metric: str) -> str:
     """One model's line in the stage's log: OOF scores, calibration, its first advice."""
     missing = never_predicted(a.per_class)
     shown = dict.fromkeys([metric, "accuracy"])
     return (
-        f"{a.name}: OOF " + ", ".join(f"{m} {a.scores[m]:.4f}" for m in shown) + f", ECE {a.ece:.4f}, "
-        f"{len(a.advice)} weak slice(s)"
+        f"{a.name}: OOF "
+        + ", ".join(f"{m} {a.scores[m]:.4f}" for m in shown)
+        + f", ECE {a.ece:.4f}, "
+        + (f"holdout {metric} {a.holdout[metric]:.4f}, " if a.holdout else "")
+        + f"{len(a.advice)} weak slice(s)"
         + (f"; {a.advice[0]['augmentation']}" if a.advice else "")
         + (f"; never predicts class {', '.join(missing[:5])} (try train.class_weight: balanced)" if missing else "")
     )

@@ -59,6 +59,7 @@ class PrepareConfig:
 class CVConfig:
     n_folds: int = 5
     seed: int = 42
+    holdout: float | None = None  # a stratified (group-aware) share kept out of every fold, scored like the test set
 
 
 @dataclass(frozen=True)
@@ -313,8 +314,14 @@ DEFAULT_TTA_POLICIES = {
     "rot90": ["identity", "rot90", "rot180", "rot270"],
     "five_crop": ["identity", "crop_tl", "crop_tr", "crop_bl", "crop_br", "crop_center"],
     "brightness": ["identity", "brighter", "darker"],
-    # airbench's CIFAR-10 TTA: both mirrors, each also translated by one pixel both ways
+    # both mirrors, each also translated by one pixel both ways, equal weights
     "hflip_shift": ["identity", "hflip", "shift_ul", "shift_dr", "hflip_shift_ul", "hflip_shift_dr"],
+    # airbench94's (Keller Jordan's CIFAR-10 speed runs): plain and mirror 1/4 each (listed twice), each one
+    # shifted 1 px up-left and down-right (reflected edges, then mirrored) 1/8 each; airbench merges logits
+    "airbench": [
+        *["identity", "identity", "hflip", "hflip"],
+        *["shift_ul", "shift_dr", "hflip_shift_ur", "hflip_shift_dl"],
+    ],
 }
 
 
@@ -437,6 +444,8 @@ def _check_sections(p: Params, source: str) -> None:
     backbones = list(p.train.backbones)
     for name in backbones:
         check_train_settings(resolve_train_settings(p.train, name), f"{source}: train.backbones.{name}")
+    if p.cv.holdout is not None and not 0 < p.cv.holdout <= 0.5:
+        raise ConfigError(f"{source}: cv.holdout must be null or a share in (0, 0.5], got {p.cv.holdout}")
     for k in p.tune.folds:
         if not 0 <= k < p.cv.n_folds:
             raise ConfigError(f"{source}: tune.folds: fold {k} does not exist (cv.n_folds={p.cv.n_folds})")

@@ -66,6 +66,8 @@ class PreparedData:
     train_images: np.ndarray
     test_images: np.ndarray
     stats: dict
+    holdout: pd.DataFrame | None = None  # cv.holdout's rows (id, label, target): in no fold, predicted as test is
+    holdout_images: np.ndarray | None = None
 
     @property
     def n_folds(self) -> int:
@@ -94,6 +96,8 @@ def load_prepared(folder: str | Path = "data/prepared", images: bool = True) -> 
     train = pd.read_csv(folder / "train.csv", dtype={"id": str, "label": str})
     test = pd.read_csv(folder / "test.csv", dtype={"id": str})
     load = (lambda name: np.load(folder / name, mmap_mode="r")) if images else (lambda name: None)
+    held = folder / "holdout.csv"
+    holdout = pd.read_csv(held, dtype={"id": str, "label": str}) if held.exists() else None
     return PreparedData(
         train=train,
         test=test,
@@ -101,6 +105,8 @@ def load_prepared(folder: str | Path = "data/prepared", images: bool = True) -> 
         train_images=load("train_images.npy"),
         test_images=load("test_images.npy"),
         stats=read_json(folder / "stats.json"),
+        holdout=holdout,
+        holdout_images=None if holdout is None else load("holdout_images.npy"),
     )
 
 

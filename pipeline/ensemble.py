@@ -380,6 +380,8 @@ def headline(metrics: dict, metric: str, chosen_by: str) -> dict:
         "method": metrics["method"],
         **{m: round(metrics["oof"][m], 5) for m in dict.fromkeys([metric, chosen_by, "log_loss"])},
     }
+    if "holdout" in metrics:
+        out[f"holdout_{metric}"] = round(metrics["holdout"][metric], 5)
     if metric in metrics.get("local_leaderboard", {}):
         out[f"lb_{metric}"] = round(metrics["local_leaderboard"][metric], 5)
     return out
@@ -396,6 +398,17 @@ def single_report(backbone: str, oof: np.ndarray, y: np.ndarray) -> dict:
         "oof_tta_selection_crossfit": tta.get("oof_selection_crossfit"),
         "seeds": tta.get("seeds"),
     }
+
+
+def score_holdout(fitted: dict[str, MethodFit], singles: dict[str, dict], data: PreparedData) -> None:
+    """`cv.holdout`: every fitted method and backbone scored on the held-out rows, each backbone's bag
+    of fold models under its chosen TTA (as the test set is predicted); the scores choose nothing."""
+    ids, y = data.holdout["id"], data.holdout["target"].to_numpy()
+    held = [read_probs(f"predictions/{b}/holdout_probs.csv", ids, data.classes, b) for b in singles]
+    for fit in fitted.values():
+        fit.report["holdout"] = scores(fit.model.predict_proba(held), y, METRICS)
+    for b, probs in zip(singles, held):
+        singles[b]["holdout"] = scores(probs, y, METRICS)
 
 
 @dataclass
@@ -428,6 +441,8 @@ def fit_stage(params: Params, data: PreparedData, where: str) -> EnsembleRun:
     chosen = choose_method(fitted, cfg.method, cfg.metric)
     methods = {name: fitted[name].report if name in fitted else {"error": errors[name]} for name in cfg.methods}
     singles = {b: single_report(b, probs, y) for b, probs in zip(backbones, oof)}
+    if data.holdout is not None:
+        score_holdout(fitted, singles, data)
     best_single = backbones[argbest(cfg.metric, [singles[b]["oof"][cfg.metric] for b in backbones])]
     final = methods[chosen]["oof"]
     return EnsembleRun(
@@ -437,6 +452,7 @@ def fit_stage(params: Params, data: PreparedData, where: str) -> EnsembleRun:
             "method": chosen,
             "metric": cfg.metric,
             "oof": final,
+            **({"holdout": methods[chosen]["holdout"]} if data.holdout is not None else {}),
             "best_single": {"backbone": best_single, **singles[best_single]["oof"]},
             "gain_over_best_single": {m: final[m] - singles[best_single]["oof"][m] for m in final},
             "methods": methods,
@@ -498,6 +514,7 @@ def log_stage(run: EnsembleRun, tracker, submissions: Path, report: str) -> None
     ):
         tracker.log_metrics({f"oof_{m}": v for m, v in metrics["oof"].items()})
         tracker.log_metrics({f"gain_{m}": v for m, v in metrics["gain_over_best_single"].items()})
+        tracker.log_metrics({f"holdout_{m}": v for m, v in metrics.get("holdout", {}).items()})
         if "local_leaderboard" in metrics:
             tracker.log_metrics({f"local_leaderboard_{m}": v for m, v in metrics["local_leaderboard"].items()})
         for path in (submissions / "submission.csv", submissions / "oof_probs.csv", report):
@@ -508,6 +525,7 @@ def log_stage(run: EnsembleRun, tracker, submissions: Path, report: str) -> None
                     {"method": name, **weights(name)},
                     {
                         **{f"oof_{m}": v for m, v in methods[name]["oof"].items()},
+                        **{f"holdout_{m}": v for m, v in methods[name].get("holdout", {}).items()},
                         **{f"local_leaderboard_{m}": v for m, v in methods[name].get("local_leaderboard", {}).items()},
                     },
                 )

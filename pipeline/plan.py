@@ -180,6 +180,7 @@ def measure_speed(
 def backbone_work(data: PreparedData, s: TrainSettings, tta_views: int) -> BackboneWork:
     """What a backbone's train and predict stages will do with these settings on this competition."""
     n, k = len(data.train), data.n_folds
+    held = 0 if data.holdout is None else len(data.holdout)  # cv.holdout: predicted by every model, as test is
     fits = k * len(s.seeds or [s.seed])
     return BackboneWork(
         epochs=s.epochs,
@@ -188,7 +189,7 @@ def backbone_work(data: PreparedData, s: TrainSettings, tta_views: int) -> Backb
         train_rows=n * (k - 1) / k,
         val_rows=n / k,
         val_models=2 if s.ema_decay else 1,
-        predict_images=len(s.seeds or [s.seed]) * (n + k * len(data.test)) * tta_views,
+        predict_images=len(s.seeds or [s.seed]) * (n + k * (len(data.test) + held)) * tta_views,
         trains=s.finetune != "features+sklearn",
     )
 

@@ -2,7 +2,8 @@
 
     python -m pipeline predict --backbone resnet10t    # writes predictions/resnet10t/
 
-A TTA policy is a list of views (`tta.policies` in params.yaml) merged per model. Each view is
+A TTA policy is a list of views (`tta.policies` in params.yaml) merged per model, a view listed twice
+weighing twice (airbench's policy: the plain and mirrored views 1/4 each, four shifts 1/8). Each view is
 computed once per model and shared by every candidate policy; the same policy produces both files,
 so they are comparable for ensembling:
   oof_probs.csv   each fold model on its own validation rows (mean over seeds when bagged)
@@ -88,8 +89,12 @@ def _shift(dy: int, dx: int, flip: bool = False):
 for _name, _args in (
     ("shift_ul", (-1, -1)),
     ("shift_dr", (1, 1)),
-    ("hflip_shift_ul", (-1, -1, True)),
+    ("shift_ur", (-1, 1)),
+    ("shift_dl", (1, -1)),
+    ("hflip_shift_ul", (-1, -1, True)),  # the mirror image, then shifted
     ("hflip_shift_dr", (1, 1, True)),
+    ("hflip_shift_ur", (-1, 1, True)),  # = the mirror of shift_ul: airbench's mirrored translations
+    ("hflip_shift_dl", (1, -1, True)),
 ):
     register_view(_name)(_shift(*_args))
 
@@ -133,8 +138,11 @@ def predict_views(
     views: list[str],
     desc: str | None = None,
 ) -> np.ndarray:
-    """Log-probabilities (V, N, C) of uint8 images (N, H, W, 3) under each of the named `views`."""
-    return predict_log_probs(model, images, cfg, batch_size, device, [TTA_VIEWS[v] for v in views], desc)
+    """Log-probabilities (V, N, C) of uint8 images (N, H, W, 3) under each of the named `views`; a view
+    named twice (a policy's weight) is computed once."""
+    unique = list(dict.fromkeys(views))
+    out = predict_log_probs(model, images, cfg, batch_size, device, [TTA_VIEWS[v] for v in unique], desc)
+    return out[[unique.index(v) for v in views]] if len(unique) < len(views) else out
 
 
 def predict_tta(
@@ -172,6 +180,7 @@ class PolicyPredictions:
     oof_per_seed: np.ndarray  # (S, N, C)
     test: np.ndarray  # (M, C): mean over all fold x seed models
     seeds: list[str]  # the bagging seeds, in the order of oof_per_seed
+    holdout: np.ndarray | None = None  # (H, C): cv.holdout's rows as the test set is predicted
 
 
 def predict_backbone(
@@ -182,10 +191,11 @@ def predict_backbone(
     batch_size: int,
     device: torch.device,
 ) -> dict[str, PolicyPredictions]:
-    """OOF and test probabilities of one backbone's fold (x seed) models under each TTA policy.
+    """OOF and test (and `cv.holdout`) probabilities of one backbone's fold (x seed) models under each
+    TTA policy.
 
     Every view any policy uses is computed once per model; each policy merges its own views per
-    model, and models are then averaged (seeds per OOF row, folds x seeds for test).
+    model, and models are then averaged (seeds per OOF row, folds x seeds for test and holdout).
     """
     models = list_models(model_dir, data.n_folds)
     n_seeds = len(models[0])
@@ -193,7 +203,8 @@ def predict_backbone(
     index = {v: i for i, v in enumerate(views)}
     n, c = len(data.train), len(data.classes)
     oof = {p: np.zeros((n_seeds, n, c)) for p in policies}
-    test = {p: np.zeros((len(data.test), c)) for p in policies}
+    others = {"test": data.test_images, **({} if data.holdout is None else {"holdout": data.holdout_images})}
+    bag = {part: {p: np.zeros((len(images), c)) for p in policies} for part, images in others.items()}
     folds = data.folds
     for k, paths in models.items():
         val_idx = np.flatnonzero(folds == k)
@@ -204,13 +215,20 @@ def predict_backbone(
             val = predict_views(
                 model, Rows(data.train_images, val_idx), desc=f"oof fold{k} {path.parent.parent.name}", **kwargs
             )
-            tst = predict_views(model, data.test_images, desc=f"test fold{k} {path.parent.parent.name}", **kwargs)
+            for part, images in others.items():
+                out = predict_views(model, images, desc=f"{part} fold{k} {path.parent.parent.name}", **kwargs)
+                for p, vs in policies.items():
+                    bag[part][p] += merge_views(out[[index[v] for v in vs]], merge)
             for p, vs in policies.items():
-                sel = [index[v] for v in vs]
-                oof[p][s, val_idx] = merge_views(val[sel], merge)
-                test[p] += merge_views(tst[sel], merge)
-    seeds = [path.parent.parent.name[4:] for path in models[0]]
-    return {p: PolicyPredictions(oof[p].mean(0), oof[p], test[p] / (data.n_folds * n_seeds), seeds) for p in policies}
+                oof[p][s, val_idx] = merge_views(val[[index[v] for v in vs]], merge)
+    seeds, m = [path.parent.parent.name[4:] for path in models[0]], data.n_folds * n_seeds
+    held = bag.get("holdout", dict.fromkeys(policies))
+    return {
+        p: PolicyPredictions(
+            oof[p].mean(0), oof[p], bag["test"][p] / m, seeds, None if held[p] is None else held[p] / m
+        )
+        for p in policies
+    }
 
 
 def resolve_tta(tta, backbone: str, where: str) -> tuple[list[str], list[str]]:
@@ -253,12 +271,27 @@ def select_policy(oof: dict[str, np.ndarray], y: np.ndarray, folds: np.ndarray, 
 
 
 def choose_policy(
-    preds: dict[str, PolicyPredictions], tta, backbone: str, pool: list[str], y: np.ndarray, folds: np.ndarray
+    preds: dict[str, PolicyPredictions],
+    tta,
+    backbone: str,
+    pool: list[str],
+    y: np.ndarray,
+    folds: np.ndarray,
+    holdout_y: np.ndarray | None = None,
 ) -> dict:
     """The predict stage's report: the policy chosen among `pool` on OOF `tta.metric`, its scores, the
-    honest score of choosing that way, every computed policy's scores and each seed's."""
+    honest score of choosing that way, every computed policy's scores and each seed's; with `cv.holdout`
+    (`holdout_y`), the scores on the held-out rows too, which choose nothing."""
     chosen, honest = select_policy({c: preds[c].oof for c in pool}, y, folds, tta.metric)
     best = preds[chosen]
+    held = (
+        {}
+        if holdout_y is None
+        else {
+            "holdout": scores(best.holdout, holdout_y),
+            "holdout_policies": {c: scores(p.holdout, holdout_y) for c, p in preds.items()},
+        }
+    )
     return {
         "policy": chosen,
         "select": tta.backbones.get(backbone, tta.select),
@@ -268,6 +301,7 @@ def choose_policy(
         "oof_selection_crossfit": scores(honest, y),  # the honest score of choosing the policy on OOF
         "policies": {c: scores(p.oof, y) for c, p in preds.items()},
         "seeds": {seed: scores(o, y) for seed, o in zip(best.seeds, best.oof_per_seed)},
+        **held,
     }
 
 
@@ -281,12 +315,16 @@ def log_stage(report: dict, tta, backbone: str, tracker, report_path: str) -> No
     ):
         tracker.log_metrics({f"oof_{k}": v for k, v in report["oof"].items()})
         tracker.log_metrics({f"oof_selection_crossfit_{k}": v for k, v in report["oof_selection_crossfit"].items()})
+        tracker.log_metrics({f"holdout_{k}": v for k, v in report.get("holdout", {}).items()})
         tracker.log_artifact(report_path)
         tracker.log_candidates(
             {
                 policy: (
                     {"backbone": backbone, "policy": policy, "views": ",".join(tta.policies[policy])},
-                    {f"oof_{k}": v for k, v in policy_scores.items()},
+                    {
+                        **{f"oof_{k}": v for k, v in policy_scores.items()},
+                        **{f"holdout_{k}": v for k, v in report.get("holdout_policies", {}).get(policy, {}).items()},
+                    },
                 )
                 for policy, policy_scores in report["policies"].items()
             },

@@ -12,6 +12,8 @@ Outputs (data/prepared/):
                      decoded, so memory holds a chunk, not the cache)
   test_images.npy    uint8 (M, S, S, 3), rows aligned with test.csv
   stats.json         per-channel mean/std (0-1 scale) of all train images and of each fold's training part
+  holdout.csv, holdout_images.npy   with `cv.holdout`: the rows kept out of every fold (id, label, target,
+                     width, height, path[, group]), never in train.csv: scored only as the test set is predicted
   sample_submission.csv, answers.csv (if the competition ships test labels)
 """
 
@@ -236,6 +238,22 @@ def _check_class_counts(labels: pd.Series, n_folds: int, where: str) -> None:
         )
 
 
+def holdout_mask(labels: np.ndarray, share: float, seed: int, groups: np.ndarray | None, where: str) -> np.ndarray:
+    """`cv.holdout`: a stratified `share` of the rows (True), kept out of every fold; with groups, one part
+    of a StratifiedGroupKFold split into round(1 / share) parts, so no group is on both sides."""
+    mask = np.zeros(len(labels), dtype=bool)
+    try:
+        if groups is None:
+            _, idx = train_test_split(np.arange(len(labels)), test_size=share, stratify=labels, random_state=seed)
+        else:
+            splitter = StratifiedGroupKFold(n_splits=max(2, round(1 / share)), shuffle=True, random_state=seed)
+            _, idx = next(splitter.split(np.zeros(len(labels)), labels, groups))
+    except ValueError as exc:
+        raise PipelineError(f"{where}: cv.holdout={share} cannot be drawn stratified: {exc}") from None
+    mask[idx] = True
+    return mask
+
+
 def assign_folds(labels: np.ndarray, n_folds: int, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
     """Stratified fold index per row (StratifiedGroupKFold when groups are given)."""
     fold = np.full(len(labels), -1, dtype=np.int64)
@@ -334,8 +352,8 @@ def decode_images(
     return sizes, sums, squares, bad
 
 
-def keep_rows(path: Path, keep: np.ndarray) -> None:
-    """Rewrite the .npy image cache at `path` with only the rows `keep`, a chunk at a time."""
+def keep_rows(path: Path, keep: np.ndarray, dest: Path | None = None) -> None:
+    """Rewrite the .npy image cache at `path` (or write `dest`) with only the rows `keep`, a chunk at a time."""
 
     def write(tmp: Path) -> None:
         cache = np.load(path, mmap_mode="r")  # closed before the new file replaces it
@@ -347,7 +365,7 @@ def keep_rows(path: Path, keep: np.ndarray) -> None:
             for start in range(0, len(keep), step):
                 f.write(np.ascontiguousarray(cache[keep[start : start + step]]).tobytes())
 
-    atomic_save(path, write)
+    atomic_save(dest or path, write)
 
 
 def channel_sums(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -470,6 +488,33 @@ def _add_targets_and_folds(
     return train
 
 
+def _split_holdout(
+    d: _Decoded,
+    tmp: Path,
+    classes: list[str],
+    comp: CompetitionConfig,
+    share: float,
+    n_folds: int,
+    seed: int,
+    where: str,
+) -> pd.DataFrame:
+    """Move `cv.holdout`'s rows out of the decoded training rows and their image cache into
+    holdout_images.npy; returns their table (id, label, target, width, height, path[, group])."""
+    train = d.train.reset_index(drop=True)
+    groups = train["group"].to_numpy() if comp.group_column else None
+    mask = holdout_mask(train["label"].to_numpy(), share, seed, groups, where)
+    keep, held = np.flatnonzero(~mask), np.flatnonzero(mask)
+    keep_rows(tmp / "train_images.npy", held, dest=tmp / "holdout_images.npy")
+    keep_rows(tmp / "train_images.npy", keep)
+    holdout = train.iloc[held].reset_index(drop=True)
+    holdout["target"] = holdout["label"].map({c: i for i, c in enumerate(classes)}).astype(np.int64)
+    holdout["width"], holdout["height"] = d.train_sizes[held, 0], d.train_sizes[held, 1]
+    d.train, d.train_sizes, d.sums, d.squares = train.iloc[keep], d.train_sizes[keep], d.sums[keep], d.squares[keep]
+    _check_class_counts(d.train["label"], n_folds, f"{where} (after cv.holdout={share})")
+    cols = ["id", "label", "target", "width", "height", "path"] + (["group"] if comp.group_column else [])
+    return holdout[cols]
+
+
 def find_test_images(folder: ImageFolder, sample_ids: list[str] | None, sample_where: str) -> tuple[list, list]:
     """(test ids, each one's image path inside `folder`): the sample submission's ids, each found as
     training images are (ImageFolder.find), and every image of `folder` listed; with no sample
@@ -555,6 +600,7 @@ class _Decoded:
     squares: np.ndarray
     test_sizes: np.ndarray
     skipped: int  # bad training images dropped (prepare.skip_bad_images)
+    holdout: pd.DataFrame | None = None  # cv.holdout's rows, out of `train` (their images: holdout_images.npy)
 
 
 def _read_rows(
@@ -656,6 +702,8 @@ def _write_prepared(
     pd.DataFrame(
         {"id": test.ids, "width": d.test_sizes[:, 0], "height": d.test_sizes[:, 1], "path": test.paths}
     ).to_csv(tmp / "test.csv", index=False)
+    if d.holdout is not None:
+        d.holdout.to_csv(tmp / "holdout.csv", index=False)
     test.sample.to_csv(tmp / "sample_submission.csv", index=False)
     if test.answers is not None:
         test.answers.to_csv(tmp / "answers.csv", index=False)
@@ -673,6 +721,7 @@ def prepare(
     workers: int = 0,
     resize: str = "squash",
     skip_bad_images: bool = False,
+    holdout: float | None = None,
 ) -> dict:
     """Validate the competition at `comp.source`, write `out_dir` atomically and return a summary.
 
@@ -690,12 +739,15 @@ def prepare(
         decoded = _decode_all(
             files, train, test, tmp, image_size, resize, workers or os.cpu_count() or 1, skip_bad_images, n_folds, where
         )
+        if holdout:
+            decoded.holdout = _split_holdout(decoded, tmp, classes, comp, holdout, n_folds, seed, where)
         decoded.train = _add_targets_and_folds(decoded.train, classes, comp, n_folds, seed)
         _write_prepared(tmp, decoded, test, classes, image_size, n_folds, comp.group_column)
     return {
         "source": str(source),
         "n_train": len(decoded.train),
         "n_test": len(test_ids),
+        "n_holdout": 0 if decoded.holdout is None else len(decoded.holdout),
         "n_classes": len(classes),
         "image_size": image_size,
         "submission_format": fmt.kind,

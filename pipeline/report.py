@@ -411,11 +411,18 @@ def models_section(analyses: list[ModelAnalysis], div: pd.DataFrame, per_class: 
                 "ece": a.ece,
                 "fold accuracy std": a.folds.loc["std", "accuracy"],
                 "weak slices": int(a.slices["weak"].sum()),
+                **{f"holdout {m}": v for m, v in (a.holdout or {}).items() if m in list(a.scores)[:1] + ["log_loss"]},
             }
             for a in analyses
         ]
     )
     parts = [html_table(table, "side-by-side-scores")]
+    if any(a.holdout for a in analyses):
+        parts.append(
+            "<p>holdout: the rows <code>cv.holdout</code> kept out of every fold, predicted as the test set is "
+            "(every fold model, the chosen TTA, the ensemble fitted on OOF): what the submission should score. "
+            "Nothing was chosen on them.</p>"
+        )
     if len(div):
         names = list(dict.fromkeys([*div["a"], *div["b"]]))
         for key, title in (

@@ -95,6 +95,50 @@ def test_every_view_is_computed_once_and_merged_as_configured(model):
     np.testing.assert_allclose(merge_views(logp, "logits"), expected, atol=1e-5)
 
 
+def _airbench_shifts(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """airbench94's translations by hand: reflect-pad one pixel, take the top-left and bottom-right
+    windows (content moved down-right and up-left), each also mirrored."""
+    side = x.shape[-1]
+    padded = np.pad(x.numpy(), ((0, 0), (0, 0), (1, 1), (1, 1)), mode="reflect")
+    down_right, up_left = padded[..., :side, :side], padded[..., 2 : side + 2, 2 : side + 2]
+    shifts = {"shift_dr": down_right, "shift_ul": up_left}
+    shifts |= {"hflip_shift_dl": down_right[..., ::-1], "hflip_shift_ur": up_left[..., ::-1]}
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in shifts.items()}
+
+
+def test_airbench_views_are_its_reflect_padded_shifts_and_their_mirrors():
+    x = _normalised(_images(3, size=16))
+    for name, expected in _airbench_shifts(x).items():
+        torch.testing.assert_close(TTA_VIEWS[name](x.clone(), None, None), expected, msg=name)
+    assert not torch.allclose(TTA_VIEWS["hflip_shift_ur"](x, None, None), TTA_VIEWS["hflip_shift_ul"](x, None, None))
+
+
+def test_airbench_policy_weighs_plain_and_mirror_a_quarter_and_each_shift_an_eighth():
+    """The registered policy, merged as airbench merges (logits), against airbench's own formula on
+    hand-shifted images; a view listed twice is one forward pass."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(5))
+    images = _images(4, size=16)
+    x = _normalised(images)
+    net(x)  # materialise the lazy layer
+    calls = []
+    net.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    policy = parse_params({}).tta.policies["airbench"]
+    logp = predict_views(net.eval(), images, InputConfig(16, MEAN, STD), 8, CPU, policy)
+    assert len(calls) == 6 and logp.shape == (8, 4, 5)  # 8 names, 6 distinct views
+    with torch.no_grad():
+        shifts = _airbench_shifts(x)
+
+        def mirror(t):
+            return 0.5 * net(t) + 0.5 * net(t.flip(-1))
+
+        logits = 0.5 * mirror(x) + 0.25 * mirror(shifts["shift_dr"]) + 0.25 * mirror(shifts["shift_ul"])
+    expected = torch.softmax(logits, 1).numpy()
+    np.testing.assert_allclose(merge_views(logp, "logits"), expected, atol=1e-5)
+    equal = merge_views(logp[[0, 2, 4, 5, 6, 7]], "logits")  # the same six views, equally weighted
+    assert np.abs(equal - expected).max() > 1e-3
+
+
 def test_to_input_resizes_to_the_backbone_size():
     x = to_input(torch.from_numpy(_images(2, size=12)), InputConfig(20, MEAN, STD), CPU)
     assert x.shape == (2, 3, 20, 20)

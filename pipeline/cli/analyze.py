@@ -1,18 +1,27 @@
 """python -m pipeline analyze  ->  reports/oof/ (index.html, summary.json, analysis.json, figures/, tables/)
 
 Reads every backbone's predictions/<backbone>/oof_probs.csv, the ensemble's submissions/oof_probs.csv
-and the prepared images; never the test predictions.
+and the prepared images; never the test predictions. With `cv.holdout`, the held-out rows' scores from
+reports/ensemble.json stand beside the OOF ones.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.analyze import analyze_all, diversity, headline_line, image_properties, per_class_accuracy, summary
+from pipeline.analyze import (
+    analyze_all,
+    attach_holdout,
+    diversity,
+    headline_line,
+    image_properties,
+    per_class_accuracy,
+    summary,
+)
 from pipeline.cli import parse_args
 from pipeline.config import flatten, load_params, to_dict
 from pipeline.data import load_prepared
-from pipeline.io import atomic_dir
+from pipeline.io import atomic_dir, read_json
 from pipeline.probs import read_probs
 from pipeline.report import ReportRows, write_report
 from pipeline.tracking import Tracker, experiment_name
@@ -29,6 +38,8 @@ def main(argv=None) -> None:
     ensemble = read_probs("submissions/oof_probs.csv", ids, data.classes, "ensemble")
     properties = image_properties(data.train_images, data.train.get("width"), data.train.get("height"))
     analyses = analyze_all(params, oof, ensemble, data, properties)
+    if data.holdout is not None:
+        attach_holdout(analyses, read_json("reports/ensemble.json"))
     div, per_class = diversity(oof, y), per_class_accuracy({a.label: a.probs for a in analyses}, y, data.classes)
     headline = summary(analyses, div)
     title = f"Out-of-fold error analysis: {experiment_name(params)}"

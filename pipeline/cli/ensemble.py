@@ -6,7 +6,8 @@ by cross-fitting over the CV folds (fit on k-1 folds' OOF rows, score the held-o
   submissions/methods/<method>-oof-<metric>-<score>.csv   one submission per method
   submissions/oof_probs.csv, test_probs.csv       the chosen method's honest OOF and test probabilities
   reports/metrics.json                     the headline numbers `dvc metrics show` / `dvc exp show` print
-Test predictions and the answer file are never used to fit anything.
+Test predictions, the answer file and the `cv.holdout` rows (scored per method in reports/ensemble.json
+and as holdout_<metric> in reports/metrics.json) are never used to fit or choose anything.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def main(argv=None) -> None:
         print(
             f"{name:>13}: honest OOF {m} {metrics['methods'][name]['oof'][m]:.4f}, "
             f"{other} {metrics['methods'][name]['oof'][other]:.4f}"
+            + (f"; holdout {m} {metrics['methods'][name]['holdout'][m]:.4f}" if "holdout" in metrics else "")
             + (" <- submission.csv" if name == run.chosen else "")
         )
     best = metrics["best_single"]

@@ -1,5 +1,5 @@
 """python -m pipeline predict --backbone NAME  ->  predictions/NAME/{oof,test}_probs.csv + tta.json,
-reports/predict/NAME.json
+reports/predict/NAME.json (with `cv.holdout`, also holdout_probs.csv: the held-out rows as test is predicted)
 
 TTA: `tta.select` (or `tta.backbones.NAME`) names a policy of `tta.policies`, or `auto`: every
 candidate policy is computed (each view once per model) and the one with the best OOF `tta.metric`
@@ -31,11 +31,14 @@ def main(argv=None) -> None:
         params.predict.batch_size,
         pick_device(),
     )
-    report = choose_policy(preds, tta, backbone, pool, data.targets, data.folds)
+    held = None if data.holdout is None else data.holdout["target"].to_numpy()
+    report = choose_policy(preds, tta, backbone, pool, data.targets, data.folds, held)
     best, report_path = preds[report["policy"]], f"reports/predict/{backbone}.json"
     with atomic_dir(f"predictions/{backbone}") as out:
         probs_frame(data.train["id"], best.oof, data.classes).to_csv(out / "oof_probs.csv", index=False)
         probs_frame(data.test["id"], best.test, data.classes).to_csv(out / "test_probs.csv", index=False)
+        if held is not None:
+            probs_frame(data.holdout["id"], best.holdout, data.classes).to_csv(out / "holdout_probs.csv", index=False)
         write_json(out / "tta.json", report)
     write_json(report_path, report)
     log_stage(report, tta, backbone, Tracker(params.tracking.enabled, experiment_name(params)), report_path)
@@ -44,4 +47,5 @@ def main(argv=None) -> None:
     print(
         f"{backbone}: OOF {m} by TTA policy: {line}; chosen: {report['policy']} "
         f"(honest {report['oof_selection_crossfit'][m]:.4f})"
+        + (f"; holdout {m} {report['holdout'][m]:.4f}" if held is not None else "")
     )

@@ -22,8 +22,10 @@ def main(argv=None) -> None:
         workers=prep.workers,
         resize=prep.resize,
         skip_bad_images=prep.skip_bad_images,
+        holdout=params.cv.holdout,
     )
     print(
         f"prepared {summary['n_train']} train / {summary['n_test']} test images, "
-        f"{summary['n_classes']} classes, from {summary['source']} -> {OUT}"
+        + (f"{summary['n_holdout']} held out (cv.holdout), " if summary["n_holdout"] else "")
+        + f"{summary['n_classes']} classes, from {summary['source']} -> {OUT}"
     )
