@@ -97,6 +97,7 @@ class TrainSettings:
     mixup_off_epoch: int | None = None  # mixup/cutmix switched off from this epoch (0-based) on
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    dirac_init: bool = False  # from scratch: every 3x3 conv's first channels start as the identity (airbench's)
     ema_decay: float | None = None  # EMA of weights; each epoch keeps whichever of EMA/live validates better
     early_stopping_patience: int | None = None  # stop a fold after this many epochs without improvement
     monitor: Metric = "accuracy"  # the validation metric that picks the best epoch (params.yaml: competition.metric)

@@ -48,11 +48,17 @@ def bootstrap_rows(rows: np.ndarray, seed: int, fold: int) -> np.ndarray:
 def initial_model(
     model_name: str, num_classes: int, s: TrainSettings, fold_seed: int, pretrained: Pretrained = None
 ) -> torch.nn.Module:
-    """A fold's model before training, its random initialisation drawn from `fold_seed`."""
+    """A fold's model before training, its random initialisation drawn from `fold_seed`; with `s.dirac_init`
+    (from scratch only), every 3x3 conv's first min(in, out) output channels pass their input channel through."""
     torch.manual_seed(fold_seed)
-    return create_model(
+    model = create_model(
         model_name, num_classes, pretrained=pretrained, drop_rate=s.drop_rate, drop_path_rate=s.drop_path_rate
     )
+    if s.dirac_init and not pretrained:
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) and m.groups == 1:
+                torch.nn.init.dirac_(m.weight.data[: m.in_channels])
+    return model
 
 
 def input_normalization(

@@ -946,3 +946,22 @@ def test_a_pretrained_model_is_resized_with_its_weights_interpolation(prepared, 
     resized = {m: resize_batch(x, 12, m) for m in ("bilinear", "bicubic", "area")}  # each resizes differently
     assert (resized["bicubic"] - resized["bilinear"]).abs().max() > 1e-3
     assert (resized["area"] - resized["bilinear"]).abs().max() > 1e-3
+
+
+@pytest.mark.not_isa  # an initialisation, not a float trajectory
+def test_dirac_init_starts_every_3x3_conv_as_the_identity_on_its_first_channels():
+    def convs(model):
+        return [
+            m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)
+        ]
+
+    plain = convs(initial_model("cifar_net_s", 10, TrainSettings(), 0))
+    dirac = convs(initial_model("cifar_net_s", 10, TrainSettings(dirac_init=True), 0))
+    assert len(dirac) == 6
+    for w, w0 in zip(dirac, plain):
+        n = min(w.shape[0], w.shape[1])
+        identity = torch.zeros(n, w.shape[1], 3, 3)
+        identity[range(n), range(n), 1, 1] = 1
+        torch.testing.assert_close(w[:n], identity)
+        torch.testing.assert_close(w[n:], w0[n:])  # the other channels keep their random draw
+        assert (w0[:n] - identity).abs().max() > 0.05
