@@ -1,6 +1,7 @@
 """Benchmark: the cifar10-cpu preset against a peer, airbench94, on the same rows and the same machine.
 
     python bench/airbench_peer.py data/raw/cifar10.zip [--epochs 12] [--minutes 20] [--parts equal,budget]
+        [--pipeline-from CLONE]
 
 The peer is airbench94 (Keller Jordan, github.com/KellerJordan/cifar10-airbench, airbench94.py, MIT
 licence), re-implemented below for the CPU from its published code: the same net (2x2 patch-whitening
@@ -21,6 +22,8 @@ Both sides read the preset's prepared cache (32 px, 3 folds, its cv.holdout), pr
    the seconds the pipeline's prepare took, as the peer reuses its cache) and predicting holdout and test
    with its TTA; both scored on the holdout:
        RESULT airbench_budget minutes <m> pipeline_holdout <acc> airbench_holdout <acc> airbench_epochs <e>
+   --pipeline-from CLONE takes the pipeline's side from a finished `make run PRESET=cifar10-cpu` there
+   (its record: every stage, its prepared cache and so the same holdout) instead of running it again.
 """
 
 from __future__ import annotations
@@ -308,6 +311,16 @@ def pipeline_budget(work: Path, source: str, minutes: float) -> dict:
     return {"seconds": seconds, "holdout": report["holdout"], "oof": report["oof"], "epochs": plan.get("epochs")}
 
 
+def pipeline_recorded(run: Path) -> dict:
+    """The same figures from a finished `make run PRESET=cifar10-cpu` in the clone `run` (its
+    reports/timing.json holds each stage's seconds), so that the record is the pipeline's side."""
+    timing = json.loads((run / "reports/timing.json").read_text())
+    report = json.loads((run / "reports/ensemble.json").read_text())
+    plan = json.loads((run / f"plan/{MODEL}.json").read_text())
+    seconds = {stage: row["actual_s"] for stage, row in timing["stages"].items() if row["actual_s"] is not None}
+    return {"seconds": seconds, "holdout": report["holdout"], "oof": report["oof"], "epochs": plan.get("epochs")}
+
+
 def airbench_budget(data, seconds: float, train_speed: float, infer_s: float) -> dict:
     """airbench on every row outside the holdout, for the epochs that fit `seconds` with its TTA
     predictions of the holdout and test images; scored on the holdout."""
@@ -330,11 +343,12 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=20)
     parser.add_argument("--parts", default="equal,budget")
     parser.add_argument("--work", default="/tmp/airbench_peer")
+    parser.add_argument("--pipeline-from", type=Path, help="a clone where the preset ran")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     source, work, parts = str(Path(args.source).resolve()), Path(args.work), args.parts.split(",")
     params = parse_params(preset_params(), PRESET)
-    prepared = work / "prepared"
+    prepared = args.pipeline_from / "data/prepared" if args.pipeline_from else work / "prepared"
     if not (prepared / "classes.json").exists():
         comp = dataclasses.replace(params.competition, source=source, answers=None)
         prepare(comp, 32, params.cv.n_folds, params.cv.seed, prepared, holdout=params.cv.holdout)
@@ -352,7 +366,10 @@ def main() -> None:
             flush=True,
         )
     if "budget" in parts:
-        mine = pipeline_budget(work / "pipeline", source, args.minutes)
+        if args.pipeline_from:
+            mine = pipeline_recorded(args.pipeline_from)
+        else:
+            mine = pipeline_budget(work / "pipeline", source, args.minutes)
         if peer is None:  # its speeds from a short run
             peer = airbench_fold0(data, 0.3)
         share = args.minutes * 60 - mine["seconds"]["prepare"]  # the peer reuses the prepared cache
