@@ -49,12 +49,12 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.config import parse_params, resolve_train_settings  # noqa: E402
 from pipeline.data import Rows, load_prepared  # noqa: E402
-from pipeline.inference import fold_model  # noqa: E402
+from pipeline.fold import train_fold  # noqa: E402
+from pipeline.inference import fold_input_config, fold_model  # noqa: E402
 from pipeline.metrics import scores  # noqa: E402
-from pipeline.predict import fold_input_config, merge_views, predict_views  # noqa: E402
 from pipeline.prepare import prepare  # noqa: E402
 from pipeline.presets import load_preset, merge  # noqa: E402
-from pipeline.train import train_fold  # noqa: E402
+from pipeline.tta import merge_views, predict_views  # noqa: E402
 
 PRESET, MODEL = "cifar10-cpu", "cifar_net_l"
 HYP = dict(

@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from airbench_peer import MODEL, PRESET, preset_params  # noqa: E402  (bench/, beside this script)
 
 import pipeline.data  # noqa: E402
+import pipeline.fold  # noqa: E402
 import pipeline.loop  # noqa: E402
-import pipeline.train  # noqa: E402
 from pipeline.config import parse_params, resolve_train_settings  # noqa: E402
 from pipeline.data import load_prepared  # noqa: E402
 from pipeline.metrics import scores  # noqa: E402
@@ -136,7 +136,7 @@ def dirac_model(*args, **kwargs):
     return model
 
 
-INITIAL = pipeline.train.initial_model
+INITIAL = pipeline.fold.initial_model
 
 
 def run_variant(data, base, name: str) -> dict:
@@ -157,12 +157,12 @@ def run_variant(data, base, name: str) -> dict:
         stack.enter_context(patched(pipeline.loop, "ImageDataset", AltFlipDataset))
         stack.enter_context(patched(pipeline.loop, "_reseed", _reseed_tracking))
     elif name == "dirac":
-        stack.enter_context(patched(pipeline.train, "initial_model", dirac_model))
+        stack.enter_context(patched(pipeline.fold, "initial_model", dirac_model))
     elif name != "base":
         raise SystemExit(f"unknown variant {name}")
     started = time.perf_counter()
     with stack:
-        result, _ = pipeline.train.train_fold(data, 0, MODEL, s, 32, torch.device("cpu"), where=name)
+        result, _ = pipeline.fold.train_fold(data, 0, MODEL, s, 32, torch.device("cpu"), where=name)
     y = data.targets[data.folds == 0]
     return {**scores(result.val_probs, y, ("accuracy", "log_loss")), "seconds": round(time.perf_counter() - started)}
 

@@ -19,9 +19,9 @@ import torch
 
 from pipeline.config import CompetitionConfig, TrainSettings
 from pipeline.data import PreparedData, load_prepared
+from pipeline.fold import train_fold
 from pipeline.metrics import scores
 from pipeline.prepare import prepare
-from pipeline.train import train_fold
 
 SETTINGS = TrainSettings(
     batch_size=128,

@@ -51,7 +51,7 @@ from pipeline.images import decode_image  # noqa: E402
 from pipeline.inference import predict_proba  # noqa: E402
 from pipeline.loop import LRSchedule, build_optimizer, train_one_epoch  # noqa: E402
 from pipeline.models import create_model, pick_device, use_channels_last  # noqa: E402
-from pipeline.predict import predict_tta  # noqa: E402
+from pipeline.tta import predict_tta  # noqa: E402
 
 
 def _timed(fn) -> float:

@@ -22,7 +22,7 @@ import torch
 from pipeline.config import DEFAULT_TTA_POLICIES
 from pipeline.data import InputConfig
 from pipeline.models import create_model, pick_device
-from pipeline.predict import predict_views
+from pipeline.tta import predict_views
 
 
 def main() -> None:

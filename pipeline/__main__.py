@@ -25,8 +25,10 @@ import argparse
 import importlib
 import signal
 import sys
+from pathlib import Path
 
 from pipeline.io import Terminated, record_stage, start_stage_clock, stop_on_signals
+from pipeline.paths import RunPaths
 
 STAGES = ("prepare", "tune", "plan", "train", "predict", "ensemble", "analyze", "timing")
 MODULES = {
@@ -71,11 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if argv[0] in STAGES:  # under the DVC stage's name: train@<backbone> for `train --backbone <backbone>`
+    if argv[0] in STAGES and argv[0] != "timing":  # under its DVC name: train@<backbone> for `train --backbone <b>`
         parser = argparse.ArgumentParser(add_help=False)
         parser.add_argument("--backbone")
         backbone = parser.parse_known_args(argv[1:])[0].backbone
-        record_stage(argv[0] + (f"@{backbone}" if backbone else ""))
+        name = argv[0] + (f"@{backbone}" if backbone else "")
+        record_stage(RunPaths(Path(".")).timing(name), name)
     return 0
 
 

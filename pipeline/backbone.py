@@ -19,9 +19,6 @@ from pipeline.errors import PipelineError
 from pipeline.io import read_json
 from pipeline.models import Pretrained, check_backbone, pretrained_config
 
-PLAN_DIR = Path("plan")  # the plan stage's <backbone>.json files: the epochs each train stage runs
-TUNING_DIR = Path("tuning")  # the tune stage's <backbone>/best_params.yaml
-
 
 @dataclass(frozen=True)
 class Backbone:
@@ -47,15 +44,16 @@ def input_size(s: TrainSettings, model_name: str, pretrained: Pretrained, cache_
 
 
 def resolve_backbone(
-    params: Params, name: str, cache_size: int, params_path: str = "params.yaml", tuned: bool = True
+    params: Params, name: str, cache_size: int, params_path: str = "params.yaml", tuning: Path | None = None
 ) -> Backbone:
-    """Backbone `name` as its train stage runs it: params.yaml's keys over the tune stage's best values
-    (with `tuned`) over the shared settings, checked, the default augmentation resolved for the cache's
-    size. Raises PipelineError naming the key for an unknown timm model or a setting out of range."""
+    """Backbone `name` as its train stage runs it: params.yaml's keys over the tune stage's best values (in
+    `tuning`/best_params.yaml, the tune stage's folder; None: untuned) over the shared settings, checked, the
+    default augmentation resolved for the cache's size. Raises PipelineError naming the key for an unknown
+    timm model or a setting out of range."""
     entry = params.train.backbones[name]
     model_name = entry.model or name
     check_backbone(model_name, f"{params_path}: train.backbones.{name}")
-    best = tuned_params(TUNING_DIR / name / "best_params.yaml") if tuned else {}
+    best = tuned_params(Path(tuning) / "best_params.yaml") if tuning is not None else {}
     settings = resolve_train_settings(params.train, name, best)
     check_train_settings(settings, f"{params_path}: train")
     image_size = input_size(settings, model_name, entry.pretrained, cache_size)
@@ -81,9 +79,9 @@ def apply_plan(s: TrainSettings, entry: dict | None, epochs: bool = True) -> Tra
     return dataclasses.replace(s, epochs=entry["epochs"], val_every=entry["val_every"], **moved)
 
 
-def planned(backbone: Backbone, budget: bool = True, plan_dir: str | Path = PLAN_DIR) -> Backbone:
-    """`backbone` with what the plan stage chose for it: the epochs (under `budget`, budget.minutes) and
-    the precision of `precision: auto`. Without a budget and without a plan file, as it is."""
+def planned(backbone: Backbone, plan_dir: str | Path, budget: bool = True) -> Backbone:
+    """`backbone` with what the plan stage chose for it (in `plan_dir`/<name>.json): the epochs (under `budget`,
+    budget.minutes) and the precision of `precision: auto`. Without a budget and without a plan file, as it is."""
     path = Path(plan_dir) / f"{backbone.name}.json"
     if not path.exists():
         if not budget:
@@ -122,9 +120,9 @@ def run_record(backbone: Backbone, data: PreparedData, device: torch.device) -> 
     }
 
 
-def resume_dir(record: dict, data: PreparedData) -> str:
-    """models/.resume/<backbone>-<hash>: where a killed run of these settings, on these rows and folds,
+def resume_dir(record: dict, data: PreparedData, resume_root: Path) -> Path:
+    """`resume_root`/<backbone>-<hash> (models/.resume/): where a killed run of these settings, on these rows and folds,
     left its finished folds and last epoch (any other device continues it too)."""
     ids = hashlib.sha1("".join(data.train["id"] + data.train["fold"].astype(str)).encode()).hexdigest()
     fingerprint = json.dumps({**record, "device": None, "ids": ids}, sort_keys=True)
-    return f"models/.resume/{record['backbone']}-{hashlib.sha1(fingerprint.encode()).hexdigest()[:12]}"
+    return Path(resume_root) / f"{record['backbone']}-{hashlib.sha1(fingerprint.encode()).hexdigest()[:12]}"

@@ -29,17 +29,19 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.ensemble import ensemble_from_state, ensemble_state
+from pipeline.cache import decode_images
+from pipeline.competition import CompetitionFiles, ImageFolder, find_test_images
+from pipeline.ensemblers import ensemble_from_state, ensemble_state
 from pipeline.errors import PipelineError
 from pipeline.estimator_state import from_state, sklearn_types, to_state
-from pipeline.inference import fold_model
+from pipeline.inference import fold_input_config, fold_model
 from pipeline.io import atomic_write_text, load_checkpoint, read_json, write_json
 from pipeline.models import SOURCES, pick_device
-from pipeline.predict import fold_input_config, list_models, merge_views, predict_views
-from pipeline.prepare import CompetitionFiles, ImageFolder, decode_images, find_test_images
+from pipeline.paths import RunPaths, list_models
 from pipeline.probs import probs_frame
 from pipeline.sklearn_head import CLASSIFIER_FILE, load_classifier
 from pipeline.submission import SubmissionFormat, build_submission, validate_submission
+from pipeline.tta import merge_views, predict_views
 
 SPEC = "bundle.json"
 CHECKPOINT_FIELDS = ("model", "num_classes", "image_size", "mean", "std", "interpolation", "precision")
@@ -135,49 +137,50 @@ def _bundle_model(path: Path, folder: Path, stem: str) -> dict:
     return entry
 
 
-def _member(backbone: str, n_folds: int, folder: Path) -> dict:
+def _member(backbone: str, n_folds: int, run: RunPaths, folder: Path) -> dict:
     """A backbone's fold (x seed) models in the predict stage's order, with the TTA policy it chose."""
-    tta = read_json(f"predictions/{backbone}/tta.json")
+    tta = read_json(run.predictions(backbone) / "tta.json")
     models = []
-    for k, paths in list_models(f"models/{backbone}", n_folds).items():
+    for k, paths in list_models(run.models(backbone), n_folds).items():
         for path in paths:
             models.append(_bundle_model(path, folder, f"{backbone}.{path.parent.parent.name}.fold{k}"))
     return {"backbone": backbone, "tta": {k: tta[k] for k in ("policy", "views", "merge")}, "models": models}
 
 
-def write_bundle(params, folder: Path, method: str | None = None, kaggle_id: str | None = None) -> dict:
-    """Write the bundle into `folder` from a finished run: models/, predictions/*/tta.json and
-    submissions/ensemble.json (`method`: one of its fitted methods; default the submission's)."""
+def write_bundle(params, run: RunPaths, folder: Path, method: str | None = None, kaggle_id: str | None = None) -> dict:
+    """Write the bundle into `folder` from the finished run under `run`: its models/, predictions/*/tta.json
+    and submissions/ensemble.json (`method`: one of its fitted methods; default the submission's)."""
     import sklearn
     import timm
 
     from pipeline.data import load_prepared
     from pipeline.tracking import experiment_name
 
-    data = load_prepared(images=False)
-    for path in ["submissions/ensemble.json", *(f"predictions/{b}/tta.json" for b in params.train.backbones)]:
-        if not Path(path).is_file():
+    data = load_prepared(run.prepared, images=False)
+    states = run.submissions / "ensemble.json"
+    for path in [states, *(run.predictions(b) / "tta.json" for b in params.train.backbones)]:
+        if not path.is_file():
             raise PipelineError(f"{path}: not found (run `dvc repro` first: the bundle packs a finished run)")
-    fitted = read_json("submissions/ensemble.json")
+    fitted = read_json(states)
     method = method or fitted["method"]
     if method not in fitted["states"]:
         fitted_names = ", ".join(fitted["states"])
-        raise PipelineError(f"submissions/ensemble.json: no fitted method '{method}' (fitted: {fitted_names})")
-    model = ensemble_from_state(fitted["states"][method], f"submissions/ensemble.json: states.{method}")
+        raise PipelineError(f"{states}: no fitted method '{method}' (fitted: {fitted_names})")
+    model = ensemble_from_state(fitted["states"][method], f"{states}: states.{method}")
     members = [fitted["members"][i] for i in model.used_members()]  # a member of weight 0 is left out
     spec = {
         "format": 1,
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "scikit-learn": sklearn.__version__},
         "package": write_wheel(folder),
         "classes": data.classes,
-        "submission": read_json("data/prepared/submission_format.json"),
+        "submission": read_json(run.prepared / "submission_format.json"),
         "images": {
             "size": params.prepare.image_size,
             "resize": params.prepare.resize,
             "image_ext": params.competition.image_ext,
         },
         "batch_size": params.predict.batch_size,
-        "members": [_member(b, data.n_folds, folder) for b in members],
+        "members": [_member(b, data.n_folds, run, folder) for b in members],
         "ensemble": {"method": method, "state": ensemble_state(model.without_unused())},
     }
     spec["files"] = {p.name: _sha256(p) for p in sorted(folder.iterdir())}
@@ -192,11 +195,12 @@ def write_bundle(params, folder: Path, method: str | None = None, kaggle_id: str
     return spec
 
 
-BLOCKED = ("mlflow", "optuna", "dvc")
+BLOCKED = ("mlflow", "optuna", "dvc")  # and every stage module: the runtime is the library, never a stage
+STAGES = ("prepare", "plan", "tune", "train", "predict", "ensemble", "analyze", "timing")
 CLEAN_RUN = """import runpy, sys
 class Blocked:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {blocked!r}:
+        if name.split(".")[0] in {blocked!r} or name in {stages!r}:
             raise ImportError(name + " is not available to the bundle")
 sys.meta_path.insert(0, Blocked())
 sys.argv = [{script!r}, *{args!r}]
@@ -204,14 +208,17 @@ runpy.run_path({script!r}, run_name="__main__")
 """
 
 
-def local_test_dir(comp, prepared: Path, scratch: Path) -> Path:
-    """The competition's test folder; from a .zip, its test images are copied out into `scratch`."""
-    from pipeline.prepare import open_competition
+def local_test_dir(comp, run: RunPaths, scratch: Path) -> Path:
+    """The competition's test folder (`competition.source` is relative to the run's root); from a .zip, its
+    test images are copied out into `scratch`."""
+    import dataclasses
 
-    files = open_competition(comp)
+    from pipeline.competition import open_competition
+
+    files = open_competition(dataclasses.replace(comp, source=str(run.root / comp.source)))
     if files.source.is_dir():
         return files.source / comp.test_dir
-    for rel in pd.read_csv(prepared / "test.csv", dtype=str, keep_default_na=False)["path"]:
+    for rel in pd.read_csv(run.prepared / "test.csv", dtype=str, keep_default_na=False)["path"]:
         (scratch / rel).parent.mkdir(parents=True, exist_ok=True)
         (scratch / rel).write_bytes(files.read(rel))
     return scratch / comp.test_dir
@@ -238,22 +245,27 @@ def compare_submissions(expected: pd.DataFrame, got: pd.DataFrame, fmt: Submissi
     return gap
 
 
-def verify_bundle(folder: Path, comp, method: str, prepared: Path = Path("data/prepared")) -> dict:
+def verify_bundle(folder: Path, comp, method: str, run: RunPaths) -> dict:
     """Run the bundle's predict.py on the local test images in a fresh process that cannot import
     mlflow, optuna or dvc and has no hub access; check its submission against the ensemble stage's for
     `method` and, for the submission's method, its probabilities against submissions/test_probs.csv."""
-    ensemble = read_json("reports/ensemble.json")
-    expected = Path(ensemble["methods"][method]["submission"])
-    probs = Path("submissions/test_probs.csv") if method == ensemble["method"] else None
+    ensemble, prepared = read_json(run.report("ensemble")), run.prepared
+    expected = run.root / ensemble["methods"][method]["submission"]
+    probs = run.submissions / "test_probs.csv" if method == ensemble["method"] else None
     fmt = SubmissionFormat(**read_json(prepared / "submission_format.json"))
     classes = read_json(prepared / "classes.json")["classes"]
     with tempfile.TemporaryDirectory(prefix="bundle-verify-") as scratch:
         scratch = Path(scratch)
-        args = ["--test-dir", str(local_test_dir(comp, prepared, scratch).resolve()), "--out", str(scratch / "sub.csv")]
+        args = ["--test-dir", str(local_test_dir(comp, run, scratch).resolve()), "--out", str(scratch / "sub.csv")]
         args += ["--probs", str(scratch / "probs.csv")]
         if comp.sample_submission is not None:
             args += ["--sample", str((prepared / "sample_submission.csv").resolve())]
-        code = CLEAN_RUN.format(blocked=BLOCKED, script=str((folder / "predict.py").resolve()), args=args)
+        code = CLEAN_RUN.format(
+            blocked=BLOCKED,
+            stages=[f"pipeline.{s}" for s in STAGES],
+            script=str((folder / "predict.py").resolve()),
+            args=args,
+        )
         start = time.perf_counter()
         proc = subprocess.run(
             [sys.executable, "-c", code],

@@ -341,6 +341,18 @@ class TTAConfig:
     )
     backbones: dict[str, str] = field(default_factory=dict)  # per-backbone `select`, e.g. {resnet10t: hflip}
 
+    def policies_for(self, backbone: str) -> tuple[list[str], list[str]]:
+        """The policies the predict stage of `backbone` chooses from, and those it computes: the same plus
+        `none`, so the no-TTA score is always reported."""
+        select = self.backbones.get(backbone, self.select)
+        pool = (self.candidates or list(self.policies)) if select == "auto" else [select]
+        return pool, list(dict.fromkeys((["none"] if "none" in self.policies else []) + pool))
+
+    def views_computed(self, backbone: str) -> int:
+        """How many distinct views the predict stage of `backbone` computes per image: all the plan needs
+        of this section (`select`, `candidates`, `policies`, `backbones`; not `merge` or `metric`)."""
+        return len({v for policy in self.policies_for(backbone)[1] for v in self.policies[policy]})
+
 
 @dataclass(frozen=True)
 class EnsembleConfig:

@@ -11,13 +11,14 @@ from pipeline.metrics import argbest
 from pipeline.models import create_model
 
 
-def best_fold_checkpoint(params: Params, backbone: str, folds: dict) -> tuple[Path, str, dict]:
-    """(path, why, checkpoint) of the fold with the best validation `train.monitor`, first seed of the bag.
+def best_fold_checkpoint(params: Params, backbone: str, folds: dict, models: Path) -> tuple[Path, str, dict]:
+    """(path, why, checkpoint) of the fold with the best validation `train.monitor`, first seed of the bag in
+    `models` (models/<backbone>/).
     Loaded with weights_only=True."""
     settings = resolve_train_settings(params.train, backbone)
     monitor, names = settings.monitor, sorted(folds, key=int)
     best = names[argbest(monitor, [folds[k][monitor] for k in names])]
-    source = Path(f"models/{backbone}/seed{(settings.seeds or [settings.seed])[0]}/fold{best}/model.pt")
+    source = Path(models) / f"seed{(settings.seeds or [settings.seed])[0]}" / f"fold{best}" / "model.pt"
     if not source.exists():
         raise PipelineError(f"{source}: not found (the models folder does not match reports/train/{backbone}.json)")
     why = f"best validation {monitor} of {len(names)} folds: {folds[best][monitor]:.4f}"

@@ -134,3 +134,10 @@ def load_fold_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Mo
     if ckpt.get("sklearn_head") and not head.is_file():
         raise PipelineError(f"{head}: the features+sklearn head of {path} is missing (run the train stage again)")
     return fold_model(ckpt, device, load_classifier(head) if ckpt.get("sklearn_head") else None), ckpt
+
+
+def fold_input_config(ckpt: dict, device: torch.device) -> InputConfig:
+    """How a fold model is fed at inference: its checkpoint's input config, in the precision it trained
+    in (fp16 only on CUDA, where it can have trained)."""
+    cfg = InputConfig.from_checkpoint(ckpt)
+    return dataclasses.replace(cfg, precision=None) if cfg.precision == "fp16" and device.type != "cuda" else cfg

@@ -164,7 +164,6 @@ def load_checkpoint(path: str | Path, remedy: str) -> dict:
     return obj
 
 
-TIMING_DIR = Path("reports/timing")
 _clock = {"started": time.time()}  # restarted by `python -m pipeline` before it imports the stage
 
 
@@ -177,12 +176,12 @@ def stage_started() -> float:
     return _clock["started"]
 
 
-def record_stage(name: str) -> None:
-    """reports/timing/<name>.json: when the stage started and ended, and its seconds: the actual
-    side of the plan (`python -m pipeline timing`)."""
+def record_stage(path: str | Path, name: str) -> None:
+    """`path` (reports/timing/<name>.json, the stage's DVC output): when the stage started and ended, and its
+    seconds: the actual side of the plan (`python -m pipeline timing`)."""
     now = time.time()
     write_json(
-        TIMING_DIR / f"{name}.json",
+        path,
         {"stage": name, "started": stage_started(), "finished": now, "seconds": round(now - stage_started(), 2)},
     )
 
@@ -221,3 +220,15 @@ class StageProgress:
             f"{self.name}: {min(self.done, self.total)}/{self.total} {self.unit} "
             f"({100 * min(self.done, self.total) // self.total}%), {_clock_text(elapsed)} elapsed, ETA {eta}"
         )
+
+
+def recorded(path: str | Path) -> dict | None:
+    """The last record `record_stage` wrote at `path` ({stage, started, finished, seconds}), or None."""
+    return read_json(path) if Path(path).exists() else None
+
+
+def seconds_so_far(earlier: dict[str, Path], this: str) -> dict[str, float]:
+    """Seconds of the `earlier` stages (name -> its record's path) as recorded (0: never recorded), and of
+    `this` one so far."""
+    done = {stage: (recorded(path) or {"seconds": 0.0})["seconds"] for stage, path in earlier.items()}
+    return {**done, this: time.time() - stage_started()}

@@ -24,16 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.backbone import PLAN_DIR, Backbone
+from pipeline.backbone import Backbone
 from pipeline.config import Params, TrainSettings
 from pipeline.data import InputConfig, PreparedData, Rows
 from pipeline.errors import PipelineError
+from pipeline.fold import initial_model, train_fold
 from pipeline.inference import fold_model, predict_log_probs
-from pipeline.io import atomic_dir, write_json
+from pipeline.io import atomic_dir, seconds_so_far, write_json
 from pipeline.precision import cached_probe, resolve_precision
-from pipeline.predict import tta_views
-from pipeline.timing import seconds_so_far
-from pipeline.train import initial_model, train_fold
 
 # Seconds the planner cannot measure before they happen, from runs on 2 CPU cores (README, "Time budget"):
 STAGE_OVERHEAD_S = 6.0  # a stage process's start: imports of torch, timm, pandas; reading params and the cache
@@ -236,10 +234,10 @@ def make_plan(
     }
 
 
-def write_plan(plan: dict, report: str | Path) -> None:
-    """plan/<backbone>.json per backbone (so a change to one backbone's plan reruns only its train stage)
+def write_plan(plan: dict, plan_dir: Path, report: str | Path) -> None:
+    """`plan_dir`/<backbone>.json per backbone (so a change to one backbone's plan reruns only its train stage)
     and the whole plan in `report`."""
-    with atomic_dir(PLAN_DIR) as out:
+    with atomic_dir(plan_dir) as out:
         for backbone, entry in plan["backbones"].items():
             write_json(out / f"{backbone}.json", {k: entry[k] for k in ("epochs", "val_every")})
     write_json(report, plan)
@@ -272,18 +270,20 @@ def no_budget(backbones: dict[str, Backbone], precisions: dict[str, dict]) -> di
 
 
 def plan_run(
-    params: Params, data: PreparedData, backbones: dict[str, Backbone], device: torch.device, where: str
+    params: Params, data: PreparedData, backbones: dict[str, Backbone], device: torch.device, timing_dir: Path
 ) -> dict:
     """Measure every backbone here (`measure_speed`), then `make_plan` with each one's precision recorded,
-    counting the seconds the stages before this one (prepare, tune) and this one's measuring took."""
+    counting the seconds the stages before this one (prepare, tune) took, as recorded in `timing_dir`
+    (reports/timing/), and this one's measuring so far."""
     work, speeds, precisions = {}, {}, {}
     for b, backbone in backbones.items():
-        work[b] = backbone_work(data, backbone.settings, tta_views(params.tta, b, f"{where}: tta"))
+        work[b] = backbone_work(data, backbone.settings, params.tta.views_computed(b))
         speeds[b], precisions[b] = measure_speed(
             data, backbone, device, params.predict.batch_size, params.budget.probe_batches
         )
     earlier = ["prepare"] + ([f"tune@{b}" for b in backbones] if params.tune.enabled else [])
-    plan = make_plan(params.budget.minutes, len(data.train), work, speeds, seconds_so_far(earlier, "plan"))
+    done = seconds_so_far({stage: timing_dir / f"{stage}.json" for stage in earlier}, "plan")
+    plan = make_plan(params.budget.minutes, len(data.train), work, speeds, done)
     for b in backbones:
         plan["backbones"][b]["precision"] = precisions[b]
     return plan

@@ -13,165 +13,18 @@ so they are comparable for ensembling:
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pipeline.config import ConfigError
-from pipeline.data import InputConfig, PreparedData, Rows
-from pipeline.errors import PipelineError
-from pipeline.inference import View, identity, load_fold_model, predict_log_probs
+from pipeline.data import PreparedData, Rows
+from pipeline.inference import fold_input_config, load_fold_model
 from pipeline.metrics import METRICS, is_better, scores
-
-# ---------------------------------------------------------------- TTA views and merges
-
-TTA_VIEWS: dict[str, View] = {}
-CROP = 0.875  # multi-crop views keep this share of each side, resized back to the input size
-
-
-def register_view(name: str):
-    """Decorator: a TTA view maps a normalised batch (B, C, H, W) to a batch of the same shape.
-    It also gets the normalisation mean/std (1, C, 1, 1), for views defined on raw pixels."""
-
-    def wrap(fn):
-        TTA_VIEWS[name] = fn
-        return fn
-
-    return wrap
-
-
-register_view("identity")(identity)
-register_view("hflip")(lambda x, mean, std: torch.flip(x, dims=[3]))
-register_view("vflip")(lambda x, mean, std: torch.flip(x, dims=[2]))
-register_view("rot90")(lambda x, mean, std: torch.rot90(x, 1, dims=(2, 3)))
-register_view("rot180")(lambda x, mean, std: torch.rot90(x, 2, dims=(2, 3)))
-register_view("rot270")(lambda x, mean, std: torch.rot90(x, 3, dims=(2, 3)))
-
-
-def _crop(where: str):
-    def view(x, mean, std):
-        h, w = x.shape[-2:]
-        ch, cw = max(1, round(h * CROP)), max(1, round(w * CROP))
-        top = {"t": 0, "b": h - ch, "c": (h - ch) // 2}[where[0]]
-        left = {"l": 0, "r": w - cw, "c": (w - cw) // 2}[where[1]]
-        return F.interpolate(
-            x[..., top : top + ch, left : left + cw], size=(h, w), mode="bilinear", align_corners=False
-        )
-
-    return view
-
-
-for _name, _where in (
-    ("crop_tl", "tl"),
-    ("crop_tr", "tr"),
-    ("crop_bl", "bl"),
-    ("crop_br", "br"),
-    ("crop_center", "cc"),
-):
-    register_view(_name)(_crop(_where))
-
-
-def _shift(dy: int, dx: int, flip: bool = False):
-    def view(x, mean, std):  # translate by (dy, dx) px, edges reflected: the training pad-and-crop's test twin
-        h, w = x.shape[-2:]
-        x = torch.flip(x, dims=[3]) if flip else x
-        p = max(abs(dy), abs(dx))
-        padded = F.pad(x, (p, p, p, p), mode="reflect")
-        return padded[..., p - dy : p - dy + h, p - dx : p - dx + w]
-
-    return view
-
-
-for _name, _args in (
-    ("shift_ul", (-1, -1)),
-    ("shift_dr", (1, 1)),
-    ("shift_ur", (-1, 1)),
-    ("shift_dl", (1, -1)),
-    ("hflip_shift_ul", (-1, -1, True)),  # the mirror image, then shifted
-    ("hflip_shift_dr", (1, 1, True)),
-    ("hflip_shift_ur", (-1, 1, True)),  # = the mirror of shift_ul: airbench's mirrored translations
-    ("hflip_shift_dl", (1, -1, True)),
-):
-    register_view(_name)(_shift(*_args))
-
-
-def _brightness(factor: float):
-    def view(x, mean, std):  # scale raw pixel values, clipped to [0, 1], then normalise again
-        return ((x * std + mean) * factor).clamp_(0, 1).sub_(mean).div_(std)
-
-    return view
-
-
-register_view("brighter")(_brightness(1.1))
-register_view("darker")(_brightness(0.9))
-
-
-def merge_views(log_probs: np.ndarray, how: str) -> np.ndarray:
-    """Merge (V, N, C) per-view log-probabilities into (N, C) probabilities.
-
-    mean: arithmetic mean of the probabilities. geometric: their geometric mean, renormalised.
-    logits: softmax of the mean logits. The last two are the same thing (a view's log-probabilities
-    are its logits minus a per-row constant, which the softmax removes); both names are accepted.
-    """
-    if how == "mean":
-        return np.exp(log_probs).mean(0)
-    if how in ("geometric", "logits"):
-        z = log_probs.mean(0)
-        z = np.exp(z - z.max(1, keepdims=True))
-        return z / z.sum(1, keepdims=True)
-    raise ValueError(f"unknown TTA merge '{how}' (mean, geometric or logits)")
-
-
-# ---------------------------------------------------------------- views by name
-
-
-def predict_views(
-    model: torch.nn.Module,
-    images: np.ndarray,
-    cfg: InputConfig,
-    batch_size: int,
-    device: torch.device,
-    views: list[str],
-    desc: str | None = None,
-) -> np.ndarray:
-    """Log-probabilities (V, N, C) of uint8 images (N, H, W, 3) under each of the named `views`; a view
-    named twice (a policy's weight) is computed once."""
-    unique = list(dict.fromkeys(views))
-    out = predict_log_probs(model, images, cfg, batch_size, device, [TTA_VIEWS[v] for v in unique], desc)
-    return out[[unique.index(v) for v in views]] if len(unique) < len(views) else out
-
-
-def predict_tta(
-    model: torch.nn.Module,
-    images: np.ndarray,
-    cfg: InputConfig,
-    batch_size: int,
-    device: torch.device,
-    views: tuple[str, ...],
-    merge: str = "mean",
-) -> np.ndarray:
-    """Probabilities (N, C) of uint8 images merged over the named TTA `views`."""
-    return merge_views(predict_views(model, images, cfg, batch_size, device, list(views)), merge)
-
-
-def fold_input_config(ckpt: dict, device: torch.device) -> InputConfig:
-    """How a fold model is fed at inference: its checkpoint's input config, in the precision it trained
-    in (fp16 only on CUDA, where it can have trained)."""
-    cfg = InputConfig.from_checkpoint(ckpt)
-    return dataclasses.replace(cfg, precision=None) if cfg.precision == "fp16" and device.type != "cuda" else cfg
-
-
-def list_models(model_dir: str | Path, n_folds: int) -> dict[int, list[Path]]:
-    """fold -> its checkpoints, one per bagging seed: `model_dir/seed<s>/fold<k>/model.pt`."""
-    model_dir = Path(model_dir)
-    seeds = sorted(model_dir.glob("seed*"), key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else -1)
-    if not seeds:
-        raise PipelineError(f"{model_dir}: no seed<s>/ folders of fold models (run the train stage first)")
-    return {k: [d / f"fold{k}" / "model.pt" for d in seeds] for k in range(n_folds)}
+from pipeline.paths import list_models
+from pipeline.tta import TTA_VIEWS, merge_views, predict_views
 
 
 @dataclass
@@ -232,22 +85,13 @@ def predict_backbone(
 
 
 def resolve_tta(tta, backbone: str, where: str) -> tuple[list[str], list[str]]:
-    """The policies to choose from for one backbone, and the policies to compute: those plus `none`,
-    so the no-TTA score is always reported. Every view must be registered here (the rest of the
-    `tta` section was checked when params were read)."""
+    """`tta.policies_for(backbone)` (the policies to choose from, and those computed), every view checked
+    against the registered ones (the rest of the `tta` section was checked when params were read)."""
     for name, views in tta.policies.items():
         bad = [v for v in views if v not in TTA_VIEWS]
         if bad:
             raise ConfigError(f"{where}.policies.{name}: unknown view '{bad[0]}' (known: {', '.join(TTA_VIEWS)})")
-    select = tta.backbones.get(backbone, tta.select)
-    pool = (tta.candidates or list(tta.policies)) if select == "auto" else [select]
-    return pool, list(dict.fromkeys((["none"] if "none" in tta.policies else []) + pool))
-
-
-def tta_views(tta, backbone: str, where: str) -> int:
-    """How many distinct views the predict stage of `backbone` computes per image."""
-    _, computed = resolve_tta(tta, backbone, where)
-    return len({v for policy in computed for v in tta.policies[policy]})
+    return tta.policies_for(backbone)
 
 
 def select_policy(oof: dict[str, np.ndarray], y: np.ndarray, folds: np.ndarray, metric: str) -> tuple[str, np.ndarray]:

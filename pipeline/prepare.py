@@ -20,152 +20,33 @@ Outputs (data/prepared/):
 from __future__ import annotations
 
 import dataclasses
-import io
-import multiprocessing as mp
 import os
-import posixpath
-import signal
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
-from tqdm import tqdm
 
+from pipeline.cache import channel_stats, decode_images, keep_rows
+from pipeline.competition import (
+    CompetitionFiles,
+    ImageFolder,
+    check_unique,
+    find_test_images,
+    inside,
+    open_competition,
+)
 from pipeline.config import CompetitionConfig
 from pipeline.errors import PipelineError
-from pipeline.images import decode_image
-from pipeline.io import atomic_dir, atomic_save, write_json
+from pipeline.io import atomic_dir, write_json
 from pipeline.submission import SubmissionFormat, read_submission_format
 
 DIGITS_MARKER = "SKLEARN_DIGITS"  # in a source folder: render scikit-learn's digits there
 
 
 # ---------------------------------------------------------------- raw files: a folder or a zip
-
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
-
-
-def inside(value: str, where: str) -> str:
-    """`value` (an id or a path from a CSV) as a normalised path relative to the competition, or a
-    PipelineError if it would leave the competition's folder (`../`, an absolute path, a drive)."""
-    path = value.replace("\\", "/")
-    norm = posixpath.normpath(path)
-    if path.startswith("/") or norm == ".." or norm.startswith("../") or (len(path) > 1 and path[1] == ":"):
-        raise PipelineError(f"{where}: '{value}' leaves the competition folder")
-    return "" if norm == "." else norm
-
-
-class CompetitionFiles:
-    """Read-only view of a Kaggle competition, unpacked in a folder or still inside its .zip."""
-
-    def __init__(self, source: str | Path, prefix: str = ""):
-        self.source = Path(source)
-        self._zip = None
-        self.prefix = prefix  # folder inside a zip that holds the competition ("" = its top)
-        if not self.source.exists():
-            raise PipelineError(f"competition.source: '{source}' does not exist")
-        if self.source.is_file():
-            if not zipfile.is_zipfile(self.source):
-                raise PipelineError(f"{self.source}: not a folder or a .zip file")
-            self._zip = zipfile.ZipFile(self.source)
-            self._names = set(self._zip.namelist())
-
-    def set_root(self, marker: str) -> None:
-        """Kaggle zips hold the files at the top or inside one folder: find the one holding `marker`."""
-        if self._zip is None:
-            return
-        if marker in self._names or (marker.endswith("/") and any(n.startswith(marker) for n in self._names)):
-            return
-        if marker.endswith("/"):  # a folder: zips need not list folders themselves, only their files
-            roots = sorted({n[: n.index("/" + marker) + 1] for n in self._names if "/" + marker in n}, key=len)
-        else:
-            roots = sorted({n[: -len(marker)] for n in self._names if n.endswith("/" + marker)}, key=len)
-        if roots:
-            self.prefix = roots[0]
-
-    def where(self, rel: str) -> str:
-        return f"{self.source}/{self.prefix}{rel}" if self._zip else str(self.source / rel)
-
-    def exists(self, rel: str) -> bool:
-        if self._zip is not None:
-            return self.prefix + rel in self._names
-        return (self.source / rel).exists()
-
-    def read(self, rel: str) -> bytes:
-        try:
-            if self._zip is not None:
-                return self._zip.read(self.prefix + rel)
-            return (self.source / rel).read_bytes()
-        except (KeyError, FileNotFoundError):
-            raise PipelineError(f"{self.where(rel)}: file not found") from None
-        except OSError as exc:
-            raise PipelineError(f"{self.where(rel)}: cannot read ({exc.strerror or exc})") from None
-
-    def images_under(self, rel: str) -> list[str]:
-        """Paths, relative to folder `rel`, of every image file under it, nested folders included."""
-        rel = rel.strip("/")
-        if self._zip is not None:
-            start = f"{self.prefix}{rel}/" if rel else self.prefix
-            names = [n[len(start) :] for n in self._names if n.startswith(start) and not n.endswith("/")]
-        else:
-            folder = self.source / rel
-            if not folder.is_dir():
-                raise PipelineError(f"{folder}: image folder not found")
-            names = [
-                os.path.relpath(os.path.join(d, f), folder).replace(os.sep, "/")
-                for d, _, fs in os.walk(folder)
-                for f in fs
-            ]
-        return sorted(n for n in names if posixpath.splitext(n)[1].lower() in IMAGE_EXTS)
-
-    def read_csv(self, rel: str) -> pd.DataFrame:
-        if not self.exists(rel):
-            raise PipelineError(f"{self.where(rel)}: file not found")
-        try:
-            return pd.read_csv(io.BytesIO(self.read(rel)), dtype=str, keep_default_na=False)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-            raise PipelineError(f"{self.where(rel)}: not a readable CSV ({exc})") from None
-
-
-class ImageFolder:
-    """The images under one folder of the competition, found from an id or a relative path: the
-    value as it is (an id that carries its extension, a path into nested folders), then with
-    `ext` appended, then the one file whose path without its extension is the value (mixed
-    extensions), then the one file in any subfolder whose name without its extension is the value."""
-
-    def __init__(self, files: CompetitionFiles, folder: str, ext: str, exclude: set[str] = frozenset()):
-        """`exclude`: paths inside the competition that are not this folder's (training images that
-        share the test folder)."""
-        self.files, self.folder, self.ext = files, folder.strip("/"), ext
-        self.paths = {p for p in files.images_under(self.folder) if self.rel(p) not in exclude}
-        self.by_stem: dict[str, list[str]] = {}
-        self.by_name: dict[str, list[str]] = {}
-        for path in sorted(self.paths):
-            stem = posixpath.splitext(path)[0]
-            self.by_stem.setdefault(stem, []).append(path)
-            self.by_name.setdefault(posixpath.basename(stem), []).append(path)
-
-    def rel(self, path: str) -> str:
-        """`path` (relative to this folder) relative to the competition."""
-        return posixpath.join(self.folder, path) if self.folder else path
-
-    def find(self, value: str, where: str) -> str | None:
-        """The image's path relative to this folder, or None if there is none."""
-        path = inside(value, where)
-        for candidate in (path, path + self.ext if self.ext else None):
-            if candidate in self.paths:
-                return candidate
-        matches = self.by_stem.get(path) or ([] if "/" in path else self.by_name.get(path, []))
-        if len(matches) > 1:
-            raise PipelineError(
-                f"{where}: '{value}' matches {len(matches)} files in {self.files.where(self.folder)} "
-                f"({', '.join(matches[:3])}): name the file with its extension"
-            )
-        return matches[0] if matches else None
 
 
 # ---------------------------------------------------------------- the embedded default competition
@@ -222,13 +103,6 @@ def _require_columns(df: pd.DataFrame, columns: dict[str, str], where: str) -> N
             )
 
 
-def _check_unique(ids: pd.Series, where: str) -> None:
-    dup = ids[ids.duplicated()]
-    if len(dup):
-        row = int(dup.index[0]) + 2  # 1-based, after the header line
-        raise PipelineError(f"{where}: duplicate id '{dup.iloc[0]}' (row {row})")
-
-
 def _check_class_counts(labels: pd.Series, n_folds: int, where: str) -> None:
     counts = labels.value_counts()
     rare = counts[counts < n_folds]
@@ -269,129 +143,6 @@ def assign_folds(labels: np.ndarray, n_folds: int, seed: int, groups: np.ndarray
 
 
 # ---------------------------------------------------------------- image cache
-
-
-_worker_files: CompetitionFiles | None = None  # one open view per decoding process (a zip's index is slow to read)
-
-
-def _init_worker(source: str, prefix: str) -> None:
-    # A forked worker inherits the stage's stop handlers (`stop_on_signals`), which can swallow the SIGTERM of
-    # Pool.terminate(): a worker then waited for the queue's lock forever and prepare hung after decoding.
-    # The parent handles Ctrl-C and SIGTERM; a worker ignores Ctrl-C and dies of SIGTERM.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    global _worker_files
-    _worker_files = CompetitionFiles(source, prefix)
-
-
-def _decode_chunk(args, files: CompetitionFiles | None = None):
-    """Decode a chunk: (uint8 images, original sizes, per-image channel sums and sums of squares,
-    {index in the chunk: why it failed}); a failed image is left black and reported, not raised."""
-    rels, size, resize = args
-    files = files or _worker_files
-    out = np.zeros((len(rels), size, size, 3), dtype=np.uint8)
-    sizes = np.zeros((len(rels), 2), dtype=np.int64)
-    bad = {}
-    for i, rel in enumerate(rels):
-        if rel is None:
-            bad[i] = "no such image file"
-            continue
-        try:
-            out[i], sizes[i] = decode_image(files.read(rel), size, resize)
-        except (ValueError, PipelineError) as exc:
-            bad[i] = str(exc)
-    return out, sizes, *channel_sums(out), bad
-
-
-def chunk_rows(size: int) -> int:
-    """Images per decoding chunk: about 32 MB of cache, so memory stays bounded at any image size."""
-    return int(np.clip(2**25 // (size * size * 3), 1, 1024))
-
-
-def decode_images(
-    files: CompetitionFiles, rels: list[str | None], size: int, resize: str, workers: int, out_path: Path, desc: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, str]]:
-    """Decode every image once, in `workers` processes, straight into the .npy file `out_path`
-    (uint8 (N, size, size, 3)): memory holds a few chunks, never the cache. `None` in `rels` is a
-    missing file. Returns (original width and height (N, 2), channel sums and sums of squares (N, 3)
-    each, {row: why the image is bad}) with every bad image reported, none raised."""
-    step = chunk_rows(size)
-    jobs = [(rels[i : i + step], size, resize) for i in range(0, len(rels), step)]
-    sizes = np.zeros((len(rels), 2), dtype=np.int64)
-    sums, squares = np.zeros((len(rels), 3)), np.zeros((len(rels), 3))
-    bad: dict[int, str] = {}
-    parallel = workers > 1 and len(jobs) > 1
-    if parallel:  # each process opens the files itself: a forked zip handle would share its read offset
-        pool = mp.get_context("fork" if os.name == "posix" else "spawn").Pool(
-            workers, _init_worker, (str(files.source), files.prefix)
-        )
-        results = pool.imap(_decode_chunk, jobs)
-    else:
-        results = (_decode_chunk(job, files) for job in jobs)
-    bar = tqdm(total=len(rels), desc=desc, unit="img", mininterval=1.0)
-    try:
-        with open(out_path, "wb") as f:  # chunks arrive in order: the file is written front to back
-            np.lib.format.write_array_header_2_0(
-                f, {"descr": "|u1", "fortran_order": False, "shape": (len(rels), size, size, 3)}
-            )
-            for i, (arr, wh, s, ss, failed) in enumerate(results):
-                rows = slice(i * step, i * step + len(arr))
-                f.write(arr.tobytes())
-                sizes[rows], sums[rows], squares[rows] = wh, s, ss
-                bad.update({i * step + j: why for j, why in failed.items()})
-                bar.update(len(arr))
-    except BaseException:
-        if parallel:
-            pool.terminate()
-        raise
-    finally:
-        bar.close()
-    if parallel:  # every chunk is in: the workers end on the queue's sentinels, no signal needed
-        pool.close()
-        pool.join()
-    return sizes, sums, squares, bad
-
-
-def keep_rows(path: Path, keep: np.ndarray, dest: Path | None = None) -> None:
-    """Rewrite the .npy image cache at `path` (or write `dest`) with only the rows `keep`, a chunk at a time."""
-
-    def write(tmp: Path) -> None:
-        cache = np.load(path, mmap_mode="r")  # closed before the new file replaces it
-        step = chunk_rows(cache.shape[1])
-        with open(tmp, "wb") as f:
-            np.lib.format.write_array_header_2_0(
-                f, {"descr": "|u1", "fortran_order": False, "shape": (len(keep), *cache.shape[1:])}
-            )
-            for start in range(0, len(keep), step):
-                f.write(np.ascontiguousarray(cache[keep[start : start + step]]).tobytes())
-
-    atomic_save(dest or path, write)
-
-
-def channel_sums(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-image, per-channel sums of pixel values and of their squares (0-1 scale), shape (N, C) each,
-    computed in float32 a few images at a time (float64 only for the sums themselves).
-
-    The statistics of any subset of images (each fold's training part) then cost a sum over these
-    rows instead of another pass over the cache.
-    """
-    n, c = len(images), images.shape[-1]
-    s, ss = np.empty((n, c)), np.empty((n, c))
-    step = max(1, 2**22 // max(1, images[0].size if n else 1))  # ~16 MB of float32 at a time
-    for start in range(0, n, step):
-        block = images[start : start + step].reshape(-1, images.shape[1] * images.shape[2], c).astype(np.float32)
-        block /= 255.0
-        s[start : start + len(block)] = block.sum(1, dtype=np.float64)
-        ss[start : start + len(block)] = np.einsum("npc,npc->nc", block, block, dtype=np.float64)
-    return s, ss
-
-
-def channel_stats(sums: np.ndarray, squares: np.ndarray, pixels_per_image: int) -> dict[str, list[float]]:
-    """Mean and std per channel of the images whose `channel_sums` rows are given."""
-    n = len(sums) * pixels_per_image
-    mean = sums.sum(0) / n
-    std = np.sqrt(np.maximum(squares.sum(0) / n - mean**2, 1e-12))
-    return {"mean": mean.tolist(), "std": std.tolist()}
 
 
 def _bad_list(files: CompetitionFiles, rels: list[str], bad: dict[int, str], limit: int = 10) -> str:
@@ -469,7 +220,7 @@ def _read_train(files: CompetitionFiles, comp: CompetitionConfig) -> pd.DataFram
             f"{train_where}: row {row + 2}: label '{train['label'][row]}' marks a missing value, "
             f"not a class ({len(missing)} such rows)"
         )
-    _check_unique(train["id"], train_where)
+    check_unique(train["id"], train_where)
     folder = ImageFolder(files, comp.train_dir, comp.image_ext)
     names = train[comp.path_column] if comp.path_column else train["id"]
     found = [folder.find(v, f"{train_where} row {i + 2}") for i, v in enumerate(names)]
@@ -513,39 +264,6 @@ def _split_holdout(
     _check_class_counts(d.train["label"], n_folds, f"{where} (after cv.holdout={share})")
     cols = ["id", "label", "target", "width", "height", "path"] + (["group"] if comp.group_column else [])
     return holdout[cols]
-
-
-def find_test_images(folder: ImageFolder, sample_ids: list[str] | None, sample_where: str) -> tuple[list, list]:
-    """(test ids, each one's image path inside `folder`): the sample submission's ids, each found as
-    training images are (ImageFolder.find), and every image of `folder` listed; with no sample
-    (`sample_ids` None), every image in `folder`, its path being its id. prepare and the bundle's
-    prediction (pipeline/bundle.py) read the test images through this one function."""
-    if sample_ids is None:
-        ids = sorted(folder.paths)
-        return ids, ids
-    _check_unique(pd.Series(sample_ids), sample_where)
-    found = [folder.find(v, f"{sample_where} row {i + 2}") for i, v in enumerate(sample_ids)]
-    missing = [i for i, p in enumerate(found) if p is None]
-    if missing:
-        first = sample_ids[missing[0]]
-        raise PipelineError(
-            f"{sample_where}: id '{first}' has no image in {folder.files.where(folder.folder)} "
-            f"(looked for {first}, {first}{folder.ext} and {first}.*; {len(missing)} such rows)"
-        )
-    unlisted = sorted(folder.paths - set(found))
-    if unlisted:
-        raise PipelineError(
-            f"{folder.files.where(folder.rel(unlisted[0]))}: test image has no row in {sample_where}"
-            f" ({len(unlisted)} such images; check competition.image_ext and test_dir)"
-        )
-    return list(sample_ids), found
-
-
-def open_competition(comp: CompetitionConfig) -> CompetitionFiles:
-    """The competition's files, a zip's inner folder found."""
-    files = CompetitionFiles(comp.source)
-    files.set_root(comp.train_csv or comp.sample_submission or comp.train_dir + "/")
-    return files
 
 
 def _read_test(files: CompetitionFiles, comp: CompetitionConfig, classes: list[str], train_paths: set[str]):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import html
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -27,8 +27,54 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
-from pipeline.analyze import PROPERTIES, ModelAnalysis, never_predicted, row_losses  # noqa: E402
 from pipeline.io import write_json  # noqa: E402
+from pipeline.slices import PROPERTIES  # noqa: E402
+
+
+def never_predicted(per_class: pd.DataFrame) -> list[str]:
+    """Classes with rows that the model never predicts: the sign that it learned the class prior
+    instead (try train.class_weight or train.sampler: balanced)."""
+    return per_class.loc[(per_class["predicted"] == 0) & (per_class["support"] > 0), "class"].astype(str).tolist()
+
+
+def row_losses(probs: np.ndarray, y: np.ndarray, eps: float = 1e-15) -> np.ndarray:
+    return -np.log(np.clip(probs[np.arange(len(y)), y], eps, 1.0))
+
+
+@dataclass
+class ModelAnalysis:
+    name: str
+    probs: np.ndarray
+    scores: dict[str, float]
+    folds: pd.DataFrame
+    per_class: pd.DataFrame
+    confusion: np.ndarray
+    pairs: list[tuple[int, int, int]]
+    worst: np.ndarray
+    confident_wrong: np.ndarray
+    reliability: pd.DataFrame
+    ece: float
+    slices: pd.DataFrame
+    advice: list[dict] = field(default_factory=list)
+    ensemble: bool = False  # the submission's ensemble rather than one backbone
+    holdout: dict | None = None  # cv.holdout's scores (reports/ensemble.json): the bag as test is predicted
+
+    # Backbones and the ensemble live in separate namespaces of the report (its anchors, folders and
+    # JSON keys), so any backbone name works, "ensemble" and "models" included.
+    @property
+    def anchor(self) -> str:
+        """The prefix of the model's HTML ids."""
+        return "ensemble" if self.ensemble else f"backbone-{self.name}"
+
+    @property
+    def folder(self) -> Path:
+        """Its folder under figures/ and tables/."""
+        return Path("ensemble") if self.ensemble else Path("backbones") / self.name
+
+    @property
+    def label(self) -> str:
+        """Its name in the report's tables."""
+        return "ensemble (submission)" if self.ensemble else self.name
 
 
 @dataclass(frozen=True)

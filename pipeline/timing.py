@@ -9,33 +9,21 @@ before the clock), measured as the wall clock from prepare's start to now minus 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
-from pipeline.io import TIMING_DIR, read_json, stage_started
-
-PLANNED = "reports/plan.json"  # written by the plan stage: speeds measured, planned seconds per stage
-
-
-def recorded(stage: str) -> dict | None:
-    """The last record of `stage` ({stage, started, finished, seconds}), or None."""
-    path = TIMING_DIR / f"{stage}.json"
-    return read_json(path) if path.exists() else None
+from pipeline.io import recorded, stage_started
 
 
-def seconds_so_far(earlier: list[str], this: str) -> dict[str, float]:
-    """Seconds of the `earlier` stages as recorded (0: never recorded), and of `this` one so far."""
-    done = {stage: (recorded(stage) or {"seconds": 0.0})["seconds"] for stage in earlier}
-    return {**done, this: time.time() - stage_started()}
-
-
-def plan_vs_actual(plan: dict, stages: list[str], now: float | None = None) -> dict:
-    """Planned and actual seconds of `stages` (this stage's so far included), their totals and ratio.
+def plan_vs_actual(plan: dict, stages: dict[str, Path], now: float | None = None) -> dict:
+    """Planned and actual seconds of `stages` (name -> its record's path; this stage's so far included), their
+    totals and ratio.
 
     The wall clock runs from the earliest stage's start; when the records span more than one run
     (some stages came from DVC's cache: older records), it is no longer one run's time and the
     actual total is the stages' sum."""
     now = time.time() if now is None else now
     planned = plan.get("planned_seconds") or {}
-    records = {s: recorded(s) for s in stages}
+    records = {s: recorded(path) for s, path in stages.items()}
     records["timing"] = {"started": stage_started(), "seconds": now - stage_started()}
     actual = {s: (round(r["seconds"], 1) if r else None) for s, r in records.items()}
     own = sum(v for v in actual.values() if v is not None)

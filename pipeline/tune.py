@@ -33,11 +33,11 @@ from pipeline.backbone import Backbone
 from pipeline.config import Params, TrainSettings, TuneConfig, check_train_settings
 from pipeline.data import PreparedData
 from pipeline.errors import PipelineError
+from pipeline.fold import train_fold
 from pipeline.io import StageProgress, atomic_dir, repository_root
 from pipeline.metrics import direction as metric_direction
 from pipeline.metrics import scores
 from pipeline.tracking import Tracker, experiment_name
-from pipeline.train import train_fold
 
 # what a trial's parameters can provoke (a NaN loss, a shape or value a transform rejects): the trial
 # fails with its reason and the study goes on
@@ -342,10 +342,12 @@ def write_best(study: optuna.Study, tune: TuneConfig, out_dir: str | Path) -> di
     return summary
 
 
-def tune_stage(params: Params, backbone: Backbone, data: PreparedData, device: torch.device, worker: int = 0) -> dict:
+def tune_stage(
+    params: Params, backbone: Backbone, data: PreparedData, device: torch.device, out: Path, worker: int = 0
+) -> dict:
     """The tune stage's work: the backbone's study (named by `study_name`, continued if it exists) run
     up to `tune.n_trials` finished trials, in one MLflow run with a nested run per trial; writes
-    tuning/<backbone>/ and returns the study's summary."""
+    `out` (tuning/<backbone>/) and returns the study's summary."""
     tune, name = params.tune, backbone.name
     space = search_space(tune, name)
     settings = study_settings(data, backbone, space, tune)
@@ -364,6 +366,6 @@ def tune_stage(params: Params, backbone: Backbone, data: PreparedData, device: t
     }
     with tracker.run(f"tune {name}", params=run_params, tags={"stage": "tune", "backbone": name}):
         run_study(study, make_objective(data, backbone, space, tune, device, tracker), tune.n_trials, f"tune@{name}")
-        summary = write_best(study, tune, f"tuning/{name}")
+        summary = write_best(study, tune, out)
         tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     return summary

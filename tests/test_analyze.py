@@ -16,22 +16,16 @@ from PIL import Image
 
 from pipeline import __main__ as cli
 from pipeline.analyze import (
-    ADVICE,
-    advise,
     analyze_model,
-    augment_yaml,
     confident_wrong_rows,
     confusion_counts,
     diversity,
     expected_calibration_error,
     fold_scores,
-    image_properties,
     most_confused_pairs,
-    never_predicted,
     per_class_accuracy,
     per_class_scores,
     reliability_table,
-    slice_errors,
     summary,
     worst_rows,
 )
@@ -40,7 +34,8 @@ from pipeline.data import build_train_transform
 from pipeline.metrics import METRICS
 from pipeline.prepare import prepare
 from pipeline.probs import probs_frame
-from pipeline.report import ReportRows, write_report
+from pipeline.report import ReportRows, never_predicted, write_report
+from pipeline.slices import ADVICE, advise, augment_yaml, image_properties, slice_errors
 from tests.conftest import write_competition
 
 # A hand-made OOF matrix: 6 rows, 3 classes, confidences kept off the bin edges.

@@ -14,9 +14,10 @@ import pandas as pd
 import pytest
 
 from pipeline import __main__ as cli
-from pipeline.bundle import predict_bundle, write_bundle
+from pipeline.bundle import predict_bundle, verify_bundle, write_bundle
 from pipeline.config import load_params
-from pipeline.ensemble import ENSEMBLES
+from pipeline.ensemblers import ENSEMBLES
+from pipeline.paths import RunPaths
 from tests.conftest import make_image, write_competition
 
 pytestmark = [pytest.mark.training, pytest.mark.not_isa]  # trains tiny models; its subject is the bundle
@@ -63,11 +64,12 @@ def run(tmp_path_factory):
 
 
 def _bundle(run: Path, method: str, out: Path) -> dict:
+    """The library call, made from another directory: every path comes from `RunPaths(run)`."""
+    out.mkdir()
     cwd = os.getcwd()
-    os.chdir(run)
+    os.chdir(out.parent)
     try:
-        out.mkdir()
-        return write_bundle(load_params("params.yaml"), out, method)
+        return write_bundle(load_params(run / "params.yaml"), RunPaths(run), out, method)
     finally:
         os.chdir(cwd)
 
@@ -106,8 +108,12 @@ def test_the_bundle_reproduces_each_methods_submission(run, tmp_path, method):
         assert set(members) == {b for b, w in weights.items() if w > 0}
 
 
-def test_the_submission_method_is_what_the_bundle_carries_by_default(run, tmp_path):
+def test_the_submission_method_is_what_the_bundle_carries_by_default(run, tmp_path, monkeypatch):
     spec = _bundle(run, None, tmp_path / "bundle")
+    monkeypatch.chdir(tmp_path)  # not the run's folder: the check reads the run through RunPaths alone
+    params = load_params(run / "params.yaml")
+    checked = verify_bundle(tmp_path / "bundle", params.competition, spec["ensemble"]["method"], RunPaths(run))
+    assert checked["rows"] == 12 and checked["max_abs_diff"] <= 1e-5
     assert spec["ensemble"]["method"] == json.loads((run / "reports/ensemble.json").read_text())["method"]
     names = {p.name for p in (tmp_path / "bundle").iterdir()}
     assert {"bundle.json", "predict.py", "dataset-metadata.json"} <= names
@@ -117,9 +123,11 @@ def test_the_submission_method_is_what_the_bundle_carries_by_default(run, tmp_pa
 
 BLOCK = """
 import atexit, sys
+STAGES = ("prepare", "plan", "tune", "train", "predict", "ensemble", "analyze", "timing")
+STAGE_MODULES = {"pipeline." + s for s in STAGES}
 class Blocked:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("mlflow", "optuna", "dvc"):
+        if name.split(".")[0] in ("mlflow", "optuna", "dvc") or name in STAGE_MODULES:
             raise ImportError("blocked: " + name)
 sys.meta_path.insert(0, Blocked())
 atexit.register(lambda: print("PIPELINE_FROM", sys.modules["pipeline"].__file__))

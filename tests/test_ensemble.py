@@ -6,7 +6,7 @@ import pytest
 
 from pipeline import __main__ as cli
 from pipeline.config import CompetitionConfig
-from pipeline.ensemble import (
+from pipeline.ensemblers import (
     ENSEMBLES,
     HardVotingEnsemble,
     RankAveragingEnsemble,
@@ -359,25 +359,30 @@ def test_bad_ensemble_params_fail_with_one_line(oof_run, capsys, line, message):
     assert not (oof_run / "submissions").exists()
 
 
-def test_fit_stage_is_a_library_call_that_chooses_and_reports_without_the_cli(oof_run):
-    """The ensemble stage's decisions, called directly: methods fitted, the best honest one chosen,
-    the best single backbone named; nothing is written until `write_submissions`."""
+def test_fit_stage_is_a_library_call_that_chooses_and_reports_without_the_cli(oof_run, tmp_path_factory, monkeypatch):
+    """The ensemble stage's decisions, called directly from another directory: methods fitted, the best
+    honest one chosen, the best single backbone named; nothing is written until `write_submissions`."""
     from pipeline.config import load_params
     from pipeline.data import load_prepared
-    from pipeline.ensemble import fit_stage, headline, write_submissions
+    from pipeline.ensemble import fit_stage, headline, stage_report, write_submissions
 
-    params = load_params("params.yaml")
-    data = load_prepared("data/prepared", images=False)
-    run = fit_stage(params, data, "params.yaml")
+    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))  # no predictions/ or data/ here
+    params = load_params(oof_run / "params.yaml")
+    data = load_prepared(oof_run / "data/prepared", images=False)
+    run = fit_stage(params, data, oof_run / "predictions", "params.yaml")
     assert set(run.fitted) == set(ENSEMBLES) and not (oof_run / "submissions").exists()
     assert run.metrics["best_single"]["backbone"] == "good"
     honest = {name: fit.report["oof"]["log_loss"] for name, fit in run.fitted.items()}
     assert honest[run.chosen] == min(honest.values())
-    write_submissions(run, data, oof_run / "data/prepared", oof_run / "submissions")
+    before = json.dumps(run.metrics, sort_keys=True)
+    written = write_submissions(run, data, oof_run / "data/prepared", oof_run / "submissions")
+    assert json.dumps(run.metrics, sort_keys=True) == before  # what was written comes back, the run is left as it was
     submitted = pd.read_csv(oof_run / "submissions/submission.csv", dtype=str)
     chosen = run.fitted[run.chosen].test
     assert submitted["label"].tolist() == [CLASSES[i] for i in chosen.argmax(1)]
-    assert set(headline(run.metrics, "accuracy", "log_loss")) == {"method", "accuracy", "log_loss", "lb_accuracy"}
+    report = stage_report(run, written)
+    assert (oof_run / "submissions/methods" / report["methods"][run.chosen]["submission"].split("/")[-1]).is_file()
+    assert set(headline(report, "accuracy", "log_loss")) == {"method", "accuracy", "log_loss", "lb_accuracy"}
 
 
 @pytest.mark.parametrize("method", list(ENSEMBLES))

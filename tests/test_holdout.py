@@ -17,10 +17,10 @@ from pipeline import __main__ as cli
 from pipeline.config import CompetitionConfig, ConfigError, parse_params
 from pipeline.data import load_prepared
 from pipeline.errors import PipelineError
-from pipeline.inference import load_fold_model
+from pipeline.inference import fold_input_config, load_fold_model
 from pipeline.metrics import scores
-from pipeline.predict import fold_input_config, predict_tta
 from pipeline.prepare import prepare
+from pipeline.tta import predict_tta
 from tests.conftest import write_competition
 
 pytestmark = [pytest.mark.training, pytest.mark.not_isa]  # trains tiny models; its subject is where rows go

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.backbone import PLAN_DIR, Backbone, apply_plan, planned, resolve_backbone, resume_dir, run_record
+from pipeline.backbone import Backbone, apply_plan, planned, resolve_backbone, resume_dir, run_record
 from pipeline.config import parse_params
 from pipeline.errors import PipelineError
+from pipeline.paths import RunPaths
 
 ROOT = Path(__file__).resolve().parents[1]
 DOORS = sorted((ROOT / "pipeline" / "cli").glob("*.py"))
@@ -54,6 +55,41 @@ def test_no_door_imports_another_door():
     assert not crossing, crossing
 
 
+STAGE_MODULES = ("prepare", "plan", "tune", "train", "predict", "ensemble", "analyze", "timing")
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module `path` imports, lazy imports inside functions included (`from pipeline import x` as pipeline.x)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+    return found
+
+
+def test_a_stage_module_is_imported_by_its_own_door_only():
+    """Shared pieces (a competition's files, the decode cache, TTA views, ensemblers, a fold's setup) live in
+    modules of their own; a stage's module is the library of its door, so editing it reruns that stage only."""
+    crossing = []
+    for path in sorted((ROOT / "pipeline").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        for stage in STAGE_MODULES:
+            if f"pipeline.{stage}" in _imports(path) and rel not in (
+                f"pipeline/cli/{stage}.py",
+                f"pipeline/{stage}.py",
+            ):
+                crossing.append(f"{rel} imports pipeline.{stage}")
+    assert not crossing, crossing
+
+
+def test_the_stage_import_check_sees_a_lazy_import(tmp_path):
+    sneaky = tmp_path / "x.py"
+    sneaky.write_text("def f():\n    from pipeline import predict\n    from pipeline.train import train_stage\n")
+    assert {"pipeline.predict", "pipeline.train"} <= _imports(sneaky)
+
+
 def _params(**train):
     return parse_params(
         {
@@ -63,25 +99,25 @@ def _params(**train):
     )
 
 
-def test_resolve_backbone_merges_params_over_tuned_over_shared_and_applies_the_plan(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "tuning/net").mkdir(parents=True)
-    (tmp_path / "tuning/net/best_params.yaml").write_text(yaml.safe_dump({"params": {"lr": 0.5, "batch_size": 7}}))
-    b = resolve_backbone(_params(lr=0.01), "net", cache_size=24)
+def test_resolve_backbone_merges_params_over_tuned_over_shared_and_applies_the_plan(tmp_path):
+    run = RunPaths(tmp_path)
+    run.tuning("net").mkdir(parents=True)
+    (run.tuning("net") / "best_params.yaml").write_text(yaml.safe_dump({"params": {"lr": 0.5, "batch_size": 7}}))
+    b = resolve_backbone(_params(lr=0.01), "net", 24, tuning=run.tuning("net"))
     assert (b.model_name, b.settings.lr, b.settings.batch_size, b.image_size) == ("test_resnet", 0.01, 7, 24)
     assert b.tuned == {"lr": 0.5, "batch_size": 7} and b.settings.augment  # the default augmentation, resolved
-    assert resolve_backbone(_params(), "net", 24, tuned=False).settings.batch_size != 7
+    assert resolve_backbone(_params(), "net", 24).settings.batch_size != 7  # no tuning folder: untuned
     with pytest.raises(PipelineError, match=r"plan/net.json: not found; budget.minutes needs the plan stage"):
-        planned(b)
-    (tmp_path / PLAN_DIR).mkdir()
-    (tmp_path / PLAN_DIR / "net.json").write_text('{"epochs": 12, "val_every": 3}')
-    assert (planned(b).settings.epochs, planned(b).settings.val_every) == (12, 3)
+        planned(b, run.plan_dir)
+    run.plan_dir.mkdir()
+    (run.plan_dir / "net.json").write_text('{"epochs": 12, "val_every": 3}')
+    assert (planned(b, run.plan_dir).settings.epochs, planned(b, run.plan_dir).settings.val_every) == (12, 3)
     assert apply_plan(b.settings, None) is b.settings
     # precision: auto takes the plan's choice (a DVC-tracked file), with or without a budget; epochs only with one
-    (tmp_path / PLAN_DIR / "net.json").write_text('{"epochs": 12, "val_every": 3, "precision": "bf16"}')
-    auto = resolve_backbone(_params(precision="auto"), "net", 24)
-    assert (planned(auto, budget=False).settings.precision, planned(auto, budget=False).settings.epochs) == ("bf16", 6)
-    assert planned(b).settings.precision is None  # not auto: the plan's record changes nothing
+    (run.plan_dir / "net.json").write_text('{"epochs": 12, "val_every": 3, "precision": "bf16"}')
+    auto = planned(resolve_backbone(_params(precision="auto"), "net", 24), run.plan_dir, budget=False)
+    assert (auto.settings.precision, auto.settings.epochs) == ("bf16", 6)
+    assert planned(b, run.plan_dir).settings.precision is None  # not auto: the plan's record changes nothing
 
 
 def test_resolve_backbone_names_the_key_of_a_bad_setting():
@@ -106,7 +142,7 @@ def test_the_resume_folder_changes_with_a_setting_and_not_with_the_device(tmp_pa
         {},
     )
     b = Backbone("net", "test_resnet", None, resolve_backbone(_params(), "net", 24).settings, 24, {})
-    here = resume_dir(run_record(b, data, torch.device("cpu")), data)
-    assert here == resume_dir(run_record(b, data, torch.device("cuda")), data)
+    here = resume_dir(run_record(b, data, torch.device("cpu")), data, tmp_path)
+    assert here == resume_dir(run_record(b, data, torch.device("cuda")), data, tmp_path)
     other = dataclasses.replace(b, settings=dataclasses.replace(b.settings, lr=b.settings.lr * 2))
-    assert resume_dir(run_record(other, data, torch.device("cpu")), data) != here
+    assert resume_dir(run_record(other, data, torch.device("cpu")), data, tmp_path) != here

@@ -9,16 +9,9 @@ from pipeline.data import InputConfig, load_prepared, to_input
 from pipeline.inference import predict_proba
 from pipeline.metrics import log_loss
 from pipeline.models import create_model
-from pipeline.predict import (
-    TTA_VIEWS,
-    merge_views,
-    predict_backbone,
-    predict_tta,
-    predict_views,
-    resolve_tta,
-    select_policy,
-)
+from pipeline.predict import predict_backbone, resolve_tta, select_policy
 from pipeline.prepare import prepare
+from pipeline.tta import TTA_VIEWS, merge_views, predict_tta, predict_views
 
 CPU = torch.device("cpu")
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline import prepare as prepare_module
+from pipeline import cache as cache_module
 from pipeline.config import CompetitionConfig
 from pipeline.data import load_prepared
 from pipeline.errors import PipelineError
@@ -440,7 +440,7 @@ def test_decoding_workers_die_of_sigterm_whatever_stop_handlers_the_stage_instal
     previous = stop_on_signals()
     try:
         with uninterrupted():  # a stop signal here only waits: so would a worker forked now
-            pool = mp.get_context("fork").Pool(1, prepare_module._init_worker, (str(tmp_path / "raw"), ""))
+            pool = mp.get_context("fork").Pool(1, cache_module._init_worker, (str(tmp_path / "raw"), ""))
             try:
                 handlers = pool.apply(_worker_handlers, (0,))
             finally:

@@ -76,4 +76,4 @@ def test_a_cut_plan_file_names_its_line_and_column(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps({"epochs": 12, "val_every": 3})[:-5])
     backbone = Backbone("b", "test_resnet", None, TrainSettings(), 16, {})
     with pytest.raises(PipelineError, match=re.escape(f"{tmp_path / 'b.json'}: not valid JSON (line 1, column")):
-        planned(backbone, budget=True, plan_dir=tmp_path)
+        planned(backbone, tmp_path, budget=True)

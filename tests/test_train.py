@@ -30,6 +30,7 @@ from pipeline.data import (
     to_input,
 )
 from pipeline.errors import PipelineError
+from pipeline.fold import bootstrap_rows, initial_model, train_fold
 from pipeline.inference import load_fold_model, predict_proba
 from pipeline.loop import LRSchedule, Split, build_optimizer, derive_seed, fit, freeze, train_one_epoch
 from pipeline.metrics import log_loss
@@ -39,7 +40,7 @@ from pipeline.predict import predict_backbone
 from pipeline.prepare import prepare
 from pipeline.sklearn_head import load_classifier
 from pipeline.tracking import Tracker
-from pipeline.train import bootstrap_rows, initial_model, train_backbone, train_fold
+from pipeline.train import train_backbone
 
 pytestmark = pytest.mark.training  # trains or tunes: CI runs these again on another instruction set
 

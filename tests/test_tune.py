@@ -374,8 +374,7 @@ def test_two_workers_share_one_study_on_a_postgresql_server(tmp_path, postgres):
     assert not list((tmp_path / "pg").glob("*.db"))
 
 
-def test_a_changed_tune_setting_starts_a_new_study_and_an_unchanged_one_continues(prepared, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_a_changed_tune_setting_starts_a_new_study_and_an_unchanged_one_continues(prepared, tmp_path):
     raw = {
         "competition": {"source": "comp"},
         "train": {"backbones": {"test_resnet": {}}, "batch_size": 4, "warmup_epochs": 0.2, "augment": []},
@@ -389,7 +388,7 @@ def test_a_changed_tune_setting_starts_a_new_study_and_an_unchanged_one_continue
         backbone = Backbone(
             "test_resnet", "test_resnet", None, resolve_train_settings(params.train, "test_resnet"), 12, {}
         )
-        tune_stage(params, backbone, prepared, CPU)
+        tune_stage(params, backbone, prepared, CPU, tmp_path / "tuning/test_resnet")
         return yaml.safe_load((tmp_path / "tuning/test_resnet/best_params.yaml").read_text())
 
     def trials() -> dict[str, int]:

@@ -20,7 +20,7 @@ from pipeline.data import InputConfig
 from pipeline.errors import PipelineError
 from pipeline.images import decode_image
 from pipeline.models import create_model, pretrained_config
-from pipeline.predict import predict_views
+from pipeline.tta import predict_views
 from pipeline.weights import convert_by_order, provide
 
 MODEL = "tf_efficientnet_lite0"

@@ -16,6 +16,7 @@ from pipeline.bundle import verify_bundle, write_bundle
 from pipeline.cli import build_parser
 from pipeline.config import load_params
 from pipeline.io import atomic_dir, write_json
+from pipeline.paths import RunPaths
 
 
 def main(argv=None) -> None:
@@ -25,14 +26,14 @@ def main(argv=None) -> None:
     parser.add_argument("--kaggle-id", help="dataset-metadata.json's id, USER/SLUG (default: $KAGGLE_USERNAME/...)")
     parser.add_argument("--no-verify", action="store_true", help="skip the check against the local test set")
     args = parser.parse_args(argv)
-    params = load_params(args.params)
+    params, run = load_params(args.params), RunPaths(Path("."))
     with atomic_dir(args.out) as folder:
-        spec = write_bundle(params, folder, args.method, args.kaggle_id)
+        spec = write_bundle(params, run, folder, args.method, args.kaggle_id)
         method, report = spec["ensemble"]["method"], {"method": spec["ensemble"]["method"]}
         report["models"] = sum(len(m["models"]) for m in spec["members"])
         if not args.no_verify:
-            report.update(verify_bundle(folder, params.competition, method))
-    write_json("reports/bundle.json", report)
+            report.update(verify_bundle(folder, params.competition, method, run))
+    write_json(run.report("bundle"), report)
     figures = ", ".join(f"{k} {v}" for k, v in report.items() if k not in ("method", "models"))
     print(f"wrote {args.out}/ ({method}, {report['models']} models): {figures or 'not verified'}")
     if "KAGGLE_USERNAME/" in (Path(args.out) / "dataset-metadata.json").read_text():

@@ -17,33 +17,21 @@ from pathlib import Path
 from pipeline.cli import parse_args
 from pipeline.config import load_params
 from pipeline.data import load_prepared
-from pipeline.ensemble import fit_stage, headline, log_stage, write_submissions
+from pipeline.ensemble import fit_stage, headline, log_stage, stage_report, summary_lines, write_submissions
 from pipeline.io import write_json
+from pipeline.paths import RunPaths
 from pipeline.tracking import Tracker, experiment_name
-
-PREPARED, SUBMISSIONS, REPORT = Path("data/prepared"), Path("submissions"), "reports/ensemble.json"
 
 
 def main(argv=None) -> None:
     args = parse_args(argv, __doc__)
     params = load_params(args.params)
-    data = load_prepared(PREPARED, images=False)
-    run = fit_stage(params, data, args.params)
-    write_submissions(run, data, PREPARED, SUBMISSIONS)
-    metrics, m = run.metrics, params.ensemble.metric
-    write_json(REPORT, metrics)
-    write_json("reports/metrics.json", headline(metrics, params.competition.metric, m))
-    log_stage(run, Tracker(params.tracking.enabled, experiment_name(params)), SUBMISSIONS, REPORT)
-    other = "log_loss" if m == "accuracy" else "accuracy"
-    for name in run.fitted:
-        print(
-            f"{name:>13}: honest OOF {m} {metrics['methods'][name]['oof'][m]:.4f}, "
-            f"{other} {metrics['methods'][name]['oof'][other]:.4f}"
-            + (f"; holdout {m} {metrics['methods'][name]['holdout'][m]:.4f}" if "holdout" in metrics else "")
-            + (" <- submission.csv" if name == run.chosen else "")
-        )
-    best = metrics["best_single"]
-    print(
-        f"best single backbone {best['backbone']}: OOF {m} {best[m]:.4f}; "
-        f"gain of the ensemble ({run.chosen}) {metrics['gain_over_best_single'][m]:+.4f}"
-    )
+    paths = RunPaths(Path("."))
+    data = load_prepared(paths.prepared, images=False)
+    run = fit_stage(params, data, paths.predictions_root, args.params)
+    report = stage_report(run, write_submissions(run, data, paths.prepared, paths.submissions))
+    write_json(paths.report("ensemble"), report)
+    write_json(paths.report("metrics"), headline(report, params.competition.metric, params.ensemble.metric))
+    tracker = Tracker(params.tracking.enabled, experiment_name(params))
+    log_stage(run, report, tracker, paths.submissions, str(paths.report("ensemble")))
+    print("\n".join(summary_lines(report, params.ensemble.metric)))

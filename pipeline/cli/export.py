@@ -16,16 +16,18 @@ from pipeline.cli import load_with_backbone, parse_args
 from pipeline.errors import PipelineError
 from pipeline.export import best_fold_checkpoint, write_export
 from pipeline.io import read_json
+from pipeline.paths import RunPaths
 
 
 def main(argv=None) -> None:
     args = parse_args(argv, __doc__, backbone=True)
     params, backbone = load_with_backbone(args)
-    report = Path(f"reports/train/{backbone}.json")
+    paths = RunPaths(Path("."))
+    report = paths.report("train", backbone)
     if not report.exists():
         raise PipelineError(f"{report}: no finished training of '{backbone}' (run `dvc repro train@{backbone}`)")
-    source, chosen_by, ckpt = best_fold_checkpoint(params, backbone, read_json(report)["folds"])
-    classes = Path("data/prepared/classes.json")
+    source, chosen_by, ckpt = best_fold_checkpoint(params, backbone, read_json(report)["folds"], paths.models(backbone))
+    classes = paths.prepared / "classes.json"
     write_export(f"exports/{backbone}", backbone, source, chosen_by, ckpt, classes)
     print(
         f"exported {source} ({chosen_by}) -> exports/{backbone}/ (timm's format); use it as pretrained: "

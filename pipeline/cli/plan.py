@@ -8,32 +8,37 @@ resolved here and recorded in plan/<backbone>.json, which the train stage reads.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pipeline.backbone import resolve_backbone
 from pipeline.cli import parse_args
 from pipeline.config import load_params
 from pipeline.data import load_prepared
 from pipeline.models import pick_device
+from pipeline.paths import RunPaths
 from pipeline.plan import log_plan, no_budget, plan_run, resolve_auto_precision, write_plan
-from pipeline.timing import PLANNED
 from pipeline.tracking import Tracker, experiment_name
 
 
 def main(argv=None) -> None:
     args = parse_args(argv, __doc__)
     params = load_params(args.params)
-    data = load_prepared()
+    paths = RunPaths(Path("."))
+    data = load_prepared(paths.prepared)
     cache_size = data.train_images.shape[1]
-    backbones = {b: resolve_backbone(params, b, cache_size, args.params) for b in params.train.backbones}
+    backbones = {
+        b: resolve_backbone(params, b, cache_size, args.params, paths.tuning(b)) for b in params.train.backbones
+    }
     budget = params.budget.minutes
     if budget is None:
         device = pick_device()
         precisions = {b: resolve_auto_precision(data, bb, device) for b, bb in backbones.items()}
-        write_plan(no_budget(backbones, precisions), PLANNED)
+        write_plan(no_budget(backbones, precisions), paths.plan_dir, paths.report("plan"))
         epochs = ", ".join(f"{b} {bb.settings.epochs} epochs" for b, bb in backbones.items())
         return print(f"plan: no budget (budget.minutes: null): {epochs}")
-    plan = plan_run(params, data, backbones, pick_device(), args.params)
-    write_plan(plan, PLANNED)
-    log_plan(plan, Tracker(params.tracking.enabled, experiment_name(params)), PLANNED)
+    plan = plan_run(params, data, backbones, pick_device(), paths.timing_dir)
+    write_plan(plan, paths.plan_dir, paths.report("plan"))
+    log_plan(plan, Tracker(params.tracking.enabled, experiment_name(params)), paths.report("plan"))
     for b, e in plan["backbones"].items():
         print(
             f"plan {b}: {e['epochs']} epochs (params: {e['params_epochs']}), {e['precision']}, "

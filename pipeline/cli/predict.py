@@ -8,10 +8,13 @@ is kept. Its honest score, from choosing on the other folds only, is reported be
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pipeline.cli import load_with_backbone, parse_args
 from pipeline.data import load_prepared
 from pipeline.io import atomic_dir, write_json
 from pipeline.models import pick_device
+from pipeline.paths import RunPaths
 from pipeline.predict import choose_policy, log_stage, predict_backbone, resolve_tta
 from pipeline.probs import probs_frame
 from pipeline.tracking import Tracker, experiment_name
@@ -22,10 +25,11 @@ def main(argv=None) -> None:
     params, backbone = load_with_backbone(args)
     tta = params.tta
     pool, computed = resolve_tta(tta, backbone, f"{args.params}: tta")
-    data = load_prepared()
+    paths = RunPaths(Path("."))
+    data = load_prepared(paths.prepared)
     preds = predict_backbone(
         data,
-        f"models/{backbone}",
+        paths.models(backbone),
         {c: tta.policies[c] for c in computed},
         tta.merge,
         params.predict.batch_size,
@@ -33,15 +37,15 @@ def main(argv=None) -> None:
     )
     held = None if data.holdout is None else data.holdout["target"].to_numpy()
     report = choose_policy(preds, tta, backbone, pool, data.targets, data.folds, held)
-    best, report_path = preds[report["policy"]], f"reports/predict/{backbone}.json"
-    with atomic_dir(f"predictions/{backbone}") as out:
+    best, report_path = preds[report["policy"]], paths.report("predict", backbone)
+    with atomic_dir(paths.predictions(backbone)) as out:
         probs_frame(data.train["id"], best.oof, data.classes).to_csv(out / "oof_probs.csv", index=False)
         probs_frame(data.test["id"], best.test, data.classes).to_csv(out / "test_probs.csv", index=False)
         if held is not None:
             probs_frame(data.holdout["id"], best.holdout, data.classes).to_csv(out / "holdout_probs.csv", index=False)
         write_json(out / "tta.json", report)
     write_json(report_path, report)
-    log_stage(report, tta, backbone, Tracker(params.tracking.enabled, experiment_name(params)), report_path)
+    log_stage(report, tta, backbone, Tracker(params.tracking.enabled, experiment_name(params)), str(report_path))
     m = tta.metric
     line = ", ".join(f"{c} {s[m]:.4f}" for c, s in report["policies"].items())
     print(

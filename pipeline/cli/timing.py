@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pipeline.cli import parse_args
 from pipeline.config import load_params
 from pipeline.io import read_json, write_json
-from pipeline.timing import PLANNED, plan_vs_actual
+from pipeline.paths import RunPaths
+from pipeline.timing import plan_vs_actual
 from pipeline.tracking import Tracker, experiment_name
-
-OUT = "reports/timing.json"
 
 
 def _minutes(seconds: float | None) -> str:
@@ -26,8 +27,9 @@ def main(argv=None) -> None:
         + [f"{s}@{b}" for b in backbones for s in ("train", "predict")]
         + ["ensemble", "analyze"]
     )
-    report = plan_vs_actual(read_json(PLANNED), stages)
-    write_json(OUT, report)
+    paths = RunPaths(Path("."))
+    report = plan_vs_actual(read_json(paths.report("plan")), {s: paths.timing(s) for s in stages})
+    write_json(paths.report("timing"), report)
     tracker = Tracker(params.tracking.enabled, experiment_name(params))
     with tracker.run("timing", params={"budget_minutes": report["budget_minutes"]}, tags={"stage": "timing"}):
         # MLflow's names take no @: train@b is logged as train/b
@@ -39,7 +41,7 @@ def main(argv=None) -> None:
                 if row[f"{kind}_s"] is not None
             }
         )
-        tracker.log_artifact(OUT)
+        tracker.log_artifact(str(paths.report("timing")))
     width = max(map(len, report["stages"]))
     for stage, row in report["stages"].items():
         print(f"{stage:<{width}}  planned {_minutes(row['planned_s']):>10}  actual {_minutes(row['actual_s']):>10}")

@@ -1,0 +1,142 @@
+"""One fold set up and trained: its rows, its normalisation, a fresh model, its precision, then the
+project's one loop (`pipeline.loop.fit`) or the features+sklearn head. CV training (pipeline/train.py),
+tuning trials and the plan's speed probe all call `train_fold`, so a fold is set up the same way everywhere."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from pipeline.config import TrainSettings
+from pipeline.data import InputConfig, PreparedData, Rows
+from pipeline.inference import extract_features
+from pipeline.loop import Split, derive_seed, fit
+from pipeline.metrics import METRICS, scores
+from pipeline.models import Pretrained, create_model, pretrained_config
+from pipeline.precision import cached_probe, resolve_precision
+from pipeline.resume import FoldResult
+from pipeline.sklearn_head import feature_extractor, fit_classifier
+
+
+def bootstrap_rows(rows: np.ndarray, seed: int, fold: int) -> np.ndarray:
+    """A bootstrap resample (same size, with replacement) of a fold's training rows, fixed by (seed, fold)."""
+    rng = np.random.default_rng([seed, fold])
+    return np.sort(rng.choice(rows, size=len(rows), replace=True))
+
+
+def initial_model(
+    model_name: str, num_classes: int, s: TrainSettings, fold_seed: int, pretrained: Pretrained = None
+) -> torch.nn.Module:
+    """A fold's model before training, its random initialisation drawn from `fold_seed`; with `s.dirac_init`
+    (from scratch only), every 3x3 conv's first min(in, out) output channels pass their input channel through."""
+    torch.manual_seed(fold_seed)
+    model = create_model(
+        model_name, num_classes, pretrained=pretrained, drop_rate=s.drop_rate, drop_path_rate=s.drop_path_rate
+    )
+    if s.dirac_init and not pretrained:
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) and m.groups == 1:
+                torch.nn.init.dirac_(m.weight.data[: m.in_channels])
+    return model
+
+
+def input_normalization(
+    data: PreparedData, k: int, s: TrainSettings, model_name: str, pretrained: Pretrained = None
+) -> tuple[list[float], list[float]]:
+    """Mean and std fold k's model sees its inputs normalised with: `s.mean`/`s.std` if set, else the
+    pretrained weights' own (what they learnt their features on), else the statistics of fold k's
+    training part (never its validation rows)."""
+    if s.mean is not None:
+        return list(s.mean), list(s.std)
+    cfg = pretrained_config(model_name, pretrained)
+    return (cfg["mean"], cfg["std"]) if cfg else data.fold_stats(k)
+
+
+def input_interpolation(s: TrainSettings, model_name: str, pretrained: Pretrained = None) -> str:
+    """How batches are resized to the input side: `s.interpolation` if set, else the pretrained weights' own
+    (timm's data config), else bilinear. Recorded in the checkpoint: every TTA view resizes the same way."""
+    own = (pretrained_config(model_name, pretrained) or {}).get("interpolation")
+    return s.interpolation or (own if own in ("bilinear", "bicubic", "nearest", "area") else "bilinear")
+
+
+def fold_units(s: TrainSettings) -> int:
+    """A fold's units of progress: its epochs (one fit for features+sklearn)."""
+    return 1 if s.finetune == "features+sklearn" else s.epochs
+
+
+def train_fold(
+    data: PreparedData,
+    k: int,
+    model_name: str,
+    s: TrainSettings,
+    image_size: int,
+    device: torch.device,
+    *,
+    pretrained: Pretrained = None,
+    on_epoch: Callable[[int, dict], None] | None = None,
+    state_path: str | Path | None = None,
+    where: str = "fold",
+) -> tuple[FoldResult, dict]:
+    """One fold, set up the one way CV training, tuning and the speed probe share: a fresh model (seeded from
+    `s.seed` and k) trained on the other folds' rows (a bootstrap resample of them if `s.bootstrap`), normalised
+    as `input_normalization` says, validated on fold k, in the `s.finetune` mode. Returns (result, checkpoint)."""
+    targets, n_classes = data.targets, len(data.classes)
+    tr, va = np.flatnonzero(data.folds != k), np.flatnonzero(data.folds == k)
+    if s.bootstrap:
+        tr = bootstrap_rows(tr, s.seed, k)
+    mean, std = input_normalization(data, k, s, model_name, pretrained)
+    fold_seed = derive_seed(s.seed, k)
+    sklearn_head = s.finetune == "features+sklearn"
+    model = initial_model(model_name, 0 if sklearn_head else n_classes, s, fold_seed, pretrained)
+    precision, probe = resolve_precision(
+        s.precision, device, lambda: cached_probe(model, model_name, s.finetune, s.batch_size, image_size, device)
+    )
+    cfg = InputConfig(image_size, tuple(mean), tuple(std), input_interpolation(s, model_name, pretrained), precision)
+    train = Split(Rows(data.train_images, tr), targets[tr])  # read per batch
+    val = Split(Rows(data.train_images, va), targets[va])
+    if sklearn_head:
+        result = _fit_sklearn_head(model, train, val, cfg, s, device)
+        if on_epoch is not None:  # one "epoch": the classifier's fit
+            on_epoch(0, {f"val_{m}": v for m, v in scores(result.val_probs, val.targets, METRICS).items()})
+    else:
+        result = fit(
+            model,
+            train,
+            val,
+            cfg,
+            dataclasses.replace(s, seed=fold_seed),
+            device,
+            num_classes=n_classes,
+            on_epoch=on_epoch,
+            state_path=state_path,
+            where=where,
+            data_init=not pretrained,
+        )
+    checkpoint = {
+        "model": model_name,
+        "num_classes": n_classes,
+        "state_dict": result.state_dict,
+        **cfg.checkpoint_fields(),
+        "fold": k,
+        "seed": s.seed,
+        "precision_probe": probe,
+        "sklearn_head": sklearn_head,
+        "feature_layer": s.feature_layer,  # features+sklearn: the stage its classifier reads
+    }
+    return result, checkpoint
+
+
+def _fit_sklearn_head(
+    model: torch.nn.Module, train: Split, val: Split, cfg: InputConfig, s: TrainSettings, device: torch.device
+) -> FoldResult:
+    """features+sklearn: frozen backbone features -> a scikit-learn classifier."""
+    model.to(device)
+    features = feature_extractor(model, s.feature_layer)
+    train_x = extract_features(features, train.images, cfg, s.batch_size * 2, device)
+    val_x = extract_features(features, val.images, cfg, s.batch_size * 2, device)
+    clf = fit_classifier(train_x, train.targets, s.sklearn_classifier)
+    return FoldResult(model.state_dict(), clf.predict_proba(val_x), 0, classifier=clf)
