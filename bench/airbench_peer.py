@@ -51,10 +51,9 @@ from pipeline.config import parse_params, resolve_train_settings  # noqa: E402
 from pipeline.data import Rows, load_prepared  # noqa: E402
 from pipeline.fold import train_fold  # noqa: E402
 from pipeline.inference import fold_input_config, fold_model  # noqa: E402
-from pipeline.metrics import scores  # noqa: E402
 from pipeline.prepare import prepare  # noqa: E402
 from pipeline.presets import load_preset, merge  # noqa: E402
-from pipeline.tta import merge_views, predict_views  # noqa: E402
+from pipeline.tta import predict_views  # noqa: E402
 
 PRESET, MODEL = "cifar10-cpu", "cifar_net_l"
 HYP = dict(
@@ -268,12 +267,12 @@ def pipeline_fold0(data, params, epochs: int) -> dict:
     policies = params.tta.policies
     names = ["none", "hflip", "hflip_shift", "airbench"]
     views = list(dict.fromkeys(v for p in names for v in policies[p]))
-    logp = predict_views(model, Rows(data.train_images, va), cfg, 512, torch.device("cpu"), views)
+    logp = predict_views(model, Rows(data.train_images, va), cfg, 512, torch.device("cpu"), views, data.task)
     out = {"seconds": seconds, "images_per_s": (len(data.train) - len(va)) * epochs / seconds}
     for p in names:
         sel = [views.index(v) for v in policies[p]]
         for how in ("mean", "logits"):
-            out[f"{p}/{how}"] = scores(merge_views(logp[sel], how), y, ("accuracy", "log_loss"))
+            out[f"{p}/{how}"] = data.task.scores(data.task.merge(logp[sel], how), y, ("accuracy", "log_loss"))
     return out
 
 

@@ -38,7 +38,6 @@ import pipeline.fold  # noqa: E402
 import pipeline.loop  # noqa: E402
 from pipeline.config import parse_params, resolve_train_settings  # noqa: E402
 from pipeline.data import load_prepared  # noqa: E402
-from pipeline.metrics import scores  # noqa: E402
 
 NORMS = torch.nn.modules.batchnorm._BatchNorm
 
@@ -164,7 +163,10 @@ def run_variant(data, base, name: str) -> dict:
     with stack:
         result, _ = pipeline.fold.train_fold(data, 0, MODEL, s, 32, torch.device("cpu"), where=name)
     y = data.targets[data.folds == 0]
-    return {**scores(result.val_probs, y, ("accuracy", "log_loss")), "seconds": round(time.perf_counter() - started)}
+    return {
+        **data.task.scores(result.val_probs, y, ("accuracy", "log_loss")),
+        "seconds": round(time.perf_counter() - started),
+    }
 
 
 def main() -> None:

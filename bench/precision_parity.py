@@ -20,7 +20,6 @@ import torch
 from pipeline.config import CompetitionConfig, TrainSettings
 from pipeline.data import PreparedData, load_prepared
 from pipeline.fold import train_fold
-from pipeline.metrics import scores
 from pipeline.prepare import prepare
 
 SETTINGS = TrainSettings(
@@ -51,7 +50,7 @@ def fold0(data: PreparedData, model: str, s: TrainSettings, label: str) -> str:
     start = time.perf_counter()
     result, _ = train_fold(data, 0, model, s, 32, torch.device("cpu"), where=label)
     seconds = time.perf_counter() - start
-    r = scores(result.val_probs, y, ("accuracy", "log_loss"))
+    r = data.task.scores(result.val_probs, y, ("accuracy", "log_loss"))
     return f"accuracy {r['accuracy']:.4f} log_loss {r['log_loss']:.4f} seconds {seconds:.0f}"
 
 

@@ -48,10 +48,13 @@ from pipeline.data import (  # noqa: E402
     to_input,
 )
 from pipeline.images import decode_image  # noqa: E402
-from pipeline.inference import predict_proba  # noqa: E402
+from pipeline.inference import predict  # noqa: E402
 from pipeline.loop import LRSchedule, build_optimizer, train_one_epoch  # noqa: E402
 from pipeline.models import create_model, pick_device, use_channels_last  # noqa: E402
+from pipeline.tasks.single_label import SingleLabel  # noqa: E402
 from pipeline.tta import predict_tta  # noqa: E402
+
+TASK = SingleLabel([str(c) for c in range(10)])  # the benchmark's 10-class head
 
 
 def _timed(fn) -> float:
@@ -142,6 +145,7 @@ def profile_backbone(name, model_name, s, image_size, images, targets, mean, std
                     device,
                     cfg,
                     label_smoothing=s.label_smoothing,
+                    task=TASK,
                     where="bench",
                 )
             )
@@ -150,10 +154,11 @@ def profile_backbone(name, model_name, s, image_size, images, targets, mean, std
     per_image = {k: statistics.median(p[k] for p in phases) / n for k in phases[0]}
     model = fresh()
     evals = [
-        len(imgs) / _timed(lambda: predict_proba(model, imgs, cfg, 2 * s.batch_size, device)) for _ in range(repeats)
+        len(imgs) / _timed(lambda: predict(model, imgs, cfg, 2 * s.batch_size, device, TASK)) for _ in range(repeats)
     ]
     preds = [
-        len(imgs) / _timed(lambda: predict_tta(model, imgs, cfg, 2 * s.batch_size, device, views=tuple(views)))
+        len(imgs)
+        / _timed(lambda: predict_tta(model, imgs, cfg, 2 * s.batch_size, device, views=tuple(views), task=TASK))
         for _ in range(repeats)
     ]
     per_image["eval"] = 1 / statistics.median(evals)

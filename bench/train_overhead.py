@@ -25,6 +25,7 @@ from pipeline.config import TrainSettings
 from pipeline.data import ImageDataset, InputConfig, build_loader, build_train_transform, to_input
 from pipeline.loop import build_optimizer, train_one_epoch
 from pipeline.models import create_model, pick_device
+from pipeline.tasks.single_label import SingleLabel
 
 
 def bare_loop(model, batches, lr):
@@ -45,7 +46,14 @@ def pipeline_loop(model, images, targets, settings, image_size, device, mean, st
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     start = time.perf_counter()
     train_one_epoch(
-        model, loader, optimizer, scheduler, device, InputConfig(image_size, tuple(mean), tuple(std)), where="bench"
+        model,
+        loader,
+        optimizer,
+        scheduler,
+        device,
+        InputConfig(image_size, tuple(mean), tuple(std)),
+        task=SingleLabel([str(c) for c in range(10)]),
+        where="bench",
     )
     return time.perf_counter() - start
 

@@ -22,6 +22,7 @@ import torch
 from pipeline.config import DEFAULT_TTA_POLICIES
 from pipeline.data import InputConfig
 from pipeline.models import create_model, pick_device
+from pipeline.tasks.single_label import SingleLabel
 from pipeline.tta import predict_views
 
 
@@ -48,7 +49,8 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        predict_views(model, images, InputConfig(args.image_size, tuple(mean), tuple(std)), args.batch_size, device, vs)
+        cfg = InputConfig(args.image_size, tuple(mean), tuple(std))
+        predict_views(model, images, cfg, args.batch_size, device, vs, SingleLabel([str(c) for c in range(10)]))
         if device.type == "cuda":
             torch.cuda.synchronize()
         return args.images / (time.perf_counter() - start)

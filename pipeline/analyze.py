@@ -10,23 +10,27 @@ and how the backbones differ. The figures and HTML are drawn by `pipeline/report
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from pipeline.config import Params, resolve_train_settings
 from pipeline.data import PreparedData, default_augment
-from pipeline.metrics import METRICS, fold_spread, scores
-from pipeline.report import ModelAnalysis, never_predicted, row_losses
-from pipeline.slices import advise, slice_errors
+from pipeline.io import read_json
+from pipeline.metrics import fold_spread
+from pipeline.report import ModelAnalysis, never_predicted
+from pipeline.slices import advise, image_properties, slice_errors
+from pipeline.tasks import Task
 
 # ---------------------------------------------------------------- scores
 
 
-def per_class_scores(probs: np.ndarray, y: np.ndarray, classes: list[str]) -> pd.DataFrame:
-    """One row per class: precision, recall, f1, support, how often it is predicted (an imbalanced
-    competition's rare class may never be: see `never_predicted`)."""
-    pred = probs.argmax(1)
+def per_class_scores(pred: np.ndarray, y: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    """One row per class, from each row's predicted class `pred`: precision, recall, f1, support, how often
+    it is predicted (an imbalanced competition's rare class may never be: see `never_predicted`)."""
     p, r, f1, support = precision_recall_fscore_support(y, pred, labels=np.arange(len(classes)), zero_division=0)
     return pd.DataFrame(
         {
@@ -40,10 +44,10 @@ def per_class_scores(probs: np.ndarray, y: np.ndarray, classes: list[str]) -> pd
     )
 
 
-def fold_scores(probs: np.ndarray, y: np.ndarray, folds: np.ndarray) -> pd.DataFrame:
-    """Scores of each fold's validation rows (rows: fold 0..k-1), then `mean` and `std` across folds."""
+def fold_scores(probs: np.ndarray, y: np.ndarray, folds: np.ndarray, task: Task) -> pd.DataFrame:
+    """The task's scores of each fold's validation rows (rows: fold 0..k-1), then `mean` and `std` across folds."""
     rows = {
-        str(k): {"rows": int((folds == k).sum()), **scores(probs[folds == k], y[folds == k], METRICS)}
+        str(k): {"rows": int((folds == k).sum()), **task.scores(probs[folds == k], y[folds == k])}
         for k in np.unique(folds)
     }
     table = pd.DataFrame.from_dict(rows, orient="index")
@@ -69,24 +73,26 @@ def most_confused_pairs(cm: np.ndarray, k: int) -> list[tuple[int, int, int]]:
     return [(int(i), int(j), int(off[i, j])) for i, j in zip(*np.unravel_index(order, off.shape)) if off[i, j] > 0]
 
 
-def worst_rows(probs: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
-    """Row indices of the k highest-loss predictions, worst first."""
-    return np.argsort(-row_losses(probs, y), kind="stable")[:k]
+def worst_rows(losses: np.ndarray, k: int) -> np.ndarray:
+    """Row indices of the k highest row `losses` (the task's), worst first."""
+    return np.argsort(-losses, kind="stable")[:k]
 
 
-def confident_wrong_rows(probs: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
-    """Row indices of the k wrong predictions made with the highest confidence (label noise suspects)."""
-    wrong = np.flatnonzero(probs.argmax(1) != y)
+def confident_wrong_rows(probs: np.ndarray, pred: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
+    """Row indices of the k wrong predictions (`pred` != y) made with the highest confidence (label noise
+    suspects)."""
+    wrong = np.flatnonzero(pred != y)
     return wrong[np.argsort(-probs[wrong].max(1), kind="stable")][:k]
 
 
 # ---------------------------------------------------------------- calibration
 
 
-def reliability_table(probs: np.ndarray, y: np.ndarray, n_bins: int) -> pd.DataFrame:
-    """Equal-width confidence bins (lo, hi]: rows, mean confidence and accuracy per bin (empty bins kept)."""
+def reliability_table(probs: np.ndarray, pred: np.ndarray, y: np.ndarray, n_bins: int) -> pd.DataFrame:
+    """Equal-width confidence bins (lo, hi] of the predicted class's probability: rows, mean confidence and
+    accuracy per bin (empty bins kept)."""
     confidence = probs.max(1)
-    correct = probs.argmax(1) == y
+    correct = pred == y
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     b = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
     rows = np.bincount(b, minlength=n_bins)
@@ -108,11 +114,12 @@ def expected_calibration_error(table: pd.DataFrame) -> float:
 # ---------------------------------------------------------------- models side by side
 
 
-def diversity(oof: dict[str, np.ndarray], y: np.ndarray) -> pd.DataFrame:
-    """Per pair of models: disagreement (share of rows with different predictions), correlation of their
-    error indicators, share of rows both get wrong, and the accuracy of an oracle picking the right one."""
-    names = list(oof)
-    wrong = {m: oof[m].argmax(1) != y for m in names}
+def diversity(preds: dict[str, np.ndarray], y: np.ndarray) -> pd.DataFrame:
+    """Per pair of models, from each one's predicted labels: disagreement (share of rows with different
+    predictions), correlation of their error indicators, share of rows both get wrong, and the accuracy of
+    an oracle picking the right one."""
+    names = list(preds)
+    wrong = {m: preds[m] != y for m in names}
     rows = []
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
@@ -122,7 +129,7 @@ def diversity(oof: dict[str, np.ndarray], y: np.ndarray) -> pd.DataFrame:
                 {
                     "a": a,
                     "b": b,
-                    "disagreement": float((oof[a].argmax(1) != oof[b].argmax(1)).mean()),
+                    "disagreement": float((preds[a] != preds[b]).mean()),
                     "error_correlation": corr,
                     "both_wrong": float((wrong[a] & wrong[b]).mean()),
                     "oracle_accuracy": float(1 - (wrong[a] & wrong[b]).mean()),
@@ -131,15 +138,12 @@ def diversity(oof: dict[str, np.ndarray], y: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["a", "b", "disagreement", "error_correlation", "both_wrong", "oracle_accuracy"])
 
 
-def per_class_accuracy(oof: dict[str, np.ndarray], y: np.ndarray, classes: list[str]) -> pd.DataFrame:
-    """Rows: classes; columns: models; values: recall (accuracy on that class's rows)."""
+def per_class_accuracy(preds: dict[str, np.ndarray], y: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    """Rows: classes; columns: models (their predicted labels); values: recall (accuracy on that class's rows)."""
     return pd.DataFrame(
         {
-            m: [
-                float((p[y == c].argmax(1) == c).mean()) if (y == c).any() else float("nan")
-                for c in range(len(classes))
-            ]
-            for m, p in oof.items()
+            m: [float((p[y == c] == c).mean()) if (y == c).any() else float("nan") for c in range(len(classes))]
+            for m, p in preds.items()
         },
         index=classes,
     )
@@ -153,7 +157,7 @@ def analyze_model(
     probs: np.ndarray,
     y: np.ndarray,
     folds: np.ndarray,
-    classes: list[str],
+    task: Task,
     properties: pd.DataFrame,
     augment: list[dict] | None,
     top_k: int,
@@ -165,22 +169,25 @@ def analyze_model(
     metric: str = "accuracy",
     ensemble: bool = False,
 ) -> ModelAnalysis:
-    """Everything the report shows for one model's OOF probabilities; its scores lead with `metric`
-    (the competition's), in the report's tables and in `dvc metrics show`."""
-    pred = probs.argmax(1)
-    reliability = reliability_table(probs, y, calibration_bins)
-    cm = confusion_counts(y, pred, len(classes))
+    """Everything the report shows for one model's OOF predictions, each row's label and loss as the task
+    gives them; its scores lead with `metric` (the competition's), in the report's tables and in
+    `dvc metrics show`."""
+    pred, losses = task.predicted(probs), task.row_losses(probs, y)
+    reliability = reliability_table(probs, pred, y, calibration_bins)
+    cm = confusion_counts(y, pred, len(task.classes))
     slices = slice_errors(pred != y, properties, slice_buckets, alpha)
     return ModelAnalysis(
         name=name,
         probs=probs,
-        scores=scores(probs, y, dict.fromkeys([metric, *METRICS])),
-        folds=fold_scores(probs, y, folds),
-        per_class=per_class_scores(probs, y, classes),
+        pred=pred,
+        losses=losses,
+        scores=task.scores(probs, y, dict.fromkeys([metric, *task.METRICS])),
+        folds=fold_scores(probs, y, folds, task),
+        per_class=per_class_scores(pred, y, task.classes),
         confusion=cm,
         pairs=most_confused_pairs(cm, pairs),
-        worst=worst_rows(probs, y, top_k),
-        confident_wrong=confident_wrong_rows(probs, y, top_k),
+        worst=worst_rows(losses, top_k),
+        confident_wrong=confident_wrong_rows(probs, pred, y, top_k),
         reliability=reliability,
         ece=expected_calibration_error(reliability),
         slices=slices,
@@ -229,7 +236,7 @@ def analyze_all(
         alpha=cfg.significance,
         metric=params.competition.metric,
     )
-    rows = (data.targets, data.folds, data.classes, properties)
+    rows = (data.targets, data.folds, data.task, properties)
     analyses = []
     for name, probs in oof.items():
         augment = resolve_train_settings(params.train, name).augment or default_augment(data.train_images.shape[1])
@@ -239,6 +246,35 @@ def analyze_all(
         analyze_model("ensemble", ensemble_oof, *rows, None, where="train.augment", ensemble=True, **kwargs)
     )
     return analyses
+
+
+@dataclass(frozen=True)
+class StageAnalysis:
+    """What the analyze stage found: one analysis per backbone and the ensemble's, the backbones side by
+    side, each model's per-class accuracy, and the headline numbers."""
+
+    analyses: list[ModelAnalysis]
+    diversity: pd.DataFrame
+    per_class: pd.DataFrame
+    headline: dict
+
+
+def analyze_stage(
+    params: Params, data: PreparedData, predictions: Path, submissions: Path, ensemble_report: Path
+) -> StageAnalysis:
+    """The stage's analysis: every backbone's OOF predictions (`predictions`/<b>/oof_probs.csv) and the
+    ensemble's honest ones (`submissions`/oof_probs.csv), read as the task reads them; with `cv.holdout`,
+    the held-out scores of `ensemble_report` (reports/ensemble.json) beside them."""
+    task, ids, y = data.task, data.train["id"].to_numpy(), data.targets
+    oof = {b: task.read_predictions(Path(predictions) / b / "oof_probs.csv", ids, b) for b in params.train.backbones}
+    ensemble = task.read_predictions(Path(submissions) / "oof_probs.csv", ids, "ensemble")
+    properties = image_properties(data.train_images, data.train.get("width"), data.train.get("height"))
+    analyses = analyze_all(params, oof, ensemble, data, properties)
+    if data.holdout is not None:
+        attach_holdout(analyses, read_json(ensemble_report))
+    div = diversity({a.name: a.pred for a in analyses if not a.ensemble}, y)
+    per_class = per_class_accuracy({a.label: a.pred for a in analyses}, y, task.classes)
+    return StageAnalysis(analyses, div, per_class, summary(analyses, div))
 
 
 def attach_holdout(analyses: list[ModelAnalysis], report: dict) -> None:

@@ -38,10 +38,10 @@ from pipeline.inference import fold_input_config, fold_model
 from pipeline.io import atomic_write_text, load_checkpoint, read_json, write_json
 from pipeline.models import SOURCES, pick_device
 from pipeline.paths import RunPaths, list_models
-from pipeline.probs import probs_frame
 from pipeline.sklearn_head import CLASSIFIER_FILE, load_classifier
-from pipeline.submission import SubmissionFormat, build_submission, validate_submission
-from pipeline.tta import merge_views, predict_views
+from pipeline.submission import SubmissionFormat
+from pipeline.tasks import DEFAULT_TASK, Task, create_task
+from pipeline.tta import predict_views
 
 SPEC = "bundle.json"
 CHECKPOINT_FIELDS = ("model", "num_classes", "image_size", "mean", "std", "interpolation", "precision")
@@ -173,6 +173,7 @@ def write_bundle(params, run: RunPaths, folder: Path, method: str | None = None,
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "scikit-learn": sklearn.__version__},
         "package": write_wheel(folder),
         "classes": data.classes,
+        "task": data.task_name,
         "submission": read_json(run.prepared / "submission_format.json"),
         "images": {
             "size": params.prepare.image_size,
@@ -335,9 +336,11 @@ def _load_model(entry: dict, folder: Path, scratch: Path, device: torch.device, 
     return fold_model(ckpt, device, head), ckpt
 
 
-def member_probs(member: dict, images, folder: Path, scratch: Path, device, batch_size: int, clock) -> np.ndarray:
-    """A member's test probabilities as the predict stage computes them: each fold model's TTA views
-    merged, then the mean over its fold x seed models, added in the same order."""
+def member_probs(
+    member: dict, images, folder: Path, scratch: Path, device, batch_size: int, task: Task, clock
+) -> np.ndarray:
+    """A member's test predictions as the predict stage computes them: each fold model's TTA views merged
+    as the task merges them, then the mean over its fold x seed models, added in the same order."""
     total = None
     tta = member["tta"]
     for i, entry in enumerate(member["models"]):
@@ -348,7 +351,9 @@ def member_probs(member: dict, images, folder: Path, scratch: Path, device, batc
             raise PipelineError(f"{where}: {exc.__class__.__name__}: {exc}") from None
         cfg = fold_input_config(ckpt, device)
         desc = f"{member['backbone']} {entry['weights']}"
-        probs = merge_views(predict_views(model, images, cfg, batch_size, device, tta["views"], desc), tta["merge"])
+        probs = task.merge(
+            predict_views(model, images, cfg, batch_size, device, tta["views"], task, desc), tta["merge"]
+        )
         total = probs if total is None else total + probs
         clock()
     return total / len(member["models"])
@@ -411,6 +416,7 @@ def predict_bundle(folder, test_dir, sample, out, device=None, batch_size=None, 
     folder = Path(folder)
     spec = read_bundle(folder)
     model = ensemble_from_state(spec["ensemble"]["state"], f"{SPEC}: ensemble.state")  # before any long work
+    task = create_task(spec.get("task", DEFAULT_TASK), spec["classes"])
     _warn_versions(spec.get("versions", {}))
     device = device or pick_device()
     files, ids, rels, frame = _test_set(spec, test_dir, sample)
@@ -424,18 +430,18 @@ def predict_bundle(folder, test_dir, sample, out, device=None, batch_size=None, 
         images = np.load(cache, mmap_mode="r")
         clock = _Clock(sum(len(m["models"]) for m in spec["members"]), len(ids))
         probs = [
-            member_probs(m, images, folder, Path(tmp), device, batch_size or spec.get("batch_size", 256), clock)
+            member_probs(m, images, folder, Path(tmp), device, batch_size or spec.get("batch_size", 256), task, clock)
             for m in spec["members"]
         ]
         del images
-    classes, fmt = spec["classes"], SubmissionFormat(**spec["submission"])
+    fmt = SubmissionFormat(**spec["submission"])
     probs = model.predict_proba(probs)
-    submission = build_submission(ids, probs, classes, fmt)
+    submission = task.submission(ids, probs, fmt)
     if frame is not None:
-        validate_submission(submission, frame, classes, fmt)
+        task.check_submission(submission, frame, fmt)
     atomic_write_text(out, submission.to_csv(index=False))
     if probs_out is not None:
-        atomic_write_text(probs_out, probs_frame(ids, probs, classes).to_csv(index=False))
+        atomic_write_text(probs_out, task.frame(ids, probs).to_csv(index=False))
     return submission
 
 

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler, default
 
 from pipeline.errors import PipelineError
 from pipeline.io import read_json
+from pipeline.tasks import DEFAULT_TASK, Task, create_task
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,12 @@ class PreparedData:
     stats: dict
     holdout: pd.DataFrame | None = None  # cv.holdout's rows (id, label, target): in no fold, predicted as test is
     holdout_images: np.ndarray | None = None
+    task_name: str = DEFAULT_TASK  # classes.json's `task`: the kind of target (pipeline/tasks)
+
+    @property
+    def task(self) -> Task:
+        """The kind of target, which owns the labels' encoding, the loss, the metrics and the files."""
+        return create_task(self.task_name, self.classes)
 
     @property
     def n_folds(self) -> int:
@@ -75,7 +82,7 @@ class PreparedData:
 
     @property
     def targets(self) -> np.ndarray:
-        """Each training row's class index."""
+        """Each training row's target as the task encoded it (a class index for single-label)."""
         return self.train["target"].to_numpy()
 
     @property
@@ -96,17 +103,19 @@ def load_prepared(folder: str | Path = "data/prepared", images: bool = True) -> 
     train = pd.read_csv(folder / "train.csv", dtype={"id": str, "label": str})
     test = pd.read_csv(folder / "test.csv", dtype={"id": str})
     load = (lambda name: np.load(folder / name, mmap_mode="r")) if images else (lambda name: None)
+    labels = read_json(folder / "classes.json")
     held = folder / "holdout.csv"
     holdout = pd.read_csv(held, dtype={"id": str, "label": str}) if held.exists() else None
     return PreparedData(
         train=train,
         test=test,
-        classes=read_json(folder / "classes.json")["classes"],
+        classes=labels["classes"],
         train_images=load("train_images.npy"),
         test_images=load("test_images.npy"),
         stats=read_json(folder / "stats.json"),
         holdout=holdout,
         holdout_images=None if holdout is None else load("holdout_images.npy"),
+        task_name=labels.get("task", DEFAULT_TASK),
     )
 
 
@@ -262,13 +271,12 @@ def default_num_workers(device: torch.device, dataset: Dataset | None = None, ba
     return max(1, min(needed, cores - 1))
 
 
-def balanced_sampler(targets: np.ndarray, seed: int) -> WeightedRandomSampler:
-    """Draws len(targets) rows per epoch with replacement, every class equally likely (`train.sampler: balanced`)."""
-    counts = np.bincount(targets)
-    weights = 1.0 / counts[targets]
+def weighted_sampler(weights: np.ndarray, seed: int) -> WeightedRandomSampler:
+    """Draws len(weights) rows per epoch with replacement, row i with probability proportional to
+    weights[i] (`train.sampler: balanced`, with the task's `sample_weights`)."""
     return WeightedRandomSampler(
         torch.as_tensor(weights, dtype=torch.double),
-        len(targets),
+        len(weights),
         replacement=True,
         generator=torch.Generator().manual_seed(seed),
     )

@@ -19,9 +19,9 @@ from pipeline.config import ConfigError, Params
 from pipeline.data import PreparedData
 from pipeline.ensemblers import ENSEMBLES, Ensemble, create_ensemble, cross_fit, ensemble_state
 from pipeline.io import atomic_dir, atomic_write_text, read_json, write_json
-from pipeline.metrics import METRICS, argbest, is_better, scores
-from pipeline.probs import probs_frame, read_probs
-from pipeline.submission import SubmissionFormat, build_submission, local_leaderboard, validate_submission
+from pipeline.metrics import argbest, is_better
+from pipeline.submission import SubmissionFormat
+from pipeline.tasks import Task
 
 
 @dataclass
@@ -44,15 +44,16 @@ def fit_methods(
     test: list[np.ndarray],
     y: np.ndarray,
     folds: np.ndarray,
+    task: Task,
 ) -> tuple[dict[str, MethodFit], dict[str, str]]:
-    """Fit and cross-fit each method of `names` on the backbones' OOF probabilities. Returns the
-    fitted methods and, for those that could not be fitted (e.g. stacking on a fold lacking a class),
-    their reason."""
+    """Fit and cross-fit each method of `names` on the backbones' OOF predictions, scored by the task's
+    metrics. Returns the fitted methods and, for those that could not be fitted (e.g. stacking on a fold
+    lacking a class), their reason."""
     fits, errors = {}, {}
     for name in names:
 
         def make(name=name):
-            return create_ensemble(name, metric, weights)
+            return create_ensemble(name, metric, weights, task.name)
 
         try:
             model = make().fit(oof, y)
@@ -60,7 +61,7 @@ def fit_methods(
         except ValueError as exc:
             errors[name] = str(exc)
             continue
-        report = {"oof": scores(honest, y, METRICS), "oof_in_sample": scores(model.predict_proba(oof), y, METRICS)}
+        report = {"oof": task.scores(honest, y), "oof_in_sample": task.scores(model.predict_proba(oof), y)}
         if hasattr(model, "weights_"):
             report["weights"] = dict(zip(backbones, np.round(model.weights_, 6).tolist()))
         fits[name] = MethodFit(model, honest, model.predict_proba(test), report)
@@ -98,12 +99,12 @@ def headline(metrics: dict, metric: str, chosen_by: str) -> dict:
     return out
 
 
-def single_report(backbone: str, oof: np.ndarray, y: np.ndarray, predictions: Path) -> dict:
+def single_report(backbone: str, oof: np.ndarray, y: np.ndarray, predictions: Path, task: Task) -> dict:
     """One backbone's OOF scores beside its predict stage's TTA choice (`predictions`/tta.json), for the report."""
     path = Path(predictions) / "tta.json"
     tta = read_json(path) if path.exists() else {}
     return {
-        "oof": scores(oof, y, METRICS),
+        "oof": task.scores(oof, y),
         "tta": tta.get("policy"),
         "oof_no_tta": tta.get("policies", {}).get("none"),
         "oof_tta_selection_crossfit": tta.get("oof_selection_crossfit"),
@@ -117,12 +118,12 @@ def score_holdout(
     """`cv.holdout`: every fitted method and backbone scored on the held-out rows, each backbone's bag
     of fold models under its chosen TTA (as the test set is predicted: `predictions`/<b>/holdout_probs.csv);
     the scores choose nothing."""
-    ids, y = data.holdout["id"], data.holdout["target"].to_numpy()
-    held = [read_probs(Path(predictions) / b / "holdout_probs.csv", ids, data.classes, b) for b in singles]
+    ids, y, task = data.holdout["id"], data.holdout["target"].to_numpy(), data.task
+    held = [task.read_predictions(Path(predictions) / b / "holdout_probs.csv", ids, b) for b in singles]
     for fit in fitted.values():
-        fit.report["holdout"] = scores(fit.model.predict_proba(held), y, METRICS)
+        fit.report["holdout"] = task.scores(fit.model.predict_proba(held), y)
     for b, probs in zip(singles, held):
-        singles[b]["holdout"] = scores(probs, y, METRICS)
+        singles[b]["holdout"] = task.scores(probs, y)
 
 
 @dataclass
@@ -138,16 +139,15 @@ def fit_stage(params: Params, data: PreparedData, predictions: Path, where: str)
     """Fit and cross-fit every method of `ensemble.methods` on the backbones' OOF probabilities in
     `predictions`/<backbone>/ (predictions/), choose one (`ensemble.method`), and report it beside the best
     single backbone."""
-    cfg, backbones, y = params.ensemble, list(params.train.backbones), data.targets
+    cfg, backbones, y, task = params.ensemble, list(params.train.backbones), data.targets, data.task
     bad = [m for m in cfg.methods if m not in ENSEMBLES]  # the registry's names; the rest was checked on reading
     if bad:
         raise ConfigError(f"{where}: ensemble.methods: unknown method '{bad[0]}' (known: {', '.join(ENSEMBLES)})")
     folder = {b: Path(predictions) / b for b in backbones}
-    oof = [read_probs(folder[b] / "oof_probs.csv", data.train["id"], data.classes, b) for b in backbones]
-    test = [read_probs(folder[b] / "test_probs.csv", data.test["id"].tolist(), data.classes, b) for b in backbones]
-    fitted, errors = fit_methods(
-        cfg.methods, cfg.metric, [cfg.weights.get(b, 1.0) for b in backbones], backbones, oof, test, y, data.folds
-    )
+    oof = [task.read_predictions(folder[b] / "oof_probs.csv", data.train["id"], b) for b in backbones]
+    test = [task.read_predictions(folder[b] / "test_probs.csv", data.test["id"].tolist(), b) for b in backbones]
+    weights = [cfg.weights.get(b, 1.0) for b in backbones]
+    fitted, errors = fit_methods(cfg.methods, cfg.metric, weights, backbones, oof, test, y, data.folds, task)
     for name, reason in errors.items():
         print(f"ensemble method {name} skipped: {reason}")
     if not fitted:
@@ -156,7 +156,7 @@ def fit_stage(params: Params, data: PreparedData, predictions: Path, where: str)
         raise ConfigError(f"{where}: ensemble.method: {cfg.method} could not be fitted ({errors[cfg.method]})")
     chosen = choose_method(fitted, cfg.method, cfg.metric)
     methods = {name: fitted[name].report if name in fitted else {"error": errors[name]} for name in cfg.methods}
-    singles = {b: single_report(b, probs, y, folder[b]) for b, probs in zip(backbones, oof)}
+    singles = {b: single_report(b, probs, y, folder[b], task) for b, probs in zip(backbones, oof)}
     if data.holdout is not None:
         score_holdout(fitted, singles, data, predictions)
     best_single = backbones[argbest(cfg.metric, [singles[b]["oof"][cfg.metric] for b in backbones])]
@@ -192,7 +192,7 @@ def write_submissions(run: EnsembleRun, data: PreparedData, prepared: Path, out:
     sample submission, each scored on the local leaderboard where the competition has answers: reported,
     never used to choose), then the chosen method's submission.csv and its OOF and test probabilities,
     and submissions/ensemble.json (every fitted method as numbers)."""
-    metric, methods = run.metrics["metric"], run.metrics["methods"]
+    metric, methods, task = run.metrics["metric"], run.metrics["methods"], data.task
     files, board = {}, {}
     test_ids = data.test["id"].tolist()
     sample = pd.read_csv(prepared / "sample_submission.csv", dtype=str, keep_default_na=False)
@@ -200,14 +200,14 @@ def write_submissions(run: EnsembleRun, data: PreparedData, prepared: Path, out:
     answers = prepared / "answers.csv"
     with atomic_dir(out / "methods") as folder:
         for name, fit in run.fitted.items():
-            submission = build_submission(test_ids, fit.test, data.classes, fmt)
-            validate_submission(submission, sample, data.classes, fmt)
+            submission = task.submission(test_ids, fit.test, fmt)
+            task.check_submission(submission, sample, fmt)
             file = f"{name}-oof-{metric}-{methods[name]['oof'][metric]:.4f}.csv"
             submission.to_csv(folder / file, index=False)
             files[name] = f"{out}/methods/{file}"
             if answers.exists():
-                board[name] = local_leaderboard(
-                    pd.read_csv(answers, dtype=str, keep_default_na=False), test_ids, fit.test, data.classes
+                board[name] = task.leaderboard(
+                    pd.read_csv(answers, dtype=str, keep_default_na=False), test_ids, fit.test
                 )
     chosen = run.fitted[run.chosen]
     write_json(
@@ -216,16 +216,13 @@ def write_submissions(run: EnsembleRun, data: PreparedData, prepared: Path, out:
             "method": run.chosen,
             "members": run.metrics["members"],
             "classes": data.classes,
+            "task": task.name,
             "states": {name: ensemble_state(fit.model) for name, fit in run.fitted.items()},
         },
     )
-    atomic_write_text(
-        out / "oof_probs.csv", probs_frame(data.train["id"], chosen.honest_oof, data.classes).to_csv(index=False)
-    )
-    atomic_write_text(out / "test_probs.csv", probs_frame(test_ids, chosen.test, data.classes).to_csv(index=False))
-    atomic_write_text(
-        out / "submission.csv", build_submission(test_ids, chosen.test, data.classes, fmt).to_csv(index=False)
-    )
+    atomic_write_text(out / "oof_probs.csv", task.frame(data.train["id"], chosen.honest_oof).to_csv(index=False))
+    atomic_write_text(out / "test_probs.csv", task.frame(test_ids, chosen.test).to_csv(index=False))
+    atomic_write_text(out / "submission.csv", task.submission(test_ids, chosen.test, fmt).to_csv(index=False))
     return SubmissionFiles(files, board)
 
 

@@ -12,7 +12,9 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.estimator_state import from_state, inline_get, inline_put, sklearn_types, to_state
-from pipeline.metrics import METRICS, argbest
+from pipeline.metrics import argbest
+from pipeline.tasks import DEFAULT_TASK, metric_function
+from pipeline.tasks.single_label import vote_shares
 
 ENSEMBLES: dict[str, type] = {}
 
@@ -29,16 +31,18 @@ def register_ensemble(name: str):
 
 
 class Ensemble:
-    """The scikit-learn estimator contract for combining members' class probabilities.
+    """The scikit-learn estimator contract for combining members' predictions (a single-label task's class
+    probabilities).
 
-    `__init__` only stores its arguments; `fit(probs_list, y)` learns from OOF probabilities (one
-    (N, C) array per member) and returns self; learned state ends in `_`; `predict_proba(probs_list)`
-    combines new probabilities of the same members; `predict` is its argmax.
+    `__init__` only stores its arguments; `fit(probs_list, y)` learns from OOF predictions (one (N, C)
+    array per member) and returns self; learned state ends in `_`; `predict_proba(probs_list)` combines
+    new predictions of the same members. What a prediction means (its label) is the task's.
     """
 
     @classmethod
-    def from_config(cls, metric: str, weights=None) -> "Ensemble":
-        """An unfitted instance from `ensemble.*` params; a method that takes neither ignores them."""
+    def from_config(cls, metric: str, weights=None, task: str = DEFAULT_TASK) -> "Ensemble":
+        """An unfitted instance from `ensemble.*` params and the task's name; a method that takes none of
+        them ignores them."""
         return cls()
 
     weighted_mean = False  # True: predict_proba is the weights_-weighted mean of the members' probabilities
@@ -74,9 +78,6 @@ class Ensemble:
             raise ValueError(f"expected {self.n_members_} members with {self.n_classes_} classes, got {probs.shape}")
         return self._predict_proba(probs)
 
-    def predict(self, probs_list: list[np.ndarray]) -> np.ndarray:
-        return self.predict_proba(probs_list).argmax(1)
-
     def _fit(self, probs: np.ndarray, y: np.ndarray) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
@@ -104,7 +105,7 @@ class SoftVotingEnsemble(Ensemble):
         self.weights = weights
 
     @classmethod
-    def from_config(cls, metric: str, weights=None) -> "SoftVotingEnsemble":
+    def from_config(cls, metric: str, weights=None, task: str = DEFAULT_TASK) -> "SoftVotingEnsemble":
         return cls(weights)
 
     def _fit(self, probs, y):
@@ -134,11 +135,7 @@ class HardVotingEnsemble(Ensemble):
         self.weights_ = np.full(len(probs), 1 / len(probs))
 
     def _predict_proba(self, probs):
-        m, n, c = probs.shape
-        votes = np.zeros((n, c))
-        for member in probs:
-            votes[np.arange(n), member.argmax(1)] += 1
-        return (votes + probs.mean(0) / 2) / (m + 0.5)
+        return vote_shares(probs)
 
 
 @register_ensemble("caruana")
@@ -149,16 +146,17 @@ class CaruanaEnsemble(Ensemble):
 
     weighted_mean = True
 
-    def __init__(self, metric: str = "log_loss", n_iter: int = 50):
+    def __init__(self, metric: str = "log_loss", n_iter: int = 50, task: str = DEFAULT_TASK):
         self.metric = metric
         self.n_iter = n_iter
+        self.task = task  # whose `metric` scores the running mean
 
     @classmethod
-    def from_config(cls, metric: str, weights=None) -> "CaruanaEnsemble":
-        return cls(metric=metric)
+    def from_config(cls, metric: str, weights=None, task: str = DEFAULT_TASK) -> "CaruanaEnsemble":
+        return cls(metric=metric, task=task)
 
     def _fit(self, probs, y):
-        score, _ = _metric(self.metric)
+        score = metric_function(self.task, self.metric)
         counts = np.zeros(len(probs))
         total = np.zeros_like(probs[0])
         self.scores_ = []
@@ -256,17 +254,11 @@ class StackingEnsemble(Ensemble):
         return np.log(np.clip(probs, 1e-7, 1.0)).transpose(1, 0, 2).reshape(probs.shape[1], -1)
 
 
-def _metric(name: str):
-    if name not in METRICS:
-        raise ValueError(f"unknown metric '{name}' (choose from {sorted(METRICS)})")
-    return METRICS[name]
-
-
-def create_ensemble(name: str, metric: str, weights=None) -> Ensemble:
-    """An unfitted ensembler by registry name."""
+def create_ensemble(name: str, metric: str, weights=None, task: str = DEFAULT_TASK) -> Ensemble:
+    """An unfitted ensembler by registry name, for `task`'s predictions."""
     if name not in ENSEMBLES:
         raise ValueError(f"unknown ensemble method '{name}' (choose from {sorted(ENSEMBLES)})")
-    return ENSEMBLES[name].from_config(metric, weights)
+    return ENSEMBLES[name].from_config(metric, weights, task)
 
 
 def _state_types() -> dict[str, type]:

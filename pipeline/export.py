@@ -29,10 +29,10 @@ def save_for_timm(ckpt: dict, out: Path, classes: list[str] | None) -> None:
     """`ckpt`'s model as timm's `save_for_hf` writes it, safetensors only: model.safetensors and a
     config.json whose data config is the fold's own (mean, std, input size, interpolation), so that
     `timm.create_model("local-dir:<out>", pretrained=True)` and `timm.data.resolve_data_config` give
-    back the model and how to feed it. A features+sklearn fold exports its trunk (num_classes 0)."""
+    back the model and how to feed it. A features+sklearn fold exports its trunk (no head)."""
     from timm.models import save_for_hf
 
-    model = create_model(ckpt["model"], num_classes=ckpt["num_classes"] if not ckpt.get("sklearn_head") else 0)
+    model = create_model(ckpt["model"], ckpt["num_classes"] if not ckpt.get("sklearn_head") else 0)  # the head's size
     model.load_state_dict(ckpt["state_dict"])
     size = ckpt["image_size"]
     data = {
@@ -43,7 +43,7 @@ def save_for_timm(ckpt: dict, out: Path, classes: list[str] | None) -> None:
         "crop_pct": 1.0,
     }
     config = {"pretrained_cfg": data}
-    if classes and model.num_classes == len(classes):
+    if classes and not ckpt.get("sklearn_head") and ckpt["num_classes"] == len(classes):
         config["label_names"] = list(classes)
     save_for_hf(model, str(out), model_config=config, safe_serialization=True)
 

@@ -15,7 +15,6 @@ from pipeline.config import TrainSettings
 from pipeline.data import InputConfig, PreparedData, Rows
 from pipeline.inference import extract_features
 from pipeline.loop import Split, derive_seed, fit
-from pipeline.metrics import METRICS, scores
 from pipeline.models import Pretrained, create_model, pretrained_config
 from pipeline.precision import cached_probe, resolve_precision
 from pipeline.resume import FoldResult
@@ -29,13 +28,14 @@ def bootstrap_rows(rows: np.ndarray, seed: int, fold: int) -> np.ndarray:
 
 
 def initial_model(
-    model_name: str, num_classes: int, s: TrainSettings, fold_seed: int, pretrained: Pretrained = None
+    model_name: str, n_outputs: int, s: TrainSettings, fold_seed: int, pretrained: Pretrained = None
 ) -> torch.nn.Module:
-    """A fold's model before training, its random initialisation drawn from `fold_seed`; with `s.dirac_init`
-    (from scratch only), every 3x3 conv's first min(in, out) output channels pass their input channel through."""
+    """A fold's model before training, with a head of `n_outputs` (0: none), its random initialisation drawn
+    from `fold_seed`; with `s.dirac_init` (from scratch only), every 3x3 conv's first min(in, out) output
+    channels pass their input channel through."""
     torch.manual_seed(fold_seed)
     model = create_model(
-        model_name, num_classes, pretrained=pretrained, drop_rate=s.drop_rate, drop_path_rate=s.drop_path_rate
+        model_name, n_outputs, pretrained=pretrained, drop_rate=s.drop_rate, drop_path_rate=s.drop_path_rate
     )
     if s.dirac_init and not pretrained:
         for m in model.modules():
@@ -84,14 +84,14 @@ def train_fold(
     """One fold, set up the one way CV training, tuning and the speed probe share: a fresh model (seeded from
     `s.seed` and k) trained on the other folds' rows (a bootstrap resample of them if `s.bootstrap`), normalised
     as `input_normalization` says, validated on fold k, in the `s.finetune` mode. Returns (result, checkpoint)."""
-    targets, n_classes = data.targets, len(data.classes)
+    targets, task = data.targets, data.task
     tr, va = np.flatnonzero(data.folds != k), np.flatnonzero(data.folds == k)
     if s.bootstrap:
         tr = bootstrap_rows(tr, s.seed, k)
     mean, std = input_normalization(data, k, s, model_name, pretrained)
     fold_seed = derive_seed(s.seed, k)
     sklearn_head = s.finetune == "features+sklearn"
-    model = initial_model(model_name, 0 if sklearn_head else n_classes, s, fold_seed, pretrained)
+    model = initial_model(model_name, 0 if sklearn_head else task.n_outputs, s, fold_seed, pretrained)
     precision, probe = resolve_precision(
         s.precision, device, lambda: cached_probe(model, model_name, s.finetune, s.batch_size, image_size, device)
     )
@@ -101,7 +101,7 @@ def train_fold(
     if sklearn_head:
         result = _fit_sklearn_head(model, train, val, cfg, s, device)
         if on_epoch is not None:  # one "epoch": the classifier's fit
-            on_epoch(0, {f"val_{m}": v for m, v in scores(result.val_probs, val.targets, METRICS).items()})
+            on_epoch(0, {f"val_{m}": v for m, v in task.scores(result.val_probs, val.targets).items()})
     else:
         result = fit(
             model,
@@ -110,7 +110,7 @@ def train_fold(
             cfg,
             dataclasses.replace(s, seed=fold_seed),
             device,
-            num_classes=n_classes,
+            task=task,
             on_epoch=on_epoch,
             state_path=state_path,
             where=where,
@@ -118,7 +118,7 @@ def train_fold(
         )
     checkpoint = {
         "model": model_name,
-        "num_classes": n_classes,
+        "num_classes": task.n_outputs,  # the head's size (the checkpoint format's name, timm's)
         "state_dict": result.state_dict,
         **cfg.checkpoint_fields(),
         "fold": k,

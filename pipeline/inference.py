@@ -2,9 +2,9 @@
 the predict stage's TTA views, frozen features for `features+sklearn`, and rebuilding a fold model
 from its checkpoint.
 
-A view is any function of a normalised batch (B, C, H, W) and the normalisation mean/std
-(1, C, 1, 1) that returns a batch of the same shape; the named TTA views live in the predict stage
-(pipeline/predict.py), so editing one reruns predict, never training.
+What a model's logits become is the task's (`Task.outputs`). A view is any function of a normalised
+batch (B, C, H, W) and the normalisation mean/std (1, C, 1, 1) that returns a batch of the same shape;
+the named TTA views live in pipeline/tta.py, so editing one reruns predict, never training or the plan.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pipeline.io import load_checkpoint
 from pipeline.models import create_model, use_channels_last
 from pipeline.precision import amp_dtype
 from pipeline.sklearn_head import CLASSIFIER_FILE, FeaturesClassifier, feature_extractor, load_classifier
+from pipeline.tasks import Task
 
 View = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -75,37 +76,38 @@ def _forward_batches(
     return np.concatenate(out, axis=1) if out else np.zeros((len(views), 0, 0), dtype=np.float32)
 
 
-def predict_log_probs(
+def predict_outputs(
     model: torch.nn.Module,
     images: np.ndarray,
     cfg: InputConfig,
     batch_size: int,
     device: torch.device,
+    task: Task,
     views: Sequence[View] = (identity,),
     desc: str | None = None,
 ) -> np.ndarray:
-    """Log-probabilities (V, N, C) of uint8 images (N, H, W, 3) under each of `views`."""
-    return _forward_batches(
-        model, images, cfg, batch_size, device, views, lambda logits: torch.log_softmax(logits, dim=1), desc
-    )
+    """The task's outputs (V, N, C) of uint8 images (N, H, W, 3) under each of `views` (`task.outputs` of the
+    logits: log-probabilities for a single-label task)."""
+    return _forward_batches(model, images, cfg, batch_size, device, views, task.outputs, desc)
 
 
-def predict_proba(
+def predict(
     model: torch.nn.Module,
     images: np.ndarray,
     cfg: InputConfig,
     batch_size: int,
     device: torch.device,
+    task: Task,
     desc: str | None = None,
 ) -> np.ndarray:
-    """Softmax probabilities (N, C) of uint8 images (N, H, W, 3), no test-time augmentation."""
-    return np.exp(predict_log_probs(model, images, cfg, batch_size, device, desc=desc)[0])
+    """Predictions (N, C) of uint8 images (N, H, W, 3) without test-time augmentation: the one view merged."""
+    return task.merge(predict_outputs(model, images, cfg, batch_size, device, task, desc=desc), "mean")
 
 
 def extract_features(
     model: torch.nn.Module, images: np.ndarray, cfg: InputConfig, batch_size: int, device: torch.device
 ) -> np.ndarray:
-    """Pooled backbone features (N, D) of a model created with num_classes=0 (in fp32: `cfg.precision` aside)."""
+    """Pooled backbone features (N, D) of a model created without a head (in fp32: `cfg.precision` aside)."""
     return _forward_batches(
         model, images, dataclasses.replace(cfg, precision=None), batch_size, device, (identity,), lambda f: f, None
     )[0]
@@ -114,7 +116,7 @@ def extract_features(
 def fold_model(ckpt: dict, device: torch.device, classifier=None) -> torch.nn.Module:
     """A fold's model from its checkpoint dict (with the features+sklearn `classifier` on top, if any),
     on `device`, laid out as inference runs it."""
-    model = create_model(ckpt["model"], num_classes=0 if classifier is not None else ckpt["num_classes"])
+    model = create_model(ckpt["model"], 0 if classifier is not None else ckpt["num_classes"])  # a head: its outputs
     model.load_state_dict(ckpt["state_dict"])
     if classifier is not None:
         model = FeaturesClassifier(feature_extractor(model, ckpt.get("feature_layer")), classifier)

@@ -16,7 +16,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from timm.data import Mixup
 from timm.models import group_parameters
 from timm.optim import create_optimizer_v2
@@ -32,23 +31,24 @@ from pipeline.data import (
     ImageDataset,
     InputConfig,
     Rows,
-    balanced_sampler,
     build_loader,
     build_train_transform,
     default_num_workers,
     to_input,
+    weighted_sampler,
 )
 from pipeline.errors import PipelineError
-from pipeline.inference import predict_proba
-from pipeline.metrics import METRICS, is_better_scores, scores
+from pipeline.inference import predict
+from pipeline.metrics import is_better_scores
 from pipeline.models import use_channels_last
 from pipeline.precision import amp_dtype
 from pipeline.resume import FoldResult, FoldState
+from pipeline.tasks import Task
 
 
 @dataclass
 class Split:
-    """Images (uint8 (N, S, S, 3), an array or `Rows` of the cache) and their class indices."""
+    """Images (uint8 (N, S, S, 3), an array or `Rows` of the cache) and their targets (the task's encoding)."""
 
     images: np.ndarray | Rows
     targets: np.ndarray
@@ -153,18 +153,6 @@ def _reseed(seed: int, epoch: int) -> int:
 # ---------------------------------------------------------------- one epoch
 
 
-def _loss(
-    logits: torch.Tensor, y: torch.Tensor, mixed: bool, label_smoothing: float, class_weight: torch.Tensor | None
-) -> torch.Tensor:
-    # class weights scale each example's loss, averaged over the batch (not over the weights, as
-    # cross_entropy's `weight` does: that renormalises per batch and undoes most of the weighting)
-    if mixed:
-        terms = -y * F.log_softmax(logits.float(), dim=-1)
-        return (terms if class_weight is None else terms * class_weight).sum(-1).mean()
-    loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing, reduction="none")
-    return (loss if class_weight is None else loss * class_weight[y]).mean()
-
-
 def _step(model, optimizer, scheduler, scaler, clip_grad_norm: float | None, ema) -> None:
     if scaler is not None:
         scaler.unscale_(optimizer)
@@ -196,10 +184,11 @@ def train_one_epoch(
     clip_grad_norm: float | None = None,
     ema: ModelEmaV3 | None = None,
     class_weight: torch.Tensor | None = None,
+    task: Task,
     where: str = "",
     desc: str | None = None,
 ) -> float:
-    """One pass over `loader`; returns the mean training loss.
+    """One pass over `loader`; returns the mean training loss (`task.loss` of the logits).
 
     `class_weight` (C,) weighs each example's loss by its class (by its soft target under mixup).
     Forward and loss run under `cfg.precision`'s autocast. `where` names the run in errors (backbone,
@@ -220,7 +209,7 @@ def train_one_epoch(
         if mixup is not None:
             x, y = mixup(x, y)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = _loss(model(x), y, mixup is not None, label_smoothing, class_weight)
+            loss = task.loss(model(x), y, mixup is not None, label_smoothing, class_weight)
         if not torch.isfinite(loss):
             raise PipelineError(
                 f"{where}, step {step + 1}: loss is {loss.item()} (lr {optimizer.param_groups[0]['lr']:.3g}); "
@@ -241,12 +230,13 @@ def train_one_epoch(
 
 
 def evaluate(
-    model, val: Split, cfg: InputConfig, batch_size: int, device: torch.device
+    model, val: Split, cfg: InputConfig, batch_size: int, device: torch.device, task: Task
 ) -> tuple[dict[str, float], np.ndarray]:
-    """Validation scores and probabilities (no augmentation); under DDP each rank predicts a share."""
+    """Validation scores and predictions (no augmentation); under DDP each rank predicts a share."""
     shard = slice(distributed.rank(), None, distributed.world_size())
-    probs = distributed.gather_rows(predict_proba(model, val.images[shard], cfg, batch_size, device), len(val.images))
-    return scores(probs, val.targets, METRICS), probs
+    probs = predict(model, val.images[shard], cfg, batch_size, device, task)
+    probs = distributed.gather_rows(probs, len(val.images))
+    return task.scores(probs, val.targets), probs
 
 
 # ---------------------------------------------------------------- a model's whole training
@@ -267,23 +257,17 @@ class _Run:
     sampler: object
     transform: object
     class_weight: torch.Tensor | None
+    task: Task  # the kind of target: its loss, mixup targets and scores
 
 
-def _sampler(dataset, targets: np.ndarray, s: TrainSettings, where: str):
+def _sampler(dataset, targets: np.ndarray, s: TrainSettings, task: Task, where: str):
     if distributed.is_distributed():  # each rank trains on its own shard; s.batch_size is per rank
         if s.sampler == "balanced":
             raise PipelineError(
                 f"{where}: train.sampler: balanced does not run under torchrun; use train.class_weight: balanced"
             )
         return DistributedSampler(dataset, shuffle=True, seed=s.seed, drop_last=True)
-    return balanced_sampler(targets, s.seed) if s.sampler == "balanced" else None
-
-
-def _class_weight(targets: np.ndarray, s: TrainSettings, num_classes: int, device) -> torch.Tensor | None:
-    if s.class_weight != "balanced":
-        return None
-    counts = np.maximum(np.bincount(targets, minlength=num_classes), 1)  # n / (C x count): equal totals per class
-    return torch.as_tensor(len(targets) / (num_classes * counts), dtype=torch.float32, device=device)
+    return weighted_sampler(task.sample_weights(targets), s.seed) if s.sampler == "balanced" else None
 
 
 def _setup(
@@ -292,7 +276,7 @@ def _setup(
     cfg: InputConfig,
     s: TrainSettings,
     device,
-    num_classes: int,
+    task: Task,
     where: str,
     data_init: bool,
 ) -> _Run:
@@ -312,25 +296,18 @@ def _setup(
     )
     dataset = ImageDataset(train.images, train.targets, transform)
     workers = default_num_workers(device, dataset, s.batch_size) if s.num_workers is None else s.num_workers
-    sampler = _sampler(dataset, train.targets, s, where)
-    class_weight = _class_weight(train.targets, s, num_classes, device)
+    sampler = _sampler(dataset, train.targets, s, task, where)
+    class_weight = task.class_weight(train.targets, s.class_weight, device)
     loader = build_loader(dataset, s.batch_size, True, workers, s.seed, device, sampler=sampler)
     scheduler = LRSchedule(optimizer, s, math.ceil(len(loader) / s.grad_accum_steps))
     scaler = torch.amp.GradScaler("cuda") if amp_dtype(device, cfg.precision) == torch.float16 else None
     ema = ModelEmaV3(model, decay=s.ema_decay) if s.ema_decay else None
-    mixup = (
-        Mixup(
-            mixup_alpha=s.mixup_alpha,
-            cutmix_alpha=s.cutmix_alpha,
-            label_smoothing=s.label_smoothing,
-            num_classes=num_classes,
-        )
-        if s.mixup_alpha > 0 or s.cutmix_alpha > 0
-        else None
-    )
+    mixup = task.mixup(s)
     forward = DistributedDataParallel(model) if distributed.is_distributed() else model
     forward = torch.compile(forward, backend=s.compile) if s.compile else forward
-    return _Run(model, forward, optimizer, scheduler, scaler, ema, mixup, loader, sampler, transform, class_weight)
+    return _Run(
+        model, forward, optimizer, scheduler, scaler, ema, mixup, loader, sampler, transform, class_weight, task
+    )
 
 
 def _best_candidate(monitor: str, evaluated: list[tuple]) -> tuple:
@@ -374,6 +351,7 @@ def _epoch(
             clip_grad_norm=s.clip_grad_norm,
             ema=run.ema,
             class_weight=run.class_weight,
+            task=run.task,
             where=f"{where}, epoch {epoch + 1}",
             desc=f"{where} epoch {epoch + 1}/{s.epochs}",
         )
@@ -388,7 +366,7 @@ def _epoch(
     if (epoch + 1) % s.val_every == 0 or epoch + 1 == s.epochs:  # else: no validation this epoch
         candidates = [run.model] + ([run.ema.module] if run.ema is not None else [])
         validation = _best_candidate(
-            s.monitor, [(m, *evaluate(m, val, cfg, s.batch_size * 2, device)) for m in candidates]
+            s.monitor, [(m, *evaluate(m, val, cfg, s.batch_size * 2, device, run.task)) for m in candidates]
         )
         row.update({f"val_{m}": v for m, v in validation[1].items()})
     row["epoch_seconds"] = time.perf_counter() - started
@@ -414,7 +392,7 @@ def fit(
     s: TrainSettings,
     device: torch.device,
     *,
-    num_classes: int,
+    task: Task,
     on_epoch: Callable[[int, dict], None] | None = None,
     state_path=None,
     where: str = "fold",
@@ -426,7 +404,7 @@ def fit(
     (not for pretrained weights, whose stem keeps what it learnt). With `state_path`, the full state
     is saved there after every epoch and, if the file exists when called, training continues from it.
     """
-    run = _setup(model, train, cfg, s, device, num_classes, where, data_init)
+    run = _setup(model, train, cfg, s, device, task, where, data_init)
     state = FoldState(state_path, run.model, run.optimizer, run.scheduler, run.scaler, run.ema, s.monitor)
     if state.resume() and distributed.is_main():
         tqdm.write(f"{where}: resuming after epoch {state.start_epoch}/{s.epochs}")

@@ -29,7 +29,7 @@ from pipeline.config import Params, TrainSettings
 from pipeline.data import InputConfig, PreparedData, Rows
 from pipeline.errors import PipelineError
 from pipeline.fold import initial_model, train_fold
-from pipeline.inference import fold_model, predict_log_probs
+from pipeline.inference import fold_model, predict_outputs
 from pipeline.io import atomic_dir, seconds_so_far, write_json
 from pipeline.precision import cached_probe, resolve_precision
 
@@ -122,7 +122,7 @@ def measure_speed(
 ) -> tuple[Speed, str]:
     """(images/s training and predicting, the precision chosen) of one backbone as its stages will run:
     two epochs over `batches` batches of fold 0's training rows (drawn at random from all of them)
-    through `train_fold` (the second epoch counts: the first warms up), then `predict_log_probs` on
+    through `train_fold` (the second epoch counts: the first warms up), then `predict_outputs` on
     4 predict batches after one.
 
     Measured on 2 cores: the first ~80 batches of an epoch ran about 20% faster than a whole epoch's
@@ -165,9 +165,9 @@ def measure_speed(
     cfg = InputConfig.from_checkpoint(ckpt)
     images = Rows(data.train_images, np.arange(min(len(data.train), 5 * predict_batch)))
     warm, timed = images[:predict_batch], images[predict_batch:]
-    predict_log_probs(model, warm, cfg, predict_batch, device)
+    predict_outputs(model, warm, cfg, predict_batch, device, data.task)
     start = time.perf_counter()
-    predict_log_probs(model, timed, cfg, predict_batch, device)
+    predict_outputs(model, timed, cfg, predict_batch, device, data.task)
     infer_speed = len(timed) / (time.perf_counter() - start) if len(timed) else float("inf")
     return Speed(train=train_speed, infer=infer_speed), cfg.precision
 
@@ -250,8 +250,8 @@ def resolve_auto_precision(data: PreparedData, backbone: Backbone, device: torch
     s = backbone.settings
     if s.precision != "auto":
         return {}
-    n_classes = 0 if s.finetune == "features+sklearn" else len(data.classes)
-    model = initial_model(backbone.model_name, n_classes, s, s.seed, backbone.pretrained)
+    n_outputs = 0 if s.finetune == "features+sklearn" else data.task.n_outputs
+    model = initial_model(backbone.model_name, n_outputs, s, s.seed, backbone.pretrained)
     size = backbone.image_size
     probe = lambda: cached_probe(model, backbone.model_name, s.finetune, s.batch_size, size, device)  # noqa: E731
     precision, figures = resolve_precision(s.precision, device, probe)

@@ -22,9 +22,11 @@ import torch
 from pipeline.config import ConfigError
 from pipeline.data import PreparedData, Rows
 from pipeline.inference import fold_input_config, load_fold_model
-from pipeline.metrics import METRICS, is_better, scores
+from pipeline.io import write_json
+from pipeline.metrics import is_better
 from pipeline.paths import list_models
-from pipeline.tta import TTA_VIEWS, merge_views, predict_views
+from pipeline.tasks import Task
+from pipeline.tta import TTA_VIEWS, predict_views
 
 
 @dataclass
@@ -54,7 +56,8 @@ def predict_backbone(
     n_seeds = len(models[0])
     views = list(dict.fromkeys(v for vs in policies.values() for v in vs))
     index = {v: i for i, v in enumerate(views)}
-    n, c = len(data.train), len(data.classes)
+    task = data.task
+    n, c = len(data.train), task.n_outputs
     oof = {p: np.zeros((n_seeds, n, c)) for p in policies}
     others = {"test": data.test_images, **({} if data.holdout is None else {"holdout": data.holdout_images})}
     bag = {part: {p: np.zeros((len(images), c)) for p in policies} for part, images in others.items()}
@@ -64,16 +67,16 @@ def predict_backbone(
         for s, path in enumerate(paths):
             model, ckpt = load_fold_model(path, device)
             cfg = fold_input_config(ckpt, device)
-            kwargs = dict(cfg=cfg, batch_size=batch_size, device=device, views=views)
+            kwargs = dict(cfg=cfg, batch_size=batch_size, device=device, views=views, task=task)
             val = predict_views(
                 model, Rows(data.train_images, val_idx), desc=f"oof fold{k} {path.parent.parent.name}", **kwargs
             )
             for part, images in others.items():
                 out = predict_views(model, images, desc=f"{part} fold{k} {path.parent.parent.name}", **kwargs)
                 for p, vs in policies.items():
-                    bag[part][p] += merge_views(out[[index[v] for v in vs]], merge)
+                    bag[part][p] += task.merge(out[[index[v] for v in vs]], merge)
             for p, vs in policies.items():
-                oof[p][s, val_idx] = merge_views(val[[index[v] for v in vs]], merge)
+                oof[p][s, val_idx] = task.merge(val[[index[v] for v in vs]], merge)
     seeds, m = [path.parent.parent.name[4:] for path in models[0]], data.n_folds * n_seeds
     held = bag.get("holdout", dict.fromkeys(policies))
     return {
@@ -94,10 +97,12 @@ def resolve_tta(tta, backbone: str, where: str) -> tuple[list[str], list[str]]:
     return tta.policies_for(backbone)
 
 
-def select_policy(oof: dict[str, np.ndarray], y: np.ndarray, folds: np.ndarray, metric: str) -> tuple[str, np.ndarray]:
-    """The policy with the best OOF `metric`, and the honest OOF of choosing that way: each fold's
-    rows take the policy that scores best on the other folds' rows (cross-fitted selection)."""
-    score = METRICS[metric][0]
+def select_policy(
+    oof: dict[str, np.ndarray], y: np.ndarray, folds: np.ndarray, metric: str, task: Task
+) -> tuple[str, np.ndarray]:
+    """The policy with the best OOF `metric` (one of the task's), and the honest OOF of choosing that way:
+    each fold's rows take the policy that scores best on the other folds' rows (cross-fitted selection)."""
+    score = task.METRICS[metric][0]
 
     def best(rows) -> str:
         chosen = None
@@ -121,12 +126,14 @@ def choose_policy(
     pool: list[str],
     y: np.ndarray,
     folds: np.ndarray,
+    task: Task,
     holdout_y: np.ndarray | None = None,
 ) -> dict:
     """The predict stage's report: the policy chosen among `pool` on OOF `tta.metric`, its scores, the
     honest score of choosing that way, every computed policy's scores and each seed's; with `cv.holdout`
     (`holdout_y`), the scores on the held-out rows too, which choose nothing."""
-    chosen, honest = select_policy({c: preds[c].oof for c in pool}, y, folds, tta.metric)
+    chosen, honest = select_policy({c: preds[c].oof for c in pool}, y, folds, tta.metric, task)
+    scores = task.scores
     best = preds[chosen]
     held = (
         {}
@@ -147,6 +154,17 @@ def choose_policy(
         "seeds": {seed: scores(o, y) for seed, o in zip(best.seeds, best.oof_per_seed)},
         **held,
     }
+
+
+def write_predictions(folder: Path, data: PreparedData, best: PolicyPredictions, report: dict) -> None:
+    """`folder` (predictions/<backbone>/): the chosen policy's OOF, test (and holdout) predictions as the
+    task writes them, and tta.json (the choice and every policy's scores)."""
+    task = data.task
+    task.frame(data.train["id"], best.oof).to_csv(folder / "oof_probs.csv", index=False)
+    task.frame(data.test["id"], best.test).to_csv(folder / "test_probs.csv", index=False)
+    if best.holdout is not None:
+        task.frame(data.holdout["id"], best.holdout).to_csv(folder / "holdout_probs.csv", index=False)
+    write_json(folder / "tta.json", report)
 
 
 def log_stage(report: dict, tta, backbone: str, tracker, report_path: str) -> None:

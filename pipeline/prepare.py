@@ -6,7 +6,7 @@ Outputs (data/prepared/):
   train.csv          id, label (original value), target (class index), fold, width, height, path[, group]
   test.csv           id, width, height, path, in the sample submission's order (width, height: the original
                      size; path: the image inside the competition)
-  classes.json       the original label values, in class-index order
+  classes.json       the original label values, in class-index order, and the task (the kind of target)
   submission_format.json  the sample submission's layout (label, probabilities, or one binary probability)
   train_images.npy   uint8 (N, S, S, 3), rows aligned with train.csv (S = prepare.image_size; written as
                      decoded, so memory holds a chunk, not the cache)
@@ -41,7 +41,8 @@ from pipeline.competition import (
 from pipeline.config import CompetitionConfig
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, write_json
-from pipeline.submission import SubmissionFormat, read_submission_format
+from pipeline.submission import SubmissionFormat
+from pipeline.tasks import DEFAULT_TASK, TASKS, Task
 
 DIGITS_MARKER = "SKLEARN_DIGITS"  # in a source folder: render scikit-learn's digits there
 
@@ -86,15 +87,6 @@ def render_digits(out_dir: str | Path, test_fraction: float = 0.2, seed: int = 0
 # ---------------------------------------------------------------- validation helpers
 
 
-def sort_classes(labels) -> list[str]:
-    """Class order: numeric when every label is an integer ('2' < '10'), else lexicographic."""
-    unique = set(labels)
-    try:
-        return sorted(unique, key=lambda s: int(s))
-    except ValueError:
-        return sorted(unique)
-
-
 def _require_columns(df: pd.DataFrame, columns: dict[str, str], where: str) -> None:
     for key, column in columns.items():
         if column not in df.columns:
@@ -103,13 +95,9 @@ def _require_columns(df: pd.DataFrame, columns: dict[str, str], where: str) -> N
             )
 
 
-def _check_class_counts(labels: pd.Series, n_folds: int, where: str) -> None:
-    counts = labels.value_counts()
-    rare = counts[counts < n_folds]
-    if len(rare):
-        raise PipelineError(
-            f"{where}: class '{rare.index[0]}' has {int(rare.iloc[0])} examples, fewer than cv.n_folds={n_folds}"
-        )
+def _kind() -> type[Task]:
+    """The kind of target prepare reads train.csv's labels as (`competition.task` arrives with multi-label)."""
+    return TASKS[DEFAULT_TASK]
 
 
 def holdout_mask(labels: np.ndarray, share: float, seed: int, groups: np.ndarray | None, where: str) -> np.ndarray:
@@ -230,19 +218,19 @@ def _read_train(files: CompetitionFiles, comp: CompetitionConfig) -> pd.DataFram
 
 
 def _add_targets_and_folds(
-    train: pd.DataFrame, classes: list[str], comp: CompetitionConfig, n_folds: int, seed: int
+    train: pd.DataFrame, task: Task, comp: CompetitionConfig, n_folds: int, seed: int
 ) -> pd.DataFrame:
     train = train.reset_index(drop=True)
-    train["target"] = train["label"].map({c: i for i, c in enumerate(classes)}).astype(np.int64)
+    train["target"] = task.encode(train["label"])
     groups = train["group"].to_numpy() if comp.group_column else None
-    train["fold"] = assign_folds(train["target"].to_numpy(), n_folds, seed, groups)
+    train["fold"] = assign_folds(task.stratify_on(train["target"].to_numpy()), n_folds, seed, groups)
     return train
 
 
 def _split_holdout(
     d: _Decoded,
     tmp: Path,
-    classes: list[str],
+    task: Task,
     comp: CompetitionConfig,
     share: float,
     n_folds: int,
@@ -253,32 +241,32 @@ def _split_holdout(
     holdout_images.npy; returns their table (id, label, target, width, height, path[, group])."""
     train = d.train.reset_index(drop=True)
     groups = train["group"].to_numpy() if comp.group_column else None
-    mask = holdout_mask(train["label"].to_numpy(), share, seed, groups, where)
+    mask = holdout_mask(task.stratify_on(train["label"].to_numpy()), share, seed, groups, where)
     keep, held = np.flatnonzero(~mask), np.flatnonzero(mask)
     keep_rows(tmp / "train_images.npy", held, dest=tmp / "holdout_images.npy")
     keep_rows(tmp / "train_images.npy", keep)
     holdout = train.iloc[held].reset_index(drop=True)
-    holdout["target"] = holdout["label"].map({c: i for i, c in enumerate(classes)}).astype(np.int64)
+    holdout["target"] = task.encode(holdout["label"])
     holdout["width"], holdout["height"] = d.train_sizes[held, 0], d.train_sizes[held, 1]
     d.train, d.train_sizes, d.sums, d.squares = train.iloc[keep], d.train_sizes[keep], d.sums[keep], d.squares[keep]
-    _check_class_counts(d.train["label"], n_folds, f"{where} (after cv.holdout={share})")
+    _kind().check_labels(d.train["label"], n_folds, f"{where} (after cv.holdout={share})")
     cols = ["id", "label", "target", "width", "height", "path"] + (["group"] if comp.group_column else [])
     return holdout[cols]
 
 
-def _read_test(files: CompetitionFiles, comp: CompetitionConfig, classes: list[str], train_paths: set[str]):
+def _read_test(files: CompetitionFiles, comp: CompetitionConfig, task: Task, train_paths: set[str]):
     """(sample submission, its format, test ids, each id's image path inside the competition): the
     sample lists the test images; with `sample_submission: null`, every image under test_dir.
     Training images (`train_paths`) in the same folder are not test images."""
     folder = ImageFolder(files, comp.test_dir, comp.image_ext, exclude=train_paths)
     if comp.sample_submission is None:
         ids, found = find_test_images(folder, None, "")
-        sample = pd.DataFrame({"id": ids, "label": classes[0]})
-        fmt = read_submission_format(sample, classes, "competition.sample_submission: null")
+        sample = task.default_sample(ids)
+        fmt = task.submission_format(sample, "competition.sample_submission: null")
         return sample, fmt, ids, [folder.rel(p) for p in found]
     sample_where = files.where(comp.sample_submission)
     sample = files.read_csv(comp.sample_submission)
-    fmt = read_submission_format(sample, classes, sample_where, comp.positive_class, comp.metric)
+    fmt = task.submission_format(sample, sample_where, comp.positive_class, comp.metric)
     test_ids, found = find_test_images(folder, sample[fmt.id_column].tolist(), sample_where)
     return sample, fmt, test_ids, [folder.rel(p) for p in found]
 
@@ -329,12 +317,12 @@ def _read_rows(
     where = files.where(comp.train_csv or comp.train_dir)
     train = _read_train(files, comp)
     paths = {p for p in train["path"] if isinstance(p, str)}
-    _check_class_counts(train["label"], n_folds, where)
+    _kind().check_labels(train["label"], n_folds, where)
     if comp.max_train_rows is not None and comp.max_train_rows < len(train):
         train, _ = train_test_split(train, train_size=comp.max_train_rows, stratify=train["label"], random_state=seed)
         train = train.sort_index()
         where = f"{where} (after competition.max_train_rows={comp.max_train_rows})"
-        _check_class_counts(train["label"], n_folds, where)
+        _kind().check_labels(train["label"], n_folds, where)
     if comp.metric == "quadratic_weighted_kappa":
         _require_integer_labels(train["label"], where)
     return train, where, paths
@@ -400,12 +388,12 @@ def _decode_all(
         lost = sorted(classes - set(train["label"]))
         if lost:
             raise PipelineError(f"{where}: class '{lost[0]}' has no readable training image left")
-        _check_class_counts(train["label"], n_folds, where)
+        _kind().check_labels(train["label"], n_folds, where)
     return _Decoded(train, train_sizes, sums, squares, test_sizes, len(bad_train))
 
 
 def _write_prepared(
-    tmp: Path, d: _Decoded, test: _TestSide, classes: list[str], image_size: int, n_folds: int, group_column: str | None
+    tmp: Path, d: _Decoded, test: _TestSide, task: Task, image_size: int, n_folds: int, group_column: str | None
 ) -> None:
     """The prepared folder's tables and JSON beside its image caches: rows, classes, format, and the
     normalisation statistics of the whole set and of each fold's training part."""
@@ -425,7 +413,7 @@ def _write_prepared(
     test.sample.to_csv(tmp / "sample_submission.csv", index=False)
     if test.answers is not None:
         test.answers.to_csv(tmp / "answers.csv", index=False)
-    write_json(tmp / "classes.json", {"classes": classes})
+    write_json(tmp / "classes.json", {"classes": task.classes, "task": task.name})
     write_json(tmp / "submission_format.json", dataclasses.asdict(test.fmt))
     write_json(tmp / "stats.json", stats)
 
@@ -450,23 +438,23 @@ def prepare(
         render_digits(source)
     files = open_competition(comp)
     train, where, train_paths = _read_rows(files, comp, n_folds, seed)
-    classes = sort_classes(train["label"])
-    sample, fmt, test_ids, test_paths = _read_test(files, comp, classes, train_paths)
+    task = _kind().from_labels(train["label"])
+    sample, fmt, test_ids, test_paths = _read_test(files, comp, task, train_paths)
     test = _TestSide(sample, fmt, test_ids, test_paths, _read_answers(files, comp, fmt.id_column))
     with atomic_dir(out_dir) as tmp:
         decoded = _decode_all(
             files, train, test, tmp, image_size, resize, workers or os.cpu_count() or 1, skip_bad_images, n_folds, where
         )
         if holdout:
-            decoded.holdout = _split_holdout(decoded, tmp, classes, comp, holdout, n_folds, seed, where)
-        decoded.train = _add_targets_and_folds(decoded.train, classes, comp, n_folds, seed)
-        _write_prepared(tmp, decoded, test, classes, image_size, n_folds, comp.group_column)
+            decoded.holdout = _split_holdout(decoded, tmp, task, comp, holdout, n_folds, seed, where)
+        decoded.train = _add_targets_and_folds(decoded.train, task, comp, n_folds, seed)
+        _write_prepared(tmp, decoded, test, task, image_size, n_folds, comp.group_column)
     return {
         "source": str(source),
         "n_train": len(decoded.train),
         "n_test": len(test_ids),
         "n_holdout": 0 if decoded.holdout is None else len(decoded.holdout),
-        "n_classes": len(classes),
+        "n_classes": len(task.classes),
         "image_size": image_size,
         "submission_format": fmt.kind,
         "skipped": decoded.skipped,

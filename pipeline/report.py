@@ -37,14 +37,12 @@ def never_predicted(per_class: pd.DataFrame) -> list[str]:
     return per_class.loc[(per_class["predicted"] == 0) & (per_class["support"] > 0), "class"].astype(str).tolist()
 
 
-def row_losses(probs: np.ndarray, y: np.ndarray, eps: float = 1e-15) -> np.ndarray:
-    return -np.log(np.clip(probs[np.arange(len(y)), y], eps, 1.0))
-
-
 @dataclass
 class ModelAnalysis:
     name: str
     probs: np.ndarray
+    pred: np.ndarray  # each row's predicted label index (the task's `predicted`)
+    losses: np.ndarray  # each row's loss (the task's `row_losses`)
     scores: dict[str, float]
     folds: pd.DataFrame
     per_class: pd.DataFrame
@@ -175,8 +173,8 @@ def plot_reliability(table: pd.DataFrame, ece: float, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_confidence(probs: np.ndarray, y: np.ndarray, path: Path) -> Path:
-    confidence, correct = probs.max(1), probs.argmax(1) == y
+def plot_confidence(probs: np.ndarray, pred: np.ndarray, y: np.ndarray, path: Path) -> Path:
+    confidence, correct = probs.max(1), pred == y
     fig, ax = plt.subplots(figsize=(5, 3.5))
     bins = np.linspace(0, 1, 21)
     ax.hist(confidence[correct], bins=bins, alpha=0.6, label=f"correct ({correct.sum()})")
@@ -258,7 +256,7 @@ def _section(ident: str, title: str, *parts: str) -> str:
 
 def _rows_table(a: ModelAnalysis, rows: np.ndarray, r: ReportRows) -> pd.DataFrame:
     ids, y, folds, classes = r.ids, r.y, r.folds, r.classes
-    pred = a.probs.argmax(1)
+    pred = a.pred
     return pd.DataFrame(
         {
             "id": ids[rows],
@@ -267,21 +265,21 @@ def _rows_table(a: ModelAnalysis, rows: np.ndarray, r: ReportRows) -> pd.DataFra
             "predicted": [classes[i] for i in pred[rows]],
             "confidence": a.probs[rows].max(1),
             "p(true)": a.probs[rows, y[rows]],
-            "loss": row_losses(a.probs[rows], y[rows]),
+            "loss": a.losses[rows],
         }
     )
 
 
 def _captions(a: ModelAnalysis, rows: np.ndarray, r: ReportRows) -> list[str]:
-    pred = a.probs.argmax(1)
+    pred = a.pred
     return [f"{r.ids[i]}\n{r.classes[r.y[i]]} -> {r.classes[pred[i]]} ({a.probs[i].max():.2f})" for i in rows]
 
 
 def _calibration_and_slices(a: ModelAnalysis, y: np.ndarray, fig_dir: Path) -> tuple[str, str]:
     """The calibration and the slices-and-advice sections of one model."""
-    m, pred = a.anchor, a.probs.argmax(1)
+    m, pred = a.anchor, a.pred
     rel_fig = plot_reliability(a.reliability, a.ece, fig_dir / "reliability.png")
-    conf_fig = plot_confidence(a.probs, y, fig_dir / "confidence.png")
+    conf_fig = plot_confidence(a.probs, a.pred, y, fig_dir / "confidence.png")
     calibration = _section(
         f"{m}-calibration",
         "Calibration",
@@ -345,7 +343,7 @@ def _confusion_section(
 ) -> tuple[str, list[dict]]:
     """The confusion matrix and the most-confused pairs with their examples; and the pairs as rows."""
     ids, y, classes, images = r.ids, r.y, r.classes, r.images
-    m, pred = a.anchor, a.probs.argmax(1)
+    m, pred = a.anchor, a.pred
     cm_fig = plot_confusion(a.confusion, classes, fig_dir / "confusion.png")
     cm_table = ""
     if len(classes) <= MAX_MATRIX_CLASSES:
@@ -529,7 +527,7 @@ def write_report(
         else:
             data["backbones"][a.name] = content
         sections.append(body)
-        pred = a.probs.argmax(1)
+        pred = a.pred
         (out / "tables" / a.folder).mkdir(parents=True, exist_ok=True)
         pd.DataFrame(
             {
@@ -538,7 +536,7 @@ def write_report(
                 "actual": [classes[i] for i in y],
                 "predicted": [classes[i] for i in pred],
                 "confidence": a.probs.max(1),
-                "loss": row_losses(a.probs, y),
+                "loss": a.losses,
             }
         ).to_csv(out / "tables" / a.folder / "predictions.csv", index=False)
         a.reliability.to_csv(out / "tables" / a.folder / "reliability.csv", index_label="bin")

@@ -1,18 +1,16 @@
 """The competition's submission file: the sample submission's layout (one label column, one
-probability column per class, or a binary competition's one probability column), filling it,
-checking it, and the local leaderboard score where the competition ships test answers. prepare
-reads the layout (data/prepared/submission_format.json); ensemble writes every submission.
+probability column per class, or a binary competition's one probability column) and the checks every
+layout shares. prepare reads the layout (data/prepared/submission_format.json); the task fills it
+(`Task.submission`), checks its values and scores the local leaderboard.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 
 from pipeline.errors import PipelineError
-from pipeline.metrics import scores
 
 
 @dataclass(frozen=True)
@@ -82,22 +80,9 @@ def _positive(classes: list[str], column: str, positive_class: str | None, where
     )
 
 
-def build_submission(test_ids: list[str], probs: np.ndarray, classes: list[str], fmt: SubmissionFormat) -> pd.DataFrame:
-    """The sample submission's layout filled with predictions mapped back to the original labels."""
-    if fmt.kind == "label":
-        values = {fmt.columns[0]: np.asarray(classes, dtype=object)[probs.argmax(1)]}
-    elif fmt.kind == "probability":
-        values = {fmt.columns[0]: probs[:, classes.index(fmt.positive)]}
-    else:
-        index = {c: i for i, c in enumerate(classes)}
-        values = {c: probs[:, index[c]] for c in fmt.columns}
-    frame = pd.DataFrame(values)
-    frame.insert(0, fmt.id_column, test_ids)
-    return frame
-
-
-def validate_submission(sub: pd.DataFrame, sample: pd.DataFrame, classes: list[str], fmt: SubmissionFormat) -> None:
-    """Raise PipelineError unless `sub` has the sample's columns, ids and order, and valid values."""
+def check_submission_layout(sub: pd.DataFrame, sample: pd.DataFrame, fmt: SubmissionFormat) -> pd.DataFrame:
+    """Raise PipelineError unless `sub` has the sample's columns, ids and order and no empty value; returns
+    its prediction columns (what the values must be is the task's: `Task.check_submission`)."""
     if list(sub.columns) != list(sample.columns):
         raise PipelineError(f"submission columns {list(sub.columns)} differ from the sample's {list(sample.columns)}")
     ids, expected = sub[fmt.id_column].astype(str).tolist(), sample[fmt.id_column].astype(str).tolist()
@@ -109,31 +94,4 @@ def validate_submission(sub: pd.DataFrame, sample: pd.DataFrame, classes: list[s
     values = sub[fmt.columns]
     if values.isna().any().any():
         raise PipelineError("submission has empty predictions")
-    if fmt.kind == "label":
-        bad = ~values.iloc[:, 0].astype(str).isin(set(classes))
-        if bad.any():
-            raise PipelineError(f"submission row {int(np.flatnonzero(bad)[0]) + 2}: label is not a class of train.csv")
-    else:
-        p = values.to_numpy(dtype=float)
-        if (
-            (p < 0).any()
-            or (p > 1).any()
-            or (fmt.kind == "probabilities" and not np.allclose(p.sum(1), 1.0, atol=1e-4))
-        ):
-            raise PipelineError("submission probabilities must lie in [0, 1] and sum to 1 per row")
-
-
-def local_leaderboard(
-    answers: pd.DataFrame, test_ids: list[str], probs: np.ndarray, classes: list[str]
-) -> dict[str, float]:
-    """Every metric against the competition's answer file (id, label). Only reported, never fitted on."""
-    id_col, label_col = answers.columns[:2]
-    truth = dict(zip(answers[id_col].astype(str), answers[label_col].astype(str)))
-    missing = [i for i in test_ids if i not in truth]
-    if missing:
-        raise PipelineError(f"answers.csv: no row for test id '{missing[0]}' ({len(missing)} missing)")
-    index = {c: k for k, c in enumerate(classes)}
-    unknown = [truth[i] for i in test_ids if truth[i] not in index]
-    if unknown:
-        raise PipelineError(f"answers.csv: label '{unknown[0]}' is not a class of train.csv")
-    return scores(probs, np.array([index[truth[i]] for i in test_ids]))
+    return values

@@ -28,15 +28,15 @@ from pipeline.config import Params, TrainSettings, flatten, to_dict
 from pipeline.data import PreparedData, build_train_transform
 from pipeline.fold import fold_units, train_fold
 from pipeline.io import StageProgress, atomic_dir
-from pipeline.metrics import fold_summary, scores
-from pipeline.probs import probs_frame
+from pipeline.metrics import fold_summary
 from pipeline.resume import FoldResult, load_finished, save_finished
 from pipeline.sklearn_head import CLASSIFIER_FILE, save_classifier
+from pipeline.tasks import Task
 from pipeline.tracking import Tracker, experiment_name
 
 
-def _fold_scores(result: FoldResult, targets: np.ndarray) -> dict:
-    return {**scores(result.val_probs, targets), "best_epoch": result.best_epoch + 1}
+def _fold_scores(result: FoldResult, targets: np.ndarray, task: Task) -> dict:
+    return {**task.scores(result.val_probs, targets), "best_epoch": result.best_epoch + 1}
 
 
 def _save_fold(result: FoldResult, ckpt: dict, folder: Path) -> None:
@@ -65,21 +65,21 @@ def cross_validate(
     out_dir, resume_dir = Path(out_dir), Path(resume_dir) if resume_dir else None
     if resume_dir is not None:
         resume_dir.mkdir(parents=True, exist_ok=True)
-    targets, folds = data.targets, data.folds
-    oof = np.zeros((len(targets), len(data.classes)), dtype=np.float64)
+    targets, folds, task = data.targets, data.folds, data.task
+    oof = np.zeros((len(targets), task.n_outputs), dtype=np.float64)
     fold_metrics = {}
     progress = progress or StageProgress(f"train@{backbone.name}", data.n_folds * fold_units(s), "epochs")
     for k in range(data.n_folds):
         va = np.flatnonzero(folds == k)
         result, ckpt = _train_or_keep_fold(data, k, backbone, s, device, tracker, resume_dir, run_prefix, progress)
         oof[va] = result.val_probs
-        fold_metrics[str(k)] = _fold_scores(result, targets[va])
+        fold_metrics[str(k)] = _fold_scores(result, targets[va], task)
         if distributed.is_main():  # under torchrun only rank 0 writes
             _save_fold(result, ckpt, out_dir / f"fold{k}")
         distributed.barrier()
     metrics = {
-        "oof": scores(oof, targets),
-        **fold_summary(fold_metrics),
+        "oof": task.scores(oof, targets),
+        **fold_summary(fold_metrics, task.METRICS),
         "folds": fold_metrics,
         "precision": ckpt.get("precision"),
         "precision_probe": ckpt.get("precision_probe"),
@@ -135,7 +135,7 @@ def _train_or_keep_fold(
                 where=f"{backbone.name} fold {k}",
             )
             tracker.log_metrics(
-                {f"best_{m}": v for m, v in _fold_scores(result, data.targets[data.folds == k]).items()}
+                {f"best_{m}": v for m, v in _fold_scores(result, data.targets[data.folds == k], data.task).items()}
             )
         if done is not None and distributed.is_main():
             save_finished(result, ckpt, done)
@@ -178,11 +178,12 @@ def train_backbone(
         oofs.append(oof)
         per_seed[str(seed)] = metrics
     bag = np.mean(oofs, axis=0)
-    per_fold = {str(k): scores(bag[folds == k], targets[folds == k]) for k in range(data.n_folds)}
+    task = data.task
+    per_fold = {str(k): task.scores(bag[folds == k], targets[folds == k]) for k in range(data.n_folds)}
     first = per_seed[str(seeds[0])]
     return bag, {
-        "oof": scores(bag, targets),
-        **fold_summary(per_fold),
+        "oof": task.scores(bag, targets),
+        **fold_summary(per_fold, task.METRICS),
         "folds": per_fold if len(seeds) > 1 else first["folds"],
         "seeds": {seed: m["oof"] for seed, m in per_seed.items()},
         "bootstrap": s.bootstrap,
@@ -215,7 +216,7 @@ def train_stage(
         with atomic_dir(out_path) if main else tempfile.TemporaryDirectory() as out:
             oof, metrics = train_backbone(data, backbone, out, device, tracker, resume_dir=resume_dir)
             if main:
-                probs_frame(data.train["id"], oof, data.classes).to_csv(out / "oof_probs.csv", index=False)
+                data.task.frame(data.train["id"], oof).to_csv(out / "oof_probs.csv", index=False)
                 (out / "params.yaml").write_text(yaml.safe_dump({"resolved": record, "params": to_dict(params)}))
                 (out / "augment.json").write_text(
                     json.dumps(A.to_dict(build_train_transform(s.augment, s.seed, p=s.augment_p)), indent=2)

@@ -1,5 +1,5 @@
-"""Test-time augmentation: the named views (a registry, as timm registers models), their merge, and
-predicting a batch of images under named views. The predict stage chooses a policy per backbone with
+"""Test-time augmentation: the named views (a registry, as timm registers models) and predicting images
+under named views (their merge is the task's: `Task.merge`). The predict stage chooses a policy per backbone with
 them; the bundle's runtime predicts with the chosen one.
 
 A TTA policy is a list of views (`tta.policies` in params.yaml) merged per model, a view listed twice
@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data import InputConfig
-from pipeline.inference import View, identity, predict_log_probs
+from pipeline.inference import View, identity, predict_outputs
+from pipeline.tasks import Task
 
 # ---------------------------------------------------------------- TTA views and merges
 
@@ -98,22 +99,6 @@ register_view("brighter")(_brightness(1.1))
 register_view("darker")(_brightness(0.9))
 
 
-def merge_views(log_probs: np.ndarray, how: str) -> np.ndarray:
-    """Merge (V, N, C) per-view log-probabilities into (N, C) probabilities.
-
-    mean: arithmetic mean of the probabilities. geometric: their geometric mean, renormalised.
-    logits: softmax of the mean logits. The last two are the same thing (a view's log-probabilities
-    are its logits minus a per-row constant, which the softmax removes); both names are accepted.
-    """
-    if how == "mean":
-        return np.exp(log_probs).mean(0)
-    if how in ("geometric", "logits"):
-        z = log_probs.mean(0)
-        z = np.exp(z - z.max(1, keepdims=True))
-        return z / z.sum(1, keepdims=True)
-    raise ValueError(f"unknown TTA merge '{how}' (mean, geometric or logits)")
-
-
 # ---------------------------------------------------------------- views by name
 
 
@@ -124,12 +109,13 @@ def predict_views(
     batch_size: int,
     device: torch.device,
     views: list[str],
+    task: Task,
     desc: str | None = None,
 ) -> np.ndarray:
-    """Log-probabilities (V, N, C) of uint8 images (N, H, W, 3) under each of the named `views`; a view
-    named twice (a policy's weight) is computed once."""
+    """The task's outputs (V, N, C) of uint8 images (N, H, W, 3) under each of the named `views` (log-
+    probabilities for a single-label task); a view named twice (a policy's weight) is computed once."""
     unique = list(dict.fromkeys(views))
-    out = predict_log_probs(model, images, cfg, batch_size, device, [TTA_VIEWS[v] for v in unique], desc)
+    out = predict_outputs(model, images, cfg, batch_size, device, task, [TTA_VIEWS[v] for v in unique], desc)
     return out[[unique.index(v) for v in views]] if len(unique) < len(views) else out
 
 
@@ -140,7 +126,8 @@ def predict_tta(
     batch_size: int,
     device: torch.device,
     views: tuple[str, ...],
+    task: Task,
     merge: str = "mean",
 ) -> np.ndarray:
-    """Probabilities (N, C) of uint8 images merged over the named TTA `views`."""
-    return merge_views(predict_views(model, images, cfg, batch_size, device, list(views)), merge)
+    """Predictions (N, C) of uint8 images, the named TTA `views` merged as the task merges them."""
+    return task.merge(predict_views(model, images, cfg, batch_size, device, list(views), task), merge)

@@ -36,7 +36,6 @@ from pipeline.errors import PipelineError
 from pipeline.fold import train_fold
 from pipeline.io import StageProgress, atomic_dir, repository_root
 from pipeline.metrics import direction as metric_direction
-from pipeline.metrics import scores
 from pipeline.tracking import Tracker, experiment_name
 
 # what a trial's parameters can provoke (a NaN loss, a shape or value a transform rejects): the trial
@@ -215,7 +214,7 @@ def _fold_score(
             on_epoch=report,
             where=f"trial {trial.number} fold {k}",
         )
-    return scores(result.val_probs, data.targets[data.folds == k], (tune.metric,))[tune.metric]
+    return data.task.scores(result.val_probs, data.targets[data.folds == k], (tune.metric,))[tune.metric]
 
 
 def make_objective(

@@ -31,11 +31,11 @@ from pipeline.analyze import (
 )
 from pipeline.config import CompetitionConfig
 from pipeline.data import build_train_transform
-from pipeline.metrics import METRICS
 from pipeline.prepare import prepare
-from pipeline.probs import probs_frame
+from pipeline.probs import prediction_frame as probs_frame
 from pipeline.report import ReportRows, never_predicted, write_report
 from pipeline.slices import ADVICE, advise, augment_yaml, image_properties, slice_errors
+from pipeline.tasks.single_label import METRICS, SingleLabel
 from tests.conftest import write_competition
 
 # A hand-made OOF matrix: 6 rows, 3 classes, confidences kept off the bin edges.
@@ -52,6 +52,7 @@ PROBS = np.array(
 Y = np.array([0, 1, 1, 2, 2, 0])
 FOLDS = np.array([0, 0, 0, 1, 1, 1])
 CLASSES = ["cat", "dog", "frog"]
+TASK = SingleLabel(CLASSES)
 # 5 bins of width 0.2: (0.2,0.4] {0.34 right}; (0.4,0.6] {0.55 wrong, 0.50 wrong}; (0.6,0.8] {0.70 right};
 # (0.8,1] {0.90 right, 0.85 right}
 ECE = (1 * abs(1 - 0.34) + 2 * abs(0 - 0.525) + 1 * abs(1 - 0.70) + 2 * abs(1 - 0.875)) / 6
@@ -65,17 +66,17 @@ def test_confusion_counts_and_pairs_match_hand_counts():
 
 
 def test_ece_and_reliability_match_hand_computation():
-    table = reliability_table(PROBS, Y, n_bins=5)
+    table = reliability_table(PROBS, PROBS.argmax(1), Y, n_bins=5)
     assert table["rows"].tolist() == [0, 1, 2, 1, 2]
     np.testing.assert_allclose(table["accuracy"].iloc[1:], [1, 0, 1, 1])
     np.testing.assert_allclose(table["confidence"].iloc[1:], [0.34, 0.525, 0.70, 0.875])
     assert expected_calibration_error(table) == pytest.approx(ECE)
     perfect = np.eye(3)[Y]  # confident and always right: calibrated
-    assert expected_calibration_error(reliability_table(perfect, Y, 5)) == 0
+    assert expected_calibration_error(reliability_table(perfect, perfect.argmax(1), Y, 5)) == 0
 
 
 def test_fold_scores_and_spread():
-    table = fold_scores(PROBS, Y, FOLDS)
+    table = fold_scores(PROBS, Y, FOLDS, TASK)
     acc0, acc1 = 2 / 3, 2 / 3
     assert table.loc["0", "accuracy"] == pytest.approx(acc0) and table.loc["1", "rows"] == 3
     log_loss1 = -np.mean(np.log([0.25, 0.85, 0.34]))
@@ -86,8 +87,9 @@ def test_fold_scores_and_spread():
 
 def test_worst_and_confidently_wrong_rows():
     # losses: -log p(true) = 0.90, 0.35, 0.70, 0.25, 0.85, 0.34 -> worst is row 3 (p=0.25), then 5 (0.34), 1 (0.35)
-    assert worst_rows(PROBS, Y, 3).tolist() == [3, 5, 1]
-    assert confident_wrong_rows(PROBS, Y, 5).tolist() == [1, 3]  # only the wrong ones, 0.55 before 0.50
+    assert worst_rows(TASK.row_losses(PROBS, Y), 3).tolist() == [3, 5, 1]
+    # only the wrong ones, 0.55 before 0.50
+    assert confident_wrong_rows(PROBS, PROBS.argmax(1), Y, 5).tolist() == [1, 3]
 
 
 def test_image_properties_from_pixels():
@@ -157,12 +159,12 @@ def test_diversity_of_a_copy_and_of_a_complement():
     a = PROBS
     c = np.eye(3)[Y] * 0.8 + 0.2 / 3  # always right
     c[[0, 2]] = np.roll(c[[0, 2]], 1, axis=1)  # ...except where a is right
-    div = diversity({"a": a, "copy": a.copy(), "c": c}, Y).set_index(["a", "b"])
+    div = diversity({"a": a.argmax(1), "copy": a.copy().argmax(1), "c": c.argmax(1)}, Y).set_index(["a", "b"])
     assert div.loc[("a", "copy"), "disagreement"] == 0
     assert div.loc[("a", "copy"), "error_correlation"] == pytest.approx(1)
     assert div.loc[("a", "copy"), "oracle_accuracy"] == pytest.approx(4 / 6)  # a copy adds nothing
     assert div.loc[("a", "c"), "both_wrong"] == 0 and div.loc[("a", "c"), "oracle_accuracy"] == 1
-    per_class = per_class_accuracy({"a": a}, Y, CLASSES)
+    per_class = per_class_accuracy({"a": a.argmax(1)}, Y, CLASSES)
     assert per_class["a"].tolist() == [1.0, 0.5, 0.5]
 
 
@@ -217,7 +219,7 @@ def rendered(tmp_path_factory):
             p,
             Y,
             FOLDS,
-            CLASSES,
+            TASK,
             props,
             None,
             top_k=4,
@@ -230,12 +232,12 @@ def rendered(tmp_path_factory):
         )
         for m, p, ensemble in [*((m, p, False) for m, p in oof.items()), ("ensemble", submitted, True)]
     ]
-    div = diversity(oof, Y)
+    div = diversity({m: p.argmax(1) for m, p in oof.items()}, Y)
     write_report(
         out,
         analyses,
         div,
-        per_class_accuracy({a.label: a.probs for a in analyses}, Y, CLASSES),
+        per_class_accuracy({a.label: a.pred for a in analyses}, Y, CLASSES),
         summary(analyses, div),
         ReportRows(np.array([f"img{i}" for i in range(6)]), Y, FOLDS, CLASSES, images),
         2,
@@ -415,16 +417,16 @@ def test_report_opens_in_headless_chromium(rendered, tmp_path):
 def test_a_class_never_predicted_is_flagged():
     y = np.array([0, 0, 0, 1, 1, 2])
     probs = np.eye(3)[[0, 0, 1, 1, 1, 0]]  # class 2 has a row but is never the argmax
-    table = per_class_scores(probs, y, ["a", "b", "c"])
+    table = per_class_scores(probs.argmax(1), y, ["a", "b", "c"])
     assert table["predicted"].tolist() == [3, 3, 0]
     assert never_predicted(table) == ["c"]
-    assert never_predicted(per_class_scores(np.eye(3)[y], y, ["a", "b", "c"])) == []
+    assert never_predicted(per_class_scores(y, y, ["a", "b", "c"])) == []
 
 
 def test_the_competition_metric_heads_a_models_scores():
     props = image_properties(np.random.default_rng(0).integers(0, 256, size=(6, 8, 8, 3), dtype=np.uint8))
     kwargs = dict(top_k=4, pairs=3, calibration_bins=5, slice_buckets=2, alpha=0.05, where="train.augment")
     for metric in ("roc_auc", "quadratic_weighted_kappa"):
-        a = analyze_model("m", PROBS, Y, FOLDS, CLASSES, props, None, metric=metric, **kwargs)
+        a = analyze_model("m", PROBS, Y, FOLDS, TASK, props, None, metric=metric, **kwargs)
         assert list(a.scores)[0] == metric and set(a.scores) == set(METRICS)
-        assert list(summary([a], diversity({"m": PROBS}, Y))["backbones"]["m"])[0] == metric
+        assert list(summary([a], diversity({"m": PROBS.argmax(1)}, Y))["backbones"]["m"])[0] == metric

@@ -16,6 +16,7 @@ from pipeline.config import (
     to_dict,
 )
 from pipeline.predict import PolicyPredictions, choose_policy
+from pipeline.tasks.single_label import SingleLabel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +52,9 @@ def test_the_shipped_params_choose_tta_and_the_ensemble_by_the_competitions_metr
     bold[np.arange(90), y[:90]] = 0.999
     bold[np.arange(90, 100), (y[90:] + 1) % 4] = 0.999
     preds = {name: PolicyPredictions(p, p[None], p, ["42"]) for name, p in (("none", hedged), ("hflip", bold))}
-    chosen = choose_policy(preds, params.tta, "b", ["none", "hflip"], y, folds)["policy"]
+    chosen = choose_policy(preds, params.tta, "b", ["none", "hflip"], y, folds, SingleLabel(["0", "1", "2", "3"]))[
+        "policy"
+    ]
     assert chosen == ("none" if metric == "log_loss" else "hflip")
 
 

@@ -18,11 +18,10 @@ from pipeline.ensemblers import (
 )
 from pipeline.errors import PipelineError
 from pipeline.estimator_state import from_state, sklearn_types, to_state
-from pipeline.metrics import log_loss
 from pipeline.prepare import prepare
-from pipeline.probs import probs_frame
+from pipeline.probs import prediction_frame as probs_frame
 from pipeline.sklearn_head import fit_classifier
-from pipeline.submission import build_submission, local_leaderboard, read_submission_format, validate_submission
+from pipeline.tasks.single_label import SingleLabel, log_loss
 from tests.conftest import write_competition
 
 A = np.array([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3]])
@@ -40,7 +39,7 @@ def test_weighted_soft_vote_matches_hand_computation():
         ]
     )
     np.testing.assert_allclose(ens.predict_proba([A, B]), expected)
-    assert ens.predict([A, B]).tolist() == [2, 2]
+    assert ens.predict_proba([A, B]).argmax(1).tolist() == [2, 2]
 
 
 def test_equal_weights_by_default():
@@ -68,19 +67,19 @@ def _sample(kind):
 
 def test_label_submission_maps_back_to_original_labels():
     sample = _sample("label")
-    fmt = read_submission_format(sample, CLASSES, "sample_submission.csv")
-    sub = build_submission(["x2", "x1"], A, CLASSES, fmt)
+    fmt = SingleLabel(CLASSES).submission_format(sample, "sample_submission.csv")
+    sub = SingleLabel(CLASSES).submission(["x2", "x1"], A, fmt)
     assert sub.to_dict("list") == {"image": ["x2", "x1"], "breed": ["cat", "dog"]}
-    validate_submission(sub, sample, CLASSES, fmt)
+    SingleLabel(CLASSES).check_submission(sub, sample, fmt)
 
 
 def test_probability_submission_follows_the_sample_columns():
     sample = _sample("probabilities")
-    fmt = read_submission_format(sample, CLASSES, "sample_submission.csv")
-    sub = build_submission(["x2", "x1"], A, CLASSES, fmt)
+    fmt = SingleLabel(CLASSES).submission_format(sample, "sample_submission.csv")
+    sub = SingleLabel(CLASSES).submission(["x2", "x1"], A, fmt)
     assert list(sub.columns) == ["image", "frog", "cat", "dog"]
     assert sub["frog"].tolist() == [0.1, 0.3] and sub["cat"].tolist() == [0.6, 0.2]
-    validate_submission(sub, sample, CLASSES, fmt)
+    SingleLabel(CLASSES).check_submission(sub, sample, fmt)
 
 
 BINARY = np.array([[0.8, 0.2], [0.3, 0.7]])
@@ -98,26 +97,26 @@ BINARY = np.array([[0.8, 0.2], [0.3, 0.7]])
 )
 def test_binary_single_column_gets_the_positive_class_probability(classes, sample, kwargs, positive):
     sample = pd.DataFrame(sample)
-    fmt = read_submission_format(sample, classes, "sample_submission.csv", **kwargs)
+    fmt = SingleLabel(classes).submission_format(sample, "sample_submission.csv", **kwargs)
     assert (fmt.kind, fmt.positive) == ("probability", positive)
-    sub = build_submission(["a", "b"], BINARY, classes, fmt)
+    sub = SingleLabel(classes).submission(["a", "b"], BINARY, fmt)
     assert sub.iloc[:, 1].tolist() == BINARY[:, classes.index(positive)].tolist()
-    validate_submission(sub, sample, classes, fmt)
+    SingleLabel(classes).check_submission(sub, sample, fmt)
 
 
 def test_binary_label_column_stays_a_label_and_an_unclear_positive_is_asked_for():
     sample = pd.DataFrame({"id": ["a", "b"], "target": ["cat", "cat"]})
-    fmt = read_submission_format(sample, ["cat", "dog"], "sample_submission.csv", metric="accuracy")
+    fmt = SingleLabel(["cat", "dog"]).submission_format(sample, "sample_submission.csv", metric="accuracy")
     assert fmt.kind == "label"
-    assert build_submission(["a", "b"], BINARY, ["cat", "dog"], fmt)["target"].tolist() == ["cat", "dog"]
+    assert SingleLabel(["cat", "dog"]).submission(["a", "b"], BINARY, fmt)["target"].tolist() == ["cat", "dog"]
     with pytest.raises(
         PipelineError,
         match="column 'target' holds one class's probability: set "
         r"competition.positive_class to one of \['cat', 'dog'\]",
     ):
-        read_submission_format(sample, ["cat", "dog"], "sample_submission.csv", metric="roc_auc")
+        SingleLabel(["cat", "dog"]).submission_format(sample, "sample_submission.csv", metric="roc_auc")
     with pytest.raises(PipelineError, match="positive_class 'wolf' is not a class"):
-        read_submission_format(sample, ["cat", "dog"], "sample_submission.csv", positive_class="wolf")
+        SingleLabel(["cat", "dog"]).submission_format(sample, "sample_submission.csv", positive_class="wolf")
 
 
 def test_binary_competition_submits_probabilities_through_the_stages(tmp_path, monkeypatch):
@@ -156,28 +155,29 @@ def test_binary_competition_submits_probabilities_through_the_stages(tmp_path, m
 
 def test_validation_rejects_wrong_order_missing_rows_and_unknown_labels():
     sample = _sample("label")
-    fmt = read_submission_format(sample, CLASSES, "sample_submission.csv")
-    good = build_submission(["x2", "x1"], A, CLASSES, fmt)
+    fmt = SingleLabel(CLASSES).submission_format(sample, "sample_submission.csv")
+    good = SingleLabel(CLASSES).submission(["x2", "x1"], A, fmt)
     with pytest.raises(PipelineError, match="row 2: ids differ"):
-        validate_submission(good.iloc[::-1], sample, CLASSES, fmt)
+        SingleLabel(CLASSES).check_submission(good.iloc[::-1], sample, fmt)
     with pytest.raises(PipelineError, match="ids differ"):
-        validate_submission(good.iloc[:1], sample, CLASSES, fmt)
+        SingleLabel(CLASSES).check_submission(good.iloc[:1], sample, fmt)
     with pytest.raises(PipelineError, match="row 3: label is not a class"):
-        validate_submission(good.assign(breed=["cat", "wolf"]), sample, CLASSES, fmt)
+        SingleLabel(CLASSES).check_submission(good.assign(breed=["cat", "wolf"]), sample, fmt)
     with pytest.raises(PipelineError, match="columns"):
-        validate_submission(good.rename(columns={"breed": "label"}), sample, CLASSES, fmt)
+        SingleLabel(CLASSES).check_submission(good.rename(columns={"breed": "label"}), sample, fmt)
 
 
 def test_sample_with_unknown_columns_is_rejected():
     with pytest.raises(PipelineError, match="sample_submission.csv: columns \\['wolf'\\]"):
-        read_submission_format(pd.DataFrame({"id": [1], "cat": [0], "wolf": [0]}), CLASSES, "sample_submission.csv")
+        sample = pd.DataFrame({"id": [1], "cat": [0], "wolf": [0]})
+        SingleLabel(CLASSES).submission_format(sample, "sample_submission.csv")
 
 
 def test_local_leaderboard_accuracy():
     answers = pd.DataFrame({"id": ["x1", "x2", "x3"], "label": ["dog", "cat", "frog"]})
     probs = np.array([[0.9, 0.1, 0.0], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]])  # cat, dog, frog
-    assert local_leaderboard(answers, ["x2", "x1", "x3"], probs, CLASSES)["accuracy"] == pytest.approx(1.0)
-    assert local_leaderboard(answers, ["x1", "x2", "x3"], probs, CLASSES)["accuracy"] == pytest.approx(1 / 3)
+    assert SingleLabel(CLASSES).leaderboard(answers, ["x2", "x1", "x3"], probs)["accuracy"] == pytest.approx(1.0)
+    assert SingleLabel(CLASSES).leaderboard(answers, ["x1", "x2", "x3"], probs)["accuracy"] == pytest.approx(1 / 3)
 
 
 # ---------------------------------------------------------------- ensembles fitted on OOF
@@ -253,7 +253,7 @@ def test_hard_voting_majority_and_tie_break():
     ens = HardVotingEnsemble().fit([a, b, c], np.array([0, 1]))
     # row 0: votes 0, 0, 1 -> 0 although the mean probability of class 1 (0.53) beats class 0 (0.47)
     # row 1: votes 0, 1, 2 -> a tie; the mean probabilities 0.23, 0.33, 0.43 break it for class 2
-    assert ens.predict([a, b, c]).tolist() == [0, 2]
+    assert ens.predict_proba([a, b, c]).argmax(1).tolist() == [0, 2]
     np.testing.assert_allclose(ens.predict_proba([a, b, c]).sum(1), 1)
 
 
@@ -275,7 +275,7 @@ def test_every_method_keeps_the_estimator_contract(method):
     assert ens.fit([good, noisy[0]], y) is ens
     probs = ens.predict_proba([good, noisy[0]])
     np.testing.assert_allclose(probs.sum(1), 1)
-    assert ens.predict([good, noisy[0]]).tolist() == probs.argmax(1).tolist()
+    assert [k for k in vars(ens) if k.endswith("_")]  # fit's state ends in _
     with pytest.raises(ValueError, match="members"):
         ens.predict_proba([good])
 

@@ -18,7 +18,6 @@ from pipeline.config import CompetitionConfig, ConfigError, parse_params
 from pipeline.data import load_prepared
 from pipeline.errors import PipelineError
 from pipeline.inference import fold_input_config, load_fold_model
-from pipeline.metrics import scores
 from pipeline.prepare import prepare
 from pipeline.tta import predict_tta
 from tests.conftest import write_competition
@@ -107,9 +106,11 @@ def test_the_holdout_is_predicted_as_the_test_set_and_never_in_an_oof_file(run):
         for k in range(2):
             model, ckpt = load_fold_model(run / f"models/{backbone}/seed42/fold{k}/model.pt", torch.device("cpu"))
             cfg = fold_input_config(ckpt, torch.device("cpu"))
-            bag.append(predict_tta(model, data.holdout_images, cfg, 4, torch.device("cpu"), tta["views"], "mean"))
+            bag.append(predict_tta(model, data.holdout_images, cfg, 4, torch.device("cpu"), tta["views"], data.task))
         np.testing.assert_allclose(held[data.classes].to_numpy(), np.mean(bag, 0), atol=1e-5)
-        assert tta["holdout"] == pytest.approx(scores(np.mean(bag, 0), data.holdout["target"].to_numpy()), abs=1e-5)
+        assert tta["holdout"] == pytest.approx(
+            data.task.scores(np.mean(bag, 0), data.holdout["target"].to_numpy()), abs=1e-5
+        )
     assert _csv(run / "submissions/oof_probs.csv")["id"].tolist() == ids
     report = json.loads((run / "reports/ensemble.json").read_text())
     metrics = json.loads((run / "reports/metrics.json").read_text())

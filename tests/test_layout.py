@@ -90,6 +90,70 @@ def test_the_stage_import_check_sees_a_lazy_import(tmp_path):
     assert {"pipeline.predict", "pipeline.train"} <= _imports(sneaky)
 
 
+# The only files where the single-label assumption may be code: the task, and the timm model code it calls
+# (timm's own `num_classes` head argument). Everything else asks the task (pipeline/tasks).
+TARGET_CODE_ALLOWED = {"pipeline/tasks/single_label.py", "pipeline/models.py"}
+TARGET_NAMES = {"softmax", "log_softmax", "cross_entropy", "num_classes"}
+
+
+def _class_axis_argmax(node: ast.Call) -> bool:
+    """`x.argmax(1)`, `x.argmax(-1)`, `x.argmax(axis=1)`, `np.argmax(x, axis=-1)`: an argmax over classes."""
+    func = node.func
+    if not (isinstance(func, ast.Attribute) and func.attr == "argmax"):
+        return False
+    axes = [kw.value for kw in node.keywords if kw.arg in ("axis", "dim")]
+    positional = (
+        node.args[1:] if isinstance(func.value, ast.Name) and func.value.id in ("np", "numpy", "torch") else node.args
+    )
+    axes += positional[:1]
+    return any(isinstance(a, ast.Constant) and a.value == 1 for a in axes) or any(
+        isinstance(a, ast.UnaryOp) and isinstance(a.op, ast.USub) and getattr(a.operand, "value", None) == 1
+        for a in axes
+    )
+
+
+def single_label_code(source: str) -> list[str]:
+    """Where `source` uses softmax, log_softmax, cross_entropy or num_classes as code (a name, an attribute,
+    an argument or parameter name), or takes a class-axis argmax; comments and strings do not count."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        hit = (
+            (isinstance(node, ast.Name) and node.id in TARGET_NAMES and node.id)
+            or (isinstance(node, ast.Attribute) and node.attr in TARGET_NAMES and node.attr)
+            or (isinstance(node, ast.keyword) and node.arg in TARGET_NAMES and node.arg)
+            or (isinstance(node, ast.arg) and node.arg in TARGET_NAMES and node.arg)
+            or (isinstance(node, ast.Call) and _class_axis_argmax(node) and "argmax over classes")
+        )
+        if hit:
+            found.append(f"line {getattr(node, 'lineno', '?')}: {hit}")
+    return found
+
+
+def test_the_single_label_assumption_is_code_only_in_the_task_and_the_model_code_it_calls():
+    found = {
+        path.relative_to(ROOT).as_posix(): single_label_code(path.read_text())
+        for path in sorted((ROOT / "pipeline").rglob("*.py"))
+        if path.relative_to(ROOT).as_posix() not in TARGET_CODE_ALLOWED
+    }
+    assert not {k: v for k, v in found.items() if v}, found
+
+
+def test_the_single_label_check_sees_each_form_and_not_a_comment_or_an_unrelated_argmax():
+    source = (
+        "import numpy as np\nimport torch.nn.functional as F\n# softmax in a comment\ns = 'log_softmax'\n"
+        "a = p.argmax(1)\nb = np.argmax(p, axis=-1)\nc = values.argmax()\nd = F.cross_entropy(x, y)\n"
+        "m = create(num_classes=3)\ndef f(num_classes): pass\ne = torch.log_softmax(x, dim=1)\n"
+    )
+    assert single_label_code(source) == [
+        "line 5: argmax over classes",
+        "line 6: argmax over classes",
+        "line 8: cross_entropy",
+        "line 9: num_classes",
+        "line 10: num_classes",
+        "line 11: log_softmax",
+    ]
+
+
 def _params(**train):
     return parse_params(
         {

@@ -5,7 +5,8 @@ import pytest
 from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score, roc_auc_score
 from sklearn.metrics import log_loss as sk_log_loss
 
-from pipeline.metrics import METRICS, argbest, direction, is_better, scores
+from pipeline.metrics import argbest, direction, is_better
+from pipeline.tasks.single_label import METRICS, SingleLabel
 
 # five rows, three classes: rows 0, 1, 3 right by argmax; row 2 (true 2) predicted 1, row 4 (true 0) predicted 2
 Y3 = np.array([0, 1, 2, 1, 0])
@@ -59,4 +60,4 @@ def test_direction_and_comparator(name):
 
 
 def test_scores_reports_every_metric():
-    assert set(scores(P3, Y3)) == set(METRICS)
+    assert set(SingleLabel(["a", "b", "c"]).scores(P3, Y3)) == set(METRICS)

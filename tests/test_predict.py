@@ -6,14 +6,15 @@ import torch
 
 from pipeline.config import ConfigError, parse_params
 from pipeline.data import InputConfig, load_prepared, to_input
-from pipeline.inference import predict_proba
-from pipeline.metrics import log_loss
+from pipeline.inference import predict
 from pipeline.models import create_model
 from pipeline.predict import predict_backbone, resolve_tta, select_policy
 from pipeline.prepare import prepare
-from pipeline.tta import TTA_VIEWS, merge_views, predict_tta, predict_views
+from pipeline.tasks.single_label import SingleLabel, log_loss
+from pipeline.tta import TTA_VIEWS, predict_tta, predict_views
 
 CPU = torch.device("cpu")
+TASK4, TASK3 = SingleLabel(list("abcd")), SingleLabel(list("abc"))  # class probabilities, as the views merge them
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 
 
@@ -39,9 +40,11 @@ def test_hflip_tta_is_the_mean_over_the_image_and_its_mirror(model):
         x = _normalised(images)
         plain = torch.softmax(model(x), 1).numpy()
         mirrored = torch.softmax(model(x.flip(3)), 1).numpy()
-    got = predict_tta(model, images, InputConfig(12, MEAN, STD), batch_size=2, device=CPU, views=("identity", "hflip"))
+    got = predict_tta(
+        model, images, InputConfig(12, MEAN, STD), batch_size=2, device=CPU, views=("identity", "hflip"), task=TASK4
+    )
     np.testing.assert_allclose(got, (plain + mirrored) / 2, atol=1e-5)
-    np.testing.assert_allclose(predict_proba(model, images, InputConfig(12, MEAN, STD), 2, CPU), plain, atol=1e-5)
+    np.testing.assert_allclose(predict(model, images, InputConfig(12, MEAN, STD), 2, CPU, TASK4), plain, atol=1e-5)
     assert not np.allclose(plain, mirrored)
 
 
@@ -75,17 +78,17 @@ def test_views_transform_the_pixels_as_named():
 
 def test_every_view_is_computed_once_and_merged_as_configured(model):
     images = _images(6)
-    logp = predict_views(model, images, InputConfig(12, MEAN, STD), 4, CPU, ["identity", "vflip", "crop_center"])
+    logp = predict_views(model, images, InputConfig(12, MEAN, STD), 4, CPU, ["identity", "vflip", "crop_center"], TASK4)
     assert logp.shape == (3, 6, 4)
     p = np.exp(logp)
-    np.testing.assert_allclose(merge_views(logp, "mean"), p.mean(0), atol=1e-6)
+    np.testing.assert_allclose(TASK4.merge(logp, "mean"), p.mean(0), atol=1e-6)
     geo = np.prod(p, axis=0) ** (1 / 3)
-    np.testing.assert_allclose(merge_views(logp, "geometric"), geo / geo.sum(1, keepdims=True), atol=1e-6)
+    np.testing.assert_allclose(TASK4.merge(logp, "geometric"), geo / geo.sum(1, keepdims=True), atol=1e-6)
     with torch.no_grad():  # mean of logits: the raw model outputs, averaged, then softmax
         x = _normalised(images)
         logits = [model(v) for v in (x, x.flip(2), TTA_VIEWS["crop_center"](x, None, None))]
         expected = torch.softmax(torch.stack(logits).mean(0), 1).numpy()
-    np.testing.assert_allclose(merge_views(logp, "logits"), expected, atol=1e-5)
+    np.testing.assert_allclose(TASK4.merge(logp, "logits"), expected, atol=1e-5)
 
 
 def _airbench_shifts(x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -117,7 +120,8 @@ def test_airbench_policy_weighs_plain_and_mirror_a_quarter_and_each_shift_an_eig
     calls = []
     net.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
     policy = parse_params({}).tta.policies["airbench"]
-    logp = predict_views(net.eval(), images, InputConfig(16, MEAN, STD), 8, CPU, policy)
+    task = SingleLabel(list("abcde"))
+    logp = predict_views(net.eval(), images, InputConfig(16, MEAN, STD), 8, CPU, policy, task)
     assert len(calls) == 6 and logp.shape == (8, 4, 5)  # 8 names, 6 distinct views
     with torch.no_grad():
         shifts = _airbench_shifts(x)
@@ -127,8 +131,8 @@ def test_airbench_policy_weighs_plain_and_mirror_a_quarter_and_each_shift_an_eig
 
         logits = 0.5 * mirror(x) + 0.25 * mirror(shifts["shift_dr"]) + 0.25 * mirror(shifts["shift_ul"])
     expected = torch.softmax(logits, 1).numpy()
-    np.testing.assert_allclose(merge_views(logp, "logits"), expected, atol=1e-5)
-    equal = merge_views(logp[[0, 2, 4, 5, 6, 7]], "logits")  # the same six views, equally weighted
+    np.testing.assert_allclose(task.merge(logp, "logits"), expected, atol=1e-5)
+    equal = task.merge(logp[[0, 2, 4, 5, 6, 7]], "logits")  # the same six views, equally weighted
     assert np.abs(equal - expected).max() > 1e-3
 
 
@@ -147,9 +151,9 @@ def test_policy_selection_is_cross_fitted():
     # "lucky" is perfect on fold 0 only and flat elsewhere: best overall on fold 0's strength
     lucky = flat.copy()
     lucky[folds == 0] = np.eye(3)[y[folds == 0]] * 0.98 + 0.02 / 3
-    chosen, honest = select_policy({"flat": flat, "good": good}, y, folds, "log_loss")
+    chosen, honest = select_policy({"flat": flat, "good": good}, y, folds, "log_loss", TASK3)
     assert chosen == "good" and np.array_equal(honest, good)
-    chosen, honest = select_policy({"flat": flat, "lucky": lucky}, y, folds, "log_loss")
+    chosen, honest = select_policy({"flat": flat, "lucky": lucky}, y, folds, "log_loss", TASK3)
     assert chosen == "lucky"  # in-sample, fold 0's luck decides...
     # ...but fold 0's honest rows come from the policy best on folds 1-2 (a tie, so the first: flat)
     assert np.array_equal(honest[folds == 0], flat[folds == 0])
@@ -192,7 +196,9 @@ def test_oof_rows_come_from_their_own_fold_models_and_test_is_the_mean_of_all(co
         assert got.seeds == ["3", "7"] and got.oof_per_seed.shape == (2, len(folds), 3)
         for k in range(2):
             per_seed = [
-                predict_tta(m, data.train_images[folds == k], InputConfig(12, mu, sd), 4, CPU, views=tuple(views))
+                predict_tta(
+                    m, data.train_images[folds == k], InputConfig(12, mu, sd), 4, CPU, views=tuple(views), task=TASK3
+                )
                 for (s, kk), (m, mu, sd) in models.items()
                 if kk == k
             ]
@@ -200,7 +206,7 @@ def test_oof_rows_come_from_their_own_fold_models_and_test_is_the_mean_of_all(co
             np.testing.assert_allclose(got.oof[folds == k], np.mean(per_seed, 0), atol=1e-6)  # the seed bag
         expected_test = np.mean(
             [
-                predict_tta(m, data.test_images, InputConfig(12, mu, sd), 4, CPU, views=tuple(views))
+                predict_tta(m, data.test_images, InputConfig(12, mu, sd), 4, CPU, views=tuple(views), task=TASK3)
                 for m, mu, sd in models.values()
             ],
             0,

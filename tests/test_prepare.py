@@ -16,7 +16,8 @@ from pipeline.config import CompetitionConfig
 from pipeline.data import load_prepared
 from pipeline.errors import PipelineError
 from pipeline.io import stop_on_signals, uninterrupted
-from pipeline.prepare import DIGITS_MARKER, prepare, sort_classes
+from pipeline.prepare import DIGITS_MARKER, prepare
+from pipeline.tasks.single_label import sort_classes
 from tests.conftest import make_image, write_competition
 
 

@@ -31,14 +31,14 @@ from pipeline.data import (
 )
 from pipeline.errors import PipelineError
 from pipeline.fold import bootstrap_rows, initial_model, train_fold
-from pipeline.inference import load_fold_model, predict_proba
+from pipeline.inference import load_fold_model, predict
 from pipeline.loop import LRSchedule, Split, build_optimizer, derive_seed, fit, freeze, train_one_epoch
-from pipeline.metrics import log_loss
 from pipeline.models import check_backbone, create_model, pretrained_config
 from pipeline.precision import resolve_precision
 from pipeline.predict import predict_backbone
 from pipeline.prepare import prepare
 from pipeline.sklearn_head import load_classifier
+from pipeline.tasks.single_label import SingleLabel, log_loss
 from pipeline.tracking import Tracker
 from pipeline.train import train_backbone
 
@@ -56,14 +56,14 @@ SETTINGS = TrainSettings(
     seed=0,
 )
 OFF = Tracker(False, "off")
+TASK3 = SingleLabel(["0", "1", "2"])  # the tests' three classes, as the loop and inference take them
 
 
-def _fit(model, images, targets, val_images, val_targets, mean, std, s, image_size, device, num_classes, **kwargs):
-    """The loop on explicit rows, as a fold of these tests feeds it."""
+def _fit(model, images, targets, val_images, val_targets, mean, std, s, image_size, device, n_classes, **kwargs):
+    """The loop on explicit rows, as a fold of these tests feeds it, for a single-label task of `n_classes`."""
     cfg = InputConfig(image_size, tuple(mean), tuple(std), precision=s.precision)
-    return fit(
-        model, Split(images, targets), Split(val_images, val_targets), cfg, s, device, num_classes=num_classes, **kwargs
-    )
+    task = SingleLabel([str(c) for c in range(n_classes)])
+    return fit(model, Split(images, targets), Split(val_images, val_targets), cfg, s, device, task=task, **kwargs)
 
 
 def _bag(data, name, model_name, s, image_size, out_dir, device, tracker, pretrained=None, resume_dir=None):
@@ -95,6 +95,7 @@ def _batches(data, size=4, n=3):
 def _one_epoch(model, batches, s: TrainSettings, mean=(0.5,) * 3, std=(0.25,) * 3, **kwargs):
     optimizer = build_optimizer(model, s)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    kwargs.setdefault("task", TASK3)
     return train_one_epoch(
         model, batches, optimizer, scheduler, CPU, InputConfig(16, tuple(mean), tuple(std)), **kwargs
     ), optimizer
@@ -121,7 +122,7 @@ def test_cv_training_writes_oof_checkpoints_and_an_mlflow_tree(prepared, tmp_pat
     assert metrics["oof"]["accuracy"] == pytest.approx(float((oof.argmax(1) == targets).mean()))
     # colour-coded classes: learnt, not chance (1/3); 0.83 or more over 12 seeds x 3 instruction sets
     assert metrics["oof"]["accuracy"] > 0.5
-    table = fold_scores(oof, targets, prepared.train["fold"].to_numpy())
+    table = fold_scores(oof, targets, prepared.train["fold"].to_numpy(), TASK3)
     assert metrics["fold_std"]["log_loss"] > 0  # one spread for both reports: the sample std (ddof=1)
     assert metrics["fold_std"]["log_loss"] == pytest.approx(table.loc["std", "log_loss"], rel=1e-9)
     for k in range(2):
@@ -232,7 +233,7 @@ def test_features_sklearn_gives_oof_and_a_predictable_checkpoint(prepared, tmp_p
     model, ckpt = load_fold_model(tmp_path / "models" / "seed0" / "fold1" / "model.pt", CPU)
     assert ckpt["feature_layer"] == layer  # inference takes the features from the same stage
     folds = prepared.train["fold"].to_numpy()
-    again = predict_proba(model, prepared.train_images[folds == 1], InputConfig.from_checkpoint(ckpt), 8, CPU)
+    again = predict(model, prepared.train_images[folds == 1], InputConfig.from_checkpoint(ckpt), 8, CPU, task=TASK3)
     np.testing.assert_allclose(again, oof[folds == 1], atol=1e-6)
 
 
@@ -272,7 +273,7 @@ def test_nothing_in_a_fold_folder_is_unpickled_and_resume_states_load_weights_on
     model, ckpt = load_fold_model(fold / "model.pt", CPU)
     assert not marker.exists()
     folds = prepared.train["fold"].to_numpy()
-    again = predict_proba(model, prepared.train_images[folds == 1], InputConfig.from_checkpoint(ckpt), 8, CPU)
+    again = predict(model, prepared.train_images[folds == 1], InputConfig.from_checkpoint(ckpt), 8, CPU, task=TASK3)
     np.testing.assert_allclose(again, oof[folds == 1], atol=1e-6)
     # a resumed run takes its finished folds from the resume folder, through the same safe loaders
     again_oof, _ = _bag(
@@ -553,8 +554,10 @@ def test_inference_halves_the_batch_until_it_fits(prepared):
     torch.manual_seed(0)
     model = _OutOfMemoryAbove(limit=3)
     images = np.asarray(prepared.train_images[:10])
-    got = predict_proba(model, images, InputConfig(16, (0.5,) * 3, (0.25,) * 3), batch_size=16, device=CPU)
-    expected = predict_proba(model.net, images, InputConfig(16, (0.5,) * 3, (0.25,) * 3), batch_size=1, device=CPU)
+    got = predict(model, images, InputConfig(16, (0.5,) * 3, (0.25,) * 3), batch_size=16, device=CPU, task=TASK3)
+    expected = predict(
+        model.net, images, InputConfig(16, (0.5,) * 3, (0.25,) * 3), batch_size=1, device=CPU, task=TASK3
+    )
     np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
@@ -592,8 +595,8 @@ def test_seed_bag_trains_every_fold_per_seed_and_averages_the_oof(prepared, tmp_
         for k in range(2):
             model, ckpt = load_fold_model(tmp_path / "models" / f"seed{seed}" / f"fold{k}" / "model.pt", CPU)
             assert ckpt["seed"] == seed
-            oof[folds == k] = predict_proba(
-                model, prepared.train_images[folds == k], InputConfig.from_checkpoint(ckpt), 8, CPU
+            oof[folds == k] = predict(
+                model, prepared.train_images[folds == k], InputConfig.from_checkpoint(ckpt), 8, CPU, task=TASK3
             )
         per_seed.append(oof)
     np.testing.assert_allclose(bag, np.mean(per_seed, 0), atol=1e-5)
@@ -679,7 +682,7 @@ def test_val_every_skips_validation_and_keeps_the_last_epoch_when_it_equals_epoc
     model = create_model("test_resnet", 3)
     model.load_state_dict(result.state_dict)
     np.testing.assert_allclose(
-        predict_proba(model, data[2], InputConfig(16, tuple(data[4]), tuple(data[5])), 8, CPU),
+        predict(model, data[2], InputConfig(16, tuple(data[4]), tuple(data[5])), 8, CPU, TASK3),
         result.val_probs,
         atol=1e-6,
     )

@@ -195,7 +195,7 @@ torch.manual_seed(0)
 model = create_model("test_resnet", 3)
 s = TrainSettings(epochs=1, batch_size=2, lr=0.01, augment=[], seed=0)
 res = fit(model, Split(np.asarray(data.train_images[f != 0]), y[f != 0]), Split(np.asarray(data.train_images[f == 0]),
-          y[f == 0]), InputConfig(12, tuple(mean), tuple(std)), s, device, num_classes=3)
+          y[f == 0]), InputConfig(12, tuple(mean), tuple(std)), s, device, task=data.task)
 torch.save(model.state_dict(), {str(tmp_path)!r} + f"/rank{{distributed.rank()}}.pt")
 np.save({str(tmp_path)!r} + f"/probs{{distributed.rank()}}.npy", res.val_probs)
 distributed.shutdown()

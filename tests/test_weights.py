@@ -20,6 +20,7 @@ from pipeline.data import InputConfig
 from pipeline.errors import PipelineError
 from pipeline.images import decode_image
 from pipeline.models import create_model, pretrained_config
+from pipeline.tasks.single_label import SingleLabel
 from pipeline.tta import predict_views
 from pipeline.weights import convert_by_order, provide
 
@@ -52,7 +53,8 @@ def _top(weights: str | None, mean, std) -> list[str]:
         head = {k: v for k, v in load_file(f"{weights}/model.safetensors").items() if k.startswith("classifier")}
         model.load_state_dict({**model.state_dict(), **head})
     cfg = InputConfig(224, tuple(mean), tuple(std), "bicubic")
-    log_probs = predict_views(model, _photos(256), cfg, 2, torch.device("cpu"), ["crop_center"])[0]
+    imagenet = SingleLabel([str(c) for c in range(1000)])
+    log_probs = predict_views(model, _photos(256), cfg, 2, torch.device("cpu"), ["crop_center"], imagenet)[0]
     info = ImageNetInfo()
     return [info.index_to_description(int(i)) for i in log_probs.argmax(1)]
 

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.analyze import analyze_all, attach_holdout, diversity, headline_line, per_class_accuracy, summary
+from pipeline.analyze import analyze_stage, headline_line
 from pipeline.cli import parse_args
 from pipeline.config import flatten, load_params, to_dict
 from pipeline.data import load_prepared
-from pipeline.io import atomic_dir, read_json
+from pipeline.io import atomic_dir
 from pipeline.paths import RunPaths
-from pipeline.probs import read_probs
 from pipeline.report import ReportRows, write_report
-from pipeline.slices import image_properties
 from pipeline.tracking import Tracker, experiment_name
 
 
@@ -26,29 +24,25 @@ def main(argv=None) -> None:
     params = load_params(args.params)
     paths = RunPaths(Path("."))
     data = load_prepared(paths.prepared)
-    ids, y, folds, backbones = data.train["id"].to_numpy(), data.targets, data.folds, list(params.train.backbones)
-    oof = {b: read_probs(paths.predictions(b) / "oof_probs.csv", ids, data.classes, b) for b in backbones}
-    ensemble = read_probs(paths.submissions / "oof_probs.csv", ids, data.classes, "ensemble")
-    properties = image_properties(data.train_images, data.train.get("width"), data.train.get("height"))
-    analyses = analyze_all(params, oof, ensemble, data, properties)
-    if data.holdout is not None:
-        attach_holdout(analyses, read_json(paths.report("ensemble")))
-    div, per_class = diversity(oof, y), per_class_accuracy({a.label: a.probs for a in analyses}, y, data.classes)
-    headline = summary(analyses, div)
+    found = analyze_stage(params, data, paths.predictions_root, paths.submissions, paths.report("ensemble"))
     title = f"Out-of-fold error analysis: {experiment_name(params)}"
-    rows = ReportRows(ids, y, folds, data.classes, data.train_images)
+    rows = ReportRows(data.train["id"].to_numpy(), data.targets, data.folds, data.classes, data.train_images)
     with atomic_dir(paths.oof_report) as tmp:
-        write_report(tmp, analyses, div, per_class, headline, rows, params.analyze.examples_per_pair, title)
+        write_report(
+            tmp, found.analyses, found.diversity, found.per_class, found.headline, rows,
+            params.analyze.examples_per_pair, title,
+        )  # fmt: skip
     tracker = Tracker(params.tracking.enabled, experiment_name(params))
     with tracker.run(
         "analyze",
         params={f"analyze.{k}": v for k, v in flatten(to_dict(params.analyze)).items()},
         tags={"stage": "analyze"},
     ):
+        numbers = flatten(found.headline)
         tracker.log_metrics(
-            {k.replace("~", "_vs_"): v for k, v in flatten(headline).items() if isinstance(v, (int, float)) and v == v}
+            {k.replace("~", "_vs_"): v for k, v in numbers.items() if isinstance(v, (int, float)) and v == v}
         )
         tracker.log_artifacts(str(paths.oof_report), "oof")
-    for a in analyses:
+    for a in found.analyses:
         print(headline_line(a, params.competition.metric))
     print(f"report -> {paths.oof_report / 'index.html'}")

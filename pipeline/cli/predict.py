@@ -15,8 +15,7 @@ from pipeline.data import load_prepared
 from pipeline.io import atomic_dir, write_json
 from pipeline.models import pick_device
 from pipeline.paths import RunPaths
-from pipeline.predict import choose_policy, log_stage, predict_backbone, resolve_tta
-from pipeline.probs import probs_frame
+from pipeline.predict import choose_policy, log_stage, predict_backbone, resolve_tta, write_predictions
 from pipeline.tracking import Tracker, experiment_name
 
 
@@ -36,14 +35,10 @@ def main(argv=None) -> None:
         pick_device(),
     )
     held = None if data.holdout is None else data.holdout["target"].to_numpy()
-    report = choose_policy(preds, tta, backbone, pool, data.targets, data.folds, held)
-    best, report_path = preds[report["policy"]], paths.report("predict", backbone)
+    report = choose_policy(preds, tta, backbone, pool, data.targets, data.folds, data.task, held)
+    report_path = paths.report("predict", backbone)
     with atomic_dir(paths.predictions(backbone)) as out:
-        probs_frame(data.train["id"], best.oof, data.classes).to_csv(out / "oof_probs.csv", index=False)
-        probs_frame(data.test["id"], best.test, data.classes).to_csv(out / "test_probs.csv", index=False)
-        if held is not None:
-            probs_frame(data.holdout["id"], best.holdout, data.classes).to_csv(out / "holdout_probs.csv", index=False)
-        write_json(out / "tta.json", report)
+        write_predictions(out, data, preds[report["policy"]], report)
     write_json(report_path, report)
     log_stage(report, tta, backbone, Tracker(params.tracking.enabled, experiment_name(params)), str(report_path))
     m = tta.metric
