@@ -47,6 +47,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.backbone import Backbone  # noqa: E402
 from pipeline.config import parse_params, resolve_train_settings  # noqa: E402
 from pipeline.data import Rows, load_prepared  # noqa: E402
 from pipeline.fold import train_fold  # noqa: E402
@@ -259,7 +260,9 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
 def pipeline_fold0(data, params, epochs: int) -> dict:
     """The preset's training of fold 0 for `epochs` epochs, and its validation scores by TTA policy."""
     s = dataclasses.replace(resolve_train_settings(params.train, MODEL), epochs=epochs, val_every=epochs)
-    result, ckpt = train_fold(data, 0, MODEL, s, 32, torch.device("cpu"), where="pipeline fold 0")
+    result, ckpt = train_fold(
+        data, 0, Backbone(MODEL, MODEL, None, s, 32, {}), torch.device("cpu"), where="pipeline fold 0"
+    )
     seconds = sum(r["epoch_seconds"] for r in result.history)
     va = np.flatnonzero(data.folds == 0)
     y = data.targets[va]

@@ -36,6 +36,7 @@ from airbench_peer import MODEL, PRESET, preset_params  # noqa: E402  (bench/, b
 import pipeline.data  # noqa: E402
 import pipeline.fold  # noqa: E402
 import pipeline.loop  # noqa: E402
+from pipeline.backbone import Backbone  # noqa: E402
 from pipeline.config import parse_params, resolve_train_settings  # noqa: E402
 from pipeline.data import load_prepared  # noqa: E402
 
@@ -161,7 +162,9 @@ def run_variant(data, base, name: str) -> dict:
         raise SystemExit(f"unknown variant {name}")
     started = time.perf_counter()
     with stack:
-        result, _ = pipeline.fold.train_fold(data, 0, MODEL, s, 32, torch.device("cpu"), where=name)
+        result, _ = pipeline.fold.train_fold(
+            data, 0, Backbone(MODEL, MODEL, None, s, 32, {}), torch.device("cpu"), where=name
+        )
     y = data.targets[data.folds == 0]
     return {
         **data.task.scores(result.val_probs, y, ("accuracy", "log_loss")),

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.backbone import Backbone
 from pipeline.config import CompetitionConfig, TrainSettings
 from pipeline.data import PreparedData, load_prepared
 from pipeline.fold import train_fold
@@ -48,7 +49,7 @@ def fold0(data: PreparedData, model: str, s: TrainSettings, label: str) -> str:
     """Train fold 0 with `s` through `train_fold`; its validation accuracy, log loss and wall time."""
     y = data.train["target"].to_numpy()[data.train["fold"].to_numpy() == 0]
     start = time.perf_counter()
-    result, _ = train_fold(data, 0, model, s, 32, torch.device("cpu"), where=label)
+    result, _ = train_fold(data, 0, Backbone(model, model, None, s, 32, {}), torch.device("cpu"), where=label)
     seconds = time.perf_counter() - start
     r = data.task.scores(result.val_probs, y, ("accuracy", "log_loss"))
     return f"accuracy {r['accuracy']:.4f} log_loss {r['log_loss']:.4f} seconds {seconds:.0f}"

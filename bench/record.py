@@ -1,4 +1,4 @@
-"""The README's record table, read from the outputs of one `dvc repro` (run it in the repository root).
+"""The record table of docs/results.md, read from the outputs of one `dvc repro` (run it in the repository root).
 
     python bench/record.py --started 2026-11-22T12:07:26
 

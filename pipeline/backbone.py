@@ -28,6 +28,30 @@ class Backbone:
     settings: TrainSettings
     image_size: int  # the network's input side
     tuned: dict  # the tune stage's best values, already merged into `settings`
+    # timm's data config of the pretrained weights (mean, std, image_size, interpolation), resolved once by
+    # `resolve_backbone`; None: random weights (or weights timm knows no config for)
+    weights: dict | None = None
+
+    def normalization(self, data: PreparedData, k: int) -> tuple[list[float], list[float]]:
+        """Mean and std fold k's model sees its inputs normalised with: `train.mean`/`train.std` if set, else
+        the pretrained weights' own (what they learnt their features on), else the statistics of fold k's
+        training part (never its validation rows)."""
+        s = self.settings
+        if s.mean is not None:
+            return list(s.mean), list(s.std)
+        return (self.weights["mean"], self.weights["std"]) if self.weights else data.fold_stats(k)
+
+    @property
+    def interpolation(self) -> str:
+        """How batches are resized to the input side: `train.interpolation` if set, else the weights' own,
+        else bilinear. Recorded in the checkpoint: every TTA view resizes the same way."""
+        own = (self.weights or {}).get("interpolation")
+        return self.settings.interpolation or (own if own in ("bilinear", "bicubic", "nearest", "area") else "bilinear")
+
+    @property
+    def input_side(self) -> int:
+        """The network's input side as this backbone's settings train it (a tuning trial may set image_size)."""
+        return self.settings.image_size or self.image_size
 
 
 def tuned_params(path: str | Path) -> dict:
@@ -37,10 +61,9 @@ def tuned_params(path: str | Path) -> dict:
     return (yaml.safe_load(Path(path).read_text()) or {}).get("params") or {}
 
 
-def input_size(s: TrainSettings, model_name: str, pretrained: Pretrained, cache_size: int) -> int:
+def input_size(s: TrainSettings, weights: dict | None, cache_size: int) -> int:
     """The network's input side: `s.image_size` if set, else the pretrained weights' own, else the cache's."""
-    cfg = pretrained_config(model_name, pretrained)
-    return s.image_size or (cfg or {}).get("image_size") or cache_size
+    return s.image_size or (weights or {}).get("image_size") or cache_size
 
 
 def resolve_backbone(
@@ -56,10 +79,11 @@ def resolve_backbone(
     best = tuned_params(Path(tuning) / "best_params.yaml") if tuning is not None else {}
     settings = resolve_train_settings(params.train, name, best)
     check_train_settings(settings, f"{params_path}: train")
-    image_size = input_size(settings, model_name, entry.pretrained, cache_size)
+    weights = pretrained_config(model_name, entry.pretrained)  # the one resolution of timm's data config
+    image_size = input_size(settings, weights, cache_size)
     if settings.augment is None:  # recorded as it runs
         settings = dataclasses.replace(settings, augment=default_augment(cache_size))
-    return Backbone(name, model_name, entry.pretrained, settings, image_size, best)
+    return Backbone(name, model_name, entry.pretrained, settings, image_size, best, weights)
 
 
 def apply_plan(s: TrainSettings, entry: dict | None, epochs: bool = True) -> TrainSettings:
@@ -93,7 +117,7 @@ def planned(backbone: Backbone, plan_dir: str | Path, budget: bool = True) -> Ba
 def run_record(backbone: Backbone, data: PreparedData, device: torch.device) -> dict:
     """Everything a training run of `backbone` depends on, flat: MLflow's params of the run, and (without
     the device) what its resume folder is keyed on."""
-    s, weights = backbone.settings, pretrained_config(backbone.model_name, backbone.pretrained)
+    s, weights = backbone.settings, backbone.weights
     normalization = "params" if s.mean else "pretrained weights" if weights else "fold statistics"
     return {
         "backbone": backbone.name,

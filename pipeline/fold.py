@@ -11,11 +11,12 @@ from typing import Callable
 import numpy as np
 import torch
 
+from pipeline.backbone import Backbone
 from pipeline.config import TrainSettings
 from pipeline.data import InputConfig, PreparedData, Rows
 from pipeline.inference import extract_features
 from pipeline.loop import Split, derive_seed, fit
-from pipeline.models import Pretrained, create_model, pretrained_config
+from pipeline.models import Pretrained, create_model
 from pipeline.precision import cached_probe, resolve_precision
 from pipeline.resume import FoldResult
 from pipeline.sklearn_head import feature_extractor, fit_classifier
@@ -44,25 +45,6 @@ def initial_model(
     return model
 
 
-def input_normalization(
-    data: PreparedData, k: int, s: TrainSettings, model_name: str, pretrained: Pretrained = None
-) -> tuple[list[float], list[float]]:
-    """Mean and std fold k's model sees its inputs normalised with: `s.mean`/`s.std` if set, else the
-    pretrained weights' own (what they learnt their features on), else the statistics of fold k's
-    training part (never its validation rows)."""
-    if s.mean is not None:
-        return list(s.mean), list(s.std)
-    cfg = pretrained_config(model_name, pretrained)
-    return (cfg["mean"], cfg["std"]) if cfg else data.fold_stats(k)
-
-
-def input_interpolation(s: TrainSettings, model_name: str, pretrained: Pretrained = None) -> str:
-    """How batches are resized to the input side: `s.interpolation` if set, else the pretrained weights' own
-    (timm's data config), else bilinear. Recorded in the checkpoint: every TTA view resizes the same way."""
-    own = (pretrained_config(model_name, pretrained) or {}).get("interpolation")
-    return s.interpolation or (own if own in ("bilinear", "bicubic", "nearest", "area") else "bilinear")
-
-
 def fold_units(s: TrainSettings) -> int:
     """A fold's units of progress: its epochs (one fit for features+sklearn)."""
     return 1 if s.finetune == "features+sklearn" else s.epochs
@@ -71,31 +53,30 @@ def fold_units(s: TrainSettings) -> int:
 def train_fold(
     data: PreparedData,
     k: int,
-    model_name: str,
-    s: TrainSettings,
-    image_size: int,
+    backbone: Backbone,
     device: torch.device,
     *,
-    pretrained: Pretrained = None,
     on_epoch: Callable[[int, dict], None] | None = None,
     state_path: str | Path | None = None,
     where: str = "fold",
 ) -> tuple[FoldResult, dict]:
-    """One fold, set up the one way CV training, tuning and the speed probe share: a fresh model (seeded from
-    `s.seed` and k) trained on the other folds' rows (a bootstrap resample of them if `s.bootstrap`), normalised
-    as `input_normalization` says, validated on fold k, in the `s.finetune` mode. Returns (result, checkpoint)."""
-    targets, task = data.targets, data.task
+    """One fold of `backbone` (its settings `s`), set up the one way CV training, tuning and the speed probe
+    share: a fresh model (seeded from `s.seed` and k) trained on the other folds' rows (a bootstrap resample of
+    them if `s.bootstrap`), normalised as `backbone.normalization` says, validated on fold k, in the
+    `s.finetune` mode. Returns (result, checkpoint)."""
+    s, model_name, pretrained = backbone.settings, backbone.model_name, backbone.pretrained
+    image_size, targets, task = backbone.input_side, data.targets, data.task
     tr, va = np.flatnonzero(data.folds != k), np.flatnonzero(data.folds == k)
     if s.bootstrap:
         tr = bootstrap_rows(tr, s.seed, k)
-    mean, std = input_normalization(data, k, s, model_name, pretrained)
+    mean, std = backbone.normalization(data, k)
     fold_seed = derive_seed(s.seed, k)
     sklearn_head = s.finetune == "features+sklearn"
     model = initial_model(model_name, 0 if sklearn_head else task.n_outputs, s, fold_seed, pretrained)
     precision, probe = resolve_precision(
         s.precision, device, lambda: cached_probe(model, model_name, s.finetune, s.batch_size, image_size, device)
     )
-    cfg = InputConfig(image_size, tuple(mean), tuple(std), input_interpolation(s, model_name, pretrained), precision)
+    cfg = InputConfig(image_size, tuple(mean), tuple(std), backbone.interpolation, precision)
     train = Split(Rows(data.train_images, tr), targets[tr])  # read per batch
     val = Split(Rows(data.train_images, va), targets[va])
     if sklearn_head:
@@ -116,18 +97,23 @@ def train_fold(
             where=where,
             data_init=not pretrained,
         )
-    checkpoint = {
-        "model": model_name,
+    return result, _checkpoint(backbone, task, result, cfg, k, probe)
+
+
+def _checkpoint(backbone: Backbone, task, result: FoldResult, cfg: InputConfig, k: int, probe) -> dict:
+    """What a fold's model.pt holds: the weights, how to feed them (`cfg`), where they came from."""
+    s = backbone.settings
+    return {
+        "model": backbone.model_name,
         "num_classes": task.n_outputs,  # the head's size (the checkpoint format's name, timm's)
         "state_dict": result.state_dict,
         **cfg.checkpoint_fields(),
         "fold": k,
         "seed": s.seed,
         "precision_probe": probe,
-        "sklearn_head": sklearn_head,
+        "sklearn_head": s.finetune == "features+sklearn",
         "feature_layer": s.feature_layer,  # features+sklearn: the stage its classifier reads
     }
-    return result, checkpoint
 
 
 def _fit_sklearn_head(

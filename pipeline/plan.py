@@ -33,7 +33,7 @@ from pipeline.inference import fold_model, predict_outputs
 from pipeline.io import atomic_dir, seconds_so_far, write_json
 from pipeline.precision import cached_probe, resolve_precision
 
-# Seconds the planner cannot measure before they happen, from runs on 2 CPU cores (README, "Time budget"):
+# Seconds the planner cannot measure before they happen, from runs on 2 CPU cores (docs/guide.md, "Time budget"):
 STAGE_OVERHEAD_S = 6.0  # a stage process's start: imports of torch, timm, pandas; reading params and the cache
 DVC_GAP_S = 2.0  # DVC between two stages: hashing the outputs, writing dvc.lock
 FOLD_SETUP_S = 1.0  # per fold: a fresh model, its data-dependent init, saving its checkpoint
@@ -149,14 +149,7 @@ def measure_speed(
         unfreeze_epoch=None,
     )
     result, ckpt = train_fold(
-        sub,
-        0,
-        backbone.model_name,
-        probe,
-        backbone.image_size,
-        device,
-        pretrained=backbone.pretrained,
-        where=f"{backbone.name} speed probe",
+        sub, 0, dataclasses.replace(backbone, settings=probe), device, where=f"{backbone.name} speed probe"
     )
     n = (len(tr) // s.batch_size) * s.batch_size if len(tr) > s.batch_size else len(tr)  # drop_last
     seconds = [row["epoch_seconds"] for row in result.history[1:]]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import albumentations as A
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 from pipeline import distributed
 from pipeline.backbone import Backbone
-from pipeline.config import Params, TrainSettings, flatten, to_dict
+from pipeline.config import Params, flatten, to_dict
 from pipeline.data import PreparedData, build_train_transform
 from pipeline.fold import fold_units, train_fold
 from pipeline.io import StageProgress, atomic_dir
@@ -46,18 +47,38 @@ def _save_fold(result: FoldResult, ckpt: dict, folder: Path) -> None:
         save_classifier(result.classifier, folder / CLASSIFIER_FILE)
 
 
+@dataclass
+class FoldLog:
+    """Where the folds of one seed report: a nested MLflow run per fold in `tracker`, the stage's progress line
+    (`progress`; None: one for these folds alone) and the prefix of each fold run's name (seed<s>- in a bag)."""
+
+    tracker: object
+    progress: StageProgress | None = None
+    run_prefix: str = ""
+
+    def start(self, name: str, units: int) -> None:
+        if self.progress is None:
+            self.progress = StageProgress(f"train@{name}", units, "epochs")
+
+    def fold_run(self, k: int, seed: int, n_train: int, n_val: int, resume: Path | None):
+        return self.tracker.run(
+            f"{self.run_prefix}fold{k}",
+            params={"fold": k, "seed": seed, "n_train": n_train, "n_val": n_val},
+            nested=True,
+            resume=resume,
+        )
+
+
 def cross_validate(
     data: PreparedData,
     backbone: Backbone,
-    s: TrainSettings,
     out_dir: str | Path,
     device: torch.device,
-    tracker,
+    log: FoldLog,
     resume_dir: str | Path | None = None,
-    run_prefix: str = "",
-    progress: StageProgress | None = None,
 ) -> tuple[np.ndarray, dict]:
-    """k-fold CV of one backbone with one seed. Writes `out_dir/fold<k>/model.pt`; returns (oof_probs, metrics).
+    """k-fold CV of one backbone with one seed (its settings'). Writes `out_dir/fold<k>/model.pt`; returns
+    (oof_probs, metrics).
 
     Each fold's model fills the OOF probabilities of its validation rows. With `resume_dir`, finished
     folds and the unfinished fold's last epoch are kept there and picked up by the next call.
@@ -68,10 +89,10 @@ def cross_validate(
     targets, folds, task = data.targets, data.folds, data.task
     oof = np.zeros((len(targets), task.n_outputs), dtype=np.float64)
     fold_metrics = {}
-    progress = progress or StageProgress(f"train@{backbone.name}", data.n_folds * fold_units(s), "epochs")
+    log.start(backbone.name, data.n_folds * fold_units(backbone.settings))
     for k in range(data.n_folds):
         va = np.flatnonzero(folds == k)
-        result, ckpt = _train_or_keep_fold(data, k, backbone, s, device, tracker, resume_dir, run_prefix, progress)
+        result, ckpt = _train_or_keep_fold(data, k, backbone, device, log, resume_dir)
         oof[va] = result.val_probs
         fold_metrics[str(k)] = _fold_scores(result, targets[va], task)
         if distributed.is_main():  # under torchrun only rank 0 writes
@@ -88,17 +109,10 @@ def cross_validate(
 
 
 def _train_or_keep_fold(
-    data: PreparedData,
-    k: int,
-    backbone: Backbone,
-    s: TrainSettings,
-    device,
-    tracker,
-    resume_dir: Path | None,
-    run_prefix: str,
-    progress: StageProgress,
+    data: PreparedData, k: int, backbone: Backbone, device, log: FoldLog, resume_dir: Path | None
 ) -> tuple[FoldResult, dict]:
     """Fold k trained (in its own nested MLflow run), or kept whole from a killed run's `resume_dir`."""
+    s, tracker, progress = backbone.settings, log.tracker, log.progress
     done = resume_dir / f"fold{k}.done.pt" if resume_dir else None
     seen = -1  # the fold's last epoch counted by `progress`
 
@@ -116,20 +130,13 @@ def _train_or_keep_fold(
         tqdm.write(f"{backbone.name} fold{k}: finished in an earlier run, kept")
     else:
         n_val = int((data.folds == k).sum())
-        with tracker.run(
-            f"{run_prefix}fold{k}",
-            params={"fold": k, "seed": s.seed, "n_train": len(data.folds) - n_val, "n_val": n_val},
-            nested=True,
-            resume=resume_dir / f"fold{k}.mlflow_run_id" if resume_dir else None,
-        ):
+        run_id = resume_dir / f"fold{k}.mlflow_run_id" if resume_dir else None
+        with log.fold_run(k, s.seed, len(data.folds) - n_val, n_val, run_id):
             result, ckpt = train_fold(
                 data,
                 k,
-                backbone.model_name,
-                s,
-                backbone.image_size,
+                backbone,
                 device,
-                pretrained=backbone.pretrained,
                 on_epoch=on_epoch,
                 state_path=resume_dir / f"fold{k}.state.pt" if resume_dir else None,
                 where=f"{backbone.name} fold {k}",
@@ -166,14 +173,11 @@ def train_backbone(
     for seed in seeds:
         oof, metrics = cross_validate(
             data,
-            backbone,
-            dataclasses.replace(s, seed=seed),
+            dataclasses.replace(backbone, settings=dataclasses.replace(s, seed=seed)),
             Path(out_dir) / f"seed{seed}",
             device,
-            tracker,
+            FoldLog(tracker, progress, f"seed{seed}-" if len(seeds) > 1 else ""),
             Path(resume_dir) / f"seed{seed}" if resume_dir else None,
-            run_prefix=f"seed{seed}-" if len(seeds) > 1 else "",
-            progress=progress,
         )
         oofs.append(oof)
         per_seed[str(seed)] = metrics

@@ -206,11 +206,8 @@ def _fold_score(
         result, _ = train_fold(
             data,
             k,
-            backbone.model_name,
-            settings,
-            settings.image_size or backbone.image_size,
+            replace(backbone, settings=settings),
             device,
-            pretrained=backbone.pretrained,
             on_epoch=report,
             where=f"trial {trial.number} fold {k}",
         )

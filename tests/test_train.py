@@ -66,11 +66,15 @@ def _fit(model, images, targets, val_images, val_targets, mean, std, s, image_si
     return fit(model, Split(images, targets), Split(val_images, val_targets), cfg, s, device, task=task, **kwargs)
 
 
+def _backbone(model_name, s, image_size, pretrained=None, name="b") -> Backbone:
+    """A backbone resolved by hand, its weights' data config resolved as `resolve_backbone` does."""
+    return Backbone(name, model_name, pretrained, s, image_size, {}, pretrained_config(model_name, pretrained))
+
+
 def _bag(data, name, model_name, s, image_size, out_dir, device, tracker, pretrained=None, resume_dir=None):
     """`train_backbone` of a backbone resolved by hand."""
-    return train_backbone(
-        data, Backbone(name, model_name, pretrained, s, image_size, {}), out_dir, device, tracker, resume_dir=resume_dir
-    )
+    backbone = _backbone(model_name, s, image_size, pretrained, name)
+    return train_backbone(data, backbone, out_dir, device, tracker, resume_dir=resume_dir)
 
 
 @pytest.fixture
@@ -252,9 +256,9 @@ def test_an_unknown_feature_layer_is_one_line_naming_the_stages(prepared):
         match="train.feature_layer: 'layer9' is not a stage of the model "
         r"\(its stages: act1, layer1, layer2, layer3, layer4\)",
     ):
-        train_fold(prepared, 0, "test_resnet", s, 16, CPU)
+        train_fold(prepared, 0, _backbone("test_resnet", s, 16), CPU)
     with pytest.raises(PipelineError, match="train.feature_layer: 5 is out of the model's 5 stages"):
-        train_fold(prepared, 0, "test_resnet", dataclasses.replace(s, feature_layer=5), 16, CPU)
+        train_fold(prepared, 0, _backbone("test_resnet", dataclasses.replace(s, feature_layer=5), 16), CPU)
 
 
 def test_nothing_in_a_fold_folder_is_unpickled_and_resume_states_load_weights_only(prepared, tmp_path):
@@ -387,18 +391,29 @@ def test_mixup_switches_off_at_its_epoch(prepared):
     assert result.history[0]["train_loss"] != pytest.approx(plain, rel=1e-3)  # epoch 1: mixed
 
 
-def test_ema_weights_differ_from_live_weights_and_can_be_kept(prepared):
+def test_ema_weights_differ_from_live_weights_and_the_better_one_is_kept(prepared):
     data = _fold0(prepared)
     s = dataclasses.replace(SETTINGS, epochs=2, ema_decay=0.5)
     from timm.utils import ModelEmaV3
+
+    from pipeline.loop import _best_candidate, evaluate
 
     torch.manual_seed(0)
     model = create_model("test_resnet", 3)
     ema = ModelEmaV3(model, decay=0.5)
     _one_epoch(model, _batches(prepared), s, ema=ema)
     assert not torch.equal(ema.module.state_dict()["fc.weight"], model.state_dict()["fc.weight"])
+    # the choice between them: whichever validates better (log loss breaks an accuracy tie; live wins a full tie)
+    val = Split(data[2], data[3])
+    cfg = InputConfig(16, tuple(data[4]), tuple(data[5]))
+    live, averaged = (evaluate(m, val, cfg, 8, CPU, TASK3)[0] for m in (model, ema.module))
+    chosen = _best_candidate("accuracy", [(model, live, None), (ema.module, averaged, None)])[0]
+    ema_better = (averaged["accuracy"], -averaged["log_loss"]) > (live["accuracy"], -live["log_loss"])
+    assert chosen is (ema.module if ema_better else model)
+    flipped = _best_candidate("accuracy", [(model, {**live, "accuracy": 0.0}, None), (ema.module, averaged, None)])
+    assert flipped[0] is ema.module  # live weights that validate worse lose to the average
     result = _fit(create_model("test_resnet", 3), *data, s, 16, CPU, 3)
-    assert all("ema_chosen" in row for row in result.history)
+    assert {row["ema_chosen"] for row in result.history} <= {0.0, 1.0} and len(result.history) == 2
 
 
 def test_early_stopping_ends_a_fold_without_improvement(prepared):
@@ -491,8 +506,18 @@ def test_a_fold_reads_the_memory_mapped_cache_without_copying_it(prepared):
     np.testing.assert_array_equal(fold[4], prepared.train_images[rows[4]])
 
 
-def test_dropout_rate_reaches_the_model():
-    assert create_model("test_resnet", 3, drop_rate=0.3).drop_rate == 0.3
+def test_dropout_rate_reaches_the_model_and_drops_in_training_only():
+    """train.drop_rate is applied: in train mode the same input gives other logits each call (units
+    dropped), in eval mode the same ones; with drop_rate 0 train mode is deterministic too."""
+    x = torch.randn(4, 3, 16, 16)
+    torch.manual_seed(0)
+    dropped = create_model("test_resnet", 3, drop_rate=0.5).train()
+    assert not torch.equal(dropped(x), dropped(x))
+    dropped.eval()
+    assert torch.equal(dropped(x), dropped(x))
+    torch.manual_seed(0)
+    plain = create_model("test_resnet", 3, drop_rate=0.0).train()
+    assert torch.equal(plain(x), plain(x))  # batch norm in train mode: deterministic for a fixed batch
 
 
 def test_drop_path_rate_reaches_the_model():
@@ -868,7 +893,7 @@ def test_a_pretrained_model_is_fed_its_weights_own_normalisation(prepared, tmp_p
         (weights, dataclasses.replace(s, mean=[0.5] * 3, std=[0.2] * 3), [0.5] * 3, [0.2] * 3),
     ]  # params win
     for pretrained, settings, mean, std in cases:
-        _, ckpt = train_fold(prepared, 0, "test_resnet", settings, 16, CPU, pretrained=pretrained)
+        _, ckpt = train_fold(prepared, 0, _backbone("test_resnet", settings, 16, pretrained), CPU)
         assert ckpt["mean"] == pytest.approx(mean) and ckpt["std"] == pytest.approx(std), pretrained
     assert fold_mean != pytest.approx(list(timm_cfg.mean))  # the cases differ
 
@@ -944,7 +969,7 @@ def test_a_pretrained_model_is_resized_with_its_weights_interpolation(prepared, 
     area = dataclasses.replace(s, interpolation="area")
     cases = [(folder, s, "bicubic"), (None, s, "bilinear"), (folder, area, "area")]
     for pretrained, settings, expected in cases:  # the weights' own, else bilinear; params win
-        _, ckpt = train_fold(prepared, 0, "test_resnet", settings, 12, CPU, pretrained=pretrained)
+        _, ckpt = train_fold(prepared, 0, _backbone("test_resnet", settings, 12, pretrained), CPU)
         assert ckpt["interpolation"] == expected, pretrained
     x = torch.rand(2, 3, 16, 16)
     resized = {m: resize_batch(x, 12, m) for m in ("bilinear", "bicubic", "area")}  # each resizes differently

@@ -30,7 +30,7 @@ from pipeline.data import load_prepared
 from pipeline.errors import PipelineError
 from pipeline.prepare import prepare
 from pipeline.tracking import Tracker
-from pipeline.train import cross_validate
+from pipeline.train import FoldLog, cross_validate
 from pipeline.tune import (
     RETRY,
     finished,
@@ -198,10 +198,9 @@ def test_tuning_a_features_sklearn_backbone_runs_what_training_runs(prepared, tm
     _, metrics = cross_validate(
         prepared,
         Backbone("b", "test_resnet", None, settings, 12, {}),
-        settings,
         tmp_path / "m",
         CPU,
-        Tracker(False, "x"),
+        FoldLog(Tracker(False, "x")),
     )
     assert trial.value == pytest.approx(np.mean([metrics["folds"][str(k)]["accuracy"] for k in (0, 1)]), abs=1e-12)
 
