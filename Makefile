@@ -1,6 +1,7 @@
 # make run   set up .venv, then `dvc repro` on params.yaml (default: the embedded sklearn-digits competition)
 # make run PRESET=cpu-fast   merge configs/presets/cpu-fast.yaml into params.yaml first
 # make test  set up .venv, then the test suite
+# make test-fast   the tests that train no model (the edit-test loop)
 # make test-isa   the training and tuning tests again, on a lower instruction set than this CPU's best
 # make test-slow  the tests marked slow (two tuning workers on a real PostgreSQL server)
 # make lint  ruff: lint (with import order) and the format check
@@ -10,7 +11,7 @@ BIN    := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup run test test-isa test-slow lint clean
+.PHONY: setup run test test-fast test-isa test-slow lint clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +32,9 @@ endif
 
 test: setup
 	python -m pytest
+
+test-fast: setup
+	python -m pytest -m 'not training and not slow'
 
 # oneDNN, MKL and ATen each pick kernels for the CPU they run on, so float results differ in the last
 # bits between machines and so do training trajectories. test-isa runs the tests marked `training`
