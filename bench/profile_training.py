@@ -176,7 +176,7 @@ def main() -> None:
     params = load_params(args.params)
     device = pick_device()
     if Path("data/prepared/classes.json").exists():
-        data = load_prepared()
+        data = load_prepared("data/prepared")
         images, targets = np.asarray(data.train_images), data.train["target"].to_numpy()
         n_train, n_test, n_folds = len(images), len(data.test), data.n_folds
         mean, std = data.fold_stats(0)

@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--started", required=True, help="ISO time `make run` started, e.g. 2026-11-22T12:07:26")
     args = parser.parse_args()
 
-    data = load_prepared(images=False)
+    data = load_prepared("data/prepared", images=False)  # run from the repository root
     y, folds = data.train["target"].to_numpy(), data.train["fold"].to_numpy()
     ensemble = json.loads(Path("reports/ensemble.json").read_text())
     rows = []

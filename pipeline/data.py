@@ -96,7 +96,7 @@ class PreparedData:
         return s["mean"], s["std"]
 
 
-def load_prepared(folder: str | Path = "data/prepared", images: bool = True) -> PreparedData:
+def load_prepared(folder: str | Path, images: bool = True) -> PreparedData:
     folder = Path(folder)
     if not (folder / "classes.json").exists():
         raise PipelineError(f"{folder}: no prepared data (run `python -m pipeline prepare` first)")

@@ -903,9 +903,10 @@ def test_a_tag_picks_its_weights_data_config_without_downloading():
     assert pretrained_config("convnext_tiny.fb_in22k", True)["image_size"] == 224
     assert pretrained_config("resnet10t", None) is None and pretrained_config("cifar_net_s", True) is None
     s = dataclasses.replace(SETTINGS, image_size=None)
-    assert input_size(s, "convnext_tiny.fb_in22k_ft_in1k_384", True, 32) == 384  # the weights' input size
-    assert input_size(s, "convnext_tiny.fb_in22k_ft_in1k_384", None, 32) == 32  # random weights: the cache's
-    assert input_size(dataclasses.replace(s, image_size=64), "convnext_tiny.fb_in22k", True, 32) == 64  # params win
+    tagged = pretrained_config("convnext_tiny.fb_in22k_ft_in1k_384", True)
+    assert input_size(s, tagged, 32) == 384  # the weights' input size
+    assert input_size(s, pretrained_config("convnext_tiny.fb_in22k_ft_in1k_384", None), 32) == 32  # random: the cache's
+    assert input_size(dataclasses.replace(s, image_size=64), tagged, 32) == 64  # params win
 
 
 # ---------------------------------------------------------------- precision
