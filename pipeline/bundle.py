@@ -9,7 +9,7 @@ head as numbers), bundle.json (members, each one's timm model and input config, 
 the ensemble method's fitted numbers, the classes, prepare's decoding, the submission format), this
 package as a pure-Python wheel, predict.py and Kaggle's dataset-metadata.json. predict.py imports the
 wheel in place (no install): the very functions that wrote submission.csv decode, predict and ensemble,
-and nothing from DVC, MLflow or Optuna is imported. Nothing in the bundle is unpickled.
+and nothing from DVC, MLflow or Optuna, nor any stage module, is imported. Nothing in the bundle is unpickled.
 """
 
 from __future__ import annotations

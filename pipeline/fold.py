@@ -20,6 +20,7 @@ from pipeline.models import Pretrained, create_model
 from pipeline.precision import cached_probe, resolve_precision
 from pipeline.resume import FoldResult
 from pipeline.sklearn_head import feature_extractor, fit_classifier
+from pipeline.tasks import Task
 
 
 def bootstrap_rows(rows: np.ndarray, seed: int, fold: int) -> np.ndarray:
@@ -100,7 +101,7 @@ def train_fold(
     return result, _checkpoint(backbone, task, result, cfg, k, probe)
 
 
-def _checkpoint(backbone: Backbone, task, result: FoldResult, cfg: InputConfig, k: int, probe) -> dict:
+def _checkpoint(backbone: Backbone, task: Task, result: FoldResult, cfg: InputConfig, k: int, probe) -> dict:
     """What a fold's model.pt holds: the weights, how to feed them (`cfg`), where they came from."""
     s = backbone.settings
     return {

@@ -3,10 +3,11 @@
     python -m pipeline train --backbone resnet10t    # writes models/resnet10t/, reports/train/resnet10t.json
 
 From the outside in: `train_backbone` bags `cross_validate` over `train.seeds`; `cross_validate` runs
-`train_fold` for every fold of one seed, keeping finished folds for a resumed run; `train_fold` sets
-one fold up (its rows, its normalisation, a fresh model, its precision) and trains it through the
-project's one loop (`pipeline.loop.fit`) or fits the features+sklearn head. Tuning and the plan's
-speed probe call `train_fold` too, so a fold is set up the same way everywhere.
+`train_fold` (pipeline/fold.py) for every fold of one seed, keeping finished folds for a resumed run and
+reporting each to its `FoldLog`; `train_fold` sets one fold up (its rows, its normalisation, a fresh model,
+its precision) and trains it through the project's one loop (`pipeline.loop.fit`) or fits the
+features+sklearn head. Tuning and the plan's speed probe call `train_fold` too, so a fold is set up the
+same way everywhere.
 """
 
 from __future__ import annotations
