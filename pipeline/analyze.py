@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+from sklearn.metrics import precision_recall_fscore_support
 
 from pipeline.config import Params, resolve_train_settings
 from pipeline.data import PreparedData, default_augment
@@ -28,18 +28,21 @@ from pipeline.tasks import Task
 # ---------------------------------------------------------------- scores
 
 
-def per_class_scores(pred: np.ndarray, y: np.ndarray, classes: list[str]) -> pd.DataFrame:
-    """One row per class, from each row's predicted class `pred`: precision, recall, f1, support, how often
-    it is predicted (an imbalanced competition's rare class may never be: see `never_predicted`)."""
-    p, r, f1, support = precision_recall_fscore_support(y, pred, labels=np.arange(len(classes)), zero_division=0)
+def per_class_scores(probs: np.ndarray, pred: np.ndarray, y: np.ndarray, task: Task) -> pd.DataFrame:
+    """One row per class (label), from each row's prediction `pred`: precision, recall, f1, support, how
+    often it is predicted (an imbalanced competition's rare class may never be: see `never_predicted`),
+    and the task's extra columns (multi-label: AUC, missed, invented)."""
+    labels = np.arange(len(task.classes))
+    p, r, f1, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
     return pd.DataFrame(
         {
-            "class": classes,
+            "class": task.classes,
             "precision": p,
             "recall": r,
             "f1": f1,
             "support": support,
-            "predicted": np.bincount(pred, minlength=len(classes)),
+            "predicted": task.predicted_counts(pred),
+            **task.per_class_extras(probs, y),
         }
     )
 
@@ -60,11 +63,6 @@ def fold_scores(probs: np.ndarray, y: np.ndarray, folds: np.ndarray, task: Task)
 # ---------------------------------------------------------------- confusion and worst predictions
 
 
-def confusion_counts(y: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
-    """(n_classes, n_classes) counts: row = true class, column = predicted class (scikit-learn's)."""
-    return confusion_matrix(y, pred, labels=np.arange(n_classes))
-
-
 def most_confused_pairs(cm: np.ndarray, k: int) -> list[tuple[int, int, int]]:
     """The k largest off-diagonal cells as (true, predicted, count), largest first; empty cells left out."""
     off = cm.astype(np.int64).copy()
@@ -78,21 +76,19 @@ def worst_rows(losses: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-losses, kind="stable")[:k]
 
 
-def confident_wrong_rows(probs: np.ndarray, pred: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
-    """Row indices of the k wrong predictions (`pred` != y) made with the highest confidence (label noise
-    suspects)."""
-    wrong = np.flatnonzero(pred != y)
-    return wrong[np.argsort(-probs[wrong].max(1), kind="stable")][:k]
+def confident_wrong_rows(confidence: np.ndarray, wrong: np.ndarray, k: int) -> np.ndarray:
+    """Row indices of the k wrong predictions made with the highest `confidence` (label noise suspects)."""
+    wrong = np.flatnonzero(wrong)
+    return wrong[np.argsort(-confidence[wrong], kind="stable")][:k]
 
 
 # ---------------------------------------------------------------- calibration
 
 
-def reliability_table(probs: np.ndarray, pred: np.ndarray, y: np.ndarray, n_bins: int) -> pd.DataFrame:
-    """Equal-width confidence bins (lo, hi] of the predicted class's probability: rows, mean confidence and
-    accuracy per bin (empty bins kept)."""
-    confidence = probs.max(1)
-    correct = pred == y
+def reliability_table(confidence: np.ndarray, correct: np.ndarray, n_bins: int) -> pd.DataFrame:
+    """Equal-width bins (lo, hi] of each decision's `confidence` (the task's: the predicted class's
+    probability, or each label's max(p, 1 - p)): decisions, mean confidence and accuracy per bin (empty
+    bins kept)."""
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     b = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
     rows = np.bincount(b, minlength=n_bins)
@@ -114,12 +110,12 @@ def expected_calibration_error(table: pd.DataFrame) -> float:
 # ---------------------------------------------------------------- models side by side
 
 
-def diversity(preds: dict[str, np.ndarray], y: np.ndarray) -> pd.DataFrame:
+def diversity(preds: dict[str, np.ndarray], y: np.ndarray, task: Task) -> pd.DataFrame:
     """Per pair of models, from each one's predicted labels: disagreement (share of rows with different
     predictions), correlation of their error indicators, share of rows both get wrong, and the accuracy of
-    an oracle picking the right one."""
+    an oracle picking the right one (a row is wrong as the task's `errors` says)."""
     names = list(preds)
-    wrong = {m: preds[m] != y for m in names}
+    wrong = {m: task.errors(preds[m], y) for m in names}
     rows = []
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
@@ -129,7 +125,7 @@ def diversity(preds: dict[str, np.ndarray], y: np.ndarray) -> pd.DataFrame:
                 {
                     "a": a,
                     "b": b,
-                    "disagreement": float((preds[a] != preds[b]).mean()),
+                    "disagreement": float(task.errors(preds[a], preds[b]).mean()),
                     "error_correlation": corr,
                     "both_wrong": float((wrong[a] & wrong[b]).mean()),
                     "oracle_accuracy": float(1 - (wrong[a] & wrong[b]).mean()),
@@ -139,14 +135,14 @@ def diversity(preds: dict[str, np.ndarray], y: np.ndarray) -> pd.DataFrame:
 
 
 def per_class_accuracy(preds: dict[str, np.ndarray], y: np.ndarray, classes: list[str]) -> pd.DataFrame:
-    """Rows: classes; columns: models (their predicted labels); values: recall (accuracy on that class's rows)."""
-    return pd.DataFrame(
-        {
-            m: [float((p[y == c] == c).mean()) if (y == c).any() else float("nan") for c in range(len(classes))]
-            for m, p in preds.items()
-        },
-        index=classes,
-    )
+    """Rows: classes (labels); columns: models (their predictions); values: recall (the share of that class's
+    rows predicted as it), nan for a class without rows."""
+    labels = np.arange(len(classes))
+    recall = {}
+    for m, p in preds.items():
+        r, support = precision_recall_fscore_support(y, p, labels=labels, zero_division=0)[1::2]
+        recall[m] = np.where(support > 0, r, np.nan)
+    return pd.DataFrame(recall, index=classes)
 
 
 # ---------------------------------------------------------------- one model's analysis
@@ -173,9 +169,10 @@ def analyze_model(
     gives them; its scores lead with `metric` (the competition's), in the report's tables and in
     `dvc metrics show`."""
     pred, losses = task.predicted(probs), task.row_losses(probs, y)
-    reliability = reliability_table(probs, pred, y, calibration_bins)
-    cm = confusion_counts(y, pred, len(task.classes))
-    slices = slice_errors(pred != y, properties, slice_buckets, alpha)
+    reliability = reliability_table(*task.calibration(probs, pred, y), calibration_bins)
+    cm = task.confusion(pred, y)
+    wrong = task.errors(pred, y)
+    slices = slice_errors(wrong, properties, slice_buckets, alpha)
     return ModelAnalysis(
         name=name,
         probs=probs,
@@ -183,11 +180,11 @@ def analyze_model(
         losses=losses,
         scores=task.scores(probs, y, dict.fromkeys([metric, *task.METRICS])),
         folds=fold_scores(probs, y, folds, task),
-        per_class=per_class_scores(pred, y, task.classes),
+        per_class=per_class_scores(probs, pred, y, task),
         confusion=cm,
         pairs=most_confused_pairs(cm, pairs),
         worst=worst_rows(losses, top_k),
-        confident_wrong=confident_wrong_rows(probs, pred, y, top_k),
+        confident_wrong=confident_wrong_rows(task.confidence(probs), wrong, top_k),
         reliability=reliability,
         ece=expected_calibration_error(reliability),
         slices=slices,
@@ -200,11 +197,12 @@ def summary(analyses: list[ModelAnalysis], div: pd.DataFrame) -> dict:
     """Headline numbers for `dvc metrics show`: a block per backbone, the ensemble's, one per pair of backbones."""
     out = {"backbones": {}, "pairs": {}}
     for a in analyses:
+        metric = next(iter(a.scores))  # the competition's: the scores lead with it
         block = {
             **a.scores,
             "ece": a.ece,
-            "fold_accuracy_mean": float(a.folds.loc["mean", "accuracy"]),
-            "fold_accuracy_std": float(a.folds.loc["std", "accuracy"]),
+            f"fold_{metric}_mean": float(a.folds.loc["mean", metric]),
+            f"fold_{metric}_std": float(a.folds.loc["std", metric]),
             "weak_slices": int(a.slices["weak"].sum()),
             "never_predicted_classes": len(never_predicted(a.per_class)),
             **{f"holdout_{m}": v for m, v in (a.holdout or {}).items()},
@@ -272,7 +270,7 @@ def analyze_stage(
     analyses = analyze_all(params, oof, ensemble, data, properties)
     if data.holdout is not None:
         attach_holdout(analyses, read_json(ensemble_report))
-    div = diversity({a.name: a.pred for a in analyses if not a.ensemble}, y)
+    div = diversity({a.name: a.pred for a in analyses if not a.ensemble}, y, task)
     per_class = per_class_accuracy({a.label: a.pred for a in analyses}, y, task.classes)
     return StageAnalysis(analyses, div, per_class, summary(analyses, div))
 
@@ -286,7 +284,7 @@ def attach_holdout(analyses: list[ModelAnalysis], report: dict) -> None:
 def headline_line(a: ModelAnalysis, metric: str) -> str:
     """One model's line in the stage's log: OOF scores, calibration, its first advice."""
     missing = never_predicted(a.per_class)
-    shown = dict.fromkeys([metric, "accuracy"])
+    shown = dict.fromkeys([metric, "accuracy" if "accuracy" in a.scores else "log_loss"])
     return (
         f"{a.name}: OOF "
         + ", ".join(f"{m} {a.scores[m]:.4f}" for m in shown)

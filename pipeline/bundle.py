@@ -38,6 +38,7 @@ from pipeline.inference import fold_input_config, fold_model
 from pipeline.io import atomic_write_text, load_checkpoint, read_json, write_json
 from pipeline.models import SOURCES, pick_device
 from pipeline.paths import RunPaths, list_models
+from pipeline.postprocess import step_from_state
 from pipeline.sklearn_head import CLASSIFIER_FILE, load_classifier
 from pipeline.submission import SubmissionFormat
 from pipeline.tasks import DEFAULT_TASK, Task, create_task
@@ -174,6 +175,7 @@ def write_bundle(params, run: RunPaths, folder: Path, method: str | None = None,
         "package": write_wheel(folder),
         "classes": data.classes,
         "task": data.task_name,
+        "task_options": data.task_options,
         "submission": read_json(run.prepared / "submission_format.json"),
         "images": {
             "size": params.prepare.image_size,
@@ -182,7 +184,11 @@ def write_bundle(params, run: RunPaths, folder: Path, method: str | None = None,
         },
         "batch_size": params.predict.batch_size,
         "members": [_member(b, data.n_folds, run, folder) for b in members],
-        "ensemble": {"method": method, "state": ensemble_state(model.without_unused())},
+        "ensemble": {
+            "method": method,
+            "state": ensemble_state(model.without_unused()),
+            "postprocess": fitted.get("postprocess", {}).get(method, {"step": "identity"}),  # thresholds, temperature
+        },
     }
     spec["files"] = {p.name: _sha256(p) for p in sorted(folder.iterdir())}
     write_json(folder / SPEC, spec)
@@ -232,8 +238,8 @@ def compare_submissions(expected: pd.DataFrame, got: pd.DataFrame, fmt: Submissi
         raise PipelineError(
             f"{list(got.columns)} x {len(got)} rows, not {list(expected.columns)} x {len(expected)} rows"
         )
-    if fmt.kind == "label":
-        differ = (got.astype(str).to_numpy() != expected.astype(str).to_numpy()).any(1)
+    if fmt.kind in ("label", "tags"):  # labels, or an image's tags: equal as written
+        differ = (got.fillna("").astype(str).to_numpy() != expected.fillna("").astype(str).to_numpy()).any(1)
         gap = 0.0
     else:
         differ = got[fmt.id_column].astype(str).to_numpy() != expected[fmt.id_column].astype(str).to_numpy()
@@ -416,7 +422,8 @@ def predict_bundle(folder, test_dir, sample, out, device=None, batch_size=None, 
     folder = Path(folder)
     spec = read_bundle(folder)
     model = ensemble_from_state(spec["ensemble"]["state"], f"{SPEC}: ensemble.state")  # before any long work
-    task = create_task(spec.get("task", DEFAULT_TASK), spec["classes"])
+    task = create_task(spec.get("task", DEFAULT_TASK), spec["classes"], **spec.get("task_options", {}))
+    step = step_from_state(spec["ensemble"].get("postprocess", {"step": "identity"}), task)
     _warn_versions(spec.get("versions", {}))
     device = device or pick_device()
     files, ids, rels, frame = _test_set(spec, test_dir, sample)
@@ -435,7 +442,7 @@ def predict_bundle(folder, test_dir, sample, out, device=None, batch_size=None, 
         ]
         del images
     fmt = SubmissionFormat(**spec["submission"])
-    probs = model.predict_proba(probs)
+    probs = step.transform(model.predict_proba(probs))
     submission = task.submission(ids, probs, fmt)
     if frame is not None:
         task.check_submission(submission, frame, fmt)

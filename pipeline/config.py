@@ -21,7 +21,9 @@ import yaml
 from pipeline.errors import PipelineError
 
 # the scores of pipeline/metrics.py; log_loss is minimised, the others maximised
-Metric = Literal["accuracy", "log_loss", "macro_f1", "roc_auc", "quadratic_weighted_kappa"]
+Metric = Literal[
+    "accuracy", "log_loss", "macro_f1", "roc_auc", "quadratic_weighted_kappa", "f_beta", "micro_f1", "mean_column_auc"
+]
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,13 @@ class CompetitionConfig:
     source: str = "data/raw/sklearn-digits"
     train_csv: str | None = "train.csv"  # null: ImageFolder layout, train_dir/<class>/<file>
     id_column: str = "id"
-    label_column: str = "label"
+    # one label column (a class, or multi-label tags joined by label_delimiter), or a list of 0/1 columns, one per
+    # label; left at "label" when train.csv has no such column and every other column holds 0/1, those columns
+    label_column: str | list[str] = "label"
+    task: Literal["auto", "single_label", "multilabel"] = "auto"  # auto: prepare says what it read, and why
+    label_delimiter: str = " "  # multilabel: what joins an image's tags in the label column (Planet: a space)
+    empty_labels: bool = False  # multilabel: an image may have no label (an empty tag list or all-0 columns)
+    beta: float = 1.0  # metric f_beta: F-beta over images (Planet: 2)
     path_column: str | None = None  # train.csv column with each image's path inside train_dir (else the id)
     group_column: str | None = None  # rows sharing a group stay in one fold
     train_dir: str = "train"
@@ -538,6 +546,11 @@ def _coerce(hint, value: Any, key: str, source: str):
         inner = [a for a in args if a is not type(None)]
         if bool in inner and len(inner) > 1:  # bool | str: a YAML true/false, else the other type
             return value if isinstance(value, bool) else _coerce(inner[-1], value, key, source)
+        lists = [a for a in inner if typing.get_origin(a) is list]
+        if lists and len(inner) == 2:  # str | list[str]: a list, else the other type
+            return _coerce(
+                lists[0] if isinstance(value, list) else next(a for a in inner if a not in lists), value, key, source
+            )
         if inner == [int, str]:  # int | str: a stage index, else a name
             return value if isinstance(value, int) and not isinstance(value, bool) else _coerce(str, value, key, source)
         (inner,) = inner

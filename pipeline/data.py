@@ -12,7 +12,7 @@ import inspect
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import albumentations as A
@@ -70,11 +70,12 @@ class PreparedData:
     holdout: pd.DataFrame | None = None  # cv.holdout's rows (id, label, target): in no fold, predicted as test is
     holdout_images: np.ndarray | None = None
     task_name: str = DEFAULT_TASK  # classes.json's `task`: the kind of target (pipeline/tasks)
+    task_options: dict = field(default_factory=dict)  # classes.json's other keys: the task's options
 
     @property
     def task(self) -> Task:
         """The kind of target, which owns the labels' encoding, the loss, the metrics and the files."""
-        return create_task(self.task_name, self.classes)
+        return create_task(self.task_name, self.classes, **self.task_options)
 
     @property
     def n_folds(self) -> int:
@@ -82,8 +83,14 @@ class PreparedData:
 
     @property
     def targets(self) -> np.ndarray:
-        """Each training row's target as the task encoded it (a class index for single-label)."""
-        return self.train["target"].to_numpy()
+        """Each training row's target as the task encodes its label (a class index for single-label, a
+        multi-hot row for multi-label)."""
+        return self.task.encode(self.train["label"])
+
+    @property
+    def holdout_targets(self) -> np.ndarray:
+        """`cv.holdout`'s targets, encoded as `targets` are."""
+        return self.task.encode(self.holdout["label"])
 
     @property
     def folds(self) -> np.ndarray:
@@ -100,12 +107,12 @@ def load_prepared(folder: str | Path, images: bool = True) -> PreparedData:
     folder = Path(folder)
     if not (folder / "classes.json").exists():
         raise PipelineError(f"{folder}: no prepared data (run `python -m pipeline prepare` first)")
-    train = pd.read_csv(folder / "train.csv", dtype={"id": str, "label": str})
+    train = pd.read_csv(folder / "train.csv", dtype={"id": str, "label": str}, keep_default_na=False)
     test = pd.read_csv(folder / "test.csv", dtype={"id": str})
     load = (lambda name: np.load(folder / name, mmap_mode="r")) if images else (lambda name: None)
     labels = read_json(folder / "classes.json")
     held = folder / "holdout.csv"
-    holdout = pd.read_csv(held, dtype={"id": str, "label": str}) if held.exists() else None
+    holdout = pd.read_csv(held, dtype={"id": str, "label": str}, keep_default_na=False) if held.exists() else None
     return PreparedData(
         train=train,
         test=test,
@@ -116,6 +123,7 @@ def load_prepared(folder: str | Path, images: bool = True) -> PreparedData:
         holdout=holdout,
         holdout_images=None if holdout is None else load("holdout_images.npy"),
         task_name=labels.get("task", DEFAULT_TASK),
+        task_options={k: v for k, v in labels.items() if k not in ("classes", "task")},
     )
 
 
@@ -218,7 +226,7 @@ def build_train_transform(
 
 
 class ImageDataset(Dataset):
-    """uint8 images (+ integer targets), optionally augmented per item."""
+    """uint8 images (+ the task's targets: a class index, a multi-hot row), optionally augmented per item."""
 
     def __init__(self, images: np.ndarray, targets: np.ndarray | None = None, transform=None):
         self.images = images
@@ -235,7 +243,7 @@ class ImageDataset(Dataset):
         img = torch.from_numpy(np.ascontiguousarray(img))
         if self.targets is None:
             return img
-        return img, int(self.targets[i])
+        return img, torch.as_tensor(self.targets[i])
 
 
 def _seed_worker(worker_id: int) -> None:

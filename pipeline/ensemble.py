@@ -19,20 +19,23 @@ from pipeline.config import ConfigError, Params
 from pipeline.data import PreparedData
 from pipeline.ensemblers import ENSEMBLES, Ensemble, create_ensemble, cross_fit, ensemble_state
 from pipeline.io import atomic_dir, atomic_write_text, read_json, write_json
-from pipeline.metrics import argbest, is_better
+from pipeline.metrics import argbest, best_policy, is_better
+from pipeline.postprocess import Step, choose_step
 from pipeline.submission import SubmissionFormat
 from pipeline.tasks import Task
 
 
 @dataclass
 class MethodFit:
-    """One method of the ensemble stage: fitted on all OOF rows (for test), and cross-fitted (its
-    honest OOF, which scores it and picks the submission)."""
+    """One method of the ensemble stage: fitted on all OOF rows (for test), cross-fitted (its honest OOF,
+    which scores it and picks the submission), and followed by its fitted last step (pipeline/postprocess.py:
+    chosen and fitted on the honest OOF; `honest_oof` and `test` are after it)."""
 
     model: Ensemble
     honest_oof: np.ndarray
     test: np.ndarray
-    report: dict = field(default_factory=dict)  # oof (honest), oof_in_sample, weights per backbone
+    report: dict = field(default_factory=dict)  # oof (honest), oof_in_sample, weights per backbone, postprocess
+    step: Step = field(default_factory=Step)
 
 
 def fit_methods(
@@ -46,26 +49,61 @@ def fit_methods(
     folds: np.ndarray,
     task: Task,
 ) -> tuple[dict[str, MethodFit], dict[str, str]]:
-    """Fit and cross-fit each method of `names` on the backbones' OOF predictions, scored by the task's
-    metrics. Returns the fitted methods and, for those that could not be fitted (e.g. stacking on a fold
-    lacking a class), their reason."""
+    """Fit and cross-fit each method of `names` on the backbones' OOF predictions, then choose and fit its
+    last step on its honest OOF (thresholds, temperature: by their cross-fitted `metric`), scored by the
+    task's metrics. Returns the fitted methods and, for those that could not be fitted (e.g. stacking on a
+    fold lacking a class), their reason."""
     fits, errors = {}, {}
     for name in names:
 
         def make(name=name):
-            return create_ensemble(name, metric, weights, task.name)
+            return create_ensemble(name, metric, weights, task.name, task.options)
 
         try:
             model = make().fit(oof, y)
-            honest = cross_fit(make, oof, y, folds)
+            blended = cross_fit(make, oof, y, folds)
         except ValueError as exc:
             errors[name] = str(exc)
             continue
+        step, step_scores, honest = choose_step(task, metric, blended, y, folds)
         report = {"oof": task.scores(honest, y), "oof_in_sample": task.scores(model.predict_proba(oof), y)}
+        if step.name != "identity" or len(step_scores) > 1:
+            report["oof_before_postprocess"] = task.scores(blended, y)
+            report["postprocess"] = {**step.state(), "candidates_oof": step_scores}
         if hasattr(model, "weights_"):
             report["weights"] = dict(zip(backbones, np.round(model.weights_, 6).tolist()))
-        fits[name] = MethodFit(model, honest, model.predict_proba(test), report)
+        fits[name] = MethodFit(model, honest, step.transform(model.predict_proba(test)), report, step)
     return fits, errors
+
+
+def chain_crossfit(
+    names: list[str],
+    method: str,
+    metric: str,
+    weights: list[float],
+    members: list[dict[str, np.ndarray]],
+    tta_metrics: list[str],
+    y: np.ndarray,
+    folds: np.ndarray,
+    task: Task,
+) -> np.ndarray:
+    """The honest OOF of the whole fitted chain: for each fold k, everything chosen and fitted on the other
+    folds' rows alone (each backbone's TTA policy among `members` (policy -> OOF) by its `tta_metrics`, every
+    method cross-fitted on those rows with its last step, `method` or auto's choice among them), then fold
+    k's rows predicted by that chain. Scoring it measures the chain, choices included, not its optimism."""
+    out = np.zeros((len(y), task.n_outputs))
+    for k in np.unique(folds):
+        rows, held = folds != k, folds == k
+        chosen = [pols[best_policy(pols, y, rows, m, task)] for pols, m in zip(members, tta_metrics)]
+        train = [p[rows] for p in chosen]
+        fits, _ = fit_methods(
+            names, metric, weights, [""] * len(train), train, [p[held] for p in chosen], y[rows], folds[rows], task
+        )
+        if not fits:
+            raise ValueError(f"no ensemble method could be fitted without fold {k}")
+        pick = method if method in fits else choose_method(fits, "auto", metric)
+        out[held] = fits[pick].test
+    return out
 
 
 def choose_method(fits: dict[str, MethodFit], method: str, metric: str) -> str:
@@ -118,10 +156,10 @@ def score_holdout(
     """`cv.holdout`: every fitted method and backbone scored on the held-out rows, each backbone's bag
     of fold models under its chosen TTA (as the test set is predicted: `predictions`/<b>/holdout_probs.csv);
     the scores choose nothing."""
-    ids, y, task = data.holdout["id"], data.holdout["target"].to_numpy(), data.task
+    ids, y, task = data.holdout["id"], data.holdout_targets, data.task
     held = [task.read_predictions(Path(predictions) / b / "holdout_probs.csv", ids, b) for b in singles]
     for fit in fitted.values():
-        fit.report["holdout"] = task.scores(fit.model.predict_proba(held), y)
+        fit.report["holdout"] = task.scores(fit.step.transform(fit.model.predict_proba(held)), y)
     for b, probs in zip(singles, held):
         singles[b]["holdout"] = task.scores(probs, y)
 
@@ -135,14 +173,31 @@ class EnsembleRun:
     metrics: dict  # reports/ensemble.json
 
 
+def _policy_oofs(folder: Path, ids, task: Task, where: str) -> tuple[dict[str, np.ndarray], str]:
+    """A backbone's OOF predictions under every TTA policy its predict stage chose among (policy -> OOF),
+    and the metric that chose: what the honest chain cross-fits the TTA choice from."""
+    tta = read_json(folder / "tta.json") if (folder / "tta.json").exists() else {}
+    pool = tta.get("pool", [])
+    if not pool:  # predictions written before the pool was kept: the choice is taken as given
+        return {"chosen": task.read_predictions(folder / "oof_probs.csv", ids, where)}, "log_loss"
+    oofs = {p: task.read_predictions(folder / "policies" / f"{p}_oof.csv", ids, where) for p in pool}
+    return oofs, tta["metric"]
+
+
 def fit_stage(params: Params, data: PreparedData, predictions: Path, where: str) -> EnsembleRun:
     """Fit and cross-fit every method of `ensemble.methods` on the backbones' OOF probabilities in
-    `predictions`/<backbone>/ (predictions/), choose one (`ensemble.method`), and report it beside the best
-    single backbone."""
+    `predictions`/<backbone>/ (predictions/), each with its fitted last step, choose one (`ensemble.method`),
+    score the whole chain honestly (`chain_crossfit`), and report it beside the best single backbone."""
     cfg, backbones, y, task = params.ensemble, list(params.train.backbones), data.targets, data.task
     bad = [m for m in cfg.methods if m not in ENSEMBLES]  # the registry's names; the rest was checked on reading
     if bad:
         raise ConfigError(f"{where}: ensemble.methods: unknown method '{bad[0]}' (known: {', '.join(ENSEMBLES)})")
+    undefined = [m for m in [*cfg.methods, cfg.method] if m != "auto" and m not in task.ENSEMBLE_METHODS]
+    if undefined:
+        raise ConfigError(
+            f"{where}: ensemble.methods: {undefined[0]} is not defined for a {task.name} task "
+            f"(defined: {', '.join(task.ENSEMBLE_METHODS)})"
+        )
     folder = {b: Path(predictions) / b for b in backbones}
     oof = [task.read_predictions(folder[b] / "oof_probs.csv", data.train["id"], b) for b in backbones]
     test = [task.read_predictions(folder[b] / "test_probs.csv", data.test["id"].tolist(), b) for b in backbones]
@@ -155,19 +210,26 @@ def fit_stage(params: Params, data: PreparedData, predictions: Path, where: str)
     if cfg.method in errors:
         raise ConfigError(f"{where}: ensemble.method: {cfg.method} could not be fitted ({errors[cfg.method]})")
     chosen = choose_method(fitted, cfg.method, cfg.metric)
+    policies = [_policy_oofs(folder[b], data.train["id"], task, b) for b in backbones]
+    chain = chain_crossfit(
+        list(fitted), cfg.method, cfg.metric, weights, [p for p, _ in policies], [m for _, m in policies], y,
+        data.folds, task,
+    )  # fmt: skip
     methods = {name: fitted[name].report if name in fitted else {"error": errors[name]} for name in cfg.methods}
     singles = {b: single_report(b, probs, y, folder[b], task) for b, probs in zip(backbones, oof)}
     if data.holdout is not None:
         score_holdout(fitted, singles, data, predictions)
     best_single = backbones[argbest(cfg.metric, [singles[b]["oof"][cfg.metric] for b in backbones])]
-    final = methods[chosen]["oof"]
+    final = task.scores(chain, y)
+    fitted[chosen].honest_oof = chain  # what submissions/oof_probs.csv holds: the whole chain's honest OOF
     return EnsembleRun(
         fitted,
         chosen,
         {
             "method": chosen,
             "metric": cfg.metric,
-            "oof": final,
+            "oof": final,  # the whole chain cross-fitted: TTA choices, methods, auto's choice, the last step
+            "oof_method_crossfit": methods[chosen]["oof"],  # the chosen method alone cross-fitted, choices given
             **({"holdout": methods[chosen]["holdout"]} if data.holdout is not None else {}),
             "best_single": {"backbone": best_single, **singles[best_single]["oof"]},
             "gain_over_best_single": {m: final[m] - singles[best_single]["oof"][m] for m in final},
@@ -218,6 +280,7 @@ def write_submissions(run: EnsembleRun, data: PreparedData, prepared: Path, out:
             "classes": data.classes,
             "task": task.name,
             "states": {name: ensemble_state(fit.model) for name, fit in run.fitted.items()},
+            "postprocess": {name: fit.step.state() for name, fit in run.fitted.items()},
         },
     )
     atomic_write_text(out / "oof_probs.csv", task.frame(data.train["id"], chosen.honest_oof).to_csv(index=False))
@@ -241,7 +304,8 @@ def stage_report(run: EnsembleRun, written: SubmissionFiles) -> dict:
 
 def summary_lines(report: dict, metric: str) -> list[str]:
     """The stage's log: each method's honest OOF (and holdout) score, the best single backbone, the gain."""
-    other = "log_loss" if metric == "accuracy" else "accuracy"
+    names = [m for m in report["oof"] if m != metric]
+    other = next(m for m in ("log_loss", "accuracy", *names) if m in names)
     lines = [
         f"{name:>13}: honest OOF {metric} {fit['oof'][metric]:.4f}, {other} {fit['oof'][other]:.4f}"
         + (f"; holdout {metric} {fit['holdout'][metric]:.4f}" if "holdout" in report else "")

@@ -32,7 +32,8 @@ def register_ensemble(name: str):
 
 class Ensemble:
     """The scikit-learn estimator contract for combining members' predictions (a single-label task's class
-    probabilities).
+    probabilities (N, C) with class-index targets, or a multi-label task's per-label probabilities with
+    multi-hot targets (N, C)).
 
     `__init__` only stores its arguments; `fit(probs_list, y)` learns from OOF predictions (one (N, C)
     array per member) and returns self; learned state ends in `_`; `predict_proba(probs_list)` combines
@@ -40,9 +41,9 @@ class Ensemble:
     """
 
     @classmethod
-    def from_config(cls, metric: str, weights=None, task: str = DEFAULT_TASK) -> "Ensemble":
-        """An unfitted instance from `ensemble.*` params and the task's name; a method that takes none of
-        them ignores them."""
+    def from_config(cls, metric: str, weights=None, task: str = DEFAULT_TASK, options=None) -> "Ensemble":
+        """An unfitted instance from `ensemble.*` params and the task's name and options; a method that
+        takes none of them ignores them."""
         return cls()
 
     weighted_mean = False  # True: predict_proba is the weights_-weighted mean of the members' probabilities
@@ -105,7 +106,7 @@ class SoftVotingEnsemble(Ensemble):
         self.weights = weights
 
     @classmethod
-    def from_config(cls, metric: str, weights=None, task: str = DEFAULT_TASK) -> "SoftVotingEnsemble":
+    def from_config(cls, metric: str, weights=None, task: str = DEFAULT_TASK, options=None) -> "SoftVotingEnsemble":
         return cls(weights)
 
     def _fit(self, probs, y):
@@ -146,17 +147,18 @@ class CaruanaEnsemble(Ensemble):
 
     weighted_mean = True
 
-    def __init__(self, metric: str = "log_loss", n_iter: int = 50, task: str = DEFAULT_TASK):
+    def __init__(self, metric: str = "log_loss", n_iter: int = 50, task: str = DEFAULT_TASK, options=None):
         self.metric = metric
         self.n_iter = n_iter
         self.task = task  # whose `metric` scores the running mean
+        self.options = options  # the task's (f_beta's beta)
 
     @classmethod
-    def from_config(cls, metric: str, weights=None, task: str = DEFAULT_TASK) -> "CaruanaEnsemble":
-        return cls(metric=metric, task=task)
+    def from_config(cls, metric: str, weights=None, task: str = DEFAULT_TASK, options=None) -> "CaruanaEnsemble":
+        return cls(metric=metric, task=task, options=options)
 
     def _fit(self, probs, y):
-        score = metric_function(self.task, self.metric)
+        score = metric_function(self.task, self.metric, self.options)
         counts = np.zeros(len(probs))
         total = np.zeros_like(probs[0])
         self.scores_ = []
@@ -175,7 +177,8 @@ class CaruanaEnsemble(Ensemble):
 @register_ensemble("optimized")
 class OptimizedWeightsEnsemble(Ensemble):
     """Weights >= 0 summing to 1 that minimise the OOF log loss of the weighted mean (SLSQP from
-    equal weights). Log loss is smooth in the weights; for accuracy or F1 use `caruana`."""
+    equal weights; multi-hot targets: the mean binary cross-entropy). Log loss is smooth in the weights;
+    for accuracy or F1 use `caruana`."""
 
     weighted_mean = True
 
@@ -185,7 +188,11 @@ class OptimizedWeightsEnsemble(Ensemble):
     def _fit(self, probs, y):
         from scipy.optimize import minimize
 
-        true = np.clip(probs[:, np.arange(len(y)), y], 1e-15, 1.0)  # (members, N): p of the true class
+        if y.ndim == 2:  # multi-hot: each (row, label) is a binary outcome; p of what happened
+            true = np.where(y[None] > 0, probs, 1 - probs).reshape(len(probs), -1)
+        else:
+            true = probs[:, np.arange(len(y)), y]  # (members, N): p of the true class
+        true = np.clip(true, 1e-15, 1.0)
 
         def loss(w):
             return -np.log(np.clip(w @ true, 1e-15, None)).mean()
@@ -213,14 +220,16 @@ class OptimizedWeightsEnsemble(Ensemble):
 @register_ensemble("rank_average")
 class RankAveragingEnsemble(Ensemble):
     """Per class, each member's probabilities replaced by their rank among the rows (0..1), averaged
-    over members, normalised per row. Robust to members with different calibration; ranks are taken
-    within the rows given, so test rows are ranked among the test rows."""
+    over members, normalised per row (multi-label: not normalised, each label stands alone). Robust to
+    members with different calibration; ranks are taken within the rows given, so test rows are ranked
+    among the test rows."""
 
     def __init__(self):
         pass
 
     def _fit(self, probs, y):
         self.weights_ = np.full(len(probs), 1 / len(probs))
+        self.normalise_ = np.ndim(y) == 1
 
     def _predict_proba(self, probs):
         from scipy.stats import rankdata
@@ -228,13 +237,14 @@ class RankAveragingEnsemble(Ensemble):
         n = probs.shape[1]
         ranks = rankdata(probs, axis=1) / n  # (members, N, C), ranks over rows per class
         mean = ranks.mean(0)
-        return mean / mean.sum(1, keepdims=True)
+        return mean / mean.sum(1, keepdims=True) if getattr(self, "normalise_", True) else mean
 
 
 @register_ensemble("stacking")
 class StackingEnsemble(Ensemble):
-    """Logistic regression on the members' log-probabilities side by side (a meta-model). Its score
-    is only honest when fitted and scored on different rows: `cross_fit` does that."""
+    """Logistic regression on the members' log-probabilities side by side (a meta-model); multi-hot
+    targets: one per label, on the members' logits of that label. Its score is only honest when fitted
+    and scored on different rows: `cross_fit` does that."""
 
     def __init__(self, C: float = 1.0):
         self.C = C
@@ -242,23 +252,39 @@ class StackingEnsemble(Ensemble):
     def _fit(self, probs, y):
         from sklearn.linear_model import LogisticRegression
 
+        if y.ndim == 2:
+            if (y.min(0) == y.max(0)).any():
+                raise ValueError("stacking needs both values of every label among the rows it is fitted on")
+            logits = self._logits(probs)
+            self.models_ = [
+                LogisticRegression(C=self.C, max_iter=1000).fit(logits[:, :, c], y[:, c]) for c in range(y.shape[1])
+            ]
+            return
         self.model_ = LogisticRegression(C=self.C, max_iter=1000).fit(self._features(probs), y)
         if len(self.model_.classes_) != self.n_classes_:
             raise ValueError("stacking needs every class among the rows it is fitted on")
 
     def _predict_proba(self, probs):
+        if hasattr(self, "models_"):
+            logits = self._logits(probs)
+            return np.stack([m.predict_proba(logits[:, :, c])[:, 1] for c, m in enumerate(self.models_)], axis=1)
         return self.model_.predict_proba(self._features(probs))
+
+    @staticmethod
+    def _logits(probs):
+        p = np.clip(probs, 1e-7, 1 - 1e-7)
+        return (np.log(p) - np.log1p(-p)).transpose(1, 0, 2)  # (N, members, C)
 
     @staticmethod
     def _features(probs):
         return np.log(np.clip(probs, 1e-7, 1.0)).transpose(1, 0, 2).reshape(probs.shape[1], -1)
 
 
-def create_ensemble(name: str, metric: str, weights=None, task: str = DEFAULT_TASK) -> Ensemble:
-    """An unfitted ensembler by registry name, for `task`'s predictions."""
+def create_ensemble(name: str, metric: str, weights=None, task: str = DEFAULT_TASK, options=None) -> Ensemble:
+    """An unfitted ensembler by registry name, for `task`'s predictions (and the task's options)."""
     if name not in ENSEMBLES:
         raise ValueError(f"unknown ensemble method '{name}' (choose from {sorted(ENSEMBLES)})")
-    return ENSEMBLES[name].from_config(metric, weights, task)
+    return ENSEMBLES[name].from_config(metric, weights, task, options)
 
 
 def _state_types() -> dict[str, type]:

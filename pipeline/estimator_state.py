@@ -20,11 +20,13 @@ from pipeline.errors import PipelineError
 def sklearn_types() -> dict[str, type]:
     """The scikit-learn classes a features+sklearn head or the stacking meta-model is made of."""
     from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
     from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import StandardScaler
+    from sklearn.preprocessing import LabelBinarizer, StandardScaler
     from sklearn.svm import SVC
 
-    return {cls.__name__: cls for cls in (Pipeline, StandardScaler, LogisticRegression, SVC)}
+    kinds = (Pipeline, StandardScaler, LogisticRegression, SVC, OneVsRestClassifier, LabelBinarizer)
+    return {cls.__name__: cls for cls in kinds}
 
 
 def inline_put(array: np.ndarray) -> dict:

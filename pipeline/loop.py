@@ -280,6 +280,7 @@ def _setup(
     where: str,
     data_init: bool,
 ) -> _Run:
+    task.check_settings(s, where)
     model.to(device)
     if data_init and hasattr(
         model, "init_from_data"
@@ -377,8 +378,8 @@ def _epoch(
 
 def _epoch_line(where: str, epoch: int, epochs: int, row: dict, monitor: str = "accuracy") -> str:
     line = f"{where} epoch {epoch + 1}/{epochs}: train_loss {row['train_loss']:.4f}  "
-    if "val_accuracy" in row:
-        shown = dict.fromkeys([monitor, "accuracy", "log_loss"])
+    if f"val_{monitor}" in row:
+        shown = [m for m in dict.fromkeys([monitor, "accuracy", "log_loss"]) if f"val_{m}" in row]
         line += "  ".join(f"val_{m} {row[f'val_{m}']:.4f}" for m in shown)
         line += f"{' (EMA)' if row['ema_chosen'] else ''}  "
     return line + f"({row['epoch_seconds']:.1f} s)"

@@ -44,3 +44,16 @@ def fold_summary(per_fold: dict[str, dict[str, float]], names) -> dict[str, dict
     """{"fold_mean": {name: ...}, "fold_std": {name: ...}} over per-fold score dicts, by `fold_spread`."""
     spread = {m: fold_spread([f[m] for f in per_fold.values()]) for m in names}
     return {"fold_mean": {m: v[0] for m, v in spread.items()}, "fold_std": {m: v[1] for m, v in spread.items()}}
+
+
+def best_policy(oof: dict[str, np.ndarray], y: np.ndarray, rows: np.ndarray, metric: str, task) -> str:
+    """The policy whose OOF predictions score best on `rows` (a boolean mask) by `metric`, the first of
+    equals: what the predict stage keeps (all rows), and what each fold's cross-fitted choice is (the
+    other folds' rows: the predict stage's honest score, and the ensemble's honest chain)."""
+    score = task.bind(metric)
+    chosen = None
+    for p, probs in oof.items():
+        s = score(probs[rows], y[rows])
+        if chosen is None or is_better(metric, s, chosen[1]):
+            chosen = (p, s)
+    return chosen[0]

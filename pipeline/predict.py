@@ -23,7 +23,7 @@ from pipeline.config import ConfigError
 from pipeline.data import PreparedData, Rows
 from pipeline.inference import fold_input_config, load_fold_model
 from pipeline.io import write_json
-from pipeline.metrics import is_better
+from pipeline.metrics import best_policy
 from pipeline.paths import list_models
 from pipeline.tasks import Task
 from pipeline.tta import TTA_VIEWS, predict_views
@@ -102,21 +102,11 @@ def select_policy(
 ) -> tuple[str, np.ndarray]:
     """The policy with the best OOF `metric` (one of the task's), and the honest OOF of choosing that way:
     each fold's rows take the policy that scores best on the other folds' rows (cross-fitted selection)."""
-    score = task.METRICS[metric][0]
-
-    def best(rows) -> str:
-        chosen = None
-        for p, probs in oof.items():
-            s = score(probs[rows], y[rows])
-            if chosen is None or is_better(metric, s, chosen[1]):
-                chosen = (p, s)
-        return chosen[0]
-
     honest = np.zeros_like(next(iter(oof.values())))
     for k in np.unique(folds):
         held = folds == k
-        honest[held] = oof[best(~held)][held]
-    return best(np.ones(len(y), dtype=bool)), honest
+        honest[held] = oof[best_policy(oof, y, ~held, metric, task)][held]
+    return best_policy(oof, y, np.ones(len(y), dtype=bool), metric, task), honest
 
 
 def choose_policy(
@@ -146,6 +136,8 @@ def choose_policy(
     return {
         "policy": chosen,
         "select": tta.backbones.get(backbone, tta.select),
+        "metric": tta.metric,  # what chose it
+        "pool": pool,  # what it was chosen among: policies/<policy>_oof.csv (the ensemble cross-fits the choice)
         "merge": tta.merge,
         "views": tta.policies[chosen],
         "oof": scores(best.oof, y),
@@ -156,10 +148,14 @@ def choose_policy(
     }
 
 
-def write_predictions(folder: Path, data: PreparedData, best: PolicyPredictions, report: dict) -> None:
+def write_predictions(folder: Path, data: PreparedData, preds: dict[str, PolicyPredictions], report: dict) -> None:
     """`folder` (predictions/<backbone>/): the chosen policy's OOF, test (and holdout) predictions as the
-    task writes them, and tta.json (the choice and every policy's scores)."""
-    task = data.task
+    task writes them, tta.json (the choice and every policy's scores), and the OOF predictions of every
+    policy the choice was among (policies/<policy>_oof.csv: the ensemble stage cross-fits the choice)."""
+    task, best = data.task, preds[report["policy"]]
+    (folder / "policies").mkdir()
+    for p in report["pool"]:
+        task.frame(data.train["id"], preds[p].oof).to_csv(folder / "policies" / f"{p}_oof.csv", index=False)
     task.frame(data.train["id"], best.oof).to_csv(folder / "oof_probs.csv", index=False)
     task.frame(data.test["id"], best.test).to_csv(folder / "test_probs.csv", index=False)
     if best.holdout is not None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
+from sklearn.model_selection import train_test_split
 
 from pipeline.cache import channel_stats, decode_images, keep_rows
 from pipeline.competition import (
@@ -42,9 +42,12 @@ from pipeline.config import CompetitionConfig
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, write_json
 from pipeline.submission import SubmissionFormat
-from pipeline.tasks import DEFAULT_TASK, TASKS, Task
+from pipeline.tasks import TASKS, Task
+from pipeline.tasks.multilabel import split_tags
 
 DIGITS_MARKER = "SKLEARN_DIGITS"  # in a source folder: render scikit-learn's digits there
+# in a source folder: render 2x2 mosaics of the digits there, a multi-label competition tagged with the digits shown
+MOSAIC_MARKERS = {"SKLEARN_DIGITS_TAGS": "tags", "SKLEARN_DIGITS_COLUMNS": "columns"}
 
 
 # ---------------------------------------------------------------- raw files: a folder or a zip
@@ -84,6 +87,72 @@ def render_digits(out_dir: str | Path, test_fraction: float = 0.2, seed: int = 0
     return out_dir
 
 
+def _mosaics(digits, pool: np.ndarray, n: int, rng: np.random.Generator):
+    """`n` (16x16 image, sorted digits shown) pairs: 2x2 tiles of digits drawn from `pool`, a quarter blank."""
+    for _ in range(n):
+        shown = rng.random(4) >= 0.25
+        shown[rng.integers(4)] = True
+        picks = rng.choice(pool, 4)
+        img = np.zeros((16, 16), dtype=np.uint8)
+        for t in np.flatnonzero(shown):
+            r, c = divmod(t, 2)
+            img[8 * r : 8 * r + 8, 8 * c : 8 * c + 8] = (digits.images[picks[t]] * (255 / 16)).round()
+        yield img, sorted({int(digits.target[picks[t]]) for t in np.flatnonzero(shown)})
+
+
+def render_digit_mosaics(
+    out_dir: str | Path, layout: str, n_train: int = 1500, n_test: int = 300, seed: int = 0
+) -> Path:
+    """Write a multi-label competition into `out_dir` (keeping its marker file): 16x16 images of 2x2 tiles,
+    each tile one of scikit-learn's digits (8x8) or blank (a quarter of the tiles, never all four), tagged
+    with the distinct digits shown. Test mosaics use other digits than the training ones (a stratified 20%).
+
+    layout "tags": train.csv `id,tags` (space-separated digits, like HPA's class ids), scored by F2 (Planet's);
+    "columns": train.csv `id,digit_0..digit_9` (0/1 each, like RANZCR's), a probability column per label.
+    solution.csv holds the test tags (a local leaderboard) in both."""
+    from sklearn.datasets import load_digits
+
+    out_dir = Path(out_dir)
+    if (out_dir / "sample_submission.csv").exists():
+        return out_dir
+    digits = load_digits()
+    pool_train, pool_test = train_test_split(
+        np.arange(len(digits.target)), test_size=0.2, stratify=digits.target, random_state=seed
+    )
+    rng = np.random.default_rng(seed)
+    markers = {m: (out_dir / m).read_text() for m in MOSAIC_MARKERS if (out_dir / m).exists()}
+    columns = [f"digit_{d}" for d in range(10)]
+    with atomic_dir(out_dir) as tmp:
+        for marker, text in markers.items():
+            (tmp / marker).write_text(text)
+        tables = {}
+        for split, pool, n in (("train", pool_train, n_train), ("test", pool_test, n_test)):
+            (tmp / split).mkdir()
+            rows = []
+            for i, (img, tags) in enumerate(_mosaics(digits, pool, n, rng)):
+                image_id = f"{split}_{i:05d}"
+                Image.fromarray(img, mode="L").save(tmp / split / f"{image_id}.png")
+                rows.append((image_id, tags))
+            tables[split] = rows
+        train, test = tables["train"], tables["test"]
+        if layout == "tags":
+            pd.DataFrame({"id": [i for i, _ in train], "tags": [" ".join(map(str, t)) for _, t in train]}).to_csv(
+                tmp / "train.csv", index=False
+            )
+            pd.DataFrame({"id": [i for i, _ in test], "tags": "0"}).to_csv(tmp / "sample_submission.csv", index=False)
+        else:
+            hot = lambda rows: pd.DataFrame([[int(d in t) for d in range(10)] for _, t in rows], columns=columns)  # noqa: E731
+            hot(train).assign(id=[i for i, _ in train])[["id", *columns]].to_csv(tmp / "train.csv", index=False)
+            pd.DataFrame(0.5, index=range(len(test)), columns=columns).assign(id=[i for i, _ in test])[
+                ["id", *columns]
+            ].to_csv(tmp / "sample_submission.csv", index=False)
+        name = (lambda t: " ".join(map(str, t))) if layout == "tags" else (lambda t: " ".join(columns[d] for d in t))
+        pd.DataFrame({"id": [i for i, _ in test], "tags": [name(t) for _, t in test]}).to_csv(
+            tmp / "solution.csv", index=False
+        )
+    return out_dir
+
+
 # ---------------------------------------------------------------- validation helpers
 
 
@@ -95,37 +164,141 @@ def _require_columns(df: pd.DataFrame, columns: dict[str, str], where: str) -> N
             )
 
 
-def _kind() -> type[Task]:
-    """The kind of target prepare reads train.csv's labels as (`competition.task` arrives with multi-label)."""
-    return TASKS[DEFAULT_TASK]
+LABEL_DELIMITERS = (" ", "|", ";", ",")  # what joins a multi-label row's labels in the prepared train.csv
 
 
-def holdout_mask(labels: np.ndarray, share: float, seed: int, groups: np.ndarray | None, where: str) -> np.ndarray:
-    """`cv.holdout`: a stratified `share` of the rows (True), kept out of every fold; with groups, one part
-    of a StratifiedGroupKFold split into round(1 / share) parts, so no group is on both sides."""
-    mask = np.zeros(len(labels), dtype=bool)
-    try:
-        if groups is None:
-            _, idx = train_test_split(np.arange(len(labels)), test_size=share, stratify=labels, random_state=seed)
+def _indicators(train: pd.DataFrame, columns: list[str], where: str) -> np.ndarray:
+    """The 0/1 matrix of one-column-per-label `columns`; a one-line error naming the row and column of
+    any other value (a 2, a blank)."""
+    values = train[columns]
+    ok = values.isin(["0", "1", "0.0", "1.0"]).to_numpy()
+    if not ok.all():
+        r, c = np.argwhere(~ok)[0]
+        raise PipelineError(
+            f"{where}: row {r + 2}, column '{columns[c]}': '{values.iat[r, c]}' is not 0 or 1 "
+            f"(one 0/1 column per label)"
+        )
+    return values.astype(float).astype(int).to_numpy()
+
+
+def _indicator_columns(train: pd.DataFrame, comp: CompetitionConfig) -> list[str] | None:
+    """The one-column-per-label layout's columns: `label_column` as a list, or, with the default
+    label_column absent from train.csv, every column but the id, group and path ones when all hold 0/1."""
+    if isinstance(comp.label_column, list):
+        return list(comp.label_column)
+    if comp.label_column in train.columns or comp.label_column != CompetitionConfig.label_column:
+        return None
+    other = [c for c in train.columns if c not in ("id", "group", comp.path_column)]
+    if other and train[other].isin(["0", "1", "0.0", "1.0"]).all().all():
+        return other
+    return None
+
+
+def _read_target(train: pd.DataFrame, comp: CompetitionConfig, where: str) -> tuple[Task, pd.DataFrame]:
+    """The kind of target (`competition.task`, or what auto finds, said in one line) and the rows with
+    each one's `label` as that task reads it (a multi-label row: its labels joined by the task's delimiter)."""
+    columns = _indicator_columns(train, comp)
+    if columns is not None:
+        for c in columns:
+            _require_columns(train, {"label_column": c}, where)
+        values = _indicators(train, columns, where)
+        one_each = bool((values.sum(1) == 1).all())
+        kind, why = comp.task, f"{len(columns)} 0/1 label columns"
+        if kind == "auto":
+            kind = "single_label" if one_each else "multilabel"
+            why += ", exactly one 1 in every row" if one_each else ", rows with several 1s"
+        if kind == "single_label":
+            bad = np.flatnonzero(values.sum(1) != 1)
+            if len(bad):
+                raise PipelineError(
+                    f"{where}: row {bad[0] + 2} has {values[bad[0]].sum()} labels set, not one "
+                    f"(competition.task: single_label; multilabel reads several)"
+                )
+            labels = np.asarray(columns, dtype=object)[np.nonzero(values)[1]]  # the one 1 of each row, in row order
+            task = TASKS["single_label"].from_labels(pd.Series(labels))
         else:
-            splitter = StratifiedGroupKFold(n_splits=max(2, round(1 / share)), shuffle=True, random_state=seed)
-            _, idx = next(splitter.split(np.zeros(len(labels)), labels, groups))
+            delimiter = next((d for d in LABEL_DELIMITERS if not any(d in c for c in columns)), None)
+            if delimiter is None:
+                raise PipelineError(f"{where}: every label column name holds one of {LABEL_DELIMITERS}")
+            names = np.asarray(columns, dtype=object)
+            labels = [delimiter.join(names[row.astype(bool)]) for row in values]
+            task = TASKS["multilabel"](columns, delimiter, comp.beta)
+        train = train.drop(columns=[c for c in columns if c != "label"]).assign(label=labels)
+    else:
+        _require_columns(train, {"label_column": comp.label_column}, where)
+        train = train.rename(columns={comp.label_column: "label"})
+        kind, why = _tag_reading(train["label"], comp, where)
+        if kind == "single_label":
+            task = TASKS["single_label"].from_labels(train["label"])
+        else:
+            task = TASKS["multilabel"].from_labels(train["label"], comp.label_delimiter, comp.beta)
+            train["label"] = [task.delimiter.join(split_tags(v, comp.label_delimiter)) for v in train["label"]]
+    print(f"task: {task.name} ({'competition.task' if comp.task != 'auto' else 'auto'}: {why})")
+    _check_labels(train, task, comp, where)
+    return task, train
+
+
+def _tag_reading(labels: pd.Series, comp: CompetitionConfig, where: str) -> tuple[str, str]:
+    """One label column: single-label, or multi-label tags joined by `competition.label_delimiter`. Auto
+    reads tags when some rows hold several and the distinct tags are fewer than the distinct values
+    (values are combinations of shared tags); a single value per row (integer classes, grades) is
+    single-label; delimited values that share no tags are two readings: an error naming the key."""
+    d = comp.label_delimiter
+    several = labels.map(lambda v: len(split_tags(v, d)) > 1)
+    column = f"column '{comp.label_column}'"
+    if comp.task != "auto":
+        return comp.task, f"{column}" + (f", labels joined by {d!r}" if comp.task == "multilabel" else "")
+    if not several.any():
+        return "single_label", f"one value per row in {column}"
+    tags = {t for v in labels for t in split_tags(v, d)}
+    values = set(labels)
+    if len(tags) < len(values):
+        return "multilabel", (
+            f"{int(several.sum())} of {len(labels)} rows of {column} hold several of {len(tags)} labels joined by {d!r}"
+        )
+    example = labels[several].iloc[0]
+    raise PipelineError(
+        f"{where}: {column} reads two ways: single-label ({len(values)} classes such as '{example}') or "
+        f"multi-label ({len(tags)} tags joined by {d!r}); set competition.task: single_label or multilabel"
+    )
+
+
+def _check_labels(train: pd.DataFrame, task: Task, comp: CompetitionConfig, where: str) -> None:
+    """Empty and missing-value labels: an error naming the row (a multi-label row may have no label with
+    `competition.empty_labels: true`)."""
+    empty = train.index[train["label"] == ""]
+    if len(empty) and not (task.name == "multilabel" and comp.empty_labels):
+        hint = " (competition.empty_labels: true allows images without labels)" if task.name == "multilabel" else ""
+        raise PipelineError(f"{where}: row {int(empty[0]) + 2}: empty label{hint}")
+    missing = train.index[train["label"].isin(MISSING_LABELS)]
+    if len(missing):
+        row = int(missing[0])
+        raise PipelineError(
+            f"{where}: row {row + 2}: label '{train['label'][row]}' marks a missing value, "
+            f"not a class ({len(missing)} such rows)"
+        )
+
+
+def holdout_mask(
+    task: Task, stratify: np.ndarray, share: float, seed: int, groups: np.ndarray | None, where: str
+) -> np.ndarray:
+    """`cv.holdout`: a share of the rows (True), kept out of every fold, stratified as the task's folds are
+    (group-aware: no group on both sides)."""
+    mask = np.zeros(len(stratify), dtype=bool)
+    try:
+        idx = task.holdout_rows(stratify, share, seed, groups)
     except ValueError as exc:
         raise PipelineError(f"{where}: cv.holdout={share} cannot be drawn stratified: {exc}") from None
     mask[idx] = True
     return mask
 
 
-def assign_folds(labels: np.ndarray, n_folds: int, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
-    """Stratified fold index per row (StratifiedGroupKFold when groups are given)."""
-    fold = np.full(len(labels), -1, dtype=np.int64)
-    if groups is None:
-        splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-        splits = splitter.split(np.zeros(len(labels)), labels)
-    else:
-        splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-        splits = splitter.split(np.zeros(len(labels)), labels, groups)
-    for k, (_, val_idx) in enumerate(splits):
+def assign_folds(
+    task: Task, stratify: np.ndarray, n_folds: int, seed: int, groups: np.ndarray | None = None
+) -> np.ndarray:
+    """Each row's fold index, stratified as the task splits (group-aware with groups)."""
+    fold = np.full(len(stratify), -1, dtype=np.int64)
+    for k, (_, val_idx) in enumerate(task.split(stratify, n_folds, seed, groups)):
         fold[val_idx] = k
     return fold
 
@@ -166,9 +339,10 @@ MISSING_LABELS = frozenset(
 )
 
 
-def _read_train(files: CompetitionFiles, comp: CompetitionConfig) -> pd.DataFrame:
+def _read_train(files: CompetitionFiles, comp: CompetitionConfig) -> tuple[pd.DataFrame, Task]:
     """The training rows: id, label, path (the image's path inside the competition, None if no image
-    matches)[, group], from train.csv or, with `train_csv: null`, from train_dir/<class>/<file>."""
+    matches)[, group], from train.csv or, with `train_csv: null`, from train_dir/<class>/<file>; and the
+    kind of target they are read as."""
     if comp.train_csv is None:
         folder = ImageFolder(files, comp.train_dir, comp.image_ext)
         loose = [p for p in folder.paths if "/" not in p]
@@ -181,49 +355,50 @@ def _read_train(files: CompetitionFiles, comp: CompetitionConfig) -> pd.DataFram
         if not paths:
             raise PipelineError(f"{files.where(comp.train_dir)}: no images in class folders")
         rels = [folder.rel(p) for p in paths]
-        return pd.DataFrame({"id": paths, "label": [p.split("/", 1)[0] for p in paths], "path": rels, "expected": rels})
+        if comp.task not in ("auto", "single_label"):
+            raise PipelineError(
+                f"competition.task: {comp.task} needs a train.csv (train_csv: null reads class folders)"
+            )
+        train = pd.DataFrame(
+            {"id": paths, "label": [p.split("/", 1)[0] for p in paths], "path": rels, "expected": rels}
+        )
+        return train, TASKS["single_label"].from_labels(train["label"])
     train_where = files.where(comp.train_csv)
     train = files.read_csv(comp.train_csv)
-    needed = {"id_column": comp.id_column, "label_column": comp.label_column}
+    needed = {"id_column": comp.id_column}
     for key in ("group_column", "path_column"):
         if getattr(comp, key):
             needed[key] = getattr(comp, key)
     _require_columns(train, needed, train_where)
-    train = train.rename(
-        columns={
-            comp.id_column: "id",
-            comp.label_column: "label",
-            **({comp.group_column: "group"} if comp.group_column else {}),
-        }
-    )
+    train = train.rename(columns={comp.id_column: "id", **({comp.group_column: "group"} if comp.group_column else {})})
     if len(train) == 0:
         raise PipelineError(f"{train_where}: no rows")
-    empty = train.index[(train["id"] == "") | (train["label"] == "")]
+    empty = train.index[train["id"] == ""]
     if len(empty):
-        raise PipelineError(f"{train_where}: empty id or label in row {int(empty[0]) + 2}")
-    missing = train.index[train["label"].isin(MISSING_LABELS)]
-    if len(missing):
-        row = int(missing[0])
-        raise PipelineError(
-            f"{train_where}: row {row + 2}: label '{train['label'][row]}' marks a missing value, "
-            f"not a class ({len(missing)} such rows)"
-        )
+        raise PipelineError(f"{train_where}: empty id in row {int(empty[0]) + 2}")
+    task, train = _read_target(train, comp, train_where)
     check_unique(train["id"], train_where)
     folder = ImageFolder(files, comp.train_dir, comp.image_ext)
     names = train[comp.path_column] if comp.path_column else train["id"]
     found = [folder.find(v, f"{train_where} row {i + 2}") for i, v in enumerate(names)]
     train["path"] = [folder.rel(p) if p else None for p in found]
     train["expected"] = [folder.rel(inside(v, "") + comp.image_ext) for v in names]  # named if missing
-    return train
+    return train, task
+
+
+def _with_target(rows: pd.DataFrame, task: Task) -> pd.DataFrame:
+    """`rows` with a `target` column where the task's target is one number per row (a class index); a
+    multi-label target is read back from `label`."""
+    targets = task.encode(rows["label"])
+    return rows.assign(target=targets) if targets.ndim == 1 else rows
 
 
 def _add_targets_and_folds(
     train: pd.DataFrame, task: Task, comp: CompetitionConfig, n_folds: int, seed: int
 ) -> pd.DataFrame:
-    train = train.reset_index(drop=True)
-    train["target"] = task.encode(train["label"])
+    train = _with_target(train.reset_index(drop=True), task)
     groups = train["group"].to_numpy() if comp.group_column else None
-    train["fold"] = assign_folds(task.stratify_on(train["target"].to_numpy()), n_folds, seed, groups)
+    train["fold"] = assign_folds(task, task.stratify_on(task.encode(train["label"])), n_folds, seed, groups)
     return train
 
 
@@ -241,17 +416,16 @@ def _split_holdout(
     holdout_images.npy; returns their table (id, label, target, width, height, path[, group])."""
     train = d.train.reset_index(drop=True)
     groups = train["group"].to_numpy() if comp.group_column else None
-    mask = holdout_mask(task.stratify_on(train["label"].to_numpy()), share, seed, groups, where)
+    mask = holdout_mask(task, task.stratify_on(train["label"].to_numpy()), share, seed, groups, where)
     keep, held = np.flatnonzero(~mask), np.flatnonzero(mask)
     keep_rows(tmp / "train_images.npy", held, dest=tmp / "holdout_images.npy")
     keep_rows(tmp / "train_images.npy", keep)
-    holdout = train.iloc[held].reset_index(drop=True)
-    holdout["target"] = task.encode(holdout["label"])
+    holdout = _with_target(train.iloc[held].reset_index(drop=True), task)
     holdout["width"], holdout["height"] = d.train_sizes[held, 0], d.train_sizes[held, 1]
     d.train, d.train_sizes, d.sums, d.squares = train.iloc[keep], d.train_sizes[keep], d.sums[keep], d.squares[keep]
-    _kind().check_labels(d.train["label"], n_folds, f"{where} (after cv.holdout={share})")
+    task.check_labels(d.train["label"], n_folds, f"{where} (after cv.holdout={share})")
     cols = ["id", "label", "target", "width", "height", "path"] + (["group"] if comp.group_column else [])
-    return holdout[cols]
+    return holdout[[c for c in cols if c in holdout.columns]]
 
 
 def _read_test(files: CompetitionFiles, comp: CompetitionConfig, task: Task, train_paths: set[str]):
@@ -271,9 +445,16 @@ def _read_test(files: CompetitionFiles, comp: CompetitionConfig, task: Task, tra
     return sample, fmt, test_ids, [folder.rel(p) for p in found]
 
 
-def _digits_source(source: Path) -> bool:
-    """A folder holding the DIGITS_MARKER file is where the embedded digits competition is rendered."""
-    return source.is_dir() and (source / DIGITS_MARKER).exists()
+def _render_embedded(source: Path) -> None:
+    """A folder holding DIGITS_MARKER (or a MOSAIC_MARKERS file) is where the embedded digits competition
+    (or its multi-label mosaics) is rendered, once."""
+    if not source.is_dir():
+        return
+    if (source / DIGITS_MARKER).exists():
+        render_digits(source)
+    for marker, layout in MOSAIC_MARKERS.items():
+        if (source / marker).exists():
+            render_digit_mosaics(source, layout)
 
 
 def _read_answers(files: CompetitionFiles, comp: CompetitionConfig, id_column: str) -> pd.DataFrame | None:
@@ -311,21 +492,25 @@ class _Decoded:
 
 def _read_rows(
     files: CompetitionFiles, comp: CompetitionConfig, n_folds: int, seed: int
-) -> tuple[pd.DataFrame, str, set[str]]:
+) -> tuple[pd.DataFrame, str, set[str], Task]:
     """The training rows (subsampled to `competition.max_train_rows`), checked; where they come from;
-    and every training image path, before any subsample (none of them is a test image)."""
+    every training image path, before any subsample (none of them is a test image); the task."""
     where = files.where(comp.train_csv or comp.train_dir)
-    train = _read_train(files, comp)
+    train, task = _read_train(files, comp)
     paths = {p for p in train["path"] if isinstance(p, str)}
-    _kind().check_labels(train["label"], n_folds, where)
+    task.check_labels(train["label"], n_folds, where)
     if comp.max_train_rows is not None and comp.max_train_rows < len(train):
-        train, _ = train_test_split(train, train_size=comp.max_train_rows, stratify=train["label"], random_state=seed)
-        train = train.sort_index()
+        keep = task.subsample_rows(task.stratify_on(train["label"].to_numpy()), comp.max_train_rows, seed)
+        train = train.iloc[np.sort(keep)]
         where = f"{where} (after competition.max_train_rows={comp.max_train_rows})"
-        _kind().check_labels(train["label"], n_folds, where)
+        task.check_labels(train["label"], n_folds, where)
+    if comp.metric not in task.METRICS:
+        raise PipelineError(
+            f"competition.metric: {comp.metric} is not a {task.name} metric (choose from {', '.join(task.METRICS)})"
+        )
     if comp.metric == "quadratic_weighted_kappa":
         _require_integer_labels(train["label"], where)
-    return train, where, paths
+    return train, where, paths, task
 
 
 def _bad_images(
@@ -368,6 +553,7 @@ def _decode_all(
     skip_bad_images: bool,
     n_folds: int,
     where: str,
+    task: Task,
 ) -> _Decoded:
     """Decode every training and test image into `tmp`'s caches before anything else is written."""
     train_rels = [p if isinstance(p, str) else None for p in train["path"]]  # pandas may hold None as nan
@@ -383,12 +569,11 @@ def _decode_all(
         if not len(keep):
             raise PipelineError(f"{where}: no training image could be read")
         keep_rows(tmp / "train_images.npy", keep)
-        classes = set(train["label"])
         train, train_sizes, sums, squares = train.iloc[keep], train_sizes[keep], sums[keep], squares[keep]
-        lost = sorted(classes - set(train["label"]))
+        lost = [c for c, n in zip(task.classes, task.class_counts(train["label"])) if n == 0]
         if lost:
             raise PipelineError(f"{where}: class '{lost[0]}' has no readable training image left")
-        _kind().check_labels(train["label"], n_folds, where)
+        task.check_labels(train["label"], n_folds, where)
     return _Decoded(train, train_sizes, sums, squares, test_sizes, len(bad_train))
 
 
@@ -404,7 +589,7 @@ def _write_prepared(
     in_training_part = {k: train["fold"].to_numpy() != k for k in range(n_folds)}
     stats["folds"] = {str(k): channel_stats(d.sums[m], d.squares[m], pixels) for k, m in in_training_part.items()}
     cols = ["id", "label", "target", "fold", "width", "height", "path"] + (["group"] if group_column else [])
-    train[cols].to_csv(tmp / "train.csv", index=False)
+    train[[c for c in cols if c in train.columns]].to_csv(tmp / "train.csv", index=False)
     pd.DataFrame(
         {"id": test.ids, "width": d.test_sizes[:, 0], "height": d.test_sizes[:, 1], "path": test.paths}
     ).to_csv(tmp / "test.csv", index=False)
@@ -413,8 +598,11 @@ def _write_prepared(
     test.sample.to_csv(tmp / "sample_submission.csv", index=False)
     if test.answers is not None:
         test.answers.to_csv(tmp / "answers.csv", index=False)
-    write_json(tmp / "classes.json", {"classes": task.classes, "task": task.name})
-    write_json(tmp / "submission_format.json", dataclasses.asdict(test.fmt))
+    write_json(tmp / "classes.json", {"classes": task.classes, "task": task.name, **task.options})
+    write_json(
+        tmp / "submission_format.json",
+        {k: v for k, v in dataclasses.asdict(test.fmt).items() if v is not None or k != "delimiter"},
+    )
     write_json(tmp / "stats.json", stats)
 
 
@@ -434,16 +622,24 @@ def prepare(
     Every image it will use is decoded before anything is written; the undecodable and the missing
     are reported together (or, for training images with `skip_bad_images`, dropped and listed)."""
     source = Path(comp.source)
-    if _digits_source(source):
-        render_digits(source)
+    _render_embedded(source)
     files = open_competition(comp)
-    train, where, train_paths = _read_rows(files, comp, n_folds, seed)
-    task = _kind().from_labels(train["label"])
+    train, where, train_paths, task = _read_rows(files, comp, n_folds, seed)
     sample, fmt, test_ids, test_paths = _read_test(files, comp, task, train_paths)
     test = _TestSide(sample, fmt, test_ids, test_paths, _read_answers(files, comp, fmt.id_column))
     with atomic_dir(out_dir) as tmp:
         decoded = _decode_all(
-            files, train, test, tmp, image_size, resize, workers or os.cpu_count() or 1, skip_bad_images, n_folds, where
+            files,
+            train,
+            test,
+            tmp,
+            image_size,
+            resize,
+            workers or os.cpu_count() or 1,
+            skip_bad_images,
+            n_folds,
+            where,
+            task,
         )
         if holdout:
             decoded.holdout = _split_holdout(decoded, tmp, task, comp, holdout, n_folds, seed, where)

@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from pipeline.io import write_json  # noqa: E402
 from pipeline.slices import PROPERTIES  # noqa: E402
+from pipeline.tasks import Task  # noqa: E402
 
 
 def never_predicted(per_class: pd.DataFrame) -> list[str]:
@@ -84,6 +85,7 @@ class ReportRows:
     folds: np.ndarray
     classes: list[str]
     images: np.ndarray
+    task: Task  # how a row's labels read, which rows are wrong, what a confusion cell holds
 
 
 MAX_MATRIX_CLASSES = 30  # larger confusion matrices show the classes with the most errors
@@ -173,8 +175,7 @@ def plot_reliability(table: pd.DataFrame, ece: float, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_confidence(probs: np.ndarray, pred: np.ndarray, y: np.ndarray, path: Path) -> Path:
-    confidence, correct = probs.max(1), pred == y
+def plot_confidence(confidence: np.ndarray, correct: np.ndarray, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     bins = np.linspace(0, 1, 21)
     ax.hist(confidence[correct], bins=bins, alpha=0.6, label=f"correct ({correct.sum()})")
@@ -255,31 +256,30 @@ def _section(ident: str, title: str, *parts: str) -> str:
 
 
 def _rows_table(a: ModelAnalysis, rows: np.ndarray, r: ReportRows) -> pd.DataFrame:
-    ids, y, folds, classes = r.ids, r.y, r.folds, r.classes
-    pred = a.pred
+    ids, y, folds, task = r.ids, r.y, r.folds, r.task
     return pd.DataFrame(
         {
             "id": ids[rows],
             "fold": folds[rows],
-            "true": [classes[i] for i in y[rows]],
-            "predicted": [classes[i] for i in pred[rows]],
-            "confidence": a.probs[rows].max(1),
-            "p(true)": a.probs[rows, y[rows]],
+            "true": task.label_text(y[rows]),
+            "predicted": task.label_text(a.pred[rows]),
+            "confidence": task.confidence(a.probs[rows]),
+            "p(true)": np.exp(-a.losses[rows]),  # the task's row loss is -log p(true label, or label set)
             "loss": a.losses[rows],
         }
     )
 
 
 def _captions(a: ModelAnalysis, rows: np.ndarray, r: ReportRows) -> list[str]:
-    pred = a.pred
-    return [f"{r.ids[i]}\n{r.classes[r.y[i]]} -> {r.classes[pred[i]]} ({a.probs[i].max():.2f})" for i in rows]
+    true, pred, conf = r.task.label_text(r.y[rows]), r.task.label_text(a.pred[rows]), r.task.confidence(a.probs[rows])
+    return [f"{r.ids[i]}\n{t} -> {p} ({c:.2f})" for i, t, p, c in zip(rows, true, pred, conf)]
 
 
-def _calibration_and_slices(a: ModelAnalysis, y: np.ndarray, fig_dir: Path) -> tuple[str, str]:
+def _calibration_and_slices(a: ModelAnalysis, y: np.ndarray, task: Task, fig_dir: Path) -> tuple[str, str]:
     """The calibration and the slices-and-advice sections of one model."""
     m, pred = a.anchor, a.pred
     rel_fig = plot_reliability(a.reliability, a.ece, fig_dir / "reliability.png")
-    conf_fig = plot_confidence(a.probs, a.pred, y, fig_dir / "confidence.png")
+    conf_fig = plot_confidence(*task.calibration(a.probs, pred, y), fig_dir / "confidence.png")
     calibration = _section(
         f"{m}-calibration",
         "Calibration",
@@ -289,7 +289,7 @@ def _calibration_and_slices(a: ModelAnalysis, y: np.ndarray, fig_dir: Path) -> t
         html_image(conf_fig, "confidence histogram"),
         html_table(a.reliability, f"{m}-reliability-table"),
     )
-    error_rate = float((pred != y).mean())
+    error_rate = float(task.errors(pred, y).mean())
     if len(a.slices):
         slice_fig = html_image(plot_slices(a.slices, error_rate, fig_dir / "slices.png"), "error rate by slice")
         slice_table = html_table(
@@ -351,14 +351,14 @@ def _confusion_section(
         cm_table = html_table(cm_frame, f"{m}-confusion-table", index=True)
     pair_rows, pair_parts = [], []
     for t, p, n in a.pairs:
-        examples = np.flatnonzero((y == t) & (pred == p))
+        examples = np.flatnonzero(r.task.pair_mask(pred, y, t, p))
         examples = examples[np.argsort(-a.probs[examples, p], kind="stable")][:examples_per_pair]
         pair_rows.append(
             {
                 "true": classes[t],
                 "predicted": classes[p],
                 "count": n,
-                "share of true class": n / max(int((y == t).sum()), 1),
+                "share of true class": n / max(int(a.per_class["support"].iloc[t]), 1),
                 "example ids": " ".join(map(str, ids[examples])),
             }
         )
@@ -410,7 +410,7 @@ def model_section(a: ModelAnalysis, r: ReportRows, fig_dir: Path, examples_per_p
     scores = _scores_section(a, r.y)
     confusion, pair_rows = _confusion_section(a, r, fig_dir, examples_per_pair)
     galleries = _gallery_sections(a, r, fig_dir)
-    calibration, slices = _calibration_and_slices(a, r.y, fig_dir)
+    calibration, slices = _calibration_and_slices(a, r.y, r.task, fig_dir)
     body = (
         f'<section id="{m}"><h2>{html.escape(a.label)}</h2>{scores}{confusion}{galleries["worst_html"]}'
         f"{galleries['confident-wrong_html']}{calibration}{slices}</section>"
@@ -453,7 +453,7 @@ def models_section(analyses: list[ModelAnalysis], div: pd.DataFrame, per_class: 
                 "model": a.label,
                 **a.scores,
                 "ece": a.ece,
-                "fold accuracy std": a.folds.loc["std", "accuracy"],
+                f"fold {next(iter(a.scores))} std": a.folds.loc["std", next(iter(a.scores))],
                 "weak slices": int(a.slices["weak"].sum()),
                 **{f"holdout {m}": v for m, v in (a.holdout or {}).items() if m in list(a.scores)[:1] + ["log_loss"]},
             }
@@ -533,9 +533,9 @@ def write_report(
             {
                 "id": ids,
                 "fold": folds,
-                "actual": [classes[i] for i in y],
-                "predicted": [classes[i] for i in pred],
-                "confidence": a.probs.max(1),
+                "actual": r.task.label_text(y),
+                "predicted": r.task.label_text(pred),
+                "confidence": r.task.confidence(a.probs),
                 "loss": a.losses,
             }
         ).to_csv(out / "tables" / a.folder / "predictions.csv", index=False)

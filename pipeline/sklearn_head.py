@@ -32,13 +32,17 @@ def load_classifier(path: str | Path):
 
 
 def fit_classifier(train_x: np.ndarray, train_y: np.ndarray, kind: str):
-    """A standardised `kind` ("logistic_regression" or "svm") fitted on features `train_x`."""
+    """A standardised `kind` ("logistic_regression" or "svm") fitted on features `train_x`; one per label
+    (one-vs-rest) for multi-hot targets (N, C)."""
     from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import SVC
 
     head = LogisticRegression(max_iter=2000) if kind == "logistic_regression" else SVC(probability=True)
+    if np.ndim(train_y) == 2:
+        head = OneVsRestClassifier(head)
     return make_pipeline(StandardScaler(), head).fit(train_x, train_y)
 
 
@@ -86,4 +90,6 @@ class FeaturesClassifier(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.backbone(x).float().cpu().numpy()
         probs = torch.from_numpy(self.classifier.predict_proba(features)).to(x.device)
+        if getattr(self.classifier[-1], "multilabel_", False):  # one-vs-rest: each label's logit
+            return torch.logit(probs, eps=1e-7)
         return probs.clamp_min(1e-12).log()

@@ -20,8 +20,9 @@ class SubmissionFormat:
 
     id_column: str
     columns: list[str]  # every column after the id, in order
-    kind: str  # "label", "probabilities" or "probability"
+    kind: str  # "label", "probabilities", "probability" or (multi-label) "tags"
     positive: str | None = None  # "probability": the class whose probability is submitted
+    delimiter: str | None = None  # "tags": what joins an image's labels in the one column
 
 
 PROBABILITY_METRICS = ("roc_auc", "log_loss")  # scored on probabilities: a hard label would throw them away

@@ -18,7 +18,6 @@ from pipeline import __main__ as cli
 from pipeline.analyze import (
     analyze_model,
     confident_wrong_rows,
-    confusion_counts,
     diversity,
     expected_calibration_error,
     fold_scores,
@@ -60,19 +59,19 @@ CONFUSION = [[2, 0, 0], [1, 1, 0], [1, 0, 1]]
 
 
 def test_confusion_counts_and_pairs_match_hand_counts():
-    cm = confusion_counts(Y, PROBS.argmax(1), 3)
+    cm = SingleLabel(CLASSES).confusion(PROBS.argmax(1), Y)
     assert cm.tolist() == CONFUSION
     assert most_confused_pairs(cm, 5) == [(1, 0, 1), (2, 0, 1)]  # empty cells are not pairs
 
 
 def test_ece_and_reliability_match_hand_computation():
-    table = reliability_table(PROBS, PROBS.argmax(1), Y, n_bins=5)
+    table = reliability_table(PROBS.max(1), PROBS.argmax(1) == Y, n_bins=5)
     assert table["rows"].tolist() == [0, 1, 2, 1, 2]
     np.testing.assert_allclose(table["accuracy"].iloc[1:], [1, 0, 1, 1])
     np.testing.assert_allclose(table["confidence"].iloc[1:], [0.34, 0.525, 0.70, 0.875])
     assert expected_calibration_error(table) == pytest.approx(ECE)
     perfect = np.eye(3)[Y]  # confident and always right: calibrated
-    assert expected_calibration_error(reliability_table(perfect, perfect.argmax(1), Y, 5)) == 0
+    assert expected_calibration_error(reliability_table(perfect.max(1), perfect.argmax(1) == Y, 5)) == 0
 
 
 def test_fold_scores_and_spread():
@@ -89,7 +88,7 @@ def test_worst_and_confidently_wrong_rows():
     # losses: -log p(true) = 0.90, 0.35, 0.70, 0.25, 0.85, 0.34 -> worst is row 3 (p=0.25), then 5 (0.34), 1 (0.35)
     assert worst_rows(TASK.row_losses(PROBS, Y), 3).tolist() == [3, 5, 1]
     # only the wrong ones, 0.55 before 0.50
-    assert confident_wrong_rows(PROBS, PROBS.argmax(1), Y, 5).tolist() == [1, 3]
+    assert confident_wrong_rows(PROBS.max(1), PROBS.argmax(1) != Y, 5).tolist() == [1, 3]
 
 
 def test_image_properties_from_pixels():
@@ -159,7 +158,9 @@ def test_diversity_of_a_copy_and_of_a_complement():
     a = PROBS
     c = np.eye(3)[Y] * 0.8 + 0.2 / 3  # always right
     c[[0, 2]] = np.roll(c[[0, 2]], 1, axis=1)  # ...except where a is right
-    div = diversity({"a": a.argmax(1), "copy": a.copy().argmax(1), "c": c.argmax(1)}, Y).set_index(["a", "b"])
+    div = diversity(
+        {"a": a.argmax(1), "copy": a.copy().argmax(1), "c": c.argmax(1)}, Y, SingleLabel(CLASSES)
+    ).set_index(["a", "b"])
     assert div.loc[("a", "copy"), "disagreement"] == 0
     assert div.loc[("a", "copy"), "error_correlation"] == pytest.approx(1)
     assert div.loc[("a", "copy"), "oracle_accuracy"] == pytest.approx(4 / 6)  # a copy adds nothing
@@ -232,14 +233,14 @@ def rendered(tmp_path_factory):
         )
         for m, p, ensemble in [*((m, p, False) for m, p in oof.items()), ("ensemble", submitted, True)]
     ]
-    div = diversity({m: p.argmax(1) for m, p in oof.items()}, Y)
+    div = diversity({m: p.argmax(1) for m, p in oof.items()}, Y, SingleLabel(CLASSES))
     write_report(
         out,
         analyses,
         div,
         per_class_accuracy({a.label: a.pred for a in analyses}, Y, CLASSES),
         summary(analyses, div),
-        ReportRows(np.array([f"img{i}" for i in range(6)]), Y, FOLDS, CLASSES, images),
+        ReportRows(np.array([f"img{i}" for i in range(6)]), Y, FOLDS, CLASSES, images, SingleLabel(CLASSES)),
         2,
         "test report",
     )
@@ -417,10 +418,10 @@ def test_report_opens_in_headless_chromium(rendered, tmp_path):
 def test_a_class_never_predicted_is_flagged():
     y = np.array([0, 0, 0, 1, 1, 2])
     probs = np.eye(3)[[0, 0, 1, 1, 1, 0]]  # class 2 has a row but is never the argmax
-    table = per_class_scores(probs.argmax(1), y, ["a", "b", "c"])
+    table = per_class_scores(probs, probs.argmax(1), y, SingleLabel(["a", "b", "c"]))
     assert table["predicted"].tolist() == [3, 3, 0]
     assert never_predicted(table) == ["c"]
-    assert never_predicted(per_class_scores(y, y, ["a", "b", "c"])) == []
+    assert never_predicted(per_class_scores(np.eye(3)[y], y, y, SingleLabel(["a", "b", "c"]))) == []
 
 
 def test_the_competition_metric_heads_a_models_scores():
@@ -429,4 +430,7 @@ def test_the_competition_metric_heads_a_models_scores():
     for metric in ("roc_auc", "quadratic_weighted_kappa"):
         a = analyze_model("m", PROBS, Y, FOLDS, TASK, props, None, metric=metric, **kwargs)
         assert list(a.scores)[0] == metric and set(a.scores) == set(METRICS)
-        assert list(summary([a], diversity({"m": PROBS.argmax(1)}, Y))["backbones"]["m"])[0] == metric
+        assert (
+            list(summary([a], diversity({"m": PROBS.argmax(1)}, Y, SingleLabel(CLASSES)))["backbones"]["m"])[0]
+            == metric
+        )

@@ -26,7 +26,7 @@ def main(argv=None) -> None:
     data = load_prepared(paths.prepared)
     found = analyze_stage(params, data, paths.predictions_root, paths.submissions, paths.report("ensemble"))
     title = f"Out-of-fold error analysis: {experiment_name(params)}"
-    rows = ReportRows(data.train["id"].to_numpy(), data.targets, data.folds, data.classes, data.train_images)
+    rows = ReportRows(data.train["id"].to_numpy(), data.targets, data.folds, data.classes, data.train_images, data.task)
     with atomic_dir(paths.oof_report) as tmp:
         write_report(
             tmp, found.analyses, found.diversity, found.per_class, found.headline, rows,

@@ -34,11 +34,11 @@ def main(argv=None) -> None:
         params.predict.batch_size,
         pick_device(),
     )
-    held = None if data.holdout is None else data.holdout["target"].to_numpy()
+    held = None if data.holdout is None else data.holdout_targets
     report = choose_policy(preds, tta, backbone, pool, data.targets, data.folds, data.task, held)
     report_path = paths.report("predict", backbone)
     with atomic_dir(paths.predictions(backbone)) as out:
-        write_predictions(out, data, preds[report["policy"]], report)
+        write_predictions(out, data, preds, report)
     write_json(report_path, report)
     log_stage(report, tta, backbone, Tracker(params.tracking.enabled, experiment_name(params)), str(report_path))
     m = tta.metric

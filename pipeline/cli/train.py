@@ -42,5 +42,5 @@ def main(argv=None) -> None:
         return
     write_json(paths.report("train", name), metrics)
     shutil.rmtree(resume, ignore_errors=True)
-    shown = dict.fromkeys([s.monitor, "accuracy", "log_loss"])
+    shown = [m for m in dict.fromkeys([s.monitor, "accuracy", "log_loss"]) if m in metrics["oof"]]
     print(f"{name}: OOF " + ", ".join(f"{m} {metrics['oof'][m]:.4f}" for m in shown))

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 TASKS: dict[str, type] = {}
-DEFAULT_TASK = "single_label"  # what prepare reads a competition as (competition.task comes with multi-label)
+DEFAULT_TASK = "single_label"  # a prepared folder's task when its classes.json names none (before multi-label)
 
 
 def register_task(name: str):
@@ -31,13 +31,16 @@ class Task:
     """What a new kind of target implements (each method's single-label version: tasks/single_label.py).
 
     Reading the labels (prepare):
-      from_labels(labels)           the task of train.csv's label column (its label values, ordered)
+      from_labels(labels, **options)  the task of train.csv's label column (its label values, ordered)
+      options                       what else classes.json stores to rebuild the task (e.g. a delimiter)
       check_labels(labels, k, where)  one-line error unless `k` folds can be drawn (e.g. a rare class)
       encode(labels) -> targets     each row's target, as the loss and the metrics take it
-      stratify_on(labels)           what the folds and the holdout are stratified on
+      stratify_on(labels); split(stratify, k, seed, groups); holdout_rows(stratify, share, seed, groups)
+                                    the folds and `cv.holdout`, stratified as the task's targets need
       default_sample(ids)           the submission's layout when the competition ships no sample
     The model (train, tune, plan):
       n_outputs                     the head's size
+      check_settings(s, where)      a ConfigError naming a train setting the task does not define
       loss(logits, y, soft, label_smoothing, class_weight)   a batch's mean loss (soft: mixed targets)
       mixup(s)                      timm's Mixup for train.mixup_alpha / cutmix_alpha, or None
       class_weight(targets, how, device), sample_weights(targets)   train.class_weight, train.sampler
@@ -46,7 +49,11 @@ class Task:
       merge(outputs (V, N, C), how) -> predictions (N, C)   TTA views merged (`tta.merge`)
       columns; frame(ids, predictions); read_predictions(path, ids, where)   the *_probs.csv files
     Scores (every stage that scores):
-      METRICS {name: (function(predictions, targets), greater is better)}; scores(predictions, targets, names)
+      METRICS {name: (function(predictions, targets), greater is better)}; bind(name) -> that function with
+      the task's options (f_beta's beta); scores(predictions, targets, names)
+    Fitted last steps (ensemble, pipeline/postprocess.py):
+      postprocess_candidates(metric) -> the candidate steps' names; temperature(predictions, t)
+    Ensembles: ENSEMBLE_METHODS, the `ensemble.methods` defined for the task
     The submission (prepare, ensemble, the bundle):
       submission_format(sample, where, positive_class, metric); submission(ids, predictions, fmt);
       check_submission(sub, sample, fmt); leaderboard(answers, ids, predictions)
@@ -56,9 +63,26 @@ class Task:
 
     name: str
     METRICS: dict[str, tuple[Callable[[np.ndarray, np.ndarray], float], bool]] = {}
+    ENSEMBLE_METHODS: tuple[str, ...] = ()
 
     def __init__(self, classes: list[str]):
         self.classes = [str(c) for c in classes]
+
+    @property
+    def options(self) -> dict:
+        """The constructor's arguments beyond the classes (classes.json stores them)."""
+        return {}
+
+    def bind(self, name: str) -> Callable[[np.ndarray, np.ndarray], float]:
+        """The score function of metric `name` with this task's options."""
+        if name not in self.METRICS:
+            raise ValueError(
+                f"metric '{name}' is not defined for a {self.name} task (choose from {sorted(self.METRICS)})"
+            )
+        return self.METRICS[name][0]
+
+    def check_settings(self, s, where: str) -> None:
+        """Raise ConfigError naming a train setting (of `s`) the task does not define."""
 
     @classmethod
     def from_labels(cls, labels: pd.Series) -> "Task":  # pragma: no cover - every task overrides
@@ -71,14 +95,14 @@ class Task:
 
     def scores(self, predictions: np.ndarray, targets: np.ndarray, names=None) -> dict[str, float]:
         """{name: score} for each metric in `names` (all of the task's by default)."""
-        return {name: self.METRICS[name][0](predictions, targets) for name in (names or self.METRICS)}
+        return {name: self.bind(name)(predictions, targets) for name in (names or self.METRICS)}
 
 
-def create_task(name: str, classes: list[str]) -> Task:
-    """The task `name` of a competition with these label values."""
+def create_task(name: str, classes: list[str], **options) -> Task:
+    """The task `name` of a competition with these label values (and its options, classes.json's)."""
     if name not in TASKS:
         raise ValueError(f"unknown task '{name}' (known: {', '.join(TASKS)})")
-    return TASKS[name](classes)
+    return TASKS[name](classes, **options)
 
 
 def greater_is_better(metric: str) -> bool:
@@ -89,12 +113,9 @@ def greater_is_better(metric: str) -> bool:
     raise KeyError(f"unknown metric '{metric}'")
 
 
-def metric_function(task: str, metric: str) -> Callable[[np.ndarray, np.ndarray], float]:
-    """`task`'s score function of `metric`: (predictions, targets) -> float."""
-    functions = TASKS[task].METRICS
-    if metric not in functions:
-        raise ValueError(f"unknown metric '{metric}' (choose from {sorted(functions)})")
-    return functions[metric][0]
+def metric_function(task: str, metric: str, options: dict | None = None) -> Callable[[np.ndarray, np.ndarray], float]:
+    """`task`'s score function of `metric` with the task's `options`: (predictions, targets) -> float."""
+    return TASKS[task]([], **(options or {})).bind(metric)
 
 
-from pipeline.tasks import single_label  # noqa: E402, F401  (registers the single-label task)
+from pipeline.tasks import multilabel, single_label  # noqa: E402, F401  (registers the tasks)

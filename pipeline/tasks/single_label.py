@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import cohen_kappa_score, f1_score, roc_auc_score
+from sklearn.metrics import cohen_kappa_score, confusion_matrix, f1_score, roc_auc_score
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 from pipeline.errors import PipelineError
 from pipeline.probs import prediction_frame, read_prediction_file
@@ -94,6 +95,7 @@ class SingleLabel(Task):
     """One class per image (multiclass; binary as two classes)."""
 
     METRICS = METRICS
+    ENSEMBLE_METHODS = ("soft_voting", "hard_voting", "caruana", "optimized", "rank_average", "stacking")
 
     @classmethod
     def from_labels(cls, labels: pd.Series) -> "SingleLabel":
@@ -109,6 +111,14 @@ class SingleLabel(Task):
                 f"{where}: class '{rare.index[0]}' has {int(rare.iloc[0])} examples, fewer than cv.n_folds={n_folds}"
             )
 
+    def class_counts(self, labels: pd.Series) -> np.ndarray:
+        """Each class's number of rows."""
+        return np.bincount(self.encode(labels), minlength=len(self.classes))
+
+    def subsample_rows(self, stratify: np.ndarray, n: int, seed: int) -> np.ndarray:
+        """`n` rows stratified on `stratify` (competition.max_train_rows)."""
+        return train_test_split(np.arange(len(stratify)), train_size=n, stratify=stratify, random_state=seed)[0]
+
     def encode(self, labels: pd.Series) -> np.ndarray:
         """Each row's class index."""
         return labels.map({c: i for i, c in enumerate(self.classes)}).astype(np.int64).to_numpy()
@@ -116,6 +126,19 @@ class SingleLabel(Task):
     def stratify_on(self, labels) -> np.ndarray:
         """What the folds and the holdout are stratified on: the class."""
         return np.asarray(labels)
+
+    def split(self, stratify: np.ndarray, n_splits: int, seed: int, groups: np.ndarray | None):
+        """(train, validation) index pairs: StratifiedKFold, or StratifiedGroupKFold with groups."""
+        if groups is None:
+            return StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(stratify, stratify)
+        splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        return splitter.split(stratify, stratify, groups)
+
+    def holdout_rows(self, stratify: np.ndarray, share: float, seed: int, groups: np.ndarray | None) -> np.ndarray:
+        """`cv.holdout`'s rows: a stratified `share`; with groups, one part of a split into round(1 / share)."""
+        if groups is None:
+            return train_test_split(np.arange(len(stratify)), test_size=share, stratify=stratify, random_state=seed)[1]
+        return next(self.split(stratify, max(2, round(1 / share)), seed, groups))[1]
 
     def default_sample(self, ids: list[str]) -> pd.DataFrame:
         """The submission's layout when the competition ships no sample: `id,label`."""
@@ -192,6 +215,16 @@ class SingleLabel(Task):
     def frame(self, ids, probs: np.ndarray) -> pd.DataFrame:
         return prediction_frame(ids, probs, self.columns)
 
+    def postprocess_candidates(self, metric: str) -> list[str]:
+        """The fitted last steps to choose from (pipeline/postprocess.py): temperature for log loss."""
+        return ["identity", "temperature"] if metric == "log_loss" else ["identity"]
+
+    def temperature(self, probs: np.ndarray, t: float) -> np.ndarray:
+        """The softmax of the log-probabilities divided by `t` (t > 1 softens, t < 1 sharpens)."""
+        z = np.log(np.clip(probs, 1e-15, 1.0)) / t
+        z = np.exp(z - z.max(1, keepdims=True))
+        return z / z.sum(1, keepdims=True)
+
     def read_predictions(self, path, ids, where: str) -> np.ndarray:
         """Probabilities from `path`, checked against the expected ids, the classes, and summing to 1 per row."""
         probs = read_prediction_file(path, ids, self.columns, where)
@@ -263,3 +296,35 @@ class SingleLabel(Task):
     def row_losses(self, probs: np.ndarray, y: np.ndarray, eps: float = 1e-15) -> np.ndarray:
         """Each row's log loss: the negative log-probability of its true class."""
         return -np.log(np.clip(probs[np.arange(len(y)), y], eps, 1.0))
+
+    def errors(self, pred: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Each row: is its prediction wrong."""
+        return pred != y
+
+    def confidence(self, probs: np.ndarray) -> np.ndarray:
+        """Each row's confidence: the predicted class's probability."""
+        return probs.max(1)
+
+    def calibration(self, probs: np.ndarray, pred: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(confidence, correct) of every decision the reliability diagram bins: one per row."""
+        return probs.max(1), pred == y
+
+    def confusion(self, pred: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """(C, C) counts: row = true class, column = predicted class (scikit-learn's)."""
+        return confusion_matrix(y, pred, labels=np.arange(len(self.classes)))
+
+    def pair_mask(self, pred: np.ndarray, y: np.ndarray, t: int, p: int) -> np.ndarray:
+        """The rows of confusion cell (t, p): class t predicted as p."""
+        return (y == t) & (pred == p)
+
+    def predicted_counts(self, pred: np.ndarray) -> np.ndarray:
+        """How often each class is predicted."""
+        return np.bincount(pred, minlength=len(self.classes))
+
+    def label_text(self, values: np.ndarray) -> list[str]:
+        """Each row's label (a target or a prediction) as the competition spells it."""
+        return [self.classes[i] for i in values]
+
+    def per_class_extras(self, probs: np.ndarray, y: np.ndarray) -> dict:
+        """Columns the per-class table adds for this task (none)."""
+        return {}
