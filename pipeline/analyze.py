@@ -268,8 +268,13 @@ def analyze_stage(
     ensemble = task.read_predictions(Path(submissions) / "oof_probs.csv", ids, "ensemble")
     properties = image_properties(data.train_images, data.train.get("width"), data.train.get("height"))
     analyses = analyze_all(params, oof, ensemble, data, properties)
+    report = read_json(ensemble_report) if Path(ensemble_report).exists() else {}
+    step = report.get("methods", {}).get(report.get("method"), {}).get("postprocess", {})
+    if "thresholds" in step:  # the ensemble's fitted per-label thresholds beside its per-label scores
+        thresholds = step["thresholds"]
+        analyses[-1].per_class["threshold"] = [thresholds[c] for c in task.classes]
     if data.holdout is not None:
-        attach_holdout(analyses, read_json(ensemble_report))
+        attach_holdout(analyses, report)
     div = diversity({a.name: a.pred for a in analyses if not a.ensemble}, y, task)
     per_class = per_class_accuracy({a.label: a.pred for a in analyses}, y, task.classes)
     return StageAnalysis(analyses, div, per_class, summary(analyses, div))

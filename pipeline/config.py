@@ -51,7 +51,7 @@ class CompetitionConfig:
     sample_submission: str | None = "sample_submission.csv"  # null: every image under test_dir, `id,label` out
     answers: str | None = "solution.csv"  # test labels, if the competition ships them (local leaderboard)
     max_train_rows: int | None = None  # stratified subsample for quick runs
-    metric: Metric = "accuracy"  # the competition's metric: the default of train.monitor, tune/tta/ensemble.metric
+    metric: Metric = "accuracy"  # the competition's metric: what ensemble.metric defaults to (choices: the proxy)
     positive_class: str | None = None  # binary, one probability column: the class it is the probability of
 
 
@@ -158,7 +158,7 @@ timm/.safetensors file; a finished run's model.pt or its export), and overrides 
 
 @dataclass(frozen=True)
 class TrainConfig(TrainSettings):
-    monitor: Metric | None = None  # null = competition.metric
+    monitor: Metric | None = None  # null = PROXY_METRIC (log loss; multi-label: mean BCE)
     backbones: dict[str, BackboneConfig] = field(
         default_factory=lambda: {"regnetx_002": BackboneConfig(lr=0.01), "resnet10t": BackboneConfig(image_size=16)}
     )
@@ -289,7 +289,7 @@ class TuneConfig:
     n_trials: int = 8  # finished (complete or pruned) trials per study, across reruns and workers
     folds: list[int] = field(default_factory=lambda: [0, 1])  # the folds a trial trains, in order
     epochs: int | None = 2  # epochs per fold in a trial; null = train.epochs
-    metric: Metric | None = None  # the mean over the folds; null = competition.metric
+    metric: Metric | None = None  # the mean over the folds; null = PROXY_METRIC
     sampler: Literal["tpe", "random", "qmc"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = "median"
     startup_trials: int = 3  # trials before pruning starts
@@ -343,7 +343,7 @@ class TTAConfig:
     candidates: list[str] | None = field(default_factory=lambda: ["none", "five_crop", "brightness"])
     # mean of probabilities | geometric (renormalised) | logits (softmax of the mean logits)
     merge: Literal["mean", "geometric", "logits"] = "mean"
-    metric: Metric | None = None  # null = competition.metric
+    metric: Metric | None = None  # null = PROXY_METRIC
     policies: dict[str, list[str]] = field(
         default_factory=lambda: {k: list(v) for k, v in DEFAULT_TTA_POLICIES.items()}
     )
@@ -441,17 +441,22 @@ def parse_params(raw: dict, source: str = "params") -> Params:
     return params
 
 
+PROXY_METRIC = "log_loss"  # smooth in the predictions, defined for every task (multi-label: mean BCE)
+
+
 def _resolve_metrics(p: Params) -> Params:
-    """Every metric setting left null takes the competition's metric: one setting drives best-epoch
-    choice, early stopping, tuning, TTA choice and the ensemble, each still overridable."""
+    """Every choice made on OOF or validation rows before the last step (best epoch, early stopping,
+    tuning, the TTA policy) left null is made on the smooth proxy, log loss: a decision metric (accuracy,
+    F1 at a threshold not yet fitted) is a noisy, flat guide on a few hundred rows. The ensemble's
+    method choice and its last step (thresholds) take the competition's metric. Each stays overridable."""
     metric = p.competition.metric
-    fill = lambda section: dataclasses.replace(section, metric=section.metric or metric)  # noqa: E731
+    proxy = lambda section: dataclasses.replace(section, metric=section.metric or PROXY_METRIC)  # noqa: E731
     return dataclasses.replace(
         p,
-        train=dataclasses.replace(p.train, monitor=p.train.monitor or metric),
-        tune=fill(p.tune),
-        tta=fill(p.tta),
-        ensemble=fill(p.ensemble),
+        train=dataclasses.replace(p.train, monitor=p.train.monitor or PROXY_METRIC),
+        tune=proxy(p.tune),
+        tta=proxy(p.tta),
+        ensemble=dataclasses.replace(p.ensemble, metric=p.ensemble.metric or metric),
     )
 
 

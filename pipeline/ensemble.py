@@ -22,7 +22,7 @@ from pipeline.io import atomic_dir, atomic_write_text, read_json, write_json
 from pipeline.metrics import argbest, best_policy, is_better
 from pipeline.postprocess import Step, choose_step
 from pipeline.submission import SubmissionFormat
-from pipeline.tasks import Task
+from pipeline.tasks import Task, check_params
 
 
 @dataclass
@@ -159,7 +159,10 @@ def score_holdout(
     ids, y, task = data.holdout["id"], data.holdout_targets, data.task
     held = [task.read_predictions(Path(predictions) / b / "holdout_probs.csv", ids, b) for b in singles]
     for fit in fitted.values():
-        fit.report["holdout"] = task.scores(fit.step.transform(fit.model.predict_proba(held)), y)
+        blended = fit.model.predict_proba(held)
+        fit.report["holdout"] = task.scores(fit.step.transform(blended), y)
+        if "postprocess" in fit.report:
+            fit.report["holdout_before_postprocess"] = task.scores(blended, y)
     for b, probs in zip(singles, held):
         singles[b]["holdout"] = task.scores(probs, y)
 
@@ -192,12 +195,7 @@ def fit_stage(params: Params, data: PreparedData, predictions: Path, where: str)
     bad = [m for m in cfg.methods if m not in ENSEMBLES]  # the registry's names; the rest was checked on reading
     if bad:
         raise ConfigError(f"{where}: ensemble.methods: unknown method '{bad[0]}' (known: {', '.join(ENSEMBLES)})")
-    undefined = [m for m in [*cfg.methods, cfg.method] if m != "auto" and m not in task.ENSEMBLE_METHODS]
-    if undefined:
-        raise ConfigError(
-            f"{where}: ensemble.methods: {undefined[0]} is not defined for a {task.name} task "
-            f"(defined: {', '.join(task.ENSEMBLE_METHODS)})"
-        )
+    check_params(params, task, where)
     folder = {b: Path(predictions) / b for b in backbones}
     oof = [task.read_predictions(folder[b] / "oof_probs.csv", data.train["id"], b) for b in backbones]
     test = [task.read_predictions(folder[b] / "test_probs.csv", data.test["id"].tolist(), b) for b in backbones]
@@ -314,6 +312,10 @@ def summary_lines(report: dict, metric: str) -> list[str]:
         if "oof" in fit
     ]
     best = report["best_single"]
+    lines.append(
+        f"the whole chain ({report['method']}), every choice cross-fitted: "
+        f"honest OOF {metric} {report['oof'][metric]:.4f}"
+    )
     return lines + [
         f"best single backbone {best['backbone']}: OOF {metric} {best[metric]:.4f}; "
         f"gain of the ensemble ({report['method']}) {report['gain_over_best_single'][metric]:+.4f}"

@@ -1,3 +1,4 @@
+import dataclasses
 import re
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import yaml
 
 from pipeline.__main__ import main as cli_main
 from pipeline.config import (
+    PROXY_METRIC,
     ConfigError,
     TrainConfig,
     flatten,
@@ -26,23 +28,30 @@ def test_shipped_params_load_and_override_defaults():
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     # every value written in params.yaml is the value the code sees
     resolved = flatten(to_dict(params))
-    for key, value in flatten(raw).items():  # a metric left null is the competition's
-        expected = params.competition.metric if value is None and key.endswith(("monitor", "metric")) else value
-        assert resolved[key] == expected, key
+    for key, value in flatten(raw).items():  # a metric left null: the competition's for the ensemble, else the proxy
+        if value is None and key.endswith(("monitor", "metric")):
+            value = params.competition.metric if key == "ensemble.metric" else PROXY_METRIC
+        assert resolved[key] == value, key
 
 
 def test_defaults_match_shipped_params():
-    """The typed defaults and params.yaml describe the same default run."""
-    assert to_dict(load_params(ROOT / "params.yaml")) == to_dict(parse_params({}))
+    """The typed defaults and params.yaml describe the same default run, but for the digits demo's epoch and TTA
+    choice on accuracy (what chose them before the proxy; its submission stays byte-identical)."""
+    demo = {"train": {"monitor": "accuracy"}, "tta": {"metric": "accuracy"}}
+    assert to_dict(load_params(ROOT / "params.yaml")) == to_dict(parse_params(demo))
+    assert parse_params({}).train.monitor == parse_params({}).tta.metric == "log_loss"
 
 
 @pytest.mark.parametrize("metric", ["macro_f1", "roc_auc", "log_loss"])
-def test_the_shipped_params_choose_tta_and_the_ensemble_by_the_competitions_metric(metric):
-    """Pointed at another competition, the shipped params.yaml lets its metric drive every choice: the
-    two TTA policies below are ranked one way by log loss and the other by macro F1 and accuracy."""
+def test_null_choice_metrics_take_the_proxy_and_the_ensemble_the_competitions_metric(metric):
+    """Pointed at another competition with the choice metrics left null, the smooth proxy (log loss) picks the
+    epoch, the trial and the TTA policy, and the competition's metric the ensemble: the two TTA policies below
+    are ranked one way by log loss and the other by macro F1 and accuracy."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["train"]["monitor"] = raw["tta"]["metric"] = None
     params = parse_params({**raw, "competition": {**raw["competition"], "metric": metric}})
-    assert (params.train.monitor, params.tune.metric, params.tta.metric, params.ensemble.metric) == (metric,) * 4
+    assert (params.train.monitor, params.tune.metric, params.tta.metric) == ("log_loss",) * 3
+    assert params.ensemble.metric == metric
     y = np.tile([0, 1, 2, 3], 25)
     folds = np.arange(100) % 5
     hedged = np.full((100, 4), 0.1)  # argmax right on 60 rows (0.7 there), 0.25 everywhere else: low log loss
@@ -55,10 +64,14 @@ def test_the_shipped_params_choose_tta_and_the_ensemble_by_the_competitions_metr
     chosen = choose_policy(preds, params.tta, "b", ["none", "hflip"], y, folds, SingleLabel(["0", "1", "2", "3"]))[
         "policy"
     ]
-    assert chosen == ("none" if metric == "log_loss" else "hflip")
+    assert chosen == "none"
+    accuracy = dataclasses.replace(params.tta, metric="accuracy")  # set: it wins, and ranks them the other way
+    assert (
+        choose_policy(preds, accuracy, "b", ["none", "hflip"], y, folds, SingleLabel(list("0123")))["policy"] == "hflip"
+    )
 
 
-def test_null_metrics_follow_the_competition_metric_and_explicit_ones_win():
+def test_null_metrics_take_the_proxy_and_explicit_ones_win():
     p = parse_params(
         {
             "competition": {"metric": "roc_auc"},
@@ -67,12 +80,12 @@ def test_null_metrics_follow_the_competition_metric_and_explicit_ones_win():
         }
     )
     assert (p.train.monitor, p.tune.metric, p.tta.metric, p.ensemble.metric) == (
-        "roc_auc",
-        "roc_auc",
+        "log_loss",
+        "log_loss",
         "log_loss",
         "roc_auc",
     )
-    assert resolve_train_settings(p.train, "a").monitor == "roc_auc"
+    assert resolve_train_settings(p.train, "a").monitor == "log_loss"
     assert resolve_train_settings(p.train, "b").monitor == "accuracy"
 
 

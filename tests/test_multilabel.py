@@ -300,11 +300,19 @@ def test_a_label_column_read_two_ways_lists_both_and_the_key(tmp_path):
     assert "set competition.task: single_label or multilabel" in message
 
 
-def test_a_method_not_defined_for_multilabel_is_a_config_error_naming_those_that_are():
+def test_a_method_or_metric_not_defined_for_the_task_is_a_config_error_naming_those_that_are():
     from pipeline.config import ConfigError
     from pipeline.ensemble import fit_stage
+    from pipeline.tasks import check_params
 
-    params = parse_params({"ensemble": {"methods": ["soft_voting", "hard_voting"]}})
+    params = parse_params(
+        {
+            "competition": {"metric": "f_beta"},
+            "train": {"monitor": "log_loss"},
+            "tta": {"metric": "log_loss"},
+            "ensemble": {"methods": ["soft_voting", "hard_voting"]},
+        }
+    )
 
     class Data:
         task = MultiLabel(COLOURS)
@@ -312,6 +320,9 @@ def test_a_method_not_defined_for_multilabel_is_a_config_error_naming_those_that
 
     with pytest.raises(ConfigError, match="hard_voting is not defined for a multilabel task .defined: soft_voting"):
         fit_stage(params, Data(), Path("nowhere"), "params.yaml")
+    with pytest.raises(ConfigError, match="train.monitor: accuracy is not a multilabel metric"):
+        check_params(params, MultiLabel(COLOURS), "params.yaml", monitor="accuracy")
+    check_params(parse_params({}), SingleLabel(COLOURS), "params.yaml")  # the digits defaults pass
 
 
 # ---------------------------------------------------------------- the real stages
@@ -341,8 +352,10 @@ def staged(request, tmp_path_factory):
     )
     params["prepare"].update(image_size=12, workers=1)
     params["cv"]["n_folds"] = 2
-    params["train"].update(backbones={"test_resnet": {}}, epochs=2, batch_size=8, lr=0.01, mixup_alpha=0.2)
-    params["tta"].update(select="auto", candidates=["none", "hflip"])
+    params["train"].update(
+        backbones={"test_resnet": {}}, epochs=2, batch_size=8, lr=0.01, mixup_alpha=0.2, monitor="log_loss"
+    )
+    params["tta"].update(select="auto", candidates=["none", "hflip"], metric="log_loss")
     params["ensemble"]["methods"] = ["soft_voting", "caruana", "optimized", "stacking"]
     params["tracking"] = {"enabled": False}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -354,7 +367,7 @@ def staged(request, tmp_path_factory):
         ["train", "--backbone", "test_resnet"],
         ["predict", "--backbone", "test_resnet"],
     ]
-    for stage in [*stages, ["ensemble"], ["bundle"]]:
+    for stage in [*stages, ["ensemble"], ["analyze"], ["bundle"]]:
         _run([sys.executable, "-m", "pipeline", *stage], repo, env)
     return layout, repo, env
 
@@ -395,9 +408,16 @@ def test_the_ensemble_reports_its_fitted_last_step_and_the_honest_chain(staged):
     report = json.loads((repo / "reports" / "ensemble.json").read_text())
     chosen = report["methods"][report["method"]]
     states = json.loads((repo / "submissions" / "ensemble.json").read_text())["postprocess"]
+    analysis = json.loads((repo / "reports" / "oof" / "analysis.json").read_text())
+    per_label = analysis["ensemble"]["per_class"]
+    assert {"class", "support", "precision", "recall", "f1", "auc", "missed", "invented"} <= set(per_label[0])
     if layout == "tags":  # F-beta: thresholds are among the candidates, each scored cross-fitted
         assert set(chosen["postprocess"]["candidates_oof"]) >= {"identity", "thresholds_per_label+one"}
         assert states[report["method"]]["step"] == chosen["postprocess"]["step"]
+        if chosen["postprocess"]["step"] == "thresholds":  # the report shows each label's fitted threshold
+            assert [r["threshold"] for r in per_label] == [
+                chosen["postprocess"]["thresholds"][r["class"]] for r in per_label
+            ]
     else:  # AUC: nothing to fit after the blend
         assert states[report["method"]] == {"step": "identity"}
     assert set(report["oof"]) == set(METRICS) and "oof_method_crossfit" in report

@@ -16,6 +16,7 @@ from pipeline.data import load_prepared
 from pipeline.io import write_json
 from pipeline.models import pick_device
 from pipeline.paths import RunPaths
+from pipeline.tasks import check_params
 from pipeline.train import train_stage
 
 
@@ -26,6 +27,7 @@ def main(argv=None) -> None:
     data = load_prepared(paths.prepared)
     backbone = resolve_backbone(params, name, data.train_images.shape[1], args.params, paths.tuning(name))
     backbone = planned(backbone, paths.plan_dir, budget=params.budget.minutes is not None)  # epochs; precision: auto
+    check_params(params, data.task, args.params, backbone.settings.monitor)  # before any work
     device = distributed.init_from_env() or pick_device()
     record = run_record(backbone, data, device)
     resume = resume_dir(record, data, paths.resume_root)

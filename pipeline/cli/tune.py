@@ -14,6 +14,7 @@ from pipeline.data import load_prepared
 from pipeline.io import write_json
 from pipeline.models import pick_device
 from pipeline.paths import RunPaths
+from pipeline.tasks import check_params
 from pipeline.tune import tune_stage, write_disabled
 
 
@@ -30,6 +31,7 @@ def main(argv=None) -> None:
         return print(f"tune {name}: tune.enabled is false, nothing to tune")
     data = load_prepared(paths.prepared)
     base = resolve_backbone(params, name, data.train_images.shape[1], args.params)
+    check_params(params, data.task, args.params, base.settings.monitor)  # before any trial
     summary = tune_stage(params, base, data, pick_device(), paths.tuning(name), worker=args.worker)
     write_json(report, {"enabled": True, **{k: v for k, v in summary.items() if k != "best_params"}})
     print(

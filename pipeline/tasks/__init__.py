@@ -12,6 +12,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from pipeline.config import ConfigError
+
 TASKS: dict[str, type] = {}
 DEFAULT_TASK = "single_label"  # a prepared folder's task when its classes.json names none (before multi-label)
 
@@ -111,6 +113,30 @@ def greater_is_better(metric: str) -> bool:
         if metric in cls.METRICS:
             return cls.METRICS[metric][1]
     raise KeyError(f"unknown metric '{metric}'")
+
+
+def check_params(params, task: Task, where: str, monitor: str | None = None) -> None:
+    """Raise ConfigError naming the key where params.yaml names a metric or an ensemble method the task does
+    not define (`monitor`: a backbone's resolved train.monitor); the train and tune stages call it before any
+    work, so a multi-label run does not learn at its end that `ensemble.methods` lists hard_voting."""
+    keys = {
+        "competition.metric": params.competition.metric,
+        "train.monitor": monitor or params.train.monitor,
+        "tune.metric": params.tune.metric,
+        "tta.metric": params.tta.metric,
+        "ensemble.metric": params.ensemble.metric,
+    }
+    for key, metric in keys.items():
+        if metric not in task.METRICS:
+            raise ConfigError(
+                f"{where}: {key}: {metric} is not a {task.name} metric (choose from {', '.join(task.METRICS)})"
+            )
+    for m in [*params.ensemble.methods, params.ensemble.method]:
+        if m != "auto" and m not in task.ENSEMBLE_METHODS:
+            raise ConfigError(
+                f"{where}: ensemble.methods: {m} is not defined for a {task.name} task "
+                f"(defined: {', '.join(task.ENSEMBLE_METHODS)})"
+            )
 
 
 def metric_function(task: str, metric: str, options: dict | None = None) -> Callable[[np.ndarray, np.ndarray], float]:
