@@ -3,10 +3,12 @@
     python -m pipeline prepare            # reads params.yaml, writes data/prepared/
 
 Outputs (data/prepared/):
-  train.csv          id, label (original value), target (class index), fold, width, height, path[, group]
+  train.csv          id, label (original value; multi-label: the labels joined by classes.json's delimiter),
+                     target (single-label: the class index), fold, width, height, path[, group]
   test.csv           id, width, height, path, in the sample submission's order (width, height: the original
                      size; path: the image inside the competition)
-  classes.json       the original label values, in class-index order, and the task (the kind of target)
+  classes.json       the original label values, in class-index order, the task (the kind of target:
+                     competition.task, or what auto read) and its options (multi-label: delimiter, beta)
   submission_format.json  the sample submission's layout (label, probabilities, or one binary probability)
   train_images.npy   uint8 (N, S, S, 3), rows aligned with train.csv (S = prepare.image_size; written as
                      decoded, so memory holds a chunk, not the cache)

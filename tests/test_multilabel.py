@@ -158,6 +158,9 @@ def test_each_multilabel_metric_equals_scikit_learns():
     f2 = MultiLabel([str(c) for c in range(5)], beta=2.0).bind("f_beta")(probs, y)
     assert f2 == pytest.approx(fbeta_score(y, pred, beta=2.0, average="samples", zero_division=1.0))
     assert f2 != pytest.approx(expected["f_beta"], abs=1e-3)
+    # float32 probabilities that saturate at 1.0 on a negative label: a large loss, not nan (the epoch choice's)
+    saturated = np.array([[1.0, 0.0], [0.2, 0.9]], dtype=np.float32)
+    assert 5 < METRICS["log_loss"][0](saturated, np.array([[0, 0], [0, 1]])) < 20
     for name in ("f_beta", "micro_f1", "macro_f1"):  # the threshold search's fast scores
         assert decision_score(name, 1.0, pred, y) == pytest.approx(expected[name], abs=1e-12)
 

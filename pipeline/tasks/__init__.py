@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import ConfigError
+from pipeline.errors import PipelineError
+from pipeline.probs import prediction_frame
 
 TASKS: dict[str, type] = {}
 DEFAULT_TASK = "single_label"  # a prepared folder's task when its classes.json names none (before multi-label)
@@ -60,12 +62,15 @@ class Task:
       submission_format(sample, where, positive_class, metric); submission(ids, predictions, fmt);
       check_submission(sub, sample, fmt); leaderboard(answers, ids, predictions)
     The error report (analyze):
-      predicted(predictions) -> each row's predicted label index; row_losses(predictions, targets)
+      predicted(predictions) -> each row's decision; row_losses(predictions, targets); errors(pred, targets);
+      confidence(predictions); calibration(predictions, pred, targets); confusion(pred, targets);
+      pair_mask(pred, targets, t, p); predicted_counts(pred); label_text(values); per_class_extras(...)
     """
 
     name: str
     METRICS: dict[str, tuple[Callable[[np.ndarray, np.ndarray], float], bool]] = {}
     ENSEMBLE_METHODS: tuple[str, ...] = ()
+    MULTI_HOT = False  # targets are class indices, one-hot encoded by mixup
 
     def __init__(self, classes: list[str]):
         self.classes = [str(c) for c in classes]
@@ -95,9 +100,42 @@ class Task:
         """The prediction files' columns after `id`."""
         return self.classes
 
+    @property
+    def n_outputs(self) -> int:
+        """The head's size: one output per class (label)."""
+        return len(self.classes)
+
+    def mixup(self, s):
+        """timm's Mixup (with its label smoothing) for `s.mixup_alpha` / `s.cutmix_alpha`, or None."""
+        from timm.data import Mixup
+
+        if not (s.mixup_alpha > 0 or s.cutmix_alpha > 0):
+            return None
+        return Mixup(
+            mixup_alpha=s.mixup_alpha,
+            cutmix_alpha=s.cutmix_alpha,
+            label_smoothing=s.label_smoothing,
+            num_classes=self.n_outputs,
+            **({"multi_label": True} if self.MULTI_HOT else {}),  # dense targets mixed as they are (timm >= 1.0.2x)
+        )
+
+    def frame(self, ids, predictions: np.ndarray) -> pd.DataFrame:
+        """A prediction file's table: `id`, then the task's columns."""
+        return prediction_frame(ids, predictions, self.columns)
+
     def scores(self, predictions: np.ndarray, targets: np.ndarray, names=None) -> dict[str, float]:
         """{name: score} for each metric in `names` (all of the task's by default)."""
         return {name: self.bind(name)(predictions, targets) for name in (names or self.METRICS)}
+
+
+def answer_of(answers: pd.DataFrame, ids: list[str]) -> dict[str, str]:
+    """{id: its answer} from the competition's answer file (id, then the answer), every test id present."""
+    id_col, label_col = answers.columns[:2]
+    truth = dict(zip(answers[id_col].astype(str), answers[label_col].astype(str)))
+    missing = [i for i in ids if i not in truth]
+    if missing:
+        raise PipelineError(f"answers.csv: no row for test id '{missing[0]}' ({len(missing)} missing)")
+    return truth
 
 
 def create_task(name: str, classes: list[str], **options) -> Task:

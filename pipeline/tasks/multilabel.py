@@ -18,9 +18,9 @@ from sklearn.metrics import f1_score, fbeta_score, roc_auc_score
 
 from pipeline.config import ConfigError
 from pipeline.errors import PipelineError
-from pipeline.probs import prediction_frame, read_prediction_file
+from pipeline.probs import read_prediction_file
 from pipeline.submission import SubmissionFormat, check_submission_layout
-from pipeline.tasks import Task, register_task
+from pipeline.tasks import Task, answer_of, register_task
 from pipeline.tasks.single_label import sort_classes
 
 # ---------------------------------------------------------------- metrics (probabilities (N, C), multi-hot (N, C))
@@ -53,8 +53,9 @@ def mean_column_auc(probs: np.ndarray, y: np.ndarray) -> float:
 
 
 def log_loss(probs: np.ndarray, y: np.ndarray, eps: float = 1e-15) -> float:
-    """Mean binary cross-entropy over every (image, label): the smooth proxy that picks epochs and TTA."""
-    p = np.clip(probs, eps, 1 - eps)
+    """Mean binary cross-entropy over every (image, label): the smooth proxy that picks epochs and TTA
+    (in float64: float32 rounds 1 - 1e-15 to 1, and a certain wrong label would be 0 x inf)."""
+    p = np.clip(np.asarray(probs, dtype=np.float64), eps, 1 - eps)
     return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
 
 
@@ -74,7 +75,7 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
 
 
 def logit(p: np.ndarray, eps: float = 1e-7) -> np.ndarray:
-    p = np.clip(p, eps, 1 - eps)
+    p = np.clip(np.asarray(p, dtype=np.float64), eps, 1 - eps)
     return np.log(p) - np.log1p(-p)
 
 
@@ -100,6 +101,7 @@ class MultiLabel(Task):
 
     METRICS = METRICS
     ENSEMBLE_METHODS = ("soft_voting", "caruana", "optimized", "rank_average", "stacking")
+    MULTI_HOT = True  # targets are multi-hot rows: mixup mixes them as they are
 
     def __init__(self, classes: list[str], delimiter: str = " ", beta: float = 1.0):
         super().__init__(classes)
@@ -180,10 +182,6 @@ class MultiLabel(Task):
 
     # ------------------------------------------------------------ the model
 
-    @property
-    def n_outputs(self) -> int:
-        return len(self.classes)
-
     def check_settings(self, s, where: str) -> None:
         if s.sampler != "uniform":
             raise ConfigError(
@@ -199,19 +197,6 @@ class MultiLabel(Task):
         if not soft and label_smoothing:
             y = y * (1.0 - label_smoothing) + 0.5 * label_smoothing
         return F.binary_cross_entropy_with_logits(logits.float(), y, pos_weight=class_weight)
-
-    def mixup(self, s):
-        from timm.data import Mixup
-
-        if not (s.mixup_alpha > 0 or s.cutmix_alpha > 0):
-            return None
-        return Mixup(
-            mixup_alpha=s.mixup_alpha,
-            cutmix_alpha=s.cutmix_alpha,
-            label_smoothing=s.label_smoothing,
-            num_classes=self.n_outputs,
-            multi_label=True,
-        )
 
     def class_weight(self, targets: np.ndarray, how: str, device):
         """`train.class_weight: balanced`: BCE's pos_weight, negatives / positives of each label among the
@@ -239,9 +224,6 @@ class MultiLabel(Task):
         if how in ("geometric", "logits"):
             return sigmoid(logits.mean(0))
         raise ValueError(f"unknown TTA merge '{how}' (mean, geometric or logits)")
-
-    def frame(self, ids, probs: np.ndarray) -> pd.DataFrame:
-        return prediction_frame(ids, probs, self.columns)
 
     def read_predictions(self, path, ids, where: str) -> np.ndarray:
         probs = read_prediction_file(path, ids, self.columns, where)
@@ -316,11 +298,7 @@ class MultiLabel(Task):
 
     def leaderboard(self, answers: pd.DataFrame, ids: list[str], probs: np.ndarray) -> dict[str, float]:
         """Every metric against the answer file (id, tags joined by the task's delimiter)."""
-        id_col, label_col = answers.columns[:2]
-        truth = dict(zip(answers[id_col].astype(str), answers[label_col].astype(str)))
-        missing = [i for i in ids if i not in truth]
-        if missing:
-            raise PipelineError(f"answers.csv: no row for test id '{missing[0]}' ({len(missing)} missing)")
+        truth = answer_of(answers, ids)
         unknown = [t for i in ids for t in split_tags(truth[i], self.delimiter) if t not in self.classes]
         if unknown:
             raise PipelineError(f"answers.csv: label '{unknown[0]}' is not a label of train.csv")
@@ -334,7 +312,7 @@ class MultiLabel(Task):
 
     def row_losses(self, probs: np.ndarray, y: np.ndarray, eps: float = 1e-15) -> np.ndarray:
         """Each row's BCE summed over its labels (exp(-loss): the probability of its true label set)."""
-        p = np.clip(probs, eps, 1 - eps)
+        p = np.clip(np.asarray(probs, dtype=np.float64), eps, 1 - eps)
         return -(y * np.log(p) + (1 - y) * np.log(1 - p)).sum(1)
 
     def errors(self, pred: np.ndarray, y: np.ndarray) -> np.ndarray:

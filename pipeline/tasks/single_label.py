@@ -16,9 +16,9 @@ from sklearn.metrics import cohen_kappa_score, confusion_matrix, f1_score, roc_a
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 from pipeline.errors import PipelineError
-from pipeline.probs import prediction_frame, read_prediction_file
+from pipeline.probs import read_prediction_file
 from pipeline.submission import SubmissionFormat, check_submission_layout, read_submission_format
-from pipeline.tasks import Task, register_task
+from pipeline.tasks import Task, answer_of, register_task
 
 # ---------------------------------------------------------------- metrics
 
@@ -146,10 +146,6 @@ class SingleLabel(Task):
 
     # ------------------------------------------------------------ the model
 
-    @property
-    def n_outputs(self) -> int:
-        return len(self.classes)
-
     def loss(
         self,
         logits: torch.Tensor,
@@ -166,19 +162,6 @@ class SingleLabel(Task):
             return (terms if class_weight is None else terms * class_weight).sum(-1).mean()
         loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing, reduction="none")
         return (loss if class_weight is None else loss * class_weight[y]).mean()
-
-    def mixup(self, s):
-        """timm's Mixup (with its label smoothing) for `s.mixup_alpha` / `s.cutmix_alpha`, or None."""
-        from timm.data import Mixup
-
-        if not (s.mixup_alpha > 0 or s.cutmix_alpha > 0):
-            return None
-        return Mixup(
-            mixup_alpha=s.mixup_alpha,
-            cutmix_alpha=s.cutmix_alpha,
-            label_smoothing=s.label_smoothing,
-            num_classes=self.n_outputs,
-        )
 
     def class_weight(self, targets: np.ndarray, how: str, device) -> torch.Tensor | None:
         """`train.class_weight: balanced`: n / (C x count) of the fold's training rows, equal totals per class."""
@@ -211,9 +194,6 @@ class SingleLabel(Task):
             z = np.exp(z - z.max(1, keepdims=True))
             return z / z.sum(1, keepdims=True)
         raise ValueError(f"unknown TTA merge '{how}' (mean, geometric or logits)")
-
-    def frame(self, ids, probs: np.ndarray) -> pd.DataFrame:
-        return prediction_frame(ids, probs, self.columns)
 
     def postprocess_candidates(self, metric: str) -> list[str]:
         """The fitted last steps to choose from (pipeline/postprocess.py): temperature for log loss."""
@@ -276,11 +256,7 @@ class SingleLabel(Task):
 
     def leaderboard(self, answers: pd.DataFrame, ids: list[str], probs: np.ndarray) -> dict[str, float]:
         """Every metric against the competition's answer file (id, label). Only reported, never fitted on."""
-        id_col, label_col = answers.columns[:2]
-        truth = dict(zip(answers[id_col].astype(str), answers[label_col].astype(str)))
-        missing = [i for i in ids if i not in truth]
-        if missing:
-            raise PipelineError(f"answers.csv: no row for test id '{missing[0]}' ({len(missing)} missing)")
+        truth = answer_of(answers, ids)
         index = {c: k for k, c in enumerate(self.classes)}
         unknown = [truth[i] for i in ids if truth[i] not in index]
         if unknown:
