@@ -339,7 +339,7 @@ def test_a_killed_stages_scratch_folder_is_not_hashed_by_dvc_and_the_next_run_re
 def test_a_truncated_fold_checkpoint_stops_predict_with_one_line_and_keeps_the_predictions(repo):
     repo, env, _ = repo
     model = repo / "models/test_resnet/seed42/fold0/model.pt"
-    before = {p: p.read_bytes() for p in (repo / "predictions/test_resnet").iterdir()}
+    before = _tree(repo / "predictions/test_resnet")
     data = model.read_bytes()
     try:
         model.write_bytes(data[: len(data) // 2])  # an interrupted copy
@@ -352,7 +352,7 @@ def test_a_truncated_fold_checkpoint_stops_predict_with_one_line_and_keeps_the_p
         .splitlines()[-1]
         .startswith("error: models/test_resnet/seed42/fold0/model.pt: cannot be read, truncated or corrupt (")
     )
-    assert {p: p.read_bytes() for p in (repo / "predictions/test_resnet").iterdir()} == before
+    assert _tree(repo / "predictions/test_resnet") == before
 
 
 @pytest.mark.not_isa

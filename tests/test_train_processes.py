@@ -167,7 +167,7 @@ def test_torchrun_two_gloo_ranks_train_one_model_and_only_rank0_writes(tmp_path)
     run = _train(root, launcher=("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"))
     assert run.returncode == 0, run.stderr[-3000:]
     assert "on cpu x 2 processes" in run.stdout
-    assert run.stdout.count(f"{BACKBONE}: OOF accuracy") == 1  # rank 1 printed and wrote nothing
+    assert run.stdout.count(f"{BACKBONE}: OOF ") == 1  # rank 1 printed and wrote nothing
     oof = pd.read_csv(root / f"models/{BACKBONE}/oof_probs.csv").iloc[:, 1:].to_numpy()
     np.testing.assert_allclose(oof.sum(1), 1.0, atol=1e-5)
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
