@@ -67,7 +67,7 @@ def fit_methods(
             continue
         step, step_scores, honest = choose_step(task, metric, blended, y, folds)
         report = {"oof": task.scores(honest, y), "oof_in_sample": task.scores(model.predict_proba(oof), y)}
-        if step.name != "identity" or len(step_scores) > 1:
+        if step_scores:  # the task had candidates to choose among (identity alone: nothing to report)
             report["oof_before_postprocess"] = task.scores(blended, y)
             report["postprocess"] = {**step.state(), "candidates_oof": step_scores}
         if hasattr(model, "weights_"):
