@@ -20,7 +20,7 @@ from sklearn.metrics import precision_recall_fscore_support
 from pipeline.config import Params, resolve_train_settings
 from pipeline.data import PreparedData, default_augment
 from pipeline.io import read_json
-from pipeline.metrics import fold_spread
+from pipeline.metrics import fold_spread, proxy_of
 from pipeline.report import ModelAnalysis, never_predicted
 from pipeline.slices import advise, image_properties, slice_errors
 from pipeline.tasks import Task
@@ -33,7 +33,7 @@ def per_class_scores(probs: np.ndarray, pred: np.ndarray, y: np.ndarray, task: T
     often it is predicted (an imbalanced competition's rare class may never be: see `never_predicted`),
     and the task's extra columns (multi-label: AUC, missed, invented)."""
     labels = np.arange(len(task.classes))
-    p, r, f1, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    p, r, f1, support = precision_recall_fscore_support(task.truth(y), pred, labels=labels, zero_division=0)
     return pd.DataFrame(
         {
             "class": task.classes,
@@ -276,7 +276,7 @@ def analyze_stage(
     if data.holdout is not None:
         attach_holdout(analyses, report)
     div = diversity({a.name: a.pred for a in analyses if not a.ensemble}, y, task)
-    per_class = per_class_accuracy({a.label: a.pred for a in analyses}, y, task.classes)
+    per_class = per_class_accuracy({a.label: a.pred for a in analyses}, task.truth(y), task.classes)
     return StageAnalysis(analyses, div, per_class, summary(analyses, div))
 
 
@@ -286,10 +286,10 @@ def attach_holdout(analyses: list[ModelAnalysis], report: dict) -> None:
         a.holdout = report.get("holdout") if a.ensemble else report.get("backbones", {}).get(a.name, {}).get("holdout")
 
 
-def headline_line(a: ModelAnalysis, metric: str) -> str:
+def headline_line(a: ModelAnalysis, metric: str, hint: str = Task.NEVER_PREDICTED_HINT) -> str:
     """One model's line in the stage's log: OOF scores, calibration, its first advice."""
     missing = never_predicted(a.per_class)
-    shown = dict.fromkeys([metric, "accuracy" if "accuracy" in a.scores else "log_loss"])
+    shown = dict.fromkeys([metric, "accuracy" if "accuracy" in a.scores else proxy_of(a.scores)])
     return (
         f"{a.name}: OOF "
         + ", ".join(f"{m} {a.scores[m]:.4f}" for m in shown)
@@ -297,5 +297,5 @@ def headline_line(a: ModelAnalysis, metric: str) -> str:
         + (f"holdout {metric} {a.holdout[metric]:.4f}, " if a.holdout else "")
         + f"{len(a.advice)} weak slice(s)"
         + (f"; {a.advice[0]['augmentation']}" if a.advice else "")
-        + (f"; never predicts class {', '.join(missing[:5])} (try train.class_weight: balanced)" if missing else "")
+        + (f"; never predicts class {', '.join(missing[:5])} ({hint})" if missing else "")
     )

@@ -46,7 +46,7 @@ from pipeline.tta import predict_views
 
 SPEC = "bundle.json"
 CHECKPOINT_FIELDS = ("model", "num_classes", "image_size", "mean", "std", "interpolation", "precision")
-CHECKPOINT_FIELDS += ("fold", "seed", "sklearn_head", "feature_layer")
+CHECKPOINT_FIELDS += ("fold", "seed", "sklearn_head", "feature_layer", "target_scale")
 PREDICT_PY = '''"""Predict with this bundle (see bundle.json): the pipeline's own code, from the wheel beside this file.
 
     python predict.py --test-dir DIR [--sample sample_submission.csv] --out submission.csv
@@ -238,7 +238,7 @@ def compare_submissions(expected: pd.DataFrame, got: pd.DataFrame, fmt: Submissi
         raise PipelineError(
             f"{list(got.columns)} x {len(got)} rows, not {list(expected.columns)} x {len(expected)} rows"
         )
-    if fmt.kind in ("label", "tags"):  # labels, or an image's tags: equal as written
+    if fmt.kind in ("label", "tags", "grade", "integer"):  # labels, tags, grades, integers: equal as written
         differ = (got.fillna("").astype(str).to_numpy() != expected.fillna("").astype(str).to_numpy()).any(1)
         gap = 0.0
     else:
@@ -260,7 +260,10 @@ def verify_bundle(folder: Path, comp, method: str, run: RunPaths) -> dict:
     expected = run.root / ensemble["methods"][method]["submission"]
     probs = run.submissions / "test_probs.csv" if method == ensemble["method"] else None
     fmt = SubmissionFormat(**read_json(prepared / "submission_format.json"))
-    classes = read_json(prepared / "classes.json")["classes"]
+    labels = read_json(prepared / "classes.json")
+    options = {k: v for k, v in labels.items() if k not in ("classes", "task")}
+    columns = create_task(labels.get("task", DEFAULT_TASK), labels["classes"], **options).columns  # the files'
+
     with tempfile.TemporaryDirectory(prefix="bundle-verify-") as scratch:
         scratch = Path(scratch)
         args = ["--test-dir", str(local_test_dir(comp, run, scratch).resolve()), "--out", str(scratch / "sub.csv")]
@@ -288,7 +291,7 @@ def verify_bundle(folder: Path, comp, method: str, run: RunPaths) -> dict:
         read = lambda p: pd.read_csv(p, dtype=str, keep_default_na=False)  # noqa: E731
         checks = [(expected, "sub.csv", fmt)]
         if probs is not None:
-            checks.append((probs, "probs.csv", SubmissionFormat("id", classes, "probabilities")))
+            checks.append((probs, "probs.csv", SubmissionFormat("id", columns, "probabilities")))
         gap = 0.0
         for want, got, layout in checks:
             try:
@@ -357,8 +360,9 @@ def member_probs(
             raise PipelineError(f"{where}: {exc.__class__.__name__}: {exc}") from None
         cfg = fold_input_config(ckpt, device)
         desc = f"{member['backbone']} {entry['weights']}"
-        probs = task.merge(
-            predict_views(model, images, cfg, batch_size, device, tta["views"], task, desc), tta["merge"]
+        model_task = task.for_model(ckpt)
+        probs = model_task.merge(
+            predict_views(model, images, cfg, batch_size, device, tta["views"], model_task, desc), tta["merge"]
         )
         total = probs if total is None else total + probs
         clock()

@@ -22,7 +22,16 @@ from pipeline.errors import PipelineError
 
 # the scores of pipeline/metrics.py; log_loss is minimised, the others maximised
 Metric = Literal[
-    "accuracy", "log_loss", "macro_f1", "roc_auc", "quadratic_weighted_kappa", "f_beta", "micro_f1", "mean_column_auc"
+    "accuracy",
+    "log_loss",
+    "macro_f1",
+    "roc_auc",
+    "quadratic_weighted_kappa",
+    "f_beta",
+    "micro_f1",
+    "mean_column_auc",
+    "rmse",
+    "mae",
 ]
 
 
@@ -37,7 +46,9 @@ class CompetitionConfig:
     # one label column (a class, or multi-label tags joined by label_delimiter), or a list of 0/1 columns, one per
     # label; left at "label" when train.csv has no such column and every other column holds 0/1, those columns
     label_column: str | list[str] = "label"
-    task: Literal["auto", "single_label", "multilabel"] = "auto"  # auto: prepare says what it read, and why
+    # auto: prepare says what it read, and why (a numeric column with non-integers or over 20 distinct values is a
+    # regression; integer classes and grades stay single_label unless set to regression)
+    task: Literal["auto", "single_label", "multilabel", "regression"] = "auto"
     label_delimiter: str = " "  # multilabel: what joins an image's tags in the label column (Planet: a space)
     empty_labels: bool = False  # multilabel: an image may have no label (an empty tag list or all-0 columns)
     beta: float = 1.0  # metric f_beta: F-beta over images (Planet: 2)
@@ -113,6 +124,9 @@ class TrainSettings:
     # class imbalance: loss weights inversely proportional to the training part's class counts, and/or
     # batches drawn with replacement so that every class is equally likely
     class_weight: Literal["none", "balanced"] = "none"
+    # regression: the loss on the target scaled on the fold's training rows (mse / smooth_l1: standardised; bce: the
+    # training range scaled to [0, 1] through a sigmoid, Pawpularity's)
+    regression_loss: Literal["mse", "smooth_l1", "bce"] = "mse"
     sampler: Literal["uniform", "balanced"] = "uniform"
     # input normalisation: null = the pretrained weights' own (timm's data config, or the source run's), else
     # each fold's training statistics
@@ -441,7 +455,9 @@ def parse_params(raw: dict, source: str = "params") -> Params:
     return params
 
 
-PROXY_METRIC = "log_loss"  # smooth in the predictions, defined for every task (multi-label: mean BCE)
+PROXY_METRIC = "log_loss"  # smooth in the predictions, defined for every classification task (multi-label: mean BCE)
+REGRESSION_PROXY = "rmse"  # a regression's (competition.task: regression, or a regression metric)
+REGRESSION_METRICS = ("rmse", "mae")
 
 
 def _resolve_metrics(p: Params) -> Params:
@@ -450,10 +466,12 @@ def _resolve_metrics(p: Params) -> Params:
     F1 at a threshold not yet fitted) is a noisy, flat guide on a few hundred rows. The ensemble's
     method choice and its last step (thresholds) take the competition's metric. Each stays overridable."""
     metric = p.competition.metric
-    proxy = lambda section: dataclasses.replace(section, metric=section.metric or PROXY_METRIC)  # noqa: E731
+    regression = p.competition.task == "regression" or metric in REGRESSION_METRICS
+    default = REGRESSION_PROXY if regression else PROXY_METRIC
+    proxy = lambda section: dataclasses.replace(section, metric=section.metric or default)  # noqa: E731
     return dataclasses.replace(
         p,
-        train=dataclasses.replace(p.train, monitor=p.train.monitor or PROXY_METRIC),
+        train=dataclasses.replace(p.train, monitor=p.train.monitor or default),
         tune=proxy(p.tune),
         tta=proxy(p.tta),
         ensemble=dataclasses.replace(p.ensemble, metric=p.ensemble.metric or metric),

@@ -19,7 +19,7 @@ from pipeline.config import ConfigError, Params
 from pipeline.data import PreparedData
 from pipeline.ensemblers import ENSEMBLES, Ensemble, create_ensemble, cross_fit, ensemble_state
 from pipeline.io import atomic_dir, atomic_write_text, read_json, write_json
-from pipeline.metrics import argbest, best_policy, is_better
+from pipeline.metrics import argbest, best_policy, is_better, proxy_of
 from pipeline.postprocess import Step, choose_step
 from pipeline.submission import SubmissionFormat
 from pipeline.tasks import Task, check_params
@@ -128,7 +128,7 @@ def headline(metrics: dict, metric: str, chosen_by: str) -> dict:
     answers. Each backbone's scores, each method's, the TTA choices: reports/ensemble.json."""
     out = {
         "method": metrics["method"],
-        **{m: round(metrics["oof"][m], 5) for m in dict.fromkeys([metric, chosen_by, "log_loss"])},
+        **{m: round(metrics["oof"][m], 5) for m in dict.fromkeys([metric, chosen_by, proxy_of(metrics["oof"])])},
     }
     if "holdout" in metrics:
         out[f"holdout_{metric}"] = round(metrics["holdout"][metric], 5)
@@ -182,7 +182,7 @@ def _policy_oofs(folder: Path, ids, task: Task, where: str) -> tuple[dict[str, n
     tta = read_json(folder / "tta.json") if (folder / "tta.json").exists() else {}
     pool = tta.get("pool", [])
     if not pool:  # predictions written before the pool was kept: the choice is taken as given
-        return {"chosen": task.read_predictions(folder / "oof_probs.csv", ids, where)}, "log_loss"
+        return {"chosen": task.read_predictions(folder / "oof_probs.csv", ids, where)}, task.PROXY
     oofs = {p: task.read_predictions(folder / "policies" / f"{p}_oof.csv", ids, where) for p in pool}
     return oofs, tta["metric"]
 
@@ -303,7 +303,7 @@ def stage_report(run: EnsembleRun, written: SubmissionFiles) -> dict:
 def summary_lines(report: dict, metric: str) -> list[str]:
     """The stage's log: each method's honest OOF (and holdout) score, the best single backbone, the gain."""
     names = [m for m in report["oof"] if m != metric]
-    other = next(m for m in ("log_loss", "accuracy", *names) if m in names)
+    other = next(m for m in ("log_loss", "accuracy", "rmse", *names) if m in names)
     lines = [
         f"{name:>13}: honest OOF {metric} {fit['oof'][metric]:.4f}, {other} {fit['oof'][other]:.4f}"
         + (f"; holdout {metric} {fit['holdout'][metric]:.4f}" if "holdout" in report else "")

@@ -177,28 +177,43 @@ class CaruanaEnsemble(Ensemble):
 @register_ensemble("optimized")
 class OptimizedWeightsEnsemble(Ensemble):
     """Weights >= 0 summing to 1 that minimise the OOF log loss of the weighted mean (SLSQP from
-    equal weights; multi-hot targets: the mean binary cross-entropy). Log loss is smooth in the weights;
-    for accuracy or F1 use `caruana`."""
+    equal weights; multi-hot targets: the mean binary cross-entropy; a regression: the mean squared
+    error). Both are smooth in the weights; for accuracy or F1 use `caruana`."""
 
     weighted_mean = True
 
-    def __init__(self, maxiter: int = 200):
+    def __init__(self, maxiter: int = 200, regression: bool = False):
         self.maxiter = maxiter
+        self.regression = regression
+
+    @classmethod
+    def from_config(cls, metric: str, weights=None, task: str = DEFAULT_TASK, options=None):
+        return cls(regression=task == "regression")
 
     def _fit(self, probs, y):
         from scipy.optimize import minimize
 
-        if y.ndim == 2:  # multi-hot: each (row, label) is a binary outcome; p of what happened
-            true = np.where(y[None] > 0, probs, 1 - probs).reshape(len(probs), -1)
+        if self.regression:
+            pred, target = probs.reshape(len(probs), -1), np.ravel(y)
+
+            def loss(w):
+                return np.mean((w @ pred - target) ** 2)
+
+            def grad(w):
+                return 2 * pred @ (w @ pred - target) / len(target)
+
         else:
-            true = probs[:, np.arange(len(y)), y]  # (members, N): p of the true class
-        true = np.clip(true, 1e-15, 1.0)
+            if y.ndim == 2:  # multi-hot: each (row, label) is a binary outcome; p of what happened
+                true = np.where(y[None] > 0, probs, 1 - probs).reshape(len(probs), -1)
+            else:
+                true = probs[:, np.arange(len(y)), y]  # (members, N): p of the true class
+            true = np.clip(true, 1e-15, 1.0)
 
-        def loss(w):
-            return -np.log(np.clip(w @ true, 1e-15, None)).mean()
+            def loss(w):
+                return -np.log(np.clip(w @ true, 1e-15, None)).mean()
 
-        def grad(w):
-            return -(true / np.clip(w @ true, 1e-15, None)).mean(1)
+            def grad(w):
+                return -(true / np.clip(w @ true, 1e-15, None)).mean(1)
 
         m = len(probs)
         result = minimize(
@@ -243,15 +258,25 @@ class RankAveragingEnsemble(Ensemble):
 @register_ensemble("stacking")
 class StackingEnsemble(Ensemble):
     """Logistic regression on the members' log-probabilities side by side (a meta-model); multi-hot
-    targets: one per label, on the members' logits of that label. Its score is only honest when fitted
-    and scored on different rows: `cross_fit` does that."""
+    targets: one per label, on the members' logits of that label; a regression: a ridge on the members'
+    predictions (its output clipped to the targets' range it was fitted on). Its score is only honest when
+    fitted and scored on different rows: `cross_fit` does that."""
 
-    def __init__(self, C: float = 1.0):
+    def __init__(self, C: float = 1.0, regression: bool = False):
         self.C = C
+        self.regression = regression
+
+    @classmethod
+    def from_config(cls, metric: str, weights=None, task: str = DEFAULT_TASK, options=None):
+        return cls(regression=task == "regression")
 
     def _fit(self, probs, y):
-        from sklearn.linear_model import LogisticRegression
+        from sklearn.linear_model import LogisticRegression, Ridge
 
+        if self.regression:
+            self.range_ = [float(np.min(y)), float(np.max(y))]
+            self.model_ = Ridge(alpha=1.0 / self.C).fit(probs[:, :, 0].T, np.ravel(y))
+            return
         if y.ndim == 2:
             if (y.min(0) == y.max(0)).any():
                 raise ValueError("stacking needs both values of every label among the rows it is fitted on")
@@ -265,6 +290,8 @@ class StackingEnsemble(Ensemble):
             raise ValueError("stacking needs every class among the rows it is fitted on")
 
     def _predict_proba(self, probs):
+        if self.regression:
+            return np.clip(self.model_.predict(probs[:, :, 0].T), *self.range_).reshape(-1, 1)
         if hasattr(self, "models_"):
             logits = self._logits(probs)
             return np.stack([m.predict_proba(logits[:, :, c])[:, 1] for c, m in enumerate(self.models_)], axis=1)

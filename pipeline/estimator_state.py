@@ -19,13 +19,13 @@ from pipeline.errors import PipelineError
 
 def sklearn_types() -> dict[str, type]:
     """The scikit-learn classes a features+sklearn head or the stacking meta-model is made of."""
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression, Ridge
     from sklearn.multiclass import OneVsRestClassifier
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import LabelBinarizer, StandardScaler
     from sklearn.svm import SVC
 
-    kinds = (Pipeline, StandardScaler, LogisticRegression, SVC, OneVsRestClassifier, LabelBinarizer)
+    kinds = (Pipeline, StandardScaler, LogisticRegression, SVC, OneVsRestClassifier, LabelBinarizer, Ridge)
     return {cls.__name__: cls for cls in kinds}
 
 

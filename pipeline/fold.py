@@ -19,7 +19,7 @@ from pipeline.loop import Split, derive_seed, fit
 from pipeline.models import Pretrained, create_model
 from pipeline.precision import cached_probe, resolve_precision
 from pipeline.resume import FoldResult
-from pipeline.sklearn_head import feature_extractor, fit_classifier
+from pipeline.sklearn_head import feature_extractor, fit_classifier, fit_regressor
 from pipeline.tasks import Task
 
 
@@ -66,10 +66,11 @@ def train_fold(
     them if `s.bootstrap`), normalised as `backbone.normalization` says, validated on fold k, in the
     `s.finetune` mode. Returns (result, checkpoint)."""
     s, model_name, pretrained = backbone.settings, backbone.model_name, backbone.pretrained
-    image_size, targets, task = backbone.input_side, data.targets, data.task
+    image_size, targets = backbone.input_side, data.targets
     tr, va = np.flatnonzero(data.folds != k), np.flatnonzero(data.folds == k)
     if s.bootstrap:
         tr = bootstrap_rows(tr, s.seed, k)
+    task = data.task.fit_target(targets[tr], s)  # what the task fits (a regression's scaling): training rows only
     mean, std = backbone.normalization(data, k)
     fold_seed = derive_seed(s.seed, k)
     sklearn_head = s.finetune == "features+sklearn"
@@ -81,7 +82,7 @@ def train_fold(
     train = Split(Rows(data.train_images, tr), targets[tr])  # read per batch
     val = Split(Rows(data.train_images, va), targets[va])
     if sklearn_head:
-        result = _fit_sklearn_head(model, train, val, cfg, s, device)
+        result = _fit_sklearn_head(model, train, val, cfg, s, device, task)
         if on_epoch is not None:  # one "epoch": the classifier's fit
             on_epoch(0, {f"val_{m}": v for m, v in task.scores(result.val_probs, val.targets).items()})
     else:
@@ -114,16 +115,22 @@ def _checkpoint(backbone: Backbone, task: Task, result: FoldResult, cfg: InputCo
         "precision_probe": probe,
         "sklearn_head": s.finetune == "features+sklearn",
         "feature_layer": s.feature_layer,  # features+sklearn: the stage its classifier reads
+        "target_scale": task.target_state,  # a regression's scaling, fitted on the fold's training rows
     }
 
 
 def _fit_sklearn_head(
-    model: torch.nn.Module, train: Split, val: Split, cfg: InputConfig, s: TrainSettings, device: torch.device
+    model: torch.nn.Module, train: Split, val: Split, cfg: InputConfig, s: TrainSettings, device: torch.device, task
 ) -> FoldResult:
-    """features+sklearn: frozen backbone features -> a scikit-learn classifier."""
+    """features+sklearn: frozen backbone features -> a scikit-learn classifier (a regression: a ridge on the
+    target as the task scales it, its predictions back in units, as a trained head's outputs are)."""
     model.to(device)
     features = feature_extractor(model, s.feature_layer)
     train_x = extract_features(features, train.images, cfg, s.batch_size * 2, device)
     val_x = extract_features(features, val.images, cfg, s.batch_size * 2, device)
+    if task.target_state is not None:
+        head = fit_regressor(train_x, task.to_model_space(train.targets))
+        val_pred = task.outputs(torch.from_numpy(head.predict(val_x)).reshape(-1, 1)).numpy()
+        return FoldResult(model.state_dict(), val_pred, 0, classifier=head)
     clf = fit_classifier(train_x, train.targets, s.sklearn_classifier)
     return FoldResult(model.state_dict(), clf.predict_proba(val_x), 0, classifier=clf)

@@ -19,12 +19,19 @@ def is_better(metric: str, new: float, old: float) -> bool:
 
 
 def is_better_scores(metric: str, new: dict, best: dict | None) -> bool:
-    """Validation scores `new` better than `best` under `metric`, a tie broken by log loss."""
+    """Validation scores `new` better than `best` under `metric`, a tie broken by log loss (a regression's:
+    by RMSE)."""
     if best is None:
         return True
     if new[metric] != best[metric]:
         return is_better(metric, new[metric], best[metric])
-    return is_better("log_loss", new["log_loss"], best["log_loss"])
+    tie = proxy_of(new)
+    return is_better(tie, new[tie], best[tie])
+
+
+def proxy_of(scores: dict) -> str:
+    """The smooth metric among a task's `scores`: log loss, or a regression's RMSE."""
+    return "log_loss" if "log_loss" in scores else "rmse"
 
 
 def argbest(metric: str, values) -> int:

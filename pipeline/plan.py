@@ -158,9 +158,10 @@ def measure_speed(
     cfg = InputConfig.from_checkpoint(ckpt)
     images = Rows(data.train_images, np.arange(min(len(data.train), 5 * predict_batch)))
     warm, timed = images[:predict_batch], images[predict_batch:]
-    predict_outputs(model, warm, cfg, predict_batch, device, data.task)
+    task = data.task.for_model(ckpt)
+    predict_outputs(model, warm, cfg, predict_batch, device, task)
     start = time.perf_counter()
-    predict_outputs(model, timed, cfg, predict_batch, device, data.task)
+    predict_outputs(model, timed, cfg, predict_batch, device, task)
     infer_speed = len(timed) / (time.perf_counter() - start) if len(timed) else float("inf")
     return Speed(train=train_speed, infer=infer_speed), cfg.precision
 

@@ -67,7 +67,7 @@ def predict_backbone(
         for s, path in enumerate(paths):
             model, ckpt = load_fold_model(path, device)
             cfg = fold_input_config(ckpt, device)
-            kwargs = dict(cfg=cfg, batch_size=batch_size, device=device, views=views, task=task)
+            kwargs = dict(cfg=cfg, batch_size=batch_size, device=device, views=views, task=task.for_model(ckpt))
             val = predict_views(
                 model, Rows(data.train_images, val_idx), desc=f"oof fold{k} {path.parent.parent.name}", **kwargs
             )

@@ -49,7 +49,8 @@ from pipeline.tasks.multilabel import split_tags
 
 DIGITS_MARKER = "SKLEARN_DIGITS"  # in a source folder: render scikit-learn's digits there
 # in a source folder: render 2x2 mosaics of the digits there, a multi-label competition tagged with the digits shown
-MOSAIC_MARKERS = {"SKLEARN_DIGITS_TAGS": "tags", "SKLEARN_DIGITS_COLUMNS": "columns"}
+# (layout "sum": a regression, each mosaic scored with the sum of its digits)
+MOSAIC_MARKERS = {"SKLEARN_DIGITS_TAGS": "tags", "SKLEARN_DIGITS_COLUMNS": "columns", "SKLEARN_DIGITS_SUM": "sum"}
 
 
 # ---------------------------------------------------------------- raw files: a folder or a zip
@@ -90,7 +91,7 @@ def render_digits(out_dir: str | Path, test_fraction: float = 0.2, seed: int = 0
 
 
 def _mosaics(digits, pool: np.ndarray, n: int, rng: np.random.Generator):
-    """`n` (16x16 image, sorted digits shown) pairs: 2x2 tiles of digits drawn from `pool`, a quarter blank."""
+    """`n` (16x16 image, digits shown) pairs: 2x2 tiles of digits drawn from `pool`, a quarter blank."""
     for _ in range(n):
         shown = rng.random(4) >= 0.25
         shown[rng.integers(4)] = True
@@ -99,7 +100,7 @@ def _mosaics(digits, pool: np.ndarray, n: int, rng: np.random.Generator):
         for t in np.flatnonzero(shown):
             r, c = divmod(t, 2)
             img[8 * r : 8 * r + 8, 8 * c : 8 * c + 8] = (digits.images[picks[t]] * (255 / 16)).round()
-        yield img, sorted({int(digits.target[picks[t]]) for t in np.flatnonzero(shown)})
+        yield img, [int(digits.target[picks[t]]) for t in np.flatnonzero(shown)]
 
 
 def render_digit_mosaics(
@@ -110,8 +111,9 @@ def render_digit_mosaics(
     with the distinct digits shown. Test mosaics use other digits than the training ones (a stratified 20%).
 
     layout "tags": train.csv `id,tags` (space-separated digits, like HPA's class ids), scored by F2 (Planet's);
-    "columns": train.csv `id,digit_0..digit_9` (0/1 each, like RANZCR's), a probability column per label.
-    solution.csv holds the test tags (a local leaderboard) in both."""
+    "columns": train.csv `id,digit_0..digit_9` (0/1 each, like RANZCR's), a probability column per label;
+    "sum": train.csv `id,score`, the sum of the digits shown (0-36), a regression scored by RMSE (Pawpularity's
+    layout). solution.csv holds the test answers (a local leaderboard)."""
     from sklearn.datasets import load_digits
 
     out_dir = Path(out_dir)
@@ -131,12 +133,18 @@ def render_digit_mosaics(
         for split, pool, n in (("train", pool_train, n_train), ("test", pool_test, n_test)):
             (tmp / split).mkdir()
             rows = []
-            for i, (img, tags) in enumerate(_mosaics(digits, pool, n, rng)):
+            for i, (img, shown) in enumerate(_mosaics(digits, pool, n, rng)):
                 image_id = f"{split}_{i:05d}"
                 Image.fromarray(img, mode="L").save(tmp / split / f"{image_id}.png")
-                rows.append((image_id, tags))
+                rows.append((image_id, sum(shown) if layout == "sum" else sorted(set(shown))))
             tables[split] = rows
         train, test = tables["train"], tables["test"]
+        if layout == "sum":
+            ids = lambda rows: [i for i, _ in rows]  # noqa: E731
+            pd.DataFrame({"id": ids(train), "score": [v for _, v in train]}).to_csv(tmp / "train.csv", index=False)
+            pd.DataFrame({"id": ids(test), "score": 18.5}).to_csv(tmp / "sample_submission.csv", index=False)
+            pd.DataFrame({"id": ids(test), "score": [v for _, v in test]}).to_csv(tmp / "solution.csv", index=False)
+            return out_dir
         if layout == "tags":
             pd.DataFrame({"id": [i for i, _ in train], "tags": [" ".join(map(str, t)) for _, t in train]}).to_csv(
                 tmp / "train.csv", index=False
@@ -232,6 +240,8 @@ def _read_target(train: pd.DataFrame, comp: CompetitionConfig, where: str) -> tu
         kind, why = _tag_reading(train["label"], comp, where)
         if kind == "single_label":
             task = TASKS["single_label"].from_labels(train["label"])
+        elif kind == "regression":
+            task = TASKS["regression"].from_labels(train["label"], where)
         else:
             task = TASKS["multilabel"].from_labels(train["label"], comp.label_delimiter, comp.beta)
             train["label"] = [task.delimiter.join(split_tags(v, comp.label_delimiter)) for v in train["label"]]
@@ -240,16 +250,27 @@ def _read_target(train: pd.DataFrame, comp: CompetitionConfig, where: str) -> tu
     return task, train
 
 
+MAX_AUTO_CLASSES = 20  # auto: a numeric label column with more distinct integers than this is a regression
+
+
 def _tag_reading(labels: pd.Series, comp: CompetitionConfig, where: str) -> tuple[str, str]:
-    """One label column: single-label, or multi-label tags joined by `competition.label_delimiter`. Auto
-    reads tags when some rows hold several and the distinct tags are fewer than the distinct values
-    (values are combinations of shared tags); a single value per row (integer classes, grades) is
-    single-label; delimited values that share no tags are two readings: an error naming the key."""
+    """One label column: single-label, multi-label tags joined by `competition.label_delimiter`, or a
+    regression. Auto reads a numeric column as a regression when it holds non-integers or more than
+    MAX_AUTO_CLASSES distinct integers (a score); reads tags when some rows hold several and the distinct
+    tags are fewer than the distinct values (values are combinations of shared tags); a single value per row
+    (integer classes, grades) is single-label; delimited values that share no tags are two readings: an
+    error naming the key."""
     d = comp.label_delimiter
     several = labels.map(lambda v: len(split_tags(v, d)) > 1)
     column = f"column '{comp.label_column}'"
     if comp.task != "auto":
         return comp.task, f"{column}" + (f", labels joined by {d!r}" if comp.task == "multilabel" else "")
+    numbers = pd.to_numeric(labels, errors="coerce")
+    if numbers.notna().all():
+        distinct = numbers.nunique()
+        if not np.allclose(numbers, np.round(numbers)) or distinct > MAX_AUTO_CLASSES:
+            reason = "non-integer values" if distinct <= MAX_AUTO_CLASSES else f"{distinct} distinct integers"
+            return "regression", f"numbers in {column} ({reason}; integer classes have at most {MAX_AUTO_CLASSES})"
     if not several.any():
         return "single_label", f"one value per row in {column}"
     tags = {t for v in labels for t in split_tags(v, d)}

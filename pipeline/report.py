@@ -28,6 +28,7 @@ import pandas as pd  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from pipeline.io import write_json  # noqa: E402
+from pipeline.metrics import proxy_of  # noqa: E402
 from pipeline.slices import PROPERTIES  # noqa: E402
 from pipeline.tasks import Task  # noqa: E402
 
@@ -162,20 +163,30 @@ def plot_gallery(
     return path
 
 
-def plot_reliability(table: pd.DataFrame, ece: float, path: Path) -> Path:
+def plot_reliability(table: pd.DataFrame, ece: float, path: Path, axes=Task.CALIBRATION) -> Path:
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     used = table[table["rows"] > 0]
     width = float(table["hi"].iloc[0] - table["lo"].iloc[0])
-    ax.bar(used["lo"], used["accuracy"], width=width, align="edge", edgecolor="black", label="accuracy")
+    ax.bar(used["lo"], used["accuracy"], width=width, align="edge", edgecolor="black", label=axes[1])
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
-    ax.set_xlabel("confidence (max probability)")
-    ax.set_ylabel("accuracy")
+    ax.set_xlabel(axes[0])
+    ax.set_ylabel(axes[1])
     ax.set_title(f"reliability diagram, ECE = {ece:.4f}")
     ax.legend(loc="upper left")
     return _save(fig, path)
 
 
-def plot_confidence(confidence: np.ndarray, correct: np.ndarray, path: Path) -> Path:
+def plot_confidence(confidence: np.ndarray, correct: np.ndarray, path: Path, axes=Task.CALIBRATION) -> Path:
+    """Each decision's confidence, correct against wrong; a regression's (float `correct`, the true value):
+    predicted against true, every row a point."""
+    if correct.dtype.kind == "f":
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        ax.scatter(correct, confidence, s=4, alpha=0.4)
+        ax.plot([0, 1], [0, 1], "--", color="grey")
+        ax.set_xlabel("true (share of the training range)")
+        ax.set_ylabel(axes[0])
+        ax.set_title("predicted against true")
+        return _save(fig, path)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     bins = np.linspace(0, 1, 21)
     ax.hist(confidence[correct], bins=bins, alpha=0.6, label=f"correct ({correct.sum()})")
@@ -278,8 +289,8 @@ def _captions(a: ModelAnalysis, rows: np.ndarray, r: ReportRows) -> list[str]:
 def _calibration_and_slices(a: ModelAnalysis, y: np.ndarray, task: Task, fig_dir: Path) -> tuple[str, str]:
     """The calibration and the slices-and-advice sections of one model."""
     m, pred = a.anchor, a.pred
-    rel_fig = plot_reliability(a.reliability, a.ece, fig_dir / "reliability.png")
-    conf_fig = plot_confidence(*task.calibration(a.probs, pred, y), fig_dir / "confidence.png")
+    rel_fig = plot_reliability(a.reliability, a.ece, fig_dir / "reliability.png", task.CALIBRATION)
+    conf_fig = plot_confidence(*task.calibration(a.probs, pred, y), fig_dir / "confidence.png", task.CALIBRATION)
     calibration = _section(
         f"{m}-calibration",
         "Calibration",
@@ -320,7 +331,7 @@ def _calibration_and_slices(a: ModelAnalysis, y: np.ndarray, task: Task, fig_dir
     return calibration, slices
 
 
-def _scores_section(a: ModelAnalysis, y: np.ndarray) -> str:
+def _scores_section(a: ModelAnalysis, y: np.ndarray, task: Task) -> str:
     m = a.anchor
     overall = pd.DataFrame([{"rows": len(y), **a.scores, "ece": a.ece}])
     fold_rows = a.folds.copy()
@@ -334,7 +345,7 @@ def _scores_section(a: ModelAnalysis, y: np.ndarray) -> str:
         html_table(fold_rows, f"{m}-folds", index=True),
         "<p>Per class:</p>",
         html_table(a.per_class, f"{m}-per-class"),
-        _never_predicted_note(a),
+        _never_predicted_note(a, task),
     )
 
 
@@ -352,7 +363,8 @@ def _confusion_section(
     pair_rows, pair_parts = [], []
     for t, p, n in a.pairs:
         examples = np.flatnonzero(r.task.pair_mask(pred, y, t, p))
-        examples = examples[np.argsort(-a.probs[examples, p], kind="stable")][:examples_per_pair]
+        examples = examples[np.argsort(-r.task.pair_strength(a.probs, a.losses, examples, p), kind="stable")]
+        examples = examples[:examples_per_pair]
         pair_rows.append(
             {
                 "true": classes[t],
@@ -407,7 +419,7 @@ def _gallery_sections(a: ModelAnalysis, r: ReportRows, fig_dir: Path) -> dict:
 def model_section(a: ModelAnalysis, r: ReportRows, fig_dir: Path, examples_per_pair: int) -> tuple[str, dict]:
     """The HTML section of one model and its content as data."""
     m = a.anchor
-    scores = _scores_section(a, r.y)
+    scores = _scores_section(a, r.y, r.task)
     confusion, pair_rows = _confusion_section(a, r, fig_dir, examples_per_pair)
     galleries = _gallery_sections(a, r, fig_dir)
     calibration, slices = _calibration_and_slices(a, r.y, r.task, fig_dir)
@@ -434,13 +446,16 @@ def model_section(a: ModelAnalysis, r: ReportRows, fig_dir: Path, examples_per_p
 # ---------------------------------------------------------------- the page
 
 
-def _never_predicted_note(a: ModelAnalysis) -> str:
+def _never_predicted_note(a: ModelAnalysis, task: Task) -> str:
     missing = never_predicted(a.per_class)
     if not missing:
         return ""
-    return (
-        f"<p><b>Never predicted:</b> {html.escape(', '.join(missing[:20]))}"
-        f"{f' and {len(missing) - 20} more' if len(missing) > 20 else ''}. The model learned the class prior "
+    shown = f"<p><b>Never predicted:</b> {html.escape(', '.join(missing[:20]))}"
+    shown += f"{f' and {len(missing) - 20} more' if len(missing) > 20 else ''}. "
+    if task.NEVER_PREDICTED_HINT != Task.NEVER_PREDICTED_HINT:
+        return shown + html.escape(task.NEVER_PREDICTED_HINT[0].upper() + task.NEVER_PREDICTED_HINT[1:]) + ".</p>"
+    return shown + (
+        "The model learned the class prior "
         "for these; try <code>train.class_weight: balanced</code> or <code>train.sampler: balanced</code> "
         "(compare by OOF, or let tune.space choose).</p>"
     )
@@ -455,7 +470,11 @@ def models_section(analyses: list[ModelAnalysis], div: pd.DataFrame, per_class: 
                 "ece": a.ece,
                 f"fold {next(iter(a.scores))} std": a.folds.loc["std", next(iter(a.scores))],
                 "weak slices": int(a.slices["weak"].sum()),
-                **{f"holdout {m}": v for m, v in (a.holdout or {}).items() if m in list(a.scores)[:1] + ["log_loss"]},
+                **{
+                    f"holdout {m}": v
+                    for m, v in (a.holdout or {}).items()
+                    if m in list(a.scores)[:1] + [proxy_of(a.scores)]
+                },
             }
             for a in analyses
         ]

@@ -46,6 +46,15 @@ def fit_classifier(train_x: np.ndarray, train_y: np.ndarray, kind: str):
     return make_pipeline(StandardScaler(), head).fit(train_x, train_y)
 
 
+def fit_regressor(train_x: np.ndarray, train_y: np.ndarray):
+    """features+sklearn on a regression: a ridge on standardised features, fitted on the scaled target."""
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), Ridge(alpha=1.0)).fit(train_x, np.ravel(train_y))
+
+
 class LayerFeatures(torch.nn.Module):
     """A timm model's features from one of its `feature_info` stages, averaged over space: (B, C). `layer`
     is a stage index (negative from the end) or a module name, as timm's `feature_info` lists them; the
@@ -89,6 +98,8 @@ class FeaturesClassifier(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.backbone(x).float().cpu().numpy()
+        if not hasattr(self.classifier, "predict_proba"):  # a regression's ridge: the scaled target, as a head's
+            return torch.from_numpy(self.classifier.predict(features)).float().reshape(-1, 1).to(x.device)
         probs = torch.from_numpy(self.classifier.predict_proba(features)).to(x.device)
         if getattr(self.classifier[-1], "multilabel_", False):  # one-vs-rest: each label's logit
             return torch.logit(probs, eps=1e-7)

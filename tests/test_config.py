@@ -115,7 +115,7 @@ def test_wrong_type_is_named():
         (
             {"tune": {"metric": "auc"}},
             "'tune.metric' must be one of ['accuracy', 'log_loss', 'macro_f1', 'roc_auc', "
-            "'quadratic_weighted_kappa', 'f_beta', 'micro_f1', 'mean_column_auc'], got 'auc'",
+            "'quadratic_weighted_kappa', 'f_beta', 'micro_f1', 'mean_column_auc', 'rmse', 'mae'], got 'auc'",
         ),
         ({"prepare": {"image_size": 0}}, "prepare.image_size must be >= 1, got 0"),
         ({"train": {"image_size": 0, "backbones": {"b": {}}}}, "train.backbones.b.image_size must be >= 1"),

@@ -44,5 +44,5 @@ def main(argv=None) -> None:
         )
         tracker.log_artifacts(str(paths.oof_report), "oof")
     for a in found.analyses:
-        print(headline_line(a, params.competition.metric))
+        print(headline_line(a, params.competition.metric, data.task.NEVER_PREDICTED_HINT))
     print(f"report -> {paths.oof_report / 'index.html'}")

@@ -45,6 +45,8 @@ class Task:
     The model (train, tune, plan):
       n_outputs                     the head's size
       check_settings(s, where)      a ConfigError naming a train setting the task does not define
+      fit_target(targets, s) -> the task as a fold trains it (a regression's scaling, from its training rows);
+      target_state; for_model(ckpt) what the checkpoint stores of it, and the task as that model predicts
       loss(logits, y, soft, label_smoothing, class_weight)   a batch's mean loss (soft: mixed targets)
       mixup(s)                      timm's Mixup for train.mixup_alpha / cutmix_alpha, or None
       class_weight(targets, how, device), sample_weights(targets)   train.class_weight, train.sampler
@@ -71,6 +73,9 @@ class Task:
     METRICS: dict[str, tuple[Callable[[np.ndarray, np.ndarray], float], bool]] = {}
     ENSEMBLE_METHODS: tuple[str, ...] = ()
     MULTI_HOT = False  # targets are class indices, one-hot encoded by mixup
+    PROXY = "log_loss"  # the smooth metric reports show beside the competition's (a regression's: rmse)
+    CALIBRATION = ("confidence (max probability)", "accuracy")  # the reliability diagram's axes
+    NEVER_PREDICTED_HINT = "try train.class_weight: balanced"  # a class with rows the model never predicts
 
     def __init__(self, classes: list[str]):
         self.classes = [str(c) for c in classes]
@@ -90,6 +95,20 @@ class Task:
 
     def check_settings(self, s, where: str) -> None:
         """Raise ConfigError naming a train setting (of `s`) the task does not define."""
+
+    def fit_target(self, targets: np.ndarray, s) -> "Task":
+        """The task as a fold trains it, with what it fits on the fold's training `targets` (a regression's
+        scaling); the classification tasks fit nothing."""
+        return self
+
+    def for_model(self, ckpt: dict) -> "Task":
+        """The task as a fold model predicts, with what its checkpoint's `target_scale` holds."""
+        return self
+
+    @property
+    def target_state(self) -> dict | None:
+        """What `fit_target` fitted, as the checkpoint's `target_scale` stores it."""
+        return None
 
     @classmethod
     def from_labels(cls, labels: pd.Series) -> "Task":  # pragma: no cover - every task overrides
@@ -122,6 +141,14 @@ class Task:
     def frame(self, ids, predictions: np.ndarray) -> pd.DataFrame:
         """A prediction file's table: `id`, then the task's columns."""
         return prediction_frame(ids, predictions, self.columns)
+
+    def pair_strength(self, predictions: np.ndarray, losses: np.ndarray, rows: np.ndarray, p: int) -> np.ndarray:
+        """How strongly each of a confusion cell's `rows` was predicted as `p` (its examples, strongest first)."""
+        return predictions[rows, p]
+
+    def truth(self, y: np.ndarray) -> np.ndarray:
+        """What the report's class-wise tables compare a row's `predicted` class with: its target's class."""
+        return y
 
     def scores(self, predictions: np.ndarray, targets: np.ndarray, names=None) -> dict[str, float]:
         """{name: score} for each metric in `names` (all of the task's by default)."""
@@ -182,4 +209,4 @@ def metric_function(task: str, metric: str, options: dict | None = None) -> Call
     return TASKS[task]([], **(options or {})).bind(metric)
 
 
-from pipeline.tasks import multilabel, single_label  # noqa: E402, F401  (registers the tasks)
+from pipeline.tasks import multilabel, regression, single_label  # noqa: E402, F401  (registers the tasks)
