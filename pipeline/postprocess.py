@@ -7,6 +7,9 @@ fitted on OOF rows only, then chosen and scored by cross-fitting.
     thresholds     multi-label decisions for F1 / F-beta: one global threshold, or one per label (coordinate
                    ascent from the global one), optionally with "at least one label per image" (an image
                    where no label passes gets its most likely one, relative to its threshold)
+    cuts           a graded regression scored by quadratic weighted kappa: the cut points between grades
+                   (coordinate ascent from the half-way points, each cut among the midpoints between
+                   neighbouring predictions), the predictions mapped so that each cut lands half-way
 
 Thresholds keep predictions as probabilities: each label's probabilities are rescaled piecewise-linearly so
 that its threshold lands on 0.5 (monotone: each label's ranks, hence its AUC, are unchanged). The task's
@@ -131,12 +134,71 @@ class Thresholds(Step):
         }
 
 
+def _kappa_of_grades(pred: np.ndarray, true: np.ndarray, k: int) -> float:
+    """Quadratic weighted kappa of grade indices (as scikit-learn's cohen_kappa_score, weights="quadratic"),
+    from counts: the cut search scores thousands of candidates."""
+    observed = np.bincount(true * k + pred, minlength=k * k).reshape(k, k).astype(np.float64)
+    expected = np.outer(observed.sum(1), observed.sum(0)) / max(observed.sum(), 1)
+    g = np.arange(k)
+    weights = (g[:, None] - g[None, :]) ** 2
+    den = (weights * expected).sum()
+    return float(1 - (weights * observed).sum() / den) if den > 0 else 1.0
+
+
+class Cuts(Step):
+    name = "cuts"
+    MAX_CANDIDATES = 256  # per cut and pass: midpoints between neighbouring predictions, evenly by rank
+
+    def __init__(self, task, cuts=None):
+        self.task, self.cuts = task, cuts
+
+    def fit(self, pred, y):
+        grades = np.asarray(self.task.grades, dtype=np.float64)
+        k, x = len(grades), np.ravel(pred).astype(np.float64)
+        true = np.searchsorted((grades[1:] + grades[:-1]) / 2, np.ravel(y), side="right")
+        cuts = (grades[1:] + grades[:-1]) / 2
+        values = np.unique(x)
+        between = (values[1:] + values[:-1]) / 2  # every distinct way to split the rows
+        for _ in range(3):
+            for i in range(k - 1):
+                lo = cuts[i - 1] if i > 0 else -np.inf
+                hi = cuts[i + 1] if i < k - 2 else np.inf
+                options = between[(between > lo) & (between < hi)]
+                if len(options) > self.MAX_CANDIDATES:
+                    options = options[np.linspace(0, len(options) - 1, self.MAX_CANDIDATES).round().astype(int)]
+                if not len(options):
+                    continue
+                scores = []
+                for c in options:
+                    trial = cuts.copy()
+                    trial[i] = c
+                    scores.append(_kappa_of_grades(np.searchsorted(trial, x, side="right"), true, k))
+                current = _kappa_of_grades(np.searchsorted(cuts, x, side="right"), true, k)
+                best = int(np.argmax(scores))
+                if scores[best] > current:
+                    cuts[i] = options[best]
+        self.cuts = cuts.tolist()
+        return self
+
+    def transform(self, pred):
+        grades = np.asarray(self.task.grades, dtype=np.float64)
+        mids, cuts = (grades[1:] + grades[:-1]) / 2, np.asarray(self.cuts)
+        x = np.asarray(pred, dtype=np.float64)
+        inside = np.interp(x, cuts, mids) if len(cuts) > 1 else x - cuts[0] + mids[0]
+        return np.where(x < cuts[0], x - cuts[0] + mids[0], np.where(x > cuts[-1], x - cuts[-1] + mids[-1], inside))
+
+    def state(self):
+        return {"step": self.name, "cuts": self.cuts, "grades": self.task.grades}
+
+
 def create_step(name: str, task, metric: str) -> Step:
     """A candidate by the name the task lists: identity, temperature, thresholds[_per_label][+one]."""
     if name == "identity":
         return Step()
     if name == "temperature":
         return Temperature(task)
+    if name == "cuts":
+        return Cuts(task)
     base, _, one = name.partition("+")
     return Thresholds(task, metric, per_label=base == "thresholds_per_label", at_least_one=one == "one")
 
@@ -145,6 +207,8 @@ def step_from_state(state: dict, task) -> Step:
     """The fitted step `Step.state` wrote (submissions/ensemble.json, the bundle)."""
     if state["step"] == "temperature":
         return Temperature(task, float(state["temperature"]))
+    if state["step"] == "cuts":
+        return Cuts(task, [float(c) for c in state["cuts"]])
     if state["step"] == "thresholds":
         t = state["thresholds"]
         values = [t[c] for c in task.classes] if isinstance(t, dict) else t

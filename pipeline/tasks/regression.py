@@ -167,9 +167,10 @@ class Regression(Task):
         return pd.to_numeric(pd.Series(labels)).to_numpy(dtype=np.float32).reshape(-1, 1)
 
     def stratify_on(self, labels) -> np.ndarray:
-        """Quantile bins of the target: the folds' and the holdout's strata."""
+        """The folds' and the holdout's strata: quantile bins of the target, or a graded target's grades
+        (the folds single-label classes of the same grades get)."""
         values = labels if isinstance(labels, np.ndarray) and labels.dtype.kind == "f" else self.encode(labels)
-        return target_bins(values)
+        return self.bin_of(values) if self.graded_slices else target_bins(values)
 
     def split(self, stratify: np.ndarray, n_splits: int, seed: int, groups: np.ndarray | None):
         """(train, validation) index pairs stratified on the target's bins (StratifiedGroupKFold with groups)."""
