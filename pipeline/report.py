@@ -297,7 +297,9 @@ def _calibration_and_slices(a: ModelAnalysis, y: np.ndarray, task: Task, fig_dir
         f'<p>Expected calibration error: <b class="ece">{a.ece:.4f}</b> '
         f"({len(a.reliability)} equal-width confidence bins).</p>",
         html_image(rel_fig, "reliability diagram"),
-        html_image(conf_fig, "confidence histogram"),
+        html_image(
+            conf_fig, "confidence histogram" if task.CALIBRATION == Task.CALIBRATION else "predicted against true"
+        ),
         html_table(a.reliability, f"{m}-reliability-table"),
     )
     error_rate = float(task.errors(pred, y).mean())
