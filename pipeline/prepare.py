@@ -674,6 +674,7 @@ def prepare(
         "n_test": len(test_ids),
         "n_holdout": 0 if decoded.holdout is None else len(decoded.holdout),
         "n_classes": len(task.classes),
+        "target": task.describe(),
         "image_size": image_size,
         "submission_format": fmt.kind,
         "skipped": decoded.skipped,

@@ -28,5 +28,5 @@ def main(argv=None) -> None:
     print(
         f"prepared {summary['n_train']} train / {summary['n_test']} test images, "
         + (f"{summary['n_holdout']} held out (cv.holdout), " if summary["n_holdout"] else "")
-        + f"{summary['n_classes']} classes, from {summary['source']} -> {out}"
+        + f"{summary['target']}, from {summary['source']} -> {out}"
     )

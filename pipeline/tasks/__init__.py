@@ -146,6 +146,10 @@ class Task:
         """How strongly each of a confusion cell's `rows` was predicted as `p` (its examples, strongest first)."""
         return predictions[rows, p]
 
+    def describe(self) -> str:
+        """The target in a few words, for prepare's summary line."""
+        return f"{len(self.classes)} classes"
+
     def truth(self, y: np.ndarray) -> np.ndarray:
         """What the report's class-wise tables compare a row's `predicted` class with: its target's class."""
         return y

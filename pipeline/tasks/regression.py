@@ -320,6 +320,10 @@ class Regression(Task):
     CALIBRATION = ("predicted (share of the training range)", "mean true value (same scale)")
     NEVER_PREDICTED_HINT = "the predictions shrink towards the mean: see each bin's bias; try stacking's ridge"
 
+    def describe(self) -> str:
+        kind = f"{len(self.grades)} grades" if self.grades is not None else "a score"
+        return f"{kind} from {self.low:g} to {self.high:g}"
+
     def bin_of(self, values: np.ndarray) -> np.ndarray:
         """Each value's slice index."""
         v = np.ravel(values).astype(np.float64)
