@@ -49,8 +49,13 @@ from pipeline.tasks.multilabel import split_tags
 
 DIGITS_MARKER = "SKLEARN_DIGITS"  # in a source folder: render scikit-learn's digits there
 # in a source folder: render 2x2 mosaics of the digits there, a multi-label competition tagged with the digits shown
-# (layout "sum": a regression, each mosaic scored with the sum of its digits)
-MOSAIC_MARKERS = {"SKLEARN_DIGITS_TAGS": "tags", "SKLEARN_DIGITS_COLUMNS": "columns", "SKLEARN_DIGITS_SUM": "sum"}
+# (layout "sum": a regression, each mosaic scored with the sum of its digits; "grade": that sum cut into grades)
+MOSAIC_MARKERS = {
+    "SKLEARN_DIGITS_TAGS": "tags",
+    "SKLEARN_DIGITS_COLUMNS": "columns",
+    "SKLEARN_DIGITS_SUM": "sum",
+    "SKLEARN_DIGITS_GRADE": "grade",
+}
 
 
 # ---------------------------------------------------------------- raw files: a folder or a zip
@@ -113,7 +118,9 @@ def render_digit_mosaics(
     layout "tags": train.csv `id,tags` (space-separated digits, like HPA's class ids), scored by F2 (Planet's);
     "columns": train.csv `id,digit_0..digit_9` (0/1 each, like RANZCR's), a probability column per label;
     "sum": train.csv `id,score`, the sum of the digits shown (0-36), a regression scored by RMSE (Pawpularity's
-    layout). solution.csv holds the test answers (a local leaderboard)."""
+    layout); "grade": train.csv `id_code,diagnosis`, that sum cut into grades 0-4 (sum // 7, at most 4: the
+    higher grades rarer, as APTOS's), scored by quadratic weighted kappa. solution.csv holds the test answers
+    (a local leaderboard)."""
     from sklearn.datasets import load_digits
 
     out_dir = Path(out_dir)
@@ -136,14 +143,16 @@ def render_digit_mosaics(
             for i, (img, shown) in enumerate(_mosaics(digits, pool, n, rng)):
                 image_id = f"{split}_{i:05d}"
                 Image.fromarray(img, mode="L").save(tmp / split / f"{image_id}.png")
-                rows.append((image_id, sum(shown) if layout == "sum" else sorted(set(shown))))
+                value = sum(shown) if layout == "sum" else min(4, sum(shown) // 7) if layout == "grade" else None
+                rows.append((image_id, sorted(set(shown)) if value is None else value))
             tables[split] = rows
         train, test = tables["train"], tables["test"]
-        if layout == "sum":
+        if layout in ("sum", "grade"):
             ids = lambda rows: [i for i, _ in rows]  # noqa: E731
-            pd.DataFrame({"id": ids(train), "score": [v for _, v in train]}).to_csv(tmp / "train.csv", index=False)
-            pd.DataFrame({"id": ids(test), "score": 18.5}).to_csv(tmp / "sample_submission.csv", index=False)
-            pd.DataFrame({"id": ids(test), "score": [v for _, v in test]}).to_csv(tmp / "solution.csv", index=False)
+            id_col, col, sample = ("id", "score", 18.5) if layout == "sum" else ("id_code", "diagnosis", 0)
+            pd.DataFrame({id_col: ids(train), col: [v for _, v in train]}).to_csv(tmp / "train.csv", index=False)
+            pd.DataFrame({id_col: ids(test), col: sample}).to_csv(tmp / "sample_submission.csv", index=False)
+            pd.DataFrame({id_col: ids(test), col: [v for _, v in test]}).to_csv(tmp / "solution.csv", index=False)
             return out_dir
         if layout == "tags":
             pd.DataFrame({"id": [i for i, _ in train], "tags": [" ".join(map(str, t)) for _, t in train]}).to_csv(

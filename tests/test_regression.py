@@ -249,10 +249,10 @@ def test_a_regression_writes_the_samples_numbers_integers_or_grades():
 
 @pytest.fixture(scope="module")
 def staged(tmp_path_factory):
-    """The real stages (prepare .. analyze, then the bundle; the submission's method: stacking's ridge) on a tiny graded score (0-47)
-    scored by kappa: one backbone trained with BCE on the scaled target and mixup, one features+sklearn (a ridge
-    head), two folds and a holdout; the score demo (RMSE) runs through every stage with `make run
-    PRESET=regression`."""
+    """The real stages (prepare .. analyze, then the bundle; the submission's method: stacking's ridge) on a
+    tiny graded score (0-47) scored by kappa: one backbone trained with BCE on the scaled target and mixup,
+    one features+sklearn (a ridge head), two folds and a holdout; the score demo (RMSE) runs through every
+    stage with `make run PRESET=regression`."""
     repo = tmp_path_factory.mktemp("regression")
     shutil.copy(ROOT / "params.yaml", repo)
     shutil.copytree(ROOT / "pipeline", repo / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
