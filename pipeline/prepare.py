@@ -132,7 +132,6 @@ def render_digit_mosaics(
     )
     rng = np.random.default_rng(seed)
     markers = {m: (out_dir / m).read_text() for m in MOSAIC_MARKERS if (out_dir / m).exists()}
-    columns = [f"digit_{d}" for d in range(10)]
     with atomic_dir(out_dir) as tmp:
         for marker, text in markers.items():
             (tmp / marker).write_text(text)
@@ -146,30 +145,35 @@ def render_digit_mosaics(
                 value = sum(shown) if layout == "sum" else min(4, sum(shown) // 7) if layout == "grade" else None
                 rows.append((image_id, sorted(set(shown)) if value is None else value))
             tables[split] = rows
-        train, test = tables["train"], tables["test"]
-        if layout in ("sum", "grade"):
-            ids = lambda rows: [i for i, _ in rows]  # noqa: E731
-            id_col, col, sample = ("id", "score", 18.5) if layout == "sum" else ("id_code", "diagnosis", 0)
-            pd.DataFrame({id_col: ids(train), col: [v for _, v in train]}).to_csv(tmp / "train.csv", index=False)
-            pd.DataFrame({id_col: ids(test), col: sample}).to_csv(tmp / "sample_submission.csv", index=False)
-            pd.DataFrame({id_col: ids(test), col: [v for _, v in test]}).to_csv(tmp / "solution.csv", index=False)
-            return out_dir
-        if layout == "tags":
-            pd.DataFrame({"id": [i for i, _ in train], "tags": [" ".join(map(str, t)) for _, t in train]}).to_csv(
-                tmp / "train.csv", index=False
-            )
-            pd.DataFrame({"id": [i for i, _ in test], "tags": "0"}).to_csv(tmp / "sample_submission.csv", index=False)
-        else:
-            hot = lambda rows: pd.DataFrame([[int(d in t) for d in range(10)] for _, t in rows], columns=columns)  # noqa: E731
-            hot(train).assign(id=[i for i, _ in train])[["id", *columns]].to_csv(tmp / "train.csv", index=False)
-            pd.DataFrame(0.5, index=range(len(test)), columns=columns).assign(id=[i for i, _ in test])[
-                ["id", *columns]
-            ].to_csv(tmp / "sample_submission.csv", index=False)
-        name = (lambda t: " ".join(map(str, t))) if layout == "tags" else (lambda t: " ".join(columns[d] for d in t))
-        pd.DataFrame({"id": [i for i, _ in test], "tags": [name(t) for _, t in test]}).to_csv(
-            tmp / "solution.csv", index=False
-        )
+        _write_mosaic_tables(tmp, layout, tables["train"], tables["test"])
     return out_dir
+
+
+def _write_mosaic_tables(tmp: Path, layout: str, train: list, test: list) -> None:
+    """train.csv, sample_submission.csv and solution.csv of a mosaic competition: (id, answer) rows."""
+    columns = [f"digit_{d}" for d in range(10)]
+    if layout in ("sum", "grade"):
+        ids = lambda rows: [i for i, _ in rows]  # noqa: E731
+        id_col, col, sample = ("id", "score", 18.5) if layout == "sum" else ("id_code", "diagnosis", 0)
+        pd.DataFrame({id_col: ids(train), col: [v for _, v in train]}).to_csv(tmp / "train.csv", index=False)
+        pd.DataFrame({id_col: ids(test), col: sample}).to_csv(tmp / "sample_submission.csv", index=False)
+        pd.DataFrame({id_col: ids(test), col: [v for _, v in test]}).to_csv(tmp / "solution.csv", index=False)
+        return
+    if layout == "tags":
+        pd.DataFrame({"id": [i for i, _ in train], "tags": [" ".join(map(str, t)) for _, t in train]}).to_csv(
+            tmp / "train.csv", index=False
+        )
+        pd.DataFrame({"id": [i for i, _ in test], "tags": "0"}).to_csv(tmp / "sample_submission.csv", index=False)
+    else:
+        hot = lambda rows: pd.DataFrame([[int(d in t) for d in range(10)] for _, t in rows], columns=columns)  # noqa: E731
+        hot(train).assign(id=[i for i, _ in train])[["id", *columns]].to_csv(tmp / "train.csv", index=False)
+        pd.DataFrame(0.5, index=range(len(test)), columns=columns).assign(id=[i for i, _ in test])[
+            ["id", *columns]
+        ].to_csv(tmp / "sample_submission.csv", index=False)
+    name = (lambda t: " ".join(map(str, t))) if layout == "tags" else (lambda t: " ".join(columns[d] for d in t))
+    pd.DataFrame({"id": [i for i, _ in test], "tags": [name(t) for _, t in test]}).to_csv(
+        tmp / "solution.csv", index=False
+    )
 
 
 # ---------------------------------------------------------------- validation helpers

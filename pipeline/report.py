@@ -268,6 +268,9 @@ def _section(ident: str, title: str, *parts: str) -> str:
 
 def _rows_table(a: ModelAnalysis, rows: np.ndarray, r: ReportRows) -> pd.DataFrame:
     ids, y, folds, task = r.ids, r.y, r.folds, r.task
+    if not task.HAS_CONFIDENCE:  # a regression: true and predicted values, and the absolute error
+        values = {"true": task.label_text(y[rows]), "predicted": task.label_text(a.probs[rows])}
+        return pd.DataFrame({"id": ids[rows], "fold": folds[rows], **values, "abs_error": a.losses[rows]})
     return pd.DataFrame(
         {
             "id": ids[rows],
@@ -282,6 +285,9 @@ def _rows_table(a: ModelAnalysis, rows: np.ndarray, r: ReportRows) -> pd.DataFra
 
 
 def _captions(a: ModelAnalysis, rows: np.ndarray, r: ReportRows) -> list[str]:
+    if not r.task.HAS_CONFIDENCE:  # true -> predicted value
+        true, pred = r.task.label_text(r.y[rows]), r.task.label_text(a.probs[rows])
+        return [f"{r.ids[i]}\n{t} -> {p}" for i, t, p in zip(rows, true, pred)]
     true, pred, conf = r.task.label_text(r.y[rows]), r.task.label_text(a.pred[rows]), r.task.confidence(a.probs[rows])
     return [f"{r.ids[i]}\n{t} -> {p} ({c:.2f})" for i, t, p, c in zip(rows, true, pred, conf)]
 
@@ -401,10 +407,12 @@ def _gallery_sections(a: ModelAnalysis, r: ReportRows, fig_dir: Path) -> dict:
     """The worst and the confidently wrong predictions: `<key>` their rows, `<key>_html` their section."""
     m = a.anchor
     galleries = {}
-    for key, title, rows in (
-        ("worst", "Worst predictions (highest loss)", a.worst),
-        ("confident-wrong", "Confident and wrong (possible label noise)", a.confident_wrong),
-    ):
+    kinds = [("worst", "Worst predictions (highest loss)", a.worst)]
+    kinds += [("confident-wrong", "Confident and wrong (possible label noise)", a.confident_wrong)]
+    if not r.task.HAS_CONFIDENCE:  # a regression states none: its worst rows are those of the largest error
+        kinds[0] = ("worst", "Worst predictions (largest absolute error)", a.worst)
+        kinds[1] = ("confident-wrong", "Confident and wrong", a.confident_wrong[:0])
+    for key, title, rows in kinds:
         table = _rows_table(a, rows, r)
         galleries[key] = table
         fig = plot_gallery(r.images, rows, _captions(a, rows, r), fig_dir / f"{key}.png")
@@ -427,7 +435,7 @@ def model_section(a: ModelAnalysis, r: ReportRows, fig_dir: Path, examples_per_p
     calibration, slices = _calibration_and_slices(a, r.y, r.task, fig_dir)
     body = (
         f'<section id="{m}"><h2>{html.escape(a.label)}</h2>{scores}{confusion}{galleries["worst_html"]}'
-        f"{galleries['confident-wrong_html']}{calibration}{slices}</section>"
+        f"{galleries['confident-wrong_html'] if r.task.HAS_CONFIDENCE else ''}{calibration}{slices}</section>"
     )
     data = {
         "scores": a.scores,

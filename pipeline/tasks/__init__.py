@@ -75,6 +75,7 @@ class Task:
     MULTI_HOT = False  # targets are class indices, one-hot encoded by mixup
     PROXY = "log_loss"  # the smooth metric reports show beside the competition's (a regression's: rmse)
     CALIBRATION = ("confidence (max probability)", "accuracy")  # the reliability diagram's axes
+    HAS_CONFIDENCE = True  # predictions state a confidence (the report's "confident and wrong" gallery)
     NEVER_PREDICTED_HINT = "try train.class_weight: balanced"  # a class with rows the model never predicts
 
     def __init__(self, classes: list[str]):

@@ -318,6 +318,7 @@ class Regression(Task):
     # predictions against the mean true value of its rows.
 
     CALIBRATION = ("predicted (share of the training range)", "mean true value (same scale)")
+    HAS_CONFIDENCE = False
     NEVER_PREDICTED_HINT = "the predictions shrink towards the mean: see each bin's bias; try stacking's ridge"
 
     def describe(self) -> str:
