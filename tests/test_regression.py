@@ -341,7 +341,6 @@ def test_predictions_never_leave_the_training_range_and_reports_carry_every_metr
     assert (repo / "reports" / "oof" / "index.html").read_text().count("predicted against true") >= 1
 
 
-@pytest.mark.training
 def test_the_score_demo_renders_offline_as_a_regression(tmp_path, capsys):
     src = render_digit_mosaics(tmp_path / "sum", "sum", n_train=60, n_test=5)
     params = parse_params(
