@@ -18,13 +18,13 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import cohen_kappa_score, confusion_matrix
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 from pipeline.config import ConfigError
 from pipeline.errors import PipelineError
 from pipeline.probs import read_prediction_file
 from pipeline.submission import SubmissionFormat, check_submission_layout
 from pipeline.tasks import Task, answer_of, register_task
+from pipeline.tasks.single_label import SingleLabel
 
 MAX_GRADES = 100  # an integer target with at most this many distinct values is graded (kappa, cut points)
 N_BINS = 10  # quantile bins the folds, the holdout and the report's slices are stratified on
@@ -172,21 +172,10 @@ class Regression(Task):
         values = labels if isinstance(labels, np.ndarray) and labels.dtype.kind == "f" else self.encode(labels)
         return self.bin_of(values) if self.graded_slices else target_bins(values)
 
-    def split(self, stratify: np.ndarray, n_splits: int, seed: int, groups: np.ndarray | None):
-        """(train, validation) index pairs stratified on the target's bins (StratifiedGroupKFold with groups)."""
-        if groups is None:
-            return StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(stratify, stratify)
-        return StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(
-            stratify, stratify, groups
-        )
-
-    def holdout_rows(self, stratify: np.ndarray, share: float, seed: int, groups: np.ndarray | None) -> np.ndarray:
-        if groups is None:
-            return train_test_split(np.arange(len(stratify)), test_size=share, stratify=stratify, random_state=seed)[1]
-        return next(self.split(stratify, max(2, round(1 / share)), seed, groups))[1]
-
-    def subsample_rows(self, stratify: np.ndarray, n: int, seed: int) -> np.ndarray:
-        return train_test_split(np.arange(len(stratify)), train_size=n, stratify=stratify, random_state=seed)[0]
+    # the folds, the holdout and max_train_rows of one stratum per row: single-label's (stratified, group-aware)
+    split = SingleLabel.split
+    holdout_rows = SingleLabel.holdout_rows
+    subsample_rows = SingleLabel.subsample_rows
 
     def default_sample(self, ids: list[str]) -> pd.DataFrame:
         return pd.DataFrame({"id": ids, "target": self.low})
