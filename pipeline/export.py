@@ -54,4 +54,6 @@ def write_export(folder: str | Path, backbone: str, source: Path, chosen_by: str
         save_for_timm(ckpt, out, read_json(classes)["classes"] if classes.is_file() else None)
         fields = {k: ckpt.get(k) for k in ("mean", "std", "image_size", "interpolation")}
         info = {"backbone": backbone, "model": ckpt["model"], "from": str(source), "chosen_by": chosen_by, **fields}
+        if ckpt.get("target_scale"):  # a regression: the head's output is the target as the fold scaled it
+            info["target_scale"] = ckpt["target_scale"]
         write_json(out / "export.json", info)
