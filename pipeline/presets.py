@@ -1,6 +1,7 @@
-"""Presets: small named overrides of params.yaml in configs/presets/<name>.yaml.
+"""Presets: small overrides of params.yaml, named (configs/presets/<name>.yaml) or a file anywhere.
 
     python -m pipeline preset cifar10-cpu     # merge configs/presets/cifar10-cpu.yaml into params.yaml
+    python -m pipeline preset ~/my-comp.yaml  # a preset file of one's own (a path: it holds a / or ends .yaml)
     make run PRESET=cifar10-cpu               # the same, then `dvc repro`
 
 A competition in data/raw/ that git and DVC do not track yet is put under DVC (`dvc add`). A backbone whose
@@ -8,13 +9,17 @@ A competition in data/raw/ that git and DVC do not track yet is put under DVC (`
 
 A preset file holds only the keys it changes, nested as in params.yaml. Mappings merge key by key;
 lists and values replace; `train.backbones` is replaced whole, because a preset that names
-backbones means exactly those. params.yaml keeps its comments; `git checkout params.yaml` undoes it.
+backbones means exactly those. Only the lines of the keys a preset sets change: each such key's lines (its
+line, its inline comment and the more indented lines after it: its comment's continuation, or its children)
+become the preset's own lines for it, comments included; every other line of params.yaml stays byte for byte.
+`git checkout params.yaml` undoes it.
 """
 
 from __future__ import annotations
 
 import copy
 import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,9 +38,16 @@ def list_presets(folder: str | Path = PRESETS) -> list[str]:
     return sorted(p.stem for p in Path(folder).glob("*.yaml"))
 
 
+def preset_path(name: str, folder: str | Path = PRESETS) -> Path:
+    """A preset's file: `name` itself when it is a path (holds a / or ends .yaml), else `folder`/<name>.yaml."""
+    if "/" in name or name.endswith((".yaml", ".yml")):
+        return Path(name).expanduser()
+    return Path(folder) / f"{name}.yaml"
+
+
 def load_preset(name: str, folder: str | Path = PRESETS) -> dict:
     """The preset's overrides, checked against the params schema (unknown keys name the file)."""
-    path = Path(folder) / f"{name}.yaml"
+    path = preset_path(name, folder)
     if not path.is_file():
         raise ConfigError(f"{path}: no such preset (presets: {', '.join(list_presets(folder)) or 'none'})")
     try:
@@ -57,22 +69,107 @@ def merge(base, delta, path: tuple = ()):
     return base
 
 
+_KEY = re.compile(r"^( *)([^\s#:'\"-][^:#]*?|'[^']*'|\"[^\"]*\"):(?:\s|$)")
+
+
+def _key_lines(lines: list[str], start: int, end: int) -> dict[str, tuple[int, int, int]]:
+    """The keys of the mapping held in lines [start, end): key -> (first line, end line, indent). A key's lines
+    run to the next line, comment or key at its indent or less (blank lines before that left out)."""
+    keys, indent = {}, None
+    i = start
+    while i < end:
+        m = _KEY.match(lines[i])
+        if m and (indent is None or len(m.group(1)) == indent):
+            indent = len(m.group(1))
+            j, last = i + 1, i + 1
+            while j < end:
+                text = lines[j]
+                if text.strip():
+                    if len(text) - len(text.lstrip(" ")) <= indent:
+                        break
+                    last = j + 1
+                j += 1
+            keys[m.group(2).strip("'\"")] = (i, last, indent)
+            i = last
+        else:
+            i += 1
+    return keys
+
+
+def _block(lines: list[str], path: tuple, start: int = 0, end: int | None = None):
+    """(first line, end line, indent) of the key at `path` in `lines`, or None."""
+    end = len(lines) if end is None else end
+    found = _key_lines(lines, start, end).get(path[0])
+    if found is None or len(path) == 1:
+        return found
+    return _block(lines, path[1:], found[0] + 1, found[1])
+
+
+def _leaves(delta: dict, base: dict, path: tuple = ()):
+    """The paths the preset sets as `merge` applies them: a value, a list or a mapping replaced whole."""
+    for key, value in delta.items():
+        here = (*path, key)
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and here not in REPLACED_WHOLE:
+            yield from _leaves(value, base[key], here)
+        else:
+            yield here
+
+
+def _edit_lines(params_text: str, preset_text: str, delta: dict) -> str | None:
+    """params.yaml with each key the preset sets replaced by the preset's own lines for it (re-indented), or
+    inserted at the end of its parent mapping; None where a key cannot be placed that way (the caller falls
+    back to a full rewrite)."""
+    lines, preset = params_text.splitlines(keepends=True), preset_text.splitlines(keepends=True)
+    base = yaml.safe_load(params_text) or {}
+    for path in _leaves(delta, base):
+        new = _block(preset, path)
+        if new is None:
+            return None
+        block = preset[new[0] : new[1]]
+        old = _block(lines, path)
+        if old is not None:
+            shift, at, stop = old[2] - new[2], old[0], old[1]
+        else:
+            parent = _block(lines, path[:-1]) if len(path) > 1 else None
+            if parent is None:
+                return None
+            children = _key_lines(lines, parent[0] + 1, parent[1])
+            indent = next(iter(children.values()))[2] if children else parent[2] + 2
+            shift, at, stop = indent - new[2], parent[1], parent[1]
+        pad = " " * max(shift, 0)
+        block = [pad + b[max(-shift, 0) :] if b.strip() else b for b in block]
+        block = [b if b.endswith("\n") else b + "\n" for b in block]
+        lines[at:stop] = block
+    return "".join(lines)
+
+
 def apply_preset(name: str, params_path: str | Path = "params.yaml", folder: str | Path = PRESETS) -> Params:
-    """Merge preset `name` into `params_path`, keeping its comments; validate before writing."""
+    """Merge preset `name` into `params_path`, changing only the lines of the keys it sets (see the module
+    docstring); checked against the merge of the parsed files, and validated, before writing."""
+    delta = load_preset(name, folder)
+    params_path = Path(params_path)
+    text = params_path.read_text()
+    expected = merge(yaml.safe_load(text) or {}, delta)
+    out = _edit_lines(text, preset_path(name, folder).read_text(), delta)
+    if out is None or yaml.safe_load(out) != expected:  # a layout the line editor does not know: rewrite it all
+        out = _rewrite(text, delta)
+    resolved = parse_params(yaml.safe_load(out) or {}, source=f"{params_path} with preset {name}")
+    atomic_write_text(params_path, out)
+    return resolved
+
+
+def _rewrite(text: str, delta: dict) -> str:
+    """params.yaml merged with `delta` and dumped whole by ruamel (comments kept, other lines reformatted)."""
     from ruamel.yaml import YAML
 
-    delta = load_preset(name, folder)
     rt = YAML()
     rt.preserve_quotes = True
     rt.width = 4096
-    params_path = Path(params_path)
-    doc = rt.load(params_path.read_text()) or {}
+    doc = rt.load(text) or {}
     merge(doc, delta)
     out = io.StringIO()
     rt.dump(doc, out)
-    resolved = parse_params(yaml.safe_load(out.getvalue()) or {}, source=f"{params_path} with preset {name}")
-    atomic_write_text(params_path, out.getvalue())
-    return resolved
+    return out.getvalue()
 
 
 def track_with_dvc(source: str) -> Path | None:
@@ -97,7 +194,7 @@ def main(argv=None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("name", help="a file name (without .yaml) in configs/presets/")
+    parser.add_argument("name", help="a file name (without .yaml) in configs/presets/, or a preset file's path")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     params = apply_preset(args.name, args.params)

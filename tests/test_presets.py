@@ -85,3 +85,56 @@ def test_a_competition_in_data_raw_is_put_under_dvc_once_and_a_committed_one_is_
     assert track_with_dvc("data/raw/comp.zip") is None  # already under DVC
     assert track_with_dvc("data/raw/demo/") is None and not (tmp_path / "data/raw/demo.dvc").exists()  # in git
     assert track_with_dvc(str(tmp_path.parent)) is None  # outside data/raw: the user's to decide
+
+
+def test_a_preset_file_outside_configs_applies_and_only_the_lines_of_its_keys_change(tmp_path, monkeypatch):
+    """Every untouched line of params.yaml stays byte for byte: a changed key's lines (its inline comment and
+    the comment lines after it) become the preset's own, a mapping replaced whole takes the preset's lines."""
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    before = (tmp_path / "params.yaml").read_text().splitlines(keepends=True)
+    own = tmp_path / "elsewhere" / "my-comp.yaml"
+    own.parent.mkdir()
+    own.write_text(
+        "# my competition\n"
+        "competition:\n"
+        "  metric: log_loss   # the host's\n"
+        "train:\n"
+        "  backbones:\n"
+        "    resnet10t: {}     # only this one\n"
+        "  monitor: null\n"
+    )
+    assert cli.main(["preset", str(own)]) == 0
+    after = (tmp_path / "params.yaml").read_text().splitlines(keepends=True)
+    metric = next(i for i, line in enumerate(before) if line.startswith("  metric: accuracy"))
+    backbones = next(i for i, line in enumerate(before) if line.startswith("  backbones:"))
+    monitor = next(i for i, line in enumerate(before) if line.startswith("  monitor: accuracy"))
+
+    def end(i):  # the key's lines: the more indented lines after it
+        j = i + 1
+        while before[j].startswith("    "):
+            j += 1
+        return j
+
+    expected = (
+        before[:metric]
+        + ["  metric: log_loss   # the host's\n"]
+        + before[end(metric) : backbones]
+        + ["  backbones:\n", "    resnet10t: {}     # only this one\n"]
+        + before[end(backbones) : monitor]
+        + ["  monitor: null\n"]
+        + before[end(monitor) :]
+    )
+    assert after == expected
+    assert end(metric) - metric > 1 and end(monitor) - monitor > 1  # comment lines that went with their key
+    params = load_params("params.yaml")
+    assert list(params.train.backbones) == ["resnet10t"] and params.train.monitor == "log_loss"  # null: the proxy
+
+
+def test_a_key_params_yaml_lacks_is_added_to_its_section(tmp_path):
+    from pipeline.presets import apply_preset
+
+    (tmp_path / "params.yaml").write_text("cv:\n  n_folds: 5   # folds\n\ntrain:\n  epochs: 5\n")
+    (tmp_path / "p.yaml").write_text("cv:\n  seed: 7\n")
+    apply_preset(str(tmp_path / "p.yaml"), tmp_path / "params.yaml")
+    assert (tmp_path / "params.yaml").read_text() == "cv:\n  n_folds: 5   # folds\n  seed: 7\n\ntrain:\n  epochs: 5\n"
