@@ -35,7 +35,7 @@ from pipeline.ensemblers import ensemble_from_state, ensemble_state
 from pipeline.errors import PipelineError
 from pipeline.estimator_state import from_state, sklearn_types, to_state
 from pipeline.inference import fold_input_config, fold_model
-from pipeline.io import atomic_write_text, load_checkpoint, read_json, write_json
+from pipeline.io import atomic_write_text, load_checkpoint, read_json, save_tensors, write_json
 from pipeline.models import SOURCES, pick_device
 from pipeline.paths import RunPaths, list_models
 from pipeline.postprocess import step_from_state
@@ -114,11 +114,9 @@ def _source_config(name: str, folder: Path, stem: str) -> str | None:
 
 def _bundle_model(path: Path, folder: Path, stem: str) -> dict:
     """One fold model into the bundle: its weights as safetensors, its features+sklearn head as numbers."""
-    from safetensors.torch import save_file
-
     ckpt = load_checkpoint(path, "train this backbone again (dvc repro -f train@<backbone>)")
     tensors = {k: v.detach().clone().contiguous() for k, v in ckpt["state_dict"].items()}  # no shared storage
-    save_file(tensors, folder / f"{stem}.safetensors")
+    save_tensors(tensors, folder / f"{stem}.safetensors")
     entry = {
         "weights": f"{stem}.safetensors",
         "checkpoint": {k: ckpt.get(k) for k in CHECKPOINT_FIELDS},
@@ -133,7 +131,7 @@ def _bundle_model(path: Path, folder: Path, stem: str) -> dict:
             return f"a{len(arrays) - 1}"
 
         state = to_state(load_classifier(path.with_name(CLASSIFIER_FILE)), sklearn_types(), put, str(path))
-        save_file(arrays, folder / f"{stem}.head.safetensors")
+        save_tensors(arrays, folder / f"{stem}.head.safetensors")
         entry["head"] = {"arrays": f"{stem}.head.safetensors", "state": state}
     return entry
 

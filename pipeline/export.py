@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pipeline.config import Params, resolve_train_settings
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_dir, load_checkpoint, read_json, write_json
+from pipeline.io import atomic_dir, give_usual_mode, load_checkpoint, read_json, write_json
 from pipeline.metrics import argbest
 from pipeline.models import create_model
 
@@ -46,6 +46,8 @@ def save_for_timm(ckpt: dict, out: Path, classes: list[str] | None) -> None:
     if classes and not ckpt.get("sklearn_head") and ckpt["num_classes"] == len(classes):
         config["label_names"] = list(classes)
     save_for_hf(model, str(out), model_config=config, safe_serialization=True)
+    for path in Path(out).glob("*.safetensors"):  # written 0600: the mode of the export's other files
+        give_usual_mode(path)
 
 
 def write_export(folder: str | Path, backbone: str, source: Path, chosen_by: str, ckpt: dict, classes: Path) -> None:

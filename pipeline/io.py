@@ -129,6 +129,22 @@ def atomic_save(path: str | Path, write: Callable[[Path], None]) -> None:
     os.replace(tmp, path)
 
 
+def save_tensors(tensors: dict, path: str | Path) -> None:
+    """safetensors' save_file, the file then given the mode every other file gets (0666 less the umask:
+    save_file creates it 0600, which a shared bundle or export should not be)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, path)
+    give_usual_mode(path)
+
+
+def give_usual_mode(path: str | Path) -> None:
+    """Set `path`'s mode to what open() would have given a new file under the current umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_save(path, lambda tmp: tmp.write_text(text))
 

@@ -119,6 +119,8 @@ def test_the_submission_method_is_what_the_bundle_carries_by_default(run, tmp_pa
     assert {"bundle.json", "predict.py", "dataset-metadata.json"} <= names
     assert all(p.suffix in (".json", ".py", ".whl", ".safetensors") for p in (tmp_path / "bundle").iterdir()), names
     assert all(p.is_file() for p in (tmp_path / "bundle").iterdir())  # flat: Kaggle's upload skips folders
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "bundle").iterdir()}
+    assert len(set(modes.values())) == 1, modes  # safetensors' 0600 given the mode of the rest
 
 
 BLOCK = """
