@@ -104,7 +104,7 @@ def graded(values: np.ndarray) -> list[float] | None:
 @register_task("regression")
 class Regression(Task):
     """One number per image; `low` and `high` are the training target's range, `grades` its integer values
-    (a graded target), `integer` whether the submission writes integers."""
+    (a graded target, else None), `scale` what a fold fitted on its training rows (`fit_target`)."""
 
     METRICS = METRICS
     ENSEMBLE_METHODS = ("soft_voting", "caruana", "optimized", "stacking")
@@ -157,10 +157,9 @@ class Regression(Task):
             raise PipelineError(f"{where}: {len(values)} rows with {len(np.unique(values))} target values: too few")
 
     def class_counts(self, labels: pd.Series) -> np.ndarray:
-        """Each grade's number of rows (none for a score)."""
-        if self.grades is None:
-            return np.zeros(0, dtype=int)
-        return np.bincount(to_grades(self.encode(labels), np.asarray(self.grades)), minlength=len(self.grades))
+        """None: a regression has no class that skipped images can leave without rows (its report slices may
+        be empty from the start, a grade the training rows lack only narrows the range)."""
+        return np.zeros(0, dtype=int)
 
     def encode(self, labels) -> np.ndarray:
         """Each row's target, (N, 1) float32."""
