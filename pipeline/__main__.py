@@ -11,6 +11,7 @@
 
 and, not stages:
 
+    python -m pipeline init <source>             write a preset for one's own competition from its files
     python -m pipeline preset <name>             merge configs/presets/<name>.yaml into params.yaml
     python -m pipeline export --backbone <name>  a trained fold model in timm's format, to share or reuse
     python -m pipeline bundle                    the submission's offline inference bundle (code competitions)
@@ -34,6 +35,7 @@ STAGES = ("prepare", "tune", "plan", "train", "predict", "ensemble", "analyze", 
 MODULES = {
     **{s: f"pipeline.cli.{s}" for s in STAGES},
     "preset": "pipeline.presets",
+    "init": "pipeline.template",
     "export": "pipeline.cli.export",
     "bundle": "pipeline.cli.bundle",
     "weights": "pipeline.cli.weights",

@@ -74,6 +74,13 @@ class CompetitionFiles:
         except OSError as exc:
             raise PipelineError(f"{self.where(rel)}: cannot read ({exc.strerror or exc})") from None
 
+    def top_files(self) -> list[str]:
+        """The names of the files at the competition's top (not in a folder)."""
+        if self._zip is not None:
+            names = [n[len(self.prefix) :] for n in self._names if n.startswith(self.prefix)]
+            return sorted(n for n in names if n and "/" not in n)
+        return sorted(p.name for p in self.source.iterdir() if p.is_file())
+
     def images_under(self, rel: str) -> list[str]:
         """Paths, relative to folder `rel`, of every image file under it, nested folders included."""
         rel = rel.strip("/")

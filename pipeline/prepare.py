@@ -375,7 +375,7 @@ MISSING_LABELS = frozenset(
 )
 
 
-def _read_train(files: CompetitionFiles, comp: CompetitionConfig) -> tuple[pd.DataFrame, Task]:
+def read_train(files: CompetitionFiles, comp: CompetitionConfig) -> tuple[pd.DataFrame, Task]:
     """The training rows: id, label, path (the image's path inside the competition, None if no image
     matches)[, group], from train.csv or, with `train_csv: null`, from train_dir/<class>/<file>; and the
     kind of target they are read as."""
@@ -532,7 +532,7 @@ def _read_rows(
     """The training rows (subsampled to `competition.max_train_rows`), checked; where they come from;
     every training image path, before any subsample (none of them is a test image); the task."""
     where = files.where(comp.train_csv or comp.train_dir)
-    train, task = _read_train(files, comp)
+    train, task = read_train(files, comp)
     paths = {p for p in train["path"] if isinstance(p, str)}
     task.check_labels(train["label"], n_folds, where)
     if comp.max_train_rows is not None and comp.max_train_rows < len(train):
