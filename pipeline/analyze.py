@@ -20,7 +20,7 @@ from sklearn.metrics import precision_recall_fscore_support
 from pipeline.config import Params, resolve_train_settings
 from pipeline.data import PreparedData, default_augment
 from pipeline.io import read_json
-from pipeline.metrics import fold_spread, proxy_of
+from pipeline.metrics import argbest, fold_spread, proxy_of
 from pipeline.report import ModelAnalysis, never_predicted
 from pipeline.slices import advise, image_properties, slice_errors
 from pipeline.tasks import Task
@@ -193,6 +193,151 @@ def analyze_model(
     )
 
 
+# ---------------------------------------------------------------- what to try next
+
+CALIBRATED = 0.02  # mean accuracy and mean confidence within this: calibrated
+MORE_EPOCHS_SHARE = 0.5  # more epochs pay when at least this share of folds was best at its last validation
+RESOLUTION_SHARE = 0.9  # an input below this share of the images' native side may be what limits the model
+
+
+def calibration_gap(reliability: pd.DataFrame) -> float:
+    """Mean accuracy minus mean confidence over every decision: > 0 under-confident, < 0 over-confident."""
+    used = reliability[reliability["rows"] > 0]
+    rows = used["rows"].to_numpy(dtype=float)
+    return float(((used["accuracy"] - used["confidence"]).to_numpy() * rows).sum() / max(rows.sum(), 1.0))
+
+
+def _weakest(a: ModelAnalysis, word: str) -> dict | None:
+    present = a.per_class[a.per_class["support"] > 0].sort_values(["recall", "class"], kind="stable")
+    if len(present) < 2:
+        return None
+    first, rest = present.iloc[0], present.iloc[1:3]
+    then = ", ".join(f"{r['class']} ({r['recall']:.2f})" for _, r in rest.iterrows())
+    return {
+        "kind": "weakest",
+        "class": str(first["class"]),
+        "recall": float(first["recall"]),
+        "support": int(first["support"]),
+        "text": f"Weakest {word}: {first['class']}, recall {first['recall']:.2f} of {int(first['support'])} rows; "
+        f"then {then}.",
+    }
+
+
+def _top_confusion(a: ModelAnalysis, classes: list[str], word: str) -> dict | None:
+    if not a.pairs:
+        return None
+    t, p, n = a.pairs[0]
+    support = int(a.per_class["support"].iloc[t])
+    share = n / max(support, 1)
+    return {
+        "kind": "confusion",
+        "true": classes[t],
+        "predicted": classes[p],
+        "count": int(n),
+        "share": share,
+        "text": f"Top confusion: {classes[t]} predicted as {classes[p]}, {n} of {support} {classes[t]} rows "
+        f"({share:.0%}); its examples are below. If what tells them apart is a detail, a higher resolution; "
+        f"if it is a pose or a colour, the augmentation that varies it.",
+    }
+
+
+def _calibration(a: ModelAnalysis, label_smoothing: float | None) -> dict:
+    gap = calibration_gap(a.reliability)
+    direction = "calibrated" if abs(gap) < CALIBRATED else "under-confident" if gap > 0 else "over-confident"
+    if direction == "calibrated":
+        text = f"Calibrated: confidence is within {CALIBRATED:.0%} of accuracy on average (ECE {a.ece:.3f})."
+    elif direction == "under-confident":
+        fix = (
+            f"lower train.label_smoothing (now {label_smoothing:g})"
+            if label_smoothing
+            else "a temperature below 1 on the logits"
+        )
+        text = (
+            f"Under-confident: accuracy exceeds confidence by {gap:.1%} on average (ECE {a.ece:.3f}): {fix}; a "
+            "log-loss competition gets a temperature fitted on OOF (the ensemble's temperature step)."
+        )
+    else:
+        text = (
+            f"Over-confident: confidence exceeds accuracy by {-gap:.1%} on average (ECE {a.ece:.3f}): label "
+            "smoothing or mixup in training, or a temperature above 1 (for a log-loss competition the ensemble's "
+            "temperature step fits one on OOF)."
+        )
+    return {"kind": "calibration", "direction": direction, "gap": gap, "text": text}
+
+
+def _epochs(report: dict) -> dict | None:
+    curves = {k: c for k, c in (report.get("curves") or {}).items() if c}
+    if not curves:  # features+sklearn: no epochs
+        return None
+    monitor = report.get("monitor") or "log_loss"
+    key = f"val_{monitor}"
+    validated = {k: [(r["epoch"], r[key]) for r in c if key in r] for k, c in curves.items()}
+    epochs = max(len(c) for c in curves.values())
+    fewest = min(len(v) for v in validated.values())
+    if fewest < 3:
+        return {
+            "kind": "epochs",
+            "verdict": "unknown",
+            "text": f"Epochs: no curve to read (each fold validated {fewest} time(s) in {epochs} epochs); "
+            "train.val_every: 1 shows whether more epochs pay.",
+        }
+    best = [v[argbest(monitor, [score for _, score in v])] for v in validated.values()]
+    last = sum(epoch == v[-1][0] for (epoch, _), v in zip(best, validated.values()))
+    peaks = [epoch for epoch, _ in best]
+    if last >= MORE_EPOCHS_SHARE * len(validated):
+        verdict = "more"
+        text = (
+            f"Epochs: {monitor} was still at its best on the last validation in {last} of {len(validated)} folds "
+            f"({epochs} epochs): more epochs (a larger budget.minutes, or train.epochs) are likely to pay."
+        )
+    else:
+        verdict = "enough"
+        text = (
+            f"Epochs: the folds peaked at epochs {', '.join(map(str, peaks))} of {epochs} ({monitor}): more "
+            "epochs are unlikely to pay; stronger augmentation or regularisation may."
+        )
+    return {"kind": "epochs", "verdict": verdict, "folds_best_last": last, "text": text}
+
+
+def _resolution(input_size: int | None, native: float | None) -> dict | None:
+    if not input_size or not native:
+        return None
+    native = int(native)
+    if input_size >= RESOLUTION_SHARE * native:
+        return {
+            "kind": "resolution",
+            "verdict": "enough",
+            "text": f"Resolution: the network sees {input_size} px of images of {native} px (median short side): "
+            "their detail is all there.",
+        }
+    return {
+        "kind": "resolution",
+        "verdict": "higher",
+        "text": f"Resolution: the network sees {input_size} px of images of {native} px (median short side): "
+        f"a larger train.image_size (up to {native}, prepare.image_size at least as large) may pay, at about "
+        f"{(native / input_size) ** 2:.1f}x the cost per epoch.",
+    }
+
+
+def next_steps(
+    a: ModelAnalysis,
+    task: Task,
+    train_report: dict | None = None,
+    native: float | None = None,
+    label_smoothing: float | None = None,
+) -> list[dict]:
+    """The report's top lines for one model, each {kind, text, the values it states}: its weakest class with
+    its recall, its top confusion with its share, its calibration and the fix, and for a backbone (its
+    `train_report`: reports/train/<b>.json) whether more epochs (its folds' curves) or a higher input size
+    (against the images' `native` median short side) are likely to pay."""
+    steps = [_weakest(a, task.CLASS_WORD), _top_confusion(a, task.classes, task.CLASS_WORD)]
+    if task.HAS_CONFIDENCE:
+        steps.append(_calibration(a, label_smoothing))
+    if train_report:
+        steps += [_epochs(train_report), _resolution(train_report.get("input_size"), native)]
+    return [s for s in steps if s is not None]
+
+
 def summary(analyses: list[ModelAnalysis], div: pd.DataFrame) -> dict:
     """Headline numbers for `dvc metrics show`: a block per backbone, the ensemble's, one per pair of backbones."""
     out = {"backbones": {}, "pairs": {}}
@@ -257,12 +402,39 @@ class StageAnalysis:
     headline: dict
 
 
+def native_side(data: PreparedData) -> float | None:
+    """The training images' median short side, in the original files' pixels (None if prepare did not
+    record their sizes)."""
+    if "width" not in data.train or "height" not in data.train:
+        return None
+    return float(np.median(np.minimum(data.train["width"].to_numpy(), data.train["height"].to_numpy())))
+
+
+def attach_next_steps(analyses: list[ModelAnalysis], params: Params, data: PreparedData, train_reports) -> None:
+    """Each model's `next_steps`; a backbone's read with its train report (`train_reports`(name): a path)."""
+    native = native_side(data)
+    for a in analyses:
+        if a.ensemble:
+            a.next_steps = next_steps(a, data.task, label_smoothing=params.train.label_smoothing)
+            continue
+        path = Path(train_reports(a.name))
+        report = read_json(path) if path.exists() else None
+        smoothing = resolve_train_settings(params.train, a.name).label_smoothing
+        a.next_steps = next_steps(a, data.task, report, native, smoothing)
+
+
 def analyze_stage(
-    params: Params, data: PreparedData, predictions: Path, submissions: Path, ensemble_report: Path
+    params: Params,
+    data: PreparedData,
+    predictions: Path,
+    submissions: Path,
+    ensemble_report: Path,
+    train_reports=lambda name: Path("reports/train") / f"{name}.json",
 ) -> StageAnalysis:
     """The stage's analysis: every backbone's OOF predictions (`predictions`/<b>/oof_probs.csv) and the
     ensemble's honest ones (`submissions`/oof_probs.csv), read as the task reads them; with `cv.holdout`,
-    the held-out scores of `ensemble_report` (reports/ensemble.json) beside them."""
+    the held-out scores of `ensemble_report` (reports/ensemble.json) beside them; each backbone's train
+    report (`train_reports`(name)) for its epochs and input size."""
     task, ids, y = data.task, data.train["id"].to_numpy(), data.targets
     oof = {b: task.read_predictions(Path(predictions) / b / "oof_probs.csv", ids, b) for b in params.train.backbones}
     ensemble = task.read_predictions(Path(submissions) / "oof_probs.csv", ids, "ensemble")
@@ -275,6 +447,7 @@ def analyze_stage(
         analyses[-1].per_class["threshold"] = [thresholds[c] for c in task.classes]
     if data.holdout is not None:
         attach_holdout(analyses, report)
+    attach_next_steps(analyses, params, data, train_reports)
     div = diversity({a.name: a.pred for a in analyses if not a.ensemble}, y, task)
     per_class = per_class_accuracy({a.label: a.pred for a in analyses}, task.truth(y), task.classes)
     return StageAnalysis(analyses, div, per_class, summary(analyses, div))

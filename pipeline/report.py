@@ -56,6 +56,7 @@ class ModelAnalysis:
     ece: float
     slices: pd.DataFrame
     advice: list[dict] = field(default_factory=list)
+    next_steps: list[dict] = field(default_factory=list)  # the report's top lines (analyze.next_steps)
     ensemble: bool = False  # the submission's ensemble rather than one backbone
     holdout: dict | None = None  # cv.holdout's scores (reports/ensemble.json): the bag as test is predicted
 
@@ -115,14 +116,14 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> Path:
     with np.errstate(invalid="ignore", divide="ignore"):
         normed = np.nan_to_num(cm / cm.sum(1, keepdims=True))[np.ix_(keep, keep)]
     labels = [classes[i] for i in keep]
-    side = 3 + 0.35 * len(keep)
-    fig, axes = plt.subplots(1, 2, figsize=(2 * side, side))
+    side = 3 + 0.35 * len(keep) + 0.07 * max(map(len, labels), default=0)  # room for long class names
+    fig, axes = plt.subplots(1, 2, figsize=(2 * side, side), layout="constrained")  # labels never overlap
     for ax, m, title, fmt in ((axes[0], counts, "counts", "d"), (axes[1], normed, "row-normalised (recall)", ".2f")):
         ax.imshow(m, cmap="Blues")
         ax.set_xticks(range(len(keep)), labels, rotation=90)
         ax.set_yticks(range(len(keep)), labels)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
+        ax.set_xlabel("predicted class")
+        ax.set_ylabel("true class")
         ax.set_title(title)
         if len(keep) <= 15:
             for (i, j), v in np.ndenumerate(m):
@@ -138,25 +139,48 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> Path:
     return _save(fig, path)
 
 
+def wrap_caption(caption: str, fits) -> list[str]:
+    """`caption`'s lines, each broken at spaces (a word too long for a line: between characters) so that
+    `fits(line)` holds: the whole caption, on as many lines as it needs."""
+    out = []
+    for text in caption.split("\n"):
+        line = ""
+        for word in text.split(" "):
+            candidate = f"{line} {word}" if line else word
+            if fits(candidate):
+                line = candidate
+                continue
+            if line:
+                out.append(line)
+            while not fits(word) and len(word) > 1:
+                cut = max(i for i in range(1, len(word) + 1) if fits(word[:i]) or i == 1)
+                out.append(word[:cut])
+                word = word[cut:]
+            line = word
+        out.append(line)
+    return out
+
+
 def plot_gallery(
     images: np.ndarray, rows: np.ndarray, captions: list[str], path: Path, ncols: int = 8, tile: int = 96
 ) -> Path:
-    """A grid of images, each captioned below (drawn with PIL: dozens per report, matplotlib is slow at it)."""
+    """A grid of images, each captioned below, whole (wrapped to the tile's width; drawn with PIL: dozens per
+    report, matplotlib is slow at it)."""
     font = ImageFont.load_default(size=11)
-    lines = max((c.count("\n") + 1 for c in captions), default=1)
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = [wrap_caption(c, lambda line: draw.textlength(line, font=font) <= tile) for c in captions]
+    lines = max((len(w) for w in wrapped), default=1)
     cell_w, cell_h = tile + 8, tile + 8 + 13 * lines
     n = max(len(rows), 1)
     ncols = min(ncols, n)
     sheet = Image.new("RGB", (ncols * cell_w, math.ceil(n / ncols) * cell_h), "white")
     draw = ImageDraw.Draw(sheet)
-    for i, (r, caption) in enumerate(zip(rows, captions)):
+    for i, (r, caption) in enumerate(zip(rows, wrapped)):
         x, y = (i % ncols) * cell_w + 4, (i // ncols) * cell_h + 4
         img = Image.fromarray(np.asarray(images[r]))
         resample = Image.NEAREST if img.width <= tile else Image.BILINEAR  # small images: show the pixels
         sheet.paste(img.resize((tile, tile), resample), (x, y))
-        for j, line in enumerate(caption.split("\n")):
-            while len(line) > 3 and draw.textlength(line, font=font) > tile:
-                line = line[:-2] + "~"
+        for j, line in enumerate(caption):
             draw.text((x, y + tile + 2 + 13 * j), line, fill="black", font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
@@ -426,10 +450,24 @@ def _gallery_sections(a: ModelAnalysis, r: ReportRows, fig_dir: Path) -> dict:
     return galleries
 
 
+def _next_steps_list(steps: list[dict], ident: str, prefix: str = "") -> str:
+    items = "".join(f"<li>{html.escape(prefix)}{html.escape(x['text'])}</li>" for x in steps)
+    return f'<ul class="next" id="{ident}">{items}</ul>' if items else ""
+
+
+def next_steps_section(analyses: list[ModelAnalysis]) -> str:
+    """The page's top lines: the submission's (the ensemble's), then each backbone's epochs and resolution."""
+    ensemble = [a for a in analyses if a.ensemble]
+    parts = [_next_steps_list(ensemble[0].next_steps, "next-steps")] if ensemble else []
+    own = [(a, [x for x in a.next_steps if x["kind"] in ("epochs", "resolution")]) for a in analyses if not a.ensemble]
+    parts += [_next_steps_list(steps, f"next-steps-{a.anchor}", f"{a.name}: ") for a, steps in own if steps]
+    return f'<section id="next"><h2>What to try next</h2>{"".join(parts)}</section>'
+
+
 def model_section(a: ModelAnalysis, r: ReportRows, fig_dir: Path, examples_per_pair: int) -> tuple[str, dict]:
     """The HTML section of one model and its content as data."""
     m = a.anchor
-    scores = _scores_section(a, r.y, r.task)
+    scores = _next_steps_list(a.next_steps, f"{m}-next") + _scores_section(a, r.y, r.task)
     confusion, pair_rows = _confusion_section(a, r, fig_dir, examples_per_pair)
     galleries = _gallery_sections(a, r, fig_dir)
     calibration, slices = _calibration_and_slices(a, r.y, r.task, fig_dir)
@@ -449,6 +487,7 @@ def model_section(a: ModelAnalysis, r: ReportRows, fig_dir: Path, examples_per_p
         "reliability": a.reliability.to_dict("records"),
         "slices": a.slices.to_dict("records"),
         "advice": a.advice,
+        "next_steps": a.next_steps,
     }
     return body, data
 
@@ -574,14 +613,14 @@ def write_report(
         "diversity": div.to_dict("records"),
         "per_class_accuracy": per_class.reset_index(names="class").to_dict("records"),
     }
-    links = [("side-by-side", "side by side")] + [(a.anchor, a.label) for a in analyses]
+    links = [("next", "what to try next"), ("side-by-side", "side by side")] + [(a.anchor, a.label) for a in analyses]
     nav = "".join(f'<a href="#{x}">{html.escape(label)}</a>' for x, label in links)
     page = (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
         f"<p>{len(y)} training images, {len(classes)} classes, {int(folds.max()) + 1} folds. "
         f"Every figure comes from out-of-fold predictions; the test set is never looked at.</p>"
-        f"<nav>{nav}</nav>{side_by_side}{''.join(sections)}</body></html>\n"
+        f"<nav>{nav}</nav>{next_steps_section(analyses)}{side_by_side}{''.join(sections)}</body></html>\n"
     )
     (out / "index.html").write_text(page, encoding="utf-8")
     write_json(out / "analysis.json", _clean(data))

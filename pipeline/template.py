@@ -31,13 +31,13 @@ from pipeline.competition import CompetitionFiles, ImageFolder
 from pipeline.config import CompetitionConfig, parse_params
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_write_text
-from pipeline.prepare import read_train
 from pipeline.presets import PRESETS
-from pipeline.tasks import TASKS
+from pipeline.targets import read_train
+from pipeline.tasks import TASKS, Task
 
-# The backbones, best first for a 2-core CPU: (timm model, its training cost per image at one input size
-# relative to Lite0's; FLOPs ratios of the three, 1 : 1.4 : 2.1 at their own sizes, scaled to one size).
-BACKBONES = (("tf_efficientnet_lite0", 1.0), ("tf_efficientnet_lite1", 1.25), ("tf_efficientnet_lite2", 1.55))
+# The backbones, in the order they join: (timm model, its training cost per image at one input size relative
+# to Lite0's: the FLOPs ratio at 96 px, 141 : 184 : 211 MFLOPs; the plan measures the real speeds).
+BACKBONES = (("tf_efficientnet_lite0", 1.0), ("tf_efficientnet_lite1", 1.3), ("tf_efficientnet_lite2", 1.5))
 LITE0_TRAIN_IMAGES_PER_S = 98.0  # at 96 px, bf16, 2-core AMD EPYC (docs/results.md, photo-cpu): init's estimate
 MIN_EPOCHS = 6  # a backbone joins the ensemble when the budget's half trains every fold model this many epochs
 MIN_INPUT = 64  # below this a stride-32 network has under 2x2 features: small images are upsampled to it
@@ -194,46 +194,55 @@ def holdout_share(n_rows: int, counts: np.ndarray | None) -> float | None:
     return 0.1
 
 
-def make_template(source: str, budget: float | None, metric: str | None, label_column: str | None = None):
-    """(the preset as a mapping, {dotted key: its comment}, the header's lines)."""
-    import timm
+@dataclasses.dataclass(frozen=True)
+class Survey:
+    """What init found in a competition: its layout, rows, kind of target, class counts, image geometry."""
 
+    comp: CompetitionConfig
+    rows: int
+    task: Task
+    counts: np.ndarray | None  # rows per class (single-label), else None
+    geo: dict  # `geometry` of the sampled images
+    sampled: int
+
+
+def survey(source: str, label_column: str | None = None) -> Survey:
+    """The competition at `source` read as prepare reads it, and a sample of its images' sizes."""
     comp = find_layout(source, label_column)
     files = CompetitionFiles(source)
     files.set_root(comp.train_csv or comp.train_dir + "/")
     train, task = read_train(files, comp)
     paths = train["path"].dropna().tolist()
-    geo = geometry(image_sizes(files, paths))
     counts = np.asarray(train["label"].value_counts().to_numpy()) if task.name == "single_label" else None
-    holdout = holdout_share(len(train), counts)
+    return Survey(comp, len(train), task, counts, geometry(image_sizes(files, paths)), min(len(paths), SAMPLED_IMAGES))
+
+
+def _augment(size: int) -> list:
+    return [{"RandomResizedCrop": {"size": [size, size], "scale": [0.35, 1.0]}}, {"HorizontalFlip": {"p": 0.5}}]
+
+
+def photo_preset(found: Survey, budget: float | None, metric: str | None) -> dict:
+    """The preset's keys for the surveyed competition (the rules in the module docstring and README)."""
+    import timm
+
+    comp, task, native = found.comp, found.task, found.geo["native"]
+    holdout = holdout_share(found.rows, found.counts)
     n_folds = 3 if budget is not None and budget < 60 else 5
-    inputs = {m: input_size(timm.models.get_pretrained_cfg(m).input_size[-1], geo["native"]) for m, _ in BACKBONES}
-    fit_rows = int(len(train) * (1 - (holdout or 0)))
-    chosen = members(inputs, dict(BACKBONES), fit_rows, n_folds, budget)
+    inputs = {m: input_size(timm.models.get_pretrained_cfg(m).input_size[-1], native) for m, _ in BACKBONES}
+    chosen = members(inputs, dict(BACKBONES), int(found.rows * (1 - (holdout or 0))), n_folds, budget)
     inputs = {b: inputs[b] for b in chosen}
-    largest = max(inputs.values())
-    cache = max(largest, min(geo["native"], math.ceil(largest / 0.875)))
-    metric = metric or DEFAULT_METRIC[task.name]
-    shared = len(set(inputs.values())) == 1
-
-    def augment(size: int) -> list:
-        crop = {"RandomResizedCrop": {"size": [size, size], "scale": [0.35, 1.0]}}
-        return [crop, {"HorizontalFlip": {"p": 0.5}}]
-
-    backbones = {}
-    for b, size in inputs.items():
-        backbones[b] = {"pretrained": f"weights/{b}"}
-        if not shared:
-            backbones[b].update(image_size=size, augment=augment(size))
+    largest, shared = max(inputs.values()), len(set(inputs.values())) == 1
+    backbones = {b: {"pretrained": f"weights/{b}"} for b in chosen}
+    if not shared:  # each its own input, and augmentation ending there
+        for b, size in inputs.items():
+            backbones[b].update(image_size=size, augment=_augment(size))
     competition = {k: getattr(comp, k) for k in ("source", "train_csv", "train_dir", "test_dir", "image_ext")}
     if comp.train_csv:
         competition.update(id_column=comp.id_column, label_column=comp.label_column)
-    competition.update(sample_submission=comp.sample_submission, metric=metric)
+    competition.update(sample_submission=comp.sample_submission, metric=metric or DEFAULT_METRIC[task.name])
     methods = [m for m in ("soft_voting", "caruana", "optimized", "stacking") if m in TASKS[task.name].ENSEMBLE_METHODS]
-    train_keys = {"backbones": backbones}
-    if shared:
-        train_keys.update(image_size=largest, augment=augment(largest))
-    train_keys.update(
+    train = {"backbones": backbones, **({"image_size": largest, "augment": _augment(largest)} if shared else {})}
+    train.update(
         epochs=10,
         val_every=100,
         batch_size=32 if largest > 192 else 64,
@@ -244,25 +253,32 @@ def make_template(source: str, budget: float | None, metric: str | None, label_c
     )
     preset = {
         "competition": competition,
-        "prepare": {"image_size": cache, "resize": geo["resize"]},
+        "prepare": {"image_size": max(largest, min(native, math.ceil(largest / 0.875))), "resize": found.geo["resize"]},
         "cv": {"n_folds": n_folds, "holdout": holdout},
-        "train": train_keys,
+        "train": train,
         "tta": {"candidates": ["none", "hflip"], "metric": None},
         "ensemble": {"method": "auto", "methods": methods if len(chosen) > 1 else ["soft_voting"]},
         "budget": {"minutes": budget, "probe_batches": 40},
     }
     parse_params(preset, source="init")  # every key exists and has the right type
+    return preset
+
+
+def _comments(found: Survey, preset: dict) -> dict[str, str]:
+    """Each written key's inline comment: why init chose its value, or SET where the user must check it."""
+    task, geo, budget = found.task, found.geo, preset["budget"]["minutes"]
     side = "long" if geo["mixed"] else "short"
+    chosen = len(preset["train"]["backbones"])
     comments = {
         "competition.source": "SET: where the competition's zip or folder is",
-        "competition.metric": f"SET: the competition's metric ({task.name}: {', '.join(TASKS[task.name].METRICS)})",
+        "competition.metric": f"SET: the competition's metric ({task.name}: {', '.join(task.METRICS)})",
         "competition.label_column": "SET: the sample submission's answer column, found in train.csv",
-        "prepare.image_size": f"the cache: the largest input ({largest}) up to its crop room, at most the native side",
+        "prepare.image_size": "the cache: the largest input, up to its crop room (/0.875), at most the native side",
         "prepare.resize": "aspect ratios vary: letterboxed" if geo["mixed"] else "aspect ratios alike: resized whole",
         "cv.holdout": "scored like the test set"
-        if holdout
+        if preset["cv"]["holdout"]
         else f"under {HOLDOUT_ROWS} rows or a class under {HOLDOUT_CLASS_ROWS}: no holdout",
-        "train.backbones": f"{len(chosen)} of {len(BACKBONES)} ImageNet Lites: what half the budget trains "
+        "train.backbones": f"{chosen} of {len(BACKBONES)} ImageNet Lites: what half the budget trains "
         f"{MIN_EPOCHS} epochs per fold model"
         if budget
         else "the three ImageNet Lites",
@@ -273,24 +289,31 @@ def make_template(source: str, budget: float | None, metric: str | None, label_c
         "tta.candidates": "chosen per backbone on OOF",
         "budget.minutes": "the whole `dvc repro`; null: the epochs above",
     }
-    if not shared:
-        comments["train.backbones"] += "; each at its weights' input, capped at the images' median " + side + " side"
-    class_line = (
-        f"{len(counts)} classes, {int(counts.min())}-{int(counts.max())} rows each"
-        if counts is not None
-        else task.describe()
-    )
+    if "image_size" not in preset["train"]:
+        comments["train.backbones"] += f"; each at its weights' input, capped at the images' median {side} side"
+    return comments
+
+
+def _header(found: Survey, source: str) -> list[str]:
+    comp, task, geo, counts = found.comp, found.task, found.geo, found.counts
+    classes = f"{len(counts)} classes, {int(counts.min())}-{int(counts.max())} rows each" if counts is not None else ""
     layout = f"train CSV {comp.train_csv}" if comp.train_csv else f"class folders under {comp.train_dir}/"
-    header = [
+    return [
         f"written by `python -m pipeline init {source}` on {dt.date.today().isoformat()} from what it holds:",
-        f"{layout}, {len(train)} training rows ({task.name}: {class_line}), images in {comp.train_dir}/ and "
-        f"{comp.test_dir}/ ({comp.image_ext}),",
-        f"median {geo['median_w']}x{geo['median_h']} px of {min(len(paths), SAMPLED_IMAGES)} sampled"
+        f"{layout}, {found.rows} training rows ({task.name}: {classes or task.describe()}), images in "
+        f"{comp.train_dir}/ and {comp.test_dir}/ ({comp.image_ext}),",
+        f"median {geo['median_w']}x{geo['median_h']} px of {found.sampled} sampled"
         f"{', mixed aspect ratios' if geo['mixed'] else ''}. Check the lines marked SET, then",
-        "`make run PRESET=<this file>` (or `python -m pipeline preset <this file>` and `dvc repro`). Online, ",
+        "`make run PRESET=<this file>` (or `python -m pipeline preset <this file>` and `dvc repro`). Online,",
         "`pretrained: true` takes timm's copy of the same weights; offline, `preset` converts them.",
     ]
-    return preset, comments, header
+
+
+def make_template(source: str, budget: float | None, metric: str | None, label_column: str | None = None):
+    """(the preset as a mapping, {dotted key: its comment}, the header's lines)."""
+    found = survey(source, label_column)
+    preset = photo_preset(found, budget, metric)
+    return preset, _comments(found, preset), _header(found, source)
 
 
 # ---------------------------------------------------------------- writing it

@@ -41,6 +41,16 @@ def _fold_scores(result: FoldResult, targets: np.ndarray, task: Task) -> dict:
     return {**task.scores(result.val_probs, targets), "best_epoch": result.best_epoch + 1}
 
 
+def fold_curve(result: FoldResult) -> list[dict]:
+    """The fold's epochs as the report reads them (does more training pay?): each one's training loss and,
+    where it was validated, its validation scores."""
+    keep = ("train_loss",)
+    return [
+        {"epoch": i + 1, **{k: v for k, v in row.items() if k in keep or k.startswith("val_")}}
+        for i, row in enumerate(result.history)
+    ]
+
+
 def _save_fold(result: FoldResult, ckpt: dict, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt, folder / "model.pt")
@@ -89,13 +99,14 @@ def cross_validate(
         resume_dir.mkdir(parents=True, exist_ok=True)
     targets, folds, task = data.targets, data.folds, data.task
     oof = np.zeros((len(targets), task.n_outputs), dtype=np.float64)
-    fold_metrics = {}
+    fold_metrics, curves = {}, {}
     log.start(backbone.name, data.n_folds * fold_units(backbone.settings))
     for k in range(data.n_folds):
         va = np.flatnonzero(folds == k)
         result, ckpt = _train_or_keep_fold(data, k, backbone, device, log, resume_dir)
         oof[va] = result.val_probs
         fold_metrics[str(k)] = _fold_scores(result, targets[va], task)
+        curves[str(k)] = fold_curve(result)
         if distributed.is_main():  # under torchrun only rank 0 writes
             _save_fold(result, ckpt, out_dir / f"fold{k}")
         distributed.barrier()
@@ -103,6 +114,9 @@ def cross_validate(
         "oof": task.scores(oof, targets),
         **fold_summary(fold_metrics, task.METRICS),
         "folds": fold_metrics,
+        "curves": curves,
+        "monitor": backbone.settings.monitor,
+        "input_size": backbone.input_side,
         "precision": ckpt.get("precision"),
         "precision_probe": ckpt.get("precision_probe"),
     }
@@ -192,6 +206,7 @@ def train_backbone(
         "folds": per_fold if len(seeds) > 1 else first["folds"],
         "seeds": {seed: m["oof"] for seed, m in per_seed.items()},
         "bootstrap": s.bootstrap,
+        **{k: first[k] for k in ("curves", "monitor", "input_size")},
         "precision": first["precision"],
         "precision_probe": first["precision_probe"],
     }

@@ -16,12 +16,15 @@ from PIL import Image
 
 from pipeline import __main__ as cli
 from pipeline.analyze import (
+    _epochs,
+    _resolution,
     analyze_model,
     confident_wrong_rows,
     diversity,
     expected_calibration_error,
     fold_scores,
     most_confused_pairs,
+    next_steps,
     per_class_accuracy,
     per_class_scores,
     reliability_table,
@@ -32,7 +35,7 @@ from pipeline.config import CompetitionConfig
 from pipeline.data import build_train_transform
 from pipeline.prepare import prepare
 from pipeline.probs import prediction_frame as probs_frame
-from pipeline.report import ReportRows, never_predicted, write_report
+from pipeline.report import ReportRows, never_predicted, wrap_caption, write_report
 from pipeline.slices import ADVICE, advise, augment_yaml, image_properties, slice_errors
 from pipeline.tasks.single_label import METRICS, SingleLabel
 from tests.conftest import write_competition
@@ -427,10 +430,109 @@ def test_a_class_never_predicted_is_flagged():
 def test_the_competition_metric_heads_a_models_scores():
     props = image_properties(np.random.default_rng(0).integers(0, 256, size=(6, 8, 8, 3), dtype=np.uint8))
     kwargs = dict(top_k=4, pairs=3, calibration_bins=5, slice_buckets=2, alpha=0.05, where="train.augment")
-    for metric in ("roc_auc", "quadratic_weighted_kappa"):
+    for metric in ("roc_auc", "macro_f1"):
         a = analyze_model("m", PROBS, Y, FOLDS, TASK, props, None, metric=metric, **kwargs)
-        assert list(a.scores)[0] == metric and set(a.scores) == set(METRICS)
+        assert list(a.scores)[0] == metric and set(a.scores) == set(METRICS) - {"quadratic_weighted_kappa"}
         assert (
             list(summary([a], diversity({"m": PROBS.argmax(1)}, Y, SingleLabel(CLASSES)))["backbones"]["m"])[0]
             == metric
         )
+
+
+# ---------------------------------------------------------------- what to try next
+
+
+def _made_oof(top: float):
+    """30 rows of boot / dress / shirt: every boot right, 3 dresses taken for shirts, 1 shirt for a boot;
+    every row's top probability `top` (accuracy 26/30 against it)."""
+    y = np.repeat([0, 1, 2], 10)
+    pred = y.copy()
+    pred[[10, 11, 12]] = 2
+    pred[20] = 0
+    probs = np.full((30, 3), (1 - top) / 2)
+    probs[np.arange(30), pred] = top
+    return probs, y
+
+
+def _analysis(probs, y, task):
+    images = np.random.default_rng(0).integers(0, 256, size=(len(y), 8, 8, 3), dtype=np.uint8)
+    kwargs = dict(top_k=4, pairs=3, calibration_bins=5, slice_buckets=2, alpha=0.05, where="train.augment")
+    return analyze_model("m", probs, y, np.arange(len(y)) % 3, task, image_properties(images), None, **kwargs)
+
+
+@pytest.mark.parametrize("top, direction", [(0.6, "under-confident"), (0.99, "over-confident")])
+def test_top_lines_state_the_weakest_class_the_top_confusion_and_the_calibration(top, direction):
+    probs, y = _made_oof(top)
+    task = SingleLabel(["boot", "dress", "shirt"])
+    a = _analysis(probs, y, task)
+    assert not a.advice  # no weak slice: the top lines are there all the same
+    steps = {s["kind"]: s for s in next_steps(a, task, label_smoothing=0.1)}
+    pred = probs.argmax(1)
+    recall = {c: (pred[y == i] == i).mean() for i, c in enumerate(task.classes)}
+    weakest = min(recall, key=recall.get)
+    assert (steps["weakest"]["class"], steps["weakest"]["recall"]) == (weakest, pytest.approx(recall[weakest]))
+    assert "Weakest class: dress, recall 0.70 of 10 rows" in steps["weakest"]["text"]
+    share = ((y == 1) & (pred == 2)).sum() / (y == 1).sum()
+    assert (steps["confusion"]["true"], steps["confusion"]["predicted"]) == ("dress", "shirt")
+    assert (
+        steps["confusion"]["share"] == pytest.approx(share) and "3 of 10 dress rows (30%)" in steps["confusion"]["text"]
+    )
+    gap = (pred == y).mean() - probs.max(1).mean()
+    assert steps["calibration"]["direction"] == direction and steps["calibration"]["gap"] == pytest.approx(gap)
+    if direction == "under-confident":
+        assert "lower train.label_smoothing (now 0.1)" in steps["calibration"]["text"]
+
+
+def test_the_page_opens_with_the_top_lines(tmp_path):
+    probs, y = _made_oof(0.6)
+    task = SingleLabel(["boot", "dress", "shirt"])
+    a, e = _analysis(probs, y, task), _analysis(probs, y, task)
+    e.ensemble = True
+    curves = {str(k): [{"epoch": i + 1, "train_loss": 1.0 / (i + 1), "val_log_loss": 1.0 / (i + 1)} for i in range(5)]
+              for k in range(3)}  # fmt: skip
+    a.next_steps = next_steps(a, task, {"curves": curves, "monitor": "log_loss", "input_size": 96}, 200.0, 0.1)
+    e.next_steps = next_steps(e, task, label_smoothing=0.1)
+    images = np.zeros((30, 8, 8, 3), dtype=np.uint8)
+    rows = ReportRows(np.array([f"r{i}" for i in range(30)]), y, np.arange(30) % 3, task.classes, images, task)
+    write_report(tmp_path, [a, e], pd.DataFrame(), per_class_accuracy({}, y, task.classes), {}, rows, 2, "t")
+    html = (tmp_path / "index.html").read_text()
+    top = html[html.index('<section id="next">') : html.index('<section id="side-by-side">')]
+    assert "Weakest class: dress" in top and "Under-confident" in top and "m: Epochs:" in top
+    assert "m: Resolution: the network sees 96 px of images of 200 px" in top
+    assert "quadratic_weighted_kappa" not in html  # class names have no order: no kappa anywhere
+
+
+def test_the_epochs_line_reads_the_fold_curves():
+    def report(curve):
+        return {"curves": {str(k): c for k, c in enumerate(curve)}, "monitor": "accuracy", "input_size": 64}
+
+    def fold(scores, every=1):
+        return [{"epoch": i + 1, **({"val_accuracy": s} if (i + 1) % every == 0 else {})} for i, s in enumerate(scores)]
+
+    rising, peaked = [0.5, 0.6, 0.7, 0.8], [0.5, 0.9, 0.7, 0.6]
+    more = _epochs(report([fold(rising), fold(rising), fold(peaked)]))
+    assert more["verdict"] == "more" and more["folds_best_last"] == 2
+    enough = _epochs(report([fold(peaked), fold(peaked), fold(rising)]))
+    assert enough["verdict"] == "enough" and "peaked at epochs 2, 2, 4 of 4" in enough["text"]
+    assert _epochs(report([fold(rising, every=4)] * 3))["verdict"] == "unknown"  # one validation: no curve
+    assert _resolution(96, 100.0)["verdict"] == "enough" and _resolution(96, 200.0)["verdict"] == "higher"
+
+
+def test_kappa_only_for_ordered_labels():
+    assert "quadratic_weighted_kappa" not in SingleLabel(["cat", "dog"]).METRICS
+    assert "quadratic_weighted_kappa" in SingleLabel(["0", "1", "2"]).METRICS
+    from pipeline.config import ConfigError, parse_params
+    from pipeline.tasks import check_params
+
+    params = parse_params({"competition": {"metric": "quadratic_weighted_kappa"}})
+    with pytest.raises(ConfigError, match="quadratic_weighted_kappa needs ordered labels, integer grades"):
+        check_params(params, SingleLabel(["cat", "dog"]), "train")
+    check_params(params, SingleLabel(["0", "1"]), "train")
+
+
+def test_captions_are_whole_wrapped_to_the_tile():
+    caption = "img42\ndress -> t-shirt (0.93)"
+    lines = wrap_caption(caption, lambda line: len(line) <= 10)
+    assert all(len(line) <= 10 for line in lines) and "~" not in "".join(lines)
+    assert " ".join(lines).replace(" ", "") == caption.replace("\n", "").replace(" ", "")
+    assert wrap_caption("averyveryverylongname", lambda line: len(line) <= 8) == ["averyver", "yverylon", "gname"]

@@ -57,7 +57,9 @@ def _top(model_name: str, weights: str | None, mean, std, size: int) -> list[str
         model.load_state_dict({**model.state_dict(), **head})
     cfg = InputConfig(size, tuple(mean), tuple(std), "bicubic")
     imagenet = SingleLabel([str(c) for c in range(1000)])
-    log_probs = predict_views(model, _photos(round(size / 0.875)), cfg, 2, torch.device("cpu"), ["crop_center"], imagenet)[0]
+    log_probs = predict_views(
+        model, _photos(round(size / 0.875)), cfg, 2, torch.device("cpu"), ["crop_center"], imagenet
+    )[0]
     info = ImageNetInfo()
     return [info.index_to_description(int(i)) for i in log_probs.argmax(1)]
 

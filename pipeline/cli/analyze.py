@@ -1,7 +1,8 @@
 """python -m pipeline analyze  ->  reports/oof/ (index.html, summary.json, analysis.json, figures/, tables/)
 
-Reads every backbone's predictions/<backbone>/oof_probs.csv, the ensemble's submissions/oof_probs.csv
-and the prepared images; never the test predictions. With `cv.holdout`, the held-out rows' scores from
+Reads every backbone's predictions/<backbone>/oof_probs.csv, the ensemble's submissions/oof_probs.csv,
+the prepared images and each backbone's reports/train/<backbone>.json (its folds' curves and input size, for
+the report's top lines); never the test predictions. With `cv.holdout`, the held-out rows' scores from
 reports/ensemble.json stand beside the OOF ones.
 """
 
@@ -24,7 +25,10 @@ def main(argv=None) -> None:
     params = load_params(args.params)
     paths = RunPaths(Path("."))
     data = load_prepared(paths.prepared)
-    found = analyze_stage(params, data, paths.predictions_root, paths.submissions, paths.report("ensemble"))
+    found = analyze_stage(
+        params, data, paths.predictions_root, paths.submissions, paths.report("ensemble"),
+        lambda b: paths.report("train", b),
+    )  # fmt: skip
     title = f"Out-of-fold error analysis: {experiment_name(params)}"
     rows = ReportRows(data.train["id"].to_numpy(), data.targets, data.folds, data.classes, data.train_images, data.task)
     with atomic_dir(paths.oof_report) as tmp:
@@ -45,4 +49,6 @@ def main(argv=None) -> None:
         tracker.log_artifacts(str(paths.oof_report), "oof")
     for a in found.analyses:
         print(headline_line(a, params.competition.metric, data.task.NEVER_PREDICTED_HINT))
+    for step in found.analyses[-1].next_steps:  # the submission's
+        print(f"next: {step['text']}")
     print(f"report -> {paths.oof_report / 'index.html'}")

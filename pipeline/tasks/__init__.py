@@ -77,6 +77,7 @@ class Task:
     CALIBRATION = ("confidence (max probability)", "accuracy")  # the reliability diagram's axes
     HAS_CONFIDENCE = True  # predictions state a confidence (the report's "confident and wrong" gallery)
     NEVER_PREDICTED_HINT = "try train.class_weight: balanced"  # a class with rows the model never predicts
+    CLASS_WORD = "class"  # what the report calls one row of its per-class table (a label, a slice of the target)
 
     def __init__(self, classes: list[str]):
         self.classes = [str(c) for c in classes]
@@ -197,6 +198,11 @@ def check_params(params, task: Task, where: str, monitor: str | None = None) -> 
         "ensemble.metric": params.ensemble.metric,
     }
     for key, metric in keys.items():
+        if metric not in task.METRICS and metric in type(task).METRICS:  # dropped for this target's values
+            raise ConfigError(
+                f"{where}: {key}: {metric} needs ordered labels, integer grades "
+                f"(this competition's: {', '.join(task.classes[:3])}, ...)"
+            )
         if metric not in task.METRICS:
             raise ConfigError(
                 f"{where}: {key}: {metric} is not a {task.name} metric (choose from {', '.join(task.METRICS)})"

@@ -102,6 +102,7 @@ class MultiLabel(Task):
     METRICS = METRICS
     ENSEMBLE_METHODS = ("soft_voting", "caruana", "optimized", "rank_average", "stacking")
     MULTI_HOT = True  # targets are multi-hot rows: mixup mixes them as they are
+    CLASS_WORD = "label"
 
     def __init__(self, classes: list[str], delimiter: str = " ", beta: float = 1.0):
         super().__init__(classes)

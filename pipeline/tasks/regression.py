@@ -110,6 +110,7 @@ class Regression(Task):
     ENSEMBLE_METHODS = ("soft_voting", "caruana", "optimized", "stacking")
     MULTI_HOT = True  # dense (N, 1) targets: mixup mixes them as they are (linearly)
     PROXY = "rmse"
+    CLASS_WORD = "slice of the target"
 
     def __init__(self, classes=(), low: float = 0.0, high: float = 1.0, grades=None, scale: dict | None = None):
         self.low, self.high = float(low), float(high)

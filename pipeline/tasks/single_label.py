@@ -78,6 +78,15 @@ def vote_shares(probs: np.ndarray) -> np.ndarray:
     return (votes + probs.mean(0) / 2) / (m + 0.5)
 
 
+def ordered(classes: list[str]) -> bool:
+    """Whether class names are grades (every one an integer): what quadratic weighted kappa needs."""
+    try:
+        [int(c) for c in classes]
+    except ValueError:
+        return False
+    return True
+
+
 def sort_classes(labels) -> list[str]:
     """Class order: numeric when every label is an integer ('2' < '10'), else lexicographic."""
     unique = set(labels)
@@ -96,6 +105,11 @@ class SingleLabel(Task):
 
     METRICS = METRICS
     ENSEMBLE_METHODS = ("soft_voting", "hard_voting", "caruana", "optimized", "rank_average", "stacking")
+
+    def __init__(self, classes: list[str]):
+        super().__init__(classes)
+        if not ordered(self.classes):  # kappa weighs the distance between grades: names have none
+            self.METRICS = {k: v for k, v in METRICS.items() if k != "quadratic_weighted_kappa"}
 
     @classmethod
     def from_labels(cls, labels: pd.Series) -> "SingleLabel":
