@@ -60,4 +60,4 @@ def test_direction_and_comparator(name):
 
 
 def test_scores_reports_every_metric():
-    assert set(SingleLabel(["a", "b", "c"]).scores(P3, Y3)) == set(METRICS)
+    assert set(SingleLabel(["0", "1", "2"]).scores(P3, Y3)) == set(METRICS)  # integer classes: kappa too
