@@ -5,6 +5,7 @@
     python -m pipeline plan
     python -m pipeline train --backbone resnet10t
     python -m pipeline predict --backbone resnet10t
+    python -m pipeline refit --backbone resnet10t
     python -m pipeline ensemble
     python -m pipeline analyze
     python -m pipeline timing
@@ -31,7 +32,7 @@ from pathlib import Path
 from pipeline.io import Terminated, record_stage, start_stage_clock, stop_on_signals
 from pipeline.paths import RunPaths
 
-STAGES = ("prepare", "tune", "plan", "train", "predict", "ensemble", "analyze", "timing")
+STAGES = ("prepare", "tune", "plan", "train", "predict", "refit", "ensemble", "analyze", "timing")
 MODULES = {
     **{s: f"pipeline.cli.{s}" for s in STAGES},
     "preset": "pipeline.presets",
@@ -65,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as exc:
         how = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
-        again = {"train": "resumes from the last finished epoch", "tune": "continues the study"}
+        again = {
+            "train": "resumes from the last finished epoch",
+            "refit": "resumes from the last finished epoch",
+            "tune": "continues the study",
+        }
         print(
             f"error: {argv[0]} stopped by {how}; the previous outputs are kept and the same command "
             f"{again.get(argv[0], 'runs it again')}",

@@ -4,7 +4,7 @@ folder that a notebook with internet off runs on the hidden test set.
     python -m pipeline bundle                      # writes bundle/, checks it against submissions/submission.csv
     python bundle/predict.py --test-dir DIR [--sample sample_submission.csv] --out submission.csv
 
-bundle/ holds the weights of every fold model the chosen submission uses (safetensors; a features+sklearn
+bundle/ holds the weights of every fold (or refit) model the chosen submission uses (safetensors; a features+sklearn
 head as numbers), bundle.json (members, each one's timm model and input config, its TTA views and merge,
 the ensemble method's fitted numbers, the classes, prepare's decoding, the submission format), this
 package as a pure-Python wheel, predict.py and Kaggle's dataset-metadata.json. predict.py imports the
@@ -136,14 +136,24 @@ def _bundle_model(path: Path, folder: Path, stem: str) -> dict:
     return entry
 
 
-def _member(backbone: str, n_folds: int, run: RunPaths, folder: Path) -> dict:
-    """A backbone's fold (x seed) models in the predict stage's order, with the TTA policy it chose."""
+def _member(backbone: str, n_folds: int, run: RunPaths, folder: Path, rule: str | None) -> dict:
+    """A backbone's models as its test predictions were made, with the TTA policy it chose: its fold (x seed)
+    models in the predict stage's order; under a refit (`rule`, refit.rule), the refit models in their place
+    (replace) or beside them (join: the mean of the two means)."""
     tta = read_json(run.predictions(backbone) / "tta.json")
-    models = []
-    for k, paths in list_models(run.models(backbone), n_folds).items():
-        for path in paths:
-            models.append(_bundle_model(path, folder, f"{backbone}.{path.parent.parent.name}.fold{k}"))
-    return {"backbone": backbone, "tta": {k: tta[k] for k in ("policy", "views", "merge")}, "models": models}
+    folds = []
+    if rule != "replace":
+        for k, paths in list_models(run.models(backbone), n_folds).items():
+            for path in paths:
+                folds.append(_bundle_model(path, folder, f"{backbone}.{path.parent.parent.name}.fold{k}"))
+    refits = []
+    if rule is not None:
+        paths = sorted(run.refit(backbone).glob("seed*/model.pt"))
+        if not paths:
+            raise PipelineError(f"{run.refit(backbone)}: no refit models (refit.rule {rule}); run the refit stage")
+        refits = [_bundle_model(p, folder, f"{backbone}.refit.{p.parent.name}") for p in paths]
+    member = {"backbone": backbone, "tta": {k: tta[k] for k in ("policy", "views", "merge")}}
+    return {**member, "models": folds or refits, **({"join": refits} if rule == "join" else {})}
 
 
 def write_bundle(params, run: RunPaths, folder: Path, method: str | None = None, kaggle_id: str | None = None) -> dict:
@@ -181,7 +191,7 @@ def write_bundle(params, run: RunPaths, folder: Path, method: str | None = None,
             "image_ext": params.competition.image_ext,
         },
         "batch_size": params.predict.batch_size,
-        "members": [_member(b, data.n_folds, run, folder) for b in members],
+        "members": [_member(b, data.n_folds, run, folder, fitted.get("refit", {}).get(b)) for b in members],
         "ensemble": {
             "method": method,
             "state": ensemble_state(model.without_unused()),
@@ -201,7 +211,7 @@ def write_bundle(params, run: RunPaths, folder: Path, method: str | None = None,
 
 
 BLOCKED = ("mlflow", "optuna", "dvc")  # and every stage module: the runtime is the library, never a stage
-STAGES = ("prepare", "plan", "tune", "train", "predict", "ensemble", "analyze", "timing")
+STAGES = ("prepare", "plan", "tune", "train", "predict", "refit", "ensemble", "analyze", "timing")
 CLEAN_RUN = """import runpy, sys
 class Blocked:
     def find_spec(self, name, path=None, target=None):
@@ -346,12 +356,20 @@ def _load_model(entry: dict, folder: Path, scratch: Path, device: torch.device, 
 def member_probs(
     member: dict, images, folder: Path, scratch: Path, device, batch_size: int, task: Task, clock
 ) -> np.ndarray:
-    """A member's test predictions as the predict stage computes them: each fold model's TTA views merged
-    as the task merges them, then the mean over its fold x seed models, added in the same order."""
+    """A member's test predictions as the predict (and refit) stage computes them: each model's TTA views
+    merged as the task merges them, then the mean over its models, added in the same order; with `join`
+    (refit.rule: join), the mean of that and the same over the refit models."""
+    probs = _mean_probs(member, "models", images, folder, scratch, device, batch_size, task, clock)
+    if member.get("join"):
+        probs = (probs + _mean_probs(member, "join", images, folder, scratch, device, batch_size, task, clock)) / 2
+    return probs
+
+
+def _mean_probs(member: dict, key: str, images, folder: Path, scratch: Path, device, batch_size, task, clock):
     total = None
     tta = member["tta"]
-    for i, entry in enumerate(member["models"]):
-        where = f"{SPEC}: members.{member['backbone']}.models[{i}]"
+    for i, entry in enumerate(member[key]):
+        where = f"{SPEC}: members.{member['backbone']}.{key}[{i}]"
         try:
             model, ckpt = _load_model(entry, folder, scratch, device, where)
         except (KeyError, TypeError) as exc:
@@ -364,7 +382,7 @@ def member_probs(
         )
         total = probs if total is None else total + probs
         clock()
-    return total / len(member["models"])
+    return total / len(member[key])
 
 
 def _test_set(spec: dict, test_dir: str, sample: str | None) -> tuple[CompetitionFiles, list, list, pd.DataFrame]:
@@ -437,7 +455,7 @@ def predict_bundle(folder, test_dir, sample, out, device=None, batch_size=None, 
             listed = ", ".join(f"{rels[i]} ({why})" for i, why in list(bad.items())[:5])
             print(f"warning: {len(bad)} test images unreadable, predicted as black images: {listed}", file=sys.stderr)
         images = np.load(cache, mmap_mode="r")
-        clock = _Clock(sum(len(m["models"]) for m in spec["members"]), len(ids))
+        clock = _Clock(sum(len(m["models"]) + len(m.get("join", [])) for m in spec["members"]), len(ids))
         probs = [
             member_probs(m, images, folder, Path(tmp), device, batch_size or spec.get("batch_size", 256), task, clock)
             for m in spec["members"]

@@ -375,6 +375,10 @@ class TTAConfig:
         of this section (`select`, `candidates`, `policies`, `backbones`; not `merge` or `metric`)."""
         return len({v for policy in self.policies_for(backbone)[1] for v in self.policies[policy]})
 
+    def views_chosen_at_most(self, backbone: str) -> int:
+        """The most distinct views per image the chosen policy can have: what a refit predicts with."""
+        return max(len(set(self.policies[policy])) for policy in self.policies_for(backbone)[0])
+
 
 @dataclass(frozen=True)
 class EnsembleConfig:
@@ -398,6 +402,16 @@ class AnalyzeConfig:
     calibration_bins: int = 15  # equal-width confidence bins of the reliability diagram and ECE
     slice_buckets: int = 5  # quantile buckets per image property
     significance: float = 0.05  # a weak slice needs p < significance / (buckets tested), Fisher exact test
+
+
+@dataclass(frozen=True)
+class RefitConfig:
+    """A full-data refit of every backbone after CV (the refit stage), and how it enters the submission."""
+
+    enabled: bool = False  # true: refit@<backbone> trains on every training row for the epochs CV chose
+    seeds: list[int] | None = None  # one refit model per seed; null = [the backbone's train.seed]
+    rule: Literal["replace", "join"] = "replace"  # a backbone's test (and holdout) predictions: the refit
+    # models' alone, or the mean of theirs and the fold bag's; fixed, never chosen on holdout or test
 
 
 @dataclass(frozen=True)
@@ -426,6 +440,7 @@ class Params:
     tta: TTAConfig = field(default_factory=TTAConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
+    refit: RefitConfig = field(default_factory=RefitConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -481,6 +496,8 @@ def _resolve_metrics(p: Params) -> Params:
 def _check_sections(p: Params, source: str) -> None:
     if p.budget.minutes is not None and p.budget.minutes <= 0:
         raise ConfigError(f"{source}: budget.minutes must be > 0 (or null: no budget), got {p.budget.minutes}")
+    if p.refit.seeds is not None and not p.refit.seeds:
+        raise ConfigError(f"{source}: refit.seeds must be null or a non-empty list")
     if p.budget.probe_batches < 1:
         raise ConfigError(f"{source}: budget.probe_batches must be >= 1, got {p.budget.probe_batches}")
     if p.prepare.image_size < 1:

@@ -97,9 +97,10 @@ class PreparedData:
         """Each training row's CV fold."""
         return self.train["fold"].to_numpy()
 
-    def fold_stats(self, fold: int) -> tuple[list[float], list[float]]:
-        """Normalisation statistics of fold `fold`'s training part (never its validation rows)."""
-        s = self.stats["folds"][str(fold)]
+    def fold_stats(self, fold: int | None) -> tuple[list[float], list[float]]:
+        """Normalisation statistics of fold `fold`'s training part (never its validation rows); None (a
+        full-data refit): of every training row (cv.holdout's are not among them)."""
+        s = self.stats if fold is None else self.stats["folds"][str(fold)]
         return s["mean"], s["std"]
 
 

@@ -18,8 +18,10 @@ import pandas as pd
 from pipeline.config import ConfigError, Params
 from pipeline.data import PreparedData
 from pipeline.ensemblers import ENSEMBLES, Ensemble, create_ensemble, cross_fit, ensemble_state
+from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, atomic_write_text, read_json, write_json
 from pipeline.metrics import argbest, best_policy, is_better, proxy_of
+from pipeline.paths import REFIT_RECORD
 from pipeline.postprocess import Step, choose_step
 from pipeline.submission import SubmissionFormat
 from pipeline.tasks import Task, check_params
@@ -150,21 +152,62 @@ def single_report(backbone: str, oof: np.ndarray, y: np.ndarray, predictions: Pa
     }
 
 
+def refit_rules(backbones: list[str], refit: Path | None, cfg) -> dict[str, str | None]:
+    """Per backbone, how its test (and holdout) predictions are made: `cfg.rule` (refit.rule) with
+    `refit.enabled`, each backbone's refit (`refit`/<b>/refit.json) having run; None without (its fold bag)."""
+    if not cfg.enabled or refit is None:
+        return dict.fromkeys(backbones)
+    for b in backbones:
+        path = refit / b / REFIT_RECORD
+        if not path.exists() or not read_json(path).get("enabled"):
+            raise PipelineError(
+                f"{path}: no refit of {b} yet (refit.enabled: true); run python -m pipeline refit --backbone {b}"
+            )
+    return dict.fromkeys(backbones, cfg.rule)
+
+
+def member_predictions(
+    part: str, ids, predictions: Path, refit: Path | None, rules: dict[str, str | None], task: Task
+) -> list[np.ndarray]:
+    """Each backbone's `part` (test, holdout) probabilities as the submission uses them: its fold bag's
+    (`predictions`/<b>/<part>_probs.csv, under its chosen TTA) or, under a refit (`rules`), "replace": the refit
+    models' (`refit`/<b>/<part>_probs.csv, the same TTA); "join": the mean of the two. A fixed rule, nothing
+    fitted: every weight, method and threshold fitted on the fold models' OOF applies as it is, and no
+    refit prediction reaches an OOF-fitted choice (a refit model has no OOF rows)."""
+    out = []
+    for b, rule in rules.items():
+        bag = task.read_predictions(Path(predictions) / b / f"{part}_probs.csv", ids, b)
+        if rule is None:
+            out.append(bag)
+            continue
+        full = task.read_predictions(refit / b / f"{part}_probs.csv", ids, f"{b} refit")
+        out.append(full if rule == "replace" else (bag + full) / 2)
+    return out
+
+
 def score_holdout(
-    fitted: dict[str, MethodFit], singles: dict[str, dict], data: PreparedData, predictions: Path
+    fitted: dict[str, MethodFit],
+    singles: dict[str, dict],
+    data: PreparedData,
+    predictions: Path,
+    refit: Path | None,
+    rules: dict[str, str | None],
 ) -> None:
-    """`cv.holdout`: every fitted method and backbone scored on the held-out rows, each backbone's bag
-    of fold models under its chosen TTA (as the test set is predicted: `predictions`/<b>/holdout_probs.csv);
-    the scores choose nothing."""
+    """`cv.holdout`: every fitted method and backbone scored on the held-out rows, each backbone predicted as
+    the test set is (`member_predictions`: the bag of fold models under its chosen TTA, or refit.rule's); a
+    refit backbone's fold bag alone is scored beside it (`holdout_fold_bag`). The scores choose nothing."""
     ids, y, task = data.holdout["id"], data.holdout_targets, data.task
-    held = [task.read_predictions(Path(predictions) / b / "holdout_probs.csv", ids, b) for b in singles]
+    held = member_predictions("holdout", ids, predictions, refit, rules, task)
     for fit in fitted.values():
         blended = fit.model.predict_proba(held)
         fit.report["holdout"] = task.scores(fit.step.transform(blended), y)
         if "postprocess" in fit.report:
             fit.report["holdout_before_postprocess"] = task.scores(blended, y)
-    for b, probs in zip(singles, held):
+    bags = member_predictions("holdout", ids, predictions, None, dict.fromkeys(rules), task)
+    for b, probs, bag in zip(singles, held, bags):
         singles[b]["holdout"] = task.scores(probs, y)
+        if rules[b] is not None:
+            singles[b]["holdout_fold_bag"] = task.scores(bag, y)
 
 
 @dataclass
@@ -187,10 +230,13 @@ def _policy_oofs(folder: Path, ids, task: Task, where: str) -> tuple[dict[str, n
     return oofs, tta["metric"]
 
 
-def fit_stage(params: Params, data: PreparedData, predictions: Path, where: str) -> EnsembleRun:
+def fit_stage(
+    params: Params, data: PreparedData, predictions: Path, where: str, refit: Path | None = None
+) -> EnsembleRun:
     """Fit and cross-fit every method of `ensemble.methods` on the backbones' OOF probabilities in
     `predictions`/<backbone>/ (predictions/), each with its fitted last step, choose one (`ensemble.method`),
-    score the whole chain honestly (`chain_crossfit`), and report it beside the best single backbone."""
+    score the whole chain honestly (`chain_crossfit`), and report it beside the best single backbone. Test
+    (and holdout) predictions per backbone: `member_predictions`, a refit's (in `refit`/, refit/) by refit.rule."""
     cfg, backbones, y, task = params.ensemble, list(params.train.backbones), data.targets, data.task
     bad = [m for m in cfg.methods if m not in ENSEMBLES]  # the registry's names; the rest was checked on reading
     if bad:
@@ -198,7 +244,8 @@ def fit_stage(params: Params, data: PreparedData, predictions: Path, where: str)
     check_params(params, task, where)
     folder = {b: Path(predictions) / b for b in backbones}
     oof = [task.read_predictions(folder[b] / "oof_probs.csv", data.train["id"], b) for b in backbones]
-    test = [task.read_predictions(folder[b] / "test_probs.csv", data.test["id"].tolist(), b) for b in backbones]
+    rules = refit_rules(backbones, refit, params.refit)
+    test = member_predictions("test", data.test["id"].tolist(), predictions, refit, rules, task)
     weights = [cfg.weights.get(b, 1.0) for b in backbones]
     fitted, errors = fit_methods(cfg.methods, cfg.metric, weights, backbones, oof, test, y, data.folds, task)
     for name, reason in errors.items():
@@ -216,7 +263,7 @@ def fit_stage(params: Params, data: PreparedData, predictions: Path, where: str)
     methods = {name: fitted[name].report if name in fitted else {"error": errors[name]} for name in cfg.methods}
     singles = {b: single_report(b, probs, y, folder[b], task) for b, probs in zip(backbones, oof)}
     if data.holdout is not None:
-        score_holdout(fitted, singles, data, predictions)
+        score_holdout(fitted, singles, data, predictions, refit, rules)
     best_single = backbones[argbest(cfg.metric, [singles[b]["oof"][cfg.metric] for b in backbones])]
     final = task.scores(chain, y)
     fitted[chosen].honest_oof = chain  # what submissions/oof_probs.csv holds: the whole chain's honest OOF
@@ -233,6 +280,7 @@ def fit_stage(params: Params, data: PreparedData, predictions: Path, where: str)
             "gain_over_best_single": {m: final[m] - singles[best_single]["oof"][m] for m in final},
             "methods": methods,
             "members": backbones,  # the order of the members' probabilities every method was fitted on
+            "refit": rules,  # per backbone: how refit models make its test predictions (null: the fold bag)
             "backbones": singles,
         },
     )
@@ -275,6 +323,7 @@ def write_submissions(run: EnsembleRun, data: PreparedData, prepared: Path, out:
         {
             "method": run.chosen,
             "members": run.metrics["members"],
+            "refit": run.metrics["refit"],  # per member: refit.rule where its test predictions are a refit's
             "classes": data.classes,
             "task": task.name,
             "states": {name: ensemble_state(fit.model) for name, fit in run.fitted.items()},

@@ -5,6 +5,7 @@ tuning trials and the plan's speed probe all call `train_fold`, so a fold is set
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +22,8 @@ from pipeline.precision import cached_probe, resolve_precision
 from pipeline.resume import FoldResult
 from pipeline.sklearn_head import feature_extractor, fit_classifier, fit_regressor
 from pipeline.tasks import Task
+
+REFIT_KEY = -1  # a full-data refit's seed is derived from (seed, REFIT_KEY), a fold's from (seed, k)
 
 
 def bootstrap_rows(rows: np.ndarray, seed: int, fold: int) -> np.ndarray:
@@ -47,13 +50,23 @@ def initial_model(
 
 
 def fold_units(s: TrainSettings) -> int:
-    """A fold's units of progress: its epochs (one fit for features+sklearn)."""
-    return 1 if s.finetune == "features+sklearn" else s.epochs
+    """A fold's units of progress: its epochs, a fractional last one counted (one fit for features+sklearn)."""
+    return 1 if s.finetune == "features+sklearn" else math.ceil(s.epochs)
+
+
+def fold_rows(data: PreparedData, k: int | None, s: TrainSettings) -> tuple[np.ndarray, np.ndarray]:
+    """(training, validation) rows of fold k: the other folds' rows (a bootstrap resample of them if
+    `s.bootstrap`) and fold k's. k None: a full-data refit, every training row (cv.holdout's are not among
+    them) and none to validate on."""
+    if k is None:
+        return np.arange(len(data.folds)), np.zeros(0, dtype=np.int64)
+    tr, va = np.flatnonzero(data.folds != k), np.flatnonzero(data.folds == k)
+    return (bootstrap_rows(tr, s.seed, k) if s.bootstrap else tr), va
 
 
 def train_fold(
     data: PreparedData,
-    k: int,
+    k: int | None,
     backbone: Backbone,
     device: torch.device,
     *,
@@ -64,15 +77,14 @@ def train_fold(
     """One fold of `backbone` (its settings `s`), set up the one way CV training, tuning and the speed probe
     share: a fresh model (seeded from `s.seed` and k) trained on the other folds' rows (a bootstrap resample of
     them if `s.bootstrap`), normalised as `backbone.normalization` says, validated on fold k, in the
-    `s.finetune` mode. Returns (result, checkpoint)."""
+    `s.finetune` mode. k None: a full-data refit (`fold_rows`), trained for `s.epochs` and never validated.
+    Returns (result, checkpoint)."""
     s, model_name, pretrained = backbone.settings, backbone.model_name, backbone.pretrained
     image_size, targets = backbone.input_side, data.targets
-    tr, va = np.flatnonzero(data.folds != k), np.flatnonzero(data.folds == k)
-    if s.bootstrap:
-        tr = bootstrap_rows(tr, s.seed, k)
+    tr, va = fold_rows(data, k, s)
     task = data.task.fit_target(targets[tr], s)  # what the task fits (a regression's scaling): training rows only
     mean, std = backbone.normalization(data, k)
-    fold_seed = derive_seed(s.seed, k)
+    fold_seed = derive_seed(s.seed, REFIT_KEY if k is None else k)
     sklearn_head = s.finetune == "features+sklearn"
     model = initial_model(model_name, 0 if sklearn_head else task.n_outputs, s, fold_seed, pretrained)
     precision, probe = resolve_precision(
@@ -80,10 +92,10 @@ def train_fold(
     )
     cfg = InputConfig(image_size, tuple(mean), tuple(std), backbone.interpolation, precision)
     train = Split(Rows(data.train_images, tr), targets[tr])  # read per batch
-    val = Split(Rows(data.train_images, va), targets[va])
+    val = Split(Rows(data.train_images, va), targets[va]) if k is not None else None
     if sklearn_head:
         result = _fit_sklearn_head(model, train, val, cfg, s, device, task)
-        if on_epoch is not None:  # one "epoch": the classifier's fit
+        if on_epoch is not None and val is not None:  # one "epoch": the classifier's fit
             on_epoch(0, {f"val_{m}": v for m, v in task.scores(result.val_probs, val.targets).items()})
     else:
         result = fit(
@@ -99,19 +111,26 @@ def train_fold(
             where=where,
             data_init=not pretrained,
         )
-    return result, _checkpoint(backbone, task, result, cfg, k, probe)
+    return result, _checkpoint(backbone, task, result, cfg, k, probe, len(tr))
 
 
-def _checkpoint(backbone: Backbone, task: Task, result: FoldResult, cfg: InputConfig, k: int, probe) -> dict:
-    """What a fold's model.pt holds: the weights, how to feed them (`cfg`), where they came from."""
+def _checkpoint(
+    backbone: Backbone, task: Task, result: FoldResult, cfg: InputConfig, k: int | None, probe, train_rows: int
+) -> dict:
+    """What a fold's model.pt holds: the weights, how to feed them (`cfg`), where they came from, and what
+    the fold chose (the epochs trained to the weights kept, whether they were the EMA's): a refit reads it."""
     s = backbone.settings
+    kept = result.history[result.best_epoch] if result.history else {}
     return {
         "model": backbone.model_name,
         "num_classes": task.n_outputs,  # the head's size (the checkpoint format's name, timm's)
         "state_dict": result.state_dict,
         **cfg.checkpoint_fields(),
-        "fold": k,
+        "fold": k,  # None: a full-data refit
         "seed": s.seed,
+        "train_rows": train_rows,
+        "epochs_kept": kept.get("epochs_done", 0.0),  # 0: features+sklearn, no epochs
+        "ema_chosen": bool(kept.get("ema_chosen", False)),
         "precision_probe": probe,
         "sklearn_head": s.finetune == "features+sklearn",
         "feature_layer": s.feature_layer,  # features+sklearn: the stage its classifier reads
@@ -120,17 +139,27 @@ def _checkpoint(backbone: Backbone, task: Task, result: FoldResult, cfg: InputCo
 
 
 def _fit_sklearn_head(
-    model: torch.nn.Module, train: Split, val: Split, cfg: InputConfig, s: TrainSettings, device: torch.device, task
+    model: torch.nn.Module,
+    train: Split,
+    val: Split | None,
+    cfg: InputConfig,
+    s: TrainSettings,
+    device: torch.device,
+    task,
 ) -> FoldResult:
     """features+sklearn: frozen backbone features -> a scikit-learn classifier (a regression: a ridge on the
-    target as the task scales it, its predictions back in units, as a trained head's outputs are)."""
+    target as the task scales it, its predictions back in units, as a trained head's outputs are); `val`
+    None (a refit): nothing predicted."""
     model.to(device)
     features = feature_extractor(model, s.feature_layer)
     train_x = extract_features(features, train.images, cfg, s.batch_size * 2, device)
-    val_x = extract_features(features, val.images, cfg, s.batch_size * 2, device)
     if task.target_state is not None:
         head = fit_regressor(train_x, task.to_model_space(train.targets))
-        val_pred = task.outputs(torch.from_numpy(head.predict(val_x)).reshape(-1, 1)).numpy()
-        return FoldResult(model.state_dict(), val_pred, 0, classifier=head)
-    clf = fit_classifier(train_x, train.targets, s.sklearn_classifier)
-    return FoldResult(model.state_dict(), clf.predict_proba(val_x), 0, classifier=clf)
+        outputs = lambda x: task.outputs(torch.from_numpy(head.predict(x)).reshape(-1, 1)).numpy()  # noqa: E731
+    else:
+        head = fit_classifier(train_x, train.targets, s.sklearn_classifier)
+        outputs = head.predict_proba
+    if val is None:
+        return FoldResult(model.state_dict(), np.zeros((0, task.n_outputs)), 0, classifier=head)
+    val_x = extract_features(features, val.images, cfg, s.batch_size * 2, device)
+    return FoldResult(model.state_dict(), outputs(val_x), 0, classifier=head)

@@ -8,6 +8,7 @@ Every epoch reseeds its own random streams from (seed, epoch), so a run resumed 
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import time
@@ -187,10 +188,10 @@ def train_one_epoch(
     task: Task,
     where: str = "",
     desc: str | None = None,
+    max_batches: int | None = None,
 ) -> float:
-    """One pass over `loader`; returns the mean training loss (`task.loss` of the logits).
-
-    `class_weight` (C,) weighs each example's loss by its class (by its soft target under mixup).
+    """One pass over `loader` (its first `max_batches`: a fractional last epoch); returns the mean training
+    loss (`task.loss` of the logits). `class_weight` (C,) weighs each example's loss by its class (by its soft target under mixup).
     Forward and loss run under `cfg.precision`'s autocast. `where` names the run in errors (backbone,
     fold, epoch): a non-finite loss stops training with it.
     """
@@ -200,9 +201,10 @@ def train_one_epoch(
     channels_last = use_channels_last(device)
     total, count = 0.0, 0
     optimizer.zero_grad(set_to_none=True)
-    n_batches = len(loader)
+    n_batches = len(loader) if max_batches is None else min(len(loader), max_batches)
+    batches = itertools.islice(loader, n_batches)
     for step, (images, targets) in enumerate(
-        tqdm(loader, desc=desc, disable=None if desc else True, leave=False, mininterval=1.0)
+        tqdm(batches, desc=desc, disable=None if desc else True, leave=False, mininterval=1.0, total=n_batches)
     ):
         x = to_input(images, cfg, device, channels_last)
         y = targets.to(device, non_blocking=True)
@@ -320,11 +322,20 @@ def _best_candidate(monitor: str, evaluated: list[tuple]) -> tuple:
     return best
 
 
+def epoch_batches(epochs: float, n_batches: int) -> list[int]:
+    """The batches each epoch of a run of `epochs` trains, `n_batches` a whole epoch's: round(epochs x
+    n_batches) in all (at least one), a fractional last epoch stopping part-way. Whole epochs: as many
+    whole passes. A count fixed before training, so a resumed run trains exactly the same batches."""
+    total = max(1, round(epochs * n_batches))
+    return [min(n_batches, total - e * n_batches) for e in range(math.ceil(total / n_batches))]
+
+
 def _epoch(
-    run: _Run, epoch: int, val: Split, cfg: InputConfig, s: TrainSettings, device, where: str
+    run: _Run, epoch: int, batches: list[int], val: Split | None, cfg: InputConfig, s: TrainSettings, device, where: str
 ) -> tuple[dict, tuple | None]:
-    """Train epoch `epoch` (its random streams from (seed, epoch)), validate if it is due; returns the
-    epoch's row and (module, scores, probs) of the validated weights, or None."""
+    """Train epoch `epoch` (its random streams from (seed, epoch)) for its `batches[epoch]` batches, validate
+    if it is due (never without `val`); returns the epoch's row and (module, scores, probs) of the validated
+    weights, or None."""
     started = time.perf_counter()
     epoch_seed = _reseed(s.seed, epoch)
     run.loader.generator.manual_seed(epoch_seed)
@@ -354,7 +365,8 @@ def _epoch(
             class_weight=run.class_weight,
             task=run.task,
             where=f"{where}, epoch {epoch + 1}",
-            desc=f"{where} epoch {epoch + 1}/{s.epochs}",
+            desc=f"{where} epoch {epoch + 1}/{len(batches)}",
+            max_batches=batches[epoch],
         )
     except torch.cuda.OutOfMemoryError:
         raise PipelineError(
@@ -362,9 +374,11 @@ def _epoch(
             f"{max(1, s.batch_size // 2)}) and raise train.grad_accum_steps to keep the effective batch"
         ) from None
     distributed.sync_buffers(run.model)
-    row = {"train_loss": train_loss, "lr": run.optimizer.param_groups[0]["lr"]}
+    done = sum(batches[: epoch + 1]) / len(run.loader)  # epochs trained so far: fractional after a part-epoch
+    row = {"train_loss": train_loss, "lr": run.optimizer.param_groups[0]["lr"], "epochs_done": done}
     validation = None
-    if (epoch + 1) % s.val_every == 0 or epoch + 1 == s.epochs:  # else: no validation this epoch
+    due = (epoch + 1) % s.val_every == 0 or epoch + 1 == len(batches)  # else: no validation this epoch
+    if val is not None and due:
         candidates = [run.model] + ([run.ema.module] if run.ema is not None else [])
         validation = _best_candidate(
             s.monitor, [(m, *evaluate(m, val, cfg, s.batch_size * 2, device, run.task)) for m in candidates]
@@ -388,7 +402,7 @@ def _epoch_line(where: str, epoch: int, epochs: int, row: dict, monitor: str = "
 def fit(
     model: torch.nn.Module,
     train: Split,
-    val: Split,
+    val: Split | None,
     cfg: InputConfig,
     s: TrainSettings,
     device: torch.device,
@@ -399,7 +413,9 @@ def fit(
     where: str = "fold",
     data_init: bool = True,
 ) -> FoldResult:
-    """Train `model` on `train`, validate on `val` every `s.val_every` epochs, keep the best weights.
+    """Train `model` on `train` for `s.epochs` (fractional: `epoch_batches`), validate on `val` every
+    `s.val_every` epochs, keep the best weights. Without `val` (a full-data refit): nothing is validated
+    and the last weights are kept, the EMA's where `s.ema_decay` runs one.
 
     `data_init`: give a model with an `init_from_data` method its data-dependent initialisation first
     (not for pretrained weights, whose stem keeps what it learnt). With `state_path`, the full state
@@ -407,16 +423,21 @@ def fit(
     """
     run = _setup(model, train, cfg, s, device, task, where, data_init)
     state = FoldState(state_path, run.model, run.optimizer, run.scheduler, run.scaler, run.ema, s.monitor)
+    batches = epoch_batches(s.epochs, len(run.loader))
     if state.resume() and distributed.is_main():
-        tqdm.write(f"{where}: resuming after epoch {state.start_epoch}/{s.epochs}")
-    for epoch in range(state.start_epoch, s.epochs):
+        tqdm.write(f"{where}: resuming after epoch {state.start_epoch}/{len(batches)}")
+    for epoch in range(state.start_epoch, len(batches)):
         if s.early_stopping_patience is not None and state.stale >= s.early_stopping_patience:
             break
-        row, validation = _epoch(run, epoch, val, cfg, s, device, where)
+        row, validation = _epoch(run, epoch, batches, val, cfg, s, device, where)
         if distributed.is_main():
-            tqdm.write(_epoch_line(where, epoch, s.epochs, row, s.monitor))
+            tqdm.write(_epoch_line(where, epoch, len(batches), row, s.monitor))
         state.end_epoch(epoch, row, validation)
         if on_epoch is not None:  # after the checkpoint: a callback that raises leaves a resumable state
             on_epoch(epoch, row)
+    if val is None:  # nothing validated: the last weights, the EMA's where one runs
+        last = run.ema.module if run.ema is not None else run.model
+        weights = {k: v.detach().cpu().clone() for k, v in last.state_dict().items()}
+        state.result = FoldResult(weights, np.zeros((0, task.n_outputs)), len(batches) - 1)
     state.result.history = state.history
     return state.result

@@ -7,6 +7,7 @@ they need as arguments and never read a path relative to the working directory.
     plan/<backbone>.json                             plan: the epochs (and precision) train runs
     models/<backbone>/seed<s>/fold<k>/model.pt       train (models/.resume/<backbone>-<hash>/ while it runs)
     predictions/<backbone>/{oof,test,holdout}_probs.csv, tta.json   predict
+    refit/<backbone>/seed<s>/model.pt, {test,holdout}_probs.csv, refit.json   refit
     submissions/                                     ensemble: submission.csv, methods/, ensemble.json
     reports/<stage>/<backbone>.json, reports/<stage>.json, reports/oof/   each stage's report
     reports/timing/<stage>.json                      each stage's clock (its DVC stage's output)
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+
+REFIT_RECORD = "refit.json"  # refit/<backbone>/refit.json: what the refit did, or {"enabled": false}
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,13 @@ class RunPaths:
 
     def predictions(self, backbone: str) -> Path:
         return self.predictions_root / backbone
+
+    @property
+    def refit_root(self) -> Path:
+        return self.root / "refit"
+
+    def refit(self, backbone: str) -> Path:
+        return self.refit_root / backbone
 
     @property
     def submissions(self) -> Path:

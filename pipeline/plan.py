@@ -4,7 +4,7 @@ Before any training, each backbone's training and prediction speed is measured o
 with its own settings (precision, batch, augmentation, input size): a few batches of fold 0's
 training rows through the real training loop (`train.train_fold`), and inference batches as the predict
 stage runs them. From those speeds and the competition's size, `plan_epochs` chooses the epochs of
-every backbone so that the stages still to come (train, predict with every TTA view, ensemble,
+every backbone so that the stages still to come (train, predict with every TTA view, refit, ensemble,
 analyze), added to the seconds prepare (and tune) took, end inside the budget; the LR schedule
 follows the planned epochs because training reads them. With `budget.minutes: null` the plan is
 the epochs of params.yaml and nothing is measured.
@@ -35,6 +35,7 @@ from pipeline.precision import cached_probe, resolve_precision
 
 # Seconds the planner cannot measure before they happen, from runs on 2 CPU cores (docs/guide.md, "Time budget"):
 STAGE_OVERHEAD_S = 6.0  # a stage process's start: imports of torch, timm, pandas; reading params and the cache
+IDLE_STAGE_S = 1.0  # a stage with nothing to do (refit off): Python and params, no torch
 DVC_GAP_S = 2.0  # DVC between two stages: hashing the outputs, writing dvc.lock
 FOLD_SETUP_S = 1.0  # per fold: a fresh model, its data-dependent init, saving its checkpoint
 ENSEMBLE_S_PER_ROW = 1e-4  # per OOF row and backbone (cross-fitted methods over the folds)
@@ -55,6 +56,9 @@ class BackboneWork:
     val_models: int  # weights validated each time (2 with an EMA)
     predict_images: float  # predict stage: (OOF rows + folds x test rows) x seeds x TTA views
     trains: bool = True  # False for features+sklearn: one fit, no epochs to plan
+    refit_fits: int = 0  # refit stage: models trained on all rows (refit.seeds; 0: refit off)
+    refit_rows: float = 0.0  # per refit model and epoch: every training row
+    refit_predict_images: float = 0.0  # (test + holdout rows) x refit models x the chosen policy's views
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +85,19 @@ def predict_seconds(work: BackboneWork, speed: Speed) -> float:
     return STAGE_OVERHEAD_S + work.predict_images / speed.infer
 
 
+def refit_seconds(work: BackboneWork, speed: Speed, epochs: int) -> float:
+    """A refit stage's seconds with the folds trained for `epochs`: its models at most as many epochs (the
+    mean of those the folds kept) over every row, then its test and holdout predictions; off, its start."""
+    per_model = (epochs if work.trains else 1) * work.refit_rows / (speed.train if work.trains else speed.infer)
+    return STAGE_OVERHEAD_S + work.refit_fits * (FOLD_SETUP_S + per_model) + work.refit_predict_images / speed.infer
+
+
+def training_seconds(work: BackboneWork, speed: Speed, epochs: int) -> float:
+    """What a backbone's epochs cost: its train stage and, when it refits, its refit stage (off, the refit
+    stage's start is a fixed cost)."""
+    return train_seconds(work, speed, epochs) + (refit_seconds(work, speed, epochs) if work.refit_fits else 0.0)
+
+
 def plan_epochs(
     budget_s: float, fixed_s: dict[str, float], work: dict[str, BackboneWork], speeds: dict[str, Speed]
 ) -> dict[str, int]:
@@ -95,7 +112,7 @@ def plan_epochs(
         return {b: max(1, math.floor(factor * w.epochs + 1e-9)) if w.trains else w.epochs for b, w in work.items()}
 
     def cost(epochs: dict[str, int]) -> float:
-        return sum(train_seconds(w, speeds[b], epochs[b]) for b, w in work.items())
+        return sum(training_seconds(w, speeds[b], epochs[b]) for b, w in work.items())
 
     minimum = cost(at(0.0))
     if minimum > available:
@@ -169,8 +186,11 @@ def measure_speed(
 # ---------------------------------------------------------------- the plan
 
 
-def backbone_work(data: PreparedData, s: TrainSettings, tta_views: int) -> BackboneWork:
-    """What a backbone's train and predict stages will do with these settings on this competition."""
+def backbone_work(
+    data: PreparedData, s: TrainSettings, tta_views: int, refit_models: int = 0, refit_views: int = 0
+) -> BackboneWork:
+    """What a backbone's train, predict (and refit: `refit_models`, each predicting with `refit_views`) stages
+    will do with these settings on this competition."""
     n, k = len(data.train), data.n_folds
     held = 0 if data.holdout is None else len(data.holdout)  # cv.holdout: predicted by every model, as test is
     fits = k * len(s.seeds or [s.seed])
@@ -183,6 +203,9 @@ def backbone_work(data: PreparedData, s: TrainSettings, tta_views: int) -> Backb
         val_models=2 if s.ema_decay else 1,
         predict_images=len(s.seeds or [s.seed]) * (n + k * (len(data.test) + held)) * tta_views,
         trains=s.finetune != "features+sklearn",
+        refit_fits=refit_models,
+        refit_rows=n,
+        refit_predict_images=refit_models * (len(data.test) + held) * refit_views,
     )
 
 
@@ -198,16 +221,18 @@ def make_plan(
     n, backbones = n_train, list(work)
     later = {
         **{f"predict@{b}": predict_seconds(w, speeds[b]) for b, w in work.items()},
+        **{f"refit@{b}": IDLE_STAGE_S for b, w in work.items() if not w.refit_fits},  # off: writes refit.json
         "ensemble": STAGE_OVERHEAD_S + ENSEMBLE_S_PER_ROW * n * len(backbones),
         "analyze": STAGE_OVERHEAD_S + ANALYZE_S_PER_ROW * n,
         "timing": STAGE_OVERHEAD_S,
     }
-    stages = len(done_s) + 2 * len(backbones) + 3
+    stages = len(done_s) + 3 * len(backbones) + 3  # train, predict, refit per backbone; ensemble, analyze, timing
     fixed = {**done_s, **later, "dvc": DVC_GAP_S * stages}
     epochs = plan_epochs(budget_minutes * 60, fixed, work, speeds)
     planned = {
         **done_s,
         **{f"train@{b}": train_seconds(work[b], speeds[b], epochs[b]) for b in backbones},
+        **{f"refit@{b}": refit_seconds(work[b], speeds[b], epochs[b]) for b in backbones if work[b].refit_fits},
         **later,
         "dvc": fixed["dvc"],
     }
@@ -271,7 +296,10 @@ def plan_run(
     (reports/timing/), and this one's measuring so far."""
     work, speeds, precisions = {}, {}, {}
     for b, backbone in backbones.items():
-        work[b] = backbone_work(data, backbone.settings, params.tta.views_computed(b))
+        refits = len(params.refit.seeds or [backbone.settings.seed]) if params.refit.enabled else 0
+        work[b] = backbone_work(
+            data, backbone.settings, params.tta.views_computed(b), refits, params.tta.views_chosen_at_most(b)
+        )
         speeds[b], precisions[b] = measure_speed(
             data, backbone, device, params.predict.batch_size, params.budget.probe_batches
         )

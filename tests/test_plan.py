@@ -12,7 +12,17 @@ from pipeline import __main__ as cli
 from pipeline.backbone import apply_plan
 from pipeline.config import TrainSettings
 from pipeline.errors import PipelineError
-from pipeline.plan import MARGIN, STAGE_OVERHEAD_S, BackboneWork, Speed, make_plan, plan_epochs, train_seconds
+from pipeline.plan import (
+    IDLE_STAGE_S,
+    MARGIN,
+    STAGE_OVERHEAD_S,
+    BackboneWork,
+    Speed,
+    make_plan,
+    plan_epochs,
+    refit_seconds,
+    train_seconds,
+)
 from tests.conftest import write_competition
 
 # a fake machine: 100 training and 1,000 inference images/s; 3 folds of 1,000 training / 500 validation rows
@@ -63,6 +73,20 @@ def test_the_plan_adds_up_its_stages():
         plan["backbones"]["net"]["epochs"] > 10
         and plan["backbones"]["net"]["val_every"] == plan["backbones"]["net"]["epochs"]
     )
+
+
+def test_a_refit_counts_in_the_plan_and_leaves_the_folds_fewer_epochs():
+    """Two refit models on all 1,500 rows for (at most) the folds' epochs, and their test predictions."""
+    refit = dataclasses.replace(WORK, refit_fits=2, refit_rows=1500, refit_predict_images=2 * 500 * 2)
+    fixed = {"prepare": 60.0}
+    alone, with_refit = (plan_epochs(900, fixed, {"net": w}, {"net": SPEED})["net"] for w in (WORK, refit))
+    # an epoch: 3 folds x 1,000 rows + 2 refits x 1,500 rows = twice the images of the folds alone
+    assert with_refit < alone and with_refit in (alone // 2 - 1, alone // 2, alone // 2 + 1)
+    plan = make_plan(30, 1500, {"net": refit}, {"net": SPEED}, {})
+    epochs, stages = plan["backbones"]["net"]["epochs"], plan["planned_seconds"]
+    assert stages["refit@net"] == pytest.approx(refit_seconds(refit, SPEED, epochs), abs=0.1)
+    assert stages["refit@net"] > 2 * epochs * 1500 / 100 and plan["planned_total_seconds"] <= 1800
+    assert make_plan(30, 1500, {"net": WORK}, {"net": SPEED}, {})["planned_seconds"]["refit@net"] == IDLE_STAGE_S
 
 
 def test_the_planned_epochs_move_the_schedule_with_them():

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from timm.data import Mixup
 
 from pipeline import __main__ as cli
+from pipeline import loop
 from pipeline.analyze import fold_scores
 from pipeline.backbone import Backbone, input_size
 from pipeline.config import TrainSettings
@@ -32,7 +33,16 @@ from pipeline.data import (
 from pipeline.errors import PipelineError
 from pipeline.fold import bootstrap_rows, initial_model, train_fold
 from pipeline.inference import load_fold_model, predict
-from pipeline.loop import LRSchedule, Split, build_optimizer, derive_seed, fit, freeze, train_one_epoch
+from pipeline.loop import (
+    LRSchedule,
+    Split,
+    build_optimizer,
+    derive_seed,
+    epoch_batches,
+    fit,
+    freeze,
+    train_one_epoch,
+)
 from pipeline.models import check_backbone, create_model, pretrained_config
 from pipeline.precision import resolve_precision
 from pipeline.predict import predict_backbone
@@ -180,6 +190,50 @@ def test_a_resumed_fold_equals_an_uninterrupted_one(prepared, tmp_path):
     np.testing.assert_array_equal(resumed.val_probs, whole.val_probs)
     for key, value in whole.state_dict.items():
         torch.testing.assert_close(resumed.state_dict[key], value, rtol=0, atol=0)
+
+
+def test_fractional_epochs_train_their_share_of_batches_and_resume_exactly_after_a_kill(
+    prepared, tmp_path, monkeypatch
+):
+    """epochs 2.5: two whole passes and half of a third, the LR schedule spanning the 2.5; killed after the
+    second epoch, the run resumes to the very weights of an uninterrupted one."""
+    data = _fold0(prepared)
+    s = dataclasses.replace(SETTINGS, epochs=2.5, ema_decay=0.9, val_every=1)
+    n_batches = len(data[0]) // s.batch_size  # drop_last: whole batches only
+    last = round(2.5 * n_batches) - 2 * n_batches
+    assert 0 < last < n_batches  # a part of the third pass
+    steps, updates, step = [], [], loop._step
+    monkeypatch.setattr(loop, "_step", lambda *a: (updates.append(1), step(*a)))  # counts optimizer updates
+    torch.manual_seed(0)
+    whole = _fit(create_model("test_resnet", 3), *data, s, 16, CPU, 3, on_epoch=lambda e, row: steps.append(row))
+    assert len(updates) == 2 * n_batches + last
+    assert [round(r["epochs_done"] * n_batches) for r in steps] == [n_batches, 2 * n_batches, 2 * n_batches + last]
+    assert steps[-1]["lr"] < steps[1]["lr"] and len(whole.history) == 3
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_second_epoch(epoch, row):
+        if epoch == 1:
+            raise Killed
+
+    state = tmp_path / "fold0.state.pt"
+    torch.manual_seed(0)
+    with pytest.raises(Killed):
+        _fit(create_model("test_resnet", 3), *data, s, 16, CPU, 3, on_epoch=kill_after_second_epoch, state_path=state)
+    torch.manual_seed(123)
+    resumed = _fit(create_model("test_resnet", 3), *data, s, 16, CPU, 3, state_path=state)
+    assert [r["epochs_done"] for r in resumed.history] == [r["epochs_done"] for r in whole.history]
+    np.testing.assert_array_equal(resumed.val_probs, whole.val_probs)
+    for key, value in whole.state_dict.items():
+        torch.testing.assert_close(resumed.state_dict[key], value, rtol=0, atol=0)
+
+
+def test_epoch_batches_splits_a_fractional_run_into_whole_passes_and_a_part():
+    assert epoch_batches(3, 10) == [10, 10, 10]
+    assert epoch_batches(2.5, 10) == [10, 10, 5]
+    assert epoch_batches(0.04, 10) == [1]  # at least one batch
+    assert epoch_batches(1.96, 10) == [10, 10]
 
 
 def test_freeze_keeps_frozen_stages_fixed_until_unfreeze(prepared):

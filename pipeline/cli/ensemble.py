@@ -28,7 +28,7 @@ def main(argv=None) -> None:
     params = load_params(args.params)
     paths = RunPaths(Path("."))
     data = load_prepared(paths.prepared, images=False)
-    run = fit_stage(params, data, paths.predictions_root, args.params)
+    run = fit_stage(params, data, paths.predictions_root, args.params, paths.refit_root)
     report = stage_report(run, write_submissions(run, data, paths.prepared, paths.submissions))
     write_json(paths.report("ensemble"), report)
     write_json(paths.report("metrics"), headline(report, params.competition.metric, params.ensemble.metric))

@@ -24,7 +24,7 @@ def main(argv=None) -> None:
         ["prepare"]
         + ([f"tune@{b}" for b in backbones] if params.tune.enabled else [])
         + ["plan"]
-        + [f"{s}@{b}" for b in backbones for s in ("train", "predict")]
+        + [f"{s}@{b}" for b in backbones for s in ("train", "predict", "refit")]
         + ["ensemble", "analyze"]
     )
     paths = RunPaths(Path("."))
