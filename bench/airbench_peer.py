@@ -1,7 +1,7 @@
 """Benchmark: the cifar10-cpu preset against a peer, airbench94, on the same rows and the same machine.
 
     python bench/airbench_peer.py data/raw/cifar10.zip [--epochs 12] [--minutes 20] [--parts equal,budget]
-        [--pipeline-from CLONE]
+        [--pipeline-from CLONE] [--set refit.enabled=true ...]
 
 The peer is airbench94 (Keller Jordan, github.com/KellerJordan/cifar10-airbench, airbench94.py, MIT
 licence), re-implemented below for the CPU from its published code: the same net (2x2 patch-whitening
@@ -17,13 +17,14 @@ Both sides read the preset's prepared cache (32 px, 3 folds, its cv.holdout), pr
        RESULT airbench_peer accuracy_ratio <pipeline/airbench, no TTA> tta_accuracy_ratio <with TTA>
        images_per_s_ratio <pipeline/airbench, training>
 2. budget: the same wall clock, --minutes each: the preset's whole submission pipeline (prepare, plan,
-   train of 3 folds, predict with TTA, ensemble; budget.minutes = --minutes) in --work/pipeline, against
-   airbench trained on every row outside the holdout for the epochs that fit its share (the minutes less
-   the seconds the pipeline's prepare took, as the peer reuses its cache) and predicting holdout and test
-   with its TTA; both scored on the holdout:
+   train of 3 folds, predict with TTA, refit, ensemble, analyze, timing; budget.minutes = --minutes) in
+   --work/pipeline, against airbench trained on every row outside the holdout for the epochs that fit its
+   share (the minutes less the seconds the pipeline's prepare took, as the peer reuses its cache) and
+   predicting holdout and test with its TTA; both scored on the holdout:
        RESULT airbench_budget minutes <m> pipeline_holdout <acc> airbench_holdout <acc> airbench_epochs <e>
    --pipeline-from CLONE takes the pipeline's side from a finished `make run PRESET=cifar10-cpu` there
-   (its record: every stage, its prepared cache and so the same holdout) instead of running it again.
+   (its record: every stage, its prepared cache and so the same holdout) instead of running it again;
+   --set KEY=VALUE ... runs an alternative (e.g. refit.enabled=true refit.rule=join) over the preset.
 """
 
 from __future__ import annotations
@@ -294,33 +295,60 @@ def airbench_fold0(data, epochs: float) -> dict:
 # ---------------------------------------------------------------- 2. the same wall clock
 
 
-def pipeline_budget(work: Path, source: str, minutes: float) -> dict:
-    """The preset's submission pipeline with budget.minutes = `minutes`, stage by stage in `work`."""
+def overrides(pairs: list[str]) -> dict:
+    """--set a.b=value ... as a nested mapping (values read as YAML: true, 2, [42, 43])."""
+    out: dict = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        *parents, last = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = yaml.safe_load(value)
+    return out
+
+
+def pipeline_budget(work: Path, source: str, minutes: float, changes: dict) -> dict:
+    """The preset's submission pipeline with budget.minutes = `minutes` (and `changes` over it), every stage
+    `dvc repro` runs (analyze and timing included), stage by stage in `work`."""
     work.mkdir(parents=True, exist_ok=True)
     raw = preset_params()
     merge(raw, {"competition": {"source": source}, "budget": {"minutes": minutes}, "tracking": {"enabled": False}})
+    merge(raw, changes)
     (work / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     parse_params(raw, str(work / "params.yaml"))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    stages = [["prepare"], ["plan"], ["train", "--backbone", MODEL], ["predict", "--backbone", MODEL], ["ensemble"]]
+    per_backbone = [[s, "--backbone", MODEL] for s in ("train", "predict", "refit")]
+    stages = [["prepare"], ["plan"], *per_backbone, ["ensemble"], ["analyze"], ["timing"]]
     seconds = {}
     for stage in stages:
         started = time.perf_counter()
         subprocess.run([sys.executable, "-m", "pipeline", *stage], cwd=work, env=env, check=True)
         seconds[stage[0]] = time.perf_counter() - started
-    report = json.loads((work / "reports/ensemble.json").read_text())
-    plan = json.loads((work / f"plan/{MODEL}.json").read_text())
-    return {"seconds": seconds, "holdout": report["holdout"], "oof": report["oof"], "epochs": plan.get("epochs")}
+    return pipeline_recorded(work, seconds)
 
 
-def pipeline_recorded(run: Path) -> dict:
-    """The same figures from a finished `make run PRESET=cifar10-cpu` in the clone `run` (its
-    reports/timing.json holds each stage's seconds), so that the record is the pipeline's side."""
+def pipeline_recorded(run: Path, seconds: dict | None = None) -> dict:
+    """The figures of a finished run in `run` (a clone's `make run PRESET=cifar10-cpu`: its reports/timing.json
+    holds each stage's seconds, so that the record is the pipeline's side), the fold bag's holdout beside
+    the refit's where one ran."""
     timing = json.loads((run / "reports/timing.json").read_text())
     report = json.loads((run / "reports/ensemble.json").read_text())
     plan = json.loads((run / f"plan/{MODEL}.json").read_text())
-    seconds = {stage: row["actual_s"] for stage, row in timing["stages"].items() if row["actual_s"] is not None}
-    return {"seconds": seconds, "holdout": report["holdout"], "oof": report["oof"], "epochs": plan.get("epochs")}
+    if seconds is None:
+        seconds = {stage: row["actual_s"] for stage, row in timing["stages"].items() if row["actual_s"] is not None}
+    refit = json.loads((run / f"refit/{MODEL}/refit.json").read_text()) if (run / "refit").exists() else {}
+    member = report["backbones"][MODEL]
+    return {
+        "seconds": seconds,
+        "holdout": report["holdout"],
+        "oof": report["oof"],
+        "epochs": plan.get("epochs"),
+        "refit": {k: refit.get(k) for k in ("enabled", "epochs", "seeds")},
+        "holdout_fold_bag": member.get("holdout_fold_bag", member.get("holdout")),
+        "planned_total_s": timing.get("planned_total_seconds"),
+        "actual_over_planned": timing.get("actual_over_planned"),
+    }
 
 
 def airbench_budget(data, seconds: float, train_speed: float, infer_s: float) -> dict:
@@ -346,6 +374,7 @@ def main() -> None:
     parser.add_argument("--parts", default="equal,budget")
     parser.add_argument("--work", default="/tmp/airbench_peer")
     parser.add_argument("--pipeline-from", type=Path, help="a clone where the preset ran")
+    parser.add_argument("--set", nargs="*", default=[], help="params over the preset's, e.g. refit.enabled=true")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     source, work, parts = str(Path(args.source).resolve()), Path(args.work), args.parts.split(",")
@@ -371,7 +400,7 @@ def main() -> None:
         if args.pipeline_from:
             mine = pipeline_recorded(args.pipeline_from)
         else:
-            mine = pipeline_budget(work / "pipeline", source, args.minutes)
+            mine = pipeline_budget(work / "pipeline", source, args.minutes, overrides(args.set))
         if peer is None:  # its speeds from a short run
             peer = airbench_fold0(data, 0.3)
         share = args.minutes * 60 - mine["seconds"]["prepare"]  # the peer reuses the prepared cache

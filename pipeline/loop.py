@@ -191,9 +191,9 @@ def train_one_epoch(
     max_batches: int | None = None,
 ) -> float:
     """One pass over `loader` (its first `max_batches`: a fractional last epoch); returns the mean training
-    loss (`task.loss` of the logits). `class_weight` (C,) weighs each example's loss by its class (by its soft target under mixup).
-    Forward and loss run under `cfg.precision`'s autocast. `where` names the run in errors (backbone,
-    fold, epoch): a non-finite loss stops training with it.
+    loss (`task.loss` of the logits). `class_weight` (C,) weighs each example's loss by its class (by its
+    soft target under mixup). Forward and loss run under `cfg.precision`'s autocast. `where` names the run
+    in errors (backbone, fold, epoch): a non-finite loss stops training with it.
     """
     model.train()
     _frozen_norms_to_eval(model)

@@ -40,6 +40,7 @@ DVC_GAP_S = 2.0  # DVC between two stages: hashing the outputs, writing dvc.lock
 FOLD_SETUP_S = 1.0  # per fold: a fresh model, its data-dependent init, saving its checkpoint
 ENSEMBLE_S_PER_ROW = 1e-4  # per OOF row and backbone (cross-fitted methods over the folds)
 ANALYZE_S_PER_ROW = 3e-4  # per OOF row (image properties, galleries, figures)
+EPOCH_STEP = 0.01  # planned epochs are fractional, in hundredths: no whole-epoch rounding leaves time idle
 MARGIN = 0.10  # the plan fills 90% of the budget: a 2-core machine's speed drifted by up to 10% between
 # the probe and the run (cifar_net_l: 1,002 images/s probed, 912 trained, minutes later)
 
@@ -67,12 +68,12 @@ class Speed:
     infer: float  # inference images/s per view
 
 
-def planned_val_every(work: BackboneWork, epochs: int) -> int:
+def planned_val_every(work: BackboneWork, epochs: float) -> int:
     """val_every >= params' epochs means "keep the last epoch" and keeps meaning it at any planned epochs."""
-    return epochs if work.val_every >= work.epochs else work.val_every
+    return math.ceil(epochs) if work.val_every >= work.epochs else work.val_every
 
 
-def train_seconds(work: BackboneWork, speed: Speed, epochs: int) -> float:
+def train_seconds(work: BackboneWork, speed: Speed, epochs: float) -> float:
     """A train stage's seconds for `epochs`: every fold model's epochs, its validations, its setup."""
     if not work.trains:
         return STAGE_OVERHEAD_S + work.fits * (FOLD_SETUP_S + (work.train_rows + work.val_rows) / speed.infer)
@@ -85,14 +86,14 @@ def predict_seconds(work: BackboneWork, speed: Speed) -> float:
     return STAGE_OVERHEAD_S + work.predict_images / speed.infer
 
 
-def refit_seconds(work: BackboneWork, speed: Speed, epochs: int) -> float:
+def refit_seconds(work: BackboneWork, speed: Speed, epochs: float) -> float:
     """A refit stage's seconds with the folds trained for `epochs`: its models at most as many epochs (the
     mean of those the folds kept) over every row, then its test and holdout predictions; off, its start."""
     per_model = (epochs if work.trains else 1) * work.refit_rows / (speed.train if work.trains else speed.infer)
     return STAGE_OVERHEAD_S + work.refit_fits * (FOLD_SETUP_S + per_model) + work.refit_predict_images / speed.infer
 
 
-def training_seconds(work: BackboneWork, speed: Speed, epochs: int) -> float:
+def training_seconds(work: BackboneWork, speed: Speed, epochs: float) -> float:
     """What a backbone's epochs cost: its train stage and, when it refits, its refit stage (off, the refit
     stage's start is a fixed cost)."""
     return train_seconds(work, speed, epochs) + (refit_seconds(work, speed, epochs) if work.refit_fits else 0.0)
@@ -100,16 +101,18 @@ def training_seconds(work: BackboneWork, speed: Speed, epochs: int) -> float:
 
 def plan_epochs(
     budget_s: float, fixed_s: dict[str, float], work: dict[str, BackboneWork], speeds: dict[str, Speed]
-) -> dict[str, int]:
+) -> dict[str, float]:
     """Epochs per backbone: the most that fit (1 - MARGIN) of `budget_s` after the `fixed_s` stages
     (prepare, tune, predict, ensemble, analyze, DVC's gaps), every backbone's params epochs scaled by
-    one factor (rounded down, at least 1) so that their ratios stay. Raises PipelineError naming the
-    smallest budget when one epoch per fold model does not fit."""
+    one factor so that their ratios stay: fractional, rounded down to EPOCH_STEP (the loop trains that
+    share of a last epoch's batches), at least 1. Raises PipelineError naming the smallest budget when one
+    epoch per fold model does not fit."""
     fixed = sum(fixed_s.values())
     available = budget_s * (1 - MARGIN) - fixed
 
-    def at(factor: float) -> dict[str, int]:
-        return {b: max(1, math.floor(factor * w.epochs + 1e-9)) if w.trains else w.epochs for b, w in work.items()}
+    def at(factor: float) -> dict[str, float]:
+        steps = lambda w: math.floor(factor * w.epochs / EPOCH_STEP + 1e-9) * EPOCH_STEP  # noqa: E731
+        return {b: max(1.0, round(steps(w), 6)) if w.trains else w.epochs for b, w in work.items()}
 
     def cost(epochs: dict[str, int]) -> float:
         return sum(training_seconds(w, speeds[b], epochs[b]) for b, w in work.items())

@@ -34,17 +34,18 @@ def test_the_plan_takes_the_most_epochs_that_fit_the_budget():
     fixed = {"prepare": 60.0, "predict": 40.0}
     epochs = plan_epochs(600, fixed, {"net": WORK}, {"net": SPEED})["net"]
     available = 600 * (1 - MARGIN) - 100  # the plan keeps a margin for speeds that vary over a run
-    # each epoch is 3 folds x 1,000 rows / 100 per s = 30 s: 14 epochs in the 440 s left, not params' 10
-    assert train_seconds(WORK, SPEED, epochs) <= available < train_seconds(WORK, SPEED, epochs + 1)
-    assert epochs == 14
-    assert plan_epochs(1200, fixed, {"net": WORK}, {"net": SPEED})["net"] == 32  # twice the budget, 2x+ epochs
+    # each epoch is 3 folds x 1,000 rows / 100 per s = 30 s, plus 10.5 s of setup and one validation:
+    # 14.31 epochs in the 440 s left (fractional, in hundredths: nothing left idle), not params' 10
+    assert train_seconds(WORK, SPEED, epochs) <= available < train_seconds(WORK, SPEED, epochs + 0.01)
+    assert epochs == pytest.approx(14.31)
+    assert plan_epochs(1200, fixed, {"net": WORK}, {"net": SPEED})["net"] == pytest.approx(32.31)  # twice the budget
 
 
 def test_the_plan_keeps_the_ratio_of_the_backbones_epochs():
     slow = dataclasses.replace(WORK, epochs=5)  # params: half the epochs of `fast`
     speeds = {"fast": SPEED, "slow": Speed(train=50.0, infer=500.0)}
     epochs = plan_epochs(3600, {}, {"fast": WORK, "slow": slow}, speeds)
-    assert epochs["fast"] > 10 and epochs["slow"] in (epochs["fast"] // 2, epochs["fast"] // 2 + 1)
+    assert epochs["fast"] > 10 and epochs["slow"] == pytest.approx(epochs["fast"] / 2, abs=0.011)
     total = train_seconds(WORK, speeds["fast"], epochs["fast"]) + train_seconds(slow, speeds["slow"], epochs["slow"])
     assert total <= 3600
 
@@ -69,9 +70,8 @@ def test_the_plan_adds_up_its_stages():
         sum(stages.values()) == pytest.approx(plan["planned_total_seconds"], abs=1)
         and plan["planned_total_seconds"] <= 1800
     )
-    assert (
-        plan["backbones"]["net"]["epochs"] > 10
-        and plan["backbones"]["net"]["val_every"] == plan["backbones"]["net"]["epochs"]
+    assert plan["backbones"]["net"]["epochs"] > 10 and plan["backbones"]["net"]["val_every"] == math.ceil(
+        plan["backbones"]["net"]["epochs"]
     )
 
 
@@ -81,7 +81,7 @@ def test_a_refit_counts_in_the_plan_and_leaves_the_folds_fewer_epochs():
     fixed = {"prepare": 60.0}
     alone, with_refit = (plan_epochs(900, fixed, {"net": w}, {"net": SPEED})["net"] for w in (WORK, refit))
     # an epoch: 3 folds x 1,000 rows + 2 refits x 1,500 rows = twice the images of the folds alone
-    assert with_refit < alone and with_refit in (alone // 2 - 1, alone // 2, alone // 2 + 1)
+    assert with_refit == pytest.approx(alone / 2, abs=0.3)  # less the refit stage's start and predictions
     plan = make_plan(30, 1500, {"net": refit}, {"net": SPEED}, {})
     epochs, stages = plan["backbones"]["net"]["epochs"], plan["planned_seconds"]
     assert stages["refit@net"] == pytest.approx(refit_seconds(refit, SPEED, epochs), abs=0.1)
