@@ -413,6 +413,11 @@ class RefitConfig:
     rule: Literal["replace", "join"] = "replace"  # a backbone's test (and holdout) predictions: the refit
     # models' alone, or the mean of theirs and the fold bag's; fixed, never chosen on holdout or test
 
+    @property
+    def replaces_fold_bags(self) -> bool:
+        """The fold models' test (and holdout) predictions are not used: predict computes OOF alone."""
+        return self.enabled and self.rule == "replace"
+
 
 @dataclass(frozen=True)
 class BudgetConfig:

@@ -176,7 +176,7 @@ def member_predictions(
     refit prediction reaches an OOF-fitted choice (a refit model has no OOF rows)."""
     out = []
     for b, rule in rules.items():
-        bag = task.read_predictions(Path(predictions) / b / f"{part}_probs.csv", ids, b)
+        bag = None if rule == "replace" else task.read_predictions(Path(predictions) / b / f"{part}_probs.csv", ids, b)
         if rule is None:
             out.append(bag)
             continue
@@ -195,7 +195,8 @@ def score_holdout(
 ) -> None:
     """`cv.holdout`: every fitted method and backbone scored on the held-out rows, each backbone predicted as
     the test set is (`member_predictions`: the bag of fold models under its chosen TTA, or refit.rule's); a
-    refit backbone's fold bag alone is scored beside it (`holdout_fold_bag`). The scores choose nothing."""
+    refit backbone's fold bag alone is scored beside it where predict wrote it (`holdout_fold_bag`; under
+    refit.rule: replace it does not). The scores choose nothing."""
     ids, y, task = data.holdout["id"], data.holdout_targets, data.task
     held = member_predictions("holdout", ids, predictions, refit, rules, task)
     for fit in fitted.values():
@@ -203,11 +204,11 @@ def score_holdout(
         fit.report["holdout"] = task.scores(fit.step.transform(blended), y)
         if "postprocess" in fit.report:
             fit.report["holdout_before_postprocess"] = task.scores(blended, y)
-    bags = member_predictions("holdout", ids, predictions, None, dict.fromkeys(rules), task)
-    for b, probs, bag in zip(singles, held, bags):
+    for b, probs in zip(singles, held):
         singles[b]["holdout"] = task.scores(probs, y)
-        if rules[b] is not None:
-            singles[b]["holdout_fold_bag"] = task.scores(bag, y)
+        bag = Path(predictions) / b / "holdout_probs.csv"
+        if rules[b] is not None and bag.exists():
+            singles[b]["holdout_fold_bag"] = task.scores(task.read_predictions(bag, ids, b), y)
 
 
 @dataclass

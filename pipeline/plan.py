@@ -190,10 +190,16 @@ def measure_speed(
 
 
 def backbone_work(
-    data: PreparedData, s: TrainSettings, tta_views: int, refit_models: int = 0, refit_views: int = 0
+    data: PreparedData,
+    s: TrainSettings,
+    tta_views: int,
+    refit_models: int = 0,
+    refit_views: int = 0,
+    bag_test: bool = True,
 ) -> BackboneWork:
     """What a backbone's train, predict (and refit: `refit_models`, each predicting with `refit_views`) stages
-    will do with these settings on this competition."""
+    will do with these settings on this competition; without `bag_test` (refit.rule: replace) the fold
+    models predict their OOF rows alone."""
     n, k = len(data.train), data.n_folds
     held = 0 if data.holdout is None else len(data.holdout)  # cv.holdout: predicted by every model, as test is
     fits = k * len(s.seeds or [s.seed])
@@ -204,7 +210,7 @@ def backbone_work(
         train_rows=n * (k - 1) / k,
         val_rows=n / k,
         val_models=2 if s.ema_decay else 1,
-        predict_images=len(s.seeds or [s.seed]) * (n + k * (len(data.test) + held)) * tta_views,
+        predict_images=len(s.seeds or [s.seed]) * (n + (k * (len(data.test) + held) if bag_test else 0)) * tta_views,
         trains=s.finetune != "features+sklearn",
         refit_fits=refit_models,
         refit_rows=n,
@@ -300,9 +306,8 @@ def plan_run(
     work, speeds, precisions = {}, {}, {}
     for b, backbone in backbones.items():
         refits = len(params.refit.seeds or [backbone.settings.seed]) if params.refit.enabled else 0
-        work[b] = backbone_work(
-            data, backbone.settings, params.tta.views_computed(b), refits, params.tta.views_chosen_at_most(b)
-        )
+        views, chosen = params.tta.views_computed(b), params.tta.views_chosen_at_most(b)
+        work[b] = backbone_work(data, backbone.settings, views, refits, chosen, not params.refit.replaces_fold_bags)
         speeds[b], precisions[b] = measure_speed(
             data, backbone, device, params.predict.batch_size, params.budget.probe_batches
         )

@@ -33,7 +33,7 @@ from pipeline.tta import TTA_VIEWS, predict_views
 class PolicyPredictions:
     oof: np.ndarray  # (N, C): each row by its own fold's models, mean over seeds
     oof_per_seed: np.ndarray  # (S, N, C)
-    test: np.ndarray  # (M, C): mean over all fold x seed models
+    test: np.ndarray | None  # (M, C): mean over all fold x seed models (None: not predicted, a refit replaces it)
     seeds: list[str]  # the bagging seeds, in the order of oof_per_seed
     holdout: np.ndarray | None = None  # (H, C): cv.holdout's rows as the test set is predicted
 
@@ -45,9 +45,10 @@ def predict_backbone(
     merge: str,
     batch_size: int,
     device: torch.device,
+    test_side: bool = True,
 ) -> dict[str, PolicyPredictions]:
     """OOF and test (and `cv.holdout`) probabilities of one backbone's fold (x seed) models under each
-    TTA policy.
+    TTA policy; OOF alone without `test_side` (refit.rule: replace, the refit models predict those).
 
     Every view any policy uses is computed once per model; each policy merges its own views per
     model, and models are then averaged (seeds per OOF row, folds x seeds for test and holdout).
@@ -60,6 +61,7 @@ def predict_backbone(
     n, c = len(data.train), task.n_outputs
     oof = {p: np.zeros((n_seeds, n, c)) for p in policies}
     others = {"test": data.test_images, **({} if data.holdout is None else {"holdout": data.holdout_images})}
+    others = others if test_side else {}
     bag = {part: {p: np.zeros((len(images), c)) for p in policies} for part, images in others.items()}
     folds = data.folds
     for k, paths in models.items():
@@ -78,13 +80,8 @@ def predict_backbone(
             for p, vs in policies.items():
                 oof[p][s, val_idx] = task.merge(val[[index[v] for v in vs]], merge)
     seeds, m = [path.parent.parent.name[4:] for path in models[0]], data.n_folds * n_seeds
-    held = bag.get("holdout", dict.fromkeys(policies))
-    return {
-        p: PolicyPredictions(
-            oof[p].mean(0), oof[p], bag["test"][p] / m, seeds, None if held[p] is None else held[p] / m
-        )
-        for p in policies
-    }
+    part = lambda name, p: bag[name][p] / m if name in bag else None  # noqa: E731
+    return {p: PolicyPredictions(oof[p].mean(0), oof[p], part("test", p), seeds, part("holdout", p)) for p in policies}
 
 
 def resolve_tta(tta, backbone: str, where: str) -> tuple[list[str], list[str]]:
@@ -127,7 +124,7 @@ def choose_policy(
     best = preds[chosen]
     held = (
         {}
-        if holdout_y is None
+        if holdout_y is None or best.holdout is None
         else {
             "holdout": scores(best.holdout, holdout_y),
             "holdout_policies": {c: scores(p.holdout, holdout_y) for c, p in preds.items()},
@@ -157,7 +154,8 @@ def write_predictions(folder: Path, data: PreparedData, preds: dict[str, PolicyP
     for p in report["pool"]:
         task.frame(data.train["id"], preds[p].oof).to_csv(folder / "policies" / f"{p}_oof.csv", index=False)
     task.frame(data.train["id"], best.oof).to_csv(folder / "oof_probs.csv", index=False)
-    task.frame(data.test["id"], best.test).to_csv(folder / "test_probs.csv", index=False)
+    if best.test is not None:  # else: a refit's replace the fold bag's (refit.rule: replace)
+        task.frame(data.test["id"], best.test).to_csv(folder / "test_probs.csv", index=False)
     if best.holdout is not None:
         task.frame(data.holdout["id"], best.holdout).to_csv(folder / "holdout_probs.csv", index=False)
     write_json(folder / "tta.json", report)

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import re
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -18,6 +19,7 @@ from pipeline.plan import (
     STAGE_OVERHEAD_S,
     BackboneWork,
     Speed,
+    backbone_work,
     make_plan,
     plan_epochs,
     refit_seconds,
@@ -87,6 +89,14 @@ def test_a_refit_counts_in_the_plan_and_leaves_the_folds_fewer_epochs():
     assert stages["refit@net"] == pytest.approx(refit_seconds(refit, SPEED, epochs), abs=0.1)
     assert stages["refit@net"] > 2 * epochs * 1500 / 100 and plan["planned_total_seconds"] <= 1800
     assert make_plan(30, 1500, {"net": WORK}, {"net": SPEED}, {})["planned_seconds"]["refit@net"] == IDLE_STAGE_S
+
+
+def test_under_refit_replace_the_fold_models_predict_their_oof_rows_alone():
+    data = SimpleNamespace(train=[0] * 900, n_folds=3, test=[0] * 100, holdout=[0] * 50)
+    both = backbone_work(data, TrainSettings(), 2, refit_models=1, refit_views=2)
+    oof = backbone_work(data, TrainSettings(), 2, refit_models=1, refit_views=2, bag_test=False)
+    assert both.predict_images == 2 * (900 + 3 * 150) and oof.predict_images == 2 * 900
+    assert oof.refit_predict_images == both.refit_predict_images == 150 * 2 and oof.refit_rows == 900
 
 
 def test_the_planned_epochs_move_the_schedule_with_them():

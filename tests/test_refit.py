@@ -132,8 +132,10 @@ def test_a_refit_model_never_enters_an_oof_fitted_choice(run, tmp_path):
     expected = step_from_state(state["postprocess"][state["method"]], data.task).transform(model.predict_proba(refits))
     written = _csv(other / "submissions/test_probs.csv")[data.classes].to_numpy()
     np.testing.assert_allclose(written, expected, atol=1e-6)
-    for b in BACKBONES:  # the fold bag's holdout score beside the refit's, reported, choosing nothing
-        assert after["backbones"][b]["holdout_fold_bag"] == before["backbones"][b]["holdout_fold_bag"]
+    for b in BACKBONES:  # replace: the fold models predicted no test or holdout rows, which nothing reads
+        assert not (other / f"predictions/{b}/test_probs.csv").exists()
+        assert not (other / f"predictions/{b}/holdout_probs.csv").exists()
+        assert "holdout_fold_bag" not in after["backbones"][b] and "holdout" in after["backbones"][b]
 
 
 def test_join_averages_the_fold_bag_and_the_refit(run, tmp_path):
@@ -142,7 +144,9 @@ def test_join_averages_the_fold_bag_and_the_refit(run, tmp_path):
     (other / "params.yaml").write_text(
         PARAMS.replace("rule: replace", "rule: join").replace("[soft_voting, caruana]", "[soft_voting]")
     )
-    _stages(other, [["ensemble"]])
+    _stages(other, [["predict", "--backbone", b] for b in BACKBONES] + [["ensemble"]])  # join: the bag's test side too
+    report = json.loads((other / "reports/ensemble.json").read_text())
+    assert all("holdout_fold_bag" in report["backbones"][b] for b in BACKBONES)
     data = load_prepared(other / "data/prepared", images=False)
     ids = data.test["id"].tolist()
     members = [
@@ -188,7 +192,7 @@ def test_the_bundle_carries_the_refit_models_and_reproduces_the_submission(run, 
     other = tmp_path / "run"
     shutil.copytree(run, other, ignore=shutil.ignore_patterns("mlflow.db"))
     (other / "params.yaml").write_text(PARAMS.replace("rule: replace", f"rule: {rule}"))
-    _stages(other, [["ensemble"]])
+    _stages(other, [["predict", "--backbone", b] for b in BACKBONES] + [["ensemble"]])
     out = tmp_path / "bundle"
     out.mkdir()
     monkeypatch.chdir(tmp_path)  # the bundle reads the run through RunPaths alone

@@ -1,5 +1,6 @@
 """python -m pipeline predict --backbone NAME  ->  predictions/NAME/{oof,test}_probs.csv + tta.json,
-reports/predict/NAME.json (with `cv.holdout`, also holdout_probs.csv: the held-out rows as test is predicted)
+reports/predict/NAME.json (with `cv.holdout`, also holdout_probs.csv: the held-out rows as test is predicted);
+under refit.rule: replace, oof_probs.csv alone: the refit models predict test and holdout
 
 TTA: `tta.select` (or `tta.backbones.NAME`) names a policy of `tta.policies`, or `auto`: every
 candidate policy is computed (each view once per model) and the one with the best OOF `tta.metric`
@@ -33,6 +34,7 @@ def main(argv=None) -> None:
         tta.merge,
         params.predict.batch_size,
         pick_device(),
+        test_side=not params.refit.replaces_fold_bags,
     )
     held = None if data.holdout is None else data.holdout_targets
     report = choose_policy(preds, tta, backbone, pool, data.targets, data.folds, data.task, held)
@@ -46,5 +48,5 @@ def main(argv=None) -> None:
     print(
         f"{backbone}: OOF {m} by TTA policy: {line}; chosen: {report['policy']} "
         f"(honest {report['oof_selection_crossfit'][m]:.4f})"
-        + (f"; holdout {m} {report['holdout'][m]:.4f}" if held is not None else "")
+        + (f"; holdout {m} {report['holdout'][m]:.4f}" if "holdout" in report else "")
     )

@@ -68,5 +68,6 @@ def main(argv=None) -> None:
     with tracker.run(f"refit {name}", params=logged, tags={"stage": "refit", "backbone": name}):
         tracker.log_metrics({f"holdout_{k}": v for k, v in record.get("holdout", {}).items()})
     m = params.tta.metric
-    held = f"; holdout {m} {record['holdout'][m]:.4f} (fold bag {tta['holdout'][m]:.4f})" if "holdout" in record else ""
+    bag = f" (fold bag {tta['holdout'][m]:.4f})" if "holdout" in tta else ""
+    held = f"; holdout {m} {record['holdout'][m]:.4f}{bag}" if "holdout" in record else ""
     print(f"{name}: refit {record['epochs']:.2f} epochs x {len(record['seeds'])} model(s){held}")
