@@ -344,6 +344,8 @@ def pipeline_recorded(run: Path, seconds: dict | None = None) -> dict:
         "holdout": report["holdout"],
         "oof": report["oof"],
         "epochs": plan.get("epochs"),
+        "folds": plan.get("folds"),
+        "scheme": json.loads((run / "reports/plan.json").read_text()).get("scheme"),
         "refit": {k: refit.get(k) for k in ("enabled", "epochs", "seeds")},
         "holdout_fold_bag": member.get("holdout_fold_bag", member.get("holdout")),
         "planned_total_s": timing.get("planned_total_seconds"),

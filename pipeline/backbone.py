@@ -31,6 +31,7 @@ class Backbone:
     # timm's data config of the pretrained weights (mean, std, image_size, interpolation), resolved once by
     # `resolve_backbone`; None: random weights (or weights timm knows no config for)
     weights: dict | None = None
+    folds: int | None = None  # the folds trained, 0..folds-1 (cv.train_folds as the plan resolved it); None: all
 
     def normalization(self, data: PreparedData, k: int) -> tuple[list[float], list[float]]:
         """Mean and std fold k's model sees its inputs normalised with: `train.mean`/`train.std` if set, else
@@ -104,14 +105,17 @@ def apply_plan(s: TrainSettings, entry: dict | None, epochs: bool = True) -> Tra
 
 
 def planned(backbone: Backbone, plan_dir: str | Path, budget: bool = True) -> Backbone:
-    """`backbone` with what the plan stage chose for it (in `plan_dir`/<name>.json): the epochs (under `budget`,
-    budget.minutes) and the precision of `precision: auto`. Without a budget and without a plan file, as it is."""
+    """`backbone` with what the plan stage chose for it (in `plan_dir`/<name>.json): the folds trained, the
+    epochs (under `budget`, budget.minutes) and the precision of `precision: auto`. Without a budget and
+    without a plan file, as it is."""
     path = Path(plan_dir) / f"{backbone.name}.json"
     if not path.exists():
         if not budget:
             return backbone
         raise PipelineError(f"{path}: not found; budget.minutes needs the plan stage first (python -m pipeline plan)")
-    return dataclasses.replace(backbone, settings=apply_plan(backbone.settings, read_json(path), epochs=budget))
+    entry = read_json(path)
+    settings = apply_plan(backbone.settings, entry, epochs=budget)
+    return dataclasses.replace(backbone, settings=settings, folds=entry.get("folds"))
 
 
 def run_record(backbone: Backbone, data: PreparedData, device: torch.device) -> dict:
@@ -139,6 +143,7 @@ def run_record(backbone: Backbone, data: PreparedData, device: torch.device) -> 
         "augment": json.dumps(s.augment),
         **{f"tuned.{k}": v for k, v in backbone.tuned.items()},
         "n_folds": data.n_folds,
+        "folds_trained": backbone.folds or data.n_folds,
         "n_train": len(data.train),
         "n_classes": len(data.classes),
     }

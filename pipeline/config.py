@@ -79,6 +79,9 @@ class CVConfig:
     n_folds: int = 5
     seed: int = 42
     holdout: float | None = None  # a stratified (group-aware) share kept out of every fold, scored like the test set
+    # how many of the n_folds are trained (folds 0..m-1; the others' rows stay in every training part):
+    # null = all; m; auto = under budget.minutes the plan's choice (pipeline/plan.py: `plan_scheme`)
+    train_folds: int | str | None = None
 
 
 @dataclass(frozen=True)
@@ -512,6 +515,11 @@ def _check_sections(p: Params, source: str) -> None:
         check_train_settings(resolve_train_settings(p.train, name), f"{source}: train.backbones.{name}")
     if p.cv.holdout is not None and not 0 < p.cv.holdout <= 0.5:
         raise ConfigError(f"{source}: cv.holdout must be null or a share in (0, 0.5], got {p.cv.holdout}")
+    folds = p.cv.train_folds
+    if folds is not None and folds != "auto" and not (isinstance(folds, int) and 1 <= folds <= p.cv.n_folds):
+        raise ConfigError(
+            f"{source}: cv.train_folds must be null, auto or a number of folds in 1..{p.cv.n_folds}, got {folds!r}"
+        )
     for k in p.tune.folds:
         if not 0 <= k < p.cv.n_folds:
             raise ConfigError(f"{source}: tune.folds: fold {k} does not exist (cv.n_folds={p.cv.n_folds})")

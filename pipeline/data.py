@@ -12,7 +12,7 @@ import inspect
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import albumentations as A
@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler, default
 
 from pipeline.errors import PipelineError
 from pipeline.io import read_json
-from pipeline.tasks import DEFAULT_TASK, Task, create_task
+from pipeline.tasks import DEFAULT_TASK, Task, assign_folds, create_task
 
 
 @dataclass(frozen=True)
@@ -97,11 +97,53 @@ class PreparedData:
         """Each training row's CV fold."""
         return self.train["fold"].to_numpy()
 
+    def validated(self, n_trained: int) -> PreparedData:
+        """The training rows as the OOF's consumers see them when only folds 0..n_trained-1 were trained
+        (`cv.train_folds`): the rows those folds validate, in their order. With one trained fold, its rows'
+        `fold` becomes a stratified split into parts (`INNER_PARTS`, seed 0; group-aware), so that what is
+        cross-fitted over folds (the TTA choice, the ensemble, thresholds, the report's per-fold scores) is
+        fitted on one part and scored on the other. The other folds' rows stay in every fold's training part;
+        only their OOF predictions are missing."""
+        if n_trained >= self.n_folds:
+            return self
+        keep = np.flatnonzero(self.folds < n_trained)
+        train = self.train.iloc[keep].reset_index(drop=True)
+        if n_trained == 1:
+            task = self.task
+            groups = train["group"].to_numpy() if "group" in train else None
+            stratify = task.stratify_on(task.encode(train["label"]))
+            train["fold"] = assign_folds(task, stratify, INNER_PARTS, 0, groups)
+        images = None if self.train_images is None else Rows(self.train_images, keep)
+        return replace(self, train=train, train_images=images)
+
+    def validated_as_in(self, path: str | Path) -> PreparedData:
+        """`validated` for the folds whose rows an OOF file (`path`: an id column first) holds: all rows,
+        or exactly those of folds 0..m-1 (else a PipelineError naming the file)."""
+        if not Path(path).exists():
+            raise PipelineError(f"{path}: not found (run the stage that writes it first)")
+        ids = pd.read_csv(path, usecols=[0], dtype=str).iloc[:, 0]
+        fold_of = dict(zip(self.train["id"], self.folds))
+        unknown = [i for i in ids if i not in fold_of]
+        if unknown:
+            raise PipelineError(f"{path}: id {unknown[0]!r} is not a training row of the prepared data")
+        m = max((fold_of[i] for i in ids), default=-1) + 1
+        view = self.validated(m)
+        if m == 0 or len(ids) != len(view.train) or set(ids) != set(view.train["id"]):
+            raise PipelineError(
+                f"{path}: its {len(ids)} rows are not the validation rows of folds 0..{max(m - 1, 0)} "
+                f"({len(view.train)} rows): rerun the stage that wrote it"
+            )
+        return view
+
     def fold_stats(self, fold: int | None) -> tuple[list[float], list[float]]:
         """Normalisation statistics of fold `fold`'s training part (never its validation rows); None (a
         full-data refit): of every training row (cv.holdout's are not among them)."""
         s = self.stats if fold is None else self.stats["folds"][str(fold)]
         return s["mean"], s["std"]
+
+
+INNER_PARTS = 3  # one trained fold: the parts its validation rows are cross-fitted over (the ensemble's honest
+# chain cross-fits inside a cross-fit: three parts leave two inside, where two would leave one)
 
 
 def load_prepared(folder: str | Path, images: bool = True) -> PreparedData:

@@ -86,9 +86,17 @@ class RunPaths:
 
 
 def list_models(models: str | Path, n_folds: int) -> dict[int, list[Path]]:
-    """fold -> its checkpoints, one per bagging seed: `models/seed<s>/fold<k>/model.pt`, seeds in numeric order."""
+    """fold -> its checkpoints, one per bagging seed: `models/seed<s>/fold<k>/model.pt`, seeds in numeric order,
+    for the folds trained: 0..m-1, m <= `n_folds` (`cv.train_folds`), the same in every seed."""
     models = Path(models)
     seeds = sorted(models.glob("seed*"), key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else -1)
     if not seeds:
         raise PipelineError(f"{models}: no seed<s>/ folders of fold models (run the train stage first)")
-    return {k: [d / f"fold{k}" / "model.pt" for d in seeds] for k in range(n_folds)}
+    m = sum((seeds[0] / f"fold{k}").is_dir() for k in range(n_folds))
+    if m == 0:
+        raise PipelineError(f"{seeds[0]}: no fold0/ (run the train stage first)")
+    for d in seeds:
+        trained = sorted(p.name for p in d.glob("fold*") if p.is_dir())
+        if trained != sorted(f"fold{k}" for k in range(m)):
+            raise PipelineError(f"{d}: fold folders {trained} are not fold0..fold{m - 1} (rerun the train stage)")
+    return {k: [d / f"fold{k}" / "model.pt" for d in seeds] for k in range(m)}

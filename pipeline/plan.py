@@ -60,6 +60,7 @@ class BackboneWork:
     refit_fits: int = 0  # refit stage: models trained on all rows (refit.seeds; 0: refit off)
     refit_rows: float = 0.0  # per refit model and epoch: every training row
     refit_predict_images: float = 0.0  # (test + holdout rows) x refit models x the chosen policy's views
+    folds: int | None = None  # the folds trained (cv.train_folds); None: not recorded in the plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,25 +197,28 @@ def backbone_work(
     refit_models: int = 0,
     refit_views: int = 0,
     bag_test: bool = True,
+    folds: int | None = None,
 ) -> BackboneWork:
     """What a backbone's train, predict (and refit: `refit_models`, each predicting with `refit_views`) stages
-    will do with these settings on this competition; without `bag_test` (refit.rule: replace) the fold
-    models predict their OOF rows alone."""
+    will do with these settings on this competition, training `folds` of its folds (None: all); without
+    `bag_test` (refit.rule: replace) the fold models predict their OOF rows alone."""
     n, k = len(data.train), data.n_folds
+    m = folds or k
     held = 0 if data.holdout is None else len(data.holdout)  # cv.holdout: predicted by every model, as test is
-    fits = k * len(s.seeds or [s.seed])
+    seeds = len(s.seeds or [s.seed])
     return BackboneWork(
         epochs=s.epochs,
         val_every=s.val_every,
-        fits=fits,
+        fits=m * seeds,
         train_rows=n * (k - 1) / k,
         val_rows=n / k,
         val_models=2 if s.ema_decay else 1,
-        predict_images=len(s.seeds or [s.seed]) * (n + (k * (len(data.test) + held) if bag_test else 0)) * tta_views,
+        predict_images=seeds * (n * m / k + (m * (len(data.test) + held) if bag_test else 0)) * tta_views,
         trains=s.finetune != "features+sklearn",
         refit_fits=refit_models,
         refit_rows=n,
         refit_predict_images=refit_models * (len(data.test) + held) * refit_views,
+        folds=folds,
     )
 
 
@@ -250,6 +254,7 @@ def make_plan(
         "backbones": {
             b: {
                 "epochs": epochs[b],
+                **({} if work[b].folds is None else {"folds": work[b].folds}),
                 "params_epochs": work[b].epochs,
                 "val_every": planned_val_every(work[b], epochs[b]),
                 "train_images_per_s": round(speeds[b].train, 1),
@@ -262,12 +267,47 @@ def make_plan(
     }
 
 
+def plan_scheme(
+    budget_minutes: float,
+    oof_rows: dict[int, int],
+    schemes: dict[int, dict[str, BackboneWork]],
+    speeds: dict[str, Speed],
+    done_s: dict[str, float],
+) -> dict:
+    """`cv.train_folds: auto`: of `schemes` (folds trained -> every backbone's work; `oof_rows`: the OOF rows
+    each leaves), the plan with the most folds in which every backbone trains at least its params epochs
+    (`train.epochs`, tuned: what a model needs); if none does, the one with the fewest folds, whose models
+    get the most epochs. Epochs below what a model needs cost more than folds beyond one buy (more OOF rows
+    and bag members). A scheme whose one epoch per model does not fit is skipped; if every one is, the
+    fewest folds' PipelineError names the smallest budget. The choice and its reason: the plan's `scheme`."""
+    plans, error = {}, None
+    for m in sorted(schemes, reverse=True):
+        try:
+            plans[m] = make_plan(budget_minutes, oof_rows[m], schemes[m], speeds, done_s)
+        except PipelineError as e:
+            error = e
+    if not plans:
+        raise error
+    short = lambda p: [b for b, e in p["backbones"].items() if e["epochs"] < e["params_epochs"]]  # noqa: E731
+    enough = [m for m, p in plans.items() if not short(p)]
+    chosen = max(enough) if enough else min(plans)
+    per = lambda m: ", ".join(f"{b} {e['epochs']:g}" for b, e in plans[m]["backbones"].items())  # noqa: E731
+    tried = "; ".join(f"{m} fold{'s' if m > 1 else ''}: {per(m)}" for m in plans)
+    reason = (
+        f"the most folds whose models all get their params epochs (epochs per model at {tried})"
+        if enough
+        else f"no number of folds gives every model its params epochs, the fewest give the most ({tried})"
+    )
+    n_folds = max(schemes)
+    return {**plans[chosen], "scheme": {"folds": chosen, "of": n_folds, "rule": "auto", "reason": reason}}
+
+
 def write_plan(plan: dict, plan_dir: Path, report: str | Path) -> None:
     """`plan_dir`/<backbone>.json per backbone (so a change to one backbone's plan reruns only its train stage)
     and the whole plan in `report`."""
     with atomic_dir(plan_dir) as out:
         for backbone, entry in plan["backbones"].items():
-            write_json(out / f"{backbone}.json", {k: entry[k] for k in ("epochs", "val_every")})
+            write_json(out / f"{backbone}.json", {k: entry[k] for k in ("epochs", "folds", "val_every") if k in entry})
     write_json(report, plan)
 
 
@@ -286,12 +326,22 @@ def resolve_auto_precision(data: PreparedData, backbone: Backbone, device: torch
     return {"precision": precision, "precision_probe": figures}
 
 
-def no_budget(backbones: dict[str, Backbone], precisions: dict[str, dict]) -> dict:
-    """The plan of `budget.minutes: null`: params.yaml's epochs, and `precision: auto` resolved."""
+def fixed_folds(train_folds: int | str | None, n_folds: int) -> int:
+    """`cv.train_folds` where no plan chooses it: a number as it is; null, or auto without a budget: all."""
+    return train_folds if isinstance(train_folds, int) else n_folds
+
+
+def no_budget(backbones: dict[str, Backbone], precisions: dict[str, dict], folds: int) -> dict:
+    """The plan of `budget.minutes: null`: params.yaml's epochs, `folds` trained, and `precision: auto` resolved."""
     return {
         "budget_minutes": None,
         "backbones": {
-            b: {"epochs": bb.settings.epochs, "val_every": bb.settings.val_every, **precisions[b]}
+            b: {
+                "epochs": bb.settings.epochs,
+                "folds": folds,
+                "val_every": bb.settings.val_every,
+                **precisions[b],
+            }
             for b, bb in backbones.items()
         },
     }
@@ -303,17 +353,27 @@ def plan_run(
     """Measure every backbone here (`measure_speed`), then `make_plan` with each one's precision recorded,
     counting the seconds the stages before this one (prepare, tune) took, as recorded in `timing_dir`
     (reports/timing/), and this one's measuring so far."""
-    work, speeds, precisions = {}, {}, {}
+    k, train_folds = data.n_folds, params.cv.train_folds
+    candidates = range(k, 0, -1) if train_folds == "auto" else [fixed_folds(train_folds, k)]
+    schemes, speeds, precisions = {m: {} for m in candidates}, {}, {}
     for b, backbone in backbones.items():
         refits = len(params.refit.seeds or [backbone.settings.seed]) if params.refit.enabled else 0
         views, chosen = params.tta.views_computed(b), params.tta.views_chosen_at_most(b)
-        work[b] = backbone_work(data, backbone.settings, views, refits, chosen, not params.refit.replaces_fold_bags)
+        bag_test = not params.refit.replaces_fold_bags
+        for m in candidates:
+            schemes[m][b] = backbone_work(data, backbone.settings, views, refits, chosen, bag_test, m)
         speeds[b], precisions[b] = measure_speed(
             data, backbone, device, params.predict.batch_size, params.budget.probe_batches
         )
     earlier = ["prepare"] + ([f"tune@{b}" for b in backbones] if params.tune.enabled else [])
     done = seconds_so_far({stage: timing_dir / f"{stage}.json" for stage in earlier}, "plan")
-    plan = make_plan(params.budget.minutes, len(data.train), work, speeds, done)
+    oof_rows = {m: int((data.folds < m).sum()) for m in candidates}
+    if train_folds == "auto":
+        plan = plan_scheme(params.budget.minutes, oof_rows, schemes, speeds, done)
+    else:
+        (m,) = candidates
+        plan = make_plan(params.budget.minutes, oof_rows[m], schemes[m], speeds, done)
+        plan["scheme"] = {"folds": m, "of": k, "rule": "cv.train_folds", "reason": "as params.yaml sets it"}
     for b in backbones:
         plan["backbones"][b]["precision"] = precisions[b]
     return plan

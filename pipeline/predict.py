@@ -48,7 +48,8 @@ def predict_backbone(
     test_side: bool = True,
 ) -> dict[str, PolicyPredictions]:
     """OOF and test (and `cv.holdout`) probabilities of one backbone's fold (x seed) models under each
-    TTA policy; OOF alone without `test_side` (refit.rule: replace, the refit models predict those).
+    TTA policy; OOF alone without `test_side` (refit.rule: replace, the refit models predict those). The
+    OOF's rows are those the trained folds validate (all, or `data.validated(m)`'s with m of them trained).
 
     Every view any policy uses is computed once per model; each policy merges its own views per
     model, and models are then averaged (seeds per OOF row, folds x seeds for test and holdout).
@@ -58,12 +59,13 @@ def predict_backbone(
     views = list(dict.fromkeys(v for vs in policies.values() for v in vs))
     index = {v: i for i, v in enumerate(views)}
     task = data.task
-    n, c = len(data.train), task.n_outputs
-    oof = {p: np.zeros((n_seeds, n, c)) for p in policies}
+    folds = data.folds
+    rows = np.flatnonzero(folds < len(models))  # the OOF's rows: those the trained folds validate
+    c = task.n_outputs
+    oof = {p: np.zeros((n_seeds, len(rows), c)) for p in policies}
     others = {"test": data.test_images, **({} if data.holdout is None else {"holdout": data.holdout_images})}
     others = others if test_side else {}
     bag = {part: {p: np.zeros((len(images), c)) for p in policies} for part, images in others.items()}
-    folds = data.folds
     for k, paths in models.items():
         val_idx = np.flatnonzero(folds == k)
         for s, path in enumerate(paths):
@@ -78,8 +80,8 @@ def predict_backbone(
                 for p, vs in policies.items():
                     bag[part][p] += task.merge(out[[index[v] for v in vs]], merge)
             for p, vs in policies.items():
-                oof[p][s, val_idx] = task.merge(val[[index[v] for v in vs]], merge)
-    seeds, m = [path.parent.parent.name[4:] for path in models[0]], data.n_folds * n_seeds
+                oof[p][s, np.searchsorted(rows, val_idx)] = task.merge(val[[index[v] for v in vs]], merge)
+    seeds, m = [path.parent.parent.name[4:] for path in models[0]], len(models) * n_seeds
     part = lambda name, p: bag[name][p] / m if name in bag else None  # noqa: E731
     return {p: PolicyPredictions(oof[p].mean(0), oof[p], part("test", p), seeds, part("holdout", p)) for p in policies}
 

@@ -43,7 +43,7 @@ from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, write_json
 from pipeline.submission import SubmissionFormat
 from pipeline.targets import read_train, require_columns
-from pipeline.tasks import Task
+from pipeline.tasks import Task, assign_folds
 
 DIGITS_MARKER = "SKLEARN_DIGITS"  # in a source folder: render scikit-learn's digits there
 # in a source folder: render 2x2 mosaics of the digits there, a multi-label competition tagged with the digits shown
@@ -189,16 +189,6 @@ def holdout_mask(
         raise PipelineError(f"{where}: cv.holdout={share} cannot be drawn stratified: {exc}") from None
     mask[idx] = True
     return mask
-
-
-def assign_folds(
-    task: Task, stratify: np.ndarray, n_folds: int, seed: int, groups: np.ndarray | None = None
-) -> np.ndarray:
-    """Each row's fold index, stratified as the task splits (group-aware with groups)."""
-    fold = np.full(len(stratify), -1, dtype=np.int64)
-    for k, (_, val_idx) in enumerate(task.split(stratify, n_folds, seed, groups)):
-        fold[val_idx] = k
-    return fold
 
 
 # ---------------------------------------------------------------- image cache

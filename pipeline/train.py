@@ -91,27 +91,30 @@ def cross_validate(
     """k-fold CV of one backbone with one seed (its settings'). Writes `out_dir/fold<k>/model.pt`; returns
     (oof_probs, metrics).
 
-    Each fold's model fills the OOF probabilities of its validation rows. With `resume_dir`, finished
+    Each trained fold's model (`trained_folds`) fills the OOF probabilities of its validation rows, which are
+    the OOF's rows, in the prepared order. With `resume_dir`, finished
     folds and the unfinished fold's last epoch are kept there and picked up by the next call.
     """
     out_dir, resume_dir = Path(out_dir), Path(resume_dir) if resume_dir else None
     if resume_dir is not None:
         resume_dir.mkdir(parents=True, exist_ok=True)
     targets, folds, task = data.targets, data.folds, data.task
-    oof = np.zeros((len(targets), task.n_outputs), dtype=np.float64)
+    trained = trained_folds(backbone, data)
+    rows = np.flatnonzero(folds < trained)  # the OOF's rows: those the trained folds validate
+    oof = np.zeros((len(rows), task.n_outputs), dtype=np.float64)
     fold_metrics, curves = {}, {}
-    log.start(backbone.name, data.n_folds * fold_units(backbone.settings))
-    for k in range(data.n_folds):
+    log.start(backbone.name, trained * fold_units(backbone.settings))
+    for k in range(trained):
         va = np.flatnonzero(folds == k)
         result, ckpt = _train_or_keep_fold(data, k, backbone, device, log, resume_dir)
-        oof[va] = result.val_probs
+        oof[np.searchsorted(rows, va)] = result.val_probs
         fold_metrics[str(k)] = _fold_scores(result, targets[va], task)
         curves[str(k)] = fold_curve(result)
         if distributed.is_main():  # under torchrun only rank 0 writes
             _save_fold(result, ckpt, out_dir / f"fold{k}")
         distributed.barrier()
     metrics = {
-        "oof": task.scores(oof, targets),
+        "oof": task.scores(oof, targets[rows]),
         **fold_summary(fold_metrics, task.METRICS),
         "folds": fold_metrics,
         "curves": curves,
@@ -121,6 +124,11 @@ def cross_validate(
         "precision_probe": ckpt.get("precision_probe"),
     }
     return oof, metrics
+
+
+def trained_folds(backbone: Backbone, data: PreparedData) -> int:
+    """How many folds (0..m-1) this backbone trains: `cv.train_folds` as the plan resolved it, else all."""
+    return backbone.folds or data.n_folds
 
 
 def _train_or_keep_fold(
@@ -184,7 +192,8 @@ def train_backbone(
     targets, folds = data.targets, data.folds
     seeds = s.seeds or [s.seed]
     oofs, per_seed = [], {}
-    progress = StageProgress(f"train@{backbone.name}", len(seeds) * data.n_folds * fold_units(s), "epochs")
+    trained = trained_folds(backbone, data)
+    progress = StageProgress(f"train@{backbone.name}", len(seeds) * trained * fold_units(s), "epochs")
     for seed in seeds:
         oof, metrics = cross_validate(
             data,
@@ -198,10 +207,12 @@ def train_backbone(
         per_seed[str(seed)] = metrics
     bag = np.mean(oofs, axis=0)
     task = data.task
-    per_fold = {str(k): task.scores(bag[folds == k], targets[folds == k]) for k in range(data.n_folds)}
+    rows = folds < trained
+    per_fold = {str(k): task.scores(bag[folds[rows] == k], targets[folds == k]) for k in range(trained)}
     first = per_seed[str(seeds[0])]
     return bag, {
-        "oof": task.scores(bag, targets),
+        "oof": task.scores(bag, targets[rows]),
+        "folds_trained": trained,
         **fold_summary(per_fold, task.METRICS),
         "folds": per_fold if len(seeds) > 1 else first["folds"],
         "seeds": {seed: m["oof"] for seed, m in per_seed.items()},
@@ -236,7 +247,8 @@ def train_stage(
         with atomic_dir(out_path) if main else tempfile.TemporaryDirectory() as out:
             oof, metrics = train_backbone(data, backbone, out, device, tracker, resume_dir=resume_dir)
             if main:
-                data.task.frame(data.train["id"], oof).to_csv(out / "oof_probs.csv", index=False)
+                ids = data.train["id"][data.folds < trained_folds(backbone, data)]
+                data.task.frame(ids, oof).to_csv(out / "oof_probs.csv", index=False)
                 (out / "params.yaml").write_text(yaml.safe_dump({"resolved": record, "params": to_dict(params)}))
                 (out / "augment.json").write_text(
                     json.dumps(A.to_dict(build_train_transform(s.augment, s.seed, p=s.augment_p)), indent=2)

@@ -22,6 +22,7 @@ from pipeline.plan import (
     backbone_work,
     make_plan,
     plan_epochs,
+    plan_scheme,
     refit_seconds,
     train_seconds,
 )
@@ -97,6 +98,43 @@ def test_under_refit_replace_the_fold_models_predict_their_oof_rows_alone():
     oof = backbone_work(data, TrainSettings(), 2, refit_models=1, refit_views=2, bag_test=False)
     assert both.predict_images == 2 * (900 + 3 * 150) and oof.predict_images == 2 * 900
     assert oof.refit_predict_images == both.refit_predict_images == 150 * 2 and oof.refit_rows == 900
+
+
+def _schemes(k: int, refit: bool = False) -> dict[int, dict]:
+    """The fake machine's work for m = k..1 folds of a k-fold split of 1,500 rows, 100 test rows, 2 views."""
+    data = SimpleNamespace(train=[0] * 1500, n_folds=k, test=[0] * 100, holdout=None)
+    s = TrainSettings(epochs=10, val_every=10)
+    work = lambda m: backbone_work(data, s, 2, refit_models=int(refit), refit_views=2, folds=m)  # noqa: E731
+    return {m: {"net": work(m)} for m in range(k, 0, -1)}
+
+
+def test_the_plan_trains_fewer_folds_on_a_shorter_budget_and_a_single_split_on_a_tiny_one():
+    """cv.train_folds: auto on a hand-made speed table: the most folds whose models all get params' 10 epochs,
+    else the fewest. An epoch of 3 folds is 3 x 1,000 rows / 100 per s = 30 s, of 2 folds 20 s, of 1 fold 10 s."""
+    k = 3
+    rows = {m: 500 * m for m in range(1, k + 1)}
+    folds = {
+        minutes: plan_scheme(minutes, rows, _schemes(k), {"net": SPEED}, {})["scheme"]["folds"]
+        for minutes in (8, 5.5, 3, 1.5)
+    }
+    assert folds == {8: 3, 5.5: 2, 3: 1, 1.5: 1}  # 8 minutes: 3 folds x 12.67 epochs fit; 5.5: 8.17 at 3, 12.41 at 2
+    tiny = plan_scheme(1.5, rows, _schemes(k), {"net": SPEED}, {})
+    assert tiny["backbones"]["net"]["folds"] == 1 and 1 <= tiny["backbones"]["net"]["epochs"] < 10
+    assert "fewest" in tiny["scheme"]["reason"] and tiny["scheme"]["of"] == 3
+    more = plan_scheme(8, rows, _schemes(k), {"net": SPEED}, {})["backbones"]["net"]
+    assert more["folds"] == 3 and more["epochs"] >= 10
+    assert plan_scheme(7, rows, _schemes(k), {"net": SPEED}, {})["scheme"]["folds"] == 3
+    # a refit on all 1,500 rows counts in every scheme: 7 minutes give 3 folds 7.11 epochs, 2 folds 9.22, 1 fold 13.03
+    assert plan_scheme(7, rows, _schemes(k, refit=True), {"net": SPEED}, {})["scheme"]["folds"] == 1
+    with pytest.raises(PipelineError, match="too small for one epoch"):  # not even one fold fits: the minimum named
+        plan_scheme(0.2, rows, _schemes(k), {"net": SPEED}, {})
+
+
+def test_the_fold_models_of_a_scheme_predict_their_own_rows_and_the_test_set():
+    data = SimpleNamespace(train=[0] * 900, n_folds=3, test=[0] * 100, holdout=[0] * 50)
+    one = backbone_work(data, TrainSettings(), 2, folds=1)
+    assert (one.fits, one.predict_images, one.folds) == (1, 2 * (300 + 150), 1)  # fold 0's 300 OOF rows
+    assert backbone_work(data, TrainSettings(), 2).fits == 3
 
 
 def test_the_planned_epochs_move_the_schedule_with_them():

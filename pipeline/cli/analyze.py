@@ -24,7 +24,7 @@ def main(argv=None) -> None:
     args = parse_args(argv, __doc__)
     params = load_params(args.params)
     paths = RunPaths(Path("."))
-    data = load_prepared(paths.prepared)
+    data = load_prepared(paths.prepared).validated_as_in(paths.submissions / "oof_probs.csv")  # the OOF's rows
     found = analyze_stage(
         params, data, paths.predictions_root, paths.submissions, paths.report("ensemble"),
         lambda b: paths.report("train", b),

@@ -28,6 +28,7 @@ def main(argv=None) -> None:
     params = load_params(args.params)
     paths = RunPaths(Path("."))
     data = load_prepared(paths.prepared, images=False)
+    data = data.validated_as_in(paths.predictions(next(iter(params.train.backbones))) / "oof_probs.csv")
     run = fit_stage(params, data, paths.predictions_root, args.params, paths.refit_root)
     report = stage_report(run, write_submissions(run, data, paths.prepared, paths.submissions))
     write_json(paths.report("ensemble"), report)

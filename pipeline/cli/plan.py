@@ -16,7 +16,7 @@ from pipeline.config import load_params
 from pipeline.data import load_prepared
 from pipeline.models import pick_device
 from pipeline.paths import RunPaths
-from pipeline.plan import log_plan, no_budget, plan_run, resolve_auto_precision, write_plan
+from pipeline.plan import fixed_folds, log_plan, no_budget, plan_run, resolve_auto_precision, write_plan
 from pipeline.tracking import Tracker, experiment_name
 
 
@@ -33,7 +33,8 @@ def main(argv=None) -> None:
     if budget is None:
         device = pick_device()
         precisions = {b: resolve_auto_precision(data, bb, device) for b, bb in backbones.items()}
-        write_plan(no_budget(backbones, precisions), paths.plan_dir, paths.report("plan"))
+        folds = fixed_folds(params.cv.train_folds, data.n_folds)
+        write_plan(no_budget(backbones, precisions, folds), paths.plan_dir, paths.report("plan"))
         epochs = ", ".join(f"{b} {bb.settings.epochs} epochs" for b, bb in backbones.items())
         return print(f"plan: no budget (budget.minutes: null): {epochs}")
     plan = plan_run(params, data, backbones, pick_device(), paths.timing_dir)
@@ -44,4 +45,6 @@ def main(argv=None) -> None:
             f"plan {b}: {e['epochs']} epochs (params: {e['params_epochs']}), {e['precision']}, "
             f"{e['train_images_per_s']:.0f} training and {e['infer_images_per_s']:.0f} inference images/s"
         )
+    scheme = plan["scheme"]
+    print(f"plan: {scheme['folds']} of {scheme['of']} folds trained ({scheme['rule']}: {scheme['reason']})")
     print(f"plan: {plan['planned_total_seconds'] / 60:.1f} of {budget:g} minutes planned")

@@ -15,7 +15,7 @@ from pipeline.cli import load_with_backbone, parse_args
 from pipeline.data import load_prepared
 from pipeline.io import atomic_dir, write_json
 from pipeline.models import pick_device
-from pipeline.paths import RunPaths
+from pipeline.paths import RunPaths, list_models
 from pipeline.predict import choose_policy, log_stage, predict_backbone, resolve_tta, write_predictions
 from pipeline.tracking import Tracker, experiment_name
 
@@ -37,10 +37,11 @@ def main(argv=None) -> None:
         test_side=not params.refit.replaces_fold_bags,
     )
     held = None if data.holdout is None else data.holdout_targets
-    report = choose_policy(preds, tta, backbone, pool, data.targets, data.folds, data.task, held)
+    oof_rows = data.validated(len(list_models(paths.models(backbone), data.n_folds)))  # the trained folds' rows
+    report = choose_policy(preds, tta, backbone, pool, oof_rows.targets, oof_rows.folds, data.task, held)
     report_path = paths.report("predict", backbone)
     with atomic_dir(paths.predictions(backbone)) as out:
-        write_predictions(out, data, preds, report)
+        write_predictions(out, oof_rows, preds, report)
     write_json(report_path, report)
     log_stage(report, tta, backbone, Tracker(params.tracking.enabled, experiment_name(params)), str(report_path))
     m = tta.metric

@@ -36,7 +36,7 @@ def main(argv=None) -> None:
         print(
             f"train {name} ({backbone.model_name}, {s.finetune}) on {device.type}"
             f"{f' x {distributed.world_size()} processes' if distributed.is_distributed() else ''}: "
-            f"{data.n_folds} folds x {s.epochs} epochs"
+            f"{backbone.folds or data.n_folds} of {data.n_folds} folds x {s.epochs} epochs"
         )
     metrics = train_stage(params, backbone, data, device, record, resume, paths.models(name))
     distributed.shutdown()

@@ -221,3 +221,13 @@ def metric_function(task: str, metric: str, options: dict | None = None) -> Call
 
 
 from pipeline.tasks import multilabel, regression, single_label  # noqa: E402, F401  (registers the tasks)
+
+
+def assign_folds(
+    task: Task, stratify: np.ndarray, n_folds: int, seed: int, groups: np.ndarray | None = None
+) -> np.ndarray:
+    """Each row's fold index, stratified as the task splits (group-aware with groups)."""
+    fold = np.full(len(stratify), -1, dtype=np.int64)
+    for k, (_, val_idx) in enumerate(task.split(stratify, n_folds, seed, groups)):
+        fold[val_idx] = k
+    return fold
