@@ -11,14 +11,14 @@ biases, its triangular schedule, lookahead/EMA from epoch 3, its whitening bias 
 2 px reflect-padded translation and its alternating flip, label smoothing 0.2; bf16 autocast here where the
 original runs fp16 on a GPU. Its TTA: mirror + 1 px translations, logits weighted 1/4, 1/4, 1/8 x 4.
 
-Both sides read the preset's prepared cache (32 px, 3 folds, its cv.holdout), prepared once in --work.
+Both sides read the preset's prepared cache (32 px, its cv.n_folds and cv.holdout), prepared once in --work.
 1. equal: both trained --epochs epochs on fold 0's training rows, scored on fold 0's validation rows
    without and with each side's TTA (the pipeline: the preset's `airbench` policy and merge):
        RESULT airbench_peer accuracy_ratio <pipeline/airbench, no TTA> tta_accuracy_ratio <with TTA>
        images_per_s_ratio <pipeline/airbench, training>
 2. budget: the same wall clock, --minutes each: the preset's whole submission pipeline (prepare, plan,
-   train of 3 folds, predict with TTA, refit, ensemble, analyze, timing; budget.minutes = --minutes) in
-   --work/pipeline, against airbench trained on every row outside the holdout for the epochs that fit its
+   train of the folds its plan chooses, predict with TTA, refit, ensemble, analyze, timing;
+   budget.minutes = --minutes) in --work/pipeline, against airbench trained on every row outside the holdout for the epochs that fit its
    share (the minutes less the seconds the pipeline's prepare took, as the peer reuses its cache) and
    predicting holdout and test with its TTA; both scored on the holdout:
        RESULT airbench_budget minutes <m> pipeline_holdout <acc> airbench_holdout <acc> airbench_epochs <e>

@@ -61,7 +61,8 @@ def test_one_trained_fold_trains_one_model_and_its_oof_is_that_folds_rows(run):
     # the refit trains on every training row, the untrained folds' included
     record = json.loads((run / f"refit/{BACKBONE}/refit.json").read_text())
     assert [m["train_rows"] for m in record["models"]] == [len(data.train)]
-    assert (run / "reports/oof/index.html").exists()
+    html = (run / "reports/oof/index.html").read_text()
+    assert f"OOF of the trained folds: {len(fold0)} of {len(data.train)} training rows" in html
 
 
 def test_one_trained_folds_rows_are_cross_fitted_over_three_stratified_parts(run):

@@ -24,12 +24,15 @@ def main(argv=None) -> None:
     args = parse_args(argv, __doc__)
     params = load_params(args.params)
     paths = RunPaths(Path("."))
-    data = load_prepared(paths.prepared).validated_as_in(paths.submissions / "oof_probs.csv")  # the OOF's rows
+    prepared = load_prepared(paths.prepared)
+    data = prepared.validated_as_in(paths.submissions / "oof_probs.csv")  # the OOF's rows: the trained folds'
     found = analyze_stage(
         params, data, paths.predictions_root, paths.submissions, paths.report("ensemble"),
         lambda b: paths.report("train", b),
     )  # fmt: skip
     title = f"Out-of-fold error analysis: {experiment_name(params)}"
+    if len(data.train) < len(prepared.train):  # cv.train_folds: fewer folds trained
+        title += f" (OOF of the trained folds: {len(data.train):,} of {len(prepared.train):,} training rows)"
     rows = ReportRows(data.train["id"].to_numpy(), data.targets, data.folds, data.classes, data.train_images, data.task)
     with atomic_dir(paths.oof_report) as tmp:
         write_report(
