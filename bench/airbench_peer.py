@@ -18,9 +18,9 @@ Both sides read the preset's prepared cache (32 px, its cv.n_folds and cv.holdou
        images_per_s_ratio <pipeline/airbench, training>
 2. budget: the same wall clock, --minutes each: the preset's whole submission pipeline (prepare, plan,
    train of the folds its plan chooses, predict with TTA, refit, ensemble, analyze, timing;
-   budget.minutes = --minutes) in --work/pipeline, against airbench trained on every row outside the holdout for the epochs that fit its
-   share (the minutes less the seconds the pipeline's prepare took, as the peer reuses its cache) and
-   predicting holdout and test with its TTA; both scored on the holdout:
+   budget.minutes = --minutes) in --work/pipeline, against airbench trained on every row outside the
+   holdout for the epochs that fit its share (the minutes less the seconds the pipeline's prepare took,
+   as the peer reuses its cache) and predicting holdout and test with its TTA; both scored on the holdout:
        RESULT airbench_budget minutes <m> pipeline_holdout <acc> airbench_holdout <acc> airbench_epochs <e>
    --pipeline-from CLONE takes the pipeline's side from a finished `make run PRESET=cifar10-cpu` there
    (its record: every stage, its prepared cache and so the same holdout) instead of running it again;
