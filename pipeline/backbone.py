@@ -88,11 +88,14 @@ def resolve_backbone(
 
 
 def apply_plan(s: TrainSettings, entry: dict | None, epochs: bool = True) -> TrainSettings:
-    """A backbone's settings with the plan's choices: `precision: auto` as the plan resolved it here, and
+    """A backbone's settings with the plan's choices: `precision: auto` as the plan resolved it here,
+    `finetune: auto` as the plan chose it, and
     (with `epochs`, under a budget) its epochs, val_every as planned and the epochs that name a point
     in the schedule (mixup_off_epoch, unfreeze_epoch) moved with it."""
     if entry and s.precision == "auto" and entry.get("precision"):
         s = dataclasses.replace(s, precision=entry["precision"])
+    if entry and s.finetune == "auto" and entry.get("finetune"):
+        s = dataclasses.replace(s, finetune=entry["finetune"])
     if not epochs or not entry or entry["epochs"] == s.epochs:
         return s
     scale = entry["epochs"] / s.epochs
@@ -106,14 +109,18 @@ def apply_plan(s: TrainSettings, entry: dict | None, epochs: bool = True) -> Tra
 
 def planned(backbone: Backbone, plan_dir: str | Path, budget: bool = True) -> Backbone:
     """`backbone` with what the plan stage chose for it (in `plan_dir`/<name>.json): the folds trained, the
-    epochs (under `budget`, budget.minutes) and the precision of `precision: auto`. Without a budget and
-    without a plan file, as it is."""
+    epochs (under `budget`, budget.minutes), the regime of `finetune: auto` and the precision of `precision: auto`.
+    With neither a budget nor a plan file, and a set finetune, as it is."""
     path = Path(plan_dir) / f"{backbone.name}.json"
+    auto = backbone.settings.finetune == "auto"
     if not path.exists():
-        if not budget:
+        if not budget and not auto:
             return backbone
-        raise PipelineError(f"{path}: not found; budget.minutes needs the plan stage first (python -m pipeline plan)")
+        needs = "budget.minutes" if budget else "train.finetune: auto"
+        raise PipelineError(f"{path}: not found; {needs} needs the plan stage first (python -m pipeline plan)")
     entry = read_json(path)
+    if auto and "finetune" not in entry:
+        raise PipelineError(f"{path}: no finetune for train.finetune: auto; run the plan stage again")
     settings = apply_plan(backbone.settings, entry, epochs=budget)
     return dataclasses.replace(backbone, settings=settings, folds=entry.get("folds"))
 

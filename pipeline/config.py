@@ -91,8 +91,9 @@ class TrainSettings:
     epochs: int = 5
     batch_size: int = 32
     image_size: int | None = None  # network input size; defaults to prepare.image_size
-    # transfer learning: full | freeze | linear_probe | features+sklearn
-    finetune: Literal["full", "freeze", "linear_probe", "features+sklearn"] = "full"
+    # transfer learning: full | freeze | linear_probe | features+sklearn | auto (the plan picks features+sklearn or
+    # full from the updates per model and the rows per class: pipeline/plan.py, choose_finetune)
+    finetune: Literal["full", "freeze", "linear_probe", "features+sklearn", "auto"] = "full"
     freeze_stages: int = -1  # freeze: stem + this many stages; -1 = everything but the head
     unfreeze_epoch: int | None = None  # freeze: train everything from this epoch (0-based) on
     sklearn_classifier: Literal["logistic_regression", "svm"] = "logistic_regression"  # features+sklearn
@@ -216,7 +217,7 @@ def check_train_settings(s: TrainSettings, where: str) -> None:
             )
     if (s.mean is None) != (s.std is None):
         raise ConfigError(f"{where}: set mean and std together, or neither")
-    if s.feature_layer is not None and s.finetune != "features+sklearn":
+    if s.feature_layer is not None and s.finetune not in ("features+sklearn", "auto"):
         raise ConfigError(f"{where}.feature_layer is for finetune: features+sklearn, not {s.finetune}")
     if s.image_size is not None and s.image_size < 1:
         raise ConfigError(f"{where}.image_size must be >= 1 (or null: the cache's size), got {s.image_size}")
@@ -519,6 +520,12 @@ def _check_sections(p: Params, source: str) -> None:
     if folds is not None and folds != "auto" and not (isinstance(folds, int) and 1 <= folds <= p.cv.n_folds):
         raise ConfigError(
             f"{source}: cv.train_folds must be null, auto or a number of folds in 1..{p.cv.n_folds}, got {folds!r}"
+        )
+    auto = [b for b in backbones if resolve_train_settings(p.train, b).finetune == "auto"]
+    if p.tune.enabled and auto:
+        raise ConfigError(
+            f"{source}: train.backbones.{auto[0]}: finetune: auto is chosen by the plan stage, after tune; "
+            "set full or features+sklearn to tune it, or tune.enabled: false"
         )
     for k in p.tune.folds:
         if not 0 <= k < p.cv.n_folds:

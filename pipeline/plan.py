@@ -43,6 +43,12 @@ ANALYZE_S_PER_ROW = 3e-4  # per OOF row (image properties, galleries, figures)
 EPOCH_STEP = 0.01  # planned epochs are fractional, in hundredths: no whole-epoch rounding leaves time idle
 MARGIN = 0.10  # the plan fills 90% of the budget: a 2-core machine's speed drifted by up to 10% between
 # the probe and the run (cifar_net_l: 1,002 images/s probed, 912 trained, minutes later)
+# train.finetune: auto (docs/transfer.md, ImageNet weights, 2 cores): frozen features into a logistic regression
+# beat full fine-tuning by 9-24 points at ~75 updates per fold model (10-250 photos per class, Lite0 at 96 px);
+# with ~625 updates and 750 training photos per class full won by 5.7 points (photo-cpu). Nothing between is
+# measured: the thresholds sit between the two.
+UPDATES_FOR_FULL = 300  # optimizer steps per fold model
+ROWS_PER_CLASS_FOR_FULL = 100  # training rows of a fold model's median class (a score or grade: all its rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +196,38 @@ def measure_speed(
 # ---------------------------------------------------------------- the plan
 
 
+def choose_finetune(data: PreparedData, backbone: Backbone, epochs: float) -> dict:
+    """`train.finetune: auto` for a backbone whose fold models train `epochs`: `full` when it starts from random
+    weights (their frozen features carry nothing), or when each fold model gets at least UPDATES_FOR_FULL
+    optimizer steps and its median class at least ROWS_PER_CLASS_FOR_FULL training rows; else
+    `features+sklearn` (frozen pretrained features, `train.feature_layer`, into `train.sklearn_classifier`).
+    {"finetune", "finetune_reason"}; {} when finetune is set in params."""
+    s = backbone.settings
+    if s.finetune != "auto":
+        return {}
+    k = data.n_folds
+    rows = len(data.train) * (k - 1) / k  # a fold model's training part
+    counts = data.task.class_counts(data.train["label"])
+    per_class = (np.median(counts) if counts.size else len(data.train)) * (k - 1) / k
+    updates = epochs * (rows // s.batch_size if rows > s.batch_size else 1)
+    if not backbone.pretrained:
+        return {"finetune": "full", "finetune_reason": "random weights: their frozen features carry nothing"}
+    full = updates >= UPDATES_FOR_FULL and per_class >= ROWS_PER_CLASS_FOR_FULL
+    figures = (
+        f"{updates:,.0f} updates per fold model ({epochs:g} epochs of {rows // 1:,.0f} rows at batch {s.batch_size}) "
+        f"and {per_class:,.0f} training rows in the median class; full needs >= {UPDATES_FOR_FULL} and "
+        f">= {ROWS_PER_CLASS_FOR_FULL}"
+    )
+    return {"finetune": "full" if full else "features+sklearn", "finetune_reason": figures}
+
+
+def as_regime(backbone: Backbone, finetune: str) -> Backbone:
+    """`backbone` trained in `finetune` mode (the plan sizes and probes `auto`'s candidates with it)."""
+    if backbone.settings.finetune != "auto":
+        return backbone
+    return dataclasses.replace(backbone, settings=dataclasses.replace(backbone.settings, finetune=finetune))
+
+
 def backbone_work(
     data: PreparedData,
     s: TrainSettings,
@@ -307,7 +345,8 @@ def write_plan(plan: dict, plan_dir: Path, report: str | Path) -> None:
     and the whole plan in `report`."""
     with atomic_dir(plan_dir) as out:
         for backbone, entry in plan["backbones"].items():
-            write_json(out / f"{backbone}.json", {k: entry[k] for k in ("epochs", "folds", "val_every") if k in entry})
+            keys = ("epochs", "folds", "val_every", "finetune")
+            write_json(out / f"{backbone}.json", {k: entry[k] for k in keys if k in entry})
     write_json(report, plan)
 
 
@@ -331,51 +370,71 @@ def fixed_folds(train_folds: int | str | None, n_folds: int) -> int:
     return train_folds if isinstance(train_folds, int) else n_folds
 
 
-def no_budget(backbones: dict[str, Backbone], precisions: dict[str, dict], folds: int) -> dict:
-    """The plan of `budget.minutes: null`: params.yaml's epochs, `folds` trained, and `precision: auto` resolved."""
-    return {
-        "budget_minutes": None,
-        "backbones": {
-            b: {
-                "epochs": bb.settings.epochs,
-                "folds": folds,
-                "val_every": bb.settings.val_every,
-                **precisions[b],
-            }
-            for b, bb in backbones.items()
-        },
-    }
+def no_budget(data: PreparedData, backbones: dict[str, Backbone], device: torch.device, folds: int) -> dict:
+    """The plan of `budget.minutes: null`: params.yaml's epochs, `folds` trained, `finetune: auto` chosen for
+    them (`choose_finetune`) and `precision: auto` resolved in the regime chosen."""
+    entries = {}
+    for b, bb in backbones.items():
+        choice = choose_finetune(data, bb, bb.settings.epochs)
+        precision = resolve_auto_precision(data, as_regime(bb, choice.get("finetune", "full")), device)
+        entries[b] = {"epochs": bb.settings.epochs, "folds": folds, "val_every": bb.settings.val_every}
+        entries[b].update(**choice, **precision)
+    return {"budget_minutes": None, "backbones": entries}
 
 
 def plan_run(
     params: Params, data: PreparedData, backbones: dict[str, Backbone], device: torch.device, timing_dir: Path
 ) -> dict:
-    """Measure every backbone here (`measure_speed`), then `make_plan` with each one's precision recorded,
-    counting the seconds the stages before this one (prepare, tune) took, as recorded in `timing_dir`
-    (reports/timing/), and this one's measuring so far."""
-    k, train_folds = data.n_folds, params.cv.train_folds
-    candidates = range(k, 0, -1) if train_folds == "auto" else [fixed_folds(train_folds, k)]
-    schemes, speeds, precisions = {m: {} for m in candidates}, {}, {}
+    """Measure every backbone here (`measure_speed`; `finetune: auto` as full, its costly candidate), then
+    `plan_from_speeds`, counting the seconds the stages before this one (prepare, tune) took, as recorded in
+    `timing_dir` (reports/timing/), and this one's measuring so far."""
+    speeds, precisions = {}, {}
     for b, backbone in backbones.items():
-        refits = len(params.refit.seeds or [backbone.settings.seed]) if params.refit.enabled else 0
-        views, chosen = params.tta.views_computed(b), params.tta.views_chosen_at_most(b)
-        bag_test = not params.refit.replaces_fold_bags
-        for m in candidates:
-            schemes[m][b] = backbone_work(data, backbone.settings, views, refits, chosen, bag_test, m)
         speeds[b], precisions[b] = measure_speed(
-            data, backbone, device, params.predict.batch_size, params.budget.probe_batches
+            data, as_regime(backbone, "full"), device, params.predict.batch_size, params.budget.probe_batches
         )
     earlier = ["prepare"] + ([f"tune@{b}" for b in backbones] if params.tune.enabled else [])
     done = seconds_so_far({stage: timing_dir / f"{stage}.json" for stage in earlier}, "plan")
-    oof_rows = {m: int((data.folds < m).sum()) for m in candidates}
-    if train_folds == "auto":
-        plan = plan_scheme(params.budget.minutes, oof_rows, schemes, speeds, done)
-    else:
-        (m,) = candidates
-        plan = make_plan(params.budget.minutes, oof_rows[m], schemes[m], speeds, done)
-        plan["scheme"] = {"folds": m, "of": k, "rule": "cv.train_folds", "reason": "as params.yaml sets it"}
+    plan = plan_from_speeds(params, data, backbones, speeds, done)
     for b in backbones:
         plan["backbones"][b]["precision"] = precisions[b]
+    return plan
+
+
+def plan_from_speeds(
+    params: Params,
+    data: PreparedData,
+    backbones: dict[str, Backbone],
+    speeds: dict[str, Speed],
+    done_s: dict[str, float],
+) -> dict:
+    """The plan for these speeds: the folds trained (`plan_scheme` under cv.train_folds: auto, else as set),
+    every backbone's epochs (`make_plan`), and `finetune: auto` chosen from a plan that trains it `full`
+    (`choose_finetune`); where it picks features+sklearn (one fit, no epochs) the plan is made again with it."""
+    k, train_folds = data.n_folds, params.cv.train_folds
+    candidates = range(k, 0, -1) if train_folds == "auto" else [fixed_folds(train_folds, k)]
+    oof_rows = {m: int((data.folds < m).sum()) for m in candidates}
+
+    def plan_as(regimes: dict[str, Backbone]) -> dict:
+        schemes = {m: {} for m in candidates}
+        for b, backbone in regimes.items():
+            refits = len(params.refit.seeds or [backbone.settings.seed]) if params.refit.enabled else 0
+            views, chosen = params.tta.views_computed(b), params.tta.views_chosen_at_most(b)
+            bag_test = not params.refit.replaces_fold_bags
+            for m in candidates:
+                schemes[m][b] = backbone_work(data, backbone.settings, views, refits, chosen, bag_test, m)
+        if train_folds == "auto":
+            return plan_scheme(params.budget.minutes, oof_rows, schemes, speeds, done_s)
+        (m,) = candidates
+        plan = make_plan(params.budget.minutes, oof_rows[m], schemes[m], speeds, done_s)
+        return {**plan, "scheme": {"folds": m, "of": k, "rule": "cv.train_folds", "reason": "as params.yaml sets it"}}
+
+    plan = plan_as({b: as_regime(bb, "full") for b, bb in backbones.items()})
+    choices = {b: choose_finetune(data, bb, plan["backbones"][b]["epochs"]) for b, bb in backbones.items()}
+    if any(c.get("finetune") == "features+sklearn" for c in choices.values()):
+        plan = plan_as({b: as_regime(bb, choices[b].get("finetune", "full")) for b, bb in backbones.items()})
+    for b in backbones:
+        plan["backbones"][b].update(choices[b])
     return plan
 
 

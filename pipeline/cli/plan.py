@@ -2,8 +2,8 @@
 
 With `budget.minutes` set: measures every backbone's training and prediction speed here, then
 chooses its epochs so that the whole `dvc repro` ends inside the budget (pipeline/plan.py). With
-`budget.minutes: null`: the epochs of params.yaml, nothing measured. Either way `precision: auto` is
-resolved here and recorded in plan/<backbone>.json, which the train stage reads.
+`budget.minutes: null`: the epochs of params.yaml, nothing measured. Either way `finetune: auto` is chosen
+and `precision: auto` resolved here, and recorded in plan/<backbone>.json, which the train stage reads.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pipeline.config import load_params
 from pipeline.data import load_prepared
 from pipeline.models import pick_device
 from pipeline.paths import RunPaths
-from pipeline.plan import fixed_folds, log_plan, no_budget, plan_run, resolve_auto_precision, write_plan
+from pipeline.plan import fixed_folds, log_plan, no_budget, plan_run, write_plan
 from pipeline.tracking import Tracker, experiment_name
 
 
@@ -31,12 +31,12 @@ def main(argv=None) -> None:
     }
     budget = params.budget.minutes
     if budget is None:
-        device = pick_device()
-        precisions = {b: resolve_auto_precision(data, bb, device) for b, bb in backbones.items()}
         folds = fixed_folds(params.cv.train_folds, data.n_folds)
-        write_plan(no_budget(backbones, precisions, folds), paths.plan_dir, paths.report("plan"))
+        plan = no_budget(data, backbones, pick_device(), folds)
+        write_plan(plan, paths.plan_dir, paths.report("plan"))
         epochs = ", ".join(f"{b} {bb.settings.epochs} epochs" for b, bb in backbones.items())
-        return print(f"plan: no budget (budget.minutes: null): {epochs}")
+        print(f"plan: no budget (budget.minutes: null): {epochs}")
+        return print_finetune(plan)
     plan = plan_run(params, data, backbones, pick_device(), paths.timing_dir)
     write_plan(plan, paths.plan_dir, paths.report("plan"))
     log_plan(plan, Tracker(params.tracking.enabled, experiment_name(params)), paths.report("plan"))
@@ -48,3 +48,10 @@ def main(argv=None) -> None:
     scheme = plan["scheme"]
     print(f"plan: {scheme['folds']} of {scheme['of']} folds trained ({scheme['rule']}: {scheme['reason']})")
     print(f"plan: {plan['planned_total_seconds'] / 60:.1f} of {budget:g} minutes planned")
+    print_finetune(plan)
+
+
+def print_finetune(plan: dict) -> None:
+    for b, e in plan["backbones"].items():
+        if "finetune" in e:
+            print(f"plan {b}: finetune {e['finetune']} (auto: {e['finetune_reason']})")

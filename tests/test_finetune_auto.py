@@ -1,0 +1,130 @@
+"""`train.finetune: auto`: the plan picks features+sklearn or full fine-tuning from the updates each fold
+model gets and the rows of its median class (pipeline/plan.py, `choose_finetune`), under a budget from the
+planned epochs, without one from params.yaml's; the train stage trains what the plan chose."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.backbone import Backbone, planned
+from pipeline.config import ConfigError, parse_params, resolve_train_settings
+from pipeline.errors import PipelineError
+from pipeline.models import create_model
+from pipeline.plan import ROWS_PER_CLASS_FOR_FULL, UPDATES_FOR_FULL, Speed, choose_finetune, plan_from_speeds
+from pipeline.tasks import create_task
+from tests.conftest import write_competition
+from tests.test_holdout import _stages
+
+CLASSES = [str(c) for c in range(10)]
+SPEED = {"net": Speed(train=100.0, infer=1000.0)}  # a hand-made machine: 100 training images/s
+
+
+def _data(per_class: int, k: int = 3) -> SimpleNamespace:
+    """A prepared competition as the plan reads it: `per_class` rows of each of 10 classes, k folds, 100 test rows."""
+    labels = np.repeat(CLASSES, per_class)
+    return SimpleNamespace(
+        train=pd.DataFrame({"label": labels}),
+        n_folds=k,
+        folds=np.arange(len(labels)) % k,
+        test=[0] * 100,
+        holdout=None,
+        task=create_task("single_label", CLASSES),
+    )
+
+
+def _params(minutes: float | None, pretrained="weights.pth"):
+    entry = {} if pretrained is None else {"pretrained": pretrained}
+    return parse_params(
+        {
+            "train": {"backbones": {"net": entry}, "finetune": "auto", "epochs": 10, "batch_size": 32},
+            "tta": {"candidates": ["none"]},
+            "budget": {"minutes": minutes},
+        }
+    )
+
+
+def _backbone(params) -> Backbone:
+    entry = params.train.backbones["net"]
+    return Backbone("net", "test_resnet", entry.pretrained, resolve_train_settings(params.train, "net"), 32, {})
+
+
+def test_the_rule_takes_full_from_enough_updates_and_rows_per_class_and_features_below():
+    data = _data(300)  # a fold model trains on 2,000 rows: 62 updates of 32 an epoch, 200 rows per class
+    backbone = _backbone(_params(None))
+    edge = UPDATES_FOR_FULL / 62
+    below, above = choose_finetune(data, backbone, edge - 0.2), choose_finetune(data, backbone, edge + 0.2)
+    assert (below["finetune"], above["finetune"]) == ("features+sklearn", "full")
+    assert "200 training rows in the median class" in below["finetune_reason"]
+    # as many updates, but a median class under ROWS_PER_CLASS_FOR_FULL: frozen features still
+    few = _data(120)  # 80 rows per class in a fold model's training part
+    assert 120 * 2 / 3 < ROWS_PER_CLASS_FOR_FULL
+    assert choose_finetune(few, backbone, 10 * edge)["finetune"] == "features+sklearn"
+    # random weights: full at any budget
+    scratch = _backbone(_params(None, pretrained=None))
+    assert choose_finetune(data, scratch, 0.5)["finetune"] == "full"
+    assert choose_finetune(data, scratch, 0.5)["finetune_reason"].startswith("random weights")
+    # finetune set in params: nothing chosen
+    assert choose_finetune(data, _backbone(parse_params({"train": {"backbones": {"net": {}}}})), 1.0) == {}
+
+
+def test_the_plan_picks_features_on_a_short_budget_and_full_on_a_long_one(tmp_path):
+    """3 fold models of 2,000 training rows at 100 images/s: an epoch of all three is 60 s, so 4 minutes
+    give them about 2.6 epochs (162 updates each) and 20 minutes about 15 (930 updates)."""
+    data = _data(300)
+    short = plan_from_speeds(_params(4), data, {"net": _backbone(_params(4))}, SPEED, {})["backbones"]["net"]
+    long = plan_from_speeds(_params(20), data, {"net": _backbone(_params(20))}, SPEED, {})["backbones"]["net"]
+    assert short["finetune"] == "features+sklearn" and long["finetune"] == "full"
+    assert long["epochs"] * 62 >= UPDATES_FOR_FULL and long["epochs"] > 5
+    assert short["epochs"] == 10  # planned again as one fit: params' epochs stand, nothing to scale
+    # the plan's entry is what the train stage reads: features+sklearn for the short budget's backbone
+    (tmp_path / "net.json").write_text(json.dumps({k: short[k] for k in ("epochs", "val_every", "finetune")}))
+    assert planned(_backbone(_params(4)), tmp_path).settings.finetune == "features+sklearn"
+
+
+def test_auto_without_a_plan_file_or_with_tuning_is_one_line(tmp_path):
+    with pytest.raises(PipelineError, match=r"net\.json: not found; train\.finetune: auto needs the plan stage"):
+        planned(_backbone(_params(None)), tmp_path, budget=False)
+    (tmp_path / "net.json").write_text(json.dumps({"epochs": 10, "val_every": 10}))  # a plan of before auto
+    with pytest.raises(PipelineError, match="no finetune for train.finetune: auto"):
+        planned(_backbone(_params(None)), tmp_path, budget=False)
+    with pytest.raises(ConfigError, match="backbones.net: finetune: auto is chosen by the plan stage, after tune"):
+        parse_params({"train": {"backbones": {"net": {}}, "finetune": "auto"}, "tune": {"enabled": True}})
+
+
+PARAMS = """
+competition: {{source: data/raw/comp}}
+prepare: {{image_size: 12, workers: 1}}
+cv: {{n_folds: 2}}
+train:
+  backbones: {{test_resnet: {{{pretrained}}}}}
+  finetune: auto
+  epochs: 2
+  batch_size: 4
+tta: {{candidates: [none]}}
+tracking: {{enabled: false}}
+"""
+
+
+@pytest.mark.training
+@pytest.mark.parametrize("weights", [True, False])
+def test_without_a_budget_auto_follows_params_epochs(tmp_path, weights):
+    """budget.minutes: null (the README): the rule at train.epochs. 2 epochs of 18 rows at batch 4 are 8
+    updates: features+sklearn with pretrained weights, full from random ones."""
+    write_competition(tmp_path / "data/raw/comp", n_per_class=12, n_test=6)
+    pretrained = ""
+    if weights:
+        torch.manual_seed(0)
+        torch.save(create_model("test_resnet", num_classes=7).state_dict(), tmp_path / "weights.pth")
+        pretrained = "pretrained: weights.pth"
+    (tmp_path / "params.yaml").write_text(PARAMS.format(pretrained=pretrained))
+    _stages(tmp_path, [["prepare"], ["plan"], ["train", "--backbone", "test_resnet"]])
+    chosen = "features+sklearn" if weights else "full"
+    assert json.loads((tmp_path / "plan/test_resnet.json").read_text())["finetune"] == chosen
+    entry = json.loads((tmp_path / "reports/plan.json").read_text())["backbones"]["test_resnet"]
+    assert entry["finetune"] == chosen and entry["finetune_reason"]
+    fold = next((tmp_path / "models/test_resnet").glob("seed*/fold0"))
+    assert (fold / "classifier.skops").exists() == weights  # the head fitted on frozen features, or none
