@@ -308,24 +308,29 @@ def overrides(pairs: list[str]) -> dict:
     return out
 
 
-def pipeline_budget(work: Path, source: str, minutes: float, changes: dict) -> dict:
-    """The preset's submission pipeline with budget.minutes = `minutes` (and `changes` over it), every stage
-    `dvc repro` runs (analyze and timing included), stage by stage in `work`."""
+def run_pipeline(work: Path, raw: dict, backbones: list[str]) -> dict[str, float]:
+    """Every stage `dvc repro` runs (prepare to timing, analyze included) for params `raw`, stage by stage in
+    `work` (params.yaml written there, checked first): each stage's seconds, summed over backbones."""
     work.mkdir(parents=True, exist_ok=True)
-    raw = preset_params()
-    merge(raw, {"competition": {"source": source}, "budget": {"minutes": minutes}, "tracking": {"enabled": False}})
-    merge(raw, changes)
     (work / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     parse_params(raw, str(work / "params.yaml"))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    per_backbone = [[s, "--backbone", MODEL] for s in ("train", "predict", "refit")]
-    stages = [["prepare"], ["plan"], *per_backbone, ["ensemble"], ["analyze"], ["timing"]]
+    per_backbone = [[s, "--backbone", b] for s in ("train", "predict", "refit") for b in backbones]
     seconds = {}
-    for stage in stages:
+    for stage in [["prepare"], ["plan"], *per_backbone, ["ensemble"], ["analyze"], ["timing"]]:
         started = time.perf_counter()
         subprocess.run([sys.executable, "-m", "pipeline", *stage], cwd=work, env=env, check=True)
-        seconds[stage[0]] = time.perf_counter() - started
-    return pipeline_recorded(work, seconds)
+        seconds[stage[0]] = seconds.get(stage[0], 0.0) + time.perf_counter() - started
+    return seconds
+
+
+def pipeline_budget(work: Path, source: str, minutes: float, changes: dict) -> dict:
+    """The preset's submission pipeline with budget.minutes = `minutes` (and `changes` over it), every stage
+    `dvc repro` runs (analyze and timing included), stage by stage in `work`."""
+    raw = preset_params()
+    merge(raw, {"competition": {"source": source}, "budget": {"minutes": minutes}, "tracking": {"enabled": False}})
+    merge(raw, changes)
+    return pipeline_recorded(work, run_pipeline(work, raw, [MODEL]))
 
 
 def pipeline_recorded(run: Path, seconds: dict | None = None) -> dict:

@@ -60,8 +60,8 @@ def test_the_rule_takes_full_from_enough_updates_and_rows_per_class_and_features
     assert (below["finetune"], above["finetune"]) == ("features+sklearn", "full")
     assert "200 training rows in the median class" in below["finetune_reason"]
     # as many updates, but a median class under ROWS_PER_CLASS_FOR_FULL: frozen features still
-    few = _data(120)  # 80 rows per class in a fold model's training part
-    assert 120 * 2 / 3 < ROWS_PER_CLASS_FOR_FULL
+    few = _data(60)  # 40 rows per class in a fold model's training part
+    assert 60 * 2 / 3 < ROWS_PER_CLASS_FOR_FULL
     assert choose_finetune(few, backbone, 10 * edge)["finetune"] == "features+sklearn"
     # random weights: full at any budget
     scratch = _backbone(_params(None, pretrained=None))
@@ -72,17 +72,17 @@ def test_the_rule_takes_full_from_enough_updates_and_rows_per_class_and_features
 
 
 def test_the_plan_picks_features_on_a_short_budget_and_full_on_a_long_one(tmp_path):
-    """3 fold models of 2,000 training rows at 100 images/s: an epoch of all three is 60 s, so 4 minutes
-    give them about 2.6 epochs (162 updates each) and 20 minutes about 15 (930 updates)."""
+    """3 fold models of 2,000 training rows at 100 images/s: an epoch of all three is 60 s, so 3 minutes
+    give them about 1.7 epochs (105 updates each) and 20 minutes 16.3 (1,010 updates)."""
     data = _data(300)
-    short = plan_from_speeds(_params(4), data, {"net": _backbone(_params(4))}, SPEED, {})["backbones"]["net"]
+    short = plan_from_speeds(_params(3), data, {"net": _backbone(_params(3))}, SPEED, {})["backbones"]["net"]
     long = plan_from_speeds(_params(20), data, {"net": _backbone(_params(20))}, SPEED, {})["backbones"]["net"]
     assert short["finetune"] == "features+sklearn" and long["finetune"] == "full"
     assert long["epochs"] * 62 >= UPDATES_FOR_FULL and long["epochs"] > 5
     assert short["epochs"] == 10  # planned again as one fit: params' epochs stand, nothing to scale
     # the plan's entry is what the train stage reads: features+sklearn for the short budget's backbone
     (tmp_path / "net.json").write_text(json.dumps({k: short[k] for k in ("epochs", "val_every", "finetune")}))
-    assert planned(_backbone(_params(4)), tmp_path).settings.finetune == "features+sklearn"
+    assert planned(_backbone(_params(3)), tmp_path).settings.finetune == "features+sklearn"
 
 
 def test_auto_without_a_plan_file_or_with_tuning_is_one_line(tmp_path):
