@@ -319,22 +319,35 @@ def _resolution(input_size: int | None, native: float | None) -> dict | None:
     }
 
 
+def plan_choices(entry: dict | None) -> dict | None:
+    """The choices the plan stage made for a backbone (its entry in reports/plan.json) of what params.yaml
+    left to it, `image_size: auto` and `finetune: auto`, with their reasons; None where it made none."""
+    made = [(key, entry[key], entry[f"{key}_reason"]) for key in ("image_size", "finetune") if key in (entry or {})]
+    if not made:
+        return None
+    text = "; ".join(f"{key} {value} (auto: {reason})" for key, value, reason in made)
+    return {"kind": "plan", **{key: value for key, value, _ in made}, "text": f"Plan: {text}."}
+
+
 def next_steps(
     a: ModelAnalysis,
     task: Task,
     train_report: dict | None = None,
     native: float | None = None,
     label_smoothing: float | None = None,
+    plan_entry: dict | None = None,
 ) -> list[dict]:
     """The report's top lines for one model, each {kind, text, the values it states}: its weakest class with
     its recall, its top confusion with its share, its calibration and the fix, and for a backbone (its
     `train_report`: reports/train/<b>.json) whether more epochs (its folds' curves) or a higher input size
-    (against the images' `native` median short side) are likely to pay."""
+    (against the images' `native` median short side) are likely to pay, and what its `plan_entry` (in
+    reports/plan.json) chose for it."""
     steps = [_weakest(a, task.CLASS_WORD), _top_confusion(a, task.classes, task.CLASS_WORD)]
     if task.HAS_CONFIDENCE:
         steps.append(_calibration(a, label_smoothing))
     if train_report:
         steps += [_epochs(train_report), _resolution(train_report.get("input_size"), native)]
+    steps.append(plan_choices(plan_entry))
     return [s for s in steps if s is not None]
 
 
@@ -402,17 +415,13 @@ class StageAnalysis:
     headline: dict
 
 
-def native_side(data: PreparedData) -> float | None:
-    """The training images' median short side, in the original files' pixels (None if prepare did not
-    record their sizes)."""
-    if "width" not in data.train or "height" not in data.train:
-        return None
-    return float(np.median(np.minimum(data.train["width"].to_numpy(), data.train["height"].to_numpy())))
-
-
-def attach_next_steps(analyses: list[ModelAnalysis], params: Params, data: PreparedData, train_reports) -> None:
-    """Each model's `next_steps`; a backbone's read with its train report (`train_reports`(name): a path)."""
-    native = native_side(data)
+def attach_next_steps(
+    analyses: list[ModelAnalysis], params: Params, data: PreparedData, train_reports, plan_report: Path | None = None
+) -> None:
+    """Each model's `next_steps`; a backbone's read with its train report (`train_reports`(name): a path) and
+    its entry in `plan_report` (reports/plan.json)."""
+    native = data.native_side()
+    plan = read_json(plan_report) if plan_report is not None and Path(plan_report).exists() else {}
     for a in analyses:
         if a.ensemble:
             a.next_steps = next_steps(a, data.task, label_smoothing=params.train.label_smoothing)
@@ -420,7 +429,8 @@ def attach_next_steps(analyses: list[ModelAnalysis], params: Params, data: Prepa
         path = Path(train_reports(a.name))
         report = read_json(path) if path.exists() else None
         smoothing = resolve_train_settings(params.train, a.name).label_smoothing
-        a.next_steps = next_steps(a, data.task, report, native, smoothing)
+        entry = plan.get("backbones", {}).get(a.name)
+        a.next_steps = next_steps(a, data.task, report, native, smoothing, entry)
 
 
 def analyze_stage(
@@ -430,11 +440,12 @@ def analyze_stage(
     submissions: Path,
     ensemble_report: Path,
     train_reports=lambda name: Path("reports/train") / f"{name}.json",
+    plan_report: Path | None = None,
 ) -> StageAnalysis:
     """The stage's analysis: every backbone's OOF predictions (`predictions`/<b>/oof_probs.csv) and the
     ensemble's honest ones (`submissions`/oof_probs.csv), read as the task reads them; with `cv.holdout`,
     the held-out scores of `ensemble_report` (reports/ensemble.json) beside them; each backbone's train
-    report (`train_reports`(name)) for its epochs and input size."""
+    report (`train_reports`(name)) for its epochs and input size, and what the plan chose (`plan_report`)."""
     task, ids, y = data.task, data.train["id"].to_numpy(), data.targets
     oof = {b: task.read_predictions(Path(predictions) / b / "oof_probs.csv", ids, b) for b in params.train.backbones}
     ensemble = task.read_predictions(Path(submissions) / "oof_probs.csv", ids, "ensemble")
@@ -447,7 +458,7 @@ def analyze_stage(
         analyses[-1].per_class["threshold"] = [thresholds[c] for c in task.classes]
     if data.holdout is not None:
         attach_holdout(analyses, report)
-    attach_next_steps(analyses, params, data, train_reports)
+    attach_next_steps(analyses, params, data, train_reports, plan_report)
     div = diversity({a.name: a.pred for a in analyses if not a.ensemble}, y, task)
     per_class = per_class_accuracy({a.label: a.pred for a in analyses}, task.truth(y), task.classes)
     return StageAnalysis(analyses, div, per_class, summary(analyses, div))

@@ -63,8 +63,10 @@ def tuned_params(path: str | Path) -> dict:
 
 
 def input_size(s: TrainSettings, weights: dict | None, cache_size: int) -> int:
-    """The network's input side: `s.image_size` if set, else the pretrained weights' own, else the cache's."""
-    return s.image_size or (weights or {}).get("image_size") or cache_size
+    """The network's input side: `s.image_size` if set, else the pretrained weights' own, else the cache's
+    (`auto`: the same until the plan's choice replaces it, `planned`)."""
+    own = s.image_size if isinstance(s.image_size, int) else None
+    return own or (weights or {}).get("image_size") or cache_size
 
 
 def resolve_backbone(
@@ -89,13 +91,15 @@ def resolve_backbone(
 
 def apply_plan(s: TrainSettings, entry: dict | None, epochs: bool = True) -> TrainSettings:
     """A backbone's settings with the plan's choices: `precision: auto` as the plan resolved it here,
-    `finetune: auto` as the plan chose it, and
+    `finetune: auto` and `image_size: auto` as the plan chose them, and
     (with `epochs`, under a budget) its epochs, val_every as planned and the epochs that name a point
     in the schedule (mixup_off_epoch, unfreeze_epoch) moved with it."""
     if entry and s.precision == "auto" and entry.get("precision"):
         s = dataclasses.replace(s, precision=entry["precision"])
     if entry and s.finetune == "auto" and entry.get("finetune"):
         s = dataclasses.replace(s, finetune=entry["finetune"])
+    if entry and s.image_size == "auto" and entry.get("image_size"):
+        s = dataclasses.replace(s, image_size=entry["image_size"])
     if not epochs or not entry or entry["epochs"] == s.epochs:
         return s
     scale = entry["epochs"] / s.epochs
@@ -109,20 +113,23 @@ def apply_plan(s: TrainSettings, entry: dict | None, epochs: bool = True) -> Tra
 
 def planned(backbone: Backbone, plan_dir: str | Path, budget: bool = True) -> Backbone:
     """`backbone` with what the plan stage chose for it (in `plan_dir`/<name>.json): the folds trained, the
-    epochs (under `budget`, budget.minutes), the regime of `finetune: auto` and the precision of `precision: auto`.
+    epochs (under `budget`, budget.minutes), the regime of `finetune: auto`, the input side of `image_size: auto`
+    and the precision of `precision: auto`.
     With neither a budget nor a plan file, and a set finetune, as it is."""
     path = Path(plan_dir) / f"{backbone.name}.json"
-    auto = backbone.settings.finetune == "auto"
+    auto = [key for key in ("finetune", "image_size") if getattr(backbone.settings, key) == "auto"]
     if not path.exists():
         if not budget and not auto:
             return backbone
-        needs = "budget.minutes" if budget else "train.finetune: auto"
+        needs = "budget.minutes" if budget else f"train.{auto[0]}: auto"
         raise PipelineError(f"{path}: not found; {needs} needs the plan stage first (python -m pipeline plan)")
     entry = read_json(path)
-    if auto and "finetune" not in entry:
-        raise PipelineError(f"{path}: no finetune for train.finetune: auto; run the plan stage again")
+    for key in auto:
+        if key not in entry:
+            raise PipelineError(f"{path}: no {key} for train.{key}: auto; run the plan stage again")
     settings = apply_plan(backbone.settings, entry, epochs=budget)
-    return dataclasses.replace(backbone, settings=settings, folds=entry.get("folds"))
+    side = settings.image_size if isinstance(settings.image_size, int) else backbone.image_size
+    return dataclasses.replace(backbone, settings=settings, image_size=side, folds=entry.get("folds"))
 
 
 def run_record(backbone: Backbone, data: PreparedData, device: torch.device) -> dict:

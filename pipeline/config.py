@@ -90,7 +90,9 @@ class TrainSettings:
 
     epochs: int = 5
     batch_size: int = 32
-    image_size: int | None = None  # network input size; defaults to prepare.image_size
+    # network input side: null = the pretrained weights' own, else prepare.image_size; auto = under budget.minutes the
+    # plan's choice among a few sides at or below the cache's and the images' median native side (plan.py, choose_size)
+    image_size: int | str | None = None
     # transfer learning: full | freeze | linear_probe | features+sklearn | auto (the plan picks features+sklearn or
     # full from the updates per model and the rows per class: pipeline/plan.py, choose_finetune)
     finetune: Literal["full", "freeze", "linear_probe", "features+sklearn", "auto"] = "full"
@@ -219,8 +221,9 @@ def check_train_settings(s: TrainSettings, where: str) -> None:
         raise ConfigError(f"{where}: set mean and std together, or neither")
     if s.feature_layer is not None and s.finetune not in ("features+sklearn", "auto"):
         raise ConfigError(f"{where}.feature_layer is for finetune: features+sklearn, not {s.finetune}")
-    if s.image_size is not None and s.image_size < 1:
-        raise ConfigError(f"{where}.image_size must be >= 1 (or null: the cache's size), got {s.image_size}")
+    side = s.image_size
+    if side is not None and side != "auto" and not (isinstance(side, int) and side >= 1):
+        raise ConfigError(f"{where}.image_size must be >= 1, auto or null (the cache's size), got {s.image_size!r}")
     for name, (low, high, closed_low, closed_high) in RANGES.items():
         value = getattr(s, name)
         if value is None:
@@ -521,12 +524,13 @@ def _check_sections(p: Params, source: str) -> None:
         raise ConfigError(
             f"{source}: cv.train_folds must be null, auto or a number of folds in 1..{p.cv.n_folds}, got {folds!r}"
         )
-    auto = [b for b in backbones if resolve_train_settings(p.train, b).finetune == "auto"]
-    if p.tune.enabled and auto:
-        raise ConfigError(
-            f"{source}: train.backbones.{auto[0]}: finetune: auto is chosen by the plan stage, after tune; "
-            "set full or features+sklearn to tune it, or tune.enabled: false"
-        )
+    for key, fixed in (("finetune", "full or features+sklearn"), ("image_size", "a number")):
+        auto = [b for b in backbones if getattr(resolve_train_settings(p.train, b), key) == "auto"]
+        if p.tune.enabled and auto:
+            raise ConfigError(
+                f"{source}: train.backbones.{auto[0]}: {key}: auto is chosen by the plan stage, after tune; "
+                f"set {fixed} to tune it, or tune.enabled: false"
+            )
     for k in p.tune.folds:
         if not 0 <= k < p.cv.n_folds:
             raise ConfigError(f"{source}: tune.folds: fold {k} does not exist (cv.n_folds={p.cv.n_folds})")

@@ -135,6 +135,13 @@ class PreparedData:
             )
         return view
 
+    def native_side(self) -> float | None:
+        """The training images' median short side, in the original files' pixels (None if prepare did not
+        record their sizes)."""
+        if "width" not in self.train or "height" not in self.train:
+            return None
+        return float(np.median(np.minimum(self.train["width"].to_numpy(), self.train["height"].to_numpy())))
+
     def fold_stats(self, fold: int | None) -> tuple[list[float], list[float]]:
         """Normalisation statistics of fold `fold`'s training part (never its validation rows); None (a
         full-data refit): of every training row (cv.holdout's are not among them)."""

@@ -50,6 +50,11 @@ MARGIN = 0.10  # the plan fills 90% of the budget: a 2-core machine's speed drif
 # thresholds sit under the points full won: between 75 and 176 updates nothing is measured.
 UPDATES_FOR_FULL = 120  # optimizer steps per fold model
 ROWS_PER_CLASS_FOR_FULL = 50  # training rows of a fold model's median class (a score or grade: all its rows)
+# train.image_size: auto: these shares of the largest side (the cache's or the images' median native side, the
+# smaller), in multiples of SIDE_MULTIPLE, none under MIN_SIDE (or the largest side where that is smaller)
+SIDE_SHARES = (1.0, 0.75, 0.5)
+SIDE_MULTIPLE = 8
+MIN_SIDE = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +79,25 @@ class BackboneWork:
 class Speed:
     train: float  # training images/s (augmentation, forward, backward, step)
     infer: float  # inference images/s per view
+
+
+def speeds_by_side(measured: dict[int, Speed], sides: list[int]) -> dict[int, Speed]:
+    """Speeds at every one of `sides` from those `measured` at two of them (or one): seconds per image taken
+    as a + b x side^2 (a per-image cost, such as augmenting and batching, and one per pixel), fitted through
+    the two points, for training and inference alike; with one point, per pixel alone."""
+    (s1, v1), *rest = sorted(measured.items())
+    s2, v2 = rest[-1] if rest else (s1, v1)
+
+    def rate(f1: float, f2: float, side: int) -> float:
+        t1, t2 = 1 / f1, 1 / f2
+        if s2 == s1:
+            return f1 * (s1 / side) ** 2
+        b = max(0.0, (t2 - t1) / (s2**2 - s1**2))
+        a = max(0.0, t1 - b * s1**2)
+        t = a + b * side**2
+        return 1 / t if t > 0 else float("inf")  # too few images to time (a probe of a tiny set)
+
+    return {side: Speed(rate(v1.train, v2.train, side), rate(v1.infer, v2.infer, side)) for side in sides}
 
 
 def planned_val_every(work: BackboneWork, epochs: float) -> int:
@@ -222,6 +246,28 @@ def choose_finetune(data: PreparedData, backbone: Backbone, epochs: float) -> di
     return {"finetune": "full" if full else "features+sklearn", "finetune_reason": figures}
 
 
+def side_candidates(data: PreparedData, backbone: Backbone) -> list[int]:
+    """`train.image_size: auto`'s candidate input sides, largest first: SIDE_SHARES of the largest side, which
+    is the cache's or the images' median native side (`PreparedData.native_side`), the smaller: an input
+    above either shows no more detail, only costs more. [] when image_size is set."""
+    if backbone.settings.image_size != "auto":
+        return []
+    cache, native = data.train_images.shape[1], data.native_side()
+    top = min(cache, int(native)) if native else cache
+    floor = min(top, MIN_SIDE)
+    sides = {top} | {max(floor, int(top * share) // SIDE_MULTIPLE * SIDE_MULTIPLE) for share in SIDE_SHARES[1:]}
+    return sorted(sides, reverse=True)
+
+
+def as_size(backbone: Backbone, side: int | None) -> Backbone:
+    """`backbone` trained at input `side` (the plan sizes and probes `image_size: auto`'s candidates with it;
+    None: as it is)."""
+    if side is None:
+        return backbone
+    settings = dataclasses.replace(backbone.settings, image_size=side)
+    return dataclasses.replace(backbone, settings=settings, image_size=side)
+
+
 def as_regime(backbone: Backbone, finetune: str) -> Backbone:
     """`backbone` trained in `finetune` mode (the plan sizes and probes `auto`'s candidates with it)."""
     if backbone.settings.finetune != "auto":
@@ -306,6 +352,11 @@ def make_plan(
     }
 
 
+def short_of(plan: dict) -> list[str]:
+    """The backbones whose planned epochs fall short of their params epochs (what a model needs)."""
+    return [b for b, e in plan["backbones"].items() if e["epochs"] < e["params_epochs"]]
+
+
 def plan_scheme(
     budget_minutes: float,
     oof_rows: dict[int, int],
@@ -327,8 +378,7 @@ def plan_scheme(
             error = e
     if not plans:
         raise error
-    short = lambda p: [b for b, e in p["backbones"].items() if e["epochs"] < e["params_epochs"]]  # noqa: E731
-    enough = [m for m, p in plans.items() if not short(p)]
+    enough = [m for m, p in plans.items() if not short_of(p)]
     chosen = max(enough) if enough else min(plans)
     per = lambda m: ", ".join(f"{b} {e['epochs']:g}" for b, e in plans[m]["backbones"].items())  # noqa: E731
     tried = "; ".join(f"{m} fold{'s' if m > 1 else ''}: {per(m)}" for m in plans)
@@ -346,7 +396,7 @@ def write_plan(plan: dict, plan_dir: Path, report: str | Path) -> None:
     and the whole plan in `report`."""
     with atomic_dir(plan_dir) as out:
         for backbone, entry in plan["backbones"].items():
-            keys = ("epochs", "folds", "val_every", "finetune")
+            keys = ("epochs", "folds", "val_every", "finetune", "image_size")
             write_json(out / f"{backbone}.json", {k: entry[k] for k in keys if k in entry})
     write_json(report, plan)
 
@@ -372,28 +422,55 @@ def fixed_folds(train_folds: int | str | None, n_folds: int) -> int:
 
 
 def no_budget(data: PreparedData, backbones: dict[str, Backbone], device: torch.device, folds: int) -> dict:
-    """The plan of `budget.minutes: null`: params.yaml's epochs, `folds` trained, `finetune: auto` chosen for
-    them (`choose_finetune`) and `precision: auto` resolved in the regime chosen."""
+    """The plan of `budget.minutes: null`: params.yaml's epochs, `folds` trained, `image_size: auto` at its largest
+    candidate (no time to trade for it), `finetune: auto` chosen for them (`choose_finetune`) and `precision: auto`
+    resolved in the regime and at the side chosen."""
     entries = {}
     for b, bb in backbones.items():
+        sides = side_candidates(data, bb)
+        bb = as_size(bb, sides[0] if sides else None)
         choice = choose_finetune(data, bb, bb.settings.epochs)
         precision = resolve_auto_precision(data, as_regime(bb, choice.get("finetune", "full")), device)
         entries[b] = {"epochs": bb.settings.epochs, "folds": folds, "val_every": bb.settings.val_every}
+        if sides:
+            reason = f"no budget (budget.minutes: null): the largest of {_px(sides)}{_cap(data)}"
+            entries[b].update(image_size=sides[0], image_size_reason=reason)
         entries[b].update(**choice, **precision)
     return {"budget_minutes": None, "backbones": entries}
+
+
+def _px(sides: list[int]) -> str:
+    return "/".join(map(str, sides)) + " px"
+
+
+def _cap(data: PreparedData) -> str:
+    native = data.native_side()
+    of = f" and the images' median native side ({native:g} px)" if native else ""
+    return f" (at or below the cache's side, {data.train_images.shape[1]} px{of})"
 
 
 def plan_run(
     params: Params, data: PreparedData, backbones: dict[str, Backbone], device: torch.device, timing_dir: Path
 ) -> dict:
-    """Measure every backbone here (`measure_speed`; `finetune: auto` as full, its costly candidate), then
-    `plan_from_speeds`, counting the seconds the stages before this one (prepare, tune) took, as recorded in
-    `timing_dir` (reports/timing/), and this one's measuring so far."""
+    """Measure every backbone here (`measure_speed`; `finetune: auto` as full, its costly candidate;
+    `image_size: auto` at its largest and smallest candidate sides, in the precision chosen at the largest, the
+    sides between from those two: `speeds_by_side`), then `plan_from_speeds`, counting the seconds the stages
+    before this one (prepare, tune) took, as recorded in `timing_dir` (reports/timing/), and this one's
+    measuring so far."""
     speeds, precisions = {}, {}
     for b, backbone in backbones.items():
-        speeds[b], precisions[b] = measure_speed(
-            data, as_regime(backbone, "full"), device, params.predict.batch_size, params.budget.probe_batches
-        )
+        full, sides = as_regime(backbone, "full"), side_candidates(data, backbone)
+        measured = {}
+        for side in sorted({sides[0], sides[-1]}, reverse=True) if sides else [None]:
+            probe = as_size(full, side)
+            if b in precisions:  # the smaller side in the larger one's precision: one precision for every side
+                fixed = dataclasses.replace(probe.settings, precision=precisions[b])
+                probe = dataclasses.replace(probe, settings=fixed)
+            measured[side], precision = measure_speed(
+                data, probe, device, params.predict.batch_size, params.budget.probe_batches
+            )
+            precisions.setdefault(b, precision)
+        speeds[b] = speeds_by_side(measured, sides) if sides else measured[None]
     earlier = ["prepare"] + ([f"tune@{b}" for b in backbones] if params.tune.enabled else [])
     done = seconds_so_far({stage: timing_dir / f"{stage}.json" for stage in earlier}, "plan")
     plan = plan_from_speeds(params, data, backbones, speeds, done)
@@ -406,17 +483,23 @@ def plan_from_speeds(
     params: Params,
     data: PreparedData,
     backbones: dict[str, Backbone],
-    speeds: dict[str, Speed],
+    speeds: dict[str, Speed | dict[int, Speed]],
     done_s: dict[str, float],
 ) -> dict:
-    """The plan for these speeds: the folds trained (`plan_scheme` under cv.train_folds: auto, else as set),
-    every backbone's epochs (`make_plan`), and `finetune: auto` chosen from a plan that trains it `full`
-    (`choose_finetune`); where it picks features+sklearn (one fit, no epochs) the plan is made again with it."""
+    """The plan for these speeds (`speeds`[b]: a Speed, or {side: Speed} at every candidate side of `image_size:
+    auto`): the folds trained (`plan_scheme` under cv.train_folds: auto, else as set), every backbone's epochs
+    (`make_plan`), the input side of `image_size: auto` and the regime of `finetune: auto`.
+
+    The side: of the candidates (`side_candidates`, largest first, every auto backbone a step down together), the
+    largest at which every backbone trains at least its params epochs (what a model needs: a smaller input buys
+    more updates), else the smallest; resolution before folds, since each side's plan then takes the most folds
+    that still fit. The regime: chosen from that plan's epochs as `full` (`choose_finetune`); where it picks
+    features+sklearn (one fit, no epochs: at the largest side) the plan is made again with it."""
     k, train_folds = data.n_folds, params.cv.train_folds
     candidates = range(k, 0, -1) if train_folds == "auto" else [fixed_folds(train_folds, k)]
     oof_rows = {m: int((data.folds < m).sum()) for m in candidates}
 
-    def plan_as(regimes: dict[str, Backbone]) -> dict:
+    def plan_as(regimes: dict[str, Backbone], speeds_now: dict[str, Speed]) -> dict:
         schemes = {m: {} for m in candidates}
         for b, backbone in regimes.items():
             refits = len(params.refit.seeds or [backbone.settings.seed]) if params.refit.enabled else 0
@@ -425,18 +508,62 @@ def plan_from_speeds(
             for m in candidates:
                 schemes[m][b] = backbone_work(data, backbone.settings, views, refits, chosen, bag_test, m)
         if train_folds == "auto":
-            return plan_scheme(params.budget.minutes, oof_rows, schemes, speeds, done_s)
+            return plan_scheme(params.budget.minutes, oof_rows, schemes, speeds_now, done_s)
         (m,) = candidates
-        plan = make_plan(params.budget.minutes, oof_rows[m], schemes[m], speeds, done_s)
+        plan = make_plan(params.budget.minutes, oof_rows[m], schemes[m], speeds_now, done_s)
         return {**plan, "scheme": {"folds": m, "of": k, "rule": "cv.train_folds", "reason": "as params.yaml sets it"}}
 
-    plan = plan_as({b: as_regime(bb, "full") for b, bb in backbones.items()})
+    sides = {b: side_candidates(data, bb) for b, bb in backbones.items()}
+    side = lambda b, level: sides[b][min(level, len(sides[b]) - 1)] if sides[b] else None  # noqa: E731
+
+    def plan_at(levels: dict[str, int], regimes: dict[str, str]) -> dict:
+        sized = {b: as_size(as_regime(bb, regimes[b]), side(b, levels[b])) for b, bb in backbones.items()}
+        at = {b: speeds[b][side(b, levels[b])] if sides[b] else speeds[b] for b in backbones}
+        return plan_as(sized, at)
+
+    full = {b: "full" for b in backbones}
+    tried = plans_by_side(lambda level: plan_at(dict.fromkeys(backbones, level), full), max(map(len, sides.values())))
+    level = next((i for i, p in tried.items() if not short_of(p)), max(tried))
+    plan = tried[level]
     choices = {b: choose_finetune(data, bb, plan["backbones"][b]["epochs"]) for b, bb in backbones.items()}
-    if any(c.get("finetune") == "features+sklearn" for c in choices.values()):
-        plan = plan_as({b: as_regime(bb, choices[b].get("finetune", "full")) for b, bb in backbones.items()})
+    regimes = {b: choices[b].get("finetune", "full") for b in backbones}
+    levels = {b: level if regimes[b] == "full" else 0 for b in backbones}
+    if any(r == "features+sklearn" for r in regimes.values()):
+        plan = plan_at(levels, regimes)
     for b in backbones:
         plan["backbones"][b].update(choices[b])
+        if sides[b]:
+            plan["backbones"][b].update(side_choice(b, sides[b], tried, level, regimes[b], data))
     return plan
+
+
+def plans_by_side(plan_at, levels: int) -> dict[int, dict]:
+    """{level: `plan_at`(level)} for the candidate sides' levels 0..levels-1 (at least one) where one epoch per
+    model fits; if none does, the smallest side's PipelineError, which names the smallest budget."""
+    tried, error = {}, None
+    for level in range(levels or 1):
+        try:
+            tried[level] = plan_at(level)
+        except PipelineError as e:  # not one epoch per model at this side: a smaller one may fit
+            error = e
+    if not tried:
+        raise error
+    return tried
+
+
+def side_choice(b: str, sides: list[int], tried: dict[int, dict], level: int, regime: str, data: PreparedData) -> dict:
+    """`image_size: auto`'s choice for backbone `b` and its reason: `level` of the sides `tried` as full
+    fine-tuning (a side missing: not one epoch fits), with the epochs each gives; features+sklearn: the largest."""
+    at = lambda i: sides[min(i, len(sides) - 1)]  # noqa: E731
+    per = "; ".join(f"{at(i)} px: {p['backbones'][b]['epochs']:g} epochs" for i, p in tried.items())
+    need = tried[level]["backbones"][b]["params_epochs"]
+    if regime == "features+sklearn":
+        reason = f"features+sklearn: one pass, no epochs to buy, so the largest of {_px(sides)}{_cap(data)}"
+    elif not short_of(tried[level]):
+        reason = f"the largest side at which every model gets its params epochs ({need}; {per}){_cap(data)}"
+    else:
+        reason = f"no side gives every model its params epochs ({need}), the smallest the most ({per}){_cap(data)}"
+    return {"image_size": at(0 if regime == "features+sklearn" else level), "image_size_reason": reason}
 
 
 def log_plan(plan: dict, tracker, report: str) -> None:

@@ -456,10 +456,12 @@ def _next_steps_list(steps: list[dict], ident: str, prefix: str = "") -> str:
 
 
 def next_steps_section(analyses: list[ModelAnalysis]) -> str:
-    """The page's top lines: the submission's (the ensemble's), then each backbone's epochs and resolution."""
+    """The page's top lines: the submission's (the ensemble's), then each backbone's epochs, resolution and the
+    plan's choices."""
     ensemble = [a for a in analyses if a.ensemble]
     parts = [_next_steps_list(ensemble[0].next_steps, "next-steps")] if ensemble else []
-    own = [(a, [x for x in a.next_steps if x["kind"] in ("epochs", "resolution")]) for a in analyses if not a.ensemble]
+    kinds = ("epochs", "resolution", "plan")
+    own = [(a, [x for x in a.next_steps if x["kind"] in kinds]) for a in analyses if not a.ensemble]
     parts += [_next_steps_list(steps, f"next-steps-{a.anchor}", f"{a.name}: ") for a, steps in own if steps]
     return f'<section id="next"><h2>What to try next</h2>{"".join(parts)}</section>'
 

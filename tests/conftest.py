@@ -28,8 +28,10 @@ def write_competition(
     ext: str = ".jpg",
     labels: tuple[str, ...] = ("cat", "dog", "frog"),
     seed: int = 0,
+    size: int = 12,
 ) -> Path:
-    """A Kaggle competition folder: train.csv, train/, test/, sample_submission.csv, solution.csv."""
+    """A Kaggle competition folder: train.csv, train/, test/, sample_submission.csv, solution.csv; images of
+    `size` px."""
     rng = np.random.default_rng(seed)
     (root / "train").mkdir(parents=True)
     (root / "test").mkdir()
@@ -37,13 +39,13 @@ def write_competition(
     for c, label in enumerate(labels):
         for i in range(n_per_class):
             image_id = f"tr{c}{i:03d}"
-            make_image(c, rng).save(root / "train" / f"{image_id}{ext}")
+            make_image(c, rng, size).save(root / "train" / f"{image_id}{ext}")
             rows.append((image_id, label))
     pd.DataFrame(rows, columns=["id", "label"]).to_csv(root / "train.csv", index=False)
     test_rows = []
     for i in range(n_test):
         label = labels[i % len(labels)]
-        make_image(i % len(labels), rng).save(root / "test" / f"te{i:03d}{ext}")
+        make_image(i % len(labels), rng, size).save(root / "test" / f"te{i:03d}{ext}")
         test_rows.append((f"te{i:03d}", label))
     test = pd.DataFrame(test_rows, columns=["id", "label"])
     test.assign(label=labels[0]).to_csv(root / "sample_submission.csv", index=False)

@@ -2,7 +2,8 @@
 
 Reads every backbone's predictions/<backbone>/oof_probs.csv, the ensemble's submissions/oof_probs.csv,
 the prepared images and each backbone's reports/train/<backbone>.json (its folds' curves and input size, for
-the report's top lines); never the test predictions. With `cv.holdout`, the held-out rows' scores from
+the report's top lines) and reports/plan.json (what the plan chose: image_size and finetune auto); never the
+test predictions. With `cv.holdout`, the held-out rows' scores from
 reports/ensemble.json stand beside the OOF ones.
 """
 
@@ -28,7 +29,7 @@ def main(argv=None) -> None:
     data = prepared.validated_as_in(paths.submissions / "oof_probs.csv")  # the OOF's rows: the trained folds'
     found = analyze_stage(
         params, data, paths.predictions_root, paths.submissions, paths.report("ensemble"),
-        lambda b: paths.report("train", b),
+        lambda b: paths.report("train", b), paths.report("plan"),
     )  # fmt: skip
     title = f"Out-of-fold error analysis: {experiment_name(params)}"
     if len(data.train) < len(prepared.train):  # cv.train_folds: fewer folds trained

@@ -2,7 +2,8 @@
 
 With `budget.minutes` set: measures every backbone's training and prediction speed here, then
 chooses its epochs so that the whole `dvc repro` ends inside the budget (pipeline/plan.py). With
-`budget.minutes: null`: the epochs of params.yaml, nothing measured. Either way `finetune: auto` is chosen
+`budget.minutes: null`: the epochs of params.yaml, nothing measured. Either way `finetune: auto` and
+`image_size: auto` are chosen
 and `precision: auto` resolved here, and recorded in plan/<backbone>.json, which the train stage reads.
 """
 
@@ -36,7 +37,7 @@ def main(argv=None) -> None:
         write_plan(plan, paths.plan_dir, paths.report("plan"))
         epochs = ", ".join(f"{b} {bb.settings.epochs} epochs" for b, bb in backbones.items())
         print(f"plan: no budget (budget.minutes: null): {epochs}")
-        return print_finetune(plan)
+        return print_choices(plan)
     plan = plan_run(params, data, backbones, pick_device(), paths.timing_dir)
     write_plan(plan, paths.plan_dir, paths.report("plan"))
     log_plan(plan, Tracker(params.tracking.enabled, experiment_name(params)), paths.report("plan"))
@@ -48,10 +49,12 @@ def main(argv=None) -> None:
     scheme = plan["scheme"]
     print(f"plan: {scheme['folds']} of {scheme['of']} folds trained ({scheme['rule']}: {scheme['reason']})")
     print(f"plan: {plan['planned_total_seconds'] / 60:.1f} of {budget:g} minutes planned")
-    print_finetune(plan)
+    print_choices(plan)
 
 
-def print_finetune(plan: dict) -> None:
+def print_choices(plan: dict) -> None:
     for b, e in plan["backbones"].items():
+        if "image_size" in e:
+            print(f"plan {b}: image_size {e['image_size']} (auto: {e['image_size_reason']})")
         if "finetune" in e:
             print(f"plan {b}: finetune {e['finetune']} (auto: {e['finetune_reason']})")
