@@ -105,7 +105,7 @@ def run(
     models = work / "models" / comp.name / name.replace(" ", "_").replace(",", "").replace("+", "_")
     start = time.perf_counter()
     _, metrics = train_backbone(data, Backbone(name, model, pretrained, s, size, {}), models, CPU, OFF)
-    test = predict_backbone(data, models, {"none": ["identity"]}, "mean", 256, CPU)["none"].test
+    test = predict_backbone(data, models, {"none": ["identity"]}, "mean", 256, CPU).policies["none"].test
     seconds = time.perf_counter() - start
     answers = pd.read_csv(comp / "solution.csv", dtype=str).set_index("id").loc[data.test["id"], "label"]
     held_out = float((np.asarray(data.classes)[test.argmax(1)] == answers.to_numpy()).mean())

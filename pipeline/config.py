@@ -370,6 +370,9 @@ class TTAConfig:
         default_factory=lambda: {k: list(v) for k, v in DEFAULT_TTA_POLICIES.items()}
     )
     backbones: dict[str, str] = field(default_factory=dict)  # per-backbone `select`, e.g. {resnet10t: hflip}
+    # the OOF rows the candidates are compared on (the same share of each fold's, seeded); the chosen policy's
+    # views alone predict the others, test and holdout. null = every OOF row
+    select_rows: int | None = 4000
 
     def policies_for(self, backbone: str) -> tuple[list[str], list[str]]:
         """The policies the predict stage of `backbone` chooses from, and those it computes: the same plus
@@ -543,6 +546,8 @@ def _check_sections(p: Params, source: str) -> None:
         if not views:
             raise ConfigError(f"{source}: tta.policies.{name}: empty list of views")
     _check_keys(tta.backbones, backbones, f"{source}: tta.backbones")
+    if tta.select_rows is not None and tta.select_rows < 1:
+        raise ConfigError(f"{source}: tta.select_rows must be >= 1 or null, got {tta.select_rows}")
     choices = {
         "candidates": tta.candidates or [],
         "select": [tta.select],

@@ -146,7 +146,8 @@ def single_report(backbone: str, oof: np.ndarray, y: np.ndarray, predictions: Pa
     return {
         "oof": task.scores(oof, y),
         "tta": tta.get("policy"),
-        "oof_no_tta": tta.get("policies", {}).get("none"),
+        "oof_no_tta": tta.get("policies", {}).get("none"),  # on the tta.select_rows the policy was chosen on:
+        "oof_no_tta_rows": tta.get("select_rows"),
         "oof_tta_selection_crossfit": tta.get("oof_selection_crossfit"),
         "seeds": tta.get("seeds"),
     }

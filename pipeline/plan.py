@@ -283,14 +283,21 @@ def backbone_work(
     refit_views: int = 0,
     bag_test: bool = True,
     folds: int | None = None,
+    chosen_views: int | None = None,
+    select_rows: int | None = None,
 ) -> BackboneWork:
     """What a backbone's train, predict (and refit: `refit_models`, each predicting with `refit_views`) stages
     will do with these settings on this competition, training `folds` of its folds (None: all); without
-    `bag_test` (refit.rule: replace) the fold models predict their OOF rows alone."""
+    `bag_test` (refit.rule: replace) the fold models predict their OOF rows alone. The predict stage computes
+    `tta_views` on the `select_rows` OOF rows the TTA choice is made on (None: all), the chosen policy's
+    (`chosen_views` at most; None: as many) on the other OOF rows, test and holdout."""
     n, k = len(data.train), data.n_folds
     m = folds or k
     held = 0 if data.holdout is None else len(data.holdout)  # cv.holdout: predicted by every model, as test is
     seeds = len(s.seeds or [s.seed])
+    oof = n * m / k
+    chosen_on = oof if select_rows is None else min(oof, select_rows)
+    chosen_views = tta_views if chosen_views is None else chosen_views
     return BackboneWork(
         epochs=s.epochs,
         val_every=s.val_every,
@@ -298,7 +305,8 @@ def backbone_work(
         train_rows=n * (k - 1) / k,
         val_rows=n / k,
         val_models=2 if s.ema_decay else 1,
-        predict_images=seeds * (n * m / k + (m * (len(data.test) + held) if bag_test else 0)) * tta_views,
+        predict_images=seeds
+        * (chosen_on * tta_views + (oof - chosen_on + (m * (len(data.test) + held) if bag_test else 0)) * chosen_views),
         trains=s.finetune != "features+sklearn",
         refit_fits=refit_models,
         refit_rows=n,
@@ -504,9 +512,11 @@ def plan_from_speeds(
         for b, backbone in regimes.items():
             refits = len(params.refit.seeds or [backbone.settings.seed]) if params.refit.enabled else 0
             views, chosen = params.tta.views_computed(b), params.tta.views_chosen_at_most(b)
+            select = params.tta.select_rows
             bag_test = not params.refit.replaces_fold_bags
             for m in candidates:
-                schemes[m][b] = backbone_work(data, backbone.settings, views, refits, chosen, bag_test, m)
+                work = backbone_work(data, backbone.settings, views, refits, chosen, bag_test, m, chosen, select)
+                schemes[m][b] = work
         if train_folds == "auto":
             return plan_scheme(params.budget.minutes, oof_rows, schemes, speeds_now, done_s)
         (m,) = candidates

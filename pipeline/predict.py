@@ -3,12 +3,14 @@
     python -m pipeline predict --backbone resnet10t    # writes predictions/resnet10t/
 
 A TTA policy is a list of views (`tta.policies` in params.yaml) merged per model, a view listed twice
-weighing twice (airbench's policy: the plain and mirrored views 1/4 each, four shifts 1/8). Each view is
-computed once per model and shared by every candidate policy; the same policy produces both files,
-so they are comparable for ensembling:
+weighing twice (airbench's policy: the plain and mirrored views 1/4 each, four shifts 1/8). The candidates
+are compared on `tta.select_rows` of the OOF rows (each view computed once per model, shared by every
+candidate); the chosen policy's views alone then predict the other OOF rows, test and holdout, so the
+same policy produces every file and they are comparable for ensembling:
   oof_probs.csv   each fold model on its own validation rows (mean over seeds when bagged)
   test_probs.csv  the mean over all fold x seed models on the test images
-  tta.json        every candidate policy's OOF score, the chosen one, and the honest (cross-fitted) score of choosing
+  tta.json        every candidate policy's OOF score (on the rows chosen on), the chosen one, and the honest
+                  (cross-fitted) score of choosing
 """
 
 from __future__ import annotations
@@ -33,9 +35,38 @@ from pipeline.tta import TTA_VIEWS, predict_views
 class PolicyPredictions:
     oof: np.ndarray  # (N, C): each row by its own fold's models, mean over seeds
     oof_per_seed: np.ndarray  # (S, N, C)
-    test: np.ndarray | None  # (M, C): mean over all fold x seed models (None: not predicted, a refit replaces it)
+    test: np.ndarray | None  # (M, C): mean over all fold x seed models (None: not predicted: not the chosen
+    # policy, or a refit replaces it)
     seeds: list[str]  # the bagging seeds, in the order of oof_per_seed
     holdout: np.ndarray | None = None  # (H, C): cv.holdout's rows as the test set is predicted
+
+
+@dataclass
+class Predictions:
+    """A backbone's predictions under its TTA policies and the choice among them. Every policy was computed
+    on the OOF rows the choice was made on (`chosen_on`); elsewhere a policy's OOF is the chosen one's, which
+    the choice never saw, so whatever cross-fits the choice over all rows (the ensemble's honest chain)
+    compares the policies on the chosen-on rows alone, as the choice did."""
+
+    policies: dict[str, PolicyPredictions]
+    chosen: str
+    honest: np.ndarray  # (N, C): the OOF of choosing, cross-fitted on the chosen-on rows, the chosen's elsewhere
+    chosen_on: np.ndarray  # (N,) bool: the OOF rows the choice was made on
+
+
+def choice_rows(folds: np.ndarray, select_rows: int | None, seed: int = 0) -> np.ndarray:
+    """A boolean mask over the OOF rows: those `tta.select_rows` keeps for the choice, the same share of each
+    fold's (`folds`: the folds the choice cross-fits over), drawn at random with `seed`; all of them when
+    select_rows is None or not below their count."""
+    on = np.ones(len(folds), dtype=bool)
+    if select_rows is None or select_rows >= len(folds):
+        return on
+    on[:] = False
+    rng = np.random.default_rng(seed)
+    for k in np.unique(folds):
+        rows = np.flatnonzero(folds == k)
+        on[rng.choice(rows, max(1, round(select_rows * len(rows) / len(folds))), replace=False)] = True
+    return on
 
 
 def predict_backbone(
@@ -46,44 +77,84 @@ def predict_backbone(
     batch_size: int,
     device: torch.device,
     test_side: bool = True,
-) -> dict[str, PolicyPredictions]:
-    """OOF and test (and `cv.holdout`) probabilities of one backbone's fold (x seed) models under each
-    TTA policy; OOF alone without `test_side` (refit.rule: replace, the refit models predict those). The
-    OOF's rows are those the trained folds validate (all, or `data.validated(m)`'s with m of them trained).
+    pool: list[str] | None = None,
+    metric: str | None = None,
+    select_rows: int | None = None,
+) -> Predictions:
+    """OOF and test (and `cv.holdout`) probabilities of one backbone's fold (x seed) models under its TTA
+    policy, chosen among `pool` (None: every policy) by OOF `metric` (None: the task's proxy). The OOF's rows
+    are those the trained folds validate (all, or `data.validated(m)`'s with m of them trained).
 
-    Every view any policy uses is computed once per model; each policy merges its own views per
-    model, and models are then averaged (seeds per OOF row, folds x seeds for test and holdout).
+    In two passes over the models: every view any policy uses, computed once, on the rows the choice is made
+    on (`choice_rows`: all, or `select_rows` of them); then the chosen policy's views alone on the other OOF
+    rows and, with `test_side`, on test and holdout (without: refit.rule replace, whose refit models predict
+    those). Each policy merges its own views per model; models are then averaged (seeds per OOF row, folds x
+    seeds for test and holdout).
     """
     models = list_models(model_dir, data.n_folds)
-    n_seeds = len(models[0])
+    view = data.validated(len(models))
+    rows = np.flatnonzero(data.folds < len(models))  # the OOF's rows: those the trained folds validate
+    on = choice_rows(view.folds, select_rows)
+    first, _ = _predict_models(data, models, policies, merge, batch_size, device, rows[on], {})
+    pool, y, folds = pool or list(policies), view.targets[on], view.folds[on]
+    chosen, honest_on = select_policy(
+        {p: first[p].mean(0) for p in pool}, y, folds, metric or data.task.PROXY, data.task
+    )
+    others = {"test": data.test_images, **({} if data.holdout is None else {"holdout": data.holdout_images})}
+    second, bag = _predict_models(
+        data, models, {chosen: policies[chosen]}, merge, batch_size, device, rows[~on], others if test_side else {}
+    )
+    seeds = [path.parent.parent.name[4:] for path in models[0]]
+    per_seed = {}
+    for p in policies:
+        per_seed[p] = np.zeros((len(seeds), len(rows), data.task.n_outputs))
+        per_seed[p][:, on], per_seed[p][:, ~on] = first[p], second[chosen]
+    part = lambda name, p: bag[name][p] if p == chosen and name in bag else None  # noqa: E731
+    preds = {
+        p: PolicyPredictions(per_seed[p].mean(0), per_seed[p], part("test", p), seeds, part("holdout", p))
+        for p in policies
+    }
+    honest = preds[chosen].oof.copy()
+    honest[on] = honest_on
+    return Predictions(preds, chosen, honest, on)
+
+
+def _predict_models(
+    data: PreparedData,
+    models: dict[int, list[Path]],
+    policies: dict[str, list[str]],
+    merge: str,
+    batch_size: int,
+    device: torch.device,
+    rows: np.ndarray,
+    parts: dict[str, np.ndarray],
+) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
+    """`policies`' merged outputs of every fold (x seed) model on its own validation rows among OOF `rows`
+    (policy -> (S, len(rows), C), in the order of `rows`), and the mean of all models on each of `parts`
+    (part -> policy -> (M, C)); a model with nothing to predict is not loaded."""
+    n_seeds, task = len(models[0]), data.task
     views = list(dict.fromkeys(v for vs in policies.values() for v in vs))
     index = {v: i for i, v in enumerate(views)}
-    task = data.task
-    folds = data.folds
-    rows = np.flatnonzero(folds < len(models))  # the OOF's rows: those the trained folds validate
-    c = task.n_outputs
+    c, m = task.n_outputs, len(models) * n_seeds
     oof = {p: np.zeros((n_seeds, len(rows), c)) for p in policies}
-    others = {"test": data.test_images, **({} if data.holdout is None else {"holdout": data.holdout_images})}
-    others = others if test_side else {}
-    bag = {part: {p: np.zeros((len(images), c)) for p in policies} for part, images in others.items()}
+    bag = {part: {p: np.zeros((len(images), c)) for p in policies} for part, images in parts.items()}
     for k, paths in models.items():
-        val_idx = np.flatnonzero(folds == k)
+        val_idx = rows[data.folds[rows] == k]
+        if not len(val_idx) and not parts:
+            continue
         for s, path in enumerate(paths):
             model, ckpt = load_fold_model(path, device)
-            cfg = fold_input_config(ckpt, device)
-            kwargs = dict(cfg=cfg, batch_size=batch_size, device=device, views=views, task=task.for_model(ckpt))
-            val = predict_views(
-                model, Rows(data.train_images, val_idx), desc=f"oof fold{k} {path.parent.parent.name}", **kwargs
-            )
-            for part, images in others.items():
-                out = predict_views(model, images, desc=f"{part} fold{k} {path.parent.parent.name}", **kwargs)
+            kwargs = dict(cfg=fold_input_config(ckpt, device), batch_size=batch_size, device=device, views=views)
+            kwargs["task"], name = task.for_model(ckpt), path.parent.parent.name
+            for part, images in parts.items():
+                out = predict_views(model, images, desc=f"{part} fold{k} {name}", **kwargs)
                 for p, vs in policies.items():
-                    bag[part][p] += task.merge(out[[index[v] for v in vs]], merge)
-            for p, vs in policies.items():
-                oof[p][s, np.searchsorted(rows, val_idx)] = task.merge(val[[index[v] for v in vs]], merge)
-    seeds, m = [path.parent.parent.name[4:] for path in models[0]], len(models) * n_seeds
-    part = lambda name, p: bag[name][p] / m if name in bag else None  # noqa: E731
-    return {p: PolicyPredictions(oof[p].mean(0), oof[p], part("test", p), seeds, part("holdout", p)) for p in policies}
+                    bag[part][p] += task.merge(out[[index[v] for v in vs]], merge) / m
+            if len(val_idx):
+                val = predict_views(model, Rows(data.train_images, val_idx), desc=f"oof fold{k} {name}", **kwargs)
+                for p, vs in policies.items():
+                    oof[p][s, np.searchsorted(rows, val_idx)] = task.merge(val[[index[v] for v in vs]], merge)
+    return oof, bag
 
 
 def resolve_tta(tta, backbone: str, where: str) -> tuple[list[str], list[str]]:
@@ -109,52 +180,46 @@ def select_policy(
 
 
 def choose_policy(
-    preds: dict[str, PolicyPredictions],
+    preds: Predictions,
     tta,
     backbone: str,
     pool: list[str],
     y: np.ndarray,
-    folds: np.ndarray,
     task: Task,
     holdout_y: np.ndarray | None = None,
 ) -> dict:
     """The predict stage's report: the policy chosen among `pool` on OOF `tta.metric`, its scores, the
-    honest score of choosing that way, every computed policy's scores and each seed's; with `cv.holdout`
-    (`holdout_y`), the scores on the held-out rows too, which choose nothing."""
-    chosen, honest = select_policy({c: preds[c].oof for c in pool}, y, folds, tta.metric, task)
-    scores = task.scores
-    best = preds[chosen]
-    held = (
-        {}
-        if holdout_y is None or best.holdout is None
-        else {
-            "holdout": scores(best.holdout, holdout_y),
-            "holdout_policies": {c: scores(p.holdout, holdout_y) for c, p in preds.items()},
-        }
-    )
+    honest score of choosing that way, every computed policy's scores on the rows the choice was made on and
+    each seed's; with `cv.holdout` (`holdout_y`), the chosen policy's scores on the held-out rows too, which
+    choose nothing."""
+    scores, best, on = task.scores, preds.policies[preds.chosen], preds.chosen_on
+    held = {} if holdout_y is None or best.holdout is None else {"holdout": scores(best.holdout, holdout_y)}
     return {
-        "policy": chosen,
+        "policy": preds.chosen,
         "select": tta.backbones.get(backbone, tta.select),
         "metric": tta.metric,  # what chose it
         "pool": pool,  # what it was chosen among: policies/<policy>_oof.csv (the ensemble cross-fits the choice)
         "merge": tta.merge,
-        "views": tta.policies[chosen],
+        "views": tta.policies[preds.chosen],
+        "select_rows": int(on.sum()),  # the OOF rows it was chosen on (tta.select_rows), of
+        "oof_rows": len(on),
         "oof": scores(best.oof, y),
-        "oof_selection_crossfit": scores(honest, y),  # the honest score of choosing the policy on OOF
-        "policies": {c: scores(p.oof, y) for c, p in preds.items()},
+        "oof_selection_crossfit": scores(preds.honest, y),  # the honest score of choosing the policy on OOF
+        "policies": {c: scores(p.oof[on], y[on]) for c, p in preds.policies.items()},  # on the select_rows
         "seeds": {seed: scores(o, y) for seed, o in zip(best.seeds, best.oof_per_seed)},
         **held,
     }
 
 
-def write_predictions(folder: Path, data: PreparedData, preds: dict[str, PolicyPredictions], report: dict) -> None:
+def write_predictions(folder: Path, data: PreparedData, preds: Predictions, report: dict) -> None:
     """`folder` (predictions/<backbone>/): the chosen policy's OOF, test (and holdout) predictions as the
     task writes them, tta.json (the choice and every policy's scores), and the OOF predictions of every
-    policy the choice was among (policies/<policy>_oof.csv: the ensemble stage cross-fits the choice)."""
-    task, best = data.task, preds[report["policy"]]
+    policy the choice was among (policies/<policy>_oof.csv: the ensemble stage cross-fits the choice; off the
+    rows it was made on, the chosen policy's, as `Predictions` says)."""
+    task, best = data.task, preds.policies[report["policy"]]
     (folder / "policies").mkdir()
     for p in report["pool"]:
-        task.frame(data.train["id"], preds[p].oof).to_csv(folder / "policies" / f"{p}_oof.csv", index=False)
+        task.frame(data.train["id"], preds.policies[p].oof).to_csv(folder / "policies" / f"{p}_oof.csv", index=False)
     task.frame(data.train["id"], best.oof).to_csv(folder / "oof_probs.csv", index=False)
     if best.test is not None:  # else: a refit's replace the fold bag's (refit.rule: replace)
         task.frame(data.test["id"], best.test).to_csv(folder / "test_probs.csv", index=False)
@@ -179,10 +244,7 @@ def log_stage(report: dict, tta, backbone: str, tracker, report_path: str) -> No
             {
                 policy: (
                     {"backbone": backbone, "policy": policy, "views": ",".join(tta.policies[policy])},
-                    {
-                        **{f"oof_{k}": v for k, v in policy_scores.items()},
-                        **{f"holdout_{k}": v for k, v in report.get("holdout_policies", {}).get(policy, {}).items()},
-                    },
+                    {f"oof_{k}": v for k, v in policy_scores.items()},
                 )
                 for policy, policy_scores in report["policies"].items()
             },

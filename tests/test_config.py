@@ -1,4 +1,3 @@
-import dataclasses
 import re
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from pipeline.config import (
     resolve_train_settings,
     to_dict,
 )
-from pipeline.predict import PolicyPredictions, choose_policy
+from pipeline.predict import select_policy
 from pipeline.tasks.single_label import SingleLabel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,15 +59,10 @@ def test_null_choice_metrics_take_the_proxy_and_the_ensemble_the_competitions_me
     bold = np.full((100, 4), 0.001 / 3)  # argmax right on 90 rows (0.999), confidently wrong on 10: high log loss
     bold[np.arange(90), y[:90]] = 0.999
     bold[np.arange(90, 100), (y[90:] + 1) % 4] = 0.999
-    preds = {name: PolicyPredictions(p, p[None], p, ["42"]) for name, p in (("none", hedged), ("hflip", bold))}
-    chosen = choose_policy(preds, params.tta, "b", ["none", "hflip"], y, folds, SingleLabel(["0", "1", "2", "3"]))[
-        "policy"
-    ]
-    assert chosen == "none"
-    accuracy = dataclasses.replace(params.tta, metric="accuracy")  # set: it wins, and ranks them the other way
-    assert (
-        choose_policy(preds, accuracy, "b", ["none", "hflip"], y, folds, SingleLabel(list("0123")))["policy"] == "hflip"
-    )
+    oofs, task = {"none": hedged, "hflip": bold}, SingleLabel(["0", "1", "2", "3"])
+    assert select_policy(oofs, y, folds, params.tta.metric, task)[0] == "none"
+    # set, accuracy wins, and ranks them the other way
+    assert select_policy(oofs, y, folds, "accuracy", task)[0] == "hflip"
 
 
 def test_null_metrics_take_the_proxy_and_explicit_ones_win():

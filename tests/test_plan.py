@@ -100,6 +100,17 @@ def test_under_refit_replace_the_fold_models_predict_their_oof_rows_alone():
     assert oof.refit_predict_images == both.refit_predict_images == 150 * 2 and oof.refit_rows == 900
 
 
+def test_the_tta_choice_on_select_rows_plans_every_other_prediction_at_the_chosen_policys_views():
+    """6 candidate views on the 200 OOF rows the choice is made on, at most 2 (the chosen policy's) on the other
+    700 and the 450 test and holdout predictions: 1,200 + 2,300 images, where every view everywhere is 8,100."""
+    data = SimpleNamespace(train=[0] * 900, n_folds=3, test=[0] * 100, holdout=[0] * 50)
+    every = backbone_work(data, TrainSettings(), 6)
+    chosen = backbone_work(data, TrainSettings(), 6, chosen_views=2, select_rows=200)
+    assert every.predict_images == 6 * (900 + 3 * 150)
+    assert chosen.predict_images == 6 * 200 + 2 * (700 + 3 * 150)
+    assert backbone_work(data, TrainSettings(), 6, chosen_views=2, select_rows=5000).predict_images == 6 * 900 + 2 * 450
+
+
 def _schemes(k: int, refit: bool = False) -> dict[int, dict]:
     """The fake machine's work for m = k..1 folds of a k-fold split of 1,500 rows, 100 test rows, 2 views."""
     data = SimpleNamespace(train=[0] * 1500, n_folds=k, test=[0] * 100, holdout=None)

@@ -7,6 +7,7 @@ import torch
 from pipeline.config import ConfigError, parse_params
 from pipeline.data import InputConfig, load_prepared, to_input
 from pipeline.inference import predict
+from pipeline.metrics import best_policy
 from pipeline.models import create_model
 from pipeline.predict import predict_backbone, resolve_tta, select_policy
 from pipeline.prepare import prepare
@@ -192,7 +193,7 @@ def test_oof_rows_come_from_their_own_fold_models_and_test_is_the_mean_of_all(co
     preds = predict_backbone(data, tmp_path / "models", policies, "mean", batch_size=4, device=CPU)
     folds = data.train["fold"].to_numpy()
     for name, views in policies.items():
-        got = preds[name]
+        got = preds.policies[name]
         assert got.seeds == ["3", "7"] and got.oof_per_seed.shape == (2, len(folds), 3)
         for k in range(2):
             per_seed = [
@@ -204,15 +205,47 @@ def test_oof_rows_come_from_their_own_fold_models_and_test_is_the_mean_of_all(co
             ]
             np.testing.assert_allclose(got.oof_per_seed[:, folds == k], per_seed, atol=1e-6)
             np.testing.assert_allclose(got.oof[folds == k], np.mean(per_seed, 0), atol=1e-6)  # the seed bag
-        expected_test = np.mean(
-            [
-                predict_tta(m, data.test_images, InputConfig(12, mu, sd), 4, CPU, views=tuple(views), task=TASK3)
-                for m, mu, sd in models.values()
-            ],
-            0,
-        )
-        np.testing.assert_allclose(got.test, expected_test, atol=1e-6)
-    assert not np.allclose(preds["none"].oof, preds["flip"].oof)
+    np.testing.assert_allclose(
+        preds.policies[preds.chosen].test, _test_mean(data, models, policies[preds.chosen]), atol=1e-6
+    )
+    assert not np.allclose(preds.policies["none"].oof, preds.policies["flip"].oof)
+    assert preds.chosen_on.all()  # no select_rows: the choice saw every OOF row
+
+
+def _test_mean(data, models, views):
+    return np.mean(
+        [
+            predict_tta(m, data.test_images, InputConfig(12, mu, sd), 4, CPU, views=tuple(views), task=TASK3)
+            for m, mu, sd in models.values()
+        ],
+        0,
+    )
+
+
+def test_tta_is_chosen_on_select_rows_and_the_chosen_views_alone_predict_the_rest(comp_config, tmp_path):
+    """With tta.select_rows under the OOF's rows, the candidates are compared on that many (the same share of
+    each fold), the chosen policy still covers every OOF row and the test set, the others stand on the chosen
+    one's predictions off the chosen-on rows and predict no test rows."""
+    prepare(comp_config, image_size=12, n_folds=2, seed=0, out_dir=tmp_path / "prepared", workers=1)
+    data = load_prepared(tmp_path / "prepared")
+    models = _fold_models(data, tmp_path / "models", seeds=(3,))
+    policies = {"none": ["identity"], "flip": ["identity", "hflip"]}
+    every = predict_backbone(data, tmp_path / "models", policies, "mean", batch_size=4, device=CPU)
+    n, folds, y = len(data.train), data.folds, data.targets
+    sub = predict_backbone(data, tmp_path / "models", policies, "mean", batch_size=4, device=CPU, select_rows=n // 3)
+    on, chosen = sub.chosen_on, sub.chosen
+    assert 0 < on.sum() < n and abs(on.sum() - n // 3) <= 1
+    for k in (0, 1):  # each fold gives its share
+        assert abs(on[folds == k].sum() - n // 3 * (folds == k).mean()) <= 1
+    assert chosen == best_policy({p: every.policies[p].oof for p in policies}, y, on, "log_loss", TASK3)
+    np.testing.assert_allclose(sub.policies[chosen].oof, every.policies[chosen].oof, atol=1e-6)
+    np.testing.assert_allclose(sub.policies[chosen].test, _test_mean(data, models, policies[chosen]), atol=1e-6)
+    (other,) = [p for p in policies if p != chosen]
+    np.testing.assert_allclose(sub.policies[other].oof[on], every.policies[other].oof[on], atol=1e-6)
+    assert not np.allclose(sub.policies[other].oof[~on], every.policies[other].oof[~on])
+    np.testing.assert_array_equal(sub.policies[other].oof[~on], sub.policies[chosen].oof[~on])
+    assert sub.policies[other].test is None
+    np.testing.assert_array_equal(sub.honest[~on], sub.policies[chosen].oof[~on])  # rows the choice never saw
 
 
 @pytest.mark.parametrize(

@@ -986,7 +986,11 @@ def test_bf16_training_runs_end_to_end_on_the_cpu_and_keeps_fp32_weights(prepare
         assert ckpt["precision"] == metrics["precision"] == precision
         assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values() if v.is_floating_point())
         np.testing.assert_allclose(oof.sum(1), 1.0, atol=1e-5)
-        test = predict_backbone(prepared, tmp_path / precision, {"none": ["identity"]}, "mean", 8, CPU)["none"].test
+        test = (
+            predict_backbone(prepared, tmp_path / precision, {"none": ["identity"]}, "mean", 8, CPU)
+            .policies["none"]
+            .test
+        )
         assert test.shape == (len(prepared.test), 3)
         runs[precision] = oof
     assert np.abs(runs["bf16"] - runs["fp32"]).max() > 1e-4  # autocast was on: bf16 rounding moved the outputs

@@ -3,8 +3,9 @@ reports/predict/NAME.json (with `cv.holdout`, also holdout_probs.csv: the held-o
 under refit.rule: replace, oof_probs.csv alone: the refit models predict test and holdout
 
 TTA: `tta.select` (or `tta.backbones.NAME`) names a policy of `tta.policies`, or `auto`: every
-candidate policy is computed (each view once per model) and the one with the best OOF `tta.metric`
-is kept. Its honest score, from choosing on the other folds only, is reported beside it.
+candidate policy is computed (each view once per model) on `tta.select_rows` of the OOF rows and the one
+with the best OOF `tta.metric` there is kept; its views alone predict the rest. Its honest score, from
+choosing on the other folds only, is reported beside it.
 """
 
 from __future__ import annotations
@@ -35,10 +36,13 @@ def main(argv=None) -> None:
         params.predict.batch_size,
         pick_device(),
         test_side=not params.refit.replaces_fold_bags,
+        pool=pool,
+        metric=tta.metric,
+        select_rows=tta.select_rows,
     )
     held = None if data.holdout is None else data.holdout_targets
     oof_rows = data.validated(len(list_models(paths.models(backbone), data.n_folds)))  # the trained folds' rows
-    report = choose_policy(preds, tta, backbone, pool, oof_rows.targets, oof_rows.folds, data.task, held)
+    report = choose_policy(preds, tta, backbone, pool, oof_rows.targets, data.task, held)
     report_path = paths.report("predict", backbone)
     with atomic_dir(paths.predictions(backbone)) as out:
         write_predictions(out, oof_rows, preds, report)
