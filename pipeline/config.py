@@ -91,8 +91,8 @@ class TrainSettings:
     epochs: int = 5
     batch_size: int = 32
     # network input side: null = the pretrained weights' own, else prepare.image_size; auto = the plan's choice among
-    # a few sides at or below the cache's and the images' median native side (plan.py: side_candidates,
-    # plan_from_speeds; without a budget the largest)
+    # a few sides at or below the cache's (random weights: and the images' median native side) (plan.py:
+    # side_candidates, plan_from_speeds; without a budget the largest)
     image_size: int | str | None = None
     # transfer learning: full | freeze | linear_probe | features+sklearn | auto (the plan picks features+sklearn or
     # full from the updates per model and the rows per class: pipeline/plan.py, choose_finetune)

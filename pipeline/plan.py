@@ -55,6 +55,11 @@ ROWS_PER_CLASS_FOR_FULL = 50  # training rows of a fold model's median class (a 
 SIDE_SHARES = (1.0, 0.75, 0.5)
 SIDE_MULTIPLE = 8
 MIN_SIDE = 16
+# a side counts as giving every model its params epochs from this share of them: the plan's epochs are estimates
+# (the sides between the probed two interpolated), and on Sign Language Digits at 5 minutes 72 px's estimate, 7.47
+# epochs of 8, fell 13% under its own probe's 8.56, which sent a hard threshold to 48 px, 6.7 OOF points under
+# 72 px (docs/image_size.md)
+SIDE_EPOCHS_SHARE = 0.85
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,12 +253,14 @@ def choose_finetune(data: PreparedData, backbone: Backbone, epochs: float) -> di
 
 def side_candidates(data: PreparedData, backbone: Backbone) -> list[int]:
     """`train.image_size: auto`'s candidate input sides, largest first: SIDE_SHARES of the largest side, which
-    is the cache's or the images' median native side (`PreparedData.native_side`), the smaller: an input
-    above either shows no more detail, only costs more. [] when image_size is set."""
+    is the cache's; for random weights the images' median native side (`PreparedData.native_side`) where that
+    is smaller: above it an input shows no more detail, only costs more. Pretrained weights are not capped so:
+    their features were learnt at ImageNet's object scale, and an upsampled input brings small photos nearer it
+    (CIFAR-10's 32 px photos, Lite0: docs/image_size.md). [] when image_size is set."""
     if backbone.settings.image_size != "auto":
         return []
     cache, native = data.train_images.shape[1], data.native_side()
-    top = min(cache, int(native)) if native else cache
+    top = min(cache, int(native)) if native and not backbone.pretrained else cache
     floor = min(top, MIN_SIDE)
     sides = {top} | {max(floor, int(top * share) // SIDE_MULTIPLE * SIDE_MULTIPLE) for share in SIDE_SHARES[1:]}
     return sorted(sides, reverse=True)
@@ -360,9 +367,9 @@ def make_plan(
     }
 
 
-def short_of(plan: dict) -> list[str]:
-    """The backbones whose planned epochs fall short of their params epochs (what a model needs)."""
-    return [b for b, e in plan["backbones"].items() if e["epochs"] < e["params_epochs"]]
+def short_of(plan: dict, share: float = 1.0) -> list[str]:
+    """The backbones whose planned epochs fall short of `share` of their params epochs (what a model needs)."""
+    return [b for b, e in plan["backbones"].items() if e["epochs"] < share * e["params_epochs"]]
 
 
 def plan_scheme(
@@ -441,7 +448,7 @@ def no_budget(data: PreparedData, backbones: dict[str, Backbone], device: torch.
         precision = resolve_auto_precision(data, as_regime(bb, choice.get("finetune", "full")), device)
         entries[b] = {"epochs": bb.settings.epochs, "folds": folds, "val_every": bb.settings.val_every}
         if sides:
-            reason = f"no budget (budget.minutes: null): the largest of {_px(sides)}{_cap(data)}"
+            reason = f"no budget (budget.minutes: null): the largest of {_px(sides)}{_cap(data, bool(bb.pretrained))}"
             entries[b].update(image_size=sides[0], image_size_reason=reason)
         entries[b].update(**choice, **precision)
     return {"budget_minutes": None, "backbones": entries}
@@ -451,9 +458,14 @@ def _px(sides: list[int]) -> str:
     return "/".join(map(str, sides)) + " px"
 
 
-def _cap(data: PreparedData) -> str:
+def _cap(data: PreparedData, pretrained: bool) -> str:
     native = data.native_side()
-    of = f" and the images' median native side ({native:g} px)" if native else ""
+    if not native:
+        of = ""
+    elif pretrained:
+        of = f"; pretrained weights: not capped at the images' median native side ({native:g} px)"
+    else:
+        of = f" and the images' median native side ({native:g} px)"
     return f" (at or below the cache's side, {data.train_images.shape[1]} px{of})"
 
 
@@ -533,7 +545,7 @@ def plan_from_speeds(
 
     full = {b: "full" for b in backbones}
     tried = plans_by_side(lambda level: plan_at(dict.fromkeys(backbones, level), full), max(map(len, sides.values())))
-    level = next((i for i, p in tried.items() if not short_of(p)), max(tried))
+    level = next((i for i, p in tried.items() if not short_of(p, SIDE_EPOCHS_SHARE)), max(tried))
     plan = tried[level]
     choices = {b: choose_finetune(data, bb, plan["backbones"][b]["epochs"]) for b, bb in backbones.items()}
     regimes = {b: choices[b].get("finetune", "full") for b in backbones}
@@ -543,7 +555,8 @@ def plan_from_speeds(
     for b in backbones:
         plan["backbones"][b].update(choices[b])
         if sides[b]:
-            plan["backbones"][b].update(side_choice(b, sides[b], tried, level, regimes[b], data))
+            choice = side_choice(b, sides[b], tried, level, regimes[b], data, bool(backbones[b].pretrained))
+            plan["backbones"][b].update(choice)
     return plan
 
 
@@ -561,18 +574,24 @@ def plans_by_side(plan_at, levels: int) -> dict[int, dict]:
     return tried
 
 
-def side_choice(b: str, sides: list[int], tried: dict[int, dict], level: int, regime: str, data: PreparedData) -> dict:
+def side_choice(
+    b: str, sides: list[int], tried: dict[int, dict], level: int, regime: str, data: PreparedData, pretrained: bool
+) -> dict:
     """`image_size: auto`'s choice for backbone `b` and its reason: `level` of the sides `tried` as full
     fine-tuning (a side missing: not one epoch fits), with the epochs each gives; features+sklearn: the largest."""
     at = lambda i: sides[min(i, len(sides) - 1)]  # noqa: E731
+    cap = _cap(data, pretrained)
     per = "; ".join(f"{at(i)} px: {p['backbones'][b]['epochs']:g} epochs" for i, p in tried.items())
     need = tried[level]["backbones"][b]["params_epochs"]
     if regime == "features+sklearn":
-        reason = f"features+sklearn: one pass, no epochs to buy, so the largest of {_px(sides)}{_cap(data)}"
-    elif not short_of(tried[level]):
-        reason = f"the largest side at which every model gets its params epochs ({need}; {per}){_cap(data)}"
+        reason = f"features+sklearn: one pass, no epochs to buy, so the largest of {_px(sides)}{cap}"
+    elif not short_of(tried[level], SIDE_EPOCHS_SHARE):
+        reason = (
+            f"the largest side at which every model gets its params epochs ({need}, from "
+            f"{SIDE_EPOCHS_SHARE:.0%} of them: {per}){cap}"
+        )
     else:
-        reason = f"no side gives every model its params epochs ({need}), the smallest the most ({per}){_cap(data)}"
+        reason = f"no side gives every model its params epochs ({need}), the smallest the most ({per}){cap}"
     return {"image_size": at(0 if regime == "features+sklearn" else level), "image_size_reason": reason}
 
 

@@ -1,6 +1,7 @@
 """`train.image_size: auto`: the plan picks the input side among a few candidates at or below the cache's and the
 images' median native side (pipeline/plan.py, `side_candidates`): the largest at which every model gets its
-params epochs, else the smallest; without a budget the largest. The train stage trains at the side chosen."""
+params epochs (from SIDE_EPOCHS_SHARE of them), else the smallest; without a budget the largest. The train stage
+trains at the side chosen."""
 
 import json
 import os
@@ -13,11 +14,12 @@ import pytest
 import torch
 
 from pipeline import __main__ as cli
+from pipeline import plan as plan_module
 from pipeline.analyze import plan_choices
 from pipeline.backbone import Backbone, planned
 from pipeline.config import ConfigError, parse_params, resolve_train_settings
 from pipeline.errors import PipelineError
-from pipeline.plan import Speed, plan_from_speeds, side_candidates, speeds_by_side
+from pipeline.plan import SIDE_EPOCHS_SHARE, Speed, plan_from_speeds, side_candidates, speeds_by_side
 from pipeline.report import next_steps_section
 from pipeline.tasks import create_task
 from tests.conftest import write_competition
@@ -56,7 +58,7 @@ def _backbone(params) -> Backbone:
     return Backbone("net", "test_resnet", entry.pretrained, resolve_train_settings(params.train, "net"), 96, {})
 
 
-def test_candidates_sit_at_or_below_the_cache_and_the_native_side():
+def test_candidates_sit_at_or_below_the_cache_and_for_random_weights_the_native_side():
     auto = _backbone(_params(None))
     assert side_candidates(_data(96, 100.0), auto) == [96, 72, 48]  # the cache is the smaller
     assert side_candidates(_data(128, 100.0), auto) == [100, 72, 48]  # the images are: a larger input shows nothing
@@ -65,6 +67,12 @@ def test_candidates_sit_at_or_below_the_cache_and_the_native_side():
     assert side_candidates(_data(16, 16.0), auto) == [16]  # nothing under MIN_SIDE
     fixed = _backbone(parse_params({"train": {"backbones": {"net": {}}, "image_size": 64}}))
     assert side_candidates(_data(), fixed) == []
+    pretrained = _backbone(_params(None, pretrained="weights.pth"))  # ImageNet's object scale: no native cap
+    assert side_candidates(_data(96, 32.0), pretrained) == [96, 72, 48]
+    assert (
+        side_candidates(_data(96, 100.0), pretrained) == [96, 72, 48]
+        and side_candidates(_data(128, 100.0), pretrained)[0] == 128
+    )
 
 
 def test_speeds_between_two_measured_sides_follow_a_per_image_and_a_per_pixel_cost():
@@ -91,6 +99,18 @@ def test_the_plan_steps_the_side_down_as_the_budget_shrinks(minutes, side, enoug
     reason = entry["image_size_reason"]
     assert reason.startswith("the largest side at which" if enough else "no side gives every model")
     assert "cache's side, 96 px" in reason and "native side (100 px)" in reason
+
+
+def test_a_side_short_of_its_epochs_by_less_than_the_estimates_error_still_counts(monkeypatch):
+    """12 minutes give 96 px 9.13 of its 10 epochs: within SIDE_EPOCHS_SHARE (the plan's epochs are estimates),
+    so 96 px stays; a hard threshold (share 1) would drop to 72 px."""
+    params = _params(12)
+    plan = lambda: plan_from_speeds(params, _data(), {"net": _backbone(params)}, {"net": TABLE}, {})  # noqa: E731
+    entry = plan()["backbones"]["net"]
+    assert entry["image_size"] == 96 and SIDE_EPOCHS_SHARE * 10 <= entry["epochs"] < 10
+    assert "from 85% of them" in entry["image_size_reason"]
+    monkeypatch.setattr(plan_module, "SIDE_EPOCHS_SHARE", 1.0)
+    assert plan()["backbones"]["net"]["image_size"] == 72
 
 
 def test_features_take_the_largest_side_and_the_train_stage_reads_the_choice(tmp_path):
