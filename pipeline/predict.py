@@ -45,8 +45,8 @@ class PolicyPredictions:
 class Predictions:
     """A backbone's predictions under its TTA policies and the choice among them. Every policy was computed
     on the OOF rows the choice was made on (`chosen_on`); elsewhere a policy's OOF is the chosen one's, which
-    the choice never saw, so whatever cross-fits the choice over all rows (the ensemble's honest chain)
-    compares the policies on the chosen-on rows alone, as the choice did."""
+    the choice never saw, so the policies differ on the chosen-on rows alone, and whatever cross-fits the
+    choice over all rows (the ensemble's honest chain) tells them apart there only, as the choice did."""
 
     policies: dict[str, PolicyPredictions]
     chosen: str
