@@ -435,7 +435,7 @@ class BudgetConfig:
     """A time budget for the whole `dvc repro`, met by planning every backbone's epochs (the plan stage)."""
 
     minutes: float | None = None  # null: the epochs of params.yaml, nothing measured
-    probe_batches: int = 150  # training batches per speed probe pass (2 passes, the first to warm up)
+    probe_batches: int = 150  # the speed probe's timed pass at most (fewer under a short budget: plan.probe_batches)
 
 
 @dataclass(frozen=True)

@@ -107,12 +107,23 @@ class PreparedData:
         if n_trained >= self.n_folds:
             return self
         keep = np.flatnonzero(self.folds < n_trained)
+        return self.rows(keep, INNER_PARTS if n_trained == 1 else None)
+
+    def inner(self, k: int, parts: int) -> PreparedData:
+        """Fold k's training rows (the other folds') as a competition of their own, their `fold` a stratified
+        split into `parts` (as `rows` splits): what a choice made before training (the plan's `finetune: auto`
+        comparison) is measured on. Never fold k's own rows, on which its model is scored, nor cv.holdout's."""
+        return self.rows(np.flatnonzero(self.folds != k), parts)
+
+    def rows(self, keep: np.ndarray, parts: int | None = None) -> PreparedData:
+        """The training rows `keep`, in that order; with `parts`, their `fold` a stratified split into that many
+        (seed 0; group-aware, as prepare assigns folds)."""
         train = self.train.iloc[keep].reset_index(drop=True)
-        if n_trained == 1:
+        if parts is not None:
             task = self.task
             groups = train["group"].to_numpy() if "group" in train else None
             stratify = task.stratify_on(task.encode(train["label"]))
-            train["fold"] = assign_folds(task, stratify, INNER_PARTS, 0, groups)
+            train["fold"] = assign_folds(task, stratify, parts, 0, groups)
         images = None if self.train_images is None else Rows(self.train_images, keep)
         return replace(self, train=train, train_images=images)
 

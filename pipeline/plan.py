@@ -31,6 +31,7 @@ from pipeline.errors import PipelineError
 from pipeline.fold import initial_model, train_fold
 from pipeline.inference import fold_model, predict_outputs
 from pipeline.io import atomic_dir, seconds_so_far, write_json
+from pipeline.metrics import is_better_scores
 from pipeline.precision import cached_probe, resolve_precision
 
 # Seconds the planner cannot measure before they happen, from runs on 2 CPU cores (docs/guide.md, "Time budget"):
@@ -43,6 +44,11 @@ ANALYZE_S_PER_ROW = 3e-4  # per OOF row (image properties, galleries, figures)
 EPOCH_STEP = 0.01  # planned epochs are fractional, in hundredths: no whole-epoch rounding leaves time idle
 MARGIN = 0.10  # the plan fills 90% of the budget: a 2-core machine's speed drifted by up to 10% between
 # the probe and the run (cifar_net_l: 1,002 images/s probed, 912 trained, minutes later)
+# the speed probe (docs/probe.md): a warm-up pass of a few batches, then a timed pass of budget.probe_batches at
+# most, fewer where that would cost more than PROBE_BUDGET_SHARE of the budget, never fewer than PROBE_MIN_BATCHES
+PROBE_WARMUP_BATCHES = 10
+PROBE_BUDGET_SHARE = 0.02
+PROBE_MIN_BATCHES = 40
 # train.finetune: auto, from three measured points with ImageNet weights on 2 cores (docs/finetune.md): frozen
 # features into a logistic regression beat full fine-tuning by 9-24 points at ~75 updates per fold model (10-250
 # photos per class, Lite0 at 96 px, docs/transfer.md); full won by 4.2 points at 176 updates and 99 training
@@ -50,6 +56,9 @@ MARGIN = 0.10  # the plan fills 90% of the budget: a 2-core machine's speed drif
 # thresholds sit under the points full won: between 75 and 176 updates nothing is measured.
 UPDATES_FOR_FULL = 120  # optimizer steps per fold model
 ROWS_PER_CLASS_FOR_FULL = 50  # training rows of a fold model's median class (a score or grade: all its rows)
+# ...and where the budget allows, the two measured instead (`compare_regimes`): fold 0's training rows in this
+# many parts, one to validate on
+COMPARE_PARTS = 5
 # train.image_size: auto: these shares of the largest side (the cache's or the images' median native side, the
 # smaller), in multiples of SIDE_MULTIPLE, none under MIN_SIDE (or the largest side where that is smaller)
 SIDE_SHARES = (1.0, 0.75, 0.5)
@@ -174,17 +183,18 @@ def plan_epochs(
 # ---------------------------------------------------------------- measuring this machine
 
 
-def measure_speed(
-    data: PreparedData, backbone: Backbone, device: torch.device, predict_batch: int, batches: int
-) -> tuple[Speed, str]:
-    """(images/s training and predicting, the precision chosen) of one backbone as its stages will run:
-    two epochs over `batches` batches of fold 0's training rows (drawn at random from all of them)
-    through `train_fold` (the second epoch counts: the first warms up), then `predict_outputs` on
-    4 predict batches after one.
+def probe_batches(budget_s: float | None, warm_speed: float, batch_size: int, most: int) -> int:
+    """The timed probe pass's batches: PROBE_BUDGET_SHARE of `budget_s` at the warm-up pass's speed (`warm_speed`
+    images/s), between PROBE_MIN_BATCHES and `most` (budget.probe_batches); `most` without a budget."""
+    if budget_s is None:
+        return most
+    scaled = math.floor(PROBE_BUDGET_SHARE * budget_s * warm_speed / batch_size)
+    return max(min(most, PROBE_MIN_BATCHES), min(most, scaled))
 
-    Measured on 2 cores: the first ~80 batches of an epoch ran about 20% faster than a whole epoch's
-    average (cifar_net_l, 1,100 against 900 images/s), so a probe of a few batches promised epochs the
-    run could not keep; a pass as long as an epoch (the default budget.probe_batches) measures what it keeps."""
+
+def _probe_pass(data: PreparedData, backbone: Backbone, device: torch.device, batches: int) -> tuple:
+    """(training images/s, checkpoint, FoldResult) of one epoch of a fresh model over `batches` batches of fold 0's
+    training rows (drawn at random from all of them, seeded) and one validation batch, through `train_fold`."""
     s = backbone.settings
     tr, va = np.flatnonzero(data.folds != 0), np.flatnonzero(data.folds == 0)
     if len(tr) > batches * s.batch_size:  # the probe's epoch: `batches` batches, as a sampler limited to them
@@ -197,8 +207,8 @@ def measure_speed(
     )
     probe = dataclasses.replace(
         s,
-        epochs=2,
-        val_every=2,
+        epochs=1,
+        val_every=1,
         seeds=None,
         bootstrap=False,
         early_stopping_patience=None,
@@ -209,18 +219,37 @@ def measure_speed(
         sub, 0, dataclasses.replace(backbone, settings=probe), device, where=f"{backbone.name} speed probe"
     )
     n = (len(tr) // s.batch_size) * s.batch_size if len(tr) > s.batch_size else len(tr)  # drop_last
-    seconds = [row["epoch_seconds"] for row in result.history[1:]]
-    train_speed = n / seconds[0] if seconds else float("inf")  # features+sklearn: no epochs
+    seconds = [row["epoch_seconds"] for row in result.history]
+    return (n / seconds[0] if seconds else float("inf")), ckpt, result  # features+sklearn: no epochs
+
+
+def measure_speed(
+    data: PreparedData,
+    backbone: Backbone,
+    device: torch.device,
+    predict_batch: int,
+    batches: int,
+    budget_s: float | None = None,
+) -> tuple[Speed, str, int]:
+    """(images/s training and predicting, the precision chosen, the timed pass's batches) of one backbone as its
+    stages will run: a warm-up pass of PROBE_WARMUP_BATCHES through `train_fold` (kernels chosen, buffers
+    allocated: the process is then warm), then a timed pass of a fresh model over `probe_batches` batches
+    (`batches` at most, fewer under a short `budget_s`), then `predict_outputs` on 4 predict batches after one
+    (docs/probe.md)."""
+    s = backbone.settings
+    warm_speed, _, _ = _probe_pass(data, backbone, device, min(batches, PROBE_WARMUP_BATCHES))
+    timed = probe_batches(budget_s, warm_speed, s.batch_size, batches)
+    train_speed, ckpt, result = _probe_pass(data, backbone, device, timed)
     model = fold_model(ckpt, device, result.classifier)
     cfg = InputConfig.from_checkpoint(ckpt)
     images = Rows(data.train_images, np.arange(min(len(data.train), 5 * predict_batch)))
-    warm, timed = images[:predict_batch], images[predict_batch:]
+    warm, timed_images = images[:predict_batch], images[predict_batch:]
     task = data.task.for_model(ckpt)
     predict_outputs(model, warm, cfg, predict_batch, device, task)
     start = time.perf_counter()
-    predict_outputs(model, timed, cfg, predict_batch, device, task)
-    infer_speed = len(timed) / (time.perf_counter() - start) if len(timed) else float("inf")
-    return Speed(train=train_speed, infer=infer_speed), cfg.precision
+    predict_outputs(model, timed_images, cfg, predict_batch, device, task)
+    infer_speed = len(timed_images) / (time.perf_counter() - start) if len(timed_images) else float("inf")
+    return Speed(train=train_speed, infer=infer_speed), cfg.precision, timed
 
 
 # ---------------------------------------------------------------- the plan
@@ -249,6 +278,45 @@ def choose_finetune(data: PreparedData, backbone: Backbone, epochs: float) -> di
         f">= {ROWS_PER_CLASS_FOR_FULL}"
     )
     return {"finetune": "full" if full else "features+sklearn", "finetune_reason": figures}
+
+
+def regime_comparison_seconds(data: PreparedData, epochs: float, full: Speed, features: Speed) -> float:
+    """What `compare_regimes` will cost: full fine-tuning's `epochs` over the inner split's training part (at
+    the `full` speed) and one validation, and a features pass over every inner row (at the `features` speed)."""
+    inner = len(data.train) * (data.n_folds - 1) / data.n_folds
+    fit_rows, val_rows = inner * (COMPARE_PARTS - 1) / COMPARE_PARTS, inner / COMPARE_PARTS
+    return 2 * FOLD_SETUP_S + epochs * fit_rows / full.train + val_rows / full.infer + inner / features.infer
+
+
+def compare_regimes(
+    data: PreparedData, backbone: Backbone, epochs: float, sides: tuple[int | None, int | None], device: torch.device
+) -> dict:
+    """`finetune: auto` measured: full fine-tuning for `epochs` (the last epoch kept) and features+sklearn, each at
+    its side (`sides`: full's, features'), trained on an inner split of fold 0's training rows (`inner`: the
+    other folds' rows in COMPARE_PARTS, one of which validates) and scored on its validation part under
+    `train.monitor`; never on fold 0's rows or the holdout. {"finetune": the better (a tie: features+sklearn,
+    the cheaper), "finetune_comparison": both scores and the rows}."""
+    inner = data.inner(0, COMPARE_PARTS)
+    y_val = inner.targets[inner.folds == 0]
+    s, scores = backbone.settings, {}
+    for regime, side in zip(("full", "features+sklearn"), sides):
+        bb = as_size(as_regime(backbone, regime), side)
+        run = dataclasses.replace(
+            bb.settings, epochs=epochs, val_every=math.ceil(epochs), seeds=None, early_stopping_patience=None
+        )
+        where = f"{backbone.name} finetune comparison, {regime}"
+        result, _ = train_fold(inner, 0, dataclasses.replace(bb, settings=run), device, where=where)
+        scores[regime] = data.task.scores(result.val_probs, y_val)
+    better = "full" if is_better_scores(s.monitor, scores["full"], scores["features+sklearn"]) else "features+sklearn"
+    figures = {
+        "monitor": s.monitor,
+        **{regime: round(scores[regime][s.monitor], 4) for regime in scores},
+        "epochs": epochs,
+        "train_rows": int((inner.folds != 0).sum()),
+        "val_rows": len(y_val),
+        "sides": dict(zip(scores, sides)),
+    }
+    return {"finetune": better, "finetune_comparison": figures}
 
 
 def side_candidates(data: PreparedData, backbone: Backbone) -> list[int]:
@@ -477,7 +545,7 @@ def plan_run(
     sides between from those two: `speeds_by_side`), then `plan_from_speeds`, counting the seconds the stages
     before this one (prepare, tune) took, as recorded in `timing_dir` (reports/timing/), and this one's
     measuring so far."""
-    speeds, precisions = {}, {}
+    speeds, precisions, probed, budget_s = {}, {}, {}, params.budget.minutes * 60
     for b, backbone in backbones.items():
         full, sides = as_regime(backbone, "full"), side_candidates(data, backbone)
         measured = {}
@@ -486,16 +554,55 @@ def plan_run(
             if b in precisions:  # the smaller side in the larger one's precision: one precision for every side
                 fixed = dataclasses.replace(probe.settings, precision=precisions[b])
                 probe = dataclasses.replace(probe, settings=fixed)
-            measured[side], precision = measure_speed(
-                data, probe, device, params.predict.batch_size, params.budget.probe_batches
+            measured[side], precision, batches = measure_speed(
+                data, probe, device, params.predict.batch_size, params.budget.probe_batches, budget_s
             )
             precisions.setdefault(b, precision)
+            probed.setdefault(b, batches)
         speeds[b] = speeds_by_side(measured, sides) if sides else measured[None]
     earlier = ["prepare"] + ([f"tune@{b}" for b in backbones] if params.tune.enabled else [])
-    done = seconds_so_far({stage: timing_dir / f"{stage}.json" for stage in earlier}, "plan")
-    plan = plan_from_speeds(params, data, backbones, speeds, done)
+    done = lambda: seconds_so_far({stage: timing_dir / f"{stage}.json" for stage in earlier}, "plan")  # noqa: E731
+    plan = plan_measuring_regimes(params, data, backbones, speeds, done, device)
     for b in backbones:
-        plan["backbones"][b]["precision"] = precisions[b]
+        plan["backbones"][b].update(precision=precisions[b], probe_batches=probed[b])
+    return plan
+
+
+def plan_measuring_regimes(params: Params, data: PreparedData, backbones: dict[str, Backbone], speeds, done, device):
+    """`plan_from_speeds`, with `finetune: auto` measured (`compare_regimes`) for each pretrained backbone where
+    the budget allows: the plan with that backbone in full fine-tuning, the comparison's estimated seconds
+    (`regime_comparison_seconds`) added to this stage's, still gives every model its params epochs. The
+    comparison trains full for that plan's epochs at its side, features+sklearn at the largest; its winner is
+    then fixed and the plan made again, counting the seconds it took (`done`(): the stages' seconds so far)."""
+    plan, measured = plan_from_speeds(params, data, backbones, speeds, done()), {}
+    speed_at = lambda b, side: speeds[b][side] if isinstance(speeds[b], dict) else speeds[b]  # noqa: E731
+    for b, bb in backbones.items():
+        if bb.settings.finetune != "auto" or not bb.pretrained:
+            continue
+        as_full = {**backbones, b: as_regime(bb, "full")}
+        entry = plan_from_speeds(params, data, as_full, speeds, done())["backbones"][b]
+        sides = (entry.get("image_size"), (side_candidates(data, bb) or [None])[0])
+        cost = regime_comparison_seconds(data, entry["epochs"], speed_at(b, sides[0]), speed_at(b, sides[1]))
+        so_far = done()
+        after = plan_from_speeds(params, data, as_full, speeds, {**so_far, "plan": so_far["plan"] + cost})
+        if short_of(after):
+            plan["backbones"][b]["finetune_reason"] += (
+                f"; not measured: a comparison ({cost:.0f} s) would leave a model under its params epochs"
+            )
+            continue
+        measured[b] = compare_regimes(data, bb, after["backbones"][b]["epochs"], sides, device)
+        backbones = {**backbones, b: as_regime(bb, measured[b]["finetune"])}
+    if not measured:
+        return plan
+    plan = plan_from_speeds(params, data, backbones, speeds, done())
+    for b, m in measured.items():
+        c = m["finetune_comparison"]
+        reason = (
+            f"measured on an inner split of fold 0's training rows ({c['train_rows']:,} to train, {c['val_rows']:,}"
+            f" to validate; never fold 0's rows or the holdout): {c['monitor']} full {c['full']:.4f} at "
+            f"{c['epochs']:g} epochs, features+sklearn {c['features+sklearn']:.4f}"
+        )
+        plan["backbones"][b].update(finetune=m["finetune"], finetune_reason=reason, finetune_comparison=c)
     return plan
 
 

@@ -2,6 +2,7 @@
 model gets and the rows of its median class (pipeline/plan.py, `choose_finetune`), under a budget from the
 planned epochs, without one from params.yaml's; the train stage trains what the plan chose."""
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -10,11 +11,21 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.backbone import Backbone, planned
-from pipeline.config import ConfigError, parse_params, resolve_train_settings
+from pipeline.backbone import Backbone, planned, resolve_backbone
+from pipeline.config import ConfigError, load_params, parse_params, resolve_train_settings
+from pipeline.data import load_prepared
 from pipeline.errors import PipelineError
+from pipeline.metrics import is_better
 from pipeline.models import create_model
-from pipeline.plan import ROWS_PER_CLASS_FOR_FULL, UPDATES_FOR_FULL, Speed, choose_finetune, plan_from_speeds
+from pipeline.plan import (
+    COMPARE_PARTS,
+    ROWS_PER_CLASS_FOR_FULL,
+    UPDATES_FOR_FULL,
+    Speed,
+    choose_finetune,
+    plan_from_speeds,
+    plan_measuring_regimes,
+)
 from pipeline.tasks import create_task
 from tests.conftest import write_competition
 from tests.test_holdout import _stages
@@ -128,3 +139,52 @@ def test_without_a_budget_auto_follows_params_epochs(tmp_path, weights):
     assert entry["finetune"] == chosen and entry["finetune_reason"]
     fold = next((tmp_path / "models/test_resnet").glob("seed*/fold0"))
     assert (fold / "classifier.skops").exists() == weights  # the head fitted on frozen features, or none
+
+
+def _prepared_with_weights(tmp_path, n_per_class: int = 12):
+    """A prepared 3-class competition (2 folds) and pretrained test_resnet weights for it."""
+    write_competition(tmp_path / "data/raw/comp", n_per_class=n_per_class, n_test=6)
+    torch.manual_seed(0)
+    torch.save(create_model("test_resnet", num_classes=7).state_dict(), tmp_path / "weights.pth")
+    (tmp_path / "params.yaml").write_text(PARAMS.format(pretrained="pretrained: weights.pth"))
+    _stages(tmp_path, [["prepare"]])
+    return load_prepared(tmp_path / "data/prepared")
+
+
+def test_the_inner_split_is_fold_0s_training_rows_alone(tmp_path):
+    data = _prepared_with_weights(tmp_path, n_per_class=20)
+    inner = data.inner(0, COMPARE_PARTS)
+    assert list(inner.train["id"]) == list(data.train["id"][data.folds != 0])  # never fold 0's own rows
+    assert set(inner.folds) == set(range(COMPARE_PARTS))
+    held = set(pd.read_csv(tmp_path / "data/prepared/holdout.csv")["id"]) if data.holdout is not None else set()
+    assert not held & set(inner.train["id"])
+    assert np.array_equal(np.asarray(inner.train_images), np.asarray(data.train_images)[data.folds != 0])
+
+
+@pytest.mark.training
+def test_where_the_budget_allows_the_regimes_are_measured_and_the_better_one_is_planned(tmp_path, monkeypatch):
+    """A hand-made machine (10 training images/s) and the real comparison: at 3 minutes the plan with full
+    fine-tuning keeps train.epochs after paying for it, so both regimes train on fold 0's inner split and the
+    plan takes the better; at the smallest budget that fits train.epochs the rule decides alone."""
+    data = _prepared_with_weights(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    params = load_params("params.yaml")
+    params = dataclasses.replace(params, budget=dataclasses.replace(params.budget, minutes=3))
+    backbones = {"test_resnet": resolve_backbone(params, "test_resnet", 12, "params.yaml", tmp_path / "tuning")}
+    speeds = {"test_resnet": Speed(train=10.0, infer=100.0)}
+    plan = plan_measuring_regimes(params, data, backbones, speeds, lambda: {"plan": 0.0}, torch.device("cpu"))
+    entry = plan["backbones"]["test_resnet"]
+    c = entry["finetune_comparison"]
+    assert c["train_rows"] + c["val_rows"] == int((data.folds != 0).sum()) and c["val_rows"] < c["train_rows"]
+    assert c["epochs"] >= 2 and entry["finetune"] in ("full", "features+sklearn")
+    if c["full"] != c["features+sklearn"]:  # the better measured score (train.monitor's) is the regime planned
+        better = is_better(c["monitor"], c["full"], c["features+sklearn"])
+        assert entry["finetune"] == ("full" if better else "features+sklearn")
+    assert entry["finetune_reason"].startswith("measured on an inner split of fold 0's training rows")
+    # the rule alone (18 rows per fold model: features+sklearn) where the comparison does not fit
+    # 1.13 minutes: train.epochs fit (1.1 is the least this table allows), the comparison's seconds beside them not
+    short = dataclasses.replace(params, budget=dataclasses.replace(params.budget, minutes=1.13))
+    plan = plan_measuring_regimes(short, data, backbones, speeds, lambda: {"plan": 0.0}, torch.device("cpu"))
+    entry = plan["backbones"]["test_resnet"]
+    assert "finetune_comparison" not in entry and entry["finetune"] == "features+sklearn"
+    assert "not measured: a comparison" in entry["finetune_reason"]

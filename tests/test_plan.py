@@ -16,6 +16,8 @@ from pipeline.errors import PipelineError
 from pipeline.plan import (
     IDLE_STAGE_S,
     MARGIN,
+    PROBE_BUDGET_SHARE,
+    PROBE_MIN_BATCHES,
     STAGE_OVERHEAD_S,
     BackboneWork,
     Speed,
@@ -23,6 +25,7 @@ from pipeline.plan import (
     make_plan,
     plan_epochs,
     plan_scheme,
+    probe_batches,
     refit_seconds,
     train_seconds,
 )
@@ -158,6 +161,16 @@ def test_the_planned_epochs_move_the_schedule_with_them():
     assert plan["backbones"]["n"]["epochs"] > 10 and plan["backbones"]["n"]["val_every"] == 2
 
 
+def test_the_speed_probe_shrinks_with_the_budget_between_its_floor_and_probe_batches():
+    # the warm-up pass ran 1,000 images/s at batch 100; budget.probe_batches 150
+    at = lambda minutes, most=150: probe_batches(minutes and minutes * 60, 1000.0, 100, most)  # noqa: E731
+    scaled = math.floor(PROBE_BUDGET_SHARE * 5 * 60 * 1000 / 100)  # 5 minutes: that share of it
+    assert PROBE_MIN_BATCHES < scaled < 150 and at(5) == scaled
+    assert at(60) == 150 and at(None) == 150  # a long budget, or none: probe_batches
+    assert at(0.5) == PROBE_MIN_BATCHES  # a tiny one: the floor, below which a pass measures too little
+    assert at(60, most=2) == 2 and at(0.5, most=2) == 2  # never more than probe_batches
+
+
 @pytest.mark.training
 def test_a_budget_plans_the_epochs_training_runs_and_timing_sets_actual_beside_planned(tmp_path, monkeypatch, capsys):
     """Through the stages' own commands: plan measures this machine, train runs the planned epochs
@@ -185,6 +198,7 @@ def test_a_budget_plans_the_epochs_training_runs_and_timing_sets_actual_beside_p
     assert cli.main(["plan"]) == 0
     planned = json.loads((tmp_path / "plan/b.json").read_text())
     assert 1 <= planned["epochs"] < 1000 and planned["val_every"] == 1
+    assert json.loads((tmp_path / "reports/plan.json").read_text())["backbones"]["b"]["probe_batches"] == 2
     assert cli.main(["train", "--backbone", "b"]) == 0
     resolved = yaml.safe_load((tmp_path / "models/b/params.yaml").read_text())["resolved"]
     assert resolved["epochs"] == planned["epochs"]
