@@ -3,7 +3,7 @@
 # make test  set up .venv, then the test suite
 # make test-fast   the tests that train no model (the edit-test loop)
 # make test-isa   the training and tuning tests again, on a lower instruction set than this CPU's best
-# make test-slow  the tests marked slow (two tuning workers on a real PostgreSQL server)
+# make test-slow  the tests marked slow (two tuning workers on a real PostgreSQL server; kill -9 and SIGTERM resumes)
 # make lint  ruff: lint (with import order) and the format check
 VENV   ?= .venv
 PYTHON ?= python3

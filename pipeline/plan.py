@@ -576,8 +576,12 @@ def plan_measuring_regimes(params: Params, data: PreparedData, backbones: dict[s
     then fixed and the plan made again, counting the seconds it took (`done`(): the stages' seconds so far)."""
     plan, measured = plan_from_speeds(params, data, backbones, speeds, done()), {}
     speed_at = lambda b, side: speeds[b][side] if isinstance(speeds[b], dict) else speeds[b]  # noqa: E731
+    fewest = data.task.class_counts(data.train["label"][data.folds != 0])  # in the rows the comparison splits
     for b, bb in backbones.items():
         if bb.settings.finetune != "auto" or not bb.pretrained:
+            continue
+        if fewest.size and fewest.min() < COMPARE_PARTS:  # not a row of that class in some inner part
+            plan["backbones"][b]["finetune_reason"] += f"; not measured: a class under {COMPARE_PARTS} training rows"
             continue
         as_full = {**backbones, b: as_regime(bb, "full")}
         entry = plan_from_speeds(params, data, as_full, speeds, done())["backbones"][b]

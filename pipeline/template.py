@@ -9,8 +9,8 @@ sample submission's, Kaggle's convention), the image folders and extension. From
 images' headers it takes their sizes, and writes a commented preset: ImageNet EfficientNet-Lite backbones
 (offline weights, converted by `preset`), each at its weights' input size capped at the images' median
 native side, the cache just above it, a letterbox where aspect ratios are mixed, a holdout where the set is
-large enough, as many backbones as the budget trains well, TTA and the ensemble chosen on OOF. Lines marked
-`SET` are the competition's: check them (the metric above all).
+large enough, as many backbones as the budget trains well, the regime left to the plan (`finetune: auto`), TTA
+and the ensemble chosen on OOF. Lines marked `SET` are the competition's: check them (the metric above all).
 """
 
 from __future__ import annotations
@@ -250,6 +250,7 @@ def photo_preset(found: Survey, budget: float | None, metric: str | None) -> dic
         warmup_epochs=0.5,
         label_smoothing=0.1 if task.name == "single_label" else 0.0,
         precision="auto",
+        finetune="auto",
     )
     preset = {
         "competition": competition,
@@ -286,6 +287,7 @@ def _comments(found: Survey, preset: dict) -> dict[str, str]:
         "train.epochs": "scaled by the plan to fill budget.minutes",
         "train.val_every": "the last epoch is kept (no validation cost)",
         "train.label_smoothing": "the report says whether the model ends under-confident",
+        "train.finetune": "the plan picks features+sklearn or full: measured where the budget allows, else its rule",
         "tta.candidates": "chosen per backbone on OOF",
         "budget.minutes": "the whole `dvc repro`; null: the epochs above",
     }

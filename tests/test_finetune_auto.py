@@ -188,3 +188,12 @@ def test_where_the_budget_allows_the_regimes_are_measured_and_the_better_one_is_
     entry = plan["backbones"]["test_resnet"]
     assert "finetune_comparison" not in entry and entry["finetune"] == "features+sklearn"
     assert "not measured: a comparison" in entry["finetune_reason"]
+
+
+def test_a_class_too_small_for_the_inner_split_leaves_the_choice_to_the_rule():
+    data = _data(6)  # 4 rows of each class in fold 0's training part: under COMPARE_PARTS, a part would have none
+    params = _params(20)
+    plan = plan_measuring_regimes(params, data, {"net": _backbone(params)}, SPEED, lambda: {"plan": 0.0}, None)
+    entry = plan["backbones"]["net"]
+    assert "finetune_comparison" not in entry
+    assert "not measured: a class under 5 training rows" in entry["finetune_reason"]

@@ -83,6 +83,7 @@ def test_an_image_folder_zip_of_mixed_aspect_ratios(tmp_path):
     assert preset["prepare"]["image_size"] == 110  # 96 / 0.875 of crop room, under the native 120
     assert list(preset["train"]["backbones"]) == [b for b, _ in BACKBONES]  # no budget: all three
     assert preset["cv"]["holdout"] is None and preset["budget"]["minutes"] is None  # 12 rows: no holdout
+    assert preset["train"]["finetune"] == "auto"  # the regime: the plan's choice (measured or its rule)
 
 
 def test_a_csv_folder_with_its_own_names_prepares(tmp_path, monkeypatch):

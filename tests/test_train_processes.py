@@ -77,6 +77,7 @@ def _wait_for(proc, resume: Path, *names: str) -> None:
         time.sleep(0.005)
 
 
+@pytest.mark.slow  # 37 s on 2 cores: in `make test-slow`, which CI runs, to keep `make test` under 10 minutes
 @pytest.mark.not_isa  # process mechanics (resume, ranks), compared on one instruction set
 def test_kill_9_mid_fold_then_rerun_equals_an_uninterrupted_run_and_continues_its_mlflow_runs(tmp_path):
     whole = _project(tmp_path / "whole", n_per_class=20, epochs=8)
@@ -125,6 +126,7 @@ def test_kill_9_mid_fold_then_rerun_equals_an_uninterrupted_run_and_continues_it
     assert steps == sorted(set(steps)) and steps[-1] == 7  # one history, no epoch twice (epoch 0 logged or not)
 
 
+@pytest.mark.slow  # 24 s
 @pytest.mark.not_isa
 def test_sigterm_stops_like_ctrl_c_keeps_the_resume_state_and_fails_the_mlflow_run(tmp_path):
     root = _project(tmp_path / "p", n_per_class=20, epochs=4, tracking=True)

@@ -294,6 +294,7 @@ def _study(root, storage: str | None = None) -> optuna.Study:
         storage.engine.dispose()
 
 
+@pytest.mark.slow  # 25 s on 2 cores: in `make test-slow`, which CI runs
 @pytest.mark.not_isa
 def test_kill_9_mid_trial_then_rerun_retries_it_and_finishes(tmp_path):
     root = _project(tmp_path / "kill", n_trials=3, epochs=6)
