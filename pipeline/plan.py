@@ -193,8 +193,9 @@ def probe_batches(budget_s: float | None, warm_speed: float, batch_size: int, mo
 
 
 def _probe_pass(data: PreparedData, backbone: Backbone, device: torch.device, batches: int) -> tuple:
-    """(training images/s, checkpoint, FoldResult) of one epoch of a fresh model over `batches` batches of fold 0's
-    training rows (drawn at random from all of them, seeded) and one validation batch, through `train_fold`."""
+    """(training images/s, checkpoint, FoldResult, images timed) of one epoch of a fresh model over `batches`
+    batches of fold 0's training rows (drawn at random from all of them, seeded; all where they are fewer) and one
+    validation batch, through `train_fold`."""
     s = backbone.settings
     tr, va = np.flatnonzero(data.folds != 0), np.flatnonzero(data.folds == 0)
     if len(tr) > batches * s.batch_size:  # the probe's epoch: `batches` batches, as a sampler limited to them
@@ -220,7 +221,7 @@ def _probe_pass(data: PreparedData, backbone: Backbone, device: torch.device, ba
     )
     n = (len(tr) // s.batch_size) * s.batch_size if len(tr) > s.batch_size else len(tr)  # drop_last
     seconds = [row["epoch_seconds"] for row in result.history]
-    return (n / seconds[0] if seconds else float("inf")), ckpt, result  # features+sklearn: no epochs
+    return (n / seconds[0] if seconds else float("inf")), ckpt, result, n  # features+sklearn: no epochs
 
 
 def measure_speed(
@@ -231,15 +232,16 @@ def measure_speed(
     batches: int,
     budget_s: float | None = None,
 ) -> tuple[Speed, str, int]:
-    """(images/s training and predicting, the precision chosen, the timed pass's batches) of one backbone as its
+    """(images/s training and predicting, the precision chosen, the batches timed) of one backbone as its
     stages will run: a warm-up pass of PROBE_WARMUP_BATCHES through `train_fold` (kernels chosen, buffers
     allocated: the process is then warm), then a timed pass of a fresh model over `probe_batches` batches
     (`batches` at most, fewer under a short `budget_s`), then `predict_outputs` on 4 predict batches after one
     (docs/probe.md)."""
     s = backbone.settings
-    warm_speed, _, _ = _probe_pass(data, backbone, device, min(batches, PROBE_WARMUP_BATCHES))
-    timed = probe_batches(budget_s, warm_speed, s.batch_size, batches)
-    train_speed, ckpt, result = _probe_pass(data, backbone, device, timed)
+    warm_speed, *_ = _probe_pass(data, backbone, device, min(batches, PROBE_WARMUP_BATCHES))
+    train_speed, ckpt, result, n = _probe_pass(
+        data, backbone, device, probe_batches(budget_s, warm_speed, s.batch_size, batches)
+    )
     model = fold_model(ckpt, device, result.classifier)
     cfg = InputConfig.from_checkpoint(ckpt)
     images = Rows(data.train_images, np.arange(min(len(data.train), 5 * predict_batch)))
@@ -249,7 +251,11 @@ def measure_speed(
     start = time.perf_counter()
     predict_outputs(model, timed_images, cfg, predict_batch, device, task)
     infer_speed = len(timed_images) / (time.perf_counter() - start) if len(timed_images) else float("inf")
-    return Speed(train=train_speed, infer=infer_speed), cfg.precision, timed
+    return (
+        Speed(train=train_speed, infer=infer_speed),
+        cfg.precision,
+        max(1, n // s.batch_size),
+    )  # a fold's rows at most
 
 
 # ---------------------------------------------------------------- the plan
