@@ -9,7 +9,9 @@ stem, three conv groups of widths 64/256/256, dirac-initialised convs, batch nor
 momentum 0.6), Nesterov SGD at batch 1,024 with its decoupled lr 11.5 / wd 0.0153 and 64x lr on the norm
 biases, its triangular schedule, lookahead/EMA from epoch 3, its whitening bias trained for 3 epochs, random
 2 px reflect-padded translation and its alternating flip, label smoothing 0.2; bf16 autocast here where the
-original runs fp16 on a GPU. Its TTA: mirror + 1 px translations, logits weighted 1/4, 1/4, 1/8 x 4.
+original runs fp16 on a GPU, where the pipeline's `precision: auto` probe finds it faster than fp32 on this
+machine (else fp32: on a CPU with AVX2 alone bf16 is emulated, 10x slower). Its TTA: mirror + 1 px
+translations, logits weighted 1/4, 1/4, 1/8 x 4.
 
 Both sides read the preset's prepared cache (32 px, its cv.n_folds and cv.holdout), prepared once in --work.
 1. equal: both trained --epochs epochs on fold 0's training rows, scored on fold 0's validation rows
@@ -53,11 +55,12 @@ from pipeline.config import parse_params, resolve_train_settings  # noqa: E402
 from pipeline.data import Rows, load_prepared  # noqa: E402
 from pipeline.fold import train_fold  # noqa: E402
 from pipeline.inference import fold_input_config, fold_model  # noqa: E402
+from pipeline.precision import probe_precision, resolve_precision  # noqa: E402
 from pipeline.prepare import prepare  # noqa: E402
 from pipeline.presets import load_preset, merge  # noqa: E402
 from pipeline.tta import predict_views  # noqa: E402
 
-PRESET, MODEL = "cifar10-cpu", "cifar_net_l"
+PRESET, MODEL, CPU = "cifar10-cpu", "cifar_net_l", torch.device("cpu")
 HYP = dict(
     batch_size=1024, lr=11.5, momentum=0.85, weight_decay=0.0153, bias_scaler=64.0, label_smoothing=0.2,
     ema_start_epochs=3, ema_decay_base=0.95, ema_decay_pow=3.0, ema_every=5, whiten_bias_epochs=3,
@@ -105,6 +108,13 @@ class ConvGroup(nn.Module):
 class Scale(nn.Module):
     def forward(self, x):
         return x * HYP["scale"]
+
+
+PEER = {"bf16": True}  # set in main by the same probe as the pipeline's `precision: auto`
+
+
+def autocast():
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=PEER["bf16"])
 
 
 def make_net(n_classes: int) -> nn.Sequential:
@@ -197,7 +207,7 @@ def train_airbench(x: torch.Tensor, y: torch.Tensor, n_classes: int, epochs: flo
         net.train()
         for i in range(per_epoch):
             idx = order[i * bs : (i + 1) * bs]
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with autocast():
                 out = net(images[idx].contiguous(memory_format=torch.channels_last))
             loss = loss_fn(out.float(), y[idx]).sum()
             opt.zero_grad(set_to_none=True)
@@ -232,7 +242,7 @@ def airbench_logits(net: nn.Module, x: torch.Tensor, level: int) -> torch.Tensor
     net.eval()
 
     def run(t):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast():
             return net(t.contiguous(memory_format=torch.channels_last)).float()
 
     def mirror(t):
@@ -384,6 +394,9 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], help="params over the preset's, e.g. refit.enabled=true")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
+    chosen, figures = resolve_precision("auto", CPU, lambda: probe_precision(make_net(10), 256, 32, CPU))
+    PEER["bf16"] = chosen == "bf16"
+    print(f"RESULT airbench_precision {chosen} {json.dumps(figures)}", flush=True)
     source, work, parts = str(Path(args.source).resolve()), Path(args.work), args.parts.split(",")
     params = parse_params(preset_params(), PRESET)
     prepared = args.pipeline_from / "data/prepared" if args.pipeline_from else work / "prepared"

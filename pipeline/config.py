@@ -419,7 +419,9 @@ class AnalyzeConfig:
 class RefitConfig:
     """A full-data refit of every backbone after CV (the refit stage), and how it enters the submission."""
 
-    enabled: bool = False  # true: refit@<backbone> trains on every training row for the epochs CV chose
+    # true: refit@<backbone> trains on every training row for the epochs CV chose; auto: the plan's choice (under
+    # budget.minutes: where one fold and the refit each get train.epochs; pipeline/plan.py: `plan_refit`)
+    enabled: bool | Literal["auto"] = False
     seeds: list[int] | None = None  # one refit model per seed; null = [the backbone's train.seed]
     rule: Literal["replace", "join"] = "replace"  # a backbone's test (and holdout) predictions: the refit
     # models' alone, or the mean of theirs and the fold bag's; fixed, never chosen on holdout or test
@@ -427,7 +429,23 @@ class RefitConfig:
     @property
     def replaces_fold_bags(self) -> bool:
         """The fold models' test (and holdout) predictions are not used: predict computes OOF alone."""
+        if self.enabled == "auto":
+            raise PipelineError(
+                "refit.enabled: auto is the plan's choice: read it with refit.planned(plan_dir, backbone) first"
+            )
         return self.enabled and self.rule == "replace"
+
+    def planned(self, plan_dir: str | Path, backbone: str) -> RefitConfig:
+        """This config with `enabled: auto` as the plan stage chose it (plan_dir/<backbone>.json's `refit`)."""
+        if self.enabled != "auto":
+            return self
+        path = Path(plan_dir) / f"{backbone}.json"
+        entry = yaml.safe_load(path.read_text()) if path.exists() else None  # JSON is YAML
+        if not entry or "refit" not in entry:
+            raise PipelineError(
+                f"{path}: no refit for refit.enabled: auto; run the plan stage (python -m pipeline plan)"
+            )
+        return dataclasses.replace(self, enabled=bool(entry["refit"]))
 
 
 @dataclass(frozen=True)

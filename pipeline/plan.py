@@ -201,11 +201,8 @@ def _probe_pass(data: PreparedData, backbone: Backbone, device: torch.device, ba
     if len(tr) > batches * s.batch_size:  # the probe's epoch: `batches` batches, as a sampler limited to them
         tr = np.sort(np.random.default_rng(s.seed).choice(tr, batches * s.batch_size, replace=False))
     rows = np.concatenate([tr, va[: min(len(va), s.batch_size)]])  # validation: one batch, not the fold's
-    sub = dataclasses.replace(
-        data,
-        train=data.train.iloc[rows].assign(fold=[1] * len(tr) + [0] * (len(rows) - len(tr))).reset_index(drop=True),
-        train_images=Rows(data.train_images, rows),
-    )
+    sub = data.rows(rows)
+    sub.train["fold"] = [1] * len(tr) + [0] * (len(rows) - len(tr))
     probe = dataclasses.replace(
         s,
         epochs=1,
@@ -480,12 +477,39 @@ def plan_scheme(
     return {**plans[chosen], "scheme": {"folds": chosen, "of": n_folds, "rule": "auto", "reason": reason}}
 
 
+def plan_refit(without: dict, with_refit, folds: int) -> dict:
+    """`refit.enabled: auto`: the plan `with_refit()` (`folds` trained, then the refit models on every row, each
+    for the folds' epochs) where every model in it gets at least its params epochs (what a model needs), else
+    `without` (no refit). With the refit replacing a fold bag the fold models only give the OOF rows the
+    choices are fitted on, so under cv.train_folds: auto one fold trains: every epoch the plan has goes to the
+    refit. Past what a model needs, one model on every row beats a bag on fewer (docs/refit.md); below it, the
+    epochs a refit takes from the folds cost more than its rows buy. The choice and its reason: the plan's
+    scheme (`refit`, `refit_reason`) and every backbone's `refit`."""
+    try:
+        candidate = with_refit()
+    except PipelineError:  # not one epoch per model fits with the refit
+        candidate = None
+    per = lambda p: ", ".join(f"{b} {e['epochs']:g}" for b, e in p["backbones"].items())  # noqa: E731
+    if candidate is not None and not short_of(candidate):
+        plan, chosen = candidate, True
+        scheme = {"folds": folds, "of": without["scheme"]["of"], "rule": "refit.enabled: auto"}
+        scheme["reason"] = f"{folds} fold{'s' if folds > 1 else ''} for the OOF rows, then the refit"
+        why = f"{folds} fold(s) and the refit get every model its params epochs (epochs per model: {per(candidate)})"
+    else:
+        plan, chosen, scheme = without, False, without["scheme"]
+        got = "not one epoch fits" if candidate is None else f"epochs per model {per(candidate)}"
+        why = f"with {folds} fold(s) and the refit a model gets less than its params epochs ({got})"
+    for entry in plan["backbones"].values():
+        entry["refit"] = chosen
+    return {**plan, "scheme": {**scheme, "refit": chosen, "refit_reason": why}}
+
+
 def write_plan(plan: dict, plan_dir: Path, report: str | Path) -> None:
     """`plan_dir`/<backbone>.json per backbone (so a change to one backbone's plan reruns only its train stage)
     and the whole plan in `report`."""
     with atomic_dir(plan_dir) as out:
         for backbone, entry in plan["backbones"].items():
-            keys = ("epochs", "folds", "val_every", "finetune", "image_size")
+            keys = ("epochs", "folds", "val_every", "finetune", "image_size", "refit")
             write_json(out / f"{backbone}.json", {k: entry[k] for k in keys if k in entry})
     write_json(report, plan)
 
@@ -510,10 +534,13 @@ def fixed_folds(train_folds: int | str | None, n_folds: int) -> int:
     return train_folds if isinstance(train_folds, int) else n_folds
 
 
-def no_budget(data: PreparedData, backbones: dict[str, Backbone], device: torch.device, folds: int) -> dict:
+def no_budget(
+    data: PreparedData, backbones: dict[str, Backbone], device: torch.device, folds: int, refit: bool | str = False
+) -> dict:
     """The plan of `budget.minutes: null`: params.yaml's epochs, `folds` trained, `image_size: auto` at its largest
-    candidate (no time to trade for it), `finetune: auto` chosen for them (`choose_finetune`) and `precision: auto`
-    resolved in the regime and at the side chosen."""
+    candidate (no time to trade for it), `finetune: auto` chosen for them (`choose_finetune`), `precision: auto`
+    resolved in the regime and at the side chosen, and `refit` (refit.enabled) auto as no refit: with no time
+    to trade, the fold bag of every fold trained."""
     entries = {}
     for b, bb in backbones.items():
         sides = side_candidates(data, bb)
@@ -525,6 +552,8 @@ def no_budget(data: PreparedData, backbones: dict[str, Backbone], device: torch.
             reason = f"no budget (budget.minutes: null): the largest of {_px(sides)}{_cap(data, bool(bb.pretrained))}"
             entries[b].update(image_size=sides[0], image_size_reason=reason)
         entries[b].update(**choice, **precision)
+        if refit == "auto":
+            entries[b].update(refit=False, refit_reason="no budget (budget.minutes: null): the fold bag")
     return {"budget_minutes": None, "backbones": entries}
 
 
@@ -636,21 +665,35 @@ def plan_from_speeds(
     candidates = range(k, 0, -1) if train_folds == "auto" else [fixed_folds(train_folds, k)]
     oof_rows = {m: int((data.folds < m).sum()) for m in candidates}
 
-    def plan_as(regimes: dict[str, Backbone], speeds_now: dict[str, Speed]) -> dict:
-        schemes = {m: {} for m in candidates}
+    def schemes(regimes: dict[str, Backbone], refit: bool, folds) -> dict[int, dict[str, BackboneWork]]:
+        """{m: every backbone's work with m folds trained} for m in `folds`, with or without the refit."""
+        out = {m: {} for m in folds}
         for b, backbone in regimes.items():
-            refits = len(params.refit.seeds or [backbone.settings.seed]) if params.refit.enabled else 0
+            refits = len(params.refit.seeds or [backbone.settings.seed]) if refit else 0
             views, chosen = params.tta.views_computed(b), params.tta.views_chosen_at_most(b)
             select = params.tta.select_rows
-            bag_test = not params.refit.replaces_fold_bags
-            for m in candidates:
-                work = backbone_work(data, backbone.settings, views, refits, chosen, bag_test, m, chosen, select)
-                schemes[m][b] = work
+            bag_test = not (refit and params.refit.rule == "replace")
+            for m in folds:
+                out[m][b] = backbone_work(data, backbone.settings, views, refits, chosen, bag_test, m, chosen, select)
+        return out
+
+    def plan_as(regimes: dict[str, Backbone], speeds_now: dict[str, Speed]) -> dict:
+        budget, refit = params.budget.minutes, params.refit.enabled
+        work = schemes(regimes, refit is True, candidates)
         if train_folds == "auto":
-            return plan_scheme(params.budget.minutes, oof_rows, schemes, speeds_now, done_s)
-        (m,) = candidates
-        plan = make_plan(params.budget.minutes, oof_rows[m], schemes[m], speeds_now, done_s)
-        return {**plan, "scheme": {"folds": m, "of": k, "rule": "cv.train_folds", "reason": "as params.yaml sets it"}}
+            plan = plan_scheme(budget, oof_rows, work, speeds_now, done_s)
+        else:
+            (m,) = candidates
+            plan = make_plan(budget, oof_rows[m], work[m], speeds_now, done_s)
+            plan = {
+                **plan,
+                "scheme": {"folds": m, "of": k, "rule": "cv.train_folds", "reason": "as params.yaml sets it"},
+            }
+        if refit != "auto":
+            return plan
+        m = 1 if train_folds == "auto" else candidates[0]
+        refit_plan = lambda: make_plan(budget, oof_rows[m], schemes(regimes, True, [m])[m], speeds_now, done_s)  # noqa: E731
+        return plan_refit(plan, refit_plan, m)
 
     sides = {b: side_candidates(data, bb) for b, bb in backbones.items()}
     side = lambda b, level: sides[b][min(level, len(sides[b]) - 1)] if sides[b] else None  # noqa: E731

@@ -260,10 +260,11 @@ def train_stage(
                 tracker.log_artifacts(str(seed_dir), f"models/{seed_dir.name}")
         else:  # stored once, by DVC: the run says where (dvc.lock holds that folder's hash)
             tracker.set_tags({"models": f"{out_path} (DVC output of train@{backbone.name})"})
+        probe = metrics["precision_probe"] or {}  # no native bf16: not timed, None and why
         tracker.log_params(
             {
                 "precision_chosen": metrics["precision"],
-                **{f"probe_{k}": round(v, 1) for k, v in (metrics["precision_probe"] or {}).items()},
+                **{f"probe_{k}": v if isinstance(v, str) else v and round(v, 1) for k, v in probe.items()},
             }
         )
         tracker.log_metrics({f"cv_{m}": v for m, v in metrics["oof"].items()})

@@ -6,12 +6,14 @@ import math
 import re
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 import yaml
 
 from pipeline import __main__ as cli
-from pipeline.backbone import apply_plan
-from pipeline.config import TrainSettings
+from pipeline.backbone import Backbone, apply_plan
+from pipeline.config import TrainSettings, parse_params, resolve_train_settings
 from pipeline.errors import PipelineError
 from pipeline.plan import (
     IDLE_STAGE_S,
@@ -23,7 +25,10 @@ from pipeline.plan import (
     Speed,
     backbone_work,
     make_plan,
+    no_budget,
     plan_epochs,
+    plan_from_speeds,
+    plan_refit,
     plan_scheme,
     probe_batches,
     refit_seconds,
@@ -142,6 +147,68 @@ def test_the_plan_trains_fewer_folds_on_a_shorter_budget_and_a_single_split_on_a
     assert plan_scheme(7, rows, _schemes(k, refit=True), {"net": SPEED}, {})["scheme"]["folds"] == 1
     with pytest.raises(PipelineError, match="too small for one epoch"):  # not even one fold fits: the minimum named
         plan_scheme(0.2, rows, _schemes(k), {"net": SPEED}, {})
+
+
+def test_refit_auto_refits_one_fold_where_every_model_gets_its_epochs_and_not_on_a_short_budget():
+    """refit.enabled: auto on the hand-made table: one fold (1,000 rows) and a refit (1,500 rows) make an epoch
+    of 25 s. 8 minutes give each about 16 epochs (>= params' 10): one fold, then the refit; 3 minutes about 5:
+    no refit, and the scheme is what cv.train_folds: auto makes without one."""
+    k = 3
+    rows = {m: 500 * m for m in range(1, k + 1)}
+
+    def choose(minutes: float) -> dict:
+        without = plan_scheme(minutes, rows, _schemes(k), {"net": SPEED}, {})
+        refit = lambda: make_plan(minutes, rows[1], _schemes(k, refit=True)[1], {"net": SPEED}, {})  # noqa: E731
+        return plan_refit(without, refit, 1)
+
+    long, short = choose(8), choose(3)
+    assert long["scheme"]["refit"] is True and long["backbones"]["net"]["refit"] is True
+    assert long["scheme"]["folds"] == 1 and long["backbones"]["net"]["folds"] == 1
+    assert long["backbones"]["net"]["epochs"] >= 10 and "refit@net" in long["planned_seconds"]
+    assert long["planned_seconds"]["refit@net"] > 10 * 1500 / 100  # 10+ epochs of 1,500 rows at 100 images/s
+    assert short["scheme"]["refit"] is False and short["backbones"]["net"]["refit"] is False
+    assert (
+        short["planned_seconds"]["refit@net"] == IDLE_STAGE_S
+        and "less than its params epochs" in (short["scheme"]["refit_reason"])
+    )
+    # without the refit, 8 minutes would have bagged all 3 folds; with it the submission is the refit's
+    assert plan_scheme(8, rows, _schemes(k), {"net": SPEED}, {})["scheme"]["folds"] == 3
+    # a budget where the refit scheme has not one epoch: no refit, and the reason says so
+    refit_tiny = lambda: make_plan(0.3, rows[1], _schemes(k, refit=True)[1], {"net": SPEED}, {})  # noqa: E731
+    with pytest.raises(PipelineError, match="too small for one epoch"):
+        refit_tiny()
+    tiny = plan_refit(plan_scheme(8, rows, _schemes(k), {"net": SPEED}, {}), refit_tiny, 1)
+    assert tiny["scheme"]["refit"] is False and "not one epoch fits" in tiny["scheme"]["refit_reason"]
+
+
+def test_refit_auto_is_planned_from_params_and_read_back_by_the_later_stages(tmp_path):
+    """plan_from_speeds with refit.enabled: auto writes `refit` per backbone; RefitConfig.planned reads it; without
+    a budget auto is no refit."""
+    data = SimpleNamespace(train=[0] * 1500, n_folds=3, folds=np.arange(1500) % 3, test=[0] * 100, holdout=None)
+
+    def params(minutes):
+        raw = {"train": {"backbones": {"net": {}}, "epochs": 10, "val_every": 10}, "tta": {"candidates": ["none"]}}
+        return parse_params(
+            {**raw, "cv": {"train_folds": "auto"}, "refit": {"enabled": "auto"}, "budget": {"minutes": minutes}}
+        )
+
+    def plan(minutes):
+        p = params(minutes)
+        backbone = Backbone("net", "test_resnet", None, resolve_train_settings(p.train, "net"), 32, {})
+        return plan_from_speeds(p, data, {"net": backbone}, {"net": SPEED}, {})
+
+    long, short = plan(8), plan(3)
+    assert (long["backbones"]["net"]["refit"], short["backbones"]["net"]["refit"]) == (True, False)
+    backbone = Backbone("net", "test_resnet", None, resolve_train_settings(params(None).train, "net"), 32, {})
+    assert no_budget(data, {"net": backbone}, torch.device("cpu"), 3, "auto")["backbones"]["net"]["refit"] is False
+    assert long["backbones"]["net"]["folds"] == 1
+    (tmp_path / "net.json").write_text(json.dumps({"epochs": 16, "refit": True}))
+    assert params(8).refit.planned(tmp_path, "net").enabled is True
+    assert params(8).refit.planned(tmp_path, "net").replaces_fold_bags is True
+    with pytest.raises(PipelineError, match="refit.planned"):
+        _ = params(8).refit.replaces_fold_bags  # auto, unread: no stage may guess it
+    with pytest.raises(PipelineError, match=r"other\.json: no refit for refit\.enabled: auto"):
+        params(8).refit.planned(tmp_path, "other")
 
 
 def test_the_fold_models_of_a_scheme_predict_their_own_rows_and_the_test_set():

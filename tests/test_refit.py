@@ -208,3 +208,29 @@ def test_the_bundle_carries_the_refit_models_and_reproduces_the_submission(run, 
         )
         if rule == "join":
             assert {m["checkpoint"]["fold"] for m in member["models"]} == {0, 1}
+
+
+def test_refit_auto_follows_the_plans_choice_in_predict_refit_and_ensemble(run, tmp_path, capsys):
+    """refit.enabled: auto without a budget: the plan writes no refit, the refit stage says so and the ensemble
+    submits the fold bags; plan files that say refit (as a budget's plan does) make predict compute OOF alone
+    and the ensemble take the refit models' test predictions."""
+    other = tmp_path / "auto"
+    shutil.copytree(run, other, ignore=shutil.ignore_patterns("mlflow.db"))
+    (other / "params.yaml").write_text(PARAMS.replace("enabled: true", "enabled: auto"))
+    stages = [["plan"]] + [[s, "--backbone", b] for b in BACKBONES for s in ("predict", "refit")]
+    _stages(other, stages + [["ensemble"]])
+    assert "refit test_resnet: off (refit.enabled: the plan chose none)" in capsys.readouterr().out
+    for b in BACKBONES:
+        assert json.loads((other / f"plan/{b}.json").read_text())["refit"] is False
+        assert json.loads((other / f"refit/{b}/refit.json").read_text()) == {"enabled": False}
+        assert (other / f"predictions/{b}/test_probs.csv").exists()  # the fold bag predicts the test set
+    assert json.loads((other / "reports/ensemble.json").read_text())["refit"] == dict.fromkeys(BACKBONES)
+    shutil.copytree(run / "refit", other / "refit", dirs_exist_ok=True)  # the refit models, as if trained here
+    for b in BACKBONES:
+        entry = json.loads((other / f"plan/{b}.json").read_text())
+        (other / f"plan/{b}.json").write_text(json.dumps({**entry, "refit": True}))
+    _stages(other, [["predict", "--backbone", b] for b in BACKBONES] + [["ensemble"]])
+    for b in BACKBONES:
+        assert not (other / f"predictions/{b}/test_probs.csv").exists()  # replace: OOF alone
+    assert json.loads((other / "reports/ensemble.json").read_text())["refit"] == dict.fromkeys(BACKBONES, "replace")
+    assert (other / "submissions/test_probs.csv").read_bytes() == (run / "submissions/test_probs.csv").read_bytes()

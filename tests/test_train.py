@@ -17,6 +17,7 @@ from timm.data import Mixup
 
 from pipeline import __main__ as cli
 from pipeline import loop
+from pipeline import precision as precision_module
 from pipeline.analyze import fold_scores
 from pipeline.backbone import Backbone, input_size
 from pipeline.config import TrainSettings
@@ -975,6 +976,27 @@ def test_auto_precision_follows_the_probe_and_fp16_needs_cuda():
     assert resolve_precision("bf16", CPU, fast_bf16) == ("bf16", None)
     with pytest.raises(PipelineError, match="fp16 needs a CUDA GPU"):
         resolve_precision("fp16", CPU, fast_bf16)
+
+
+def test_auto_precision_skips_timing_bf16_without_a_native_path_and_trains_fp32(monkeypatch):
+    """On a CPU whose oneDNN has no bf16 kernels (AVX2 alone) the probe times nothing: fp32, at no cost."""
+    monkeypatch.setattr(precision_module, "has_native_bf16", lambda device: False)
+
+    class Untimed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            raise AssertionError("the probe ran the model")
+
+    figures = precision_module.probe_precision(Untimed(), 8, 16, CPU)  # a native path would train it: 24 steps
+    assert figures["bf16_images_per_s"] is None and "no native bf16" in figures["bf16"]
+    assert resolve_precision("auto", CPU, lambda: figures) == ("fp32", figures)
+    monkeypatch.undo()
+    if precision_module.has_native_bf16(CPU):  # with one, the same model is run (and fails)
+        with pytest.raises(AssertionError, match="the probe ran the model"):
+            precision_module.probe_precision(Untimed(), 8, 16, CPU)
 
 
 def test_bf16_training_runs_end_to_end_on_the_cpu_and_keeps_fp32_weights(prepared, tmp_path):

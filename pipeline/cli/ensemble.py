@@ -12,6 +12,7 @@ and as holdout_<metric> in reports/metrics.json) are never used to fit or choose
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from pipeline.cli import parse_args
@@ -27,6 +28,7 @@ def main(argv=None) -> None:
     args = parse_args(argv, __doc__)
     params = load_params(args.params)
     paths = RunPaths(Path("."))
+    params = replace(params, refit=params.refit.planned(paths.plan_dir, next(iter(params.train.backbones))))
     data = load_prepared(paths.prepared, images=False)
     data = data.validated_as_in(paths.predictions(next(iter(params.train.backbones))) / "oof_probs.csv")
     run = fit_stage(params, data, paths.predictions_root, args.params, paths.refit_root)

@@ -33,7 +33,7 @@ def main(argv=None) -> None:
     budget = params.budget.minutes
     if budget is None:
         folds = fixed_folds(params.cv.train_folds, data.n_folds)
-        plan = no_budget(data, backbones, pick_device(), folds)
+        plan = no_budget(data, backbones, pick_device(), folds, params.refit.enabled)
         write_plan(plan, paths.plan_dir, paths.report("plan"))
         epochs = ", ".join(f"{b} {bb.settings.epochs} epochs" for b, bb in backbones.items())
         print(f"plan: no budget (budget.minutes: null): {epochs}")
@@ -48,6 +48,8 @@ def main(argv=None) -> None:
         )
     scheme = plan["scheme"]
     print(f"plan: {scheme['folds']} of {scheme['of']} folds trained ({scheme['rule']}: {scheme['reason']})")
+    if "refit" in scheme:
+        print(f"plan: refit {'on' if scheme['refit'] else 'off'} (refit.enabled: auto: {scheme['refit_reason']})")
     print(f"plan: {plan['planned_total_seconds'] / 60:.1f} of {budget:g} minutes planned")
     print_choices(plan)
 

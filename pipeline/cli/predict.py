@@ -35,7 +35,7 @@ def main(argv=None) -> None:
         tta.merge,
         params.predict.batch_size,
         pick_device(),
-        test_side=not params.refit.replaces_fold_bags,
+        test_side=not params.refit.planned(paths.plan_dir, backbone).replaces_fold_bags,
         pool=pool,
         metric=tta.metric,
         select_rows=tta.select_rows,

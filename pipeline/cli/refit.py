@@ -1,9 +1,10 @@
 """python -m pipeline refit --backbone NAME  ->  refit/NAME/ (seed<s>/model.pt, test_probs.csv, holdout_probs.csv,
 refit.json), reports/refit/NAME.json
 
-`refit.enabled: true`: one model per seed of `refit.seeds` trained on every training row for the mean of the
-epochs the folds kept, predicting test (and cv.holdout) with the TTA policy predict chose. Off: refit.json
-says so and the ensemble uses the fold models. A killed run started again resumes (models/.resume/).
+`refit.enabled: true` (or auto, where the plan chose it): one model per seed of `refit.seeds` trained on every
+training row for the mean of the epochs the folds kept, predicting test (and cv.holdout) with the TTA policy
+predict chose. Off: refit.json says so and the ensemble uses the fold models. A killed run started again
+resumes (models/.resume/).
 """
 
 from __future__ import annotations
@@ -53,11 +54,12 @@ def main(argv=None) -> None:
     args = parse_args(argv, __doc__, backbone=True)
     params, name = load_with_backbone(args)
     paths = RunPaths(Path("."))
-    if not params.refit.enabled:
+    if not params.refit.planned(paths.plan_dir, name).enabled:
         with atomic_dir(paths.refit(name)) as out:
             write_json(out / REFIT_RECORD, {"enabled": False})
         write_json(paths.report("refit", name), {"enabled": False})
-        print(f"refit {name}: off (refit.enabled: false); the ensemble uses its fold models")
+        why = "the plan chose none" if params.refit.enabled == "auto" else "false"
+        print(f"refit {name}: off (refit.enabled: {why}); the ensemble uses its fold models")
         return
     from pipeline.tracking import Tracker, experiment_name
 
