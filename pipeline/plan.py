@@ -48,7 +48,7 @@ MARGIN = 0.10  # the plan fills 90% of the budget: a 2-core machine's speed drif
 # most, fewer where that would cost more than PROBE_BUDGET_SHARE of the budget, never fewer than PROBE_MIN_BATCHES
 PROBE_WARMUP_BATCHES = 10
 PROBE_BUDGET_SHARE = 0.02
-PROBE_MIN_BATCHES = 40
+PROBE_MIN_BATCHES = 20  # 20 batches came within 10% of an epoch's speed; 40 took 119 s of 20 minutes on AVX2 alone
 # train.finetune: auto, from three measured points with ImageNet weights on 2 cores (docs/finetune.md): frozen
 # features into a logistic regression beat full fine-tuning by 9-24 points at ~75 updates per fold model (10-250
 # photos per class, Lite0 at 96 px, docs/transfer.md); full won by 4.2 points at 176 updates and 99 training
