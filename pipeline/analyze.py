@@ -321,11 +321,14 @@ def _resolution(input_size: int | None, native: float | None) -> dict | None:
 
 def plan_choices(entry: dict | None) -> dict | None:
     """The choices the plan stage made for a backbone (its entry in reports/plan.json) of what params.yaml
-    left to it, `image_size: auto` and `finetune: auto`, with their reasons; None where it made none."""
-    made = [(key, entry[key], entry[f"{key}_reason"]) for key in ("image_size", "finetune") if key in (entry or {})]
+    left to it, `image_size: auto`, `finetune: auto` and `refit.enabled: auto`, with their reasons; None where it
+    made none."""
+    keys = ("image_size", "finetune", "refit")
+    made = [(key, entry[key], entry[f"{key}_reason"]) for key in keys if f"{key}_reason" in (entry or {})]
     if not made:
         return None
-    text = "; ".join(f"{key} {value} (auto: {reason})" for key, value, reason in made)
+    shown = lambda v: {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # noqa: E731
+    text = "; ".join(f"{key} {shown(value)} (auto: {reason})" for key, value, reason in made)
     return {"kind": "plan", **{key: value for key, value, _ in made}, "text": f"Plan: {text}."}
 
 

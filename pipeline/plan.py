@@ -500,7 +500,7 @@ def plan_refit(without: dict, with_refit, folds: int) -> dict:
         got = "not one epoch fits" if candidate is None else f"epochs per model {per(candidate)}"
         why = f"with {folds} fold(s) and the refit a model gets less than its params epochs ({got})"
     for entry in plan["backbones"].values():
-        entry["refit"] = chosen
+        entry.update(refit=chosen, refit_reason=why)
     return {**plan, "scheme": {**scheme, "refit": chosen, "refit_reason": why}}
 
 

@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from pipeline import __main__ as cli
+from pipeline.analyze import plan_choices
 from pipeline.backbone import Backbone, apply_plan
 from pipeline.config import TrainSettings, parse_params, resolve_train_settings
 from pipeline.errors import PipelineError
@@ -199,6 +200,8 @@ def test_refit_auto_is_planned_from_params_and_read_back_by_the_later_stages(tmp
 
     long, short = plan(8), plan(3)
     assert (long["backbones"]["net"]["refit"], short["backbones"]["net"]["refit"]) == (True, False)
+    assert "refit on (auto: 1 fold(s) and the refit get" in plan_choices(long["backbones"]["net"])["text"]  # the report
+    assert "refit off (auto: with 1 fold(s) and the refit" in plan_choices(short["backbones"]["net"])["text"]
     backbone = Backbone("net", "test_resnet", None, resolve_train_settings(params(None).train, "net"), 32, {})
     assert no_budget(data, {"net": backbone}, torch.device("cpu"), 3, "auto")["backbones"]["net"]["refit"] is False
     assert long["backbones"]["net"]["folds"] == 1
