@@ -321,9 +321,9 @@ def _resolution(input_size: int | None, native: float | None) -> dict | None:
 
 def plan_choices(entry: dict | None) -> dict | None:
     """The choices the plan stage made for a backbone (its entry in reports/plan.json) of what params.yaml
-    left to it, `image_size: auto`, `finetune: auto` and `refit.enabled: auto`, with their reasons; None where it
-    made none."""
-    keys = ("image_size", "finetune", "refit")
+    left to it, `image_size: auto`, `finetune: auto`, `refit.enabled: auto` and TTA under a budget, with their
+    reasons; None where it made none."""
+    keys = ("image_size", "finetune", "refit", "tta")
     made = [(key, entry[key], entry[f"{key}_reason"]) for key in keys if f"{key}_reason" in (entry or {})]
     if not made:
         return None

@@ -381,6 +381,25 @@ class TTAConfig:
         pool = (self.candidates or list(self.policies)) if select == "auto" else [select]
         return pool, list(dict.fromkeys((["none"] if "none" in self.policies else []) + pool))
 
+    def without_tta(self) -> TTAConfig:
+        """This config with every backbone whose policy is chosen on OOF (`select: auto`, here or per backbone)
+        set to `none`: what the plan prices where TTA's views may cost more epochs than they buy."""
+        if "none" not in self.policies:
+            return self
+        auto = {b: "none" for b, select in self.backbones.items() if select == "auto"}
+        return dataclasses.replace(
+            self, select="none" if self.select == "auto" else self.select, backbones={**self.backbones, **auto}
+        )
+
+    def planned(self, plan_dir: str | Path, backbone: str) -> TTAConfig:
+        """This config with the plan's TTA for `backbone` (plan_dir/<backbone>.json's `tta`, where the plan chose
+        one: `plan_tta`); as it is otherwise."""
+        path = Path(plan_dir) / f"{backbone}.json"
+        entry = yaml.safe_load(path.read_text()) if path.exists() else None  # JSON is YAML
+        if not entry or "tta" not in entry:
+            return self
+        return dataclasses.replace(self, backbones={**self.backbones, backbone: entry["tta"]})
+
     def views_computed(self, backbone: str) -> int:
         """How many distinct views the predict stage of `backbone` computes per image: all the plan needs
         of this section (`select`, `candidates`, `policies`, `backbones`; not `merge` or `metric`)."""

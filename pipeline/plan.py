@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from pipeline.backbone import Backbone
-from pipeline.config import Params, TrainSettings
+from pipeline.config import Params, TrainSettings, TTAConfig
 from pipeline.data import InputConfig, PreparedData, Rows
 from pipeline.errors import PipelineError
 from pipeline.fold import initial_model, train_fold
@@ -48,6 +48,11 @@ MARGIN = 0.10  # the plan fills 90% of the budget: a 2-core machine's speed drif
 # most, fewer where that would cost more than PROBE_BUDGET_SHARE of the budget, never fewer than PROBE_MIN_BATCHES
 PROBE_WARMUP_BATCHES = 10
 PROBE_BUDGET_SHARE = 0.02
+# TTA under a budget (`plan_tta`): where a model falls short of its params epochs, the plan drops TTA (backbones with
+# tta.select: auto) if that buys every model this many times the epochs. Below 12 epochs each doubling gave
+# cifar_net_l +3.2 points (6 -> 12 epochs on fold 0), so 1.25x buys about 1 point, what TTA gained at 11-12 epochs
+# (+1.0 on fold 0, docs/airbench.md); at 1.09 epochs TTA gained 0.12 and its views took 37% of a 20-minute run
+TTA_EPOCHS_GAIN = 1.25
 PROBE_MIN_BATCHES = 20  # 20 batches came within 10% of an epoch's speed; 40 took 119 s of 20 minutes on AVX2 alone
 # train.finetune: auto, from three measured points with ImageNet weights on 2 cores (docs/finetune.md): frozen
 # features into a logistic regression beat full fine-tuning by 9-24 points at ~75 updates per fold model (10-250
@@ -504,12 +509,45 @@ def plan_refit(without: dict, with_refit, folds: int) -> dict:
     return {**plan, "scheme": {**scheme, "refit": chosen, "refit_reason": why}}
 
 
+def plan_tta(tta: TTAConfig, plan_with) -> dict:
+    """The plan `plan_with(tta)`, or where it leaves a model short of its params epochs (or has not one epoch) the
+    plan without TTA for every backbone whose policy is chosen on OOF (`tta.select: auto`), if that gives every
+    model at least TTA_EPOCHS_GAIN times the epochs: below what a model needs, epochs buy more than TTA does.
+    Each such backbone's `tta` ("none", or its select kept) and `tta_reason` in the plan; predict reads it."""
+    try:
+        plan, error = plan_with(tta), None
+    except PipelineError as e:  # not one epoch per model with every TTA view: without, one may fit
+        plan, error = None, e
+    lean = tta.without_tta()
+    if lean == tta or (plan is not None and not short_of(plan)):
+        if plan is None:
+            raise error
+        return plan
+    cheap = plan_with(lean)
+    select = lambda t, b: t.backbones.get(b, t.select)  # noqa: E731
+    dropped = [b for b in cheap["backbones"] if select(lean, b) != select(tta, b)]
+    per = lambda p: ", ".join(f"{b} {e['epochs']:g}" for b, e in p["backbones"].items())  # noqa: E731
+    gain = plan is None or all(
+        e["epochs"] >= TTA_EPOCHS_GAIN * plan["backbones"][b]["epochs"] for b, e in cheap["backbones"].items()
+    )
+    with_tta = "not one epoch fits" if plan is None else f"epochs per model {per(plan)}"
+    if gain:
+        why = f"without TTA the models get {per(cheap)} epochs, with it {with_tta} (>= {TTA_EPOCHS_GAIN}x: no TTA)"
+        chosen, kept = cheap, "none"
+    else:
+        why = f"TTA kept: without it the models get {per(cheap)} epochs, with it {with_tta} (< {TTA_EPOCHS_GAIN}x)"
+        chosen, kept = plan, None
+    for b in dropped:
+        chosen["backbones"][b].update(tta=kept or select(tta, b), tta_reason=why)
+    return chosen
+
+
 def write_plan(plan: dict, plan_dir: Path, report: str | Path) -> None:
     """`plan_dir`/<backbone>.json per backbone (so a change to one backbone's plan reruns only its train stage)
     and the whole plan in `report`."""
     with atomic_dir(plan_dir) as out:
         for backbone, entry in plan["backbones"].items():
-            keys = ("epochs", "folds", "val_every", "finetune", "image_size", "refit")
+            keys = ("epochs", "folds", "val_every", "finetune", "image_size", "refit", "tta")
             write_json(out / f"{backbone}.json", {k: entry[k] for k in keys if k in entry})
     write_json(report, plan)
 
@@ -665,21 +703,21 @@ def plan_from_speeds(
     candidates = range(k, 0, -1) if train_folds == "auto" else [fixed_folds(train_folds, k)]
     oof_rows = {m: int((data.folds < m).sum()) for m in candidates}
 
-    def schemes(regimes: dict[str, Backbone], refit: bool, folds) -> dict[int, dict[str, BackboneWork]]:
+    def schemes(regimes: dict[str, Backbone], refit: bool, folds, tta: TTAConfig) -> dict[int, dict[str, BackboneWork]]:
         """{m: every backbone's work with m folds trained} for m in `folds`, with or without the refit."""
         out = {m: {} for m in folds}
         for b, backbone in regimes.items():
             refits = len(params.refit.seeds or [backbone.settings.seed]) if refit else 0
-            views, chosen = params.tta.views_computed(b), params.tta.views_chosen_at_most(b)
-            select = params.tta.select_rows
+            views, chosen = tta.views_computed(b), tta.views_chosen_at_most(b)
+            select = tta.select_rows
             bag_test = not (refit and params.refit.rule == "replace")
             for m in folds:
                 out[m][b] = backbone_work(data, backbone.settings, views, refits, chosen, bag_test, m, chosen, select)
         return out
 
-    def plan_as(regimes: dict[str, Backbone], speeds_now: dict[str, Speed]) -> dict:
+    def plan_with(regimes: dict[str, Backbone], speeds_now: dict[str, Speed], tta: TTAConfig) -> dict:
         budget, refit = params.budget.minutes, params.refit.enabled
-        work = schemes(regimes, refit is True, candidates)
+        work = schemes(regimes, refit is True, candidates, tta)
         if train_folds == "auto":
             plan = plan_scheme(budget, oof_rows, work, speeds_now, done_s)
         else:
@@ -692,8 +730,11 @@ def plan_from_speeds(
         if refit != "auto":
             return plan
         m = 1 if train_folds == "auto" else candidates[0]
-        refit_plan = lambda: make_plan(budget, oof_rows[m], schemes(regimes, True, [m])[m], speeds_now, done_s)  # noqa: E731
+        refit_plan = lambda: make_plan(budget, oof_rows[m], schemes(regimes, True, [m], tta)[m], speeds_now, done_s)  # noqa: E731
         return plan_refit(plan, refit_plan, m)
+
+    def plan_as(regimes: dict[str, Backbone], speeds_now: dict[str, Speed]) -> dict:
+        return plan_tta(params.tta, lambda tta: plan_with(regimes, speeds_now, tta))
 
     sides = {b: side_candidates(data, bb) for b, bb in backbones.items()}
     side = lambda b, level: sides[b][min(level, len(sides[b]) - 1)] if sides[b] else None  # noqa: E731

@@ -214,6 +214,40 @@ def test_refit_auto_is_planned_from_params_and_read_back_by_the_later_stages(tmp
         params(8).refit.planned(tmp_path, "other")
 
 
+def test_under_a_short_budget_the_plan_drops_tta_where_that_buys_enough_epochs_and_predict_follows(tmp_path):
+    """3 folds of 1,000 training rows at 100 images/s; TTA candidates none and airbench (6 views). With 3,000 test
+    rows at 200 inference images/s the views cost most of 3 minutes: without them the model gets 9.5x the epochs,
+    so no TTA. With 100 test rows at 1,000 images/s they cost little (2 minutes): TTA kept, the reason says why.
+    Past params' epochs (8 minutes) nothing is dropped and the plan says nothing of TTA."""
+
+    def plan(minutes: float, test_rows: int, infer: float, select="auto") -> dict:
+        data = SimpleNamespace(
+            train=[0] * 1500, n_folds=3, folds=np.arange(1500) % 3, test=[0] * test_rows, holdout=None
+        )
+        raw = {"train": {"backbones": {"net": {}}, "epochs": 10, "val_every": 10}, "cv": {"train_folds": "auto"}}
+        p = parse_params(
+            {**raw, "tta": {"select": select, "candidates": ["none", "airbench"]}, "budget": {"minutes": minutes}}
+        )
+        backbone = Backbone("net", "test_resnet", None, resolve_train_settings(p.train, "net"), 32, {})
+        return plan_from_speeds(p, data, {"net": backbone}, {"net": Speed(100.0, infer)}, {})["backbones"]["net"]
+
+    costly, cheap, long = plan(3, 3000, 200.0), plan(2, 100, 1000.0), plan(8, 3000, 200.0)
+    assert costly["tta"] == "none" and "(>= 1.25x: no TTA)" in costly["tta_reason"]
+    found = re.search(
+        r"without TTA the models get net ([\d.]+) epochs, with it epochs per model net ([\d.]+)", costly["tta_reason"]
+    )
+    without, with_views = map(float, found.groups())
+    assert costly["epochs"] == without > 1.25 * with_views and with_views < 2  # 9.78 epochs against 1.03
+    assert cheap["tta"] == "auto" and cheap["tta_reason"].startswith("TTA kept") and cheap["epochs"] < 10
+    assert "tta" not in long and long["epochs"] >= 10
+    assert "tta" not in plan(3, 3000, 200.0, select="airbench")  # a policy set in params stays
+    # the predict stage reads the plan's choice: none for `net`, its params for any other backbone
+    (tmp_path / "net.json").write_text(json.dumps({"epochs": costly["epochs"], "tta": costly["tta"]}))
+    tta = parse_params({"tta": {"candidates": ["none", "airbench"]}}).tta
+    assert tta.planned(tmp_path, "net").policies_for("net") == (["none"], ["none"])
+    assert tta.planned(tmp_path, "other") == tta and tta.views_computed("net") == 6
+
+
 def test_the_fold_models_of_a_scheme_predict_their_own_rows_and_the_test_set():
     data = SimpleNamespace(train=[0] * 900, n_folds=3, test=[0] * 100, holdout=[0] * 50)
     one = backbone_work(data, TrainSettings(), 2, folds=1)

@@ -234,3 +234,9 @@ def test_refit_auto_follows_the_plans_choice_in_predict_refit_and_ensemble(run, 
         assert not (other / f"predictions/{b}/test_probs.csv").exists()  # replace: OOF alone
     assert json.loads((other / "reports/ensemble.json").read_text())["refit"] == dict.fromkeys(BACKBONES, "replace")
     assert (other / "submissions/test_probs.csv").read_bytes() == (run / "submissions/test_probs.csv").read_bytes()
+    # a plan that dropped TTA (plan_tta, under a short budget): predict computes and keeps the `none` policy alone
+    entry = json.loads((other / "plan/test_resnet.json").read_text())
+    (other / "plan/test_resnet.json").write_text(json.dumps({**entry, "tta": "none"}))
+    _stages(other, [["predict", "--backbone", "test_resnet"]])
+    tta = json.loads((other / "predictions/test_resnet/tta.json").read_text())
+    assert tta["policy"] == "none" and list(tta["policies"]) == ["none"]

@@ -24,9 +24,9 @@ from pipeline.tracking import Tracker, experiment_name
 def main(argv=None) -> None:
     args = parse_args(argv, __doc__, backbone=True)
     params, backbone = load_with_backbone(args)
-    tta = params.tta
-    pool, computed = resolve_tta(tta, backbone, f"{args.params}: tta")
     paths = RunPaths(Path("."))
+    tta = params.tta.planned(paths.plan_dir, backbone)  # under a budget the plan may have dropped TTA
+    pool, computed = resolve_tta(tta, backbone, f"{args.params}: tta")
     data = load_prepared(paths.prepared)
     preds = predict_backbone(
         data,
