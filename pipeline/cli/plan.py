@@ -60,3 +60,5 @@ def print_choices(plan: dict) -> None:
             print(f"plan {b}: image_size {e['image_size']} (auto: {e['image_size_reason']})")
         if "finetune" in e:
             print(f"plan {b}: finetune {e['finetune']} (auto: {e['finetune_reason']})")
+        if "tta" in e:
+            print(f"plan {b}: tta.select {e['tta']} ({e['tta_reason']})")
