@@ -683,6 +683,45 @@ def plan_measuring_regimes(params: Params, data: PreparedData, backbones: dict[s
     return plan
 
 
+def plan_folds(
+    params: Params,
+    data: PreparedData,
+    regimes: dict[str, Backbone],
+    speeds: dict[str, Speed],
+    done_s: dict[str, float],
+    tta: TTAConfig,
+) -> dict:
+    """The plan of these backbones (`regimes`: each in its regime and at its side) at `speeds` with `tta`'s views:
+    the folds trained (`plan_scheme` under cv.train_folds: auto, else as set) and, under refit.enabled: auto,
+    whether to refit (`plan_refit`)."""
+    k, train_folds, budget, refit = data.n_folds, params.cv.train_folds, params.budget.minutes, params.refit.enabled
+    candidates = range(k, 0, -1) if train_folds == "auto" else [fixed_folds(train_folds, k)]
+    oof_rows = {m: int((data.folds < m).sum()) for m in candidates}
+
+    def schemes(refits_on: bool, folds) -> dict[int, dict[str, BackboneWork]]:
+        """{m: every backbone's work with m folds trained} for m in `folds`, with or without the refit."""
+        out = {m: {} for m in folds}
+        for b, backbone in regimes.items():
+            refits = len(params.refit.seeds or [backbone.settings.seed]) if refits_on else 0
+            views, chosen, select = tta.views_computed(b), tta.views_chosen_at_most(b), tta.select_rows
+            bag_test = not (refits_on and params.refit.rule == "replace")
+            for m in folds:
+                out[m][b] = backbone_work(data, backbone.settings, views, refits, chosen, bag_test, m, chosen, select)
+        return out
+
+    work = schemes(refit is True, candidates)
+    if train_folds == "auto":
+        plan = plan_scheme(budget, oof_rows, work, speeds, done_s)
+    else:
+        (m,) = candidates
+        plan = make_plan(budget, oof_rows[m], work[m], speeds, done_s)
+        plan = {**plan, "scheme": {"folds": m, "of": k, "rule": "cv.train_folds", "reason": "as params.yaml sets it"}}
+    if refit != "auto":
+        return plan
+    m = 1 if train_folds == "auto" else candidates[0]
+    return plan_refit(plan, lambda: make_plan(budget, oof_rows[m], schemes(True, [m])[m], speeds, done_s), m)
+
+
 def plan_from_speeds(
     params: Params,
     data: PreparedData,
@@ -699,42 +738,9 @@ def plan_from_speeds(
     more updates), else the smallest; resolution before folds, since each side's plan then takes the most folds
     that still fit. The regime: chosen from that plan's epochs as `full` (`choose_finetune`); where it picks
     features+sklearn (one fit, no epochs: at the largest side) the plan is made again with it."""
-    k, train_folds = data.n_folds, params.cv.train_folds
-    candidates = range(k, 0, -1) if train_folds == "auto" else [fixed_folds(train_folds, k)]
-    oof_rows = {m: int((data.folds < m).sum()) for m in candidates}
-
-    def schemes(regimes: dict[str, Backbone], refit: bool, folds, tta: TTAConfig) -> dict[int, dict[str, BackboneWork]]:
-        """{m: every backbone's work with m folds trained} for m in `folds`, with or without the refit."""
-        out = {m: {} for m in folds}
-        for b, backbone in regimes.items():
-            refits = len(params.refit.seeds or [backbone.settings.seed]) if refit else 0
-            views, chosen = tta.views_computed(b), tta.views_chosen_at_most(b)
-            select = tta.select_rows
-            bag_test = not (refit and params.refit.rule == "replace")
-            for m in folds:
-                out[m][b] = backbone_work(data, backbone.settings, views, refits, chosen, bag_test, m, chosen, select)
-        return out
-
-    def plan_with(regimes: dict[str, Backbone], speeds_now: dict[str, Speed], tta: TTAConfig) -> dict:
-        budget, refit = params.budget.minutes, params.refit.enabled
-        work = schemes(regimes, refit is True, candidates, tta)
-        if train_folds == "auto":
-            plan = plan_scheme(budget, oof_rows, work, speeds_now, done_s)
-        else:
-            (m,) = candidates
-            plan = make_plan(budget, oof_rows[m], work[m], speeds_now, done_s)
-            plan = {
-                **plan,
-                "scheme": {"folds": m, "of": k, "rule": "cv.train_folds", "reason": "as params.yaml sets it"},
-            }
-        if refit != "auto":
-            return plan
-        m = 1 if train_folds == "auto" else candidates[0]
-        refit_plan = lambda: make_plan(budget, oof_rows[m], schemes(regimes, True, [m], tta)[m], speeds_now, done_s)  # noqa: E731
-        return plan_refit(plan, refit_plan, m)
 
     def plan_as(regimes: dict[str, Backbone], speeds_now: dict[str, Speed]) -> dict:
-        return plan_tta(params.tta, lambda tta: plan_with(regimes, speeds_now, tta))
+        return plan_tta(params.tta, lambda tta: plan_folds(params, data, regimes, speeds_now, done_s, tta))
 
     sides = {b: side_candidates(data, bb) for b, bb in backbones.items()}
     side = lambda b, level: sides[b][min(level, len(sides[b]) - 1)] if sides[b] else None  # noqa: E731
