@@ -356,6 +356,12 @@ DEFAULT_TTA_POLICIES = {
 }
 
 
+def plan_entry(plan_dir: str | Path, backbone: str) -> dict | None:
+    """What the plan stage wrote for `backbone` (plan_dir/<backbone>.json), None before it ran."""
+    path = Path(plan_dir) / f"{backbone}.json"
+    return yaml.safe_load(path.read_text()) if path.exists() else None  # JSON is YAML
+
+
 @dataclass(frozen=True)
 class TTAConfig:
     """Test-time augmentation, chosen per backbone on OOF predictions (read by the predict stage)."""
@@ -394,8 +400,7 @@ class TTAConfig:
     def planned(self, plan_dir: str | Path, backbone: str) -> TTAConfig:
         """This config with the plan's TTA for `backbone` (plan_dir/<backbone>.json's `tta`, where the plan chose
         one: `plan_tta`); as it is otherwise."""
-        path = Path(plan_dir) / f"{backbone}.json"
-        entry = yaml.safe_load(path.read_text()) if path.exists() else None  # JSON is YAML
+        entry = plan_entry(plan_dir, backbone)
         if not entry or "tta" not in entry:
             return self
         return dataclasses.replace(self, backbones={**self.backbones, backbone: entry["tta"]})
@@ -458,11 +463,10 @@ class RefitConfig:
         """This config with `enabled: auto` as the plan stage chose it (plan_dir/<backbone>.json's `refit`)."""
         if self.enabled != "auto":
             return self
-        path = Path(plan_dir) / f"{backbone}.json"
-        entry = yaml.safe_load(path.read_text()) if path.exists() else None  # JSON is YAML
+        entry = plan_entry(plan_dir, backbone)
         if not entry or "refit" not in entry:
             raise PipelineError(
-                f"{path}: no refit for refit.enabled: auto; run the plan stage (python -m pipeline plan)"
+                f"{Path(plan_dir) / backbone}.json: no refit for refit.enabled: auto; run the plan stage first"
             )
         return dataclasses.replace(self, enabled=bool(entry["refit"]))
 
