@@ -530,13 +530,10 @@ def plan_tta(tta: TTAConfig, plan_with) -> dict:
     gain = plan is None or all(
         e["epochs"] >= TTA_EPOCHS_GAIN * plan["backbones"][b]["epochs"] for b, e in cheap["backbones"].items()
     )
-    with_tta = "not one epoch fits" if plan is None else f"epochs per model {per(plan)}"
-    if gain:
-        why = f"without TTA the models get {per(cheap)} epochs, with it {with_tta} (>= {TTA_EPOCHS_GAIN}x: no TTA)"
-        chosen, kept = cheap, "none"
-    else:
-        why = f"TTA kept: without it the models get {per(cheap)} epochs, with it {with_tta} (< {TTA_EPOCHS_GAIN}x)"
-        chosen, kept = plan, None
+    with_tta = "not one epoch fits" if plan is None else per(plan)
+    verdict = f"at least {TTA_EPOCHS_GAIN}x: no TTA" if gain else f"less than {TTA_EPOCHS_GAIN}x: TTA kept"
+    why = f"without TTA the models get {per(cheap)} epochs, with it {with_tta} ({verdict})"
+    chosen, kept = (cheap, "none") if gain else (plan, None)
     for b in dropped:
         chosen["backbones"][b].update(tta=kept or select(tta, b), tta_reason=why)
     return chosen
