@@ -5,7 +5,6 @@ tuning trials and the plan's speed probe all call `train_fold`, so a fold is set
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Callable
 
@@ -49,9 +48,9 @@ def initial_model(
     return model
 
 
-def fold_units(s: TrainSettings) -> int:
-    """A fold's units of progress: its epochs, a fractional last one counted (one fit for features+sklearn)."""
-    return 1 if s.finetune == "features+sklearn" else math.ceil(s.epochs)
+def fold_units(s: TrainSettings) -> float:
+    """A fold's units of progress: its epochs, a fractional last one as its share (one fit for features+sklearn)."""
+    return 1.0 if s.finetune == "features+sklearn" else float(s.epochs)
 
 
 def fold_rows(data: PreparedData, k: int | None, s: TrainSettings) -> tuple[np.ndarray, np.ndarray]:

@@ -214,27 +214,29 @@ def _clock_text(seconds: float) -> str:
 class StageProgress:
     """A stage's progress in units of work (epochs, trials) as one plain line, the same on a terminal
     and in a CI, SLURM or `dvc repro` log: `train@resnet10t: 12/25 epochs (48%), 0:31 elapsed, ETA 0:34`.
-    The ETA extrapolates the units this process has run (work kept from a killed run counts as done,
-    not as speed)."""
+    Units may be fractional (a planned 6.04 epochs: the last counts 0.04), so the ETA of a short last epoch
+    is short. The ETA extrapolates the units this process has run (work kept from a killed run counts as
+    done, not as speed)."""
 
-    def __init__(self, name: str, total: int, unit: str):
-        self.name, self.total, self.unit = name, max(int(total), 1), unit
-        self.done = self.ran = 0
+    def __init__(self, name: str, total: float, unit: str):
+        self.name, self.total, self.unit = name, total if total > 0 else 1, unit
+        self.done = self.ran = 0.0
         self.started = time.time()
 
-    def skip(self, n: int = 1) -> None:
+    def skip(self, n: float = 1) -> None:
         """Units done by an earlier run."""
         self.done += n
 
-    def step(self, n: int = 1) -> str:
+    def step(self, n: float = 1) -> str:
         """Count `n` units run now; return the progress line."""
         self.done, self.ran = self.done + n, self.ran + n
         elapsed = time.time() - self.started
         left = max(self.total - self.done, 0)
         eta = _clock_text(elapsed / self.ran * left) if self.ran else "?"
+        done = min(self.done, self.total)
         return (
-            f"{self.name}: {min(self.done, self.total)}/{self.total} {self.unit} "
-            f"({100 * min(self.done, self.total) // self.total}%), {_clock_text(elapsed)} elapsed, ETA {eta}"
+            f"{self.name}: {round(done, 2):g}/{round(self.total, 2):g} {self.unit} "
+            f"({int(100 * done / self.total + 1e-9)}%), {_clock_text(elapsed)} elapsed, ETA {eta}"
         )
 
 

@@ -67,7 +67,7 @@ class FoldLog:
     progress: StageProgress | None = None
     run_prefix: str = ""
 
-    def start(self, name: str, units: int) -> None:
+    def start(self, name: str, units: float) -> None:
         if self.progress is None:
             self.progress = StageProgress(f"train@{name}", units, "epochs")
 
@@ -137,14 +137,14 @@ def _train_or_keep_fold(
     """Fold k trained (in its own nested MLflow run), or kept whole from a killed run's `resume_dir`."""
     s, tracker, progress = backbone.settings, log.tracker, log.progress
     done = resume_dir / f"fold{k}.done.pt" if resume_dir else None
-    seen = -1  # the fold's last epoch counted by `progress`
+    units, counted = fold_units(s), 0.0  # the fold's epochs counted by `progress` (a last one as its share)
 
     def on_epoch(epoch: int, row: dict) -> None:
-        nonlocal seen
+        nonlocal counted
         tracker.log_metrics(row, step=epoch)
-        progress.skip(epoch - seen - 1)  # epochs kept from a killed run
-        seen = epoch
-        line = progress.step()
+        progress.skip(min(epoch, units) - counted)  # epochs kept from a killed run
+        counted = min(epoch + 1, units)
+        line = progress.step(counted - min(epoch, units))
         if distributed.is_main():
             tqdm.write(line)
 
@@ -170,7 +170,7 @@ def _train_or_keep_fold(
         if done is not None and distributed.is_main():
             save_finished(result, ckpt, done)
             (resume_dir / f"fold{k}.state.pt").unlink(missing_ok=True)
-    progress.skip(fold_units(s) - seen - 1)  # a fold kept whole, or stopped early
+    progress.skip(units - counted)  # a fold kept whole, or stopped early
     return result, ckpt
 
 

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -228,6 +229,22 @@ def test_fractional_epochs_train_their_share_of_batches_and_resume_exactly_after
     np.testing.assert_array_equal(resumed.val_probs, whole.val_probs)
     for key, value in whole.state_dict.items():
         torch.testing.assert_close(resumed.state_dict[key], value, rtol=0, atol=0)
+
+
+def test_the_progress_line_counts_a_fractional_last_epoch_as_its_share(prepared, tmp_path, capsys):
+    """2 folds x 2.5 epochs: 5 epochs of work, the third pass of each fold counting a half (so the ETA of a short
+    last epoch is short), not 2 x 3 whole ones."""
+    s = dataclasses.replace(SETTINGS, epochs=2.5)
+    _bag(prepared, "b", "test_resnet", s, 16, tmp_path / "models", CPU, OFF)
+    lines = re.findall(r"^train@b: ([\d.]+)/([\d.]+) epochs \((\d+)%\)", capsys.readouterr().out, re.M)
+    assert [(float(d), float(t), int(p)) for d, t, p in lines] == [
+        (1, 5, 20),
+        (2, 5, 40),
+        (2.5, 5, 50),
+        (3.5, 5, 70),
+        (4.5, 5, 90),
+        (5, 5, 100),
+    ]
 
 
 def test_epoch_batches_splits_a_fractional_run_into_whole_passes_and_a_part():
