@@ -390,8 +390,13 @@ def _epoch(
     return row, validation
 
 
-def _epoch_line(where: str, epoch: int, epochs: int, row: dict, monitor: str = "accuracy") -> str:
-    line = f"{where} epoch {epoch + 1}/{epochs}: train_loss {row['train_loss']:.4f}  "
+def _epochs(n: float) -> str:
+    """An epoch count as the plan wrote it: 12, 6.08 (a fractional run's last pass counts its share)."""
+    return f"{round(n, 2):g}"
+
+
+def _epoch_line(where: str, epoch: int, epochs: float, row: dict, monitor: str = "accuracy") -> str:
+    line = f"{where} epoch {_epochs(min(epoch + 1, epochs))}/{_epochs(epochs)}: train_loss {row['train_loss']:.4f}  "
     if f"val_{monitor}" in row:
         shown = [m for m in dict.fromkeys([monitor, "accuracy", "log_loss"]) if f"val_{m}" in row]
         line += "  ".join(f"val_{m} {row[f'val_{m}']:.4f}" for m in shown)
@@ -425,13 +430,13 @@ def fit(
     state = FoldState(state_path, run.model, run.optimizer, run.scheduler, run.scaler, run.ema, s.monitor)
     batches = epoch_batches(s.epochs, len(run.loader))
     if state.resume() and distributed.is_main():
-        tqdm.write(f"{where}: resuming after epoch {state.start_epoch}/{len(batches)}")
+        tqdm.write(f"{where}: resuming after epoch {state.start_epoch}/{_epochs(s.epochs)}")
     for epoch in range(state.start_epoch, len(batches)):
         if s.early_stopping_patience is not None and state.stale >= s.early_stopping_patience:
             break
         row, validation = _epoch(run, epoch, batches, val, cfg, s, device, where)
         if distributed.is_main():
-            tqdm.write(_epoch_line(where, epoch, len(batches), row, s.monitor))
+            tqdm.write(_epoch_line(where, epoch, s.epochs, row, s.monitor))
         state.end_epoch(epoch, row, validation)
         if on_epoch is not None:  # after the checkpoint: a callback that raises leaves a resumable state
             on_epoch(epoch, row)

@@ -236,7 +236,8 @@ def test_the_progress_line_counts_a_fractional_last_epoch_as_its_share(prepared,
     last epoch is short), not 2 x 3 whole ones."""
     s = dataclasses.replace(SETTINGS, epochs=2.5)
     _bag(prepared, "b", "test_resnet", s, 16, tmp_path / "models", CPU, OFF)
-    lines = re.findall(r"^train@b: ([\d.]+)/([\d.]+) epochs \((\d+)%\)", capsys.readouterr().out, re.M)
+    out = capsys.readouterr().out
+    lines = re.findall(r"^train@b: ([\d.]+)/([\d.]+) epochs \((\d+)%\)", out, re.M)
     assert [(float(d), float(t), int(p)) for d, t, p in lines] == [
         (1, 5, 20),
         (2, 5, 40),
@@ -245,6 +246,9 @@ def test_the_progress_line_counts_a_fractional_last_epoch_as_its_share(prepared,
         (4.5, 5, 90),
         (5, 5, 100),
     ]
+    # each fold's own epoch lines count the same way: its third pass ends at 2.5 of 2.5, not 3 of 3
+    passes = re.findall(r"fold (\d) epoch ([\d.]+)/([\d.]+): train_loss", out)
+    assert passes == [(k, d, "2.5") for k in "01" for d in ("1", "2", "2.5")]
 
 
 def test_epoch_batches_splits_a_fractional_run_into_whole_passes_and_a_part():
