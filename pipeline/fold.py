@@ -119,7 +119,7 @@ def _checkpoint(
     """What a fold's model.pt holds: the weights, how to feed them (`cfg`), where they came from, and what
     the fold chose (the epochs trained to the weights kept, whether they were the EMA's): a refit reads it."""
     s = backbone.settings
-    kept = result.history[result.best_epoch] if result.history else {}
+    kept = result.kept
     return {
         "model": backbone.model_name,
         "num_classes": task.n_outputs,  # the head's size (the checkpoint format's name, timm's)

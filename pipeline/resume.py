@@ -28,6 +28,12 @@ class FoldResult:
     history: list[dict] = field(default_factory=list)
     classifier: object | None = None  # features+sklearn: the fitted scikit-learn classifier
 
+    @property
+    def kept(self) -> dict:
+        """The history row of the weights kept: its `epochs_done` is fractional after a fractional plan's
+        last pass; {} without epochs (features+sklearn)."""
+        return self.history[self.best_epoch] if self.history else {}
+
 
 def save_torch(obj, path: Path) -> None:
     atomic_save(path, lambda tmp: torch.save(obj, tmp))

@@ -38,7 +38,12 @@ from pipeline.tracking import Tracker, experiment_name
 
 
 def _fold_scores(result: FoldResult, targets: np.ndarray, task: Task) -> dict:
-    return {**task.scores(result.val_probs, targets), "best_epoch": result.best_epoch + 1}
+    """The fold's scores and `best_epoch`, the epochs trained to the weights kept (a fraction, not 3,
+    after a 2.5-epoch plan's last pass), as the refit reads them."""
+    return {
+        **task.scores(result.val_probs, targets),
+        "best_epoch": result.kept.get("epochs_done", result.best_epoch + 1),
+    }
 
 
 def fold_curve(result: FoldResult) -> list[dict]:

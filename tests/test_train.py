@@ -234,8 +234,11 @@ def test_fractional_epochs_train_their_share_of_batches_and_resume_exactly_after
 def test_the_progress_line_counts_a_fractional_last_epoch_as_its_share(prepared, tmp_path, capsys):
     """2 folds x 2.5 epochs: 5 epochs of work, the third pass of each fold counting a half (so the ETA of a short
     last epoch is short), not 2 x 3 whole ones."""
-    s = dataclasses.replace(SETTINGS, epochs=2.5)
-    _bag(prepared, "b", "test_resnet", s, 16, tmp_path / "models", CPU, OFF)
+    s = dataclasses.replace(SETTINGS, epochs=2.5, val_every=3)  # validated after the last pass only: it is kept
+    _, metrics = _bag(prepared, "b", "test_resnet", s, 16, tmp_path / "models", CPU, OFF)
+    # the kept weights' epochs as the refit reads them: the part-pass's batches (2.5 x 3 batches round to 8 of
+    # 9 here), not 3 whole epochs
+    assert all(2 < f["best_epoch"] < 3 for f in metrics["folds"].values()), metrics["folds"]
     out = capsys.readouterr().out
     lines = re.findall(r"^train@b: ([\d.]+)/([\d.]+) epochs \((\d+)%\)", out, re.M)
     assert [(float(d), float(t), int(p)) for d, t, p in lines] == [
