@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from pipeline import __main__ as cli
 from pipeline.config import CompetitionConfig
 
 # Three classes told apart by colour, so a tiny network learns them in an epoch or two.
@@ -61,3 +64,22 @@ def competition(tmp_path) -> Path:
 @pytest.fixture
 def comp_config(competition) -> CompetitionConfig:
     return CompetitionConfig(source=str(competition))
+
+
+def plan_just_over_the_minimum(write_minutes: Callable[[float], None], capsys, over: float = 0.2) -> float:
+    """Run the plan stage (in the run's folder) at budget.minutes 0.05, which it refuses with a one-line error
+    naming the minimum, then at that minimum + `over`; returns the minutes it planned. The plan re-probes the
+    machine each time, so a busy machine can measure a higher minimum the second time: its error names the new
+    one, and the next try uses that (three tries)."""
+    write_minutes(0.05)
+    capsys.readouterr()
+    assert cli.main(["plan"]) == 1
+    for _ in range(3):
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        found = re.search(r"^error: budget.minutes: [\d.]+ is too small .* at least ([\d.]+) minutes", error)
+        assert found, error
+        minutes = float(found.group(1)) + over
+        write_minutes(minutes)
+        if cli.main(["plan"]) == 0:
+            return minutes
+    raise AssertionError(f"the plan refused its own minimum + {over} three times: {error}")

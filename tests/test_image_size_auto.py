@@ -4,8 +4,6 @@ params epochs (from SIDE_EPOCHS_SHARE of them), else the smallest; without a bud
 trains at the side chosen."""
 
 import json
-import os
-import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,7 +11,6 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import __main__ as cli
 from pipeline import plan as plan_module
 from pipeline.analyze import plan_choices
 from pipeline.backbone import Backbone, planned
@@ -22,7 +19,7 @@ from pipeline.errors import PipelineError
 from pipeline.plan import SIDE_EPOCHS_SHARE, Speed, plan_from_speeds, side_candidates, speeds_by_side
 from pipeline.report import next_steps_section
 from pipeline.tasks import create_task
-from tests.conftest import write_competition
+from tests.conftest import plan_just_over_the_minimum, write_competition
 from tests.test_holdout import _stages
 
 CLASSES = [str(c) for c in range(10)]
@@ -158,7 +155,7 @@ budget: {{minutes: {minutes}, probe_batches: 2}}
 
 @pytest.mark.training
 @pytest.mark.parametrize("budget", [False, True])
-def test_the_train_stage_trains_at_the_side_the_plan_chose(tmp_path, capsys, budget):
+def test_the_train_stage_trains_at_the_side_the_plan_chose(tmp_path, capsys, monkeypatch, budget):
     """32 px images upsampled into a 48 px cache (where a set image_size: null trains at 48): candidates 32, 24 and
     16. Without a budget the largest; with one a few seconds over what one epoch needs, and 1,000 params
     epochs that no side gets, the smallest, after probing 32 and 16 px."""
@@ -168,19 +165,12 @@ def test_the_train_stage_trains_at_the_side_the_plan_chose(tmp_path, capsys, bud
     _stages(tmp_path, [["prepare"]])
     side, reason = 32, "no budget (budget.minutes: null): the largest of 32/24/16 px"
     if budget:
-        params.write_text(PARAMS.format(minutes=0.05, epochs=1000))
-        cwd = os.getcwd()
-        os.chdir(tmp_path)
-        try:
-            capsys.readouterr()
-            assert cli.main(["plan"]) == 1  # too small: the one-line error names the minimum
-            error = capsys.readouterr().err.strip().splitlines()[-1]
-        finally:
-            os.chdir(cwd)
-        minimum = float(re.search(r"at least ([\d.]+) minutes", error).group(1))
-        params.write_text(PARAMS.format(minutes=minimum + 0.2, epochs=1000))
+        monkeypatch.chdir(tmp_path)
+        plan_just_over_the_minimum(
+            lambda minutes: params.write_text(PARAMS.format(minutes=minutes, epochs=1000)), capsys
+        )
         side, reason = 16, "no side gives every model its params epochs (1000), the smallest the most"
-    _stages(tmp_path, [["plan"], ["train", "--backbone", "test_resnet"]])
+    _stages(tmp_path, ([] if budget else [["plan"]]) + [["train", "--backbone", "test_resnet"]])
     entry = json.loads((tmp_path / "reports/plan.json").read_text())["backbones"]["test_resnet"]
     assert entry["image_size"] == side and entry["image_size_reason"].startswith(reason)
     assert json.loads((tmp_path / "plan/test_resnet.json").read_text())["image_size"] == side
